@@ -1,0 +1,119 @@
+"""Run one expert worker: load its experts, serve them over gRPC, keep it registered."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import torch
+from grpc import aio
+
+from expert_service.experts import ExpertStore
+from expert_service.servicer import ExpertWorkerServicer
+from moe_serve import codec
+from moe_serve.checkpoint import Checkpoint
+from moe_serve.config import WorkerSettings
+from moe_serve.grpc_utils import (
+    add_health_and_reflection,
+    advertised_host,
+    announce_ready,
+    create_server,
+    set_serving,
+    wait_for_termination,
+)
+from moe_serve.model_spec import CONFIG_DTYPE_NAMES
+from moe_serve.placement import ExpertKey, expert_blocks, parse_expert_ids
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.redis_registry import RedisRegistration
+from moe_serve.registry import WorkerRecord
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = "moe_serve.v1.ExpertWorker"
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(requested: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    return checkpoint_dtype if requested == "auto" else CONFIG_DTYPE_NAMES[requested]
+
+
+def owned_experts(settings: WorkerSettings, checkpoint: Checkpoint) -> list[ExpertKey]:
+    spec = checkpoint.spec
+    if settings.experts:
+        expert_ids = parse_expert_ids(settings.experts)
+        if expert_ids[-1] >= spec.num_experts:
+            raise ValueError(f"--experts {settings.experts}: the checkpoint has experts 0-{spec.num_experts - 1}")
+    else:
+        expert_ids = expert_blocks(spec.num_experts, settings.num_workers)[settings.worker_index]
+    return [ExpertKey(layer, expert) for layer in spec.moe_layers for expert in expert_ids]
+
+
+class WorkerService:
+    """An expert worker's lifetime: start (load + serve + register), stop (deregister + drain)."""
+
+    def __init__(self, settings: WorkerSettings, node_id: str = "", gpu_id: int | None = None) -> None:
+        self.settings, self.node_id, self.gpu_id = settings, node_id, gpu_id
+        self.server: aio.Server | None = None
+        self.servicer: ExpertWorkerServicer | None = None
+        self.registration: RedisRegistration | None = None
+        self.record: WorkerRecord | None = None
+
+    async def start(self) -> WorkerRecord:
+        settings = self.settings
+        torch.set_num_threads(settings.torch_threads)
+        checkpoint = Checkpoint(settings.checkpoint)
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, checkpoint.spec.dtype)
+        store = ExpertStore(checkpoint, owned_experts(settings, checkpoint), dtype, device)
+        server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
+        address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
+        gpu_id = self.gpu_id if self.gpu_id is not None else (device.index if device.type == "cuda" else -1)
+        self.record = WorkerRecord(
+            worker_id=settings.worker_id or f"worker-{address.replace(':', '-')}-{os.getpid()}-{uuid.uuid4().hex[:4]}",
+            address=address,
+            experts=tuple(store.keys),
+            node_id=self.node_id or os.uname().nodename,
+            gpu_id=-1 if gpu_id is None else gpu_id,
+            weights_version=checkpoint.fingerprint(),
+            compute_datatype=codec.datatype_name(dtype),
+        )
+        self.servicer = ExpertWorkerServicer(store, self.record, settings.compute_threads, settings.max_message_bytes)
+        moe_grpc.add_ExpertWorkerServicer_to_server(self.servicer, server)
+        health = add_health_and_reflection(server, [SERVICE_NAME])
+        await server.start()
+        await set_serving(health, [SERVICE_NAME], True)
+        self.server = server
+        if settings.redis_url:
+            self.registration = RedisRegistration(
+                settings.redis_url, settings.redis_prefix, self.record, settings.registry_ttl_s
+            )
+            await self.registration.start()
+        logger.info("worker %s serving %d expert(s) at %s", self.record.worker_id, len(store.keys), address)
+        return self.record
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self.registration is not None:
+            await self.registration.stop()
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        if self.servicer is not None:
+            await self.servicer.close()
+
+
+async def serve(settings: WorkerSettings) -> None:
+    """Run a worker until SIGINT/SIGTERM."""
+    service = WorkerService(settings)
+    record = await service.start()
+    announce_ready(
+        "worker",
+        address=record.address,
+        worker_id=record.worker_id,
+        experts=sorted({key.expert for key in record.experts}),
+    )
+    await wait_for_termination()
+    await service.stop()

@@ -1,0 +1,92 @@
+"""gRPC servicer of an expert worker: compute the rows it is sent, deliver them to the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+from grpc import aio
+
+from expert_service.experts import ExpertStore
+from moe_serve import codec
+from moe_serve.channels import StubPool, remaining_timeout
+from moe_serve.errors import DeliveryFailed, InvalidInput, RequestNotFound
+from moe_serve.placement import ExpertKey
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.registry import WorkerRecord
+
+logger = logging.getLogger(__name__)
+
+
+class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
+    def __init__(self, store: ExpertStore, record: WorkerRecord, compute_threads: int, max_message_bytes: int) -> None:
+        self.store, self.record = store, record
+        # compute runs off the event loop so one matmul never stalls the other calls of this
+        # worker; one thread per concurrently computed expert (torch releases the GIL)
+        self._executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="expert-compute")
+        self._deliveries = StubPool(moe_grpc.DeliveryServiceStub, max_message_bytes)
+        self.inflight_rows = 0
+
+    async def close(self) -> None:
+        await self._deliveries.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def Describe(
+        self, request: moe_pb2.DescribeWorkerRequest, context: aio.ServicerContext
+    ) -> moe_pb2.WorkerInfo:
+        return self.record.to_proto()
+
+    async def Compute(self, request: moe_pb2.ComputeRequest, context: aio.ServicerContext) -> moe_pb2.ComputeReply:
+        rows = codec.from_proto(request.rows, "rows")
+        if rows.dim() != 2 or rows.shape[1] != self.store.hidden_size or rows.dtype != self.store.dtype:
+            raise InvalidInput(
+                f"rows must be {codec.datatype_name(self.store.dtype)} [n, {self.store.hidden_size}], "
+                f"got {request.rows.datatype} {list(request.rows.shape)}"
+            )
+        segments = [(ExpertKey(request.layer, s.expert), int(s.num_rows)) for s in request.segments]
+        if sum(count for _, count in segments) != rows.shape[0] or any(count < 0 for _, count in segments):
+            raise InvalidInput(f"segments cover {sum(c for _, c in segments)} rows, the request has {rows.shape[0]}")
+        for key, _ in segments:
+            if not self.store.owns(key):
+                raise InvalidInput(
+                    f"worker {self.record.worker_id} does not hold expert {key.expert} of layer {key.layer}"
+                )
+        self.inflight_rows += rows.shape[0]
+        try:
+            outputs = await self._compute_segments(segments, rows)
+            await self._deliver(request, outputs, context)
+        finally:
+            self.inflight_rows -= rows.shape[0]
+        return moe_pb2.ComputeReply(rows_delivered=rows.shape[0])
+
+    async def _compute_segments(self, segments: list[tuple[ExpertKey, int]], rows: torch.Tensor) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        futures, start = [], 0
+        for key, count in segments:
+            futures.append(loop.run_in_executor(self._executor, self.store.compute, key, rows[start : start + count]))
+            start += count
+        results = await asyncio.gather(*futures)
+        return results[0] if len(results) == 1 else torch.cat(results, dim=0)
+
+    async def _deliver(
+        self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, context: aio.ServicerContext
+    ) -> None:
+        delivery = moe_pb2.Delivery(
+            request_id=request.request_id,
+            positions=request.positions,  # echoed as received: the gateway places rows by them
+            rows=codec.to_proto(outputs),
+            worker_id=self.record.worker_id,
+        )
+        stub = self._deliveries.get(request.delivery_address)
+        try:
+            await stub.Deliver(delivery, timeout=remaining_timeout(context))
+        except aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise RequestNotFound(f"gateway no longer tracks request {request.request_id}") from None
+            raise DeliveryFailed(
+                f"could not deliver to gateway {request.delivery_address}: {error.code().name}: {error.details()}"
+            ) from None

@@ -1,0 +1,45 @@
+"""Admission control: a hard bound on tokens in flight; work beyond it is refused at once.
+
+Refusing (RESOURCE_EXHAUSTED) instead of queueing keeps latency bounded for admitted work and
+tells clients to back off; nothing is queued without limit anywhere in the gateway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from moe_serve.errors import InvalidInput, Overloaded
+
+
+class AdmissionController:
+    """Counts tokens of admitted, unfinished requests (single event loop: no lock needed)."""
+
+    def __init__(self, max_inflight_tokens: int, max_request_tokens: int) -> None:
+        self.max_inflight_tokens = max_inflight_tokens
+        self.max_request_tokens = max_request_tokens
+        self.inflight_tokens = 0
+        self.inflight_requests = 0
+        self.rejected = 0
+
+    @contextmanager
+    def admit(self, num_tokens: int) -> Iterator[None]:
+        """Hold `num_tokens` of the budget for the duration of the block, or raise Overloaded."""
+        if num_tokens > self.max_request_tokens:
+            raise InvalidInput(
+                f"request has {num_tokens} tokens, more than max_request_tokens="
+                f"{self.max_request_tokens}; split it into smaller requests"
+            )
+        if self.inflight_tokens + num_tokens > self.max_inflight_tokens:
+            self.rejected += 1
+            raise Overloaded(
+                f"gateway at capacity: {self.inflight_tokens} tokens in flight + {num_tokens} "
+                f"requested exceeds max_inflight_tokens={self.max_inflight_tokens}; retry with backoff"
+            )
+        self.inflight_tokens += num_tokens
+        self.inflight_requests += 1
+        try:
+            yield
+        finally:
+            self.inflight_tokens -= num_tokens
+            self.inflight_requests -= 1

@@ -1,0 +1,193 @@
+"""KServe v2 protobuf <-> the gateway's own request/result types (the only module that knows both).
+
+Every way a request can be malformed is caught here and reported as InvalidInput (or
+ModelNotFound) with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from gateway.model import (
+    ACCEPTED_INPUT_DATATYPES,
+    GATING_OUTPUTS,
+    INPUT_NAME,
+    MODEL_VERSION,
+    OUTPUT_NAME,
+    PLATFORM,
+    ServedModel,
+)
+from moe_serve import codec
+from moe_serve.errors import InvalidInput
+from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
+
+LAYER_PARAMETER = "layer"
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """A validated request.
+
+    hidden_states: [T, d] as sent (FP32, FP16 or BF16), read-only.
+    input_shape: the shape the client sent, [T, d] or [B, S, d]; `output` comes back in it.
+    """
+
+    request_id: str
+    hidden_states: torch.Tensor
+    input_shape: tuple[int, ...]
+    layer: int
+    requested_outputs: tuple[str, ...] = (OUTPUT_NAME,)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.hidden_states.shape[0])
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """Tensors by output name (output: [T, d] in the input dtype; gating outputs [T, E] / [T, k])."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _layer_parameter(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> int:
+    if LAYER_PARAMETER not in request.parameters:
+        layer = 0
+    else:
+        parameter = request.parameters[LAYER_PARAMETER]
+        kind = parameter.WhichOneof("parameter_choice")
+        if kind in ("int64_param", "uint64_param"):
+            layer = int(getattr(parameter, kind))
+        elif kind == "string_param" and parameter.string_param.strip().lstrip("-").isdigit():
+            layer = int(parameter.string_param)
+        else:
+            raise InvalidInput(f"parameter 'layer' must be an integer (int64_param), got {kind or 'nothing'}")
+    if layer not in model.moe_layers:
+        raise InvalidInput(f"layer {layer} is out of range: this model's MoE layers are {list(model.moe_layers)}")
+    return layer
+
+
+def _requested_outputs(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> tuple[str, ...]:
+    if not request.outputs:
+        return (OUTPUT_NAME,)
+    names = [output.name for output in request.outputs]
+    unknown = [name for name in names if name not in model.output_names]
+    if unknown:
+        raise InvalidInput(f"unknown requested output(s) {unknown}; this model produces {list(model.output_names)}")
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"requested outputs {names} name the same output twice")
+    return tuple(names)
+
+
+def _input_tensor(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> tuple[torch.Tensor, tuple[int, ...]]:
+    names = [tensor.name for tensor in request.inputs]
+    if INPUT_NAME not in names:
+        raise InvalidInput(
+            f"missing input {INPUT_NAME!r}; the model takes exactly one input, {INPUT_NAME!r} "
+            f"[T, {model.hidden_size}] or [B, S, {model.hidden_size}]"
+        )
+    if len(names) != 1:
+        extra = [name for name in names if name != INPUT_NAME] or names[1:]
+        raise InvalidInput(f"unexpected input(s) {extra}; the model takes exactly one input, {INPUT_NAME!r}")
+    tensor = request.inputs[0]
+    if tensor.datatype not in ACCEPTED_INPUT_DATATYPES:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r} has datatype {tensor.datatype!r}; send one of {list(ACCEPTED_INPUT_DATATYPES)}"
+        )
+    shape = tuple(int(dim) for dim in tensor.shape)
+    if len(shape) not in (2, 3):
+        raise InvalidInput(
+            f"input {INPUT_NAME!r} has rank {len(shape)} (shape {list(shape)}); "
+            f"expected [T, {model.hidden_size}] or [B, S, {model.hidden_size}]"
+        )
+    if any(dim < 0 for dim in shape):
+        raise InvalidInput(f"input {INPUT_NAME!r} shape {list(shape)} has a negative dimension")
+    if shape[-1] != model.hidden_size:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r} has hidden size {shape[-1]}, but the model's hidden_size is {model.hidden_size}"
+        )
+    num_tokens = math.prod(shape[:-1])
+    if num_tokens == 0:
+        raise InvalidInput(f"input {INPUT_NAME!r} has no tokens (shape {list(shape)}); send at least one")
+    return _decode_contents(request, tensor, shape), shape
+
+
+def _decode_contents(
+    request: kserve_pb2.ModelInferRequest, tensor: kserve_pb2.ModelInferRequest.InferInputTensor, shape: tuple[int, ...]
+) -> torch.Tensor:
+    has_typed = tensor.HasField("contents")
+    if request.raw_input_contents:
+        if has_typed:
+            raise InvalidInput("send the input either as raw_input_contents or as typed contents, not both")
+        if len(request.raw_input_contents) != 1:
+            raise InvalidInput(f"{len(request.raw_input_contents)} raw_input_contents entries for 1 input")
+        return codec.tensor_from_bytes(request.raw_input_contents[0], tensor.datatype, shape, f"input {INPUT_NAME!r}")
+    if tensor.datatype != "FP32":
+        raise InvalidInput(
+            f"{tensor.datatype} input must be sent as raw_input_contents "
+            "(the protocol has no typed field for 16-bit floats)"
+        )
+    values = tensor.contents.fp32_contents
+    expected = math.prod(shape)
+    if len(values) != expected:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r}: {len(values)} fp32_contents values, but shape {list(shape)} needs {expected}"
+        )
+    return torch.tensor(values, dtype=torch.float32).reshape(shape)
+
+
+def _check_finite(hidden_states: torch.Tensor) -> None:
+    finite = torch.isfinite(hidden_states)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()
+        raise InvalidInput(
+            f"input {INPUT_NAME!r} contains {bad.shape[0]} NaN or Inf value(s), the first at "
+            f"token {int(bad[0, 0])}, feature {int(bad[0, 1])}; hidden states must be finite"
+        )
+
+
+def parse_infer_request(request: kserve_pb2.ModelInferRequest, model: ServedModel, request_id: str) -> InferenceRequest:
+    """Validate a ModelInferRequest against `model` and decode its input (zero-copy for raw bytes)."""
+    model.check_name(request.model_name, request.model_version)
+    layer = _layer_parameter(request, model)
+    outputs = _requested_outputs(request, model)
+    tensor, shape = _input_tensor(request, model)
+    hidden_states = tensor.reshape(-1, model.hidden_size)
+    _check_finite(hidden_states)
+    return InferenceRequest(
+        request_id=request_id, hidden_states=hidden_states, input_shape=shape, layer=layer, requested_outputs=outputs
+    )
+
+
+def build_infer_response(
+    request: kserve_pb2.ModelInferRequest, inference: InferenceRequest, result: InferenceResult, model: ServedModel
+) -> kserve_pb2.ModelInferResponse:
+    """Outputs in the order asked for, as raw_output_contents."""
+    response = kserve_pb2.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
+    for name in inference.requested_outputs:
+        tensor = result.tensors[name]
+        shape = inference.input_shape if name == OUTPUT_NAME else tuple(tensor.shape)
+        response.outputs.add(name=name, datatype=codec.datatype_name(tensor.dtype), shape=list(shape))
+        response.raw_output_contents.append(codec.tensor_to_bytes(tensor))
+    return response
+
+
+def model_metadata(model: ServedModel) -> kserve_pb2.ModelMetadataResponse:
+    tensor = kserve_pb2.ModelMetadataResponse.TensorMetadata
+    compute = codec.datatype_name(model.compute_dtype)
+    return kserve_pb2.ModelMetadataResponse(
+        name=model.name,
+        versions=[MODEL_VERSION],
+        platform=PLATFORM,
+        inputs=[tensor(name=INPUT_NAME, datatype=compute, shape=[-1, model.hidden_size])],
+        outputs=[
+            tensor(name=OUTPUT_NAME, datatype=compute, shape=[-1, model.hidden_size]),
+            *(
+                tensor(name=name, datatype=datatype, shape=[-1, model.output_width(name)])
+                for name, datatype in GATING_OUTPUTS.items()
+            ),
+        ],
+    )

@@ -1,0 +1,88 @@
+"""Expert outputs delivered by workers, collected per pending request.
+
+Deliveries can arrive before the router's plan does; a request completes when the plan is known
+and every kept slot has been filled once. Workers learn of a request that is gone (finished,
+cancelled, expired) through NOT_FOUND, and stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+from grpc import aio
+
+from moe_serve import codec
+from moe_serve.combine import CombineBuffer
+from moe_serve.errors import MoEServeError, RequestNotFound, error_from_status, status_code_from_number
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+
+
+class PendingRequest:
+    """Collects the rows of one request; `done` resolves when all arrived or one batch failed."""
+
+    def __init__(self, num_tokens: int, top_k: int, hidden_size: int, dtype: torch.dtype) -> None:
+        self.buffer = CombineBuffer(num_tokens, top_k, hidden_size, dtype)
+        self.expected_rows: int | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def expect(self, rows: int) -> None:
+        self.expected_rows = rows
+        self._check_complete()
+
+    def add_rows(self, positions: torch.Tensor, rows: torch.Tensor) -> int:
+        if self.done.done():
+            return 0
+        accepted = self.buffer.add(positions, rows)
+        self._check_complete()
+        return accepted
+
+    def fail(self, error: MoEServeError) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
+
+    def _check_complete(self) -> None:
+        if self.expected_rows is not None and self.buffer.rows_filled >= self.expected_rows and not self.done.done():
+            self.done.set_result(None)
+
+
+class PendingRequests:
+    """Requests this gateway is waiting on, by request id."""
+
+    def __init__(self) -> None:
+        self._requests: dict[str, PendingRequest] = {}
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def open(self, request_id: str, pending: PendingRequest) -> None:
+        self._requests[request_id] = pending
+
+    def close(self, request_id: str) -> None:
+        pending = self._requests.pop(request_id, None)
+        if pending is not None and not pending.done.done():
+            pending.done.cancel()
+
+    def get(self, request_id: str) -> PendingRequest:
+        pending = self._requests.get(request_id)
+        if pending is None:
+            raise RequestNotFound(f"request {request_id!r} is not pending here (finished, cancelled or expired)")
+        return pending
+
+
+class DeliveryServicer(moe_grpc.DeliveryServiceServicer):
+    """Internal endpoint where workers (and the router, for failures) deliver to this gateway."""
+
+    def __init__(self, pending: PendingRequests) -> None:
+        self.pending = pending
+
+    async def Deliver(self, request: moe_pb2.Delivery, context: aio.ServicerContext) -> moe_pb2.DeliveryAck:
+        pending = self.pending.get(request.request_id)
+        if request.HasField("failure"):
+            code = status_code_from_number(request.failure.code)
+            pending.fail(error_from_status(code, request.failure.message))
+            return moe_pb2.DeliveryAck()
+        positions = codec.from_proto(request.positions, "positions")
+        rows = codec.from_proto(request.rows, "rows")
+        return moe_pb2.DeliveryAck(rows_accepted=pending.add_rows(positions, rows))

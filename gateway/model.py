@@ -1,0 +1,62 @@
+"""The model the gateway serves, as described by the router, and its public metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moe_serve import codec
+from moe_serve.errors import ModelNotFound
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+
+MODEL_VERSION = "1"
+PLATFORM = "pytorch_moe"
+INPUT_NAME = "hidden_states"
+OUTPUT_NAME = "output"
+# optional outputs, returned when asked for by name: name -> (datatype, width attribute)
+GATING_OUTPUTS = {
+    "router_logits": "FP32",
+    "expert_ids": "INT32",
+    "expert_weights": "FP32",
+}
+ACCEPTED_INPUT_DATATYPES = codec.FLOAT_DATATYPES
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the gateway needs to validate requests and describe the model."""
+
+    name: str
+    family: str
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    moe_layers: tuple[int, ...]
+    compute_dtype: torch.dtype
+
+    @classmethod
+    def from_info(cls, info: moe_pb2.ModelInfo, name: str | None = None) -> ServedModel:
+        return cls(
+            name=name or info.model_name,
+            family=info.family,
+            hidden_size=info.hidden_size,
+            num_experts=info.num_experts,
+            top_k=info.top_k,
+            moe_layers=tuple(info.moe_layers),
+            compute_dtype=codec.torch_dtype(info.compute_datatype),
+        )
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (OUTPUT_NAME, *GATING_OUTPUTS)
+
+    def check_name(self, name: str, version: str) -> None:
+        """Raise ModelNotFound unless `name`/`version` address this model."""
+        if name != self.name:
+            raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.name!r}")
+        if version not in ("", MODEL_VERSION):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; available versions: [{MODEL_VERSION!r}]")
+
+    def output_width(self, name: str) -> int:
+        return {OUTPUT_NAME: self.hidden_size, "router_logits": self.num_experts}.get(name, self.top_k)

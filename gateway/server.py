@@ -1,0 +1,113 @@
+"""Run the gateway: public KServe v2 server plus the internal delivery endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+from grpc import aio
+
+from gateway.admission import AdmissionController
+from gateway.dataplane import DataPlane
+from gateway.deliveries import DeliveryServicer, PendingRequests
+from gateway.model import ServedModel
+from gateway.servicer import InferenceServicer
+from moe_serve.channels import StubPool
+from moe_serve.config import GatewaySettings
+from moe_serve.errors import ConfigurationError
+from moe_serve.grpc_utils import (
+    add_health_and_reflection,
+    advertised_host,
+    announce_ready,
+    create_server,
+    set_serving,
+    wait_for_termination,
+)
+from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+
+logger = logging.getLogger(__name__)
+PUBLIC_SERVICE = "inference.GRPCInferenceService"
+DELIVERY_SERVICE = "moe_serve.v1.DeliveryService"
+
+
+async def fetch_model_info(router: moe_grpc.RouterStub, address: str, timeout_s: float) -> moe_pb2.ModelInfo:
+    """Ask the router what it serves, retrying until it is up or `timeout_s` passed."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await router.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=2.0)
+        except aio.AioRpcError as error:
+            if time.monotonic() > deadline:
+                raise ConfigurationError(
+                    f"router at {address} did not answer within {timeout_s:.0f} s "
+                    f"({error.code().name}: {error.details()})"
+                ) from None
+            await asyncio.sleep(0.2)
+
+
+class GatewayService:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.public_server: aio.Server | None = None
+        self.delivery_server: aio.Server | None = None
+        self.address = self.delivery_address = ""
+
+    async def start(self) -> str:
+        settings = self.settings
+        torch.set_num_threads(settings.torch_threads)
+        self._routers = StubPool(moe_grpc.RouterStub, settings.max_message_bytes)
+        router = self._routers.get(settings.router_address)
+        info = await fetch_model_info(router, settings.router_address, settings.startup_timeout_s)
+        model = ServedModel.from_info(info, settings.model_name)
+        host = advertised_host(settings.host, settings.advertise_host)
+
+        self.pending = PendingRequests()
+        self.delivery_server, delivery_port = create_server(
+            settings.host, settings.delivery_port, settings.max_message_bytes
+        )
+        moe_grpc.add_DeliveryServiceServicer_to_server(DeliveryServicer(self.pending), self.delivery_server)
+        self.delivery_address = f"{host}:{delivery_port}"
+
+        self.admission = AdmissionController(settings.max_inflight_tokens, settings.max_request_tokens)
+        self.dataplane = DataPlane(
+            model,
+            router,
+            settings.router_address,
+            self.admission,
+            self.pending,
+            self.delivery_address,
+            settings.capacity_factor,
+        )
+        self.public_server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane, settings.request_timeout_s), self.public_server
+        )
+        health = add_health_and_reflection(self.public_server, [PUBLIC_SERVICE])
+        await self.delivery_server.start()
+        await self.public_server.start()
+        await set_serving(health, [PUBLIC_SERVICE], True)
+        self.address = f"{host}:{port}"
+        logger.info("gateway for model %r at %s (deliveries at %s)", model.name, self.address, self.delivery_address)
+        return self.address
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self.public_server is not None:
+            await self.public_server.stop(grace_s)
+        if self.delivery_server is not None:
+            await self.delivery_server.stop(grace_s)
+        await self._routers.close()
+
+
+async def serve(settings: GatewaySettings) -> None:
+    """Run the gateway until SIGINT/SIGTERM."""
+    service = GatewayService(settings)
+    address = await service.start()
+    announce_ready(
+        "gateway", address=address, delivery_address=service.delivery_address, model=service.dataplane.model.name
+    )
+    await wait_for_termination()
+    await service.stop()

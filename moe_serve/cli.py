@@ -1,0 +1,297 @@
+"""The `moe-serve` command line: run the stack or one service, send a request, make a demo checkpoint.
+
+Every flag has an environment variable twin with the MOE_SERVE_ prefix (e.g. --redis-url and
+MOE_SERVE_REDIS_URL); a flag given on the command line wins.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import BaseModel, ValidationError
+from rich.console import Console
+
+from moe_serve.config import GatewaySettings, RouterSettings, UpSettings, WorkerSettings
+from moe_serve.errors import ConfigurationError
+from moe_serve.grpc_utils import configure_logging
+
+app = typer.Typer(
+    name="moe-serve",
+    help="Distributed serving of Mixture-of-Experts layers over gRPC (KServe v2 API).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+# options shared by the service commands
+Host = Annotated[str | None, typer.Option(help="Interface to bind (0.0.0.0 for remote callers).")]
+AdvertiseHost = Annotated[str | None, typer.Option(help="Host name other services dial to reach this one.")]
+RedisUrl = Annotated[str | None, typer.Option(help="Redis URL of the shared worker registry.")]
+RedisPrefix = Annotated[str | None, typer.Option(help="Key prefix in Redis.")]
+RegistryTtl = Annotated[
+    float | None, typer.Option("--registry-ttl", help="Seconds a registration lives without heartbeat.")
+]
+LogLevel = Annotated[str | None, typer.Option(help="Logging level (DEBUG, INFO, WARNING).")]
+MaxMessageBytes = Annotated[int | None, typer.Option(help="Largest gRPC message on every hop, in bytes.")]
+Dtype = Annotated[str | None, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
+ModelName = Annotated[str | None, typer.Option(help="Public model name (default: checkpoint directory name).")]
+CheckpointDir = Annotated[Path | None, typer.Option(help="Hugging Face checkpoint directory (safetensors).")]
+
+
+def build_settings(settings_class: type[SettingsT], **flags: Any) -> SettingsT:
+    """Settings from the environment, overridden by the flags that were given."""
+    try:
+        return settings_class(**{key: value for key, value in flags.items() if value is not None})
+    except ValidationError as error:
+        for problem in error.errors():
+            field = ".".join(str(part) for part in problem["loc"]) or "settings"
+            console.print(f"[red]invalid {field}[/red]: {problem['msg']}")
+        raise typer.Exit(2) from None
+
+
+def run_service(coroutine: Any) -> None:
+    try:
+        asyncio.run(coroutine)
+    except ConfigurationError as error:
+        console.print(f"[red]error[/red]: {error}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def gateway(
+    port: Annotated[int | None, typer.Option(help="Public KServe v2 gRPC port.")] = None,
+    delivery_port: Annotated[int | None, typer.Option(help="Internal port for expert deliveries (0 = any).")] = None,
+    router_address: Annotated[str | None, typer.Option(help="host:port of the router.")] = None,
+    model_name: ModelName = None,
+    capacity_factor: Annotated[float | None, typer.Option(help="Expert capacity factor; 0 = dropless.")] = None,
+    max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
+    max_request_tokens: Annotated[int | None, typer.Option(help="Largest T per request.")] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="Deadline (s) when the client sets none.")] = None,
+    host: Host = None,
+    advertise_host: AdvertiseHost = None,
+    log_level: LogLevel = None,
+    max_message_bytes: MaxMessageBytes = None,
+) -> None:
+    """Run the gateway: the public KServe v2 endpoint, admission, capacity policy, combine."""
+    from gateway.server import serve
+
+    settings = build_settings(
+        GatewaySettings,
+        port=port,
+        delivery_port=delivery_port,
+        router_address=router_address,
+        model_name=model_name,
+        capacity_factor=capacity_factor,
+        max_inflight_tokens=max_inflight_tokens,
+        max_request_tokens=max_request_tokens,
+        request_timeout_s=request_timeout,
+        host=host,
+        advertise_host=advertise_host,
+        log_level=log_level,
+        max_message_bytes=max_message_bytes,
+    )
+    configure_logging(settings.log_level)
+    run_service(serve(settings))
+
+
+@app.command()
+def router(
+    checkpoint: CheckpointDir = None,
+    port: Annotated[int | None, typer.Option(help="Router gRPC port.")] = None,
+    worker_addresses: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated worker host:port list (in-process registry; not with --redis-url)."),
+    ] = None,
+    model_name: ModelName = None,
+    dtype: Dtype = None,
+    host: Host = None,
+    advertise_host: AdvertiseHost = None,
+    log_level: LogLevel = None,
+    max_message_bytes: MaxMessageBytes = None,
+    redis_url: RedisUrl = None,
+    redis_prefix: RedisPrefix = None,
+    registry_ttl: RegistryTtl = None,
+) -> None:
+    """Run the router: gating, capacity, replica choice, fan-out to the expert workers."""
+    from router_service.server import serve
+
+    settings = build_settings(
+        RouterSettings,
+        checkpoint=checkpoint,
+        port=port,
+        worker_addresses=worker_addresses,
+        model_name=model_name,
+        dtype=dtype,
+        host=host,
+        advertise_host=advertise_host,
+        log_level=log_level,
+        max_message_bytes=max_message_bytes,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        registry_ttl_s=registry_ttl,
+    )
+    configure_logging(settings.log_level)
+    run_service(serve(settings))
+
+
+@app.command()
+def worker(
+    checkpoint: CheckpointDir = None,
+    port: Annotated[int | None, typer.Option(help="Worker gRPC port (0 = any free port).")] = None,
+    experts: Annotated[str | None, typer.Option(help="Expert ids to serve, e.g. '0-3,6' (all MoE layers).")] = None,
+    worker_index: Annotated[int | None, typer.Option(help="Index in the placement plan.")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Workers in the placement plan.")] = None,
+    worker_id: Annotated[str | None, typer.Option(help="Registry id of this worker.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    compute_threads: Annotated[int | None, typer.Option(help="Experts computed concurrently.")] = None,
+    torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
+    dtype: Dtype = None,
+    host: Host = None,
+    advertise_host: AdvertiseHost = None,
+    log_level: LogLevel = None,
+    max_message_bytes: MaxMessageBytes = None,
+    redis_url: RedisUrl = None,
+    redis_prefix: RedisPrefix = None,
+    registry_ttl: RegistryTtl = None,
+) -> None:
+    """Run one expert worker process (no Ray): load its experts, serve them, register in Redis."""
+    from expert_service.server import serve
+
+    settings = build_settings(
+        WorkerSettings,
+        checkpoint=checkpoint,
+        port=port,
+        experts=experts,
+        worker_index=worker_index,
+        num_workers=num_workers,
+        worker_id=worker_id,
+        device=device,
+        compute_threads=compute_threads,
+        torch_threads=torch_threads,
+        dtype=dtype,
+        host=host,
+        advertise_host=advertise_host,
+        log_level=log_level,
+        max_message_bytes=max_message_bytes,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        registry_ttl_s=registry_ttl,
+    )
+    configure_logging(settings.log_level)
+    run_service(serve(settings))
+
+
+@app.command()
+def up(
+    checkpoint: CheckpointDir = None,
+    workers: Annotated[int | None, typer.Option(help="Expert workers (Ray actors).")] = None,
+    port: Annotated[int | None, typer.Option(help="Public gateway port.")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
+    worker_num_gpus: Annotated[float | None, typer.Option(help="GPUs per worker actor (1 on a GPU cluster).")] = None,
+    worker_num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray reserves per worker actor.")] = None,
+    capacity_factor: Annotated[float | None, typer.Option(help="Expert capacity factor; 0 = dropless.")] = None,
+    max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
+    model_name: ModelName = None,
+    dtype: Dtype = None,
+    host: Host = None,
+    advertise_host: AdvertiseHost = None,
+    log_level: LogLevel = None,
+    redis_url: RedisUrl = None,
+    redis_prefix: RedisPrefix = None,
+) -> None:
+    """Start router, expert workers and gateway; block until Ctrl-C or SIGTERM, then stop them all."""
+    from moe_serve.stack_command import run_up
+
+    settings = build_settings(
+        UpSettings,
+        checkpoint=checkpoint,
+        workers=workers,
+        port=port,
+        ray_address=ray_address,
+        worker_num_gpus=worker_num_gpus,
+        worker_num_cpus=worker_num_cpus,
+        capacity_factor=capacity_factor,
+        max_inflight_tokens=max_inflight_tokens,
+        model_name=model_name,
+        dtype=dtype,
+        host=host,
+        advertise_host=advertise_host,
+        log_level=log_level,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+    )
+    configure_logging(settings.log_level)
+    run_up(settings, console)
+
+
+@app.command("init-demo")
+def init_demo(
+    directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
+    hidden_size: int = 256,
+    intermediate_size: int = 512,
+    num_experts: int = 8,
+    top_k: int = 2,
+    num_layers: int = 2,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> None:
+    """Write a small deterministic random Mixtral-layout checkpoint (no download)."""
+    from moe_serve.demo import DemoShape, write_demo_checkpoint
+
+    shape = DemoShape(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_experts=num_experts,
+        top_k=top_k,
+        num_layers=num_layers,
+        dtype=dtype,
+        seed=seed,
+    )
+    try:
+        path = write_demo_checkpoint(directory, shape)
+    except ValueError as error:
+        console.print(f"[red]error[/red]: {error}")
+        raise typer.Exit(2) from None
+    console.print(
+        f"wrote demo checkpoint to {path} ({num_layers} MoE layers, {num_experts} experts, top-{top_k}, "
+        f"d={hidden_size}, d_ff={intermediate_size}, {dtype})"
+    )
+
+
+@app.command()
+def infer(
+    url: Annotated[str, typer.Option(help="Gateway host:port.")] = "127.0.0.1:8001",
+    model: Annotated[str | None, typer.Option(help="Model name (default: the demo model).")] = None,
+    tokens: Annotated[int, typer.Option(help="Random tokens to send (ignored with --input).")] = 8,
+    input_file: Annotated[Path | None, typer.Option("--input", help=".npy file of hidden states [T, d].")] = None,
+    layer: Annotated[int, typer.Option(help="MoE layer.")] = 0,
+    datatype: Annotated[str, typer.Option(help="FP32, FP16 or BF16 for random input.")] = "FP32",
+    repeat: Annotated[int, typer.Option(help="Send the request this many times; report latency.")] = 1,
+    seed: int = 0,
+    timeout: Annotated[float, typer.Option(help="Deadline per request, in seconds.")] = 30.0,
+) -> None:
+    """Send a request to a gateway and print a summary of the answer."""
+    from moe_serve.infer_command import run_infer
+
+    raise typer.Exit(
+        run_infer(
+            console,
+            url=url,
+            model=model,
+            tokens=tokens,
+            input_file=input_file,
+            layer=layer,
+            datatype=datatype,
+            repeat=repeat,
+            seed=seed,
+            timeout=timeout,
+        )
+    )
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,127 @@
+"""Settings of every service: environment variables with the MOE_SERVE_ prefix, flags override.
+
+One class per service (as MLServer does), validated when built so that a bad value stops the
+service at start-up with a message, not inside a request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service has."""
+
+    model_config = SettingsConfigDict(env_prefix="MOE_SERVE_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="Interface to bind (0.0.0.0 to accept remote callers).")
+    advertise_host: str | None = Field(
+        None,
+        description="Host name other services use to reach this one (default: the bound host, "
+        "or this machine's IP when bound to 0.0.0.0).",
+    )
+    log_level: str = Field("INFO", description="Python logging level.")
+    max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES, gt=0, description="Largest gRPC message sent or received on every hop (bytes)."
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis server holding the shared worker registry, e.g. redis://127.0.0.1:6379/0. "
+        "Unset: single-host in-process registry.",
+    )
+    redis_prefix: str = Field("moe-serve:", description="Prefix of every Redis key and channel this deployment uses.")
+    registry_ttl_s: float = Field(10.0, gt=0, description="Seconds a worker registration lives without heartbeat.")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads of this process.")
+
+
+class GatewaySettings(CommonSettings):
+    """The public KServe v2 gRPC endpoint: admission, capacity policy, combine."""
+
+    port: int = Field(8001, ge=0, le=65535, description="Public KServe v2 gRPC port (0 = any free port).")
+    delivery_port: int = Field(
+        0, ge=0, le=65535, description="Internal port where workers deliver expert outputs (0 = any free port)."
+    )
+    router_address: str = Field("127.0.0.1:8010", description="host:port of the router service.")
+    model_name: str | None = Field(
+        None, description="Public model name (default: the router's, i.e. the checkpoint directory name)."
+    )
+    max_inflight_tokens: int = Field(
+        65536, gt=0, description="Tokens admitted at once; more is refused with RESOURCE_EXHAUSTED instead of queueing."
+    )
+    max_request_tokens: int = Field(16384, gt=0, description="Largest T one request may carry.")
+    capacity_factor: float = Field(
+        0.0,
+        ge=0.0,
+        description="Expert capacity C = ceil(factor * T * k / E) per "
+        "dispatch batch; 0 = dropless (the model's exact behaviour).",
+    )
+    request_timeout_s: float = Field(60.0, gt=0, description="Deadline applied when the client sets none.")
+    startup_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the router at start-up.")
+
+
+class RouterSettings(CommonSettings):
+    """Gating, capacity, replica choice and fan-out to the expert workers."""
+
+    port: int = Field(8010, ge=0, le=65535, description="Router gRPC port (0 = any free port).")
+    checkpoint: Path = Field(..., description="Checkpoint directory (only the router weights are read).")
+    model_name: str | None = Field(None, description="Model name (default: the checkpoint directory's name).")
+    dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
+    worker_addresses: list[str] = Field(
+        default_factory=list,
+        description="Workers to use with the in-process registry (host:port each); ignored when redis_url is set.",
+    )
+    max_dispatch_attempts: int = Field(
+        3, ge=1, description="Tries per expert batch across replicas before the request fails UNAVAILABLE."
+    )
+
+    @field_validator("worker_addresses", mode="before")
+    @classmethod
+    def _split_addresses(cls, value: object) -> object:
+        return [a.strip() for a in value.split(",") if a.strip()] if isinstance(value, str) else value
+
+
+class WorkerSettings(CommonSettings):
+    """One expert worker: the weights of its experts and a gRPC server computing them."""
+
+    port: int = Field(0, ge=0, le=65535, description="Worker gRPC port (0 = any free port).")
+    checkpoint: Path = Field(..., description="Checkpoint directory (only this worker's experts are read).")
+    experts: str | None = Field(
+        None,
+        description="Expert ids this worker serves, e.g. '0-3' (all MoE layers). "
+        "Default: its block of the placement plan (worker_index of num_workers).",
+    )
+    worker_index: int = Field(0, ge=0, description="This worker's index in the placement plan.")
+    num_workers: int = Field(1, ge=1, description="Workers in the placement plan.")
+    worker_id: str | None = Field(None, description="Registry id (default: derived from host, port and pid).")
+    dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when one is visible.")
+    compute_threads: int = Field(2, ge=1, description="Experts computed concurrently (one thread each).")
+
+    @model_validator(mode="after")
+    def _check_index(self) -> WorkerSettings:
+        if self.worker_index >= self.num_workers:
+            raise ValueError(f"worker_index {self.worker_index} must be < num_workers {self.num_workers}")
+        return self
+
+
+class UpSettings(CommonSettings):
+    """`moe-serve up`: the whole stack on one machine or a Ray cluster."""
+
+    checkpoint: Path | None = Field(None, description="Checkpoint directory (default: generate the demo one).")
+    demo_dir: Path = Field(Path(".moe-serve/mixtral-demo"), description="Where the demo checkpoint is written.")
+    workers: int = Field(2, ge=1, description="Expert workers (Ray actors).")
+    port: int = Field(8001, ge=0, le=65535, description="Public gateway port.")
+    ray_address: str | None = Field(None, description="Join this Ray cluster instead of starting a local one.")
+    worker_num_gpus: float = Field(0.0, ge=0, description="GPUs per worker actor (1 on a GPU cluster).")
+    worker_num_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves per worker actor.")
+    model_name: str | None = Field(None, description="Public model name (default: checkpoint directory name).")
+    dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
+    capacity_factor: float = Field(0.0, ge=0.0, description="Expert capacity factor (0 = dropless).")
+    max_inflight_tokens: int = Field(65536, gt=0, description="Gateway admission bound, in tokens.")

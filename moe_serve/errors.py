@@ -1,0 +1,90 @@
+"""One exception hierarchy for every service, each error carrying its gRPC status code.
+
+Services raise these; `moe_serve.grpc_utils.ErrorMappingInterceptor` is the single place that
+turns them into gRPC statuses. Messages are written for the person who sent the request: they
+say what was wrong and what to do, and never contain a stack trace.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class MoEServeError(Exception):
+    """Base class: an error with a gRPC status code and a message a person can act on."""
+
+    status_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(MoEServeError):
+    """The request is malformed: wrong tensor, shape, datatype or parameter."""
+
+    status_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(MoEServeError):
+    """The request names a model or version this server does not serve."""
+
+    status_code = grpc.StatusCode.NOT_FOUND
+
+
+class RequestNotFound(MoEServeError):
+    """An internal message refers to a request the gateway no longer tracks (finished or expired)."""
+
+    status_code = grpc.StatusCode.NOT_FOUND
+
+
+class Overloaded(MoEServeError):
+    """Admission refused the work: a bound on in-flight work would be exceeded."""
+
+    status_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ExpertUnavailable(MoEServeError):
+    """No live replica can compute an expert the request needs."""
+
+    status_code = grpc.StatusCode.UNAVAILABLE
+
+
+class NotReady(MoEServeError):
+    """The service is starting or draining and cannot take the call yet."""
+
+    status_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(MoEServeError):
+    """The request's deadline passed before its result was complete."""
+
+    status_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class DeliveryFailed(MoEServeError):
+    """A worker computed its rows but could not hand them to the gateway that owns the request."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ConfigurationError(Exception):
+    """Invalid configuration or checkpoint, reported at start-up (never inside a request)."""
+
+
+def error_from_status(code: grpc.StatusCode, message: str) -> MoEServeError:
+    """Rebuild a domain error from a status received from another service, keeping its code."""
+    for cls in (InvalidInput, ModelNotFound, Overloaded, ExpertUnavailable, DeadlineExceeded):
+        if cls.status_code == code:
+            return cls(message)
+    error = MoEServeError(message)
+    error.status_code = code
+    return error
+
+
+_STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code_from_number(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode with wire number `number` (UNKNOWN for numbers gRPC does not define)."""
+    return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)

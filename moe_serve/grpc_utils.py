@@ -1,0 +1,152 @@
+"""gRPC plumbing shared by every service: options, server creation, error mapping, health.
+
+`ErrorMappingInterceptor` is the one place where domain errors become gRPC statuses: a
+MoEServeError keeps its code and message; anything unexpected is logged with its stack trace
+and the caller gets INTERNAL with a short reference, never the trace itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moe_serve.errors import InvalidInput, MoEServeError
+
+logger = logging.getLogger(__name__)
+
+READY_MARKER = "MOE_SERVE_READY"
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options for every channel and server: one message-size limit on every hop."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # internal hops are long-lived; keep them warm so a quiet period does not cost a reconnect
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, ValueError, RuntimeError) as error:
+            return _Undecodable(error)
+
+    return deserialize
+
+
+class ErrorMappingInterceptor(aio.ServerInterceptor):
+    """Maps exceptions raised by unary handlers to gRPC statuses (the only place that does)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        behaviour = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request: Any, context: aio.ServicerContext) -> Any:
+            try:
+                if isinstance(request, _Undecodable):
+                    raise InvalidInput(f"request bytes are not a valid {method} message")
+                return await behaviour(request, context)
+            except MoEServeError as error:
+                await context.abort(error.status_code, error.message)
+            except aio.AbortError:
+                raise
+            except Exception:
+                reference = uuid.uuid4().hex[:12]
+                logger.exception("unexpected error in %s (reference %s)", method, reference)
+                await context.abort(
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error in {method}; the server log has the details under reference {reference}",
+                )
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+
+def create_server(host: str, port: int, max_message_bytes: int) -> tuple[aio.Server, int]:
+    """An aio server bound to host:port (port 0 picks a free one); returns it and the real port."""
+    server = aio.server(interceptors=[ErrorMappingInterceptor()], options=channel_options(max_message_bytes))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    return server, bound
+
+
+def add_health_and_reflection(server: aio.Server, service_names: Sequence[str]) -> health.aio.HealthServicer:
+    """Register grpc.health.v1 (all services start NOT_SERVING) and reflection."""
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return health_servicer
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, service_names: Sequence[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *service_names]:
+        await health_servicer.set(name, status)
+
+
+def advertised_host(bind_host: str, advertise_host: str | None) -> str:
+    """The host other services should dial to reach a server bound on `bind_host`."""
+    if advertise_host:
+        return advertise_host
+    if bind_host in ("0.0.0.0", "::", "[::]", ""):
+        return socket.gethostbyname(socket.gethostname())
+    return bind_host
+
+
+def announce_ready(service: str, **details: Any) -> None:
+    """Print the machine-readable line launchers wait for, e.g. `MOE_SERVE_READY {"service": ...}`."""
+    print(f"{READY_MARKER} {json.dumps({'service': service, **details})}", flush=True)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+async def wait_for_termination() -> None:
+    """Return on SIGINT or SIGTERM (the signals `docker stop`, Ctrl-C and launchers send)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

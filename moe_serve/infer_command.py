@@ -1,0 +1,97 @@
+"""`moe-serve infer`: send hidden states to a gateway over KServe v2 gRPC and summarise the answer."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from moe_serve import codec
+from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
+from moe_serve.grpc_utils import channel_options
+from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+
+DEMO_MODEL_NAME = "mixtral-demo"
+
+
+def _hidden_states(
+    stub: kserve_grpc.GRPCInferenceServiceStub,
+    model: str,
+    tokens: int,
+    input_file: Path | None,
+    datatype: str,
+    seed: int,
+    timeout: float,
+) -> torch.Tensor:
+    if input_file is not None:
+        return torch.from_numpy(np.load(input_file))
+    metadata = stub.ModelMetadata(kserve_pb2.ModelMetadataRequest(name=model), timeout=timeout)
+    hidden_size = int(metadata.inputs[0].shape[-1])
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, hidden_size, generator=generator).to(codec.torch_dtype(datatype))
+
+
+def run_infer(
+    console: Console,
+    *,
+    url: str,
+    model: str | None,
+    tokens: int,
+    input_file: Path | None,
+    layer: int,
+    datatype: str,
+    repeat: int,
+    seed: int,
+    timeout: float,
+) -> int:
+    model = model or DEMO_MODEL_NAME
+    with grpc.insecure_channel(url, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            hidden = _hidden_states(stub, model, tokens, input_file, datatype, seed, timeout)
+            request = kserve_pb2.ModelInferRequest(
+                model_name=model,
+                id="moe-serve-infer",
+                inputs=[
+                    kserve_pb2.ModelInferRequest.InferInputTensor(
+                        name="hidden_states", datatype=codec.datatype_name(hidden.dtype), shape=list(hidden.shape)
+                    )
+                ],
+                outputs=[
+                    kserve_pb2.ModelInferRequest.InferRequestedOutputTensor(name=name)
+                    for name in ("output", "expert_ids")
+                ],
+                raw_input_contents=[codec.tensor_to_bytes(hidden)],
+            )
+            request.parameters["layer"].int64_param = layer
+            latencies = []
+            for _ in range(max(1, repeat)):
+                started = time.perf_counter()
+                response = stub.ModelInfer(request, timeout=timeout)
+                latencies.append((time.perf_counter() - started) * 1000)
+        except grpc.RpcError as error:
+            console.print(f"[red]{error.code().name}[/red]: {error.details()}")
+            return 1
+    output = codec.tensor_from_bytes(
+        response.raw_output_contents[0], response.outputs[0].datatype, list(response.outputs[0].shape)
+    )
+    expert_ids = codec.tensor_from_bytes(response.raw_output_contents[1], "INT32", list(response.outputs[1].shape))
+    usage = torch.bincount(expert_ids.reshape(-1).long())
+    table = Table(title=f"{model} layer {layer} at {url}")
+    table.add_column("")
+    table.add_column("value")
+    table.add_row("input", f"{codec.datatype_name(hidden.dtype)} {list(hidden.shape)}")
+    table.add_row(
+        "output", f"{response.outputs[0].datatype} {list(output.shape)}, mean |x| = {output.float().abs().mean():.4f}"
+    )
+    table.add_row("rows per expert", ", ".join(f"{e}:{int(n)}" for e, n in enumerate(usage.tolist())))
+    table.add_row("latency p50", f"{statistics.median(latencies):.2f} ms over {len(latencies)} request(s)")
+    console.print(table)
+    return 0

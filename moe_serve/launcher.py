@@ -1,0 +1,248 @@
+"""Start a whole stack: expert workers as Ray actors, router and gateway as their own processes.
+
+This is what `moe-serve up` runs and what the integration tests start, so the tests exercise the
+same topology users get (and that the compose file describes): every service its own process,
+talking gRPC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from moe_serve.checkpoint import Checkpoint
+from moe_serve.config import UpSettings
+from moe_serve.grpc_utils import READY_MARKER
+from moe_serve.registry import WorkerRecord
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceProcess:
+    """A `moe-serve <service>` child process and what it announced when ready."""
+
+    name: str
+    process: subprocess.Popen[str]
+    ready: dict[str, Any]
+    recent_output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
+
+    @property
+    def address(self) -> str:
+        return str(self.ready["address"])
+
+    def stop(self, grace_s: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL after `grace_s`; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_service_process(
+    name: str, args: list[str], timeout_s: float = 120.0, env: dict[str, str] | None = None
+) -> ServiceProcess:
+    """Run `python -m moe_serve <args>` and wait for its ready line (its stdout is then relayed)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moe_serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env={**os.environ, **(env or {})},
+    )
+    service = ServiceProcess(name=name, process=process, ready={})
+    ready = threading.Event()
+
+    def relay() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            service.recent_output.append(line.rstrip())
+            if line.startswith(READY_MARKER) and not ready.is_set():
+                service.ready = json.loads(line[len(READY_MARKER) :])
+                ready.set()
+            else:
+                sys.stderr.write(f"[{name}] {line}")
+        ready.set()  # the process ended: wake the waiter
+
+    threading.Thread(target=relay, name=f"relay-{name}", daemon=True).start()
+    if not ready.wait(timeout_s) or not service.ready:
+        service.stop(grace_s=2)
+        tail = "\n".join(service.recent_output)
+        raise RuntimeError(
+            f"{name} did not become ready within {timeout_s:.0f} s "
+            f"(exit code {process.poll()}); its last output:\n{tail}"
+        )
+    return service
+
+
+def start_worker_actors(
+    checkpoint: Path, num_workers: int, worker_settings: dict[str, Any], num_gpus: float = 0.0, num_cpus: float = 0.0
+) -> tuple[list[Any], list[WorkerRecord]]:
+    """Create `num_workers` ExpertWorkerActor actors (Ray must be initialised); return handles and records."""
+    import ray
+
+    from expert_service.actor import ExpertWorkerActor
+
+    actor_class = ray.remote(ExpertWorkerActor)
+    handles = [
+        actor_class.options(num_gpus=num_gpus, num_cpus=num_cpus, max_concurrency=4).remote(
+            {
+                **worker_settings,
+                "checkpoint": str(checkpoint),
+                "worker_index": index,
+                "num_workers": num_workers,
+                "port": 0,
+            }
+        )
+        for index in range(num_workers)
+    ]
+    records = [WorkerRecord.from_json(text) for text in ray.get([h.record_json.remote() for h in handles])]
+    return handles, records
+
+
+def stop_worker_actors(handles: list[Any], grace_s: float = 5.0) -> None:
+    import ray
+
+    with contextlib.suppress(Exception):
+        ray.get([handle.stop.remote(grace_s) for handle in handles], timeout=grace_s + 10)
+    for handle in handles:
+        with contextlib.suppress(Exception):
+            ray.kill(handle)
+
+
+@dataclass
+class Stack:
+    """A running stack; `stop()` shuts it down in reverse order (gateway first)."""
+
+    model_name: str
+    checkpoint: Path
+    gateway: ServiceProcess
+    router: ServiceProcess
+    worker_handles: list[Any]
+    workers: list[WorkerRecord]
+
+    @property
+    def address(self) -> str:
+        return self.gateway.address
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        self.router.stop()
+        stop_worker_actors(self.worker_handles)
+
+
+def _common_flags(settings: UpSettings) -> list[str]:
+    flags = [
+        "--host",
+        settings.host,
+        "--log-level",
+        settings.log_level,
+        "--max-message-bytes",
+        str(settings.max_message_bytes),
+    ]
+    if settings.advertise_host:
+        flags += ["--advertise-host", settings.advertise_host]
+    return flags
+
+
+def _registry_flags(settings: UpSettings) -> list[str]:
+    if not settings.redis_url:
+        return []
+    return [
+        "--redis-url",
+        settings.redis_url,
+        "--redis-prefix",
+        settings.redis_prefix,
+        "--registry-ttl",
+        str(settings.registry_ttl_s),
+    ]
+
+
+def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -> Stack:
+    """Start workers (Ray actors; Ray must be initialised), then the router, then the gateway."""
+    spec = Checkpoint(checkpoint).spec
+    model_name = settings.model_name or checkpoint.resolve().name
+    started = time.monotonic()
+    worker_settings: dict[str, Any] = {
+        "host": settings.host,
+        "advertise_host": settings.advertise_host,
+        "dtype": settings.dtype,
+        "log_level": settings.log_level,
+        "max_message_bytes": settings.max_message_bytes,
+        "redis_url": settings.redis_url,
+        "redis_prefix": settings.redis_prefix,
+        "registry_ttl_s": settings.registry_ttl_s,
+    }
+    handles, records = start_worker_actors(
+        checkpoint, settings.workers, worker_settings, settings.worker_num_gpus, settings.worker_num_cpus
+    )
+    try:
+        router_args = [
+            "router",
+            "--checkpoint",
+            str(checkpoint),
+            "--port",
+            str(router_port),
+            "--dtype",
+            settings.dtype,
+            "--model-name",
+            model_name,
+            *_common_flags(settings),
+            *_registry_flags(settings),
+        ]
+        if not settings.redis_url:
+            router_args += ["--worker-addresses", ",".join(r.address for r in records)]
+        router = start_service_process("router", router_args)
+        try:
+            gateway = start_service_process(
+                "gateway",
+                [
+                    "gateway",
+                    "--router-address",
+                    router.address,
+                    "--port",
+                    str(settings.port),
+                    "--capacity-factor",
+                    str(settings.capacity_factor),
+                    "--max-inflight-tokens",
+                    str(settings.max_inflight_tokens),
+                    *_common_flags(settings),
+                ],
+            )
+        except BaseException:
+            router.stop()
+            raise
+    except BaseException:
+        stop_worker_actors(handles)
+        raise
+    logger.info(
+        "stack for %s (%d MoE layers, %d experts) up in %.1f s",
+        model_name,
+        len(spec.moe_layers),
+        spec.num_experts,
+        time.monotonic() - started,
+    )
+    return Stack(
+        model_name=model_name,
+        checkpoint=checkpoint,
+        gateway=gateway,
+        router=router,
+        worker_handles=handles,
+        workers=records,
+    )

@@ -1,0 +1,171 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("datatype", "shape", "data")
+    DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    datatype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ExpertKey(_message.Message):
+    __slots__ = ("layer", "expert")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
+
+class ModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_name", "family", "hidden_size", "num_experts", "top_k", "moe_layers", "num_layers", "compute_datatype", "ready")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MOE_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    family: str
+    hidden_size: int
+    num_experts: int
+    top_k: int
+    moe_layers: _containers.RepeatedScalarFieldContainer[int]
+    num_layers: int
+    compute_datatype: str
+    ready: bool
+    def __init__(self, model_name: _Optional[str] = ..., family: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., compute_datatype: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class RouteRequest(_message.Message):
+    __slots__ = ("request_id", "layer", "hidden_states", "expert_capacity", "delivery_address", "return_router_logits")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_ROUTER_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    layer: int
+    hidden_states: Tensor
+    expert_capacity: int
+    delivery_address: str
+    return_router_logits: bool
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., expert_capacity: _Optional[int] = ..., delivery_address: _Optional[str] = ..., return_router_logits: _Optional[bool] = ...) -> None: ...
+
+class RoutePlan(_message.Message):
+    __slots__ = ("expert_ids", "expert_weights", "dropped", "router_logits", "expected_rows")
+    EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    expert_ids: Tensor
+    expert_weights: Tensor
+    dropped: Tensor
+    router_logits: Tensor
+    expected_rows: int
+    def __init__(self, expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., expert_weights: _Optional[_Union[Tensor, _Mapping]] = ..., dropped: _Optional[_Union[Tensor, _Mapping]] = ..., router_logits: _Optional[_Union[Tensor, _Mapping]] = ..., expected_rows: _Optional[int] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListWorkersReply(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
+
+class DescribeWorkerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "address", "node_id", "gpu_id", "experts", "weights_version", "compute_datatype")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    node_id: str
+    gpu_id: int
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
+    weights_version: str
+    compute_datatype: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., gpu_id: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., weights_version: _Optional[str] = ..., compute_datatype: _Optional[str] = ...) -> None: ...
+
+class ExpertSegment(_message.Message):
+    __slots__ = ("expert", "num_rows")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    expert: int
+    num_rows: int
+    def __init__(self, expert: _Optional[int] = ..., num_rows: _Optional[int] = ...) -> None: ...
+
+class ComputeRequest(_message.Message):
+    __slots__ = ("request_id", "layer", "segments", "rows", "positions", "delivery_address")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    layer: int
+    segments: _containers.RepeatedCompositeFieldContainer[ExpertSegment]
+    rows: Tensor
+    positions: Tensor
+    delivery_address: str
+    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[ExpertSegment, _Mapping]]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., delivery_address: _Optional[str] = ...) -> None: ...
+
+class ComputeReply(_message.Message):
+    __slots__ = ("rows_delivered",)
+    ROWS_DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    rows_delivered: int
+    def __init__(self, rows_delivered: _Optional[int] = ...) -> None: ...
+
+class Failure(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Delivery(_message.Message):
+    __slots__ = ("request_id", "positions", "rows", "worker_id", "failure")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    positions: Tensor
+    rows: Tensor
+    worker_id: str
+    failure: Failure
+    def __init__(self, request_id: _Optional[str] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., worker_id: _Optional[str] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+
+class DeliveryAck(_message.Message):
+    __slots__ = ("rows_accepted",)
+    ROWS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    rows_accepted: int
+    def __init__(self, rows_accepted: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,59 @@
+"""`moe-serve up`: start the whole stack, print the endpoint, block until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from moe_serve.config import UpSettings
+from moe_serve.demo import ensure_demo_checkpoint
+from moe_serve.launcher import Stack, launch_stack
+
+
+def resolve_checkpoint(settings: UpSettings, console: Console) -> Path:
+    if settings.checkpoint is not None:
+        return settings.checkpoint
+    path = ensure_demo_checkpoint(settings.demo_dir)
+    console.print(f"no --checkpoint given: serving the demo checkpoint at {path}")
+    return path
+
+
+def describe(stack: Stack) -> Table:
+    table = Table(title=f"moe-serve: model {stack.model_name!r} at {stack.address}")
+    for column in ("worker", "address", "node", "GPU", "experts"):
+        table.add_column(column)
+    for record in stack.workers:
+        experts = sorted({key.expert for key in record.experts})
+        table.add_row(
+            record.worker_id, record.address, record.node_id[:12], str(record.gpu_id), ", ".join(map(str, experts))
+        )
+    return table
+
+
+def run_up(settings: UpSettings, console: Console) -> None:
+    import ray
+
+    checkpoint = resolve_checkpoint(settings, console)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        stack = launch_stack(settings, checkpoint)
+        try:
+            console.print(describe(stack))
+            console.print(
+                f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}, model "
+                f"{stack.model_name!r} (router {stack.router.address}); Ctrl-C to stop"
+            )
+            stop.wait()
+            console.print("stopping ...")
+        finally:
+            stack.stop()
+    finally:
+        ray.shutdown()

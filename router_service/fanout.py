@@ -1,0 +1,164 @@
+"""Fan-out: send each worker its rows concurrently, retry failed batches on other replicas.
+
+The router answers the gateway with the routing plan as soon as the rows are on their way; the
+batches then complete in the background. Every batch ends in exactly one of: delivered by a
+worker (the worker's Compute returns only after the gateway acknowledged the rows), retried on
+another replica of the same experts, or reported to the gateway as a failure delivery, so the
+gateway never waits for rows that will not come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from grpc import aio
+
+from moe_serve import codec
+from moe_serve.channels import StubPool
+from moe_serve.errors import ExpertUnavailable
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.registry import Registry, WorkerRecord
+from router_service.planner import WorkerBatch, assign_workers, gather_rows
+
+logger = logging.getLogger(__name__)
+
+# codes that mean "this replica could not do it", so another replica may
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+QUARANTINE_S = 2.0  # a replica that failed a call is avoided this long when another exists
+QUARANTINE_LOAD = 1 << 40
+
+
+@dataclass
+class DispatchJob:
+    """One routed request whose batches are in flight."""
+
+    request_id: str
+    layer: int
+    hidden_states: torch.Tensor
+    top_k: int
+    delivery_address: str
+    deadline: float | None  # time.monotonic() value, or None for no deadline
+    failed: bool = field(default=False)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+class Dispatcher:
+    def __init__(self, registry: Registry, max_attempts: int, max_message_bytes: int) -> None:
+        self.registry, self.max_attempts = registry, max_attempts
+        self._workers = StubPool(moe_grpc.ExpertWorkerStub, max_message_bytes)
+        self._gateways = StubPool(moe_grpc.DeliveryServiceStub, max_message_bytes)
+        self._outstanding_rows: dict[str, int] = defaultdict(int)
+        self._quarantined_until: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.rng = random.Random()
+
+    def load(self, worker: WorkerRecord) -> int:
+        """Outstanding rows on a replica, as this router sees them (huge while quarantined)."""
+        penalty = QUARANTINE_LOAD if self._quarantined_until.get(worker.worker_id, 0.0) > time.monotonic() else 0
+        return self._outstanding_rows[worker.worker_id] + penalty
+
+    def launch(self, job: DispatchJob, batches: list[WorkerBatch]) -> None:
+        """Start sending `batches` in the background."""
+        task = asyncio.create_task(self._send_all(job, batches, attempt=1, excluded=frozenset()))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._workers.close()
+        await self._gateways.close()
+
+    async def _send_all(
+        self, job: DispatchJob, batches: list[WorkerBatch], attempt: int, excluded: frozenset[str]
+    ) -> None:
+        await asyncio.gather(*(self._send(job, batch, attempt, excluded) for batch in batches))
+
+    async def _send(self, job: DispatchJob, batch: WorkerBatch, attempt: int, excluded: frozenset[str]) -> None:
+        timeout = job.remaining()
+        if job.failed or (timeout is not None and timeout <= 0):
+            return  # the gateway has already answered this request
+        worker_id = batch.worker.worker_id
+        request = moe_pb2.ComputeRequest(
+            request_id=job.request_id,
+            layer=job.layer,
+            segments=[
+                moe_pb2.ExpertSegment(expert=e, num_rows=n) for e, n in zip(batch.experts, batch.counts, strict=True)
+            ],
+            rows=codec.to_proto(gather_rows(job.hidden_states, batch.positions, job.top_k)),
+            positions=codec.to_proto(batch.positions.to(torch.int32)),
+            delivery_address=job.delivery_address,
+        )
+        self._outstanding_rows[worker_id] += batch.num_rows
+        try:
+            await self._workers.get(batch.worker.address).Compute(request, timeout=timeout)
+            return
+        except aio.AioRpcError as error:
+            code, details = error.code(), error.details()
+        finally:
+            self._outstanding_rows[worker_id] -= batch.num_rows
+        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return  # the gateway dropped the request (finished, cancelled or expired)
+        if code in RETRYABLE_CODES:
+            self._quarantined_until[worker_id] = time.monotonic() + QUARANTINE_S
+            if attempt < self.max_attempts:
+                await self._retry(job, batch, attempt, excluded | {worker_id}, f"{code.name}: {details}")
+                return
+        await self._fail(
+            job,
+            code,
+            f"experts {list(batch.experts)} of layer {job.layer} failed on worker "
+            f"{worker_id} after {attempt} attempt(s): {code.name}: {details}",
+        )
+
+    async def _retry(
+        self, job: DispatchJob, batch: WorkerBatch, attempt: int, excluded: frozenset[str], reason: str
+    ) -> None:
+        segments = dict(zip(batch.experts, torch.split(batch.positions, list(batch.counts)), strict=True))
+        try:
+            retry_batches = assign_workers(job.layer, segments, self.registry, self.load, self.rng, excluded)
+        except ExpertUnavailable as error:
+            await self._fail(job, error.status_code, f"{error.message} (last failure: {reason})")
+            return
+        logger.warning(
+            "request %s: worker %s failed (%s); retrying experts %s on %s",
+            job.request_id,
+            batch.worker.worker_id,
+            reason,
+            list(batch.experts),
+            ", ".join(b.worker.worker_id for b in retry_batches),
+        )
+        await self._send_all(job, retry_batches, attempt + 1, excluded)
+
+    async def _fail(self, job: DispatchJob, code: grpc.StatusCode, message: str) -> None:
+        if job.failed:
+            return
+        job.failed = True
+        logger.warning("request %s failed: %s", job.request_id, message)
+        failure = moe_pb2.Delivery(
+            request_id=job.request_id, failure=moe_pb2.Failure(code=code.value[0], message=message)
+        )
+        timeout = job.remaining()
+        with contextlib.suppress(aio.AioRpcError):
+            await self._gateways.get(job.delivery_address).Deliver(
+                failure, timeout=None if timeout is None else max(timeout, 0.5)
+            )

@@ -1,0 +1,122 @@
+"""Run the router: load the router weights, follow the registry, serve Route calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import torch
+from grpc import aio
+
+from moe_serve.channels import StubPool
+from moe_serve.checkpoint import Checkpoint
+from moe_serve.config import RouterSettings
+from moe_serve.grpc_utils import (
+    add_health_and_reflection,
+    advertised_host,
+    announce_ready,
+    create_server,
+    set_serving,
+    wait_for_termination,
+)
+from moe_serve.model_spec import CONFIG_DTYPE_NAMES
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.redis_registry import RedisRegistry
+from moe_serve.registry import InProcessRegistry, Registry, WorkerRecord
+from router_service.fanout import Dispatcher
+from router_service.planner import RoutingPlanner
+from router_service.servicer import RouterServicer
+
+logger = logging.getLogger(__name__)
+SERVICE_NAME = "moe_serve.v1.Router"
+DISCOVERY_RETRY_S = 0.5
+
+
+async def discover_workers(addresses: list[str], registry: InProcessRegistry, max_message_bytes: int) -> None:
+    """Ask each configured worker what it serves and register it; keep retrying the ones not up yet."""
+    stubs = StubPool(moe_grpc.ExpertWorkerStub, max_message_bytes)
+    pending = list(dict.fromkeys(addresses))
+    try:
+        while pending:
+            for address in list(pending):
+                try:
+                    info = await stubs.get(address).Describe(moe_pb2.DescribeWorkerRequest(), timeout=2.0)
+                except aio.AioRpcError:
+                    continue
+                registry.register(WorkerRecord.from_proto(info))
+                pending.remove(address)
+            if pending:
+                await asyncio.sleep(DISCOVERY_RETRY_S)
+    finally:
+        await stubs.close()
+
+
+class RouterService:
+    def __init__(self, settings: RouterSettings) -> None:
+        self.settings = settings
+        self.server: aio.Server | None = None
+        self.address = ""
+        self._background: list[asyncio.Task[None]] = []
+
+    async def start(self) -> str:
+        settings = self.settings
+        torch.set_num_threads(settings.torch_threads)
+        checkpoint = Checkpoint(settings.checkpoint)
+        dtype = checkpoint.spec.dtype if settings.dtype == "auto" else CONFIG_DTYPE_NAMES[settings.dtype]
+        planner = RoutingPlanner(checkpoint, dtype)
+        self.registry = self._make_registry()
+        await self.registry.start()
+        self.dispatcher = Dispatcher(self.registry, settings.max_dispatch_attempts, settings.max_message_bytes)
+        self.servicer = RouterServicer(planner, self.registry, self.dispatcher, settings.model_name or checkpoint.name)
+        server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
+        moe_grpc.add_RouterServicer_to_server(self.servicer, server)
+        health = add_health_and_reflection(server, [SERVICE_NAME])
+        await server.start()
+        self.server = server
+        self.address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
+
+        async def publish_health() -> None:
+            await set_serving(health, [SERVICE_NAME], self.servicer.ready())
+
+        self.registry.add_listener(lambda: asyncio.ensure_future(publish_health()))
+        await publish_health()
+        logger.info(
+            "router for %s at %s (%s, layers %s)",
+            self.servicer.model_name,
+            self.address,
+            dtype,
+            list(checkpoint.spec.moe_layers),
+        )
+        return self.address
+
+    def _make_registry(self) -> Registry:
+        settings = self.settings
+        if settings.redis_url:
+            return RedisRegistry(settings.redis_url, settings.redis_prefix, settings.registry_ttl_s)
+        registry = InProcessRegistry()
+        if settings.worker_addresses:
+            self._background.append(
+                asyncio.create_task(discover_workers(settings.worker_addresses, registry, settings.max_message_bytes))
+            )
+        return registry
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace_s)
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.dispatcher.close()
+        await self.registry.close()
+
+
+async def serve(settings: RouterSettings) -> None:
+    """Run the router until SIGINT/SIGTERM."""
+    service = RouterService(settings)
+    address = await service.start()
+    announce_ready("router", address=address)
+    await wait_for_termination()
+    await service.stop()
