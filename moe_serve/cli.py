@@ -293,5 +293,28 @@ def infer(
     )
 
 
+@app.command()
+def health(
+    address: Annotated[str, typer.Argument(help="host:port of any moe-serve service.")],
+    service: Annotated[str, typer.Option(help="Service name to ask about ('' = the whole server).")] = "",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 3.0,
+) -> None:
+    """Exit 0 when the service answers SERVING on grpc.health.v1 (for container health checks)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as error:
+            console.print(f"{address}: {error.code().name}: {error.details()}")
+            raise typer.Exit(1) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    console.print(f"{address}: {status}")
+    raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
 def main() -> None:
     app()

@@ -30,15 +30,28 @@ logger = logging.getLogger(__name__)
 READY_MARKER = "MOE_SERVE_READY"
 
 
+KEEPALIVE_MS = 30_000
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Options for every channel and server: one message-size limit on every hop."""
+    """Options for every client channel: one message-size limit on every hop, keepalive pings."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
-        # internal hops are long-lived; keep them warm so a quiet period does not cost a reconnect
-        ("grpc.keepalive_time_ms", 30_000),
+        # internal hops are long-lived; pings find a peer that vanished without closing its socket
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options for every server: the same size limit, and acceptance of our clients' keepalive pings."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
     ]
 
 
@@ -102,7 +115,7 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
 
 def create_server(host: str, port: int, max_message_bytes: int) -> tuple[aio.Server, int]:
     """An aio server bound to host:port (port 0 picks a free one); returns it and the real port."""
-    server = aio.server(interceptors=[ErrorMappingInterceptor()], options=channel_options(max_message_bytes))
+    server = aio.server(interceptors=[ErrorMappingInterceptor()], options=server_options(max_message_bytes))
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")

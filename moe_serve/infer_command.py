@@ -93,5 +93,5 @@ def run_infer(
     )
     table.add_row("rows per expert", ", ".join(f"{e}:{int(n)}" for e, n in enumerate(usage.tolist())))
     table.add_row("latency p50", f"{statistics.median(latencies):.2f} ms over {len(latencies)} request(s)")
-    console.print(table)
+    Console().print(table)  # the result goes to stdout; diagnostics went to `console` (stderr)
     return 0

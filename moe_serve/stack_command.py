@@ -12,6 +12,7 @@ from rich.table import Table
 
 from moe_serve.config import UpSettings
 from moe_serve.demo import ensure_demo_checkpoint
+from moe_serve.grpc_utils import announce_ready
 from moe_serve.launcher import Stack, launch_stack
 
 
@@ -51,6 +52,7 @@ def run_up(settings: UpSettings, console: Console) -> None:
                 f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}, model "
                 f"{stack.model_name!r} (router {stack.router.address}); Ctrl-C to stop"
             )
+            announce_ready("stack", address=stack.address, model=stack.model_name, router=stack.router.address)
             stop.wait()
             console.print("stopping ...")
         finally:

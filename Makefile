@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine (both create .venv in the repository root when missing):
+#   make up     set up, then run the whole stack on the built-in demo checkpoint
+#   make test   set up, then run the whole test suite (lint included)
+SHELL := /bin/bash
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+PIP := $(PYTHON) -m pip --disable-pip-version-check
+INSTALLED := $(VENV)/.installed
+
+.PHONY: up test lint bench setup
+setup: $(INSTALLED)
+
+# torch comes first and pinned: 2.13.0 installs the CPU build offline; any other version or an
+# open range would pull gigabytes of CUDA packages.
+$(INSTALLED): pyproject.toml requirements/constraints.txt requirements/third-party-clients.txt
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c requirements/constraints.txt -e ".[test]"
+	$(PIP) install -q --no-deps -r requirements/third-party-clients.txt
+	touch $(INSTALLED)
+
+up: $(INSTALLED)
+	$(VENV)/bin/moe-serve up
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(PYTHON) -m pytest
+
+bench: $(INSTALLED)
+	$(VENV)/bin/moe-serve bench

@@ -1,0 +1,105 @@
+"""Checkpoint reader: transformers' own files (single and sharded), the fused layout, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moe_serve.checkpoint import Checkpoint
+from moe_serve.demo import DemoShape, write_demo_checkpoint
+from moe_serve.errors import ConfigurationError
+from tests.helpers import reference_blocks, save_tiny_mixtral
+
+
+def expected_expert(block: torch.nn.Module, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return block.experts.gate_up_proj[expert].detach(), block.experts.down_proj[expert].detach()
+
+
+@pytest.mark.parametrize("shard", [False, True])
+def test_reads_what_save_pretrained_wrote(tmp_path: Path, shard: bool) -> None:
+    directory = tmp_path / "tiny"
+    save_tiny_mixtral(directory)
+    if shard:  # re-save in several shards with an index, as large checkpoints come
+        from transformers import MixtralForCausalLM
+
+        MixtralForCausalLM.from_pretrained(directory).save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+        directory = tmp_path / "sharded"
+        assert (directory / "model.safetensors.index.json").is_file()
+
+    checkpoint = Checkpoint(directory)
+    blocks = reference_blocks(directory, torch.float32)
+
+    spec = checkpoint.spec
+    assert (spec.hidden_size, spec.expert_intermediate_size, spec.num_experts, spec.top_k) == (64, 96, 8, 2)
+    assert spec.moe_layers == (0, 1) and spec.dtype == torch.float32 and spec.routing.family == "mixtral"
+    for layer in (0, 1):
+        assert torch.equal(checkpoint.gate_weight(layer), blocks[layer].gate.weight.detach())
+        for expert in (0, 5):
+            weights = checkpoint.expert_weights(layer, expert)
+            gate_up, down = expected_expert(blocks[layer], expert)
+            assert torch.equal(weights.gate_up, gate_up) and torch.equal(weights.down, down)
+
+
+def test_reads_fused_expert_layout_and_torch_dtype_key(tmp_path: Path) -> None:
+    d, d_ff, experts = 8, 12, 3
+    gate_up = torch.randn(experts, 2 * d_ff, d)
+    down = torch.randn(experts, d, d_ff)
+    save_file({
+        "model.layers.0.mlp.gate.weight": torch.randn(experts, d),
+        "model.layers.0.mlp.experts.gate_up_proj": gate_up,
+        "model.layers.0.mlp.experts.down_proj": down,
+    }, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "mixtral", "hidden_size": d, "intermediate_size": d_ff, "num_local_experts": experts,
+        "num_experts_per_tok": 2, "num_hidden_layers": 1, "torch_dtype": "bfloat16",
+    }))
+    checkpoint = Checkpoint(tmp_path)
+    assert checkpoint.spec.dtype == torch.bfloat16
+    weights = checkpoint.expert_weights(0, 2)
+    assert torch.equal(weights.gate_up, gate_up[2]) and torch.equal(weights.down, down[2])
+
+
+def test_demo_checkpoint_is_deterministic_and_loads_in_transformers(tmp_path: Path) -> None:
+    shape = DemoShape(hidden_size=32, intermediate_size=48, num_experts=4, num_layers=1, seed=3)
+    first = Checkpoint(write_demo_checkpoint(tmp_path / "a", shape))
+    second = Checkpoint(write_demo_checkpoint(tmp_path / "b", shape))
+    assert torch.equal(first.expert_weights(0, 3).gate_up, second.expert_weights(0, 3).gate_up)
+    assert first.fingerprint() == second.fingerprint()
+
+    from transformers import MixtralConfig
+
+    config = MixtralConfig.from_pretrained(tmp_path / "a")
+    assert (config.hidden_size, config.num_local_experts, config.num_experts_per_tok) == (32, 4, 2)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: (d / "config.json").unlink(), "no config.json"),
+        (lambda d: (d / "config.json").write_text("{"), "not valid JSON"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "llama"}'), "not a supported MoE family"),
+        (lambda d: (d / "model.safetensors").unlink(), "no *.safetensors"),
+    ],
+)
+def test_bad_checkpoints_fail_at_start_with_a_clear_message(tmp_path: Path, mutate, message: str) -> None:
+    directory = write_demo_checkpoint(tmp_path / "demo", DemoShape(hidden_size=16, intermediate_size=16,
+                                                                   num_experts=2, num_layers=1))
+    mutate(directory)
+    with pytest.raises(ConfigurationError, match=message.replace("*", r"\*")):
+        Checkpoint(directory)
+
+
+def test_missing_expert_weights_are_reported(tmp_path: Path) -> None:
+    directory = write_demo_checkpoint(tmp_path / "demo", DemoShape(hidden_size=16, intermediate_size=16,
+                                                                   num_experts=2, num_layers=1))
+    from safetensors.torch import load_file
+
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["model.layers.0.block_sparse_moe.experts.1.w2.weight"]
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(ConfigurationError, match="not all 2 experts' weights"):
+        Checkpoint(directory)

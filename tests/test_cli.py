@@ -1,0 +1,75 @@
+"""The command line as users run it: every subcommand's --help, and `moe-serve up` + `moe-serve infer`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from moe_serve.cli import app
+from moe_serve.grpc_utils import READY_MARKER
+
+COMMANDS = ["up", "gateway", "router", "worker", "infer", "init-demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_invalid_setting_is_reported_without_a_trace() -> None:
+    result = CliRunner().invoke(app, ["router", "--checkpoint", "x", "--port", "99999"])
+    assert result.exit_code == 2
+    assert "port" in result.output and "Traceback" not in result.output
+
+
+def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
+    """Exactly the README's path: no checkpoint given, a local Ray started by `up` itself."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    up = subprocess.Popen([sys.executable, "-m", "moe_serve", "up", "--port", "0", "--workers", "2"], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    ready: dict = {}
+    output: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        assert up.stdout is not None
+        for line in up.stdout:
+            output.append(line)
+            if line.startswith(READY_MARKER) and not ready:
+                ready.update(json.loads(line[len(READY_MARKER):]))
+                found.set()
+        found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert found.wait(180) and ready, "".join(output[-40:])
+        assert ready["model"] == "mixtral-demo"
+        assert (tmp_path / ".moe-serve" / "mixtral-demo" / "config.json").is_file()
+        infer = subprocess.run(
+            [sys.executable, "-m", "moe_serve", "infer", "--url", ready["address"], "--tokens", "5", "--repeat", "3"],
+            capture_output=True, text=True, timeout=60, env=env,
+        )
+        assert infer.returncode == 0, infer.stdout + infer.stderr
+        assert "FP32 [5, 256]" in infer.stdout and "latency p50" in infer.stdout
+    finally:
+        up.send_signal(signal.SIGINT)
+        code = up.wait(60)
+    assert code == 0, "".join(output[-40:])
+
+
+def test_health_command_reports_serving(fp32_stack) -> None:
+    result = CliRunner().invoke(app, ["health", fp32_stack.address])
+    assert result.exit_code == 0, result.output
+    assert "SERVING" in result.output
+    result = CliRunner().invoke(app, ["health", "127.0.0.1:1", "--timeout", "0.5"])
+    assert result.exit_code == 1

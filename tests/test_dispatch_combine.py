@@ -1,0 +1,79 @@
+"""Dispatch + combine, without any server, reproduce transformers' Mixtral block exactly."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+from moe_serve.capacity import keep_within_capacity
+from moe_serve.combine import CombineBuffer
+from moe_serve.dispatch import group_by_expert, token_indices
+from moe_serve.gating import compute_gating
+from moe_serve.model_spec import RoutingConfig
+from tests.helpers import rescale_moe_weights
+
+
+def local_moe(block: MixtralSparseMoeBlock, hidden: torch.Tensor, capacity: int = 0) -> torch.Tensor:
+    """The served algorithm in one process: gate, keep, group per expert, compute, combine."""
+    experts = block.experts
+    gating = compute_gating(hidden, block.gate.weight.detach(), RoutingConfig("mixtral", block.top_k))
+    kept = keep_within_capacity(gating.expert_ids, experts.num_experts, capacity)
+    groups = group_by_expert(gating.expert_ids, kept, experts.num_experts)
+    buffer = CombineBuffer(hidden.shape[0], block.top_k, hidden.shape[1], hidden.dtype)
+    for expert in reversed(groups.active_experts()):  # arrival order must not matter
+        positions = groups.segment(expert)
+        rows = hidden[token_indices(positions, block.top_k)]
+        gate, up = F.linear(rows, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        buffer.add(positions, F.linear(F.silu(gate) * up, experts.down_proj[expert]).detach())
+    weights = torch.where(kept, gating.expert_weights, torch.zeros(()))
+    return buffer.combine(weights)
+
+
+def make_block(seed: int = 0) -> MixtralSparseMoeBlock:
+    torch.manual_seed(seed)
+    config = MixtralConfig(hidden_size=32, intermediate_size=40, num_local_experts=5, num_experts_per_tok=2)
+    block = MixtralSparseMoeBlock(config)
+    rescale_moe_weights(block, seed)
+    return block.eval()
+
+
+def test_local_pipeline_equals_transformers_block() -> None:
+    block = make_block()
+    hidden = torch.randn(37, 32)
+    with torch.no_grad():
+        expected = block(hidden.unsqueeze(0))[0]
+        torch.testing.assert_close(local_moe(block, hidden), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_dropped_slots_contribute_zero() -> None:
+    block = make_block(1)
+    hidden = torch.randn(20, 32)
+    with torch.no_grad():
+        dropless = local_moe(block, hidden)
+        capped = local_moe(block, hidden, capacity=2)
+        gating = compute_gating(hidden, block.gate.weight, RoutingConfig("mixtral", 2))
+        kept = keep_within_capacity(gating.expert_ids, 5, 2)
+    fully_dropped = ~kept.any(-1)
+    assert bool(fully_dropped.any())
+    assert bool((capped[fully_dropped] == 0).all())
+    fully_kept = kept.all(-1)
+    torch.testing.assert_close(capped[fully_kept], dropless[fully_kept])
+
+
+def test_duplicate_delivery_is_ignored() -> None:
+    buffer = CombineBuffer(2, 2, 3, torch.float32)
+    assert buffer.add(torch.tensor([0, 3]), torch.ones(2, 3)) == 2
+    assert buffer.add(torch.tensor([3, 1]), torch.full((2, 3), 5.0)) == 1
+    assert buffer.rows_filled == 3
+    out = buffer.combine(torch.ones(2, 2))
+    assert out.tolist() == [[6.0] * 3, [1.0] * 3]
+
+
+def test_grouping_orders_rows_by_expert() -> None:
+    expert_ids = torch.tensor([[2, 0], [0, 1], [2, 1]])
+    groups = group_by_expert(expert_ids, torch.ones_like(expert_ids, dtype=torch.bool), 4)
+    assert groups.counts.tolist() == [2, 2, 2, 0]
+    assert groups.segment(0).tolist() == [1, 2] and groups.segment(2).tolist() == [0, 4]
+    assert groups.active_experts() == [0, 1, 2]

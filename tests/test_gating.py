@@ -1,0 +1,40 @@
+"""Gating math equals transformers' Mixtral router, in FP32 and BF16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+from moe_serve.gating import compute_gating
+from moe_serve.model_spec import RoutingConfig
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_mixtral_gating_equals_transformers_router(dtype: torch.dtype, top_k: int) -> None:
+    config = MixtralConfig(hidden_size=48, num_local_experts=6, num_experts_per_tok=top_k)
+    router = MixtralTopKRouter(config)
+    generator = torch.Generator().manual_seed(top_k)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(6, 48, generator=generator) / 48**0.5)
+    router = router.to(dtype)
+    hidden = torch.randn(257, 48, generator=generator).to(dtype)
+
+    with torch.no_grad():
+        logits, weights, ids = router(hidden)
+    result = compute_gating(hidden, router.weight.detach(), RoutingConfig(family="mixtral", top_k=top_k))
+
+    assert result.router_logits.dtype == torch.float32
+    assert torch.equal(result.router_logits, logits.float())
+    assert torch.equal(result.expert_ids, ids)
+    assert torch.equal(result.expert_weights, weights)
+    torch.testing.assert_close(result.expert_weights.sum(-1), torch.ones(257))
+
+
+def test_probabilities_are_float32_even_for_bf16_activations() -> None:
+    hidden = torch.randn(4, 8).to(torch.bfloat16)
+    result = compute_gating(hidden, torch.randn(5, 8).to(torch.bfloat16), RoutingConfig(family="mixtral", top_k=2))
+    assert result.selection_scores.dtype == torch.float32 and result.expert_weights.dtype == torch.float32
+    torch.testing.assert_close(result.selection_scores.sum(-1), torch.ones(4))
