@@ -48,15 +48,27 @@ def test_reads_fused_expert_layout_and_torch_dtype_key(tmp_path: Path) -> None:
     d, d_ff, experts = 8, 12, 3
     gate_up = torch.randn(experts, 2 * d_ff, d)
     down = torch.randn(experts, d, d_ff)
-    save_file({
-        "model.layers.0.mlp.gate.weight": torch.randn(experts, d),
-        "model.layers.0.mlp.experts.gate_up_proj": gate_up,
-        "model.layers.0.mlp.experts.down_proj": down,
-    }, tmp_path / "model.safetensors")
-    (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "mixtral", "hidden_size": d, "intermediate_size": d_ff, "num_local_experts": experts,
-        "num_experts_per_tok": 2, "num_hidden_layers": 1, "torch_dtype": "bfloat16",
-    }))
+    save_file(
+        {
+            "model.layers.0.mlp.gate.weight": torch.randn(experts, d),
+            "model.layers.0.mlp.experts.gate_up_proj": gate_up,
+            "model.layers.0.mlp.experts.down_proj": down,
+        },
+        tmp_path / "model.safetensors",
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "mixtral",
+                "hidden_size": d,
+                "intermediate_size": d_ff,
+                "num_local_experts": experts,
+                "num_experts_per_tok": 2,
+                "num_hidden_layers": 1,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
     checkpoint = Checkpoint(tmp_path)
     assert checkpoint.spec.dtype == torch.bfloat16
     weights = checkpoint.expert_weights(0, 2)
@@ -86,16 +98,18 @@ def test_demo_checkpoint_is_deterministic_and_loads_in_transformers(tmp_path: Pa
     ],
 )
 def test_bad_checkpoints_fail_at_start_with_a_clear_message(tmp_path: Path, mutate, message: str) -> None:
-    directory = write_demo_checkpoint(tmp_path / "demo", DemoShape(hidden_size=16, intermediate_size=16,
-                                                                   num_experts=2, num_layers=1))
+    directory = write_demo_checkpoint(
+        tmp_path / "demo", DemoShape(hidden_size=16, intermediate_size=16, num_experts=2, num_layers=1)
+    )
     mutate(directory)
     with pytest.raises(ConfigurationError, match=message.replace("*", r"\*")):
         Checkpoint(directory)
 
 
 def test_missing_expert_weights_are_reported(tmp_path: Path) -> None:
-    directory = write_demo_checkpoint(tmp_path / "demo", DemoShape(hidden_size=16, intermediate_size=16,
-                                                                   num_experts=2, num_layers=1))
+    directory = write_demo_checkpoint(
+        tmp_path / "demo", DemoShape(hidden_size=16, intermediate_size=16, num_experts=2, num_layers=1)
+    )
     from safetensors.torch import load_file
 
     tensors = load_file(directory / "model.safetensors")

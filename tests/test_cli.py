@@ -35,8 +35,14 @@ def test_invalid_setting_is_reported_without_a_trace() -> None:
 def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
     """Exactly the README's path: no checkpoint given, a local Ray started by `up` itself."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    up = subprocess.Popen([sys.executable, "-m", "moe_serve", "up", "--port", "0", "--workers", "2"], cwd=tmp_path,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "moe_serve", "up", "--port", "0", "--workers", "2"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     ready: dict = {}
     output: list[str] = []
     found = threading.Event()
@@ -46,7 +52,7 @@ def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
         for line in up.stdout:
             output.append(line)
             if line.startswith(READY_MARKER) and not ready:
-                ready.update(json.loads(line[len(READY_MARKER):]))
+                ready.update(json.loads(line[len(READY_MARKER) :]))
                 found.set()
         found.set()
 
@@ -57,7 +63,10 @@ def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
         assert (tmp_path / ".moe-serve" / "mixtral-demo" / "config.json").is_file()
         infer = subprocess.run(
             [sys.executable, "-m", "moe_serve", "infer", "--url", ready["address"], "--tokens", "5", "--repeat", "3"],
-            capture_output=True, text=True, timeout=60, env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
         )
         assert infer.returncode == 0, infer.stdout + infer.stderr
         assert "FP32 [5, 256]" in infer.stdout and "latency p50" in infer.stdout

@@ -19,14 +19,29 @@ from tests.test_topology import start_all
 def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints) -> None:
     """Workers: A holds all 8 experts, B holds 0-3, C holds 4-7, so every expert has two replicas."""
     checkpoint: Path = checkpoints(torch.float32)
-    workers = start_all([
-        (name, ["worker", "--checkpoint", str(checkpoint), "--experts", experts, "--worker-id", name, "--port", "0"])
-        for name, experts in (("A", "0-7"), ("B", "0-3"), ("C", "4-7"))
-    ])
+    workers = start_all(
+        [
+            (
+                name,
+                ["worker", "--checkpoint", str(checkpoint), "--experts", experts, "--worker-id", name, "--port", "0"],
+            )
+            for name, experts in (("A", "0-7"), ("B", "0-3"), ("C", "4-7"))
+        ]
+    )
     processes = list(workers)
     try:
-        router = start_service_process("router", ["router", "--checkpoint", str(checkpoint), "--port", "0",
-                                                  "--worker-addresses", ",".join(w.address for w in workers)])
+        router = start_service_process(
+            "router",
+            [
+                "router",
+                "--checkpoint",
+                str(checkpoint),
+                "--port",
+                "0",
+                "--worker-addresses",
+                ",".join(w.address for w in workers),
+            ],
+        )
         processes.append(router)
         gateway = start_service_process("gateway", ["gateway", "--router-address", router.address, "--port", "0"])
         processes.append(gateway)
@@ -79,10 +94,22 @@ def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints) -> No
 
 
 def test_admission_refuses_work_beyond_the_token_bound(fp32_stack, checkpoints) -> None:
-    gateway = start_service_process("gateway-small", [
-        "gateway", "--router-address", fp32_stack.router.address, "--port", "0",
-        "--max-inflight-tokens", "64", "--max-request-tokens", "64", "--model-name", "bounded",
-    ])
+    gateway = start_service_process(
+        "gateway-small",
+        [
+            "gateway",
+            "--router-address",
+            fp32_stack.router.address,
+            "--port",
+            "0",
+            "--max-inflight-tokens",
+            "64",
+            "--max-request-tokens",
+            "64",
+            "--model-name",
+            "bounded",
+        ],
+    )
     try:
         block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
         channel, stub = kserve_stub(gateway.address)

@@ -12,8 +12,12 @@ from tests.conftest import REDIS_URL
 
 
 def record(worker_id: str, experts: list[int]) -> WorkerRecord:
-    return WorkerRecord(worker_id=worker_id, address=f"127.0.0.1:{1000 + len(worker_id)}",
-                        experts=tuple(ExpertKey(0, e) for e in experts), weights_version="v1")
+    return WorkerRecord(
+        worker_id=worker_id,
+        address=f"127.0.0.1:{1000 + len(worker_id)}",
+        experts=tuple(ExpertKey(0, e) for e in experts),
+        weights_version="v1",
+    )
 
 
 async def wait_until(condition, timeout_s: float) -> float:
@@ -39,8 +43,9 @@ def test_in_process_registry_indexes_replicas() -> None:
 
 
 def test_record_round_trips_through_json_and_proto() -> None:
-    original = WorkerRecord("w", "h:1", (ExpertKey(1, 3),), node_id="n", gpu_id=2, weights_version="x",
-                            compute_datatype="BF16")
+    original = WorkerRecord(
+        "w", "h:1", (ExpertKey(1, 3),), node_id="n", gpu_id=2, weights_version="x", compute_datatype="BF16"
+    )
     assert WorkerRecord.from_json(original.to_json()) == original
     assert WorkerRecord.from_proto(original.to_proto()) == original
 

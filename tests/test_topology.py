@@ -49,11 +49,29 @@ def assert_exact(address: str, model: str, block: torch.nn.Module, layer: int, s
 def test_separate_processes_with_redis_registry(checkpoints, redis_prefix: str) -> None:
     checkpoint: Path = checkpoints(torch.float32)
     registry = ["--redis-url", REDIS_URL, "--redis-prefix", redis_prefix, "--registry-ttl", "2"]
-    processes = start_all([
-        (f"worker-{index}", ["worker", "--checkpoint", str(checkpoint), "--worker-index", str(index),
-                             "--num-workers", "2", "--worker-id", f"w{index}", "--port", "0", *registry])
-        for index in range(2)
-    ] + [("router", ["router", "--checkpoint", str(checkpoint), "--port", "0", *registry])])
+    processes = start_all(
+        [
+            (
+                f"worker-{index}",
+                [
+                    "worker",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--worker-index",
+                    str(index),
+                    "--num-workers",
+                    "2",
+                    "--worker-id",
+                    f"w{index}",
+                    "--port",
+                    "0",
+                    *registry,
+                ],
+            )
+            for index in range(2)
+        ]
+        + [("router", ["router", "--checkpoint", str(checkpoint), "--port", "0", *registry])]
+    )
     try:
         router = processes[-1]
         gateway = start_service_process("gateway", ["gateway", "--router-address", router.address, "--port", "0"])
@@ -65,9 +83,23 @@ def test_separate_processes_with_redis_registry(checkpoints, redis_prefix: str) 
         assert_exact(gateway.address, model, block, layer=1, seed=1)
 
         # a worker added while serving takes part without restarting anything
-        processes.append(start_service_process("worker-2", [
-            "worker", "--checkpoint", str(checkpoint), "--experts", "0-7", "--worker-id", "w2", "--port", "0",
-            *registry]))
+        processes.append(
+            start_service_process(
+                "worker-2",
+                [
+                    "worker",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--experts",
+                    "0-7",
+                    "--worker-id",
+                    "w2",
+                    "--port",
+                    "0",
+                    *registry,
+                ],
+            )
+        )
         wait_for_workers(router.address, ["w0", "w1", "w2"], timeout_s=1.0)
 
         # SIGTERM: the worker deregisters, exits 0, and serving continues on the others

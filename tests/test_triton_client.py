@@ -20,9 +20,16 @@ def test_triton_client_metadata_infer_and_errors(fp32_stack, checkpoints, tmp_pa
     np.save(tmp_path / "input.npy", hidden.numpy())
 
     subprocess.run(
-        [sys.executable, str(CLIENT_SCRIPT), fp32_stack.address, fp32_stack.model_name,
-         str(tmp_path / "input.npy"), str(tmp_path)],
-        check=True, timeout=120,
+        [
+            sys.executable,
+            str(CLIENT_SCRIPT),
+            fp32_stack.address,
+            fp32_stack.model_name,
+            str(tmp_path / "input.npy"),
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=120,
     )
 
     report = json.loads((tmp_path / "result.json").read_text())
