@@ -8,6 +8,8 @@ lifetime only, never on the data path.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import threading
 from typing import Any
 
@@ -17,6 +19,24 @@ from expert_service.server import WorkerService
 from moe_serve.config import WorkerSettings
 from moe_serve.grpc_utils import configure_logging
 
+logger = logging.getLogger(__name__)
+
+
+def restore_scheduling_priority() -> None:
+    """Undo the niceness Ray gives its worker processes (15 by default).
+
+    Ray lowers workers' priority to keep its own daemons responsive, but here the worker is the
+    layer's compute: at niceness 15 it loses every scheduling contest against the gateway and
+    router on a shared host. Needs the privilege to lower niceness; without it the worker keeps
+    Ray's value (`RAY_worker_niceness=0` for the cluster avoids the question).
+    """
+    if os.nice(0) <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError as error:
+        logger.info("worker keeps Ray's niceness %d (%s)", os.nice(0), error)
+
 
 class ExpertWorkerActor:
     """Hosts one expert worker. Construct with WorkerSettings fields as keyword values."""
@@ -24,6 +44,7 @@ class ExpertWorkerActor:
     def __init__(self, settings: dict[str, Any]) -> None:
         worker_settings = WorkerSettings(**settings)
         configure_logging(worker_settings.log_level)
+        restore_scheduling_priority()
         context = ray.get_runtime_context()
         gpu_ids = ray.get_gpu_ids()
         self._loop = asyncio.new_event_loop()
@@ -37,6 +58,10 @@ class ExpertWorkerActor:
     def record_json(self) -> str:
         """The worker's registry record (address, experts, node, GPU) as JSON."""
         return self._record.to_json()
+
+    def pid(self) -> int:
+        """The actor's process id (for resource measurements)."""
+        return os.getpid()
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Deregister, finish in-flight calls within `grace_s`, stop serving."""

@@ -19,6 +19,7 @@ from moe_serve.grpc_utils import (
     advertised_host,
     announce_ready,
     create_server,
+    drain,
     set_serving,
     wait_for_termination,
 )
@@ -97,10 +98,13 @@ class WorkerService:
         return self.record
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Deregister (routers stop sending), finish in-flight batches (up to `grace_s`), close."""
         if self.registration is not None:
             await self.registration.stop()
         if self.server is not None:
-            await self.server.stop(grace_s)
+            assert self.servicer is not None
+            await drain(lambda: self.servicer.inflight_rows == 0, grace_s)
+            await self.server.stop(0)
         if self.servicer is not None:
             await self.servicer.close()
 

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import torch
 from grpc import aio
 
 from expert_service.experts import ExpertStore
 from moe_serve import codec
-from moe_serve.channels import StubPool, remaining_timeout
-from moe_serve.errors import DeliveryFailed, InvalidInput, RequestNotFound
+from moe_serve.errors import DeadlineExceeded, DeliveryFailed, InvalidInput, ServiceUnavailable, error_of, failure_of
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
+from moe_serve.streams import StreamClientPool, serve_stream
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,9 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         # compute runs off the event loop so one matmul never stalls the other calls of this
         # worker; one thread per concurrently computed expert (torch releases the GIL)
         self._executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="expert-compute")
-        self._deliveries = StubPool(moe_grpc.DeliveryServiceStub, max_message_bytes)
+        self._deliveries: StreamClientPool[moe_pb2.Delivery, moe_pb2.DeliveryAck] = StreamClientPool(
+            lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes
+        )
         self.inflight_rows = 0
 
     async def close(self) -> None:
@@ -40,7 +42,22 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
     ) -> moe_pb2.WorkerInfo:
         return self.record.to_proto()
 
-    async def Compute(self, request: moe_pb2.ComputeRequest, context: aio.ServicerContext) -> moe_pb2.ComputeReply:
+    async def ComputeStream(self, requests: object, context: aio.ServicerContext) -> None:
+        await serve_stream(context, self.compute, lambda _, error: moe_pb2.ComputeResult(failure=failure_of(error)))
+
+    async def compute(self, request: moe_pb2.ComputeRequest) -> moe_pb2.ComputeResult:
+        """Compute one batch and deliver it; the result says how many rows the gateway accepted."""
+        deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
+        rows, segments = self._validate(request)
+        self.inflight_rows += rows.shape[0]
+        try:
+            outputs = await self._compute_segments(segments, rows)
+            accepted = await self._deliver(request, outputs, deadline)
+        finally:
+            self.inflight_rows -= rows.shape[0]
+        return moe_pb2.ComputeResult(rows_delivered=accepted)
+
+    def _validate(self, request: moe_pb2.ComputeRequest) -> tuple[torch.Tensor, list[tuple[ExpertKey, int]]]:
         rows = codec.from_proto(request.rows, "rows")
         if rows.dim() != 2 or rows.shape[1] != self.store.hidden_size or rows.dtype != self.store.dtype:
             raise InvalidInput(
@@ -55,13 +72,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
                 raise InvalidInput(
                     f"worker {self.record.worker_id} does not hold expert {key.expert} of layer {key.layer}"
                 )
-        self.inflight_rows += rows.shape[0]
-        try:
-            outputs = await self._compute_segments(segments, rows)
-            await self._deliver(request, outputs, context)
-        finally:
-            self.inflight_rows -= rows.shape[0]
-        return moe_pb2.ComputeReply(rows_delivered=rows.shape[0])
+        return rows, segments
 
     async def _compute_segments(self, segments: list[tuple[ExpertKey, int]], rows: torch.Tensor) -> torch.Tensor:
         loop = asyncio.get_running_loop()
@@ -72,21 +83,21 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         results = await asyncio.gather(*futures)
         return results[0] if len(results) == 1 else torch.cat(results, dim=0)
 
-    async def _deliver(
-        self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, context: aio.ServicerContext
-    ) -> None:
+    async def _deliver(self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, deadline: float | None) -> int:
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"request {request.request_id} expired before its rows were delivered")
         delivery = moe_pb2.Delivery(
             request_id=request.request_id,
             positions=request.positions,  # echoed as received: the gateway places rows by them
             rows=codec.to_proto(outputs),
             worker_id=self.record.worker_id,
+            timeout_s=remaining or 0.0,
         )
-        stub = self._deliveries.get(request.delivery_address)
         try:
-            await stub.Deliver(delivery, timeout=remaining_timeout(context))
-        except aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise RequestNotFound(f"gateway no longer tracks request {request.request_id}") from None
-            raise DeliveryFailed(
-                f"could not deliver to gateway {request.delivery_address}: {error.code().name}: {error.details()}"
-            ) from None
+            ack = await self._deliveries.get(request.delivery_address).call(delivery, remaining)
+        except ServiceUnavailable as error:
+            raise DeliveryFailed(f"could not deliver to gateway {request.delivery_address}: {error.message}") from None
+        if ack.HasField("failure"):
+            raise error_of(ack.failure)  # NOT_FOUND: the gateway has dropped the request
+        return ack.rows_accepted

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
-import grpc
 import torch
 from grpc import aio
 
@@ -20,30 +20,30 @@ from gateway.deliveries import PendingRequest, PendingRequests
 from gateway.model import ServedModel
 from moe_serve import codec
 from moe_serve.capacity import compute_expert_capacity
-from moe_serve.errors import DeadlineExceeded, ExpertUnavailable, error_from_status
+from moe_serve.errors import DeadlineExceeded, ServiceUnavailable, error_of
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
-from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.streams import StreamClient
 
 
 class DataPlane:
     def __init__(
         self,
         model: ServedModel,
-        router: moe_grpc.RouterStub,
-        router_address: str,
+        router: StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan],
+        model_info: Callable[[], Awaitable[moe_pb2.ModelInfo]],
         admission: AdmissionController,
         pending: PendingRequests,
         delivery_address: str,
         capacity_factor: float,
     ) -> None:
-        self.model, self.router, self.router_address = model, router, router_address
+        self.model, self.router, self._model_info = model, router, model_info
         self.admission, self.pending = admission, pending
         self.delivery_address, self.capacity_factor = delivery_address, capacity_factor
 
     async def ready(self) -> bool:
         """True when the router answers and every expert has a live replica."""
         try:
-            info = await self.router.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=2.0)
+            info = await self._model_info()
         except aio.AioRpcError:
             return False
         return info.ready
@@ -70,8 +70,10 @@ class DataPlane:
         capacity = compute_expert_capacity(
             request.num_tokens, self.model.top_k, self.model.num_experts, self.capacity_factor
         )
+        remaining = max(0.0, deadline - time.monotonic())
         route_request = moe_pb2.RouteRequest(
             request_id=request.request_id,
+            timeout_s=remaining,
             layer=request.layer,
             hidden_states=codec.to_proto(hidden),
             expert_capacity=capacity,
@@ -79,13 +81,12 @@ class DataPlane:
             return_router_logits="router_logits" in request.requested_outputs,
         )
         try:
-            return await self.router.Route(route_request, timeout=max(0.0, deadline - time.monotonic()))
-        except aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceeded("the request's deadline passed while it was being routed") from None
-            if error.code() == grpc.StatusCode.UNAVAILABLE and "no live replica" not in (error.details() or ""):
-                raise ExpertUnavailable(f"router at {self.router_address} is unreachable: {error.details()}") from None
-            raise error_from_status(error.code(), error.details() or error.code().name) from None
+            plan = await self.router.call(route_request, remaining)
+        except ServiceUnavailable as error:
+            raise ServiceUnavailable(f"router unreachable: {error.message}") from None
+        if plan.HasField("failure"):
+            raise error_of(plan.failure)
+        return plan
 
     @staticmethod
     async def _wait(pending: PendingRequest, deadline: float) -> None:

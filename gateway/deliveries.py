@@ -14,9 +14,10 @@ from grpc import aio
 
 from moe_serve import codec
 from moe_serve.combine import CombineBuffer
-from moe_serve.errors import MoEServeError, RequestNotFound, error_from_status, status_code_from_number
+from moe_serve.errors import MoEServeError, RequestNotFound, error_of, failure_of
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.streams import serve_stream
 
 
 class PendingRequest:
@@ -77,12 +78,14 @@ class DeliveryServicer(moe_grpc.DeliveryServiceServicer):
     def __init__(self, pending: PendingRequests) -> None:
         self.pending = pending
 
-    async def Deliver(self, request: moe_pb2.Delivery, context: aio.ServicerContext) -> moe_pb2.DeliveryAck:
-        pending = self.pending.get(request.request_id)
-        if request.HasField("failure"):
-            code = status_code_from_number(request.failure.code)
-            pending.fail(error_from_status(code, request.failure.message))
+    async def DeliveryStream(self, requests: object, context: aio.ServicerContext) -> None:
+        await serve_stream(context, self.deliver, lambda _, error: moe_pb2.DeliveryAck(failure=failure_of(error)))
+
+    async def deliver(self, delivery: moe_pb2.Delivery) -> moe_pb2.DeliveryAck:
+        pending = self.pending.get(delivery.request_id)
+        if delivery.HasField("failure"):
+            pending.fail(error_of(delivery.failure))
             return moe_pb2.DeliveryAck()
-        positions = codec.from_proto(request.positions, "positions")
-        rows = codec.from_proto(request.rows, "rows")
+        positions = codec.from_proto(delivery.positions, "positions")
+        rows = codec.from_proto(delivery.rows, "rows")
         return moe_pb2.DeliveryAck(rows_accepted=pending.add_rows(positions, rows))

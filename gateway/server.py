@@ -22,12 +22,14 @@ from moe_serve.grpc_utils import (
     advertised_host,
     announce_ready,
     create_server,
+    drain,
     set_serving,
     wait_for_termination,
 )
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.streams import StreamClient
 
 logger = logging.getLogger(__name__)
 PUBLIC_SERVICE = "inference.GRPCInferenceService"
@@ -62,6 +64,11 @@ class GatewayService:
         self._routers = StubPool(moe_grpc.RouterStub, settings.max_message_bytes)
         router = self._routers.get(settings.router_address)
         info = await fetch_model_info(router, settings.router_address, settings.startup_timeout_s)
+        self._route_stream: StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan] = StreamClient(
+            settings.router_address,
+            lambda channel: moe_grpc.RouterStub(channel).RouteStream,
+            settings.max_message_bytes,
+        )
         model = ServedModel.from_info(info, settings.model_name)
         host = advertised_host(settings.host, settings.advertise_host)
 
@@ -75,8 +82,8 @@ class GatewayService:
         self.admission = AdmissionController(settings.max_inflight_tokens, settings.max_request_tokens)
         self.dataplane = DataPlane(
             model,
-            router,
-            settings.router_address,
+            self._route_stream,
+            lambda: router.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=2.0),
             self.admission,
             self.pending,
             self.delivery_address,
@@ -95,10 +102,13 @@ class GatewayService:
         return self.address
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Finish admitted requests (up to `grace_s`), then close both servers."""
         if self.public_server is not None:
-            await self.public_server.stop(grace_s)
+            await drain(lambda: self.admission.inflight_requests == 0, grace_s)
+            await self.public_server.stop(0)
         if self.delivery_server is not None:
-            await self.delivery_server.stop(grace_s)
+            await self.delivery_server.stop(0)
+        await self._route_stream.close()
         await self._routers.close()
 
 

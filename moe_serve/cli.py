@@ -294,6 +294,41 @@ def infer(
 
 
 @app.command()
+def bench(
+    hidden_size: int = 1024,
+    intermediate_size: int = 2816,
+    num_experts: int = 8,
+    top_k: int = 2,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    workers: Annotated[int, typer.Option(help="Expert workers of the served stack.")] = 2,
+    latency_requests: Annotated[int, typer.Option(help="Requests timed at T=1.")] = 200,
+    throughput_tokens: Annotated[int, typer.Option(help="T of the throughput requests.")] = 2048,
+    throughput_requests: Annotated[int, typer.Option(help="Requests timed for throughput.")] = 6,
+    output_dir: Annotated[Path, typer.Option(help="Where the JSON results go.")] = Path("benchmarks/results"),
+) -> None:
+    """Measure the served layer against the in-process transformers block and a bare gRPC echo, in one run."""
+    from moe_serve.bench.report import print_report
+    from moe_serve.bench.runner import BenchConfig, run_bench, write_result
+
+    configure_logging("WARNING")
+    config = BenchConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_experts=num_experts,
+        top_k=top_k,
+        dtype=dtype,
+        workers=workers,
+        latency_requests=latency_requests,
+        throughput_tokens=throughput_tokens,
+        throughput_requests=throughput_requests,
+        output_dir=output_dir,
+    )
+    result = run_bench(config)
+    print_report(result, Console())
+    console.print(f"results written to {write_result(result, output_dir)}")
+
+
+@app.command()
 def health(
     address: Annotated[str, typer.Argument(help="host:port of any moe-serve service.")],
     service: Annotated[str, typer.Option(help="Service name to ask about ('' = the whole server).")] = "",

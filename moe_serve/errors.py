@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import grpc
 
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+
 
 class MoEServeError(Exception):
     """Base class: an error with a gRPC status code and a message a person can act on."""
@@ -56,6 +58,12 @@ class NotReady(MoEServeError):
     status_code = grpc.StatusCode.UNAVAILABLE
 
 
+class ServiceUnavailable(MoEServeError):
+    """Another service of the stack could not be reached, or its stream broke."""
+
+    status_code = grpc.StatusCode.UNAVAILABLE
+
+
 class DeadlineExceeded(MoEServeError):
     """The request's deadline passed before its result was complete."""
 
@@ -72,9 +80,19 @@ class ConfigurationError(Exception):
     """Invalid configuration or checkpoint, reported at start-up (never inside a request)."""
 
 
+def failure_of(error: MoEServeError) -> moe_pb2.Failure:
+    """The wire form of an error, for replies on the internal streams."""
+    return moe_pb2.Failure(code=error.status_code.value[0], message=error.message)
+
+
+def error_of(failure: moe_pb2.Failure) -> MoEServeError:
+    """The domain error a Failure received on a stream stands for."""
+    return error_from_status(status_code_from_number(failure.code), failure.message)
+
+
 def error_from_status(code: grpc.StatusCode, message: str) -> MoEServeError:
     """Rebuild a domain error from a status received from another service, keeping its code."""
-    for cls in (InvalidInput, ModelNotFound, Overloaded, ExpertUnavailable, DeadlineExceeded):
+    for cls in (InvalidInput, ModelNotFound, Overloaded, ExpertUnavailable, DeadlineExceeded, DeliveryFailed):
         if cls.status_code == code:
             return cls(message)
     error = MoEServeError(message)

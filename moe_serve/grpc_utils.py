@@ -8,13 +8,14 @@ and the caller gets INTERNAL with a short reference, never the trace itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import socket
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -55,7 +56,7 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-class _Undecodable:
+class Undecodable:
     """Stands in for a request whose bytes are not a valid message."""
 
     def __init__(self, error: Exception) -> None:
@@ -70,13 +71,17 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
         try:
             return deserializer(data)
         except (DecodeError, ValueError, RuntimeError) as error:
-            return _Undecodable(error)
+            return Undecodable(error)
 
     return deserialize
 
 
 class ErrorMappingInterceptor(aio.ServerInterceptor):
-    """Maps exceptions raised by unary handlers to gRPC statuses (the only place that does)."""
+    """Maps exceptions raised by handlers to gRPC statuses (the only place that does).
+
+    Undecodable request bytes reach unary handlers as INVALID_ARGUMENT instead of gRPC's
+    generic INTERNAL; stream handlers see an `Undecodable` message and raise.
+    """
 
     async def intercept_service(
         self,
@@ -84,32 +89,49 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        behaviour = handler.unary_unary
         method = handler_call_details.method
+        deserializer = _tolerant(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
 
-        async def guarded(request: Any, context: aio.ServicerContext) -> Any:
-            try:
-                if isinstance(request, _Undecodable):
-                    raise InvalidInput(f"request bytes are not a valid {method} message")
-                return await behaviour(request, context)
-            except MoEServeError as error:
-                await context.abort(error.status_code, error.message)
-            except aio.AbortError:
-                raise
-            except Exception:
-                reference = uuid.uuid4().hex[:12]
-                logger.exception("unexpected error in %s (reference %s)", method, reference)
-                await context.abort(
-                    grpc.StatusCode.INTERNAL,
-                    f"internal error in {method}; the server log has the details under reference {reference}",
-                )
+            async def guarded_unary(request: Any, context: aio.ServicerContext) -> Any:
+                async with _mapped_errors(method, context):
+                    if isinstance(request, Undecodable):
+                        raise InvalidInput(f"request bytes are not a valid {method} message")
+                    return await unary(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
+            return grpc.unary_unary_rpc_method_handler(
+                guarded_unary, request_deserializer=deserializer, response_serializer=handler.response_serializer
+            )
+        if handler.stream_stream is not None:
+            streaming = handler.stream_stream
+
+            async def guarded_stream(requests: Any, context: aio.ServicerContext) -> None:
+                async with _mapped_errors(method, context):
+                    await streaming(requests, context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                guarded_stream, request_deserializer=deserializer, response_serializer=handler.response_serializer
+            )
+        return handler
+
+
+@contextlib.asynccontextmanager
+async def _mapped_errors(method: str, context: aio.ServicerContext) -> AsyncIterator[None]:
+    try:
+        yield
+    except MoEServeError as error:
+        await context.abort(error.status_code, error.message)
+    except (aio.AbortError, asyncio.CancelledError):
+        raise
+    except Exception:
+        reference = uuid.uuid4().hex[:12]
+        logger.exception("unexpected error in %s (reference %s)", method, reference)
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error in {method}; the server log has the details under reference {reference}",
         )
 
 
@@ -154,6 +176,20 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+
+
+async def drain(is_idle: Callable[[], bool], grace_s: float, poll_s: float = 0.02) -> bool:
+    """Wait until `is_idle()` (no request in flight), at most `grace_s`; True if it got idle.
+
+    Servers stop with `stop(0)` afterwards: the internal streams stay open between requests, so
+    waiting for open calls (gRPC's own grace) would always wait the full grace period.
+    """
+    deadline = asyncio.get_running_loop().time() + grace_s
+    while not is_idle():
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(poll_s)
+    return True
 
 
 async def wait_for_termination() -> None:

@@ -55,11 +55,15 @@ class ServiceProcess:
 
 
 def start_service_process(
-    name: str, args: list[str], timeout_s: float = 120.0, env: dict[str, str] | None = None
+    name: str,
+    args: list[str],
+    timeout_s: float = 120.0,
+    env: dict[str, str] | None = None,
+    module: str = "moe_serve",
 ) -> ServiceProcess:
-    """Run `python -m moe_serve <args>` and wait for its ready line (its stdout is then relayed)."""
+    """Run `python -m <module> <args>` and wait for its ready line (its stdout is then relayed)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "moe_serve", *args],
+        [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -89,6 +93,19 @@ def start_service_process(
             f"(exit code {process.poll()}); its last output:\n{tail}"
         )
     return service
+
+
+def init_ray(address: str | None = None, **options: Any) -> Any:
+    """Connect to the Ray cluster at `address`, or start a local one whose workers run at normal priority.
+
+    Ray starts worker processes at niceness 15 by default; expert workers are the layer's compute,
+    so a local cluster started here keeps them at 0 (a remote cluster keeps its own setting).
+    """
+    import ray
+
+    if address is None:
+        os.environ.setdefault("RAY_worker_niceness", "0")
+    return ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **options)
 
 
 def start_worker_actors(

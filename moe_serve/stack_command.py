@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from pathlib import Path
@@ -13,7 +12,7 @@ from rich.table import Table
 from moe_serve.config import UpSettings
 from moe_serve.demo import ensure_demo_checkpoint
 from moe_serve.grpc_utils import announce_ready
-from moe_serve.launcher import Stack, launch_stack
+from moe_serve.launcher import Stack, init_ray, launch_stack
 
 
 def resolve_checkpoint(settings: UpSettings, console: Console) -> Path:
@@ -43,7 +42,7 @@ def run_up(settings: UpSettings, console: Console) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    ray.init(address=settings.ray_address, include_dashboard=False, logging_level=logging.WARNING)
+    init_ray(settings.ray_address)
     try:
         stack = launch_stack(settings, checkpoint)
         try:

@@ -2,9 +2,9 @@
 
 The router answers the gateway with the routing plan as soon as the rows are on their way; the
 batches then complete in the background. Every batch ends in exactly one of: delivered by a
-worker (the worker's Compute returns only after the gateway acknowledged the rows), retried on
-another replica of the same experts, or reported to the gateway as a failure delivery, so the
-gateway never waits for rows that will not come.
+worker (a worker answers only after the gateway acknowledged the rows), retried on another
+replica of the same experts, or reported to the gateway as a failure delivery, so the gateway
+never waits for rows that will not come.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
-from grpc import aio
 
 from moe_serve import codec
-from moe_serve.channels import StubPool
-from moe_serve.errors import ExpertUnavailable
+from moe_serve.errors import ExpertUnavailable, MoEServeError, error_of, failure_of
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry, WorkerRecord
+from moe_serve.streams import StreamClientPool
 from router_service.planner import WorkerBatch, assign_workers, gather_rows
 
 logger = logging.getLogger(__name__)
@@ -40,6 +39,8 @@ RETRYABLE_CODES = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+# codes that mean the gateway no longer waits for the rows: nothing left to do
+ABANDON_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED})
 QUARANTINE_S = 2.0  # a replica that failed a call is avoided this long when another exists
 QUARANTINE_LOAD = 1 << 40
 
@@ -63,8 +64,12 @@ class DispatchJob:
 class Dispatcher:
     def __init__(self, registry: Registry, max_attempts: int, max_message_bytes: int) -> None:
         self.registry, self.max_attempts = registry, max_attempts
-        self._workers = StubPool(moe_grpc.ExpertWorkerStub, max_message_bytes)
-        self._gateways = StubPool(moe_grpc.DeliveryServiceStub, max_message_bytes)
+        self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
+            lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream, max_message_bytes
+        )
+        self._gateways: StreamClientPool[moe_pb2.Delivery, moe_pb2.DeliveryAck] = StreamClientPool(
+            lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes
+        )
         self._outstanding_rows: dict[str, int] = defaultdict(int)
         self._quarantined_until: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -74,6 +79,10 @@ class Dispatcher:
         """Outstanding rows on a replica, as this router sees them (huge while quarantined)."""
         penalty = QUARANTINE_LOAD if self._quarantined_until.get(worker.worker_id, 0.0) > time.monotonic() else 0
         return self._outstanding_rows[worker.worker_id] + penalty
+
+    def idle(self) -> bool:
+        """True when no routed request still has batches in flight."""
+        return not self._tasks
 
     def launch(self, job: DispatchJob, batches: list[WorkerBatch]) -> None:
         """Start sending `batches` in the background."""
@@ -100,6 +109,7 @@ class Dispatcher:
         worker_id = batch.worker.worker_id
         request = moe_pb2.ComputeRequest(
             request_id=job.request_id,
+            timeout_s=timeout or 0.0,
             layer=job.layer,
             segments=[
                 moe_pb2.ExpertSegment(expert=e, num_rows=n) for e, n in zip(batch.experts, batch.counts, strict=True)
@@ -110,25 +120,24 @@ class Dispatcher:
         )
         self._outstanding_rows[worker_id] += batch.num_rows
         try:
-            await self._workers.get(batch.worker.address).Compute(request, timeout=timeout)
-            return
-        except aio.AioRpcError as error:
-            code, details = error.code(), error.details()
+            result = await self._workers.get(batch.worker.address).call(request, timeout)
+            error = error_of(result.failure) if result.HasField("failure") else None
+        except MoEServeError as call_error:
+            error = call_error
         finally:
             self._outstanding_rows[worker_id] -= batch.num_rows
-        if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return  # the gateway dropped the request (finished, cancelled or expired)
-        if code in RETRYABLE_CODES:
+        if error is None or error.status_code in ABANDON_CODES:
+            return
+        if error.status_code in RETRYABLE_CODES:
             self._quarantined_until[worker_id] = time.monotonic() + QUARANTINE_S
             if attempt < self.max_attempts:
-                await self._retry(job, batch, attempt, excluded | {worker_id}, f"{code.name}: {details}")
+                await self._retry(job, batch, attempt, excluded | {worker_id}, f"{error.status_code.name}: {error}")
                 return
-        await self._fail(
-            job,
-            code,
-            f"experts {list(batch.experts)} of layer {job.layer} failed on worker "
-            f"{worker_id} after {attempt} attempt(s): {code.name}: {details}",
+        error.message = (
+            f"experts {list(batch.experts)} of layer {job.layer} failed on worker {worker_id} "
+            f"after {attempt} attempt(s): {error.status_code.name}: {error.message}"
         )
+        await self._fail(job, error)
 
     async def _retry(
         self, job: DispatchJob, batch: WorkerBatch, attempt: int, excluded: frozenset[str], reason: str
@@ -137,7 +146,8 @@ class Dispatcher:
         try:
             retry_batches = assign_workers(job.layer, segments, self.registry, self.load, self.rng, excluded)
         except ExpertUnavailable as error:
-            await self._fail(job, error.status_code, f"{error.message} (last failure: {reason})")
+            error.message = f"{error.message} (last failure: {reason})"
+            await self._fail(job, error)
             return
         logger.warning(
             "request %s: worker %s failed (%s); retrying experts %s on %s",
@@ -149,16 +159,14 @@ class Dispatcher:
         )
         await self._send_all(job, retry_batches, attempt + 1, excluded)
 
-    async def _fail(self, job: DispatchJob, code: grpc.StatusCode, message: str) -> None:
+    async def _fail(self, job: DispatchJob, error: MoEServeError) -> None:
+        """Tell the gateway the request cannot complete (at most once per request)."""
         if job.failed:
             return
         job.failed = True
-        logger.warning("request %s failed: %s", job.request_id, message)
-        failure = moe_pb2.Delivery(
-            request_id=job.request_id, failure=moe_pb2.Failure(code=code.value[0], message=message)
-        )
-        timeout = job.remaining()
-        with contextlib.suppress(aio.AioRpcError):
-            await self._gateways.get(job.delivery_address).Deliver(
-                failure, timeout=None if timeout is None else max(timeout, 0.5)
-            )
+        logger.warning("request %s failed: %s", job.request_id, error.message)
+        remaining = job.remaining()
+        timeout = None if remaining is None else max(remaining, 0.5)
+        failure = moe_pb2.Delivery(request_id=job.request_id, failure=failure_of(error), timeout_s=timeout or 0.0)
+        with contextlib.suppress(MoEServeError):
+            await self._gateways.get(job.delivery_address).call(failure, timeout)

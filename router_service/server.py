@@ -17,6 +17,7 @@ from moe_serve.grpc_utils import (
     advertised_host,
     announce_ready,
     create_server,
+    drain,
     set_serving,
     wait_for_termination,
 )
@@ -103,8 +104,10 @@ class RouterService:
         return registry
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        """Finish dispatching what was routed (up to `grace_s`), then close."""
         if self.server is not None:
-            await self.server.stop(grace_s)
+            await drain(self.dispatcher.idle, grace_s)
+            await self.server.stop(0)
         for task in self._background:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -8,11 +8,12 @@ import torch
 from grpc import aio
 
 from moe_serve import codec
-from moe_serve.errors import InvalidInput
+from moe_serve.errors import InvalidInput, failure_of
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry
+from moe_serve.streams import serve_stream
 from router_service.fanout import Dispatcher, DispatchJob
 from router_service.planner import RoutingPlanner, assign_workers, segments_of
 
@@ -40,7 +41,11 @@ class RouterServicer(moe_grpc.RouterServicer):
             ready=self.ready(),
         )
 
-    async def Route(self, request: moe_pb2.RouteRequest, context: aio.ServicerContext) -> moe_pb2.RoutePlan:
+    async def RouteStream(self, requests: object, context: aio.ServicerContext) -> None:
+        await serve_stream(context, self.route, lambda _, error: moe_pb2.RoutePlan(failure=failure_of(error)))
+
+    async def route(self, request: moe_pb2.RouteRequest) -> moe_pb2.RoutePlan:
+        """Gate one batch, start its rows towards the workers, and return the plan right away."""
         spec = self.planner.spec
         hidden = codec.from_proto(request.hidden_states, "hidden_states")
         if hidden.dim() != 2 or hidden.shape[1] != spec.hidden_size or hidden.dtype != self.planner.dtype:
@@ -55,7 +60,6 @@ class RouterServicer(moe_grpc.RouterServicer):
         batches = assign_workers(
             request.layer, segments_of(decision.groups), self.registry, self.dispatcher.load, self.dispatcher.rng
         )
-        remaining = context.time_remaining()
         self.dispatcher.launch(
             DispatchJob(
                 request_id=request.request_id,
@@ -63,7 +67,7 @@ class RouterServicer(moe_grpc.RouterServicer):
                 hidden_states=hidden,
                 top_k=spec.top_k,
                 delivery_address=request.delivery_address,
-                deadline=None if remaining is None else time.monotonic() + remaining,
+                deadline=time.monotonic() + request.timeout_s if request.timeout_s > 0 else None,
             ),
             batches,
         )

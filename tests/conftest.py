@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import redis
 import torch
 
 from moe_serve.config import UpSettings
-from moe_serve.launcher import Stack, launch_stack
+from moe_serve.launcher import Stack, init_ray, launch_stack
 from tests.helpers import kserve_stub, save_tiny_mixtral
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -32,7 +31,7 @@ def ray_cluster() -> Iterator[str]:
     """One local Ray instance for the whole run (starting Ray costs ~5 s)."""
     import ray
 
-    context = ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    context = init_ray(num_cpus=2)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 

@@ -51,34 +51,42 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., family: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., compute_datatype: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "layer", "hidden_states", "expert_capacity", "delivery_address", "return_router_logits")
+    __slots__ = ("call_id", "timeout_s", "request_id", "layer", "hidden_states", "expert_capacity", "delivery_address", "return_router_logits")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     EXPERT_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RETURN_ROUTER_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    timeout_s: float
     request_id: str
     layer: int
     hidden_states: Tensor
     expert_capacity: int
     delivery_address: str
     return_router_logits: bool
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., expert_capacity: _Optional[int] = ..., delivery_address: _Optional[str] = ..., return_router_logits: _Optional[bool] = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., expert_capacity: _Optional[int] = ..., delivery_address: _Optional[str] = ..., return_router_logits: _Optional[bool] = ...) -> None: ...
 
 class RoutePlan(_message.Message):
-    __slots__ = ("expert_ids", "expert_weights", "dropped", "router_logits", "expected_rows")
+    __slots__ = ("call_id", "failure", "expert_ids", "expert_weights", "dropped", "router_logits", "expected_rows")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     ROUTER_LOGITS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    failure: Failure
     expert_ids: Tensor
     expert_weights: Tensor
     dropped: Tensor
     router_logits: Tensor
     expected_rows: int
-    def __init__(self, expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., expert_weights: _Optional[_Union[Tensor, _Mapping]] = ..., dropped: _Optional[_Union[Tensor, _Mapping]] = ..., router_logits: _Optional[_Union[Tensor, _Mapping]] = ..., expected_rows: _Optional[int] = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., expert_weights: _Optional[_Union[Tensor, _Mapping]] = ..., dropped: _Optional[_Union[Tensor, _Mapping]] = ..., router_logits: _Optional[_Union[Tensor, _Mapping]] = ..., expected_rows: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
@@ -121,26 +129,34 @@ class ExpertSegment(_message.Message):
     def __init__(self, expert: _Optional[int] = ..., num_rows: _Optional[int] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("request_id", "layer", "segments", "rows", "positions", "delivery_address")
+    __slots__ = ("call_id", "timeout_s", "request_id", "layer", "segments", "rows", "positions", "delivery_address")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    timeout_s: float
     request_id: str
     layer: int
     segments: _containers.RepeatedCompositeFieldContainer[ExpertSegment]
     rows: Tensor
     positions: Tensor
     delivery_address: str
-    def __init__(self, request_id: _Optional[str] = ..., layer: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[ExpertSegment, _Mapping]]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., delivery_address: _Optional[str] = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[ExpertSegment, _Mapping]]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., delivery_address: _Optional[str] = ...) -> None: ...
 
-class ComputeReply(_message.Message):
-    __slots__ = ("rows_delivered",)
+class ComputeResult(_message.Message):
+    __slots__ = ("call_id", "rows_delivered", "failure")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
     rows_delivered: int
-    def __init__(self, rows_delivered: _Optional[int] = ...) -> None: ...
+    failure: Failure
+    def __init__(self, call_id: _Optional[int] = ..., rows_delivered: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("code", "message")
@@ -151,21 +167,29 @@ class Failure(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Delivery(_message.Message):
-    __slots__ = ("request_id", "positions", "rows", "worker_id", "failure")
+    __slots__ = ("call_id", "timeout_s", "request_id", "positions", "rows", "worker_id", "failure")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
+    timeout_s: float
     request_id: str
     positions: Tensor
     rows: Tensor
     worker_id: str
     failure: Failure
-    def __init__(self, request_id: _Optional[str] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., worker_id: _Optional[str] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., worker_id: _Optional[str] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
 
 class DeliveryAck(_message.Message):
-    __slots__ = ("rows_accepted",)
+    __slots__ = ("call_id", "rows_accepted", "failure")
+    CALL_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    call_id: int
     rows_accepted: int
-    def __init__(self, rows_accepted: _Optional[int] = ...) -> None: ...
+    failure: Failure
+    def __init__(self, call_id: _Optional[int] = ..., rows_accepted: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...

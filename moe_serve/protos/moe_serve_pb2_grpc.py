@@ -39,8 +39,8 @@ class RouterStub:
                 request_serializer=moe__serve__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=moe__serve__pb2.ModelInfo.FromString,
                 _registered_method=True)
-        self.Route = channel.unary_unary(
-                '/moe_serve.v1.Router/Route',
+        self.RouteStream = channel.stream_stream(
+                '/moe_serve.v1.Router/RouteStream',
                 request_serializer=moe__serve__pb2.RouteRequest.SerializeToString,
                 response_deserializer=moe__serve__pb2.RoutePlan.FromString,
                 _registered_method=True)
@@ -60,8 +60,9 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Route(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def RouteStream(self, request_iterator, context):
+        """One stream per gateway: RouteRequests in, one RoutePlan per request out.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -80,8 +81,8 @@ def add_RouterServicer_to_server(servicer, server):
                     request_deserializer=moe__serve__pb2.ModelInfoRequest.FromString,
                     response_serializer=moe__serve__pb2.ModelInfo.SerializeToString,
             ),
-            'Route': grpc.unary_unary_rpc_method_handler(
-                    servicer.Route,
+            'RouteStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RouteStream,
                     request_deserializer=moe__serve__pb2.RouteRequest.FromString,
                     response_serializer=moe__serve__pb2.RoutePlan.SerializeToString,
             ),
@@ -129,7 +130,7 @@ class Router:
             _registered_method=True)
 
     @staticmethod
-    def Route(request,
+    def RouteStream(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -139,10 +140,10 @@ class Router:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/moe_serve.v1.Router/Route',
+            '/moe_serve.v1.Router/RouteStream',
             moe__serve__pb2.RouteRequest.SerializeToString,
             moe__serve__pb2.RoutePlan.FromString,
             options,
@@ -197,10 +198,10 @@ class ExpertWorkerStub:
                 request_serializer=moe__serve__pb2.DescribeWorkerRequest.SerializeToString,
                 response_deserializer=moe__serve__pb2.WorkerInfo.FromString,
                 _registered_method=True)
-        self.Compute = channel.unary_unary(
-                '/moe_serve.v1.ExpertWorker/Compute',
+        self.ComputeStream = channel.stream_stream(
+                '/moe_serve.v1.ExpertWorker/ComputeStream',
                 request_serializer=moe__serve__pb2.ComputeRequest.SerializeToString,
-                response_deserializer=moe__serve__pb2.ComputeReply.FromString,
+                response_deserializer=moe__serve__pb2.ComputeResult.FromString,
                 _registered_method=True)
 
 
@@ -213,8 +214,9 @@ class ExpertWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Compute(self, request, context):
-        """Computes the rows and delivers them to the gateway; returns once the gateway acknowledged.
+    def ComputeStream(self, request_iterator, context):
+        """One stream per router: ComputeRequests in; each is computed, delivered to its gateway, and
+        answered with a ComputeResult once the gateway acknowledged it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -228,10 +230,10 @@ def add_ExpertWorkerServicer_to_server(servicer, server):
                     request_deserializer=moe__serve__pb2.DescribeWorkerRequest.FromString,
                     response_serializer=moe__serve__pb2.WorkerInfo.SerializeToString,
             ),
-            'Compute': grpc.unary_unary_rpc_method_handler(
-                    servicer.Compute,
+            'ComputeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ComputeStream,
                     request_deserializer=moe__serve__pb2.ComputeRequest.FromString,
-                    response_serializer=moe__serve__pb2.ComputeReply.SerializeToString,
+                    response_serializer=moe__serve__pb2.ComputeResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -272,7 +274,7 @@ class ExpertWorker:
             _registered_method=True)
 
     @staticmethod
-    def Compute(request,
+    def ComputeStream(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -282,12 +284,12 @@ class ExpertWorker:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/moe_serve.v1.ExpertWorker/Compute',
+            '/moe_serve.v1.ExpertWorker/ComputeStream',
             moe__serve__pb2.ComputeRequest.SerializeToString,
-            moe__serve__pb2.ComputeReply.FromString,
+            moe__serve__pb2.ComputeResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -308,8 +310,8 @@ class DeliveryServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Deliver = channel.unary_unary(
-                '/moe_serve.v1.DeliveryService/Deliver',
+        self.DeliveryStream = channel.stream_stream(
+                '/moe_serve.v1.DeliveryService/DeliveryStream',
                 request_serializer=moe__serve__pb2.Delivery.SerializeToString,
                 response_deserializer=moe__serve__pb2.DeliveryAck.FromString,
                 _registered_method=True)
@@ -318,8 +320,9 @@ class DeliveryServiceStub:
 class DeliveryServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Deliver(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def DeliveryStream(self, request_iterator, context):
+        """One stream per worker (and per router, for failure reports): Deliveries in, acks out.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -327,8 +330,8 @@ class DeliveryServiceServicer:
 
 def add_DeliveryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Deliver': grpc.unary_unary_rpc_method_handler(
-                    servicer.Deliver,
+            'DeliveryStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DeliveryStream,
                     request_deserializer=moe__serve__pb2.Delivery.FromString,
                     response_serializer=moe__serve__pb2.DeliveryAck.SerializeToString,
             ),
@@ -344,7 +347,7 @@ class DeliveryService:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Deliver(request,
+    def DeliveryStream(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -354,10 +357,10 @@ class DeliveryService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/moe_serve.v1.DeliveryService/Deliver',
+            '/moe_serve.v1.DeliveryService/DeliveryStream',
             moe__serve__pb2.Delivery.SerializeToString,
             moe__serve__pb2.DeliveryAck.FromString,
             options,

@@ -1,0 +1,47 @@
+"""Prints the benchmark result as a table with its targets."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from moe_serve.bench.runner import BenchResult
+
+
+def print_report(result: BenchResult, console: Console) -> None:
+    config, reference, served, ratios = result.config, result.reference, result.served, result.ratios
+    best = reference[reference["best_throughput"]]
+    fastest = reference[reference["best_t1"]]
+    table = Table(
+        title=f"moe-serve bench: d={config['hidden_size']} d_ff={config['intermediate_size']} "
+        f"E={config['num_experts']} k={config['top_k']} {config['dtype']}, "
+        f"{config['workers']} workers - {result.machine['cpu']} x{result.machine['cores']}"
+    )
+    for column in ("measure", "served", "in-process", "ratio / target"):
+        table.add_column(column)
+    t = config["throughput_tokens"]
+    ratio = ratios["throughput_served_over_reference"]
+    table.add_row(
+        f"tokens/s at T={t}",
+        f"{served['tokens_per_s']:.0f}",
+        f"{best['tokens_per_s']:.0f} ({reference['best_throughput']})",
+        f"{ratio:.2f}x (target >= 0.8x)",
+    )
+    s1, r1 = served["t1_latency_ms"], fastest["t1_latency_ms"]
+    table.add_row(
+        "T=1 latency p50 / p99 (ms)",
+        f"{s1['p50']:.2f} / {s1['p99']:.2f}",
+        f"{r1['p50']:.2f} / {r1['p99']:.2f} ({reference['best_t1']})",
+        f"hops {ratios['t1_hop_cost_ms']:.2f} ms = {ratios['t1_hop_cost_in_echoes']:.1f} echoes (target <= 4)",
+    )
+    echo = result.echo["latency_ms"]
+    table.add_row("bare gRPC echo p50 (ms)", f"{echo['p50']:.3f}", "", f"{result.echo['payload_bytes']} B payload")
+    table.add_row(
+        "internal wire bytes / token",
+        f"{served['internal_wire_bytes_per_token']:.0f}",
+        "",
+        f"{ratios['wire_bytes_over_ideal']:.3f}x of (1+2k)*d*size (target <= 1.05x)",
+    )
+    for service, memory in result.memory_mib.items():
+        table.add_row(f"RSS {service} (MiB)", f"{memory['rss']:.0f}", "", f"target <= {memory['target']:.0f}")
+    console.print(table)

@@ -1,0 +1,160 @@
+"""Long-lived bidirectional streams that carry many calls at once: the internal data path.
+
+A message on an open stream costs about half a unary call on loopback (0.31 ms against
+0.52-0.59 ms per round trip, measured here), and the data path makes three hops per request.
+`StreamClient` keeps one stream per remote address and matches replies to calls by `call_id`;
+`serve_stream` is the server side: each incoming message is handled concurrently and answered
+on the same stream with the same `call_id`. A broken stream fails every call still waiting on it
+with ServiceUnavailable; the next call opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+from grpc import aio
+
+from moe_serve.errors import DeadlineExceeded, MoEServeError, ServiceUnavailable
+from moe_serve.grpc_utils import Undecodable, channel_options
+
+logger = logging.getLogger(__name__)
+RequestT = TypeVar("RequestT")
+ReplyT = TypeVar("ReplyT")
+OpenStream = Callable[[aio.Channel], Any]  # e.g. lambda channel: RouterStub(channel).RouteStream
+
+
+class StreamClient(Generic[RequestT, ReplyT]):
+    """Calls over one stream to one address; safe to use from many coroutines of one event loop."""
+
+    def __init__(self, address: str, open_stream: OpenStream, max_message_bytes: int) -> None:
+        self.address = address
+        self._channel = aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._method = open_stream(self._channel)
+        self._stream: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self._write_lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        # call_id -> (future, the stream the call was written on)
+        self._pending: dict[int, tuple[asyncio.Future[ReplyT], Any]] = {}
+
+    async def call(self, message: RequestT, timeout: float | None) -> ReplyT:
+        """Send `message` (its call_id is set here) and wait up to `timeout` s for its reply."""
+        call_id = next(self._ids)
+        message.call_id = call_id  # type: ignore[attr-defined]
+        future: asyncio.Future[ReplyT] = asyncio.get_running_loop().create_future()
+        try:
+            async with self._write_lock:
+                stream = self._ensure_stream()
+                self._pending[call_id] = (future, stream)
+                await stream.write(message)
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer from {self.address} within {timeout:.3f} s") from None
+        except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError) as error:
+            raise ServiceUnavailable(f"stream to {self.address} broke: {_describe(error)}") from None
+        finally:
+            self._pending.pop(call_id, None)
+
+    def _ensure_stream(self) -> Any:
+        if self._stream is None:
+            self._stream = self._method()
+            self._reader = asyncio.create_task(self._read(self._stream), name=f"stream-reader-{self.address}")
+        return self._stream
+
+    async def _read(self, stream: Any) -> None:
+        error: MoEServeError = ServiceUnavailable(f"{self.address} closed the stream")
+        try:
+            while (reply := await stream.read()) is not aio.EOF:
+                entry = self._pending.get(reply.call_id)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result(reply)
+        except aio.AioRpcError as rpc_error:
+            error = ServiceUnavailable(f"stream to {self.address} broke: {_describe(rpc_error)}")
+        except asyncio.CancelledError:
+            error = ServiceUnavailable(f"stream to {self.address} was closed")
+        finally:
+            if self._stream is stream:
+                self._stream = None
+            for future, on_stream in list(self._pending.values()):
+                if on_stream is stream and not future.done():
+                    future.set_exception(error)
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._channel.close()
+
+
+class StreamClientPool(Generic[RequestT, ReplyT]):
+    """One StreamClient per address."""
+
+    def __init__(self, open_stream: OpenStream, max_message_bytes: int) -> None:
+        self._open_stream, self._max_message_bytes = open_stream, max_message_bytes
+        self._clients: dict[str, StreamClient[RequestT, ReplyT]] = {}
+
+    def get(self, address: str) -> StreamClient[RequestT, ReplyT]:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = StreamClient(address, self._open_stream, self._max_message_bytes)
+        return client
+
+    async def close(self) -> None:
+        clients = list(self._clients.values())
+        self._clients.clear()
+        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+
+
+async def serve_stream(
+    context: aio.ServicerContext,
+    handle: Callable[[RequestT], Awaitable[ReplyT]],
+    reply_for_error: Callable[[RequestT, MoEServeError], ReplyT],
+) -> None:
+    """Answer every message of an incoming stream with `handle`, concurrently, in completion order.
+
+    Errors become replies (`reply_for_error`), so one bad request never ends the stream; an
+    unexpected exception is logged with a reference and answered as an internal error.
+    """
+    write_lock = asyncio.Lock()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def answer(message: RequestT) -> None:
+        try:
+            reply = await handle(message)
+        except MoEServeError as error:
+            reply = reply_for_error(message, error)
+        except Exception:
+            reference = uuid.uuid4().hex[:12]
+            logger.exception("unexpected error handling a stream message (reference %s)", reference)
+            reply = reply_for_error(message, MoEServeError(f"internal error; server log reference {reference}"))
+        reply.call_id = message.call_id  # type: ignore[attr-defined]
+        async with write_lock:
+            await context.write(reply)
+
+    try:
+        while (message := await context.read()) is not aio.EOF:
+            if isinstance(message, Undecodable):
+                raise MoEServeError("stream message bytes are not a valid message")
+            task = asyncio.create_task(answer(message))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return f"{type(error).__name__}: {error}"
