@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -27,6 +28,9 @@ from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 logger = logging.getLogger(__name__)
 ECHO_PAYLOAD_BYTES = 4096
+# T=1 is timed over this many distinct tokens in turn: a single repeated token would always pick
+# the same two experts (and maybe the same worker), which is not what a real stream of tokens does
+T1_DISTINCT_TOKENS = 64
 
 
 @dataclass
@@ -105,7 +109,8 @@ def measure_reference(checkpoint: Checkpoint, config: BenchConfig, inputs: dict[
     results: dict[str, Any] = {}
     for implementation in ("eager", "grouped_mm"):
         block = reference_block(checkpoint, 0, implementation, checkpoint.spec.dtype)
-        t1 = time_calls(lambda b=block: run_block(b, inputs[1]), config.latency_requests)
+        tokens = itertools.cycle(inputs[1].split(1))
+        t1 = time_calls(lambda b=block, t=tokens: run_block(b, next(t)), config.latency_requests)
         tokens_per_s = throughput(
             lambda b=block: run_block(b, inputs[config.throughput_tokens]),
             config.throughput_tokens,
@@ -135,8 +140,8 @@ def measure_served(stack: Stack, config: BenchConfig, inputs: dict[int, torch.Te
     options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
     with grpc.insecure_channel(stack.address, options=options) as channel:
         stub = kserve_grpc.GRPCInferenceServiceStub(channel)
-        small = make_request(stack.model_name, inputs[1])
-        t1 = time_calls(lambda: stub.ModelInfer(small, timeout=30), config.latency_requests, warmup=20)
+        small = itertools.cycle([make_request(stack.model_name, token) for token in inputs[1].split(1)])
+        t1 = time_calls(lambda: stub.ModelInfer(next(small), timeout=30), config.latency_requests, warmup=20)
 
         large = make_request(stack.model_name, inputs[config.throughput_tokens])
         stub.ModelInfer(large, timeout=120)  # warm the large-message path
@@ -188,8 +193,12 @@ def run_bench(config: BenchConfig) -> BenchResult:
     checkpoint = Checkpoint(checkpoint_dir)
     dtype = checkpoint.spec.dtype
     generator = torch.Generator().manual_seed(0)
+    # inputs[1] holds the distinct single tokens the T=1 measurements cycle through
     inputs = {
-        t: torch.randn(t, config.hidden_size, generator=generator).to(dtype) for t in (1, config.throughput_tokens)
+        1: torch.randn(T1_DISTINCT_TOKENS, config.hidden_size, generator=generator).to(dtype),
+        config.throughput_tokens: torch.randn(config.throughput_tokens, config.hidden_size, generator=generator).to(
+            dtype
+        ),
     }
     result = BenchResult(
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, machine=machine_info()
