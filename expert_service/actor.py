@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from expert_service.server import WorkerService
+from moe_serve.allocator import tune_allocator
 from moe_serve.config import WorkerSettings
 from moe_serve.grpc_utils import configure_logging
 
@@ -42,6 +43,7 @@ class ExpertWorkerActor:
     """Hosts one expert worker. Construct with WorkerSettings fields as keyword values."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        tune_allocator()
         worker_settings = WorkerSettings(**settings)
         configure_logging(worker_settings.log_level)
         restore_scheduling_priority()

@@ -12,6 +12,7 @@ from grpc import aio
 from expert_service.experts import ExpertStore
 from expert_service.servicer import ExpertWorkerServicer
 from moe_serve import codec
+from moe_serve.allocator import tune_allocator
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import WorkerSettings
 from moe_serve.grpc_utils import (
@@ -71,6 +72,8 @@ class WorkerService:
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, checkpoint.spec.dtype)
         store = ExpertStore(checkpoint, owned_experts(settings, checkpoint), dtype, device)
+        weights_version = checkpoint.fingerprint()
+        checkpoint.close()
         server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
         address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
         gpu_id = self.gpu_id if self.gpu_id is not None else (device.index if device.type == "cuda" else -1)
@@ -80,7 +83,7 @@ class WorkerService:
             experts=tuple(store.keys),
             node_id=self.node_id or os.uname().nodename,
             gpu_id=-1 if gpu_id is None else gpu_id,
-            weights_version=checkpoint.fingerprint(),
+            weights_version=weights_version,
             compute_datatype=codec.datatype_name(dtype),
         )
         self.servicer = ExpertWorkerServicer(store, self.record, settings.compute_threads, settings.max_message_bytes)
@@ -111,6 +114,7 @@ class WorkerService:
 
 async def serve(settings: WorkerSettings) -> None:
     """Run a worker until SIGINT/SIGTERM."""
+    tune_allocator()
     service = WorkerService(settings)
     record = await service.start()
     announce_ready(

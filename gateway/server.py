@@ -14,6 +14,7 @@ from gateway.dataplane import DataPlane
 from gateway.deliveries import DeliveryServicer, PendingRequests
 from gateway.model import ServedModel
 from gateway.servicer import InferenceServicer
+from moe_serve.allocator import tune_allocator
 from moe_serve.channels import StubPool
 from moe_serve.config import GatewaySettings
 from moe_serve.errors import ConfigurationError
@@ -114,6 +115,7 @@ class GatewayService:
 
 async def serve(settings: GatewaySettings) -> None:
     """Run the gateway until SIGINT/SIGTERM."""
+    tune_allocator()
     service = GatewayService(settings)
     address = await service.start()
     announce_ready(

@@ -86,7 +86,8 @@ class Checkpoint:
             assert layout.names is not None
             gate_name, up_name, down_name = (f"{layout.prefix}.experts.{expert}.{n}.weight" for n in layout.names)
             gate_up = torch.cat([self._read(gate_name), self._read(up_name)], dim=0)
-            down = self._read(down_name)
+            # safetensors hands out views of its memory map; own the bytes so close() can unmap them
+            down = self._read(down_name).clone()
         d, d_ff = self.spec.hidden_size, self.spec.expert_intermediate_size
         if tuple(gate_up.shape) != (2 * d_ff, d) or tuple(down.shape) != (d, d_ff):
             raise ConfigurationError(
@@ -94,6 +95,10 @@ class Checkpoint:
                 f"do not match config.json (hidden_size={d}, intermediate_size={d_ff})"
             )
         return ExpertWeights(gate_up=gate_up, down=down)
+
+    def close(self) -> None:
+        """Release the memory maps of the weight files (tensors returned so far stay valid)."""
+        self._handles.clear()
 
     def fingerprint(self) -> str:
         """A short identifier of these weights: config plus the names and sizes of the weight files."""
@@ -159,5 +164,5 @@ class Checkpoint:
         return self._handle(name).get_tensor(name)
 
     def _read_slice(self, name: str, index: int) -> torch.Tensor:
-        # get_slice reads only the requested expert's rows from the file
-        return self._handle(name).get_slice(name)[index].contiguous()
+        # get_slice reads only the requested expert's rows from the file; clone() owns them
+        return self._handle(name).get_slice(name)[index].clone()

@@ -303,7 +303,8 @@ def bench(
     workers: Annotated[int, typer.Option(help="Expert workers of the served stack.")] = 2,
     latency_requests: Annotated[int, typer.Option(help="Requests timed at T=1.")] = 200,
     throughput_tokens: Annotated[int, typer.Option(help="T of the throughput requests.")] = 2048,
-    throughput_requests: Annotated[int, typer.Option(help="Requests timed for throughput.")] = 6,
+    throughput_requests: Annotated[int, typer.Option(help="Requests timed for throughput.")] = 10,
+    rounds: Annotated[int, typer.Option(help="Alternating measurement rounds.")] = 5,
     output_dir: Annotated[Path, typer.Option(help="Where the JSON results go.")] = Path("benchmarks/results"),
 ) -> None:
     """Measure the served layer against the in-process transformers block and a bare gRPC echo, in one run."""
@@ -321,6 +322,7 @@ def bench(
         latency_requests=latency_requests,
         throughput_tokens=throughput_tokens,
         throughput_requests=throughput_requests,
+        rounds=rounds,
         output_dir=output_dir,
     )
     result = run_bench(config)

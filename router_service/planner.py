@@ -56,7 +56,8 @@ class RoutingPlanner:
     def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
         self.spec: MoEModelSpec = checkpoint.spec
         self.dtype = dtype
-        self.gate_weights = {layer: checkpoint.gate_weight(layer).to(dtype) for layer in self.spec.moe_layers}
+        self.gate_weights = {layer: checkpoint.gate_weight(layer).to(dtype).clone() for layer in self.spec.moe_layers}
+        checkpoint.close()
 
     def decide(self, hidden_states: torch.Tensor, layer: int, expert_capacity: int) -> RoutingDecision:
         """Gate `hidden_states` [T, d] for `layer` and keep at most `expert_capacity` rows per expert."""

@@ -9,6 +9,7 @@ import logging
 import torch
 from grpc import aio
 
+from moe_serve.allocator import tune_allocator
 from moe_serve.channels import StubPool
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import RouterSettings
@@ -118,6 +119,7 @@ class RouterService:
 
 async def serve(settings: RouterSettings) -> None:
     """Run the router until SIGINT/SIGTERM."""
+    tune_allocator()
     service = RouterService(settings)
     address = await service.start()
     announce_ready("router", address=address)

@@ -1,10 +1,8 @@
-"""Measuring helpers: latency percentiles, throughput, resident memory, loopback bytes."""
+"""Measuring helpers: latency percentiles, resident memory, loopback bytes."""
 
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,28 +25,6 @@ class Latency:
             mean=statistics.fmean(ordered),
             count=len(ordered),
         )
-
-
-def time_calls(call: Callable[[], object], count: int, warmup: int = 5) -> Latency:
-    """Latency of `count` sequential calls after `warmup` unmeasured ones."""
-    for _ in range(warmup):
-        call()
-    samples = []
-    for _ in range(count):
-        started = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - started) * 1000)
-    return Latency.of(samples)
-
-
-def throughput(call: Callable[[], object], tokens_per_call: int, count: int, warmup: int = 2) -> float:
-    """Tokens per second over `count` sequential calls."""
-    for _ in range(warmup):
-        call()
-    started = time.perf_counter()
-    for _ in range(count):
-        call()
-    return tokens_per_call * count / (time.perf_counter() - started)
 
 
 def rss_mib(pid: int) -> float:

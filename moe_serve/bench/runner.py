@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import grpc
 import torch
 
 from moe_serve import codec
-from moe_serve.bench.measure import loopback_tx_bytes, rss_mib, throughput, time_calls
+from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
@@ -45,7 +46,9 @@ class BenchConfig:
     workers: int = 2
     latency_requests: int = 200
     throughput_tokens: int = 2048
-    throughput_requests: int = 6
+    throughput_requests: int = 10
+    # measurements alternate between reference, served and echo in this many rounds
+    rounds: int = 5
     checkpoint_root: Path = Path(".moe-serve")
     output_dir: Path = Path("benchmarks/results")
 
@@ -105,64 +108,99 @@ def make_request(model: str, hidden: torch.Tensor) -> kserve_pb2.ModelInferReque
     )
 
 
-def measure_reference(checkpoint: Checkpoint, config: BenchConfig, inputs: dict[int, torch.Tensor]) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+@dataclass
+class Subject:
+    """Something measured: one T=1 call and (optionally) one large call."""
+
+    name: str
+    single: Callable[[], object]
+    large: Callable[[], object] | None = None
+    # measured during large calls: loopback bytes minus the caller's own request/response bytes
+    internal_bytes: int = 0
+
+
+def measure_interleaved(subjects: list[Subject], config: BenchConfig) -> dict[str, dict[str, Any]]:
+    """Time every subject in alternating rounds, so machine drift hits them all alike."""
+    singles: dict[str, list[float]] = {s.name: [] for s in subjects}
+    large_seconds: dict[str, float] = dict.fromkeys(singles, 0.0)
+    large_calls: dict[str, int] = dict.fromkeys(singles, 0)
+    for subject in subjects:  # warm-up, unmeasured
+        for _ in range(10):
+            subject.single()
+        if subject.large is not None:
+            subject.large()
+        subject.internal_bytes = 0  # count only the measured calls
+    per_round = max(1, config.latency_requests // config.rounds)
+    large_per_round = max(1, config.throughput_requests // config.rounds)
+    for _ in range(config.rounds):
+        for subject in subjects:
+            for _ in range(per_round):
+                started = time.perf_counter()
+                subject.single()
+                singles[subject.name].append((time.perf_counter() - started) * 1000)
+            if subject.large is None:
+                continue
+            for _ in range(large_per_round):
+                started = time.perf_counter()
+                subject.large()
+                large_seconds[subject.name] += time.perf_counter() - started
+                large_calls[subject.name] += 1
+    return {
+        s.name: {
+            "t1_latency_ms": asdict(Latency.of(singles[s.name])),
+            **(
+                {"tokens_per_s": config.throughput_tokens * large_calls[s.name] / large_seconds[s.name]}
+                if s.large is not None
+                else {}
+            ),
+            **(
+                {"internal_wire_bytes_per_token": s.internal_bytes / (config.throughput_tokens * large_calls[s.name])}
+                if s.internal_bytes
+                else {}
+            ),
+        }
+        for s in subjects
+    }
+
+
+def reference_subjects(checkpoint: Checkpoint, config: BenchConfig, inputs: dict[int, torch.Tensor]) -> list[Subject]:
+    subjects = []
     for implementation in ("eager", "grouped_mm"):
         block = reference_block(checkpoint, 0, implementation, checkpoint.spec.dtype)
         tokens = itertools.cycle(inputs[1].split(1))
-        t1 = time_calls(lambda b=block, t=tokens: run_block(b, next(t)), config.latency_requests)
-        tokens_per_s = throughput(
-            lambda b=block: run_block(b, inputs[config.throughput_tokens]),
-            config.throughput_tokens,
-            config.throughput_requests,
+        subjects.append(
+            Subject(
+                name=f"reference-{implementation}",
+                single=lambda b=block, t=tokens: run_block(b, next(t)),
+                large=lambda b=block: run_block(b, inputs[config.throughput_tokens]),
+            )
         )
-        results[implementation] = {"t1_latency_ms": asdict(t1), "tokens_per_s": tokens_per_s}
-    best = max(results, key=lambda name: results[name]["tokens_per_s"])
-    fastest_t1 = min(results, key=lambda name: results[name]["t1_latency_ms"]["p50"])
-    results["best_throughput"] = best
-    results["best_t1"] = fastest_t1
-    return results
+    return subjects
 
 
-def measure_echo(count: int) -> dict[str, Any]:
-    server = start_service_process("echo", [], module="moe_serve.bench.echo")
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            echo = channel.unary_unary("/moe_serve.bench.Echo/Echo")
-            payload = os.urandom(ECHO_PAYLOAD_BYTES)
-            latency = time_calls(lambda: echo(payload, timeout=10), count, warmup=20)
-    finally:
-        server.stop()
-    return {"payload_bytes": ECHO_PAYLOAD_BYTES, "latency_ms": asdict(latency)}
+def echo_subject(address: str, channel: grpc.Channel) -> Subject:
+    echo = channel.unary_unary("/moe_serve.bench.Echo/Echo")
+    payload = os.urandom(ECHO_PAYLOAD_BYTES)
+    return Subject(name="echo", single=lambda: echo(payload, timeout=10))
 
 
-def measure_served(stack: Stack, config: BenchConfig, inputs: dict[int, torch.Tensor]) -> dict[str, Any]:
-    options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
-    with grpc.insecure_channel(stack.address, options=options) as channel:
-        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
-        small = itertools.cycle([make_request(stack.model_name, token) for token in inputs[1].split(1)])
-        t1 = time_calls(lambda: stub.ModelInfer(next(small), timeout=30), config.latency_requests, warmup=20)
+def served_subject(
+    stack: Stack, channel: grpc.Channel, config: BenchConfig, inputs: dict[int, torch.Tensor]
+) -> Subject:
+    stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+    small = itertools.cycle([make_request(stack.model_name, token) for token in inputs[1].split(1)])
+    large_request = make_request(stack.model_name, inputs[config.throughput_tokens])
+    subject = Subject(name="served", single=lambda: stub.ModelInfer(next(small), timeout=30))
 
-        large = make_request(stack.model_name, inputs[config.throughput_tokens])
-        stub.ModelInfer(large, timeout=120)  # warm the large-message path
-        client_bytes = 0
-
-        def call() -> None:
-            nonlocal client_bytes
-            response = stub.ModelInfer(large, timeout=120)
-            client_bytes += large.ByteSize() + response.ByteSize()
-
+    def large() -> None:
         before = loopback_tx_bytes()
-        tokens_per_s = throughput(call, config.throughput_tokens, config.throughput_requests, warmup=0)
+        response = stub.ModelInfer(large_request, timeout=120)
         wire = loopback_tx_bytes() - before
-    tokens = config.throughput_tokens * config.throughput_requests
-    # loopback carries the client's own request/response too; the hops of the layer are the rest
-    internal_bytes_per_token = (wire - client_bytes) / tokens
-    return {
-        "t1_latency_ms": asdict(t1),
-        "tokens_per_s": tokens_per_s,
-        "internal_wire_bytes_per_token": internal_bytes_per_token,
-    }
+        # loopback carries the client's own request/response too; the layer's hops are the rest
+        subject.internal_bytes += wire - large_request.ByteSize() - response.ByteSize()
+
+    subject.large = large
+    return subject
 
 
 WORKER_OVERHEAD_TARGET_MIB = 400  # a worker may use its experts' weights plus this much
@@ -205,15 +243,33 @@ def run_bench(config: BenchConfig) -> BenchResult:
     )
     init_ray(log_to_driver=False)
     stack = launch_stack(UpSettings(port=0, workers=config.workers, log_level="WARNING"), checkpoint_dir)
+    echo = start_service_process("echo", [], module="moe_serve.bench.echo")
+    options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
     try:
-        # everything below runs with the stack up, so the reference sees the same background load
-        result.reference = measure_reference(checkpoint, config, inputs)
-        result.echo = measure_echo(config.latency_requests)
-        result.served = measure_served(stack, config, inputs)
+        with (
+            grpc.insecure_channel(stack.address, options=options) as served_channel,
+            grpc.insecure_channel(echo.address) as echo_channel,
+        ):
+            subjects = [
+                *reference_subjects(checkpoint, config, inputs),
+                served_subject(stack, served_channel, config, inputs),
+                echo_subject(echo.address, echo_channel),
+            ]
+            measured = measure_interleaved(subjects, config)
         result.memory_mib = measure_memory(stack, checkpoint)
     finally:
+        echo.stop()
         stack.stop()
         ray.shutdown()
+    result.served = measured.pop("served")
+    result.echo = {"payload_bytes": ECHO_PAYLOAD_BYTES, "latency_ms": measured.pop("echo")["t1_latency_ms"]}
+    result.reference = {name.removeprefix("reference-"): values for name, values in measured.items()}
+    result.reference["best_throughput"] = max(
+        ("eager", "grouped_mm"), key=lambda name: result.reference[name]["tokens_per_s"]
+    )
+    result.reference["best_t1"] = min(
+        ("eager", "grouped_mm"), key=lambda name: result.reference[name]["t1_latency_ms"]["p50"]
+    )
     result.ratios = compute_ratios(result, config, checkpoint)
     return result
 
