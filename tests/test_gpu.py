@@ -1,0 +1,47 @@
+"""The GPU path: weights on the worker's GPU in the checkpoint dtype, results equal to transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expert_service.experts import ExpertStore
+from moe_serve.checkpoint import Checkpoint
+from moe_serve.config import UpSettings
+from moe_serve.launcher import launch_stack
+from moe_serve.placement import ExpertKey
+from tests.helpers import infer_request, kserve_stub, reference_blocks, response_tensors
+
+pytestmark = pytest.mark.gpu
+
+
+def test_expert_store_keeps_weights_on_the_gpu_in_checkpoint_dtype(checkpoints) -> None:
+    checkpoint = Checkpoint(checkpoints(torch.bfloat16))
+    store = ExpertStore(checkpoint, [ExpertKey(0, e) for e in range(8)], torch.bfloat16, torch.device("cuda"))
+    block = reference_blocks(checkpoints(torch.bfloat16), torch.bfloat16)[0].cuda()
+    rows = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for expert in range(8):
+        weights = store._weights[ExpertKey(0, expert)]
+        assert weights.gate_up.device.type == "cuda" and weights.gate_up.dtype == torch.bfloat16
+        output = store.compute(ExpertKey(0, expert), rows)
+        with torch.no_grad():
+            gate, up = torch.nn.functional.linear(rows.cuda(), block.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, block.experts.down_proj[expert])
+        torch.testing.assert_close(output, expected.cpu(), rtol=0, atol=0)
+
+
+def test_stack_with_gpu_workers_equals_transformers(ray_cluster, checkpoints) -> None:
+    directory = checkpoints(torch.bfloat16)
+    stack = launch_stack(UpSettings(port=0, workers=2, worker_num_gpus=0.5), directory)
+    try:
+        assert all(record.gpu_id >= 0 for record in stack.workers)
+        block = reference_blocks(directory, torch.bfloat16)[1].cuda()
+        hidden = torch.randn(33, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        channel, stub = kserve_stub(stack.address)
+        with channel:
+            result = response_tensors(stub.ModelInfer(infer_request(stack.model_name, hidden, layer=1), timeout=60))
+        with torch.no_grad():
+            expected = block(hidden.cuda().unsqueeze(0))[0].cpu()
+        torch.testing.assert_close(result["output"].float(), expected.float(), rtol=1.6e-2, atol=1e-2)
+    finally:
+        stack.stop()
