@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,25 @@ from moe_serve.errors import InvalidInput
 from moe_serve.placement import ExpertKey
 
 logger = logging.getLogger(__name__)
+
+# transformers' ACT2FN equivalents for the activations config files name
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def expert_forward(weights: ExpertWeights, rows: torch.Tensor) -> torch.Tensor:
+    """One expert on rows [n, d] -> [n, d], unscaled: the same operations, in the same order and dtype,
+    as transformers' experts (fused gate/up projection for SwiGLU, wo(act(wi x)) for dense)."""
+    activation = ACTIVATIONS[weights.activation]
+    if weights.kind == "swiglu":
+        gate, up = F.linear(rows, weights.up).chunk(2, dim=-1)
+        return F.linear(activation(gate) * up, weights.down)
+    return F.linear(activation(F.linear(rows, weights.up)), weights.down)
 
 
 class ExpertStore:
@@ -24,8 +44,10 @@ class ExpertStore:
         for key in keys:
             raw = checkpoint.expert_weights(key.layer, key.expert)
             self._weights[key] = ExpertWeights(
-                gate_up=raw.gate_up.to(device=device, dtype=dtype).contiguous(),
+                kind=raw.kind,
+                up=raw.up.to(device=device, dtype=dtype).contiguous(),
                 down=raw.down.to(device=device, dtype=dtype).contiguous(),
+                activation=raw.activation,
             )
         logger.info("loaded %d expert(s), %.1f MiB, %s on %s", len(keys), self.nbytes / 2**20, dtype, device)
 
@@ -41,15 +63,10 @@ class ExpertStore:
         return key in self._weights
 
     def compute(self, key: ExpertKey, rows: torch.Tensor) -> torch.Tensor:
-        """SwiGLU FFN of one expert: down(silu(gate(x)) * up(x)) for rows [n, d] -> [n, d], unscaled.
-
-        Same operations, in the same order and dtype, as transformers' Mixtral experts.
-        """
+        """Expert `key` on rows [n, d] -> [n, d] on the CPU, unscaled by any routing weight."""
         weights = self._weights.get(key)
         if weights is None:
             raise InvalidInput(f"this worker does not hold expert {key.expert} of layer {key.layer}")
         with torch.inference_mode():
-            inputs = rows.to(self.device, non_blocking=True)
-            gate, up = F.linear(inputs, weights.gate_up).chunk(2, dim=-1)
-            outputs = F.linear(F.silu(gate) * up, weights.down)
+            outputs = expert_forward(weights, rows.to(self.device, non_blocking=True))
             return outputs if outputs.device.type == "cpu" else outputs.cpu()

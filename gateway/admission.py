@@ -20,6 +20,7 @@ class AdmissionController:
         self.max_request_tokens = max_request_tokens
         self.inflight_tokens = 0
         self.inflight_requests = 0
+        self.admitted = 0
         self.rejected = 0
 
     @contextmanager
@@ -38,6 +39,7 @@ class AdmissionController:
             )
         self.inflight_tokens += num_tokens
         self.inflight_requests += 1
+        self.admitted += 1
         try:
             yield
         finally:

@@ -48,9 +48,12 @@ class InferenceRequest:
 
 @dataclass(frozen=True)
 class InferenceResult:
-    """Tensors by output name (output: [T, d] in the input dtype; gating outputs [T, E] / [T, k])."""
+    """Tensors by output name (output: [T, d] in the input dtype; gating outputs [T, E] / [T, k]),
+    and how many of the request's slots the capacity rule dropped or rerouted."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    dropped_slots: int = 0
+    rerouted_slots: int = 0
 
 
 def _layer_parameter(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> int:
@@ -66,6 +69,10 @@ def _layer_parameter(request: kserve_pb2.ModelInferRequest, model: ServedModel) 
         else:
             raise InvalidInput(f"parameter 'layer' must be an integer (int64_param), got {kind or 'nothing'}")
     if layer not in model.moe_layers:
+        if 0 <= layer < model.num_layers:
+            raise InvalidInput(
+                f"layer {layer} is a dense layer (no MoE block); MoE layers are {list(model.moe_layers)}"
+            )
         raise InvalidInput(f"layer {layer} is out of range: this model's MoE layers are {list(model.moe_layers)}")
     return layer
 
@@ -167,6 +174,8 @@ def build_infer_response(
 ) -> kserve_pb2.ModelInferResponse:
     """Outputs in the order asked for, as raw_output_contents."""
     response = kserve_pb2.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
+    response.parameters["dropped_slots"].int64_param = result.dropped_slots
+    response.parameters["rerouted_slots"].int64_param = result.rerouted_slots
     for name in inference.requested_outputs:
         tensor = result.tensors[name]
         shape = inference.input_shape if name == OUTPUT_NAME else tuple(tensor.shape)
@@ -175,10 +184,11 @@ def build_infer_response(
     return response
 
 
-def model_metadata(model: ServedModel) -> kserve_pb2.ModelMetadataResponse:
+def model_metadata(model: ServedModel, policy: dict[str, str | float | int]) -> kserve_pb2.ModelMetadataResponse:
+    """Inputs and outputs, plus (in `parameters`, a moe-serve extension) routing and capacity policy."""
     tensor = kserve_pb2.ModelMetadataResponse.TensorMetadata
     compute = codec.datatype_name(model.compute_dtype)
-    return kserve_pb2.ModelMetadataResponse(
+    response = kserve_pb2.ModelMetadataResponse(
         name=model.name,
         versions=[MODEL_VERSION],
         platform=PLATFORM,
@@ -191,3 +201,20 @@ def model_metadata(model: ServedModel) -> kserve_pb2.ModelMetadataResponse:
             ),
         ],
     )
+    values: dict[str, str | float | int] = {
+        "family": model.family,
+        "num_experts": model.num_experts,
+        "top_k": model.top_k,
+        "shared_experts": model.num_shared_slots,
+        "moe_layers": ",".join(map(str, model.moe_layers)),
+        **policy,
+    }
+    for key, value in values.items():
+        parameter = response.parameters[key]
+        if isinstance(value, str):
+            parameter.string_param = value
+        elif isinstance(value, float):
+            parameter.double_param = value
+        else:
+            parameter.int64_param = value
+    return response

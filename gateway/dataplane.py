@@ -1,25 +1,29 @@
-"""The gateway's request path, free of KServe protobuf: admit, route, collect, combine.
+"""The gateway's request path, free of KServe protobuf: admit, batch, route, collect, combine.
 
-One request: admission holds its tokens; the capacity policy turns into a per-expert limit;
-the router gets the hidden states and answers with the routing plan while it fans the rows out;
-workers deliver expert outputs straight here; the combine step reduces them to the output.
+One dispatch batch (one request, or several concurrent ones when cross-request batching is on):
+the capacity policy turns into a per-expert limit over the batch; the router gets the hidden
+states and answers with the routing plan while it fans the rows out; workers deliver expert
+outputs straight here; the combine step reduces them, and each request gets its own rows back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import torch
 from grpc import aio
 
 from gateway.admission import AdmissionController
+from gateway.batching import DynamicBatcher
+from gateway.capacity_policy import CapacityPolicy
 from gateway.converters import OUTPUT_NAME, InferenceRequest, InferenceResult
 from gateway.deliveries import PendingRequest, PendingRequests
 from gateway.model import ServedModel
+from gateway.stats import ExpertCounters
 from moe_serve import codec
-from moe_serve.capacity import compute_expert_capacity
 from moe_serve.errors import DeadlineExceeded, ServiceUnavailable, error_of
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.streams import StreamClient
@@ -34,11 +38,17 @@ class DataPlane:
         admission: AdmissionController,
         pending: PendingRequests,
         delivery_address: str,
-        capacity_factor: float,
+        policy: CapacityPolicy,
+        counters: ExpertCounters,
+        max_inflight_rows_per_replica: int = 0,
+        batch_window_s: float = 0.0,
+        max_batch_tokens: int = 8192,
     ) -> None:
         self.model, self.router, self._model_info = model, router, model_info
-        self.admission, self.pending = admission, pending
-        self.delivery_address, self.capacity_factor = delivery_address, capacity_factor
+        self.admission, self.pending, self.delivery_address = admission, pending, delivery_address
+        self.policy, self.counters = policy, counters
+        self.max_inflight_rows_per_replica = max_inflight_rows_per_replica
+        self.batcher = DynamicBatcher(self.dispatch, batch_window_s, max_batch_tokens) if batch_window_s > 0 else None
 
     async def ready(self) -> bool:
         """True when the router answers and every expert has a live replica."""
@@ -51,34 +61,51 @@ class DataPlane:
     async def infer(self, request: InferenceRequest, timeout_s: float) -> InferenceResult:
         """Run one request within `timeout_s` seconds (the client's remaining deadline or the default)."""
         deadline = time.monotonic() + timeout_s
-        model = self.model
         with self.admission.admit(request.num_tokens):
-            hidden = request.hidden_states.to(model.compute_dtype)
-            pending = PendingRequest(request.num_tokens, model.top_k, model.hidden_size, model.compute_dtype)
-            self.pending.open(request.request_id, pending)
-            try:
-                plan = await self._route(request, hidden, deadline)
-                pending.expect(int(plan.expected_rows))
-                await self._wait(pending, deadline)
-                weights = codec.from_proto(plan.expert_weights, "expert_weights")
-                output = pending.buffer.combine(weights).to(request.hidden_states.dtype)
-            finally:
-                self.pending.close(request.request_id)
-        return InferenceResult(tensors=self._select_outputs(request, output, plan))
+            if self.batcher is not None:
+                return await self.batcher.submit(request, deadline)
+            return (await self.dispatch([request], deadline))[0]
 
-    async def _route(self, request: InferenceRequest, hidden: torch.Tensor, deadline: float) -> moe_pb2.RoutePlan:
-        capacity = compute_expert_capacity(
-            request.num_tokens, self.model.top_k, self.model.num_experts, self.capacity_factor
+    async def dispatch(self, requests: list[InferenceRequest], deadline: float) -> list[InferenceResult]:
+        """Route, collect and combine `requests` as one batch; each gets its own rows back."""
+        model = self.model
+        hidden = (
+            torch.cat([r.hidden_states.to(model.compute_dtype) for r in requests])
+            if len(requests) > 1
+            else requests[0].hidden_states.to(model.compute_dtype)
         )
+        batch_id = uuid.uuid4().hex
+        pending = PendingRequest(hidden.shape[0], model.slots_per_token, model.hidden_size, model.compute_dtype)
+        self.pending.open(batch_id, pending)
+        try:
+            wanted = {name for r in requests for name in r.requested_outputs}
+            plan = await self._route(batch_id, requests[0].layer, hidden, "router_logits" in wanted, deadline)
+            pending.expect(int(plan.expected_rows))
+            await self._wait(pending, deadline)
+        finally:
+            self.pending.close(batch_id)
+        weights = codec.from_proto(plan.expert_weights, "expert_weights")
+        output = pending.buffer.combine(
+            weights, codec.from_proto(plan.shared_weights, "shared_weights"), model.weights_in_activation_dtype
+        )
+        self._count(requests[0].layer, plan, hidden.shape[0])
+        return self._split(requests, output, plan)
+
+    async def _route(
+        self, batch_id: str, layer: int, hidden: torch.Tensor, with_logits: bool, deadline: float
+    ) -> moe_pb2.RoutePlan:
+        model = self.model
         remaining = max(0.0, deadline - time.monotonic())
         route_request = moe_pb2.RouteRequest(
-            request_id=request.request_id,
+            request_id=batch_id,
             timeout_s=remaining,
-            layer=request.layer,
+            layer=layer,
             hidden_states=codec.to_proto(hidden),
-            expert_capacity=capacity,
+            expert_capacity=self.policy.limit(hidden.shape[0], model.top_k, model.num_experts),
+            overflow=self.policy.overflow,
+            max_inflight_rows_per_replica=self.max_inflight_rows_per_replica,
             delivery_address=self.delivery_address,
-            return_router_logits="router_logits" in request.requested_outputs,
+            return_router_logits=with_logits,
         )
         try:
             plan = await self.router.call(route_request, remaining)
@@ -91,24 +118,51 @@ class DataPlane:
     @staticmethod
     async def _wait(pending: PendingRequest, deadline: float) -> None:
         try:
-            await asyncio.wait_for(asyncio.shield(pending.done), timeout=max(0.0, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await asyncio.shield(pending.done)
         except TimeoutError:
             received = pending.buffer.rows_filled
             raise DeadlineExceeded(
                 f"deadline passed with {received} of {pending.expected_rows} expert rows delivered"
             ) from None
 
-    def _select_outputs(
-        self, request: InferenceRequest, output: torch.Tensor, plan: moe_pb2.RoutePlan
-    ) -> dict[str, torch.Tensor]:
-        tensors: dict[str, torch.Tensor] = {}
-        for name in request.requested_outputs:
-            if name == OUTPUT_NAME:
-                tensors[name] = output
-            elif name == "router_logits":
-                tensors[name] = codec.from_proto(plan.router_logits, name)
-            elif name == "expert_ids":
-                tensors[name] = codec.from_proto(plan.expert_ids, name)
-            elif name == "expert_weights":
-                tensors[name] = codec.from_proto(plan.expert_weights, name)
-        return tensors
+    def _count(self, layer: int, plan: moe_pb2.RoutePlan, num_tokens: int) -> None:
+        self.counters.record(
+            layer,
+            codec.from_proto(plan.expert_ids, "expert_ids"),
+            ~codec.from_proto(plan.dropped, "dropped"),
+            num_tokens * self.model.num_shared_slots,
+            codec.from_proto(plan.dropped_per_expert, "dropped_per_expert"),
+            codec.from_proto(plan.rerouted_per_expert, "rerouted_per_expert"),
+        )
+
+    def _split(
+        self, requests: list[InferenceRequest], output: torch.Tensor, plan: moe_pb2.RoutePlan
+    ) -> list[InferenceResult]:
+        """Each request's rows of the batch outputs, by its token range."""
+        batch_tensors = {
+            "router_logits": plan.router_logits,
+            "expert_ids": plan.expert_ids,
+            "expert_weights": plan.expert_weights,
+            "dropped_mask": plan.dropped,
+        }
+        dropped = codec.from_proto(plan.dropped, "dropped")
+        rerouted = codec.from_proto(plan.rerouted, "rerouted")
+        results, start = [], 0
+        for request in requests:
+            rows = slice(start, start + request.num_tokens)
+            start += request.num_tokens
+            tensors: dict[str, torch.Tensor] = {}
+            for name in request.requested_outputs:
+                if name == OUTPUT_NAME:
+                    tensors[name] = output[rows].to(request.hidden_states.dtype)
+                else:
+                    tensors[name] = codec.from_proto(batch_tensors[name], name)[rows]
+            results.append(
+                InferenceResult(
+                    tensors=tensors,
+                    dropped_slots=int(dropped[rows].sum()),
+                    rerouted_slots=int(rerouted[rows].sum()),
+                )
+            )
+        return results

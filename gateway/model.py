@@ -14,11 +14,12 @@ MODEL_VERSION = "1"
 PLATFORM = "pytorch_moe"
 INPUT_NAME = "hidden_states"
 OUTPUT_NAME = "output"
-# optional outputs, returned when asked for by name: name -> (datatype, width attribute)
+# optional outputs, returned when asked for by name: name -> datatype
 GATING_OUTPUTS = {
     "router_logits": "FP32",
     "expert_ids": "INT32",
     "expert_weights": "FP32",
+    "dropped_mask": "BOOL",
 }
 ACCEPTED_INPUT_DATATYPES = codec.FLOAT_DATATYPES
 
@@ -33,7 +34,11 @@ class ServedModel:
     num_experts: int
     top_k: int
     moe_layers: tuple[int, ...]
+    num_layers: int
     compute_dtype: torch.dtype
+    num_shared_slots: int = 0
+    weights_in_activation_dtype: bool = False
+    default_expert_capacity: int = 0
 
     @classmethod
     def from_info(cls, info: moe_pb2.ModelInfo, name: str | None = None) -> ServedModel:
@@ -44,8 +49,16 @@ class ServedModel:
             num_experts=info.num_experts,
             top_k=info.top_k,
             moe_layers=tuple(info.moe_layers),
+            num_layers=info.num_layers,
             compute_dtype=codec.torch_dtype(info.compute_datatype),
+            num_shared_slots=info.num_shared_slots,
+            weights_in_activation_dtype=info.weights_in_activation_dtype,
+            default_expert_capacity=info.default_expert_capacity,
         )
+
+    @property
+    def slots_per_token(self) -> int:
+        return self.top_k + self.num_shared_slots
 
     @property
     def output_names(self) -> tuple[str, ...]:

@@ -10,10 +10,12 @@ import torch
 from grpc import aio
 
 from gateway.admission import AdmissionController
+from gateway.capacity_policy import CapacityPolicy
 from gateway.dataplane import DataPlane
 from gateway.deliveries import DeliveryServicer, PendingRequests
 from gateway.model import ServedModel
 from gateway.servicer import InferenceServicer
+from gateway.stats import ExpertCounters, GatewayAdminServicer
 from moe_serve.allocator import tune_allocator
 from moe_serve.channels import StubPool
 from moe_serve.config import GatewaySettings
@@ -81,6 +83,13 @@ class GatewayService:
         self.delivery_address = f"{host}:{delivery_port}"
 
         self.admission = AdmissionController(settings.max_inflight_tokens, settings.max_request_tokens)
+        self.counters = ExpertCounters(model.moe_layers, model.num_experts + model.num_shared_slots)
+        moe_grpc.add_GatewayAdminServicer_to_server(
+            GatewayAdminServicer(self.counters, self.admission), self.delivery_server
+        )
+        policy = CapacityPolicy.resolve(
+            settings.capacity_factor, settings.expert_capacity, settings.overflow, model.default_expert_capacity
+        )
         self.dataplane = DataPlane(
             model,
             self._route_stream,
@@ -88,7 +97,11 @@ class GatewayService:
             self.admission,
             self.pending,
             self.delivery_address,
-            settings.capacity_factor,
+            policy,
+            self.counters,
+            max_inflight_rows_per_replica=settings.max_inflight_rows_per_replica,
+            batch_window_s=settings.batch_window_ms / 1000,
+            max_batch_tokens=settings.max_batch_tokens,
         )
         self.public_server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(

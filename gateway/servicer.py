@@ -44,7 +44,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         self, request: kserve_pb2.ModelMetadataRequest, context: aio.ServicerContext
     ) -> kserve_pb2.ModelMetadataResponse:
         self.dataplane.model.check_name(request.name, request.version)
-        return model_metadata(self.dataplane.model)
+        return model_metadata(self.dataplane.model, self.dataplane.policy.describe())
 
     async def ModelInfer(
         self, request: kserve_pb2.ModelInferRequest, context: aio.ServicerContext

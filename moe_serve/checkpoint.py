@@ -1,10 +1,14 @@
 """Lazy reader of Hugging Face safetensors checkpoints: only the tensors a service asks for.
 
-A worker materialises only its own experts and the router only the gate weights; other weights
-(attention, embeddings) are never read. Both the per-expert layout that `save_pretrained` writes
-(`experts.M.w1/w2/w3.weight`, or `gate_proj/up_proj/down_proj` in Qwen/DeepSeek files) and the
-fused layout (`experts.gate_up_proj` [E, 2*d_ff, d], `experts.down_proj` [E, d, d_ff]) are read;
-sharded checkpoints are found through `model.safetensors.index.json`.
+A worker materialises only its own experts and the router only the router weights; other
+weights (attention, embeddings) are never read. Read layouts:
+- decoder MoE blocks `model.layers.N.{block_sparse_moe|mlp}` (Mixtral, Qwen-MoE, DeepSeek-V3), with
+  per-expert files (`experts.M.w1/w3/w2` or `experts.M.gate_proj/up_proj/down_proj`) or the fused
+  `experts.gate_up_proj` [E, 2*d_ff, d] / `experts.down_proj` [E, d, d_ff]; shared experts
+  (`shared_expert`, `shared_experts`), the shared-expert gate and DeepSeek's selection bias;
+- Switch Transformers' `{encoder|decoder}.block.N.layer.M.mlp` with `router.classifier` and
+  `experts.expert_J.wi/wo`.
+Sharded checkpoints are found through `model.safetensors.index.json`.
 """
 
 from __future__ import annotations
@@ -20,36 +24,57 @@ import torch
 from safetensors import safe_open
 
 from moe_serve.errors import ConfigurationError
-from moe_serve.model_spec import MoEModelSpec, load_config, spec_from_config
+from moe_serve.model_spec import ExpertKind, MoEModelSpec, load_config, spec_from_config
 
 INDEX_FILE = "model.safetensors.index.json"
-_GATE_NAME = re.compile(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.gate\.weight$")
-# (gate, up, down) projection names of one expert, per naming convention
-_PER_EXPERT_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+_DECODER_GATE = re.compile(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.gate\.weight$")
+_SWITCH_ROUTER = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.mlp\.router\.classifier\.weight$")
+# per-expert projection names, (gate, up, down) for SwiGLU experts and (wi, wo) for dense ones
+_SWIGLU_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
+_SHARED_PREFIXES = ("shared_expert", "shared_experts")
 
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """One SwiGLU expert: y = down(silu(gate(x)) * up(x)).
+    """One expert FFN.
 
-    gate_up: [2*d_ff, d]; rows [0, d_ff) are the gate projection (w1), rows [d_ff, 2*d_ff) the
-        up projection (w3), the fused layout transformers uses.
-    down: [d, d_ff] (w2).
+    swiglu: y = down(act(x @ up[:d_ff].T) * (x @ up[d_ff:].T)), `up` = [gate; up] fused [2*d_ff, d]
+        as transformers holds it; dense: y = down(act(x @ up.T)), `up` = wi [d_ff, d].
+    down: [d, d_ff].
     """
 
-    gate_up: torch.Tensor
+    kind: ExpertKind
+    up: torch.Tensor
     down: torch.Tensor
+    activation: str = "silu"
 
     @property
     def nbytes(self) -> int:
-        return self.gate_up.nbytes + self.down.nbytes
+        return self.up.nbytes + self.down.nbytes
+
+
+@dataclass(frozen=True)
+class RouterWeights:
+    """Everything the router of one MoE layer needs.
+
+    gate: [E, d]; gate_bias: [E] (Switch with router_bias); selection_bias: [E] (DeepSeek's
+    e_score_correction_bias, used to pick experts only); shared_gate: [1, d] (Qwen2's
+    shared_expert_gate).
+    """
+
+    gate: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    selection_bias: torch.Tensor | None = None
+    shared_gate: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class _LayerLayout:
-    prefix: str  # e.g. "model.layers.3.block_sparse_moe"
+    prefix: str  # e.g. "model.layers.3.mlp" or "encoder.block.1.layer.1.mlp"
+    router_prefix: str  # "<prefix>.gate" or "<prefix>.router.classifier"
     fused: bool
-    names: tuple[str, str, str] | None  # per-expert (gate, up, down) names when not fused
+    expert_names: tuple[str, ...]  # per-expert name patterns with {e}, when not fused
+    shared_names: tuple[str, ...] | None
 
 
 class Checkpoint:
@@ -70,31 +95,51 @@ class Checkpoint:
     def name(self) -> str:
         return self.directory.name
 
-    def gate_weight(self, layer: int) -> torch.Tensor:
-        """Router weight of one MoE layer: [E, d]."""
-        return self._read(f"{self._layout(layer).prefix}.gate.weight")
+    def router_weights(self, layer: int) -> RouterWeights:
+        """The router of one MoE layer (read now)."""
+        layout = self._layout(layer)
+        optional = {
+            "gate_bias": f"{layout.router_prefix}.bias",
+            "selection_bias": f"{layout.router_prefix}.e_score_correction_bias",
+            "shared_gate": f"{layout.prefix}.shared_expert_gate.weight",
+        }
+        return RouterWeights(
+            gate=self._read(f"{layout.router_prefix}.weight"),
+            **{field: self._read(name) if name in self._file_of else None for field, name in optional.items()},
+        )
 
     def expert_weights(self, layer: int, expert: int) -> ExpertWeights:
-        """The weights of one expert, read from disk now (nothing else is materialised)."""
-        layout = self._layout(layer)
-        if not 0 <= expert < self.spec.num_experts:
-            raise ConfigurationError(f"expert {expert} out of range [0, {self.spec.num_experts})")
-        if layout.fused:
-            gate_up = self._read_slice(f"{layout.prefix}.experts.gate_up_proj", expert)
-            down = self._read_slice(f"{layout.prefix}.experts.down_proj", expert)
+        """The weights of one expert (the shared expert is id E), read from disk now."""
+        spec, layout = self.spec, self._layout(layer)
+        if not 0 <= expert < spec.num_placed_experts:
+            raise ConfigurationError(f"expert {expert} out of range [0, {spec.num_placed_experts})")
+        shape = spec.expert_shape(expert)
+        if expert == spec.shared_expert_id:
+            assert layout.shared_names is not None
+            names = layout.shared_names
+        elif layout.fused:
+            names = ()
         else:
-            assert layout.names is not None
-            gate_name, up_name, down_name = (f"{layout.prefix}.experts.{expert}.{n}.weight" for n in layout.names)
-            gate_up = torch.cat([self._read(gate_name), self._read(up_name)], dim=0)
+            names = tuple(pattern.format(e=expert) for pattern in layout.expert_names)
+        if not names:
+            up = self._read_slice(f"{layout.prefix}.experts.gate_up_proj", expert)
+            down = self._read_slice(f"{layout.prefix}.experts.down_proj", expert)
+        elif shape.kind == "swiglu":
+            up = torch.cat([self._read(names[0]), self._read(names[1])], dim=0)
             # safetensors hands out views of its memory map; own the bytes so close() can unmap them
-            down = self._read(down_name).clone()
-        d, d_ff = self.spec.hidden_size, self.spec.expert_intermediate_size
-        if tuple(gate_up.shape) != (2 * d_ff, d) or tuple(down.shape) != (d, d_ff):
+            down = self._read(names[2]).clone()
+        else:
+            up, down = self._read(names[0]).clone(), self._read(names[1]).clone()
+        width = shape.intermediate_size * (2 if shape.kind == "swiglu" else 1)
+        if tuple(up.shape) != (width, spec.hidden_size) or tuple(down.shape) != (
+            spec.hidden_size,
+            shape.intermediate_size,
+        ):
             raise ConfigurationError(
-                f"layer {layer} expert {expert}: weight shapes {tuple(gate_up.shape)} / {tuple(down.shape)} "
-                f"do not match config.json (hidden_size={d}, intermediate_size={d_ff})"
+                f"layer {layer} expert {expert}: weight shapes {tuple(up.shape)} / {tuple(down.shape)} do not match "
+                f"config.json (hidden size {spec.hidden_size}, expert width {shape.intermediate_size})"
             )
-        return ExpertWeights(gate_up=gate_up, down=down)
+        return ExpertWeights(kind=shape.kind, up=up, down=down, activation=shape.activation)
 
     def close(self) -> None:
         """Release the memory maps of the weight files (tensors returned so far stay valid)."""
@@ -107,7 +152,7 @@ class Checkpoint:
             digest.update(f"{file_name}:{(self.directory / file_name).stat().st_size}".encode())
         return digest.hexdigest()[:16]
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ layout discovery
 
     def _index_weight_files(self) -> dict[str, str]:
         index = self.directory / INDEX_FILE
@@ -128,29 +173,52 @@ class Checkpoint:
     def _resolve_layouts(self, spec: MoEModelSpec) -> dict[int, _LayerLayout]:
         layouts: dict[int, _LayerLayout] = {}
         for name in self._file_of:
-            match = _GATE_NAME.match(name)
-            if match is None:
-                continue
-            layer, prefix = int(match.group(1)), name[: -len(".gate.weight")]
-            layouts[layer] = self._layer_layout(prefix, spec.num_experts)
+            if match := _DECODER_GATE.match(name):
+                prefix = name.removesuffix(".gate.weight")
+                layouts[int(match.group(1))] = self._layer_layout(spec, prefix, f"{prefix}.gate")
+            elif match := _SWITCH_ROUTER.match(name):
+                prefix = name.removesuffix(".router.classifier.weight")
+                block = int(match.group(2))
+                layer = block if match.group(1) == "encoder" else spec.num_encoder_layers + block
+                layouts[layer] = self._layer_layout(spec, prefix, f"{prefix}.router.classifier")
         if not layouts:
-            raise ConfigurationError(f"{self.directory}: no MoE layer found (no *.gate.weight router weights)")
+            raise ConfigurationError(f"{self.directory}: no MoE layer found (no router weights)")
         return layouts
 
-    def _layer_layout(self, prefix: str, num_experts: int) -> _LayerLayout:
-        if f"{prefix}.experts.gate_up_proj" in self._file_of and f"{prefix}.experts.down_proj" in self._file_of:
-            return _LayerLayout(prefix=prefix, fused=True, names=None)
-        for names in _PER_EXPERT_NAMES:
-            wanted = [f"{prefix}.experts.{e}.{n}.weight" for e in range(num_experts) for n in names]
-            if all(w in self._file_of for w in wanted):
-                return _LayerLayout(prefix=prefix, fused=False, names=names)
-        raise ConfigurationError(f"{self.directory}: {prefix} has a router but not all {num_experts} experts' weights")
+    def _layer_layout(self, spec: MoEModelSpec, prefix: str, router_prefix: str) -> _LayerLayout:
+        shared = self._shared_names(spec, prefix)
+        fused = f"{prefix}.experts.gate_up_proj" in self._file_of and f"{prefix}.experts.down_proj" in self._file_of
+        if fused:
+            return _LayerLayout(prefix, router_prefix, fused=True, expert_names=(), shared_names=shared)
+        candidates = (
+            [tuple(f"{prefix}.experts.{{e}}.{n}.weight" for n in names) for names in _SWIGLU_NAMES]
+            if spec.expert.kind == "swiglu"
+            else [tuple(f"{prefix}.experts.expert_{{e}}.{n}.weight" for n in ("wi", "wo"))]
+        )
+        for patterns in candidates:
+            wanted = [pattern.format(e=e) for e in range(spec.num_experts) for pattern in patterns]
+            if all(name in self._file_of for name in wanted):
+                return _LayerLayout(prefix, router_prefix, fused=False, expert_names=patterns, shared_names=shared)
+        raise ConfigurationError(
+            f"{self.directory}: {prefix} has a router but not all {spec.num_experts} experts' weights"
+        )
+
+    def _shared_names(self, spec: MoEModelSpec, prefix: str) -> tuple[str, ...] | None:
+        if spec.shared_expert is None:
+            return None
+        for shared in _SHARED_PREFIXES:
+            names = tuple(f"{prefix}.{shared}.{n}.weight" for n in _SWIGLU_NAMES[1])
+            if all(name in self._file_of for name in names):
+                return names
+        raise ConfigurationError(f"{self.directory}: config.json declares a shared expert but {prefix} has none")
 
     def _layout(self, layer: int) -> _LayerLayout:
         layout = self._layouts.get(layer)
         if layout is None:
             raise ConfigurationError(f"layer {layer} has no MoE block; MoE layers: {sorted(self._layouts)}")
         return layout
+
+    # ------------------------------------------------------------------ reading
 
     def _handle(self, name: str) -> Any:
         file_name = self._file_of[name]

@@ -40,6 +40,15 @@ MaxMessageBytes = Annotated[int | None, typer.Option(help="Largest gRPC message 
 Dtype = Annotated[str | None, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
 ModelName = Annotated[str | None, typer.Option(help="Public model name (default: checkpoint directory name).")]
 CheckpointDir = Annotated[Path | None, typer.Option(help="Hugging Face checkpoint directory (safetensors).")]
+CapacityFactor = Annotated[
+    float | None,
+    typer.Option(
+        help="Expert capacity factor C = ceil(f*T*k/E); unset: the "
+        "model's own behaviour (dropless, Switch: its capacity)."
+    ),
+]
+Overflow = Annotated[str | None, typer.Option(help="Over capacity: drop, reroute or dropless.")]
+BatchWindow = Annotated[float | None, typer.Option(help="Cross-request batching window in ms (0 = off).")]
 
 
 def build_settings(settings_class: type[SettingsT], **flags: Any) -> SettingsT:
@@ -67,9 +76,16 @@ def gateway(
     delivery_port: Annotated[int | None, typer.Option(help="Internal port for expert deliveries (0 = any).")] = None,
     router_address: Annotated[str | None, typer.Option(help="host:port of the router.")] = None,
     model_name: ModelName = None,
-    capacity_factor: Annotated[float | None, typer.Option(help="Expert capacity factor; 0 = dropless.")] = None,
+    capacity_factor: CapacityFactor = None,
+    expert_capacity: Annotated[int | None, typer.Option(help="Absolute rows per expert per dispatch batch.")] = None,
+    overflow: Overflow = None,
     max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
     max_request_tokens: Annotated[int | None, typer.Option(help="Largest T per request.")] = None,
+    max_inflight_rows_per_replica: Annotated[
+        int | None, typer.Option(help="Bound on rows in flight per expert replica (0 = none).")
+    ] = None,
+    batch_window_ms: BatchWindow = None,
+    max_batch_tokens: Annotated[int | None, typer.Option(help="Most tokens in one cross-request batch.")] = None,
     request_timeout: Annotated[float | None, typer.Option(help="Deadline (s) when the client sets none.")] = None,
     host: Host = None,
     advertise_host: AdvertiseHost = None,
@@ -86,8 +102,13 @@ def gateway(
         router_address=router_address,
         model_name=model_name,
         capacity_factor=capacity_factor,
+        expert_capacity=expert_capacity,
+        overflow=overflow,
         max_inflight_tokens=max_inflight_tokens,
         max_request_tokens=max_request_tokens,
+        max_inflight_rows_per_replica=max_inflight_rows_per_replica,
+        batch_window_ms=batch_window_ms,
+        max_batch_tokens=max_batch_tokens,
         request_timeout_s=request_timeout,
         host=host,
         advertise_host=advertise_host,
@@ -193,7 +214,9 @@ def up(
     ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
     worker_num_gpus: Annotated[float | None, typer.Option(help="GPUs per worker actor (1 on a GPU cluster).")] = None,
     worker_num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray reserves per worker actor.")] = None,
-    capacity_factor: Annotated[float | None, typer.Option(help="Expert capacity factor; 0 = dropless.")] = None,
+    capacity_factor: CapacityFactor = None,
+    overflow: Overflow = None,
+    batch_window_ms: BatchWindow = None,
     max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
     model_name: ModelName = None,
     dtype: Dtype = None,
@@ -215,6 +238,8 @@ def up(
         worker_num_gpus=worker_num_gpus,
         worker_num_cpus=worker_num_cpus,
         capacity_factor=capacity_factor,
+        overflow=overflow,
+        batch_window_ms=batch_window_ms,
         max_inflight_tokens=max_inflight_tokens,
         model_name=model_name,
         dtype=dtype,

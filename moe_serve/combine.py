@@ -1,9 +1,12 @@
 """Combine: place the expert rows delivered for a request and reduce them to the layer output.
 
-Mirrors the reduction of transformers' default (`grouped_mm`) experts path: each slot's expert
-output is scaled by its float32 routing weight, the k slots of a token are summed in float32,
-and the sum is cast once to the activation dtype. Slots that capacity dropped were never filled
-and have weight 0, so they contribute nothing (the residual carries those tokens).
+Mirrors the reduction of transformers' default (`grouped_mm`) experts path: each routed slot's
+output is scaled by its routing weight and a token's k slots are summed, then cast once to the
+activation dtype. The weights are float32 (Mixtral, DeepSeek: products and sum in float32) or
+cast to the activation dtype first (Qwen, Switch), exactly as each model does. A shared expert's
+output, scaled by its gate, is added afterwards in the activation dtype, as the models add it.
+Slots that capacity dropped were never filled and have weight 0: they contribute nothing (the
+residual carries those tokens).
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from moe_serve.errors import InvalidInput
 class CombineBuffer:
     """Receives expert rows for one request, in any order, each slot at most once.
 
-    contributions: [T * k, d] expert outputs, unscaled, in the compute dtype.
+    contributions: [T * slots_per_token, d] expert outputs, unscaled, in the compute dtype; a
+    token's slots are its k routed slots followed by its shared-expert slot, if any.
     """
 
-    def __init__(self, num_tokens: int, top_k: int, hidden_size: int, dtype: torch.dtype) -> None:
-        self.num_tokens, self.top_k, self.hidden_size = num_tokens, top_k, hidden_size
-        self.contributions = torch.zeros(num_tokens * top_k, hidden_size, dtype=dtype)
-        self._filled = torch.zeros(num_tokens * top_k, dtype=torch.bool)
+    def __init__(self, num_tokens: int, slots_per_token: int, hidden_size: int, dtype: torch.dtype) -> None:
+        self.num_tokens, self.slots_per_token, self.hidden_size = num_tokens, slots_per_token, hidden_size
+        self.contributions = torch.zeros(num_tokens * slots_per_token, hidden_size, dtype=dtype)
+        self._filled = torch.zeros(num_tokens * slots_per_token, dtype=torch.bool)
         self.rows_filled = 0
 
     def add(self, positions: torch.Tensor, rows: torch.Tensor) -> int:
@@ -51,8 +55,25 @@ class CombineBuffer:
         self.rows_filled += int(positions.numel())
         return int(positions.numel())
 
-    def combine(self, expert_weights: torch.Tensor) -> torch.Tensor:
-        """[T, d] layer output from the float32 combine weights [T, k]."""
-        slots = self.contributions.view(self.num_tokens, self.top_k, self.hidden_size)
-        weighted = slots.float() * expert_weights.unsqueeze(-1)
-        return weighted.sum(dim=1).to(self.contributions.dtype)
+    def combine(
+        self,
+        expert_weights: torch.Tensor,
+        shared_weights: torch.Tensor | None = None,
+        weights_in_activation_dtype: bool = False,
+    ) -> torch.Tensor:
+        """[T, d] layer output.
+
+        expert_weights: [T, k] float32 routed weights; shared_weights: [T, S] float32 shared
+        gates (S = slots_per_token - k); weights_in_activation_dtype: scale in the activation
+        dtype rather than float32, as Qwen and Switch do.
+        """
+        dtype = self.contributions.dtype
+        top_k = expert_weights.shape[1]
+        slots = self.contributions.view(self.num_tokens, self.slots_per_token, self.hidden_size)
+        weights = expert_weights.to(dtype) if weights_in_activation_dtype else expert_weights
+        # type promotion does what the model does: bf16 x fp32 -> fp32 sum; bf16 x bf16 -> bf16
+        output = (slots[:, :top_k] * weights.unsqueeze(-1)).sum(dim=1).to(dtype)
+        if self.slots_per_token > top_k and shared_weights is not None:
+            gates = shared_weights.to(dtype).unsqueeze(-1)
+            output = output + (slots[:, top_k:] * gates).sum(dim=1)
+        return output

@@ -56,12 +56,35 @@ class GatewaySettings(CommonSettings):
         65536, gt=0, description="Tokens admitted at once; more is refused with RESOURCE_EXHAUSTED instead of queueing."
     )
     max_request_tokens: int = Field(16384, gt=0, description="Largest T one request may carry.")
-    capacity_factor: float = Field(
+    capacity_factor: float | None = Field(
+        None,
+        ge=0.0,
+        description="Expert capacity C = ceil(factor * T * k / E) per dispatch batch. Unset: the "
+        "model's own behaviour (dropless; Switch: its configured expert_capacity).",
+    )
+    expert_capacity: int | None = Field(
+        None,
+        ge=1,
+        description="Absolute expert capacity (rows per expert per dispatch batch); wins over capacity_factor.",
+    )
+    overflow: Literal["drop", "reroute", "dropless"] | None = Field(
+        None,
+        description="What happens to a slot over capacity: drop (Switch/GShard), reroute (to the token's "
+        "next-best expert with room) or dropless (no capacity limit).",
+    )
+    max_inflight_rows_per_replica: int = Field(
+        32768,
+        ge=0,
+        description="Refuse work (RESOURCE_EXHAUSTED) that would put more rows than this in flight "
+        "on one expert replica; 0 = no bound.",
+    )
+    batch_window_ms: float = Field(
         0.0,
         ge=0.0,
-        description="Expert capacity C = ceil(factor * T * k / E) per "
-        "dispatch batch; 0 = dropless (the model's exact behaviour).",
+        description="Cross-request batching: concurrent requests for the same layer arriving "
+        "within this window are dispatched together; 0 = off.",
     )
+    max_batch_tokens: int = Field(8192, gt=0, description="Most tokens in one cross-request batch.")
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline applied when the client sets none.")
     startup_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the router at start-up.")
 
@@ -77,6 +100,13 @@ class RouterSettings(CommonSettings):
         default_factory=list,
         description="Workers to use with the in-process registry (host:port each); ignored when redis_url is set.",
     )
+    noisy_gating_std: float = Field(
+        0.0,
+        ge=0.0,
+        description="Noisy top-k gating (Shazeer et al. 2017) for "
+        "experiments: std of the noise added to the router logits; 0 = off (inference).",
+    )
+    noisy_gating_seed: int = Field(0, description="Seed of the noisy-gating generator.")
     max_dispatch_attempts: int = Field(
         3, ge=1, description="Tries per expert batch across replicas before the request fails UNAVAILABLE."
     )
@@ -123,5 +153,7 @@ class UpSettings(CommonSettings):
     worker_num_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves per worker actor.")
     model_name: str | None = Field(None, description="Public model name (default: checkpoint directory name).")
     dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
-    capacity_factor: float = Field(0.0, ge=0.0, description="Expert capacity factor (0 = dropless).")
+    capacity_factor: float | None = Field(None, ge=0.0, description="Expert capacity factor (unset: the model's own).")
+    overflow: Literal["drop", "reroute", "dropless"] | None = Field(None, description="Overflow rule over capacity.")
+    batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")
     max_inflight_tokens: int = Field(65536, gt=0, description="Gateway admission bound, in tokens.")

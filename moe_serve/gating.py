@@ -1,10 +1,11 @@
 """Router gating math: hidden states -> (router logits, top-k expert ids, combine weights).
 
-Each family is computed exactly as its `transformers` module does, so the served layer picks
-the same experts as the model. Everything after the logits (softmax, top-k, renormalisation)
-runs in float32 whatever the activation dtype; the logits matmul itself runs in the dtype the
-model runs it in (Mixtral: the activation dtype, then upcast), because a different rounding of
-the logits would flip near-tied top-k choices and the served layer would no longer equal the model.
+Each family is computed exactly as its `transformers` module computes it, so the served layer
+picks the same experts as the model. Everything from the logits on (softmax or sigmoid, top-k,
+renormalisation) runs in float32 whatever the activation dtype. The logits matmul runs in the
+dtype the model runs it in: the activation dtype for Mixtral and Qwen (then upcast), float32 for
+DeepSeek-V3 and Switch, because any other rounding of the logits would flip near-tied choices
+and the served layer would no longer equal the model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moe_serve.checkpoint import RouterWeights
 from moe_serve.model_spec import RoutingConfig
 
 
@@ -22,32 +24,123 @@ class GatingResult:
     """Routing of T tokens.
 
     router_logits: [T, E] float32, the model's router logits.
-    selection_scores: [T, E] float32, what top-k selection ranked (probabilities for Mixtral);
-        used to find a token's next-best expert.
+    selection_scores: [T, E] float32, what top-k selection ranked; a token's next-best expert
+        is the next one in this order.
     expert_ids: [T, k] int64, chosen experts in the model's top-k order.
     expert_weights: [T, k] float32, combine weights of the chosen experts.
+    weight_scores: [T, E] float32, the per-expert score a combine weight is made of (for a
+        slot moved to another expert by the capacity rule).
+    shared_weights: [T, S] float32 scale of the shared expert's output (S = 0 or 1).
     """
 
     router_logits: torch.Tensor
     selection_scores: torch.Tensor
     expert_ids: torch.Tensor
     expert_weights: torch.Tensor
+    weight_scores: torch.Tensor
+    shared_weights: torch.Tensor
 
 
-def compute_gating(hidden_states: torch.Tensor, gate_weight: torch.Tensor, routing: RoutingConfig) -> GatingResult:
-    """Gate `hidden_states` [T, d] with router weight `gate_weight` [E, d] under `routing`."""
-    if routing.family == "mixtral":
-        return _softmax_top_k(hidden_states, gate_weight, routing)
-    raise ValueError(f"no gating rule for routing family {routing.family!r}")
+def compute_gating(
+    hidden_states: torch.Tensor,
+    router: RouterWeights,
+    routing: RoutingConfig,
+    num_shared_slots: int = 0,
+    noise: torch.Generator | None = None,
+) -> GatingResult:
+    """Gate `hidden_states` [T, d] of one layer under `routing`.
+
+    `noise` seeds noisy top-k gating when `routing.noise_std` > 0 (experiments only).
+    """
+    rule = _RULES.get(routing.family)
+    if rule is None:
+        raise ValueError(f"no gating rule for routing family {routing.family!r}")
+    logits, selection, ids, weights, weight_scores = rule(hidden_states, router, routing, noise)
+    return GatingResult(
+        router_logits=logits,
+        selection_scores=selection,
+        expert_ids=ids,
+        expert_weights=weights,
+        weight_scores=weight_scores,
+        shared_weights=_shared_weights(hidden_states, router, num_shared_slots),
+    )
 
 
-def _softmax_top_k(hidden_states: torch.Tensor, gate_weight: torch.Tensor, routing: RoutingConfig) -> GatingResult:
-    # MixtralTopKRouter: logits in the activation dtype, softmax/top-k/renormalise in float32
-    logits = F.linear(hidden_states, gate_weight.to(hidden_states.dtype)).float()
+# (router logits, selection scores, expert ids, combine weights, weight scores)
+Rule = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _softmax_top_k(
+    hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
+) -> Rule:
+    # MixtralTopKRouter / Qwen*MoeTopKRouter: logits in the activation dtype, the rest in float32
+    logits = F.linear(hidden, router.gate.to(hidden.dtype)).float()
+    if routing.noise_std > 0:
+        return _noisy_top_k(logits, routing, noise)
     probabilities = torch.softmax(logits, dim=-1)
     top_weights, top_ids = torch.topk(probabilities, routing.top_k, dim=-1)
     if routing.normalize_top_k:
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-    return GatingResult(
-        router_logits=logits, selection_scores=probabilities, expert_ids=top_ids, expert_weights=top_weights
+    return logits, probabilities, top_ids, top_weights, probabilities
+
+
+def _noisy_top_k(logits: torch.Tensor, routing: RoutingConfig, noise: torch.Generator | None) -> Rule:
+    """Noisy top-k gating (Shazeer et al. 2017): top-k of logits + N(0, std), softmax over the kept ones."""
+    noisy = logits + torch.randn(logits.shape, generator=noise) * routing.noise_std
+    top_logits, top_ids = torch.topk(noisy, routing.top_k, dim=-1)
+    noisy_probabilities = torch.softmax(noisy, dim=-1)
+    return logits, noisy_probabilities, top_ids, torch.softmax(top_logits, dim=-1), noisy_probabilities
+
+
+def _deepseek_v3(
+    hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
+) -> Rule:
+    # DeepseekV3TopkRouter: float32 logits, sigmoid scores, bias only for choosing
+    logits = F.linear(hidden.float(), router.gate.float())
+    scores = logits.sigmoid()
+    bias = router.selection_bias.float() if router.selection_bias is not None else torch.zeros(scores.shape[-1])
+    choice = scores + bias
+    num_tokens, num_experts = choice.shape
+    groups = choice.view(num_tokens, routing.num_groups, num_experts // routing.num_groups)
+    group_scores = groups.topk(2, dim=-1)[0].sum(dim=-1) if groups.shape[-1] > 1 else groups[..., 0]
+    group_ids = torch.topk(group_scores, k=routing.top_k_groups, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_ids, 1)
+    expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, groups.shape[-1]).reshape(num_tokens, num_experts)
+    choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))
+    top_ids = torch.topk(choice, k=routing.top_k, dim=-1, sorted=False)[1]
+    top_weights = scores.gather(1, top_ids)
+    if routing.normalize_top_k:
+        top_weights = top_weights / (top_weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return logits, choice, top_ids, top_weights * routing.routed_scaling_factor, scores
+
+
+def _switch_top_1(
+    hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
+) -> Rule:
+    # SwitchTransformersTop1Router: float32 router, probabilities rounded to the activation dtype,
+    # argmax of those, weight = the chosen probability
+    logits = F.linear(
+        hidden.float(), router.gate.float(), None if router.gate_bias is None else router.gate_bias.float()
     )
+    probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32).to(hidden.dtype)
+    top_ids = torch.argmax(probabilities, dim=-1, keepdim=True)
+    top_weights = torch.max(probabilities, dim=-1, keepdim=True).values
+    probabilities = probabilities.float()
+    return logits, probabilities, top_ids, top_weights.float(), probabilities
+
+
+def _shared_weights(hidden: torch.Tensor, router: RouterWeights, num_shared_slots: int) -> torch.Tensor:
+    """Scale of the shared expert: sigmoid(shared_gate(x)) in the activation dtype (Qwen2), else 1."""
+    if num_shared_slots == 0:
+        return torch.empty(hidden.shape[0], 0)
+    if router.shared_gate is None:
+        return torch.ones(hidden.shape[0], 1)
+    return torch.sigmoid(F.linear(hidden, router.shared_gate.to(hidden.dtype))).float()
+
+
+_RULES = {
+    "mixtral": _softmax_top_k,
+    "qwen_moe": _softmax_top_k,
+    "deepseek_v3": _deepseek_v3,
+    "switch": _switch_top_1,
+}

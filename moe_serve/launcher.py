@@ -227,21 +227,23 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
             router_args += ["--worker-addresses", ",".join(r.address for r in records)]
         router = start_service_process("router", router_args)
         try:
-            gateway = start_service_process(
+            gateway_args = [
                 "gateway",
-                [
-                    "gateway",
-                    "--router-address",
-                    router.address,
-                    "--port",
-                    str(settings.port),
-                    "--capacity-factor",
-                    str(settings.capacity_factor),
-                    "--max-inflight-tokens",
-                    str(settings.max_inflight_tokens),
-                    *_common_flags(settings),
-                ],
-            )
+                "--router-address",
+                router.address,
+                "--port",
+                str(settings.port),
+                "--max-inflight-tokens",
+                str(settings.max_inflight_tokens),
+                "--batch-window-ms",
+                str(settings.batch_window_ms),
+                *_common_flags(settings),
+            ]
+            if settings.capacity_factor is not None:
+                gateway_args += ["--capacity-factor", str(settings.capacity_factor)]
+            if settings.overflow is not None:
+                gateway_args += ["--overflow", settings.overflow]
+            gateway = start_service_process("gateway", gateway_args)
         except BaseException:
             router.stop()
             raise

@@ -1,16 +1,25 @@
-"""What a checkpoint's `config.json` says about its MoE layers: sizes, routing rule, dtype.
+"""What a checkpoint's `config.json` says about its MoE layers: sizes, routing rule, expert kind, dtype.
 
-Only the fields the serving path needs are read. Families are detected from `model_type`;
-each family's routing rule is described by `RoutingConfig` so the gating code never looks at
-raw config dictionaries.
+Families are detected from `model_type`; each has a small parser that turns its config keys
+into `MoEModelSpec`, so nothing downstream reads raw config dictionaries.
+
+| family      | model_type                  | routing                                                    |
+| ----------- | --------------------------- | ---------------------------------------------------------- |
+| mixtral     | mixtral                     | softmax -> top-k -> renormalise                            |
+| qwen_moe    | qwen2_moe, qwen3_moe        | softmax -> top-k (-> renormalise if norm_topk_prob);        |
+|             |                             | Qwen2: a shared expert scaled by sigmoid(shared_gate(x))   |
+| deepseek_v3 | deepseek_v3                 | sigmoid, bias for selection, group-limited top-k,           |
+|             |                             | renormalise, x routed_scaling_factor; shared experts        |
+| switch      | switch_transformers         | float32 router, top-1, expert capacity from the config      |
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,25 +32,40 @@ CONFIG_DTYPE_NAMES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "half": torch.float16,
 }
-
-# model_type -> routing family
-FAMILY_BY_MODEL_TYPE = {
-    "mixtral": "mixtral",
-}
+ExpertKind = Literal["swiglu", "dense"]
+SUPPORTED_ACTIVATIONS = ("silu", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 
 @dataclass(frozen=True)
 class RoutingConfig:
-    """How the router turns logits into (expert ids, weights) for one family.
+    """How the router turns hidden states into (expert ids, combine weights) for one family.
 
-    family: "mixtral" (softmax -> top-k -> renormalise).
+    family: "mixtral", "qwen_moe", "deepseek_v3" or "switch".
     top_k: experts per token.
-    normalize_top_k: renormalise the kept top-k probabilities to sum to 1.
+    normalize_top_k: renormalise the kept top-k weights (Mixtral always; Qwen/DeepSeek per config).
+    routed_scaling_factor, num_groups, top_k_groups: DeepSeek-V3 group-limited selection.
+    weights_in_activation_dtype: the model casts combine weights to the activation dtype before
+        scaling the expert outputs (Qwen, Switch); otherwise they stay float32 (Mixtral, DeepSeek).
+    noise_std: noisy top-k gating (Shazeer et al. 2017) for experiments; 0 (the default) is off.
     """
 
     family: str
     top_k: int
     normalize_top_k: bool = True
+    routed_scaling_factor: float = 1.0
+    num_groups: int = 1
+    top_k_groups: int = 1
+    weights_in_activation_dtype: bool = False
+    noise_std: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExpertShape:
+    """One expert FFN: `swiglu` is down(act(gate(x)) * up(x)); `dense` is wo(act(wi(x)))."""
+
+    kind: ExpertKind
+    intermediate_size: int
+    activation: str = "silu"
 
 
 @dataclass(frozen=True)
@@ -49,33 +73,144 @@ class MoEModelSpec:
     """The MoE part of a checkpoint.
 
     hidden_size: d, the width of a hidden state.
-    expert_intermediate_size: d_ff of one expert's SwiGLU FFN.
-    num_experts: E, routed experts per MoE layer.
-    moe_layers: decoder-layer indices that have an MoE block (filled in from the weights).
-    dtype: the dtype the checkpoint declares (`dtype`, or `torch_dtype` in older files).
+    num_experts: E, routed experts per MoE layer; a shared expert, when there is one, is served
+        as expert id E (one more unit of placement, run for every token).
+    moe_layers: layer indices with an MoE block (found from the weights). For encoder-decoder
+        models (Switch) decoder block b is layer `num_encoder_layers + b`.
+    default_expert_capacity: the model's own capacity per batch (Switch's `expert_capacity`);
+        0 means the model is dropless.
     """
 
     model_type: str
     hidden_size: int
-    expert_intermediate_size: int
     num_experts: int
     num_layers: int
     dtype: torch.dtype
-    hidden_act: str
     routing: RoutingConfig
+    expert: ExpertShape
+    shared_expert: ExpertShape | None = None
+    shared_expert_gated: bool = False
+    default_expert_capacity: int = 0
+    num_encoder_layers: int = 0
     moe_layers: tuple[int, ...] = field(default=())
 
     @property
     def top_k(self) -> int:
         return self.routing.top_k
 
+    @property
+    def num_shared_slots(self) -> int:
+        """Slots per token that go to the shared expert (0 or 1)."""
+        return 1 if self.shared_expert is not None else 0
 
-def _require(config: dict[str, Any], key: str, path: Path) -> Any:
-    if key not in config:
+    @property
+    def shared_expert_id(self) -> int:
+        return self.num_experts
+
+    @property
+    def num_placed_experts(self) -> int:
+        """Units of placement per MoE layer: routed experts plus the shared one."""
+        return self.num_experts + self.num_shared_slots
+
+    def expert_shape(self, expert: int) -> ExpertShape:
+        if expert == self.shared_expert_id and self.shared_expert is not None:
+            return self.shared_expert
+        return self.expert
+
+
+def _get(config: dict[str, Any], path: Path, *keys: str) -> Any:
+    """The first of `keys` present in config.json (families renamed keys across versions)."""
+    for key in keys:
+        if key in config and config[key] is not None:
+            return config[key]
+    raise ConfigurationError(
+        f"{path}: config.json has none of {list(keys)}, which a {config.get('model_type')} MoE checkpoint declares"
+    )
+
+
+def _activation(config: dict[str, Any], path: Path, key: str = "hidden_act") -> str:
+    activation = config.get(key, "silu")
+    if activation not in SUPPORTED_ACTIVATIONS:
         raise ConfigurationError(
-            f"{path}: config.json has no {key!r}, which a {config.get('model_type')} MoE checkpoint must declare"
+            f"{path}: expert activation {activation!r} is not supported ({', '.join(SUPPORTED_ACTIVATIONS)})"
         )
-    return config[key]
+    return activation
+
+
+def _mixtral(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    return {
+        "num_experts": int(_get(config, path, "num_local_experts")),
+        "routing": RoutingConfig(family="mixtral", top_k=int(_get(config, path, "num_experts_per_tok"))),
+        "expert": ExpertShape("swiglu", int(_get(config, path, "intermediate_size")), _activation(config, path)),
+    }
+
+
+def _qwen_moe(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    activation = _activation(config, path)
+    shared_size = int(config.get("shared_expert_intermediate_size") or 0)
+    return {
+        # Qwen2-MoE writes num_experts, Qwen3-MoE (transformers 5) num_local_experts
+        "num_experts": int(_get(config, path, "num_experts", "num_local_experts")),
+        "routing": RoutingConfig(
+            family="qwen_moe",
+            top_k=int(_get(config, path, "num_experts_per_tok")),
+            normalize_top_k=bool(config.get("norm_topk_prob", False)),
+            weights_in_activation_dtype=True,
+        ),
+        "expert": ExpertShape("swiglu", int(_get(config, path, "moe_intermediate_size")), activation),
+        "shared_expert": ExpertShape("swiglu", shared_size, activation) if shared_size else None,
+        "shared_expert_gated": bool(shared_size),
+    }
+
+
+def _deepseek_v3(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    expert_size = int(_get(config, path, "moe_intermediate_size"))
+    shared_count = int(config.get("n_shared_experts") or 0)
+    activation = _activation(config, path)
+    num_experts = int(_get(config, path, "n_routed_experts", "num_local_experts"))
+    routing = RoutingConfig(
+        family="deepseek_v3",
+        top_k=int(_get(config, path, "num_experts_per_tok")),
+        normalize_top_k=bool(config.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(config.get("routed_scaling_factor", 1.0)),
+        num_groups=int(config.get("n_group") or 1),
+        top_k_groups=int(config.get("topk_group") or 1),
+    )
+    if num_experts % routing.num_groups or not 1 <= routing.top_k_groups <= routing.num_groups:
+        raise ConfigurationError(
+            f"{path}: {num_experts} experts cannot form n_group={routing.num_groups} groups "
+            f"with topk_group={routing.top_k_groups}"
+        )
+    return {
+        "num_experts": num_experts,
+        "routing": routing,
+        "expert": ExpertShape("swiglu", expert_size, activation),
+        # the n_shared_experts shared experts are one MLP of n_shared_experts x the expert width
+        "shared_expert": ExpertShape("swiglu", expert_size * shared_count, activation) if shared_count else None,
+    }
+
+
+def _switch(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    if config.get("router_dtype", "float32") != "float32":
+        raise ConfigurationError(f"{path}: only router_dtype float32 is supported")
+    return {
+        "hidden_size": int(_get(config, path, "d_model")),
+        "num_experts": int(_get(config, path, "num_experts")),
+        "routing": RoutingConfig(family="switch", top_k=1, weights_in_activation_dtype=True),
+        "expert": ExpertShape("dense", int(_get(config, path, "d_ff")), _activation(config, path, "dense_act_fn")),
+        "default_expert_capacity": int(config.get("expert_capacity") or 0),
+        "num_encoder_layers": int(config.get("num_layers", 0)),
+        "num_layers": int(config.get("num_layers", 0)) + int(config.get("num_decoder_layers") or 0),
+    }
+
+
+FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen_moe,
+    "qwen3_moe": _qwen_moe,
+    "deepseek_v3": _deepseek_v3,
+    "switch_transformers": _switch,
+}
 
 
 def parse_dtype(config: dict[str, Any]) -> torch.dtype | None:
@@ -93,25 +228,24 @@ def parse_dtype(config: dict[str, Any]) -> torch.dtype | None:
 def spec_from_config(config: dict[str, Any], path: Path) -> MoEModelSpec:
     """Build the spec from a parsed config.json (moe_layers still empty)."""
     model_type = config.get("model_type", "")
-    family = FAMILY_BY_MODEL_TYPE.get(model_type)
-    if family is None:
-        supported = ", ".join(sorted(FAMILY_BY_MODEL_TYPE))
+    parser = FAMILY_PARSERS.get(model_type)
+    if parser is None:
+        supported = ", ".join(sorted(FAMILY_PARSERS))
         raise ConfigurationError(
             f"{path}: model_type {model_type!r} is not a supported MoE family (supported: {supported})"
         )
-    hidden_act = config.get("hidden_act", "silu")
-    if hidden_act != "silu":
-        raise ConfigurationError(f"{path}: experts with hidden_act={hidden_act!r} are not supported (silu only)")
-    routing = RoutingConfig(family=family, top_k=int(_require(config, "num_experts_per_tok", path)))
+    fields = {
+        "hidden_size": config.get("hidden_size"),
+        "num_layers": int(config.get("num_hidden_layers", 1)),
+        **parser(config, path),
+    }
+    if fields["hidden_size"] is None:
+        raise ConfigurationError(f"{path}: config.json has no hidden_size")
     spec = MoEModelSpec(
         model_type=model_type,
-        hidden_size=int(_require(config, "hidden_size", path)),
-        expert_intermediate_size=int(_require(config, "intermediate_size", path)),
-        num_experts=int(_require(config, "num_local_experts", path)),
-        num_layers=int(config.get("num_hidden_layers", 1)),
+        hidden_size=int(fields.pop("hidden_size")),
         dtype=parse_dtype(config) or torch.float32,
-        hidden_act=hidden_act,
-        routing=routing,
+        **fields,
     )
     if not 1 <= spec.top_k <= spec.num_experts:
         raise ConfigurationError(f"{path}: num_experts_per_tok={spec.top_k} must be in [1, {spec.num_experts}]")

@@ -52,7 +52,7 @@ class DispatchJob:
     request_id: str
     layer: int
     hidden_states: torch.Tensor
-    top_k: int
+    slots_per_token: int
     delivery_address: str
     deadline: float | None  # time.monotonic() value, or None for no deadline
     failed: bool = field(default=False)
@@ -74,6 +74,9 @@ class Dispatcher:
         self._quarantined_until: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.rng = random.Random()
+
+    def outstanding_rows(self, worker: WorkerRecord) -> int:
+        return self._outstanding_rows[worker.worker_id]
 
     def load(self, worker: WorkerRecord) -> int:
         """Outstanding rows on a replica, as this router sees them (huge while quarantined)."""
@@ -114,7 +117,7 @@ class Dispatcher:
             segments=[
                 moe_pb2.ExpertSegment(expert=e, num_rows=n) for e, n in zip(batch.experts, batch.counts, strict=True)
             ],
-            rows=codec.to_proto(gather_rows(job.hidden_states, batch.positions, job.top_k)),
+            rows=codec.to_proto(gather_rows(job.hidden_states, batch.positions, job.slots_per_token)),
             positions=codec.to_proto(batch.positions.to(torch.int32)),
             delivery_address=job.delivery_address,
         )

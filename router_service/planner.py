@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from moe_serve.capacity import keep_within_capacity
-from moe_serve.checkpoint import Checkpoint
+from moe_serve.capacity import CapacityOutcome, OverflowRule, apply_capacity, combine_weights
+from moe_serve.checkpoint import Checkpoint, RouterWeights
 from moe_serve.dispatch import ExpertGroups, group_by_expert, token_indices
 from moe_serve.errors import ExpertUnavailable, InvalidInput
 from moe_serve.gating import GatingResult, compute_gating
@@ -25,15 +25,70 @@ from moe_serve.registry import Registry, WorkerRecord
 class RoutingDecision:
     """Gating of one dispatch batch after the capacity rule.
 
-    kept: [T, k] bool, slots that go to an expert.
+    Each token has `slots_per_token` = k + S slots: its k routed slots, then S (0 or 1) for the
+    shared expert (expert id E, never subject to capacity).
+    outcome: the capacity rule's result for the routed slots.
     expert_weights: [T, k] float32 combine weights, 0 where a slot was dropped.
+    groups: kept slots (routed and shared) grouped by expert; positions index [T * slots_per_token].
     """
 
     layer: int
     gating: GatingResult
-    kept: torch.Tensor
+    outcome: CapacityOutcome
     expert_weights: torch.Tensor
     groups: ExpertGroups
+    slots_per_token: int
+
+    def overflow_counts(self, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E] dropped and [E] rerouted slots, each attributed to the expert that was over capacity."""
+        original = self.outcome.original_ids
+        return (
+            torch.bincount(original[self.outcome.dropped], minlength=num_experts),
+            torch.bincount(original[self.outcome.rerouted], minlength=num_experts),
+        )
+
+
+class RoutingPlanner:
+    """Holds the router weights of every MoE layer and makes routing decisions."""
+
+    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype, noise_std: float = 0.0, noise_seed: int = 0) -> None:
+        self.spec: MoEModelSpec = checkpoint.spec
+        self.dtype = dtype
+        self.routing = replace(self.spec.routing, noise_std=noise_std)
+        self.routers = {layer: _owned(checkpoint.router_weights(layer)) for layer in self.spec.moe_layers}
+        checkpoint.close()
+        # noisy gating draws from one seeded generator, so a run is reproducible request by request
+        self._noise = torch.Generator().manual_seed(noise_seed)
+
+    def decide(
+        self, hidden_states: torch.Tensor, layer: int, expert_capacity: int, overflow: OverflowRule = "drop"
+    ) -> RoutingDecision:
+        """Gate `hidden_states` [T, d] for `layer`; at most `expert_capacity` rows per expert (0 = no limit)."""
+        router = self.routers.get(layer)
+        spec = self.spec
+        if router is None:
+            raise InvalidInput(f"layer {layer} has no MoE block; MoE layers are {list(spec.moe_layers)}")
+        if expert_capacity < 0:
+            raise InvalidInput(f"expert_capacity must be >= 0, got {expert_capacity}")
+        gating = compute_gating(hidden_states, router, self.routing, spec.num_shared_slots, self._noise)
+        outcome = apply_capacity(gating.expert_ids, gating.selection_scores, expert_capacity, overflow)
+        weights = combine_weights(outcome, gating.expert_weights, gating.weight_scores, overflow)
+        num_tokens, shared = hidden_states.shape[0], spec.num_shared_slots
+        slot_ids = torch.cat([outcome.expert_ids, torch.full((num_tokens, shared), spec.shared_expert_id)], dim=1)
+        slot_kept = torch.cat([outcome.kept, torch.ones(num_tokens, shared, dtype=torch.bool)], dim=1)
+        return RoutingDecision(
+            layer=layer,
+            gating=gating,
+            outcome=outcome,
+            expert_weights=weights,
+            groups=group_by_expert(slot_ids, slot_kept, spec.num_placed_experts),
+            slots_per_token=spec.top_k + shared,
+        )
+
+
+def _owned(router: RouterWeights) -> RouterWeights:
+    """Copies that do not keep the checkpoint's memory map alive."""
+    return RouterWeights(**{name: None if t is None else t.clone() for name, t in vars(router).items()})
 
 
 @dataclass(frozen=True)
@@ -48,29 +103,6 @@ class WorkerBatch:
     @property
     def num_rows(self) -> int:
         return int(self.positions.numel())
-
-
-class RoutingPlanner:
-    """Holds the router weights of every MoE layer and makes routing decisions."""
-
-    def __init__(self, checkpoint: Checkpoint, dtype: torch.dtype) -> None:
-        self.spec: MoEModelSpec = checkpoint.spec
-        self.dtype = dtype
-        self.gate_weights = {layer: checkpoint.gate_weight(layer).to(dtype).clone() for layer in self.spec.moe_layers}
-        checkpoint.close()
-
-    def decide(self, hidden_states: torch.Tensor, layer: int, expert_capacity: int) -> RoutingDecision:
-        """Gate `hidden_states` [T, d] for `layer` and keep at most `expert_capacity` rows per expert."""
-        gate_weight = self.gate_weights.get(layer)
-        if gate_weight is None:
-            raise InvalidInput(f"layer {layer} has no MoE block; MoE layers are {list(self.spec.moe_layers)}")
-        if expert_capacity < 0:
-            raise InvalidInput(f"expert_capacity must be >= 0, got {expert_capacity}")
-        gating = compute_gating(hidden_states, gate_weight, self.spec.routing)
-        kept = keep_within_capacity(gating.expert_ids, self.spec.num_experts, expert_capacity)
-        weights = torch.where(kept, gating.expert_weights, torch.zeros((), dtype=torch.float32))
-        groups = group_by_expert(gating.expert_ids, kept, self.spec.num_experts)
-        return RoutingDecision(layer=layer, gating=gating, kept=kept, expert_weights=weights, groups=groups)
 
 
 ReplicaLoad = Callable[[WorkerRecord], int]
@@ -125,6 +157,6 @@ def segments_of(groups: ExpertGroups) -> dict[int, torch.Tensor]:
     return {expert: groups.segment(expert) for expert in groups.active_experts()}
 
 
-def gather_rows(hidden_states: torch.Tensor, positions: torch.Tensor, top_k: int) -> torch.Tensor:
+def gather_rows(hidden_states: torch.Tensor, positions: torch.Tensor, slots_per_token: int) -> torch.Tensor:
     """The hidden-state rows of the tokens owning `positions` (one copy, in position order)."""
-    return hidden_states.index_select(0, token_indices(positions, top_k))
+    return hidden_states.index_select(0, token_indices(positions, slots_per_token))

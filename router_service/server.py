@@ -67,7 +67,7 @@ class RouterService:
         torch.set_num_threads(settings.torch_threads)
         checkpoint = Checkpoint(settings.checkpoint)
         dtype = checkpoint.spec.dtype if settings.dtype == "auto" else CONFIG_DTYPE_NAMES[settings.dtype]
-        planner = RoutingPlanner(checkpoint, dtype)
+        planner = RoutingPlanner(checkpoint, dtype, settings.noisy_gating_std, settings.noisy_gating_seed)
         self.registry = self._make_registry()
         await self.registry.start()
         self.dispatcher = Dispatcher(self.registry, settings.max_dispatch_attempts, settings.max_message_bytes)

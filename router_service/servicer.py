@@ -8,21 +8,21 @@ import torch
 from grpc import aio
 
 from moe_serve import codec
-from moe_serve.errors import InvalidInput, failure_of
+from moe_serve.errors import InvalidInput, Overloaded, failure_of
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry
 from moe_serve.streams import serve_stream
 from router_service.fanout import Dispatcher, DispatchJob
-from router_service.planner import RoutingPlanner, assign_workers, segments_of
+from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, assign_workers, segments_of
 
 
 class RouterServicer(moe_grpc.RouterServicer):
     def __init__(self, planner: RoutingPlanner, registry: Registry, dispatcher: Dispatcher, model_name: str) -> None:
         self.planner, self.registry, self.dispatcher, self.model_name = planner, registry, dispatcher, model_name
         spec = planner.spec
-        self._all_experts = [ExpertKey(layer, e) for layer in spec.moe_layers for e in range(spec.num_experts)]
+        self._all_experts = [ExpertKey(layer, e) for layer in spec.moe_layers for e in range(spec.num_placed_experts)]
 
     def ready(self) -> bool:
         return self.registry.covers(self._all_experts)
@@ -39,6 +39,9 @@ class RouterServicer(moe_grpc.RouterServicer):
             num_layers=spec.num_layers,
             compute_datatype=codec.datatype_name(self.planner.dtype),
             ready=self.ready(),
+            num_shared_slots=spec.num_shared_slots,
+            weights_in_activation_dtype=spec.routing.weights_in_activation_dtype,
+            default_expert_capacity=spec.default_expert_capacity,
         )
 
     async def RouteStream(self, requests: object, context: aio.ServicerContext) -> None:
@@ -56,28 +59,51 @@ class RouterServicer(moe_grpc.RouterServicer):
             )
         if not request.delivery_address:
             raise InvalidInput("delivery_address is required: workers deliver the expert outputs there")
-        decision = self.planner.decide(hidden, request.layer, request.expert_capacity)
+        if request.overflow not in ("", "drop", "reroute"):
+            raise InvalidInput(f"overflow must be 'drop' or 'reroute', got {request.overflow!r}")
+        decision = self.planner.decide(hidden, request.layer, request.expert_capacity, request.overflow or "drop")
         batches = assign_workers(
             request.layer, segments_of(decision.groups), self.registry, self.dispatcher.load, self.dispatcher.rng
         )
+        self._check_replica_bound(batches, request.max_inflight_rows_per_replica)
         self.dispatcher.launch(
             DispatchJob(
                 request_id=request.request_id,
                 layer=request.layer,
                 hidden_states=hidden,
-                top_k=spec.top_k,
+                slots_per_token=decision.slots_per_token,
                 delivery_address=request.delivery_address,
                 deadline=time.monotonic() + request.timeout_s if request.timeout_s > 0 else None,
             ),
             batches,
         )
+        return self._plan(decision, request.return_router_logits)
+
+    def _check_replica_bound(self, batches: list[WorkerBatch], bound: int) -> None:
+        """Refuse before any row leaves when a replica would exceed `bound` rows in flight (0 = none)."""
+        if bound <= 0:
+            return
+        for batch in batches:
+            inflight = self.dispatcher.outstanding_rows(batch.worker)
+            if inflight + batch.num_rows > bound:
+                raise Overloaded(
+                    f"worker {batch.worker.worker_id} (experts {list(batch.experts)}) has {inflight} rows in flight; "
+                    f"{batch.num_rows} more would exceed max_inflight_rows_per_replica={bound}; retry with backoff"
+                )
+
+    def _plan(self, decision: RoutingDecision, with_logits: bool) -> moe_pb2.RoutePlan:
+        dropped, rerouted = decision.overflow_counts(self.planner.spec.num_experts)
         plan = moe_pb2.RoutePlan(
-            expert_ids=codec.to_proto(decision.gating.expert_ids.to(torch.int32)),
+            expert_ids=codec.to_proto(decision.outcome.expert_ids.to(torch.int32)),
             expert_weights=codec.to_proto(decision.expert_weights),
-            dropped=codec.to_proto(~decision.kept),
+            dropped=codec.to_proto(decision.outcome.dropped),
+            rerouted=codec.to_proto(decision.outcome.rerouted),
+            shared_weights=codec.to_proto(decision.gating.shared_weights),
+            dropped_per_expert=codec.to_proto(dropped),
+            rerouted_per_expert=codec.to_proto(rerouted),
             expected_rows=int(decision.groups.positions.numel()),
         )
-        if request.return_router_logits:
+        if with_logits:
             plan.router_logits.CopyFrom(codec.to_proto(decision.gating.router_logits))
         return plan
 

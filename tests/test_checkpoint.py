@@ -34,14 +34,14 @@ def test_reads_what_save_pretrained_wrote(tmp_path: Path, shard: bool) -> None:
     blocks = reference_blocks(directory, torch.float32)
 
     spec = checkpoint.spec
-    assert (spec.hidden_size, spec.expert_intermediate_size, spec.num_experts, spec.top_k) == (64, 96, 8, 2)
+    assert (spec.hidden_size, spec.expert.intermediate_size, spec.num_experts, spec.top_k) == (64, 96, 8, 2)
     assert spec.moe_layers == (0, 1) and spec.dtype == torch.float32 and spec.routing.family == "mixtral"
     for layer in (0, 1):
-        assert torch.equal(checkpoint.gate_weight(layer), blocks[layer].gate.weight.detach())
+        assert torch.equal(checkpoint.router_weights(layer).gate, blocks[layer].gate.weight.detach())
         for expert in (0, 5):
             weights = checkpoint.expert_weights(layer, expert)
             gate_up, down = expected_expert(blocks[layer], expert)
-            assert torch.equal(weights.gate_up, gate_up) and torch.equal(weights.down, down)
+            assert torch.equal(weights.up, gate_up) and torch.equal(weights.down, down)
 
 
 def test_reads_fused_expert_layout_and_torch_dtype_key(tmp_path: Path) -> None:
@@ -72,14 +72,14 @@ def test_reads_fused_expert_layout_and_torch_dtype_key(tmp_path: Path) -> None:
     checkpoint = Checkpoint(tmp_path)
     assert checkpoint.spec.dtype == torch.bfloat16
     weights = checkpoint.expert_weights(0, 2)
-    assert torch.equal(weights.gate_up, gate_up[2]) and torch.equal(weights.down, down[2])
+    assert torch.equal(weights.up, gate_up[2]) and torch.equal(weights.down, down[2])
 
 
 def test_demo_checkpoint_is_deterministic_and_loads_in_transformers(tmp_path: Path) -> None:
     shape = DemoShape(hidden_size=32, intermediate_size=48, num_experts=4, num_layers=1, seed=3)
     first = Checkpoint(write_demo_checkpoint(tmp_path / "a", shape))
     second = Checkpoint(write_demo_checkpoint(tmp_path / "b", shape))
-    assert torch.equal(first.expert_weights(0, 3).gate_up, second.expert_weights(0, 3).gate_up)
+    assert torch.equal(first.expert_weights(0, 3).up, second.expert_weights(0, 3).up)
     assert first.fingerprint() == second.fingerprint()
 
     from transformers import MixtralConfig

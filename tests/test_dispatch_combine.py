@@ -8,6 +8,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moe_serve.capacity import keep_within_capacity
+from moe_serve.checkpoint import RouterWeights
 from moe_serve.combine import CombineBuffer
 from moe_serve.dispatch import group_by_expert, token_indices
 from moe_serve.gating import compute_gating
@@ -18,7 +19,7 @@ from tests.helpers import rescale_moe_weights
 def local_moe(block: MixtralSparseMoeBlock, hidden: torch.Tensor, capacity: int = 0) -> torch.Tensor:
     """The served algorithm in one process: gate, keep, group per expert, compute, combine."""
     experts = block.experts
-    gating = compute_gating(hidden, block.gate.weight.detach(), RoutingConfig("mixtral", block.top_k))
+    gating = compute_gating(hidden, RouterWeights(block.gate.weight.detach()), RoutingConfig("mixtral", block.top_k))
     kept = keep_within_capacity(gating.expert_ids, experts.num_experts, capacity)
     groups = group_by_expert(gating.expert_ids, kept, experts.num_experts)
     buffer = CombineBuffer(hidden.shape[0], block.top_k, hidden.shape[1], hidden.dtype)
@@ -53,7 +54,7 @@ def test_dropped_slots_contribute_zero() -> None:
     with torch.no_grad():
         dropless = local_moe(block, hidden)
         capped = local_moe(block, hidden, capacity=2)
-        gating = compute_gating(hidden, block.gate.weight, RoutingConfig("mixtral", 2))
+        gating = compute_gating(hidden, RouterWeights(block.gate.weight), RoutingConfig("mixtral", 2))
         kept = keep_within_capacity(gating.expert_ids, 5, 2)
     fully_dropped = ~kept.any(-1)
     assert bool(fully_dropped.any())

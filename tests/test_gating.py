@@ -7,6 +7,7 @@ import torch
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
+from moe_serve.checkpoint import RouterWeights
 from moe_serve.gating import compute_gating
 from moe_serve.model_spec import RoutingConfig
 
@@ -24,7 +25,7 @@ def test_mixtral_gating_equals_transformers_router(dtype: torch.dtype, top_k: in
 
     with torch.no_grad():
         logits, weights, ids = router(hidden)
-    result = compute_gating(hidden, router.weight.detach(), RoutingConfig(family="mixtral", top_k=top_k))
+    result = compute_gating(hidden, RouterWeights(router.weight.detach()), RoutingConfig(family="mixtral", top_k=top_k))
 
     assert result.router_logits.dtype == torch.float32
     assert torch.equal(result.router_logits, logits.float())
@@ -35,6 +36,7 @@ def test_mixtral_gating_equals_transformers_router(dtype: torch.dtype, top_k: in
 
 def test_probabilities_are_float32_even_for_bf16_activations() -> None:
     hidden = torch.randn(4, 8).to(torch.bfloat16)
-    result = compute_gating(hidden, torch.randn(5, 8).to(torch.bfloat16), RoutingConfig(family="mixtral", top_k=2))
+    weights = RouterWeights(torch.randn(5, 8).to(torch.bfloat16))
+    result = compute_gating(hidden, weights, RoutingConfig(family="mixtral", top_k=2))
     assert result.selection_scores.dtype == torch.float32 and result.expert_weights.dtype == torch.float32
     torch.testing.assert_close(result.selection_scores.sum(-1), torch.ones(4))

@@ -22,7 +22,7 @@ def test_expert_store_keeps_weights_on_the_gpu_in_checkpoint_dtype(checkpoints) 
     rows = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     for expert in range(8):
         weights = store._weights[ExpertKey(0, expert)]
-        assert weights.gate_up.device.type == "cuda" and weights.gate_up.dtype == torch.bfloat16
+        assert weights.up.device.type == "cuda" and weights.up.dtype == torch.bfloat16
         output = store.compute(ExpertKey(0, expert), rows)
         with torch.no_grad():
             gate, up = torch.nn.functional.linear(rows.cuda(), block.experts.gate_up_proj[expert]).chunk(2, dim=-1)

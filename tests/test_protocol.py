@@ -36,7 +36,13 @@ def test_server_and_model_metadata(fp32_stack, fp32_client) -> None:
         ("router_logits", "FP32", [-1, 8]),
         ("expert_ids", "INT32", [-1, 2]),
         ("expert_weights", "FP32", [-1, 2]),
+        ("dropped_mask", "BOOL", [-1, 2]),
     ]
+    parameters = metadata.parameters
+    assert parameters["family"].string_param == "mixtral"
+    assert parameters["overflow"].string_param == "dropless"
+    assert parameters["moe_layers"].string_param == "0,1"
+    assert parameters["num_experts"].int64_param == 8 and parameters["top_k"].int64_param == 2
 
 
 def test_health_service_reports_serving(fp32_stack) -> None:

@@ -17,8 +17,8 @@ def reference_block(checkpoint: Checkpoint, layer: int, implementation: str, dty
     block = MixtralSparseMoeBlock(config)
     experts = [checkpoint.expert_weights(layer, e) for e in range(checkpoint.spec.num_experts)]
     with torch.no_grad():
-        block.gate.weight.copy_(checkpoint.gate_weight(layer))
-        block.experts.gate_up_proj.copy_(torch.stack([w.gate_up for w in experts]))
+        block.gate.weight.copy_(checkpoint.router_weights(layer).gate)
+        block.experts.gate_up_proj.copy_(torch.stack([w.up for w in experts]))
         block.experts.down_proj.copy_(torch.stack([w.down for w in experts]))
     return block.to(dtype).eval()
 

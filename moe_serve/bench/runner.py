@@ -212,7 +212,7 @@ def measure_memory(stack: Stack, checkpoint: Checkpoint) -> dict[str, dict[str, 
     import ray
 
     spec = checkpoint.spec
-    expert_mib = 3 * spec.hidden_size * spec.expert_intermediate_size * spec.dtype.itemsize / 2**20
+    expert_mib = 3 * spec.hidden_size * spec.expert.intermediate_size * spec.dtype.itemsize / 2**20
     memory = {
         name: {"rss": rss_mib(process.process.pid), "target": SERVICE_TARGET_MIB}
         for name, process in (("gateway", stack.gateway), ("router", stack.router))

@@ -29,7 +29,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "family", "hidden_size", "num_experts", "top_k", "moe_layers", "num_layers", "compute_datatype", "ready")
+    __slots__ = ("model_name", "family", "hidden_size", "num_experts", "top_k", "moe_layers", "num_layers", "compute_datatype", "ready", "num_shared_slots", "weights_in_activation_dtype", "default_expert_capacity")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,9 @@ class ModelInfo(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DATATYPE_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    NUM_SHARED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_IN_ACTIVATION_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_EXPERT_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     family: str
     hidden_size: int
@@ -48,10 +51,13 @@ class ModelInfo(_message.Message):
     num_layers: int
     compute_datatype: str
     ready: bool
-    def __init__(self, model_name: _Optional[str] = ..., family: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., compute_datatype: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
+    num_shared_slots: int
+    weights_in_activation_dtype: bool
+    default_expert_capacity: int
+    def __init__(self, model_name: _Optional[str] = ..., family: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., compute_datatype: _Optional[str] = ..., ready: _Optional[bool] = ..., num_shared_slots: _Optional[int] = ..., weights_in_activation_dtype: _Optional[bool] = ..., default_expert_capacity: _Optional[int] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("call_id", "timeout_s", "request_id", "layer", "hidden_states", "expert_capacity", "delivery_address", "return_router_logits")
+    __slots__ = ("call_id", "timeout_s", "request_id", "layer", "hidden_states", "expert_capacity", "delivery_address", "return_router_logits", "overflow", "max_inflight_rows_per_replica")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +66,8 @@ class RouteRequest(_message.Message):
     EXPERT_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RETURN_ROUTER_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_FIELD_NUMBER: _ClassVar[int]
+    MAX_INFLIGHT_ROWS_PER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     timeout_s: float
     request_id: str
@@ -68,10 +76,12 @@ class RouteRequest(_message.Message):
     expert_capacity: int
     delivery_address: str
     return_router_logits: bool
-    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., expert_capacity: _Optional[int] = ..., delivery_address: _Optional[str] = ..., return_router_logits: _Optional[bool] = ...) -> None: ...
+    overflow: str
+    max_inflight_rows_per_replica: int
+    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., expert_capacity: _Optional[int] = ..., delivery_address: _Optional[str] = ..., return_router_logits: _Optional[bool] = ..., overflow: _Optional[str] = ..., max_inflight_rows_per_replica: _Optional[int] = ...) -> None: ...
 
 class RoutePlan(_message.Message):
-    __slots__ = ("call_id", "failure", "expert_ids", "expert_weights", "dropped", "router_logits", "expected_rows")
+    __slots__ = ("call_id", "failure", "expert_ids", "expert_weights", "dropped", "router_logits", "expected_rows", "shared_weights", "rerouted", "dropped_per_expert", "rerouted_per_expert")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     EXPERT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +89,10 @@ class RoutePlan(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     ROUTER_LOGITS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REROUTED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    REROUTED_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     failure: Failure
     expert_ids: Tensor
@@ -86,7 +100,11 @@ class RoutePlan(_message.Message):
     dropped: Tensor
     router_logits: Tensor
     expected_rows: int
-    def __init__(self, call_id: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., expert_weights: _Optional[_Union[Tensor, _Mapping]] = ..., dropped: _Optional[_Union[Tensor, _Mapping]] = ..., router_logits: _Optional[_Union[Tensor, _Mapping]] = ..., expected_rows: _Optional[int] = ...) -> None: ...
+    shared_weights: Tensor
+    rerouted: Tensor
+    dropped_per_expert: Tensor
+    rerouted_per_expert: Tensor
+    def __init__(self, call_id: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., expert_ids: _Optional[_Union[Tensor, _Mapping]] = ..., expert_weights: _Optional[_Union[Tensor, _Mapping]] = ..., dropped: _Optional[_Union[Tensor, _Mapping]] = ..., router_logits: _Optional[_Union[Tensor, _Mapping]] = ..., expected_rows: _Optional[int] = ..., shared_weights: _Optional[_Union[Tensor, _Mapping]] = ..., rerouted: _Optional[_Union[Tensor, _Mapping]] = ..., dropped_per_expert: _Optional[_Union[Tensor, _Mapping]] = ..., rerouted_per_expert: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
@@ -193,3 +211,33 @@ class DeliveryAck(_message.Message):
     rows_accepted: int
     failure: Failure
     def __init__(self, call_id: _Optional[int] = ..., rows_accepted: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+
+class GatewayStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertCounters(_message.Message):
+    __slots__ = ("layer", "expert", "routed_rows", "dropped_slots", "rerouted_slots")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    REROUTED_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    routed_rows: int
+    dropped_slots: int
+    rerouted_slots: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., routed_rows: _Optional[int] = ..., dropped_slots: _Optional[int] = ..., rerouted_slots: _Optional[int] = ...) -> None: ...
+
+class GatewayStats(_message.Message):
+    __slots__ = ("experts", "requests", "rejected_requests", "inflight_tokens")
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertCounters]
+    requests: int
+    rejected_requests: int
+    inflight_tokens: int
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertCounters, _Mapping]]] = ..., requests: _Optional[int] = ..., rejected_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ...) -> None: ...

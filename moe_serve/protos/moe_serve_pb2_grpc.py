@@ -301,6 +301,81 @@ class ExpertWorker:
             _registered_method=True)
 
 
+class GatewayAdminStub:
+    """Served on the gateway's internal port, next to DeliveryService.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.GetStats = channel.unary_unary(
+                '/moe_serve.v1.GatewayAdmin/GetStats',
+                request_serializer=moe__serve__pb2.GatewayStatsRequest.SerializeToString,
+                response_deserializer=moe__serve__pb2.GatewayStats.FromString,
+                _registered_method=True)
+
+
+class GatewayAdminServicer:
+    """Served on the gateway's internal port, next to DeliveryService.
+    """
+
+    def GetStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GatewayAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=moe__serve__pb2.GatewayStatsRequest.FromString,
+                    response_serializer=moe__serve__pb2.GatewayStats.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moe_serve.v1.GatewayAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moe_serve.v1.GatewayAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class GatewayAdmin:
+    """Served on the gateway's internal port, next to DeliveryService.
+    """
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.GatewayAdmin/GetStats',
+            moe__serve__pb2.GatewayStatsRequest.SerializeToString,
+            moe__serve__pb2.GatewayStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class DeliveryServiceStub:
     """Missing associated documentation comment in .proto file."""
 
