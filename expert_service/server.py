@@ -15,6 +15,7 @@ from moe_serve import codec
 from moe_serve.allocator import tune_allocator
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import WorkerSettings
+from moe_serve.errors import ConfigurationError
 from moe_serve.grpc_utils import (
     add_health_and_reflection,
     advertised_host,
@@ -48,10 +49,14 @@ def owned_experts(settings: WorkerSettings, checkpoint: Checkpoint) -> list[Expe
     spec = checkpoint.spec
     if settings.experts:
         expert_ids = parse_expert_ids(settings.experts)
-        if expert_ids[-1] >= spec.num_experts:
-            raise ValueError(f"--experts {settings.experts}: the checkpoint has experts 0-{spec.num_experts - 1}")
+        if expert_ids[-1] >= spec.num_placed_experts:
+            shared = f" (expert {spec.shared_expert_id} is the shared expert)" if spec.num_shared_slots else ""
+            raise ConfigurationError(
+                f"--experts {settings.experts}: the checkpoint has experts 0-{spec.num_placed_experts - 1}{shared}"
+            )
     else:
-        expert_ids = expert_blocks(spec.num_experts, settings.num_workers)[settings.worker_index]
+        # the shared expert, if any, is placed like any other (id E)
+        expert_ids = expert_blocks(spec.num_placed_experts, settings.num_workers)[settings.worker_index]
     return [ExpertKey(layer, expert) for layer in spec.moe_layers for expert in expert_ids]
 
 

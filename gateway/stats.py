@@ -22,6 +22,7 @@ class ExpertCounters:
         self.routed_rows = {layer: t.clone() for layer, t in zeros.items()}
         self.dropped_slots = {layer: t.clone() for layer, t in zeros.items()}
         self.rerouted_slots = zeros
+        self.dispatches = 0
 
     def record(
         self,
@@ -33,6 +34,7 @@ class ExpertCounters:
         rerouted_per_expert: torch.Tensor,
     ) -> None:
         """Add one dispatched batch: final expert ids [T, k], kept mask [T, k], overflow counts [E]."""
+        self.dispatches += 1
         routed = torch.bincount(plan_ids[kept].long(), minlength=self.num_placed_experts)
         if shared_rows:
             routed[-1] += shared_rows
@@ -66,4 +68,5 @@ class GatewayAdminServicer(moe_grpc.GatewayAdminServicer):
             requests=self.admission.admitted,
             rejected_requests=self.admission.rejected,
             inflight_tokens=self.admission.inflight_tokens,
+            dispatches=self.counters.dispatches,
         )

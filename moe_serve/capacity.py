@@ -124,7 +124,7 @@ def combine_weights(
     the kept slots keep their weights unchanged, as in Switch/GShard.
     """
     zero = torch.zeros((), dtype=weights.dtype)
-    if rule == "drop" or not bool(outcome.rerouted.any()):
+    if rule == "drop" or not bool((outcome.rerouted | outcome.dropped).any()):
         return torch.where(outcome.kept, weights, zero)
     raw = torch.where(outcome.rerouted, weight_scores.gather(1, outcome.expert_ids), weights)
     kept = torch.where(outcome.kept, raw, zero)

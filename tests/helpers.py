@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import grpc
@@ -12,6 +11,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 from moe_serve import codec
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from tests.families import rescale_moe_weights
 
 TINY_MIXTRAL = {
     "hidden_size": 64,
@@ -24,20 +24,6 @@ TINY_MIXTRAL = {
     "vocab_size": 128,
     "max_position_embeddings": 128,
 }
-
-
-def rescale_moe_weights(model: torch.nn.Module, seed: int) -> None:
-    """Re-draw MoE weights with 1/sqrt(fan_in) scale so outputs are O(1) and tolerances mean something.
-
-    (transformers initialises with std 0.02, which makes every expert output ~1e-3.)
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".experts." in f".{name}" or name.endswith("gate.weight"):
-                fan_in = parameter.shape[-1]
-                values = torch.randn(parameter.shape, generator=generator) / math.sqrt(fan_in)
-                parameter.copy_(values.to(parameter.dtype))
 
 
 def save_tiny_mixtral(directory: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: int) -> Path:

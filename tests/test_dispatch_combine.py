@@ -13,7 +13,7 @@ from moe_serve.combine import CombineBuffer
 from moe_serve.dispatch import group_by_expert, token_indices
 from moe_serve.gating import compute_gating
 from moe_serve.model_spec import RoutingConfig
-from tests.helpers import rescale_moe_weights
+from tests.families import rescale_moe_weights
 
 
 def local_moe(block: MixtralSparseMoeBlock, hidden: torch.Tensor, capacity: int = 0) -> torch.Tensor:

@@ -40,3 +40,22 @@ def test_probabilities_are_float32_even_for_bf16_activations() -> None:
     result = compute_gating(hidden, weights, RoutingConfig(family="mixtral", top_k=2))
     assert result.selection_scores.dtype == torch.float32 and result.expert_weights.dtype == torch.float32
     torch.testing.assert_close(result.selection_scores.sum(-1), torch.ones(4))
+
+
+def test_noisy_top_k_is_off_by_default_seeded_when_on() -> None:
+    generator = torch.Generator().manual_seed(0)
+    router = RouterWeights(torch.randn(8, 16, generator=generator))
+    hidden = torch.randn(200, 16, generator=generator)
+    plain = RoutingConfig(family="mixtral", top_k=2)
+    noisy = RoutingConfig(family="mixtral", top_k=2, noise_std=2.0)
+
+    reference = compute_gating(hidden, router, plain)
+    first = compute_gating(hidden, router, noisy, noise=torch.Generator().manual_seed(7))
+    again = compute_gating(hidden, router, noisy, noise=torch.Generator().manual_seed(7))
+    other = compute_gating(hidden, router, noisy, noise=torch.Generator().manual_seed(8))
+
+    assert torch.equal(first.expert_ids, again.expert_ids)  # same seed, same choices
+    assert not torch.equal(first.expert_ids, reference.expert_ids)  # the noise changes choices
+    assert not torch.equal(first.expert_ids, other.expert_ids)
+    torch.testing.assert_close(first.expert_weights.sum(-1), torch.ones(200))
+    assert torch.equal(first.router_logits, reference.router_logits)  # logits are reported noise-free

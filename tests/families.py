@@ -1,0 +1,204 @@
+"""Tiny models of every routing family, built with transformers from configs and saved with save_pretrained.
+
+Each entry gives the model class, its config, where transformers keeps the MoE block of a served
+layer, and how to ask that block's router for (logits, expert ids), so tests compare the served
+layer with the module itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    SwitchTransformersConfig,
+    SwitchTransformersForConditionalGeneration,
+)
+
+D = 64
+DECODER = {
+    "hidden_size": D,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 128,
+}
+
+
+def _decoder_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    return model.model.layers[layer].mlp
+
+
+def _switch_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    encoder_layers = model.config.num_layers
+    if layer < encoder_layers:
+        return model.encoder.block[layer].layer[1].mlp
+    return model.decoder.block[layer - encoder_layers].layer[2].mlp
+
+
+def _topk_router(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, _, ids = block.gate(hidden)
+    return logits.float(), ids
+
+
+def _switch_router(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    _, _, logits = block.router(hidden.unsqueeze(0))
+    probabilities = torch.softmax(logits.float(), dim=-1).to(hidden.dtype)
+    return logits[0].float(), torch.argmax(probabilities[0], dim=-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class Family:
+    model_class: type
+    config: Callable[[], Any]
+    block: Callable[[torch.nn.Module, int], torch.nn.Module]
+    router: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    moe_layers: tuple[int, ...]
+
+
+FAMILIES: dict[str, Family] = {
+    "mixtral": Family(
+        MixtralForCausalLM,
+        lambda: MixtralConfig(**DECODER, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+        _decoder_block,
+        _topk_router,
+        (0, 1, 2),
+    ),
+    # shared expert with sigmoid gate; layer 1 dense (mlp_only_layers); no renormalisation
+    "qwen2_moe": Family(
+        Qwen2MoeForCausalLM,
+        lambda: Qwen2MoeConfig(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=48,
+            num_experts=6,
+            num_experts_per_tok=2,
+            shared_expert_intermediate_size=96,
+            mlp_only_layers=[1],
+            norm_topk_prob=False,
+        ),
+        _decoder_block,
+        _topk_router,
+        (0, 2),
+    ),
+    # renormalised top-k, every other layer sparse
+    "qwen3_moe": Family(
+        Qwen3MoeForCausalLM,
+        lambda: Qwen3MoeConfig(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=3,
+            decoder_sparse_step=2,
+            norm_topk_prob=True,
+            head_dim=16,
+        ),
+        _decoder_block,
+        _topk_router,
+        (1,),
+    ),
+    # sigmoid scores, selection bias, 4 groups choose 2, scaling, two shared experts, first layer dense
+    "deepseek_v3": Family(
+        DeepseekV3ForCausalLM,
+        lambda: DeepseekV3Config(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=2,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+        ),
+        _decoder_block,
+        _topk_router,
+        (1, 2),
+    ),
+    # top-1, float32 router, capacity 3 per batch from the config; sparse blocks 1 and 3 of 4
+    "switch": Family(
+        SwitchTransformersForConditionalGeneration,
+        lambda: SwitchTransformersConfig(
+            d_model=D,
+            d_ff=96,
+            d_kv=16,
+            num_heads=4,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_experts=4,
+            expert_capacity=3,
+            vocab_size=128,
+            encoder_sparse_step=2,
+            decoder_sparse_step=2,
+            router_jitter_noise=0.0,
+        ),
+        _switch_block,
+        _switch_router,
+        (1, 3),
+    ),
+}
+
+
+def rescale_moe_weights(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw MoE weights with 1/sqrt(fan_in) scale, so outputs are O(1) and tolerances mean something
+    (transformers initialises with std 0.02), and give DeepSeek's selection bias real values."""
+    generator = torch.Generator().manual_seed(seed)
+    moe_markers = (".experts.", ".shared_expert", "router.classifier")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(marker in f".{name}" for marker in moe_markers) or name.endswith("gate.weight"):
+                values = torch.randn(parameter.shape, generator=generator) / math.sqrt(parameter.shape[-1])
+                parameter.copy_(values.to(parameter.dtype))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_((torch.randn(buffer.shape, generator=generator) * 0.1).to(buffer.dtype))
+
+
+def save_family(family: str, directory: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    spec = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = spec.model_class(spec.config())
+    rescale_moe_weights(model, seed)
+    model.to(dtype).save_pretrained(directory)
+    return directory
+
+
+def load_reference(family: str, directory: Path, dtype: torch.dtype) -> torch.nn.Module:
+    model = FAMILIES[family].model_class.from_pretrained(directory, dtype=dtype)
+    return model.eval()
+
+
+def reference_output(family: str, model: torch.nn.Module, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """The family's MoE block output for hidden [T, d], as transformers computes it."""
+    block = FAMILIES[family].block(model, layer)
+    with torch.no_grad():
+        return block(hidden.unsqueeze(0))[0]
+
+
+def reference_routing(
+    family: str, model: torch.nn.Module, layer: int, hidden: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(router logits [T, E] float32, expert ids [T, k]) as the family's router computes them."""
+    block = FAMILIES[family].block(model, layer)
+    with torch.no_grad():
+        return FAMILIES[family].router(block, hidden)
