@@ -129,6 +129,11 @@ def router(
     ] = None,
     model_name: ModelName = None,
     dtype: Dtype = None,
+    noisy_gating_std: Annotated[
+        float | None,
+        typer.Option(help="Noisy top-k gating for experiments: noise std added to router logits (0 = off)."),
+    ] = None,
+    noisy_gating_seed: Annotated[int | None, typer.Option(help="Seed of the noisy-gating generator.")] = None,
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
@@ -147,6 +152,8 @@ def router(
         worker_addresses=worker_addresses,
         model_name=model_name,
         dtype=dtype,
+        noisy_gating_std=noisy_gating_std,
+        noisy_gating_seed=noisy_gating_seed,
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
@@ -330,10 +337,14 @@ def bench(
     throughput_tokens: Annotated[int, typer.Option(help="T of the throughput requests.")] = 2048,
     throughput_requests: Annotated[int, typer.Option(help="Requests timed for throughput.")] = 10,
     rounds: Annotated[int, typer.Option(help="Alternating measurement rounds.")] = 5,
+    sections: Annotated[
+        str,
+        typer.Option(help="Extra sections, comma-separated: concurrency, capacity ('' for the core comparison only)."),
+    ] = "concurrency,capacity",
     output_dir: Annotated[Path, typer.Option(help="Where the JSON results go.")] = Path("benchmarks/results"),
 ) -> None:
     """Measure the served layer against the in-process transformers block and a bare gRPC echo, in one run."""
-    from moe_serve.bench.report import print_report
+    from moe_serve.bench.report import print_report, print_routing_report
     from moe_serve.bench.runner import BenchConfig, run_bench, write_result
 
     configure_logging("WARNING")
@@ -348,10 +359,12 @@ def bench(
         throughput_tokens=throughput_tokens,
         throughput_requests=throughput_requests,
         rounds=rounds,
+        sections=tuple(filter(None, (part.strip() for part in sections.split(",")))),
         output_dir=output_dir,
     )
     result = run_bench(config)
     print_report(result, Console())
+    print_routing_report(result, Console())
     console.print(f"results written to {write_result(result, output_dir)}")
 
 

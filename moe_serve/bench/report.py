@@ -45,3 +45,34 @@ def print_report(result: BenchResult, console: Console) -> None:
     for service, memory in result.memory_mib.items():
         table.add_row(f"RSS {service} (MiB)", f"{memory['rss']:.0f}", "", f"target <= {memory['target']:.0f}")
     console.print(table)
+
+
+def print_routing_report(result: BenchResult, console: Console) -> None:
+    if result.concurrency:
+        table = Table(title=f"concurrency sweep, T=64 per request ({result.config['workers']} workers)")
+        for column in ("clients", "batching", "tokens/s", "p50 ms", "p99 ms"):
+            table.add_column(column)
+        for mode, rows in result.concurrency.items():
+            for row in rows:
+                latency = row["latency_ms"]
+                table.add_row(
+                    str(row["clients"]),
+                    mode.removeprefix("batching_"),
+                    f"{row['tokens_per_s']:.0f}",
+                    f"{latency['p50']:.1f}",
+                    f"{latency['p99']:.1f}",
+                )
+        console.print(table)
+    if result.capacity:
+        hot = result.capacity[0]["hot_expert_share"]
+        table = Table(title=f"capacity on a skewed router (expert 0 takes {hot:.0%} of slots), T=256")
+        for column in ("capacity factor", "drop: dropped", "reroute: rerouted", "reroute: dropped"):
+            table.add_column(column)
+        for row in result.capacity:
+            table.add_row(
+                f"{row['capacity_factor']:.2f}",
+                f"{row['drop_dropped_share']:.1%}",
+                f"{row['reroute_rerouted_share']:.1%}",
+                f"{row['reroute_dropped_share']:.1%}",
+            )
+        console.print(table)

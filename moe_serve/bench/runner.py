@@ -19,6 +19,7 @@ import torch
 from moe_serve import codec
 from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
 from moe_serve.bench.reference import reference_block, run_block
+from moe_serve.bench.routing import concurrency_sweep, drop_rates
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
 from moe_serve.demo import DemoShape, ensure_demo_checkpoint
@@ -49,6 +50,8 @@ class BenchConfig:
     throughput_requests: int = 10
     # measurements alternate between reference, served and echo in this many rounds
     rounds: int = 5
+    # optional sections after the core comparison
+    sections: tuple[str, ...] = ("concurrency", "capacity")
     checkpoint_root: Path = Path(".moe-serve")
     output_dir: Path = Path("benchmarks/results")
 
@@ -61,6 +64,8 @@ class BenchResult:
     served: dict[str, Any] = field(default_factory=dict)
     echo: dict[str, Any] = field(default_factory=dict)
     memory_mib: dict[str, dict[str, float]] = field(default_factory=dict)
+    concurrency: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    capacity: list[dict[str, Any]] = field(default_factory=list)
     ratios: dict[str, float] = field(default_factory=dict)
 
 
@@ -257,6 +262,11 @@ def run_bench(config: BenchConfig) -> BenchResult:
             ]
             measured = measure_interleaved(subjects, config)
         result.memory_mib = measure_memory(stack, checkpoint)
+        if "concurrency" in config.sections:
+            result.concurrency = concurrency_sweep(stack, make_request, config.hidden_size)
+        if "capacity" in config.sections:
+            gate = Checkpoint(checkpoint_dir).router_weights(0).gate
+            result.capacity = drop_rates(stack, make_request, gate, config.top_k)
     finally:
         echo.stop()
         stack.stop()
