@@ -1,0 +1,166 @@
+"""Clients of the gateway's KServe v2 gRPC API: `MoEClient` (blocking) and `AsyncMoEClient` (asyncio).
+
+Each client owns one channel for its lifetime (gRPC multiplexes concurrent calls over it), so a
+request costs no connection set-up. Failed calls raise `GatewayError` with the gRPC status code
+and the gateway's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+import grpc
+import torch
+from grpc import aio
+
+from moe_serve.client.protocol import (
+    GatewayError,
+    ServedModelMetadata,
+    build_infer_request,
+    decode_infer_response,
+    metadata_request,
+    requested_outputs,
+)
+from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
+from moe_serve.grpc_utils import channel_options
+from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+
+DEFAULT_OUTPUTS = ("output",)
+
+
+class MoEClient:
+    """Blocking client; thread-safe (calls from several threads share the channel).
+
+    Args:
+        address: the gateway's "host:port".
+        max_message_bytes: largest message sent or received; must cover T * d * itemsize of a request.
+    """
+
+    def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._stub = kserve_grpc.GRPCInferenceServiceStub(self._channel)
+
+    def server_ready(self, timeout: float | None = None) -> bool:
+        """Whether the gateway reports ready (router reachable, every expert placed)."""
+        try:
+            return self._stub.ServerReady(kserve_pb2.ServerReadyRequest(), timeout=timeout).ready
+        except grpc.RpcError as error:
+            raise GatewayError.from_rpc_error(error, "ServerReady") from None
+
+    def model_metadata(self, model: str, timeout: float | None = None) -> ServedModelMetadata:
+        """ModelMetadata of `model` (NOT_FOUND when the gateway serves another name; its message names it)."""
+        try:
+            response = self._stub.ModelMetadata(metadata_request(model), timeout=timeout)
+        except grpc.RpcError as error:
+            raise GatewayError.from_rpc_error(error, "ModelMetadata") from None
+        return ServedModelMetadata.from_response(response)
+
+    def infer(
+        self,
+        model: str,
+        hidden_states: torch.Tensor,
+        layer: int = 0,
+        outputs: Sequence[str] | str = DEFAULT_OUTPUTS,
+        timeout: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run MoE layer `layer` of `model` on hidden_states [T, d] or [B, S, d] (FP32, FP16 or BF16).
+
+        Returns the requested outputs by name, on the CPU, as read-only views of the response bytes:
+        `output` (hidden_states' shape and dtype), `router_logits` float32 [T, E], `expert_ids` int32
+        [T, k], `expert_weights` float32 [T, k], `dropped_mask` bool [T, k], with T = all tokens.
+        `timeout` is the call's deadline in seconds (None: the gateway's default).
+        """
+        outputs = requested_outputs(outputs)
+        request = build_infer_request(model, hidden_states, layer, outputs)
+        try:
+            response = self._stub.ModelInfer(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise GatewayError.from_rpc_error(error, "ModelInfer") from None
+        return decode_infer_response(response, outputs)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"MoEClient({self.address!r})"
+
+
+class AsyncMoEClient:
+    """asyncio client, the same calls as MoEClient as coroutines; concurrent calls share one channel.
+
+    The channel is opened on the first call, inside the event loop that makes it (a grpc.aio channel
+    belongs to one loop), and stays open until `close()`; use one client per event loop.
+    """
+
+    def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.address = address
+        self._options = channel_options(max_message_bytes)
+        self._channel: aio.Channel | None = None
+        self._stub: kserve_grpc.GRPCInferenceServiceStub | None = None
+
+    def _connected_stub(self) -> kserve_grpc.GRPCInferenceServiceStub:
+        if self._stub is None:
+            self._channel = aio.insecure_channel(self.address, options=self._options)
+            self._stub = kserve_grpc.GRPCInferenceServiceStub(self._channel)
+        return self._stub
+
+    async def server_ready(self, timeout: float | None = None) -> bool:
+        """Whether the gateway reports ready (router reachable, every expert placed)."""
+        try:
+            response = await self._connected_stub().ServerReady(kserve_pb2.ServerReadyRequest(), timeout=timeout)
+        except grpc.RpcError as error:
+            raise GatewayError.from_rpc_error(error, "ServerReady") from None
+        return response.ready
+
+    async def model_metadata(self, model: str, timeout: float | None = None) -> ServedModelMetadata:
+        """ModelMetadata of `model`; see MoEClient.model_metadata."""
+        try:
+            response = await self._connected_stub().ModelMetadata(metadata_request(model), timeout=timeout)
+        except grpc.RpcError as error:
+            raise GatewayError.from_rpc_error(error, "ModelMetadata") from None
+        return ServedModelMetadata.from_response(response)
+
+    async def infer(
+        self,
+        model: str,
+        hidden_states: torch.Tensor,
+        layer: int = 0,
+        outputs: Sequence[str] | str = DEFAULT_OUTPUTS,
+        timeout: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Run MoE layer `layer` of `model`; arguments and results as MoEClient.infer."""
+        outputs = requested_outputs(outputs)
+        request = build_infer_request(model, hidden_states, layer, outputs)
+        try:
+            response = await self._connected_stub().ModelInfer(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise GatewayError.from_rpc_error(error, "ModelInfer") from None
+        return decode_infer_response(response, outputs)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = self._stub = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncMoEClient({self.address!r})"
