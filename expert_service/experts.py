@@ -35,21 +35,39 @@ def expert_forward(weights: ExpertWeights, rows: torch.Tensor) -> torch.Tensor:
 
 
 class ExpertStore:
-    """Weights of this worker's experts, materialised once from the checkpoint."""
+    """Weights of this worker's experts in the compute dtype on the compute device.
+
+    Experts can be added and removed while serving (replicas moved by the balancer or the scale
+    command); the dictionary is only changed from the event-loop thread, and removal happens only
+    once no row of that expert is in flight.
+    """
 
     def __init__(self, checkpoint: Checkpoint, keys: list[ExpertKey], dtype: torch.dtype, device: torch.device) -> None:
         self.dtype, self.device = dtype, device
         self.hidden_size = checkpoint.spec.hidden_size
         self._weights: dict[ExpertKey, ExpertWeights] = {}
+        self._weights.update(self.read(checkpoint, keys))
+        logger.info("loaded %d expert(s), %.1f MiB, %s on %s", len(keys), self.nbytes / 2**20, dtype, device)
+
+    def read(self, checkpoint: Checkpoint, keys: list[ExpertKey]) -> dict[ExpertKey, ExpertWeights]:
+        """Read `keys` from the checkpoint into the compute dtype and device (blocking I/O)."""
+        weights = {}
         for key in keys:
             raw = checkpoint.expert_weights(key.layer, key.expert)
-            self._weights[key] = ExpertWeights(
+            weights[key] = ExpertWeights(
                 kind=raw.kind,
-                up=raw.up.to(device=device, dtype=dtype).contiguous(),
-                down=raw.down.to(device=device, dtype=dtype).contiguous(),
+                up=raw.up.to(device=self.device, dtype=self.dtype).contiguous(),
+                down=raw.down.to(device=self.device, dtype=self.dtype).contiguous(),
                 activation=raw.activation,
             )
-        logger.info("loaded %d expert(s), %.1f MiB, %s on %s", len(keys), self.nbytes / 2**20, dtype, device)
+        return weights
+
+    def add(self, weights: dict[ExpertKey, ExpertWeights]) -> None:
+        self._weights.update(weights)
+
+    def remove(self, keys: list[ExpertKey]) -> None:
+        for key in keys:
+            self._weights.pop(key, None)
 
     @property
     def keys(self) -> list[ExpertKey]:

@@ -26,10 +26,10 @@ from moe_serve.grpc_utils import (
     wait_for_termination,
 )
 from moe_serve.model_spec import CONFIG_DTYPE_NAMES
-from moe_serve.placement import ExpertKey, expert_blocks, parse_expert_ids
+from moe_serve.placement import ExpertKey, expert_blocks, parse_expert_keys
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistration
-from moe_serve.registry import WorkerRecord
+from moe_serve.registry import Registration, RouterRegistration, WorkerRecord
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "moe_serve.v1.ExpertWorker"
@@ -46,18 +46,24 @@ def resolve_dtype(requested: str, checkpoint_dtype: torch.dtype) -> torch.dtype:
 
 
 def owned_experts(settings: WorkerSettings, checkpoint: Checkpoint) -> list[ExpertKey]:
+    """The (layer, expert) keys this worker loads: --experts, or its block of the placement plan."""
     spec = checkpoint.spec
-    if settings.experts:
-        expert_ids = parse_expert_ids(settings.experts)
-        if expert_ids[-1] >= spec.num_placed_experts:
-            shared = f" (expert {spec.shared_expert_id} is the shared expert)" if spec.num_shared_slots else ""
-            raise ConfigurationError(
-                f"--experts {settings.experts}: the checkpoint has experts 0-{spec.num_placed_experts - 1}{shared}"
-            )
-    else:
+    if not settings.experts:
         # the shared expert, if any, is placed like any other (id E)
         expert_ids = expert_blocks(spec.num_placed_experts, settings.num_workers)[settings.worker_index]
-    return [ExpertKey(layer, expert) for layer in spec.moe_layers for expert in expert_ids]
+        return [ExpertKey(layer, expert) for layer in spec.moe_layers for expert in expert_ids]
+    try:
+        keys = parse_expert_keys(settings.experts, spec.moe_layers)
+    except ValueError as error:
+        raise ConfigurationError(f"--experts: {error}") from None
+    for key in keys:
+        if key.layer not in spec.moe_layers or key.expert >= spec.num_placed_experts:
+            shared = f"; expert {spec.shared_expert_id} is the shared expert" if spec.num_shared_slots else ""
+            raise ConfigurationError(
+                f"--experts {settings.experts}: no expert {key.expert} in layer {key.layer} (MoE layers "
+                f"{list(spec.moe_layers)}, experts 0-{spec.num_placed_experts - 1}{shared})"
+            )
+    return keys
 
 
 class WorkerService:
@@ -67,7 +73,7 @@ class WorkerService:
         self.settings, self.node_id, self.gpu_id = settings, node_id, gpu_id
         self.server: aio.Server | None = None
         self.servicer: ExpertWorkerServicer | None = None
-        self.registration: RedisRegistration | None = None
+        self.registration: Registration | None = None
         self.record: WorkerRecord | None = None
 
     async def start(self) -> WorkerRecord:
@@ -91,19 +97,36 @@ class WorkerService:
             weights_version=weights_version,
             compute_datatype=codec.datatype_name(dtype),
         )
-        self.servicer = ExpertWorkerServicer(store, self.record, settings.compute_threads, settings.max_message_bytes)
+        self.servicer = ExpertWorkerServicer(
+            store,
+            self.record,
+            settings.checkpoint,
+            settings.compute_threads,
+            settings.max_message_bytes,
+            publish=self._publish,
+        )
         moe_grpc.add_ExpertWorkerServicer_to_server(self.servicer, server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
         await server.start()
         await set_serving(health, [SERVICE_NAME], True)
         self.server = server
-        if settings.redis_url:
-            self.registration = RedisRegistration(
-                settings.redis_url, settings.redis_prefix, self.record, settings.registry_ttl_s
-            )
+        self.registration = self._make_registration()
+        if self.registration is not None:
             await self.registration.start()
         logger.info("worker %s serving %d expert(s) at %s", self.record.worker_id, len(store.keys), address)
         return self.record
+
+    def _make_registration(self) -> Registration | None:
+        settings, snapshot = self.settings, self.servicer.record
+        if settings.redis_url:
+            return RedisRegistration(settings.redis_url, settings.redis_prefix, snapshot, settings.registry_ttl_s)
+        if settings.router_address:
+            return RouterRegistration(settings.router_address, snapshot, settings.registry_ttl_s)
+        return None
+
+    async def _publish(self) -> None:
+        if self.registration is not None:
+            await self.registration.publish()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Deregister (routers stop sending), finish in-flight batches (up to `grace_s`), close."""
@@ -111,7 +134,7 @@ class WorkerService:
             await self.registration.stop()
         if self.server is not None:
             assert self.servicer is not None
-            await drain(lambda: self.servicer.inflight_rows == 0, grace_s)
+            await drain(lambda: self.servicer.load.inflight_rows == 0, grace_s)
             await self.server.stop(0)
         if self.servicer is not None:
             await self.servicer.close()

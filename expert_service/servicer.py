@@ -5,14 +5,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from grpc import aio
 
 from expert_service.experts import ExpertStore
+from expert_service.load import LoadTracker
 from moe_serve import codec
-from moe_serve.errors import DeadlineExceeded, DeliveryFailed, InvalidInput, ServiceUnavailable, error_of, failure_of
+from moe_serve.checkpoint import Checkpoint
+from moe_serve.errors import (
+    ConfigurationError,
+    DeadlineExceeded,
+    DeliveryFailed,
+    ExpertNotHere,
+    InvalidInput,
+    ServiceUnavailable,
+    error_of,
+    failure_of,
+)
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
@@ -20,18 +34,46 @@ from moe_serve.registry import WorkerRecord
 from moe_serve.streams import StreamClientPool, serve_stream
 
 logger = logging.getLogger(__name__)
+# after a worker stops announcing an expert, rows routed just before routers saw it may still come
+UNLOAD_SETTLE_S = 0.5
 
 
 class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
-    def __init__(self, store: ExpertStore, record: WorkerRecord, compute_threads: int, max_message_bytes: int) -> None:
-        self.store, self.record = store, record
+    """Computes rows for the experts it announces; `announced` is what the registry publishes."""
+
+    def __init__(
+        self,
+        store: ExpertStore,
+        identity: WorkerRecord,
+        checkpoint_dir: Path,
+        compute_threads: int,
+        max_message_bytes: int,
+        publish: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        self.store, self.identity, self.checkpoint_dir = store, identity, checkpoint_dir
+        self.announced: set[ExpertKey] = set(store.keys)
+        self.load = LoadTracker()
+        self.publish = publish  # re-registers the worker after its expert set changed
         # compute runs off the event loop so one matmul never stalls the other calls of this
         # worker; one thread per concurrently computed expert (torch releases the GIL)
         self._executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="expert-compute")
         self._deliveries: StreamClientPool[moe_pb2.Delivery, moe_pb2.DeliveryAck] = StreamClientPool(
             lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes
         )
-        self.inflight_rows = 0
+        self._inflight_by_expert: Counter[ExpertKey] = Counter()
+
+    def record(self) -> WorkerRecord:
+        """This worker as the registry should see it now: announced experts and live load."""
+        return WorkerRecord(
+            worker_id=self.identity.worker_id,
+            address=self.identity.address,
+            experts=tuple(sorted(self.announced)),
+            node_id=self.identity.node_id,
+            gpu_id=self.identity.gpu_id,
+            weights_version=self.identity.weights_version,
+            compute_datatype=self.identity.compute_datatype,
+            load=self.load.snapshot(),
+        )
 
     async def close(self) -> None:
         await self._deliveries.close()
@@ -40,7 +82,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
     async def Describe(
         self, request: moe_pb2.DescribeWorkerRequest, context: aio.ServicerContext
     ) -> moe_pb2.WorkerInfo:
-        return self.record.to_proto()
+        return self.record().to_proto()
 
     async def ComputeStream(self, requests: object, context: aio.ServicerContext) -> None:
         await serve_stream(context, self.compute, lambda _, error: moe_pb2.ComputeResult(failure=failure_of(error)))
@@ -49,12 +91,16 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         """Compute one batch and deliver it; the result says how many rows the gateway accepted."""
         deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
         rows, segments = self._validate(request)
-        self.inflight_rows += rows.shape[0]
+        self.load.received(rows.shape[0])
+        for key, count in segments:
+            self._inflight_by_expert[key] += count
         try:
             outputs = await self._compute_segments(segments, rows)
             accepted = await self._deliver(request, outputs, deadline)
         finally:
-            self.inflight_rows -= rows.shape[0]
+            self.load.finished(rows.shape[0])
+            for key, count in segments:
+                self._inflight_by_expert[key] -= count
         return moe_pb2.ComputeResult(rows_delivered=accepted)
 
     def _validate(self, request: moe_pb2.ComputeRequest) -> tuple[torch.Tensor, list[tuple[ExpertKey, int]]]:
@@ -69,8 +115,8 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             raise InvalidInput(f"segments cover {sum(c for _, c in segments)} rows, the request has {rows.shape[0]}")
         for key, _ in segments:
             if not self.store.owns(key):
-                raise InvalidInput(
-                    f"worker {self.record.worker_id} does not hold expert {key.expert} of layer {key.layer}"
+                raise ExpertNotHere(
+                    f"worker {self.identity.worker_id} does not hold expert {key.expert} of layer {key.layer}"
                 )
         return rows, segments
 
@@ -78,10 +124,17 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         loop = asyncio.get_running_loop()
         futures, start = [], 0
         for key, count in segments:
-            futures.append(loop.run_in_executor(self._executor, self.store.compute, key, rows[start : start + count]))
+            futures.append(loop.run_in_executor(self._executor, self._timed_compute, key, rows[start : start + count]))
             start += count
         results = await asyncio.gather(*futures)
         return results[0] if len(results) == 1 else torch.cat(results, dim=0)
+
+    def _timed_compute(self, key: ExpertKey, rows: torch.Tensor) -> torch.Tensor:
+        self.load.started(rows.shape[0])
+        started = time.perf_counter()
+        output = self.store.compute(key, rows)
+        self.load.computed(rows.shape[0], (time.perf_counter() - started) * 1000)
+        return output
 
     async def _deliver(self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, deadline: float | None) -> int:
         remaining = None if deadline is None else deadline - time.monotonic()
@@ -91,7 +144,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             request_id=request.request_id,
             positions=request.positions,  # echoed as received: the gateway places rows by them
             rows=codec.to_proto(outputs),
-            worker_id=self.record.worker_id,
+            worker_id=self.identity.worker_id,
             timeout_s=remaining or 0.0,
         )
         try:
@@ -101,3 +154,43 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         if ack.HasField("failure"):
             raise error_of(ack.failure)  # NOT_FOUND: the gateway has dropped the request
         return ack.rows_accepted
+
+    # ------------------------------------------------------------------ replicas moved while serving
+
+    async def LoadExperts(self, request: moe_pb2.ExpertSet, context: aio.ServicerContext) -> moe_pb2.WorkerInfo:
+        keys = [
+            ExpertKey(k.layer, k.expert) for k in request.experts if not self.store.owns(ExpertKey(k.layer, k.expert))
+        ]
+        if keys:
+            # reading weights is blocking I/O: keep it off the event loop
+            try:
+                weights = await asyncio.get_running_loop().run_in_executor(None, self._read_experts, keys)
+            except ConfigurationError as error:
+                raise InvalidInput(f"cannot load {[tuple(k) for k in keys]}: {error}") from None
+            self.store.add(weights)
+        self.announced.update(ExpertKey(k.layer, k.expert) for k in request.experts)
+        await self._announce()
+        logger.info("worker %s now serves %d expert(s) (+%d)", self.identity.worker_id, len(self.announced), len(keys))
+        return self.record().to_proto()
+
+    async def UnloadExperts(self, request: moe_pb2.ExpertSet, context: aio.ServicerContext) -> moe_pb2.WorkerInfo:
+        keys = [ExpertKey(k.layer, k.expert) for k in request.experts]
+        self.announced.difference_update(keys)
+        await self._announce()  # routers stop choosing this replica for these experts
+        await asyncio.sleep(UNLOAD_SETTLE_S)
+        while any(self._inflight_by_expert[key] for key in keys):
+            await asyncio.sleep(0.02)
+        self.store.remove([key for key in keys if key not in self.announced])
+        logger.info("worker %s now serves %d expert(s) (-%d)", self.identity.worker_id, len(self.announced), len(keys))
+        return self.record().to_proto()
+
+    def _read_experts(self, keys: list[ExpertKey]) -> dict:
+        checkpoint = Checkpoint(self.checkpoint_dir)
+        try:
+            return self.store.read(checkpoint, keys)
+        finally:
+            checkpoint.close()
+
+    async def _announce(self) -> None:
+        if self.publish is not None:
+            await self.publish()

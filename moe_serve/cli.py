@@ -7,6 +7,7 @@ MOE_SERVE_REDIS_URL); a flag given on the command line wins.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -123,9 +124,8 @@ def gateway(
 def router(
     checkpoint: CheckpointDir = None,
     port: Annotated[int | None, typer.Option(help="Router gRPC port.")] = None,
-    worker_addresses: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated worker host:port list (in-process registry; not with --redis-url)."),
+    split_min_rows: Annotated[
+        int | None, typer.Option(help="Split an expert's rows over its replicas from twice this many rows (0 = never).")
     ] = None,
     model_name: ModelName = None,
     dtype: Dtype = None,
@@ -149,7 +149,7 @@ def router(
         RouterSettings,
         checkpoint=checkpoint,
         port=port,
-        worker_addresses=worker_addresses,
+        split_min_rows=split_min_rows,
         model_name=model_name,
         dtype=dtype,
         noisy_gating_std=noisy_gating_std,
@@ -174,6 +174,9 @@ def worker(
     worker_index: Annotated[int | None, typer.Option(help="Index in the placement plan.")] = None,
     num_workers: Annotated[int | None, typer.Option(help="Workers in the placement plan.")] = None,
     worker_id: Annotated[str | None, typer.Option(help="Registry id of this worker.")] = None,
+    router_address: Annotated[
+        str | None, typer.Option(help="Register in this router's registry (when --redis-url is not given).")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     compute_threads: Annotated[int | None, typer.Option(help="Experts computed concurrently.")] = None,
     torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
@@ -197,6 +200,7 @@ def worker(
         worker_index=worker_index,
         num_workers=num_workers,
         worker_id=worker_id,
+        router_address=router_address,
         device=device,
         compute_threads=compute_threads,
         torch_threads=torch_threads,
@@ -225,6 +229,11 @@ def up(
     overflow: Overflow = None,
     batch_window_ms: BatchWindow = None,
     max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
+    rebalance: Annotated[
+        float | None, typer.Option(help="Hot-expert replication: run the EPLB balancer every this many seconds.")
+    ] = None,
+    autoscale_max_workers: Annotated[int | None, typer.Option(help="Autoscale workers up to this many.")] = None,
+    autoscale_min_workers: Annotated[int | None, typer.Option(help="Autoscale down to this many.")] = None,
     model_name: ModelName = None,
     dtype: Dtype = None,
     host: Host = None,
@@ -248,6 +257,9 @@ def up(
         overflow=overflow,
         batch_window_ms=batch_window_ms,
         max_inflight_tokens=max_inflight_tokens,
+        rebalance_interval_s=rebalance,
+        autoscale_max_workers=autoscale_max_workers,
+        autoscale_min_workers=autoscale_min_workers,
         model_name=model_name,
         dtype=dtype,
         host=host,
@@ -366,6 +378,69 @@ def bench(
     print_report(result, Console())
     print_routing_report(result, Console())
     console.print(f"results written to {write_result(result, output_dir)}")
+
+
+ClusterFile = Annotated[Path, typer.Option(help="Cluster file written by `moe-serve up`.")]
+ControllerName = Annotated[str | None, typer.Option(help="Controller actor name (default: from the cluster file).")]
+RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address (default: from the cluster file).")]
+
+
+@app.command()
+def scale(
+    expert: Annotated[int | None, typer.Option(help="Expert to give --replicas replicas.")] = None,
+    layer: Annotated[int | None, typer.Option(help="Only this MoE layer's expert (default: every layer).")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Replicas wanted for --expert.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Re-place all experts over this many workers.")] = None,
+    cluster_file: ClusterFile = Path(".moe-serve/cluster.json"),
+    ray_address: RayAddress = None,
+    controller: ControllerName = None,
+) -> None:
+    """Scale the running stack: one expert's replicas, or the number of workers (never failing a request)."""
+    from moe_serve.cluster_commands import connect, print_status
+
+    if (expert is None) == (workers is None) or (expert is not None and replicas is None):
+        console.print("[red]error[/red]: give either --expert E --replicas N [--layer L], or --workers N")
+        raise typer.Exit(2)
+    handle = _controller(connect, cluster_file, ray_address, controller)
+    import ray  # after connect(), which sets up Ray's authentication mode first
+
+    try:
+        if workers is not None:
+            ray.get(handle.scale_workers.remote(workers))
+        else:
+            ray.get(handle.scale_expert.remote(expert, replicas, layer))
+    except ray.exceptions.RayTaskError as error:
+        console.print(f"[red]error[/red]: {error.cause}")
+        raise typer.Exit(1) from None
+    print_status(Console(), ray.get(handle.status.remote()))
+
+
+@app.command()
+def status(
+    cluster_file: ClusterFile = Path(".moe-serve/cluster.json"),
+    ray_address: RayAddress = None,
+    controller: ControllerName = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON (for scripts).")] = False,
+) -> None:
+    """Print the placement table of the running stack: workers, nodes, GPUs, experts, replicas, live load."""
+    from moe_serve.cluster_commands import connect, print_status
+
+    handle = _controller(connect, cluster_file, ray_address, controller)
+    import ray  # after connect(), which sets up Ray's authentication mode first
+
+    current = ray.get(handle.status.remote())
+    if as_json:
+        print(json.dumps({**current, "workers": [json.loads(w) for w in current["workers"]]}, indent=2))
+    else:
+        print_status(Console(), current)
+
+
+def _controller(connect: Any, cluster_file: Path, ray_address: str | None, controller: str | None) -> Any:
+    try:
+        return connect(cluster_file, ray_address, controller)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        console.print(f"[red]error[/red]: {error}")
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -96,9 +96,11 @@ class RouterSettings(CommonSettings):
     checkpoint: Path = Field(..., description="Checkpoint directory (only the router weights are read).")
     model_name: str | None = Field(None, description="Model name (default: the checkpoint directory's name).")
     dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
-    worker_addresses: list[str] = Field(
-        default_factory=list,
-        description="Workers to use with the in-process registry (host:port each); ignored when redis_url is set.",
+    split_min_rows: int = Field(
+        256,
+        ge=0,
+        description="An expert with several replicas and at least twice this many rows in one batch "
+        "has them split over its replicas (0 = never split).",
     )
     noisy_gating_std: float = Field(
         0.0,
@@ -111,11 +113,6 @@ class RouterSettings(CommonSettings):
         3, ge=1, description="Tries per expert batch across replicas before the request fails UNAVAILABLE."
     )
 
-    @field_validator("worker_addresses", mode="before")
-    @classmethod
-    def _split_addresses(cls, value: object) -> object:
-        return [a.strip() for a in value.split(",") if a.strip()] if isinstance(value, str) else value
-
 
 class WorkerSettings(CommonSettings):
     """One expert worker: the weights of its experts and a gRPC server computing them."""
@@ -124,8 +121,11 @@ class WorkerSettings(CommonSettings):
     checkpoint: Path = Field(..., description="Checkpoint directory (only this worker's experts are read).")
     experts: str | None = Field(
         None,
-        description="Expert ids this worker serves, e.g. '0-3' (all MoE layers). "
+        description="Experts this worker serves: '0-3' (in every MoE layer) and/or '1:5' (expert 5 of layer 1). "
         "Default: its block of the placement plan (worker_index of num_workers).",
+    )
+    router_address: str | None = Field(
+        None, description="Register (with heartbeats) in this router's registry; used when redis_url is not set."
     )
     worker_index: int = Field(0, ge=0, description="This worker's index in the placement plan.")
     num_workers: int = Field(1, ge=1, description="Workers in the placement plan.")
@@ -156,4 +156,17 @@ class UpSettings(CommonSettings):
     capacity_factor: float | None = Field(None, ge=0.0, description="Expert capacity factor (unset: the model's own).")
     overflow: Literal["drop", "reroute", "dropless"] | None = Field(None, description="Overflow rule over capacity.")
     batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")
+    cluster_file: Path = Field(
+        Path(".moe-serve/cluster.json"),
+        description="Where `up` records the Ray address and controller, for `moe-serve scale` and `moe-serve status`.",
+    )
+    rebalance_interval_s: float = Field(
+        0.0, ge=0.0, description="Hot-expert replication: run the EPLB balancer this often (0 = off)."
+    )
+    autoscale_max_workers: int = Field(0, ge=0, description="Autoscaling: upper bound of workers (0 = off).")
+    autoscale_min_workers: int = Field(0, ge=0, description="Autoscaling: lower bound (0 = the starting count).")
+    autoscale_target_queued_rows: float = Field(
+        256.0, gt=0, description="Autoscaling: add a worker when queued rows per replica stay above this."
+    )
+    autoscale_window: int = Field(6, ge=1, description="Autoscaling: consecutive 5 s checks before acting.")
     max_inflight_tokens: int = Field(65536, gt=0, description="Gateway admission bound, in tokens.")

@@ -64,6 +64,13 @@ class ServiceUnavailable(MoEServeError):
     status_code = grpc.StatusCode.UNAVAILABLE
 
 
+class ExpertNotHere(MoEServeError):
+    """Rows arrived for an expert this worker does not (or no longer) hold: the router's view was
+    stale for a moment; another replica can take them (retryable, hence UNAVAILABLE)."""
+
+    status_code = grpc.StatusCode.UNAVAILABLE
+
+
 class DeadlineExceeded(MoEServeError):
     """The request's deadline passed before its result was complete."""
 

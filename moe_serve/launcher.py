@@ -108,41 +108,6 @@ def init_ray(address: str | None = None, **options: Any) -> Any:
     return ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **options)
 
 
-def start_worker_actors(
-    checkpoint: Path, num_workers: int, worker_settings: dict[str, Any], num_gpus: float = 0.0, num_cpus: float = 0.0
-) -> tuple[list[Any], list[WorkerRecord]]:
-    """Create `num_workers` ExpertWorkerActor actors (Ray must be initialised); return handles and records."""
-    import ray
-
-    from expert_service.actor import ExpertWorkerActor
-
-    actor_class = ray.remote(ExpertWorkerActor)
-    handles = [
-        actor_class.options(num_gpus=num_gpus, num_cpus=num_cpus, max_concurrency=4).remote(
-            {
-                **worker_settings,
-                "checkpoint": str(checkpoint),
-                "worker_index": index,
-                "num_workers": num_workers,
-                "port": 0,
-            }
-        )
-        for index in range(num_workers)
-    ]
-    records = [WorkerRecord.from_json(text) for text in ray.get([h.record_json.remote() for h in handles])]
-    return handles, records
-
-
-def stop_worker_actors(handles: list[Any], grace_s: float = 5.0) -> None:
-    import ray
-
-    with contextlib.suppress(Exception):
-        ray.get([handle.stop.remote(grace_s) for handle in handles], timeout=grace_s + 10)
-    for handle in handles:
-        with contextlib.suppress(Exception):
-            ray.kill(handle)
-
-
 @dataclass
 class Stack:
     """A running stack; `stop()` shuts it down in reverse order (gateway first)."""
@@ -151,17 +116,28 @@ class Stack:
     checkpoint: Path
     gateway: ServiceProcess
     router: ServiceProcess
-    worker_handles: list[Any]
-    workers: list[WorkerRecord]
+    controller: Any  # a DeploymentController actor handle
+    controller_name: str
 
     @property
     def address(self) -> str:
         return self.gateway.address
 
+    @property
+    def workers(self) -> list[WorkerRecord]:
+        import ray
+
+        return [WorkerRecord.from_json(text) for text in ray.get(self.controller.records.remote())]
+
     def stop(self) -> None:
+        import ray
+
         self.gateway.stop()
+        with contextlib.suppress(Exception):
+            ray.get(self.controller.stop_all.remote(), timeout=120)
+        with contextlib.suppress(Exception):
+            ray.kill(self.controller)
         self.router.stop()
-        stop_worker_actors(self.worker_handles)
 
 
 def _common_flags(settings: UpSettings) -> list[str]:
@@ -192,25 +168,18 @@ def _registry_flags(settings: UpSettings) -> list[str]:
 
 
 def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -> Stack:
-    """Start workers (Ray actors; Ray must be initialised), then the router, then the gateway."""
+    """Start the router (it hosts the registry unless Redis does), the worker actors through a
+    deployment controller (Ray must be initialised), then the gateway once every expert has a replica."""
+    import ray
+
+    from moe_serve.controller import NAMESPACE, DeploymentController, controller_name
+
     spec = Checkpoint(checkpoint).spec
     model_name = settings.model_name or checkpoint.resolve().name
     started = time.monotonic()
-    worker_settings: dict[str, Any] = {
-        "host": settings.host,
-        "advertise_host": settings.advertise_host,
-        "dtype": settings.dtype,
-        "log_level": settings.log_level,
-        "max_message_bytes": settings.max_message_bytes,
-        "redis_url": settings.redis_url,
-        "redis_prefix": settings.redis_prefix,
-        "registry_ttl_s": settings.registry_ttl_s,
-    }
-    handles, records = start_worker_actors(
-        checkpoint, settings.workers, worker_settings, settings.worker_num_gpus, settings.worker_num_cpus
-    )
-    try:
-        router_args = [
+    router = start_service_process(
+        "router",
+        [
             "router",
             "--checkpoint",
             str(checkpoint),
@@ -222,33 +191,59 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
             model_name,
             *_common_flags(settings),
             *_registry_flags(settings),
-        ]
-        if not settings.redis_url:
-            router_args += ["--worker-addresses", ",".join(r.address for r in records)]
-        router = start_service_process("router", router_args)
-        try:
-            gateway_args = [
-                "gateway",
-                "--router-address",
+        ],
+    )
+    name = controller_name(model_name, router.address)
+    controller = None
+    try:
+        worker_settings: dict[str, Any] = {
+            "host": settings.host,
+            "advertise_host": settings.advertise_host,
+            "dtype": settings.dtype,
+            "log_level": settings.log_level,
+            "max_message_bytes": settings.max_message_bytes,
+            "redis_url": settings.redis_url,
+            "redis_prefix": settings.redis_prefix,
+            "registry_ttl_s": settings.registry_ttl_s,
+            "router_address": None if settings.redis_url else router.address,
+        }
+        controller = (
+            ray.remote(DeploymentController)
+            .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=8)
+            .remote(
+                model_name,
+                str(checkpoint),
+                worker_settings,
                 router.address,
-                "--port",
-                str(settings.port),
-                "--max-inflight-tokens",
-                str(settings.max_inflight_tokens),
-                "--batch-window-ms",
-                str(settings.batch_window_ms),
-                *_common_flags(settings),
-            ]
-            if settings.capacity_factor is not None:
-                gateway_args += ["--capacity-factor", str(settings.capacity_factor)]
-            if settings.overflow is not None:
-                gateway_args += ["--overflow", settings.overflow]
-            gateway = start_service_process("gateway", gateway_args)
-        except BaseException:
-            router.stop()
-            raise
+                settings.worker_num_gpus,
+                settings.worker_num_cpus,
+            )
+        )
+        ray.get(controller.start.remote(settings.workers))
+        wait_until_ready(router.address)
+        gateway_args = [
+            "gateway",
+            "--router-address",
+            router.address,
+            "--port",
+            str(settings.port),
+            "--max-inflight-tokens",
+            str(settings.max_inflight_tokens),
+            "--batch-window-ms",
+            str(settings.batch_window_ms),
+            *_common_flags(settings),
+        ]
+        if settings.capacity_factor is not None:
+            gateway_args += ["--capacity-factor", str(settings.capacity_factor)]
+        if settings.overflow is not None:
+            gateway_args += ["--overflow", settings.overflow]
+        gateway = start_service_process("gateway", gateway_args)
     except BaseException:
-        stop_worker_actors(handles)
+        if controller is not None:
+            with contextlib.suppress(Exception):
+                ray.get(controller.stop_all.remote(), timeout=60)
+            ray.kill(controller)
+        router.stop()
         raise
     logger.info(
         "stack for %s (%d MoE layers, %d experts) up in %.1f s",
@@ -262,6 +257,22 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
         checkpoint=checkpoint,
         gateway=gateway,
         router=router,
-        worker_handles=handles,
-        workers=records,
+        controller=controller,
+        controller_name=name,
     )
+
+
+def wait_until_ready(router_address: str, timeout_s: float = 60.0) -> None:
+    """Block until the router reports a live replica for every expert."""
+    import grpc
+
+    from moe_serve.protos import moe_serve_pb2 as moe_pb2
+    from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(router_address) as channel:
+        stub = moe_grpc.RouterStub(channel)
+        while not stub.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=5).ready:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router {router_address} not ready within {timeout_s:.0f} s")
+            time.sleep(0.05)

@@ -72,3 +72,22 @@ def parse_expert_ids(text: str) -> list[int]:
     if not ids:
         raise ValueError(f"expert list {text!r} names no expert")
     return sorted(ids)
+
+
+def parse_expert_keys(text: str, moe_layers: tuple[int, ...] | list[int]) -> list[ExpertKey]:
+    """Parse an expert list into keys: "0-3,6" (those experts in every MoE layer) and/or "1:3" or "1:2-4"
+    (experts of one layer only)."""
+    keys: set[ExpertKey] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        layer, colon, experts = part.rpartition(":")
+        if colon:
+            try:
+                layers = [int(layer)]
+            except ValueError:
+                raise ValueError(f"bad layer {layer!r} in {text!r}: expected e.g. '1:3'") from None
+        else:
+            layers, experts = list(moe_layers), part
+        keys.update(ExpertKey(layer_index, expert) for layer_index in layers for expert in parse_expert_ids(experts))
+    if not keys:
+        raise ValueError(f"expert list {text!r} names no expert")
+    return sorted(keys)

@@ -4,7 +4,8 @@ Workers write `<prefix>workers:<id>` (a JSON WorkerRecord) with a TTL and refres
 heartbeat; an entry whose worker stops heartbeating expires by itself. Every change is announced
 on the `<prefix>events` channel, which routers subscribe to; they re-read the entries on each
 announcement and, as a slow safety net for silent expiries, once per half TTL.
-When Redis is unreachable both sides keep their last state and retry with backoff.
+When Redis is unreachable both sides keep their last state and retry (routers with backoff,
+workers on their heartbeat); a worker re-registers by itself once Redis is back.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from moe_serve.registry import Registry, WorkerRecord
+from moe_serve.placement import ExpertKey
+from moe_serve.registry import OutageLog, Registration, Registry, WorkerRecord
 
 logger = logging.getLogger(__name__)
 
@@ -31,23 +34,6 @@ def events_channel(prefix: str) -> str:
     return f"{prefix}events"
 
 
-class _OutageLog:
-    """Logs a Redis outage once when it starts and once when it ends, never per attempt."""
-
-    def __init__(self, what: str) -> None:
-        self.what, self.down = what, False
-
-    def failed(self, error: Exception) -> None:
-        if not self.down:
-            logger.warning("%s: Redis unreachable (%s); keeping the last known state and retrying", self.what, error)
-            self.down = True
-
-    def recovered(self) -> None:
-        if self.down:
-            logger.info("%s: Redis reachable again", self.what)
-            self.down = False
-
-
 class RedisRegistry(Registry):
     """Router-side view of the workers registered in Redis."""
 
@@ -56,7 +42,7 @@ class RedisRegistry(Registry):
         self.url, self.prefix, self.ttl_s = url, prefix, ttl_s
         self._client = aioredis.Redis.from_url(url)
         self._task: asyncio.Task[None] | None = None
-        self._outage = _OutageLog(f"registry watcher ({url})")
+        self._outage = OutageLog(f"registry watcher, Redis at {url}")
 
     async def start(self) -> None:
         await self.refresh()
@@ -113,51 +99,31 @@ class RedisRegistry(Registry):
                     await pubsub.aclose()
 
 
-class RedisRegistration:
-    """Worker-side: keeps one WorkerRecord registered in Redis while the worker lives."""
+class RedisRegistration(Registration):
+    """Worker side: keeps the worker's record in Redis (SET with a TTL; announced when new)."""
 
-    def __init__(self, url: str, prefix: str, record: WorkerRecord, ttl_s: float = DEFAULT_TTL_S) -> None:
-        self.url, self.prefix, self.record, self.ttl_s = url, prefix, record, ttl_s
+    transport_errors = (RedisError, OSError)
+
+    def __init__(
+        self, url: str, prefix: str, snapshot: Callable[[], WorkerRecord], ttl_s: float = DEFAULT_TTL_S
+    ) -> None:
+        super().__init__(snapshot, ttl_s, f"registration in Redis at {url}")
+        self.prefix = prefix
         self._client = aioredis.Redis.from_url(url)
-        self._task: asyncio.Task[None] | None = None
-        self._outage = _OutageLog(f"worker {record.worker_id} registration ({url})")
+        self._announced: tuple[ExpertKey, ...] | None = None
 
-    async def start(self) -> None:
-        await self._write()
-        self._task = asyncio.create_task(self._heartbeat(), name="redis-registration-heartbeat")
+    async def _write(self, record: WorkerRecord) -> None:
+        key = worker_key(self.prefix, record.worker_id)
+        # SET ... GET tells whether the entry existed: a new entry (first start, or Redis came back
+        # empty after a restart) or a changed expert set is announced; a plain heartbeat is not
+        previous = await self._client.set(key, record.to_json(), px=max(100, int(self.ttl_s * 1000)), get=True)
+        if previous is None or self._announced != record.experts:
+            await self._client.publish(events_channel(self.prefix), f"register {record.worker_id}")
+            self._announced = record.experts
 
-    async def stop(self) -> None:
-        """Deregister now, so routers stop sending work before the TTL would expire."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        try:
-            await self._client.delete(worker_key(self.prefix, self.record.worker_id))
-            await self._client.publish(events_channel(self.prefix), f"deregister {self.record.worker_id}")
-        except (RedisError, OSError) as error:
-            logger.warning(
-                "could not deregister %s from Redis (%s); its entry expires in %.0f s",
-                self.record.worker_id,
-                error,
-                self.ttl_s,
-            )
+    async def _remove(self, worker_id: str) -> None:
+        await self._client.delete(worker_key(self.prefix, worker_id))
+        await self._client.publish(events_channel(self.prefix), f"deregister {worker_id}")
+
+    async def _close(self) -> None:
         await self._client.aclose()
-
-    async def _write(self) -> bool:
-        key = worker_key(self.prefix, self.record.worker_id)
-        try:
-            # SET ... GET tells whether the entry existed: announce only new registrations
-            previous = await self._client.set(key, self.record.to_json(), px=max(100, int(self.ttl_s * 1000)), get=True)
-            if previous is None:
-                await self._client.publish(events_channel(self.prefix), f"register {self.record.worker_id}")
-        except (RedisError, OSError) as error:
-            self._outage.failed(error)
-            return False
-        self._outage.recovered()
-        return True
-
-    async def _heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(self.ttl_s / 3)
-            await self._write()

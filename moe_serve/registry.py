@@ -1,27 +1,36 @@
-"""Registry of expert-worker replicas: which worker serves which (layer, expert), at what address.
+"""Registry of expert-worker replicas: which worker serves which (layer, expert), where, under what load.
 
-Routers read it on every request, so lookups are local dictionary reads; implementations keep
-that local view current. `InProcessRegistry` (single host, the default) is filled by the router
-itself from the workers it was given; `moe_serve.redis_registry.RedisRegistry` follows a shared
-Redis server that workers register into with a heartbeat.
+Routers read it on every request, so lookups are local dictionary reads; each implementation
+keeps that local view current. Two backends, same semantics (register, heartbeat, expire after a
+TTL without heartbeat, deregister):
+- `InProcessRegistry`: hosted by the router itself (single host, the default); workers register
+  through the router's `WorkerRegistry` RPC (`RouterRegistration`).
+- `moe_serve.redis_registry`: a shared Redis server (`RedisRegistry` / `RedisRegistration`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
+from grpc import aio
+
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 
 logger = logging.getLogger(__name__)
+LOAD_FIELDS = ("inflight_rows", "queued_rows", "rows_per_s", "compute_p50_ms")
 
 
 @dataclass(frozen=True)
 class WorkerRecord:
-    """One worker replica as the registry knows it."""
+    """One worker replica as the registry knows it; `load` is its live load at the last heartbeat."""
 
     worker_id: str
     address: str
@@ -52,6 +61,7 @@ class WorkerRecord:
             experts=[moe_pb2.ExpertKey(layer=k.layer, expert=k.expert) for k in self.experts],
             weights_version=self.weights_version,
             compute_datatype=self.compute_datatype,
+            load=moe_pb2.WorkerLoad(**{name: self.load.get(name, 0) for name in LOAD_FIELDS}),
         )
 
     @classmethod
@@ -64,6 +74,7 @@ class WorkerRecord:
             gpu_id=info.gpu_id,
             weights_version=info.weights_version,
             compute_datatype=info.compute_datatype,
+            load={name: getattr(info.load, name) for name in LOAD_FIELDS},
         )
 
 
@@ -91,31 +102,168 @@ class Registry:
         self._listeners.append(listener)
 
     async def start(self) -> None:
-        """Begin following the source of registrations (nothing to do in-process)."""
+        """Begin following the source of registrations."""
 
     async def close(self) -> None:
         """Stop following; the last snapshot stays readable."""
 
     def _replace_all(self, records: Iterable[WorkerRecord]) -> None:
         workers = {record.worker_id: record for record in records}
-        if workers == self._workers:
-            return
+        # load changes with every heartbeat; only a change of placement is announced
+        placement_changed = {k: (r.address, r.experts) for k, r in workers.items()} != {
+            k: (r.address, r.experts) for k, r in self._workers.items()
+        }
+        self._workers = workers
         replicas: dict[ExpertKey, list[WorkerRecord]] = {}
         for record in workers.values():
             for key in record.experts:
                 replicas.setdefault(key, []).append(record)
-        self._workers = workers
         self._replicas = {key: tuple(sorted(rs, key=lambda r: r.worker_id)) for key, rs in replicas.items()}
-        logger.info("registry: %d worker replica(s): %s", len(workers), ", ".join(sorted(workers)) or "none")
-        for listener in self._listeners:
-            listener()
+        if placement_changed:
+            logger.info("registry: %d worker replica(s): %s", len(workers), ", ".join(sorted(workers)) or "none")
+            for listener in self._listeners:
+                listener()
 
 
 class InProcessRegistry(Registry):
-    """Single-host registry, written by the process that owns it."""
+    """Single-host registry kept by the router: entries expire `ttl` seconds after their last heartbeat."""
 
-    def register(self, record: WorkerRecord) -> None:
+    def __init__(self) -> None:
+        super().__init__()
+        self._expires_at: dict[str, float] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def register(self, record: WorkerRecord, ttl_s: float = float("inf")) -> None:
+        """Add or refresh a worker (a heartbeat is a register of the same id)."""
+        self._expires_at[record.worker_id] = time.monotonic() + ttl_s
         self._replace_all([*(r for r in self._workers.values() if r.worker_id != record.worker_id), record])
 
     def deregister(self, worker_id: str) -> None:
+        self._expires_at.pop(worker_id, None)
         self._replace_all(r for r in self._workers.values() if r.worker_id != worker_id)
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep(), name="registry-expiry")
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    async def _sweep(self, period_s: float = 0.25) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.monotonic()
+            expired = [worker_id for worker_id, deadline in self._expires_at.items() if deadline <= now]
+            for worker_id in expired:
+                logger.warning("registry: worker %s missed its heartbeats; dropping it", worker_id)
+                self.deregister(worker_id)
+
+
+class RegistryServicer(moe_grpc.WorkerRegistryServicer):
+    """The router's WorkerRegistry RPC, writing into its InProcessRegistry."""
+
+    def __init__(self, registry: InProcessRegistry) -> None:
+        self.registry = registry
+
+    async def Register(self, request: moe_pb2.RegisterRequest, context: aio.ServicerContext) -> moe_pb2.RegistryAck:
+        self.registry.register(WorkerRecord.from_proto(request.worker), request.ttl_s or float("inf"))
+        return moe_pb2.RegistryAck()
+
+    async def Deregister(self, request: moe_pb2.DeregisterRequest, context: aio.ServicerContext) -> moe_pb2.RegistryAck:
+        self.registry.deregister(request.worker_id)
+        return moe_pb2.RegistryAck()
+
+
+class OutageLog:
+    """Logs an outage of a dependency once when it starts and once when it ends, never per attempt."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.down = what, False
+
+    def failed(self, error: Exception) -> None:
+        if not self.down:
+            logger.warning("%s: unreachable (%s); keeping the last known state and retrying", self.what, error)
+            self.down = True
+
+    def recovered(self) -> None:
+        if self.down:
+            logger.info("%s: reachable again", self.what)
+            self.down = False
+
+
+class Registration:
+    """Worker side: keeps this worker's record registered, re-publishing it (with fresh load) on a heartbeat.
+
+    `snapshot` returns the record to publish now. Subclasses implement `_write` and `_remove` and
+    name the errors that mean "the registry is unreachable" (kept serving, retried on the next beat);
+    any other error is a bug and propagates.
+    """
+
+    transport_errors: tuple[type[Exception], ...] = ()
+
+    def __init__(self, snapshot: Callable[[], WorkerRecord], ttl_s: float, what: str) -> None:
+        self.snapshot, self.ttl_s = snapshot, ttl_s
+        self._task: asyncio.Task[None] | None = None
+        self._outage = OutageLog(what)
+
+    async def start(self) -> None:
+        await self.publish()
+        self._task = asyncio.create_task(self._heartbeat(), name="registration-heartbeat")
+
+    async def publish(self) -> bool:
+        """Write the current record now (after a change of experts, and on every heartbeat)."""
+        try:
+            await self._write(self.snapshot())
+        except Exception as error:
+            self._outage.failed(error)
+            return False
+        self._outage.recovered()
+        return True
+
+    async def stop(self) -> None:
+        """Deregister now, so routers stop sending work before the TTL would expire."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            await self._remove(self.snapshot().worker_id)
+        except Exception as error:
+            logger.warning("could not deregister (%s); the entry expires in %.0f s", error, self.ttl_s)
+        await self._close()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            await self.publish()
+
+    async def _write(self, record: WorkerRecord) -> None:
+        raise NotImplementedError
+
+    async def _remove(self, worker_id: str) -> None:
+        raise NotImplementedError
+
+    async def _close(self) -> None:
+        """Release the connection."""
+
+
+class RouterRegistration(Registration):
+    """Registers into the router-hosted registry through its WorkerRegistry RPC."""
+
+    transport_errors = (aio.AioRpcError,)
+
+    def __init__(self, router_address: str, snapshot: Callable[[], WorkerRecord], ttl_s: float) -> None:
+        super().__init__(snapshot, ttl_s, f"registration at router {router_address}")
+        self._channel = aio.insecure_channel(router_address)
+        self._stub = moe_grpc.WorkerRegistryStub(self._channel)
+
+    async def _write(self, record: WorkerRecord) -> None:
+        await self._stub.Register(moe_pb2.RegisterRequest(worker=record.to_proto(), ttl_s=self.ttl_s), timeout=5)
+
+    async def _remove(self, worker_id: str) -> None:
+        await self._stub.Deregister(moe_pb2.DeregisterRequest(worker_id=worker_id), timeout=5)
+
+    async def _close(self) -> None:
+        await self._channel.close()

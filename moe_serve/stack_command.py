@@ -9,7 +9,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from moe_serve.cluster_commands import ClusterInfo
 from moe_serve.config import UpSettings
+from moe_serve.controller import NAMESPACE
 from moe_serve.demo import ensure_demo_checkpoint
 from moe_serve.grpc_utils import announce_ready
 from moe_serve.launcher import Stack, init_ray, launch_stack
@@ -35,6 +37,17 @@ def describe(stack: Stack) -> Table:
     return table
 
 
+def autoscale_policy(settings: UpSettings) -> dict[str, float] | None:
+    if not settings.autoscale_max_workers:
+        return None
+    return {
+        "target_queued_rows": settings.autoscale_target_queued_rows,
+        "window": settings.autoscale_window,
+        "minimum": settings.autoscale_min_workers or settings.workers,
+        "maximum": settings.autoscale_max_workers,
+    }
+
+
 def run_up(settings: UpSettings, console: Console) -> None:
     import ray
 
@@ -51,7 +64,23 @@ def run_up(settings: UpSettings, console: Console) -> None:
                 f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}, model "
                 f"{stack.model_name!r} (router {stack.router.address}); Ctrl-C to stop"
             )
-            announce_ready("stack", address=stack.address, model=stack.model_name, router=stack.router.address)
+            ClusterInfo(
+                ray_address=ray.get_runtime_context().gcs_address,
+                controller=stack.controller_name,
+                namespace=NAMESPACE,
+                gateway=stack.address,
+                router=stack.router.address,
+                model=stack.model_name,
+            ).write(settings.cluster_file)
+            if settings.rebalance_interval_s or settings.autoscale_max_workers:
+                stack.controller.run_policies.remote(settings.rebalance_interval_s, autoscale_policy(settings))
+            announce_ready(
+                "stack",
+                address=stack.address,
+                model=stack.model_name,
+                router=stack.router.address,
+                cluster_file=str(settings.cluster_file),
+            )
             stop.wait()
             console.print("stopping ...")
         finally:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,6 +22,7 @@ import torch
 
 from moe_serve import codec
 from moe_serve.errors import ExpertUnavailable, MoEServeError, error_of, failure_of
+from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry, WorkerRecord
@@ -62,8 +63,10 @@ class DispatchJob:
 
 
 class Dispatcher:
-    def __init__(self, registry: Registry, max_attempts: int, max_message_bytes: int) -> None:
-        self.registry, self.max_attempts = registry, max_attempts
+    def __init__(self, registry: Registry, max_attempts: int, max_message_bytes: int, split_min_rows: int = 0) -> None:
+        self.registry, self.max_attempts, self.split_min_rows = registry, max_attempts, split_min_rows
+        # rows sent per (layer, expert) since start: the load the balancer measures
+        self.expert_rows: Counter[ExpertKey] = Counter()
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
             lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream, max_message_bytes
         )
@@ -87,8 +90,17 @@ class Dispatcher:
         """True when no routed request still has batches in flight."""
         return not self._tasks
 
+    def assign(
+        self, layer: int, segments: dict[int, torch.Tensor], excluded: frozenset[str] = frozenset()
+    ) -> list[WorkerBatch]:
+        """Replicas for each expert's rows (see planner.assign_workers), with this router's load view."""
+        return assign_workers(layer, segments, self.registry, self.load, self.rng, excluded, self.split_min_rows)
+
     def launch(self, job: DispatchJob, batches: list[WorkerBatch]) -> None:
         """Start sending `batches` in the background."""
+        for batch in batches:
+            for expert, count in zip(batch.experts, batch.counts, strict=True):
+                self.expert_rows[ExpertKey(job.layer, expert)] += count
         task = asyncio.create_task(self._send_all(job, batches, attempt=1, excluded=frozenset()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -147,7 +159,7 @@ class Dispatcher:
     ) -> None:
         segments = dict(zip(batch.experts, torch.split(batch.positions, list(batch.counts)), strict=True))
         try:
-            retry_batches = assign_workers(job.layer, segments, self.registry, self.load, self.rng, excluded)
+            retry_batches = self.assign(job.layer, segments, excluded)
         except ExpertUnavailable as error:
             error.message = f"{error.message} (last failure: {reason})"
             await self._fail(job, error)

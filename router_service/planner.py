@@ -123,34 +123,44 @@ def assign_workers(
     load: ReplicaLoad,
     rng: random.Random,
     excluded: frozenset[str] = frozenset(),
+    split_min_rows: int = 0,
 ) -> list[WorkerBatch]:
-    """Pick a replica for each expert and bundle each worker's experts into one batch.
+    """Pick replicas for each expert and bundle each worker's experts into one batch.
 
     expert_segments: expert id -> [n_e] flat positions of its rows.
     excluded: worker ids that just failed, not to be tried again for these rows.
+    split_min_rows: an expert with several replicas and at least twice this many rows is split
+        over up to rows // split_min_rows of its least-loaded replicas (0: never split), so a hot
+        expert's rows are computed in parallel.
     Raises ExpertUnavailable naming the expert when no live replica is left.
     """
-    chosen: dict[str, tuple[WorkerRecord, list[int]]] = {}
+    chosen: dict[str, tuple[WorkerRecord, list[int], list[torch.Tensor]]] = {}
     for expert in sorted(expert_segments):
         replicas = tuple(r for r in registry.replicas(ExpertKey(layer, expert)) if r.worker_id not in excluded)
         if not replicas:
             raise ExpertUnavailable(
                 f"expert {expert} of layer {layer} has no live replica; retry once a worker serving it is back"
             )
-        worker = choose_replica(replicas, load, rng)
-        chosen.setdefault(worker.worker_id, (worker, []))[1].append(expert)
-    batches = []
-    for worker, experts in chosen.values():
-        segments = [expert_segments[e] for e in experts]
-        batches.append(
-            WorkerBatch(
-                worker=worker,
-                experts=tuple(experts),
-                counts=tuple(int(s.numel()) for s in segments),
-                positions=torch.cat(segments) if len(segments) > 1 else segments[0],
-            )
+        positions = expert_segments[expert]
+        parts = min(len(replicas), positions.numel() // split_min_rows) if split_min_rows else 1
+        if parts <= 1:
+            targets, pieces = [choose_replica(replicas, load, rng)], [positions]
+        else:
+            targets = sorted(replicas, key=load)[:parts]
+            pieces = list(torch.tensor_split(positions, parts))
+        for worker, piece in zip(targets, pieces, strict=True):
+            entry = chosen.setdefault(worker.worker_id, (worker, [], []))
+            entry[1].append(expert)
+            entry[2].append(piece)
+    return [
+        WorkerBatch(
+            worker=worker,
+            experts=tuple(experts),
+            counts=tuple(int(p.numel()) for p in pieces),
+            positions=torch.cat(pieces) if len(pieces) > 1 else pieces[0],
         )
-    return batches
+        for worker, experts, pieces in chosen.values()
+    ]
 
 
 def segments_of(groups: ExpertGroups) -> dict[int, torch.Tensor]:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import torch
 from grpc import aio
 
 from moe_serve.allocator import tune_allocator
-from moe_serve.channels import StubPool
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import RouterSettings
 from moe_serve.grpc_utils import (
@@ -23,36 +21,16 @@ from moe_serve.grpc_utils import (
     wait_for_termination,
 )
 from moe_serve.model_spec import CONFIG_DTYPE_NAMES
-from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistry
-from moe_serve.registry import InProcessRegistry, Registry, WorkerRecord
+from moe_serve.registry import InProcessRegistry, Registry, RegistryServicer
 from router_service.fanout import Dispatcher
 from router_service.planner import RoutingPlanner
 from router_service.servicer import RouterServicer
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "moe_serve.v1.Router"
-DISCOVERY_RETRY_S = 0.5
-
-
-async def discover_workers(addresses: list[str], registry: InProcessRegistry, max_message_bytes: int) -> None:
-    """Ask each configured worker what it serves and register it; keep retrying the ones not up yet."""
-    stubs = StubPool(moe_grpc.ExpertWorkerStub, max_message_bytes)
-    pending = list(dict.fromkeys(addresses))
-    try:
-        while pending:
-            for address in list(pending):
-                try:
-                    info = await stubs.get(address).Describe(moe_pb2.DescribeWorkerRequest(), timeout=2.0)
-                except aio.AioRpcError:
-                    continue
-                registry.register(WorkerRecord.from_proto(info))
-                pending.remove(address)
-            if pending:
-                await asyncio.sleep(DISCOVERY_RETRY_S)
-    finally:
-        await stubs.close()
+REGISTRY_SERVICE = "moe_serve.v1.WorkerRegistry"
 
 
 class RouterService:
@@ -60,7 +38,6 @@ class RouterService:
         self.settings = settings
         self.server: aio.Server | None = None
         self.address = ""
-        self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> str:
         settings = self.settings
@@ -70,11 +47,17 @@ class RouterService:
         planner = RoutingPlanner(checkpoint, dtype, settings.noisy_gating_std, settings.noisy_gating_seed)
         self.registry = self._make_registry()
         await self.registry.start()
-        self.dispatcher = Dispatcher(self.registry, settings.max_dispatch_attempts, settings.max_message_bytes)
+        self.dispatcher = Dispatcher(
+            self.registry, settings.max_dispatch_attempts, settings.max_message_bytes, settings.split_min_rows
+        )
         self.servicer = RouterServicer(planner, self.registry, self.dispatcher, settings.model_name or checkpoint.name)
         server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
         moe_grpc.add_RouterServicer_to_server(self.servicer, server)
-        health = add_health_and_reflection(server, [SERVICE_NAME])
+        services = [SERVICE_NAME]
+        if isinstance(self.registry, InProcessRegistry):  # workers register here when there is no Redis
+            moe_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(self.registry), server)
+            services.append(REGISTRY_SERVICE)
+        health = add_health_and_reflection(server, services)
         await server.start()
         self.server = server
         self.address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
@@ -97,22 +80,13 @@ class RouterService:
         settings = self.settings
         if settings.redis_url:
             return RedisRegistry(settings.redis_url, settings.redis_prefix, settings.registry_ttl_s)
-        registry = InProcessRegistry()
-        if settings.worker_addresses:
-            self._background.append(
-                asyncio.create_task(discover_workers(settings.worker_addresses, registry, settings.max_message_bytes))
-            )
-        return registry
+        return InProcessRegistry()
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Finish dispatching what was routed (up to `grace_s`), then close."""
         if self.server is not None:
             await drain(self.dispatcher.idle, grace_s)
             await self.server.stop(0)
-        for task in self._background:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         await self.dispatcher.close()
         await self.registry.close()
 

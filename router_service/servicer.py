@@ -15,7 +15,7 @@ from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry
 from moe_serve.streams import serve_stream
 from router_service.fanout import Dispatcher, DispatchJob
-from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, assign_workers, segments_of
+from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, segments_of
 
 
 class RouterServicer(moe_grpc.RouterServicer):
@@ -62,9 +62,7 @@ class RouterServicer(moe_grpc.RouterServicer):
         if request.overflow not in ("", "drop", "reroute"):
             raise InvalidInput(f"overflow must be 'drop' or 'reroute', got {request.overflow!r}")
         decision = self.planner.decide(hidden, request.layer, request.expert_capacity, request.overflow or "drop")
-        batches = assign_workers(
-            request.layer, segments_of(decision.groups), self.registry, self.dispatcher.load, self.dispatcher.rng
-        )
+        batches = self.dispatcher.assign(request.layer, segments_of(decision.groups))
         self._check_replica_bound(batches, request.max_inflight_rows_per_replica)
         self.dispatcher.launch(
             DispatchJob(
@@ -106,6 +104,21 @@ class RouterServicer(moe_grpc.RouterServicer):
         if with_logits:
             plan.router_logits.CopyFrom(codec.to_proto(decision.gating.router_logits))
         return plan
+
+    async def GetExpertLoad(
+        self, request: moe_pb2.ExpertLoadRequest, context: aio.ServicerContext
+    ) -> moe_pb2.ExpertLoadReply:
+        return moe_pb2.ExpertLoadReply(
+            experts=[
+                moe_pb2.ExpertLoad(
+                    layer=key.layer,
+                    expert=key.expert,
+                    rows=self.dispatcher.expert_rows[key],
+                    replicas=len(self.registry.replicas(key)),
+                )
+                for key in self._all_experts
+            ]
+        )
 
     async def ListWorkers(
         self, request: moe_pb2.ListWorkersRequest, context: aio.ServicerContext

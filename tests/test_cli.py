@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from moe_serve.cli import app
 from moe_serve.grpc_utils import READY_MARKER
 
-COMMANDS = ["up", "gateway", "router", "worker", "infer", "init-demo"]
+COMMANDS = ["up", "gateway", "router", "worker", "infer", "init-demo", "scale", "status", "bench", "health"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -70,6 +70,37 @@ def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
         )
         assert infer.returncode == 0, infer.stdout + infer.stderr
         assert "FP32 [5, 256]" in infer.stdout and "latency p50" in infer.stdout
+
+        def cli(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(
+                [sys.executable, "-m", "moe_serve", *args],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=env,
+            )
+
+        status = cli("status")
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert "placement" in status.stdout and "replicas per expert" in status.stdout
+        before = json.loads(cli("status", "--json").stdout)
+        assert [w["worker_id"] for w in before["workers"]] == ["mixtral-demo-w0", "mixtral-demo-w1"]
+        scaled = cli("scale", "--expert", "1", "--replicas", "2")
+        assert scaled.returncode == 0, scaled.stdout + scaled.stderr
+        after = json.loads(cli("status", "--json").stdout)
+        assert {w["worker_id"] for w in after["workers"]} == {"mixtral-demo-w0", "mixtral-demo-w1", "mixtral-demo-w2"}
+        assert after["replicas"]["0:1"] == after["replicas"]["1:1"] == 2 and after["replicas"]["0:2"] == 1
+        refused = cli("scale", "--expert", "1")
+        assert refused.returncode == 2 and "--replicas" in refused.stderr
+        again = subprocess.run(
+            [sys.executable, "-m", "moe_serve", "infer", "--url", ready["address"], "--tokens", "64"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
     finally:
         up.send_signal(signal.SIGINT)
         code = up.wait(60)

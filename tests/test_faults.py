@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 
-from moe_serve.launcher import start_service_process
+from moe_serve.launcher import start_service_process, wait_until_ready
 from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
 from tests.test_topology import start_all
 
@@ -19,30 +19,34 @@ from tests.test_topology import start_all
 def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints) -> None:
     """Workers: A holds all 8 experts, B holds 0-3, C holds 4-7, so every expert has two replicas."""
     checkpoint: Path = checkpoints(torch.float32)
-    workers = start_all(
-        [
-            (
-                name,
-                ["worker", "--checkpoint", str(checkpoint), "--experts", experts, "--worker-id", name, "--port", "0"],
-            )
-            for name, experts in (("A", "0-7"), ("B", "0-3"), ("C", "4-7"))
-        ]
-    )
-    processes = list(workers)
+    router = start_service_process("router", ["router", "--checkpoint", str(checkpoint), "--port", "0"])
+    processes = [router]
     try:
-        router = start_service_process(
-            "router",
+        workers = start_all(
             [
-                "router",
-                "--checkpoint",
-                str(checkpoint),
-                "--port",
-                "0",
-                "--worker-addresses",
-                ",".join(w.address for w in workers),
-            ],
+                (
+                    name,
+                    [
+                        "worker",
+                        "--checkpoint",
+                        str(checkpoint),
+                        "--experts",
+                        experts,
+                        "--worker-id",
+                        name,
+                        "--port",
+                        "0",
+                        "--router-address",
+                        router.address,
+                        "--registry-ttl",
+                        "30",
+                    ],
+                )
+                for name, experts in (("A", "0-7"), ("B", "0-3"), ("C", "4-7"))
+            ]
         )
-        processes.append(router)
+        processes.extend(workers)
+        wait_until_ready(router.address)
         gateway = start_service_process("gateway", ["gateway", "--router-address", router.address, "--port", "0"])
         processes.append(gateway)
         model = gateway.ready["model"]

@@ -29,6 +29,34 @@ async def wait_until(condition, timeout_s: float) -> float:
     return time.monotonic() - started
 
 
+def test_router_hosted_registry_expires_workers_without_heartbeat() -> None:
+    async def scenario() -> None:
+        registry = InProcessRegistry()
+        await registry.start()
+        registry.register(record("a", [0]), ttl_s=0.3)
+        registry.register(record("b", [1]), ttl_s=60)
+        await asyncio.sleep(0.15)
+        registry.register(record("a", [0]), ttl_s=0.3)  # a heartbeat keeps it
+        await asyncio.sleep(0.2)
+        assert [r.worker_id for r in registry.workers()] == ["a", "b"]
+        elapsed = await wait_until(lambda: [r.worker_id for r in registry.workers()] == ["b"], timeout_s=1.0)
+        assert elapsed < 0.6
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_load_updates_do_not_announce_a_placement_change() -> None:
+    registry = InProcessRegistry()
+    changes = []
+    registry.add_listener(lambda: changes.append(1))
+    registry.register(record("a", [0]))
+    busy = WorkerRecord("a", record("a", [0]).address, (ExpertKey(0, 0),), load={"queued_rows": 40.0})
+    registry.register(busy)
+    assert registry.replicas(ExpertKey(0, 0))[0].load["queued_rows"] == 40.0
+    assert len(changes) == 1
+
+
 def test_in_process_registry_indexes_replicas() -> None:
     registry = InProcessRegistry()
     changes = []
@@ -54,8 +82,8 @@ def test_redis_registry_follows_registrations_deregistrations_and_expiry(redis_p
     async def scenario() -> None:
         registry = RedisRegistry(REDIS_URL, redis_prefix, ttl_s=1.0)
         await registry.start()
-        first = RedisRegistration(REDIS_URL, redis_prefix, record("a", [0, 1]), ttl_s=1.0)
-        second = RedisRegistration(REDIS_URL, redis_prefix, record("b", [2]), ttl_s=1.0)
+        first = RedisRegistration(REDIS_URL, redis_prefix, lambda: record("a", [0, 1]), ttl_s=1.0)
+        second = RedisRegistration(REDIS_URL, redis_prefix, lambda: record("b", [2]), ttl_s=1.0)
         await first.start()
         await second.start()
         # announced on the events channel: visible well within a second

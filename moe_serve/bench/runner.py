@@ -222,10 +222,10 @@ def measure_memory(stack: Stack, checkpoint: Checkpoint) -> dict[str, dict[str, 
         name: {"rss": rss_mib(process.process.pid), "target": SERVICE_TARGET_MIB}
         for name, process in (("gateway", stack.gateway), ("router", stack.router))
     }
-    pids = ray.get([handle.pid.remote() for handle in stack.worker_handles])
-    for record, pid in zip(stack.workers, pids, strict=True):
+    pids = ray.get(stack.controller.worker_pids.remote())
+    for record in stack.workers:
         target = len(record.experts) * expert_mib + WORKER_OVERHEAD_TARGET_MIB
-        memory[f"worker {record.worker_id}"] = {"rss": rss_mib(pid), "target": target}
+        memory[f"worker {record.worker_id}"] = {"rss": rss_mib(pids[record.worker_id]), "target": target}
     return memory
 
 

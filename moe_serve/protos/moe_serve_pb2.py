@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmoe_serve.proto\x12\x0cmoe_serve.v1\"7\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x03\"\x12\n\x10ModelInfoRequest\"\x99\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x03\x12\x13\n\x0bnum_experts\x18\x04 \x01(\x03\x12\r\n\x05top_k\x18\x05 \x01(\x03\x12\x12\n\nmoe_layers\x18\x06 \x03(\x03\x12\x12\n\nnum_layers\x18\x07 \x01(\x03\x12\x18\n\x10\x63ompute_datatype\x18\x08 \x01(\t\x12\r\n\x05ready\x18\t \x01(\x08\x12\x18\n\x10num_shared_slots\x18\n \x01(\x03\x12#\n\x1bweights_in_activation_dtype\x18\x0b \x01(\x08\x12\x1f\n\x17\x64\x65\x66\x61ult_expert_capacity\x18\x0c \x01(\x03\"\x8c\x02\n\x0cRouteRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\x04\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12+\n\rhidden_states\x18\x03 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x17\n\x0f\x65xpert_capacity\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65livery_address\x18\x05 \x01(\t\x12\x1c\n\x14return_router_logits\x18\x06 \x01(\x08\x12\x10\n\x08overflow\x18\t \x01(\t\x12%\n\x1dmax_inflight_rows_per_replica\x18\n \x01(\x03\"\xc2\x03\n\tRoutePlan\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\x04\x12&\n\x07\x66\x61ilure\x18\x07 \x01(\x0b\x32\x15.moe_serve.v1.Failure\x12(\n\nexpert_ids\x18\x01 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12,\n\x0e\x65xpert_weights\x18\x02 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12%\n\x07\x64ropped\x18\x03 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12+\n\rrouter_logits\x18\x04 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x15\n\rexpected_rows\x18\x05 \x01(\x03\x12,\n\x0eshared_weights\x18\x08 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12&\n\x08rerouted\x18\t \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x30\n\x12\x64ropped_per_expert\x18\n \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x31\n\x13rerouted_per_expert\x18\x0b \x01(\x0b\x32\x14.moe_serve.v1.Tensor\"\x14\n\x12ListWorkersRequest\"=\n\x10ListWorkersReply\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.moe_serve.v1.WorkerInfo\"\x17\n\x15\x44\x65scribeWorkerRequest\"\xae\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06gpu_id\x18\x04 \x01(\x03\x12(\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x17.moe_serve.v1.ExpertKey\x12\x17\n\x0fweights_version\x18\x06 \x01(\t\x12\x18\n\x10\x63ompute_datatype\x18\x07 \x01(\t\"1\n\rExpertSegment\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\x03\x12\x10\n\x08num_rows\x18\x02 \x01(\x03\"\xed\x01\n\x0e\x43omputeRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\x04\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12-\n\x08segments\x18\x03 \x03(\x0b\x32\x1b.moe_serve.v1.ExpertSegment\x12\"\n\x04rows\x18\x04 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\'\n\tpositions\x18\x05 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x18\n\x10\x64\x65livery_address\x18\x06 \x01(\t\"`\n\rComputeResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x16\n\x0erows_delivered\x18\x02 \x01(\x03\x12&\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x15.moe_serve.v1.Failure\"(\n\x07\x46\x61ilure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xca\x01\n\x08\x44\x65livery\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\x04\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\tpositions\x18\x02 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\"\n\x04rows\x18\x03 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12&\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32\x15.moe_serve.v1.Failure\"]\n\x0b\x44\x65liveryAck\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\x04\x12\x15\n\rrows_accepted\x18\x01 \x01(\x03\x12&\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x15.moe_serve.v1.Failure\"\x15\n\x13GatewayStatsRequest\"s\n\x0e\x45xpertCounters\x12\r\n\x05layer\x18\x01 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x03\x12\x13\n\x0brouted_rows\x18\x03 \x01(\x03\x12\x15\n\rdropped_slots\x18\x04 \x01(\x03\x12\x16\n\x0ererouted_slots\x18\x05 \x01(\x03\"\x97\x01\n\x0cGatewayStats\x12-\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1c.moe_serve.v1.ExpertCounters\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x19\n\x11rejected_requests\x18\x03 \x01(\x03\x12\x17\n\x0finflight_tokens\x18\x04 \x01(\x03\x12\x12\n\ndispatches\x18\x05 \x01(\x03\x32\xea\x01\n\x06Router\x12G\n\x0cGetModelInfo\x12\x1e.moe_serve.v1.ModelInfoRequest\x1a\x17.moe_serve.v1.ModelInfo\x12\x46\n\x0bRouteStream\x12\x1a.moe_serve.v1.RouteRequest\x1a\x17.moe_serve.v1.RoutePlan(\x01\x30\x01\x12O\n\x0bListWorkers\x12 .moe_serve.v1.ListWorkersRequest\x1a\x1e.moe_serve.v1.ListWorkersReply2\xa9\x01\n\x0c\x45xpertWorker\x12I\n\x08\x44\x65scribe\x12#.moe_serve.v1.DescribeWorkerRequest\x1a\x18.moe_serve.v1.WorkerInfo\x12N\n\rComputeStream\x12\x1c.moe_serve.v1.ComputeRequest\x1a\x1b.moe_serve.v1.ComputeResult(\x01\x30\x01\x32Y\n\x0cGatewayAdmin\x12I\n\x08GetStats\x12!.moe_serve.v1.GatewayStatsRequest\x1a\x1a.moe_serve.v1.GatewayStats2Z\n\x0f\x44\x65liveryService\x12G\n\x0e\x44\x65liveryStream\x12\x16.moe_serve.v1.Delivery\x1a\x19.moe_serve.v1.DeliveryAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmoe_serve.proto\x12\x0cmoe_serve.v1\"7\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"*\n\tExpertKey\x12\r\n\x05layer\x18\x01 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x03\"\x12\n\x10ModelInfoRequest\"\x99\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x03\x12\x13\n\x0bnum_experts\x18\x04 \x01(\x03\x12\r\n\x05top_k\x18\x05 \x01(\x03\x12\x12\n\nmoe_layers\x18\x06 \x03(\x03\x12\x12\n\nnum_layers\x18\x07 \x01(\x03\x12\x18\n\x10\x63ompute_datatype\x18\x08 \x01(\t\x12\r\n\x05ready\x18\t \x01(\x08\x12\x18\n\x10num_shared_slots\x18\n \x01(\x03\x12#\n\x1bweights_in_activation_dtype\x18\x0b \x01(\x08\x12\x1f\n\x17\x64\x65\x66\x61ult_expert_capacity\x18\x0c \x01(\x03\"\x8c\x02\n\x0cRouteRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\x04\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12+\n\rhidden_states\x18\x03 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x17\n\x0f\x65xpert_capacity\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65livery_address\x18\x05 \x01(\t\x12\x1c\n\x14return_router_logits\x18\x06 \x01(\x08\x12\x10\n\x08overflow\x18\t \x01(\t\x12%\n\x1dmax_inflight_rows_per_replica\x18\n \x01(\x03\"\xc2\x03\n\tRoutePlan\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\x04\x12&\n\x07\x66\x61ilure\x18\x07 \x01(\x0b\x32\x15.moe_serve.v1.Failure\x12(\n\nexpert_ids\x18\x01 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12,\n\x0e\x65xpert_weights\x18\x02 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12%\n\x07\x64ropped\x18\x03 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12+\n\rrouter_logits\x18\x04 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x15\n\rexpected_rows\x18\x05 \x01(\x03\x12,\n\x0eshared_weights\x18\x08 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12&\n\x08rerouted\x18\t \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x30\n\x12\x64ropped_per_expert\x18\n \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x31\n\x13rerouted_per_expert\x18\x0b \x01(\x0b\x32\x14.moe_serve.v1.Tensor\"\x14\n\x12ListWorkersRequest\"=\n\x10ListWorkersReply\x12)\n\x07workers\x18\x01 \x03(\x0b\x32\x18.moe_serve.v1.WorkerInfo\"\x13\n\x11\x45xpertLoadRequest\"K\n\nExpertLoad\x12\r\n\x05layer\x18\x01 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x03\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x10\n\x08replicas\x18\x04 \x01(\x03\"<\n\x0f\x45xpertLoadReply\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.moe_serve.v1.ExpertLoad\"J\n\x0fRegisterRequest\x12(\n\x06worker\x18\x01 \x01(\x0b\x32\x18.moe_serve.v1.WorkerInfo\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\r\n\x0bRegistryAck\"\x17\n\x15\x44\x65scribeWorkerRequest\"d\n\nWorkerLoad\x12\x15\n\rinflight_rows\x18\x01 \x01(\x03\x12\x13\n\x0bqueued_rows\x18\x02 \x01(\x03\x12\x12\n\nrows_per_s\x18\x03 \x01(\x01\x12\x16\n\x0e\x63ompute_p50_ms\x18\x04 \x01(\x01\"\xd6\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0e\n\x06gpu_id\x18\x04 \x01(\x03\x12(\n\x07\x65xperts\x18\x05 \x03(\x0b\x32\x17.moe_serve.v1.ExpertKey\x12\x17\n\x0fweights_version\x18\x06 \x01(\t\x12\x18\n\x10\x63ompute_datatype\x18\x07 \x01(\t\x12&\n\x04load\x18\x08 \x01(\x0b\x32\x18.moe_serve.v1.WorkerLoad\"5\n\tExpertSet\x12(\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x17.moe_serve.v1.ExpertKey\"1\n\rExpertSegment\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\x03\x12\x10\n\x08num_rows\x18\x02 \x01(\x03\"\xed\x01\n\x0e\x43omputeRequest\x12\x0f\n\x07\x63\x61ll_id\x18\x07 \x01(\x04\x12\x11\n\ttimeout_s\x18\x08 \x01(\x01\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x03\x12-\n\x08segments\x18\x03 \x03(\x0b\x32\x1b.moe_serve.v1.ExpertSegment\x12\"\n\x04rows\x18\x04 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\'\n\tpositions\x18\x05 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x18\n\x10\x64\x65livery_address\x18\x06 \x01(\t\"`\n\rComputeResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\x04\x12\x16\n\x0erows_delivered\x18\x02 \x01(\x03\x12&\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x15.moe_serve.v1.Failure\"(\n\x07\x46\x61ilure\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xca\x01\n\x08\x44\x65livery\x12\x0f\n\x07\x63\x61ll_id\x18\x06 \x01(\x04\x12\x11\n\ttimeout_s\x18\x07 \x01(\x01\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\tpositions\x18\x02 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\"\n\x04rows\x18\x03 \x01(\x0b\x32\x14.moe_serve.v1.Tensor\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12&\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32\x15.moe_serve.v1.Failure\"]\n\x0b\x44\x65liveryAck\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\x04\x12\x15\n\rrows_accepted\x18\x01 \x01(\x03\x12&\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x15.moe_serve.v1.Failure\"\x15\n\x13GatewayStatsRequest\"s\n\x0e\x45xpertCounters\x12\r\n\x05layer\x18\x01 \x01(\x03\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x03\x12\x13\n\x0brouted_rows\x18\x03 \x01(\x03\x12\x15\n\rdropped_slots\x18\x04 \x01(\x03\x12\x16\n\x0ererouted_slots\x18\x05 \x01(\x03\"\x97\x01\n\x0cGatewayStats\x12-\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x1c.moe_serve.v1.ExpertCounters\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x19\n\x11rejected_requests\x18\x03 \x01(\x03\x12\x17\n\x0finflight_tokens\x18\x04 \x01(\x03\x12\x12\n\ndispatches\x18\x05 \x01(\x03\x32\xbb\x02\n\x06Router\x12G\n\x0cGetModelInfo\x12\x1e.moe_serve.v1.ModelInfoRequest\x1a\x17.moe_serve.v1.ModelInfo\x12\x46\n\x0bRouteStream\x12\x1a.moe_serve.v1.RouteRequest\x1a\x17.moe_serve.v1.RoutePlan(\x01\x30\x01\x12O\n\x0bListWorkers\x12 .moe_serve.v1.ListWorkersRequest\x1a\x1e.moe_serve.v1.ListWorkersReply\x12O\n\rGetExpertLoad\x12\x1f.moe_serve.v1.ExpertLoadRequest\x1a\x1d.moe_serve.v1.ExpertLoadReply2\xa0\x01\n\x0eWorkerRegistry\x12\x44\n\x08Register\x12\x1d.moe_serve.v1.RegisterRequest\x1a\x19.moe_serve.v1.RegistryAck\x12H\n\nDeregister\x12\x1f.moe_serve.v1.DeregisterRequest\x1a\x19.moe_serve.v1.RegistryAck2\xaf\x02\n\x0c\x45xpertWorker\x12I\n\x08\x44\x65scribe\x12#.moe_serve.v1.DescribeWorkerRequest\x1a\x18.moe_serve.v1.WorkerInfo\x12N\n\rComputeStream\x12\x1c.moe_serve.v1.ComputeRequest\x1a\x1b.moe_serve.v1.ComputeResult(\x01\x30\x01\x12@\n\x0bLoadExperts\x12\x17.moe_serve.v1.ExpertSet\x1a\x18.moe_serve.v1.WorkerInfo\x12\x42\n\rUnloadExperts\x12\x17.moe_serve.v1.ExpertSet\x1a\x18.moe_serve.v1.WorkerInfo2Y\n\x0cGatewayAdmin\x12I\n\x08GetStats\x12!.moe_serve.v1.GatewayStatsRequest\x1a\x1a.moe_serve.v1.GatewayStats2Z\n\x0f\x44\x65liveryService\x12G\n\x0e\x44\x65liveryStream\x12\x16.moe_serve.v1.Delivery\x1a\x19.moe_serve.v1.DeliveryAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,34 +47,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTWORKERSREQUEST']._serialized_end=1182
   _globals['_LISTWORKERSREPLY']._serialized_start=1184
   _globals['_LISTWORKERSREPLY']._serialized_end=1245
-  _globals['_DESCRIBEWORKERREQUEST']._serialized_start=1247
-  _globals['_DESCRIBEWORKERREQUEST']._serialized_end=1270
-  _globals['_WORKERINFO']._serialized_start=1273
-  _globals['_WORKERINFO']._serialized_end=1447
-  _globals['_EXPERTSEGMENT']._serialized_start=1449
-  _globals['_EXPERTSEGMENT']._serialized_end=1498
-  _globals['_COMPUTEREQUEST']._serialized_start=1501
-  _globals['_COMPUTEREQUEST']._serialized_end=1738
-  _globals['_COMPUTERESULT']._serialized_start=1740
-  _globals['_COMPUTERESULT']._serialized_end=1836
-  _globals['_FAILURE']._serialized_start=1838
-  _globals['_FAILURE']._serialized_end=1878
-  _globals['_DELIVERY']._serialized_start=1881
-  _globals['_DELIVERY']._serialized_end=2083
-  _globals['_DELIVERYACK']._serialized_start=2085
-  _globals['_DELIVERYACK']._serialized_end=2178
-  _globals['_GATEWAYSTATSREQUEST']._serialized_start=2180
-  _globals['_GATEWAYSTATSREQUEST']._serialized_end=2201
-  _globals['_EXPERTCOUNTERS']._serialized_start=2203
-  _globals['_EXPERTCOUNTERS']._serialized_end=2318
-  _globals['_GATEWAYSTATS']._serialized_start=2321
-  _globals['_GATEWAYSTATS']._serialized_end=2472
-  _globals['_ROUTER']._serialized_start=2475
-  _globals['_ROUTER']._serialized_end=2709
-  _globals['_EXPERTWORKER']._serialized_start=2712
-  _globals['_EXPERTWORKER']._serialized_end=2881
-  _globals['_GATEWAYADMIN']._serialized_start=2883
-  _globals['_GATEWAYADMIN']._serialized_end=2972
-  _globals['_DELIVERYSERVICE']._serialized_start=2974
-  _globals['_DELIVERYSERVICE']._serialized_end=3064
+  _globals['_EXPERTLOADREQUEST']._serialized_start=1247
+  _globals['_EXPERTLOADREQUEST']._serialized_end=1266
+  _globals['_EXPERTLOAD']._serialized_start=1268
+  _globals['_EXPERTLOAD']._serialized_end=1343
+  _globals['_EXPERTLOADREPLY']._serialized_start=1345
+  _globals['_EXPERTLOADREPLY']._serialized_end=1405
+  _globals['_REGISTERREQUEST']._serialized_start=1407
+  _globals['_REGISTERREQUEST']._serialized_end=1481
+  _globals['_DEREGISTERREQUEST']._serialized_start=1483
+  _globals['_DEREGISTERREQUEST']._serialized_end=1521
+  _globals['_REGISTRYACK']._serialized_start=1523
+  _globals['_REGISTRYACK']._serialized_end=1536
+  _globals['_DESCRIBEWORKERREQUEST']._serialized_start=1538
+  _globals['_DESCRIBEWORKERREQUEST']._serialized_end=1561
+  _globals['_WORKERLOAD']._serialized_start=1563
+  _globals['_WORKERLOAD']._serialized_end=1663
+  _globals['_WORKERINFO']._serialized_start=1666
+  _globals['_WORKERINFO']._serialized_end=1880
+  _globals['_EXPERTSET']._serialized_start=1882
+  _globals['_EXPERTSET']._serialized_end=1935
+  _globals['_EXPERTSEGMENT']._serialized_start=1937
+  _globals['_EXPERTSEGMENT']._serialized_end=1986
+  _globals['_COMPUTEREQUEST']._serialized_start=1989
+  _globals['_COMPUTEREQUEST']._serialized_end=2226
+  _globals['_COMPUTERESULT']._serialized_start=2228
+  _globals['_COMPUTERESULT']._serialized_end=2324
+  _globals['_FAILURE']._serialized_start=2326
+  _globals['_FAILURE']._serialized_end=2366
+  _globals['_DELIVERY']._serialized_start=2369
+  _globals['_DELIVERY']._serialized_end=2571
+  _globals['_DELIVERYACK']._serialized_start=2573
+  _globals['_DELIVERYACK']._serialized_end=2666
+  _globals['_GATEWAYSTATSREQUEST']._serialized_start=2668
+  _globals['_GATEWAYSTATSREQUEST']._serialized_end=2689
+  _globals['_EXPERTCOUNTERS']._serialized_start=2691
+  _globals['_EXPERTCOUNTERS']._serialized_end=2806
+  _globals['_GATEWAYSTATS']._serialized_start=2809
+  _globals['_GATEWAYSTATS']._serialized_end=2960
+  _globals['_ROUTER']._serialized_start=2963
+  _globals['_ROUTER']._serialized_end=3278
+  _globals['_WORKERREGISTRY']._serialized_start=3281
+  _globals['_WORKERREGISTRY']._serialized_end=3441
+  _globals['_EXPERTWORKER']._serialized_start=3444
+  _globals['_EXPERTWORKER']._serialized_end=3747
+  _globals['_GATEWAYADMIN']._serialized_start=3749
+  _globals['_GATEWAYADMIN']._serialized_end=3838
+  _globals['_DELIVERYSERVICE']._serialized_start=3840
+  _globals['_DELIVERYSERVICE']._serialized_end=3930
 # @@protoc_insertion_point(module_scope)

@@ -116,12 +116,64 @@ class ListWorkersReply(_message.Message):
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
 
+class ExpertLoadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ExpertLoad(_message.Message):
+    __slots__ = ("layer", "expert", "rows", "replicas")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    expert: int
+    rows: int
+    replicas: int
+    def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., rows: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
+
+class ExpertLoadReply(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("worker", "ttl_s")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    worker: WorkerInfo
+    ttl_s: float
+    def __init__(self, worker: _Optional[_Union[WorkerInfo, _Mapping]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class DeregisterRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class RegistryAck(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class DescribeWorkerRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class WorkerLoad(_message.Message):
+    __slots__ = ("inflight_rows", "queued_rows", "rows_per_s", "compute_p50_ms")
+    INFLIGHT_ROWS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    inflight_rows: int
+    queued_rows: int
+    rows_per_s: float
+    compute_p50_ms: float
+    def __init__(self, inflight_rows: _Optional[int] = ..., queued_rows: _Optional[int] = ..., rows_per_s: _Optional[float] = ..., compute_p50_ms: _Optional[float] = ...) -> None: ...
+
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "node_id", "gpu_id", "experts", "weights_version", "compute_datatype")
+    __slots__ = ("worker_id", "address", "node_id", "gpu_id", "experts", "weights_version", "compute_datatype", "load")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +181,7 @@ class WorkerInfo(_message.Message):
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DATATYPE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     node_id: str
@@ -136,7 +189,14 @@ class WorkerInfo(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     weights_version: str
     compute_datatype: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., gpu_id: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., weights_version: _Optional[str] = ..., compute_datatype: _Optional[str] = ...) -> None: ...
+    load: WorkerLoad
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., gpu_id: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., weights_version: _Optional[str] = ..., compute_datatype: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ...) -> None: ...
+
+class ExpertSet(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ...) -> None: ...
 
 class ExpertSegment(_message.Message):
     __slots__ = ("expert", "num_rows")

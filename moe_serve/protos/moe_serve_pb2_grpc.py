@@ -49,6 +49,11 @@ class RouterStub:
                 request_serializer=moe__serve__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=moe__serve__pb2.ListWorkersReply.FromString,
                 _registered_method=True)
+        self.GetExpertLoad = channel.unary_unary(
+                '/moe_serve.v1.Router/GetExpertLoad',
+                request_serializer=moe__serve__pb2.ExpertLoadRequest.SerializeToString,
+                response_deserializer=moe__serve__pb2.ExpertLoadReply.FromString,
+                _registered_method=True)
 
 
 class RouterServicer:
@@ -73,6 +78,12 @@ class RouterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetExpertLoad(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -90,6 +101,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=moe__serve__pb2.ListWorkersRequest.FromString,
                     response_serializer=moe__serve__pb2.ListWorkersReply.SerializeToString,
+            ),
+            'GetExpertLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExpertLoad,
+                    request_deserializer=moe__serve__pb2.ExpertLoadRequest.FromString,
+                    response_serializer=moe__serve__pb2.ExpertLoadReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -183,6 +199,148 @@ class Router:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def GetExpertLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.Router/GetExpertLoad',
+            moe__serve__pb2.ExpertLoadRequest.SerializeToString,
+            moe__serve__pb2.ExpertLoadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class WorkerRegistryStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Register = channel.unary_unary(
+                '/moe_serve.v1.WorkerRegistry/Register',
+                request_serializer=moe__serve__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=moe__serve__pb2.RegistryAck.FromString,
+                _registered_method=True)
+        self.Deregister = channel.unary_unary(
+                '/moe_serve.v1.WorkerRegistry/Deregister',
+                request_serializer=moe__serve__pb2.DeregisterRequest.SerializeToString,
+                response_deserializer=moe__serve__pb2.RegistryAck.FromString,
+                _registered_method=True)
+
+
+class WorkerRegistryServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Register(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Deregister(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerRegistryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=moe__serve__pb2.RegisterRequest.FromString,
+                    response_serializer=moe__serve__pb2.RegistryAck.SerializeToString,
+            ),
+            'Deregister': grpc.unary_unary_rpc_method_handler(
+                    servicer.Deregister,
+                    request_deserializer=moe__serve__pb2.DeregisterRequest.FromString,
+                    response_serializer=moe__serve__pb2.RegistryAck.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'moe_serve.v1.WorkerRegistry', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('moe_serve.v1.WorkerRegistry', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerRegistry:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.WorkerRegistry/Register',
+            moe__serve__pb2.RegisterRequest.SerializeToString,
+            moe__serve__pb2.RegistryAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Deregister(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.WorkerRegistry/Deregister',
+            moe__serve__pb2.DeregisterRequest.SerializeToString,
+            moe__serve__pb2.RegistryAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ExpertWorkerStub:
     """Missing associated documentation comment in .proto file."""
@@ -203,6 +361,16 @@ class ExpertWorkerStub:
                 request_serializer=moe__serve__pb2.ComputeRequest.SerializeToString,
                 response_deserializer=moe__serve__pb2.ComputeResult.FromString,
                 _registered_method=True)
+        self.LoadExperts = channel.unary_unary(
+                '/moe_serve.v1.ExpertWorker/LoadExperts',
+                request_serializer=moe__serve__pb2.ExpertSet.SerializeToString,
+                response_deserializer=moe__serve__pb2.WorkerInfo.FromString,
+                _registered_method=True)
+        self.UnloadExperts = channel.unary_unary(
+                '/moe_serve.v1.ExpertWorker/UnloadExperts',
+                request_serializer=moe__serve__pb2.ExpertSet.SerializeToString,
+                response_deserializer=moe__serve__pb2.WorkerInfo.FromString,
+                _registered_method=True)
 
 
 class ExpertWorkerServicer:
@@ -222,6 +390,20 @@ class ExpertWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadExperts(self, request, context):
+        """Load more experts from the checkpoint, then announce them (registry): used to add replicas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadExperts(self, request, context):
+        """Stop announcing these experts, finish their in-flight rows, then free their weights.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -234,6 +416,16 @@ def add_ExpertWorkerServicer_to_server(servicer, server):
                     servicer.ComputeStream,
                     request_deserializer=moe__serve__pb2.ComputeRequest.FromString,
                     response_serializer=moe__serve__pb2.ComputeResult.SerializeToString,
+            ),
+            'LoadExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadExperts,
+                    request_deserializer=moe__serve__pb2.ExpertSet.FromString,
+                    response_serializer=moe__serve__pb2.WorkerInfo.SerializeToString,
+            ),
+            'UnloadExperts': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadExperts,
+                    request_deserializer=moe__serve__pb2.ExpertSet.FromString,
+                    response_serializer=moe__serve__pb2.WorkerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -290,6 +482,60 @@ class ExpertWorker:
             '/moe_serve.v1.ExpertWorker/ComputeStream',
             moe__serve__pb2.ComputeRequest.SerializeToString,
             moe__serve__pb2.ComputeResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.ExpertWorker/LoadExperts',
+            moe__serve__pb2.ExpertSet.SerializeToString,
+            moe__serve__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadExperts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.ExpertWorker/UnloadExperts',
+            moe__serve__pb2.ExpertSet.SerializeToString,
+            moe__serve__pb2.WorkerInfo.FromString,
             options,
             channel_credentials,
             insecure,

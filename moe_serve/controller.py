@@ -1,0 +1,315 @@
+"""The deployment controller: a named Ray actor that owns the expert-worker actors of one stack.
+
+`moe-serve up` creates it; `moe-serve scale` and `moe-serve status`, from any process connected to
+the same Ray cluster, find it by name and act through it. Every change keeps requests whole:
+- new workers are started and registered before old ones are asked to leave;
+- a leaving worker (or an expert leaving a worker) first stops being announced in the registry,
+  then finishes its in-flight rows, then goes; routers that still send it rows get UNAVAILABLE
+  and retry on another replica.
+Workers register themselves (router-hosted registry or Redis) and are restarted by Ray if their
+process dies (`max_restarts`), under the same worker id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import ray
+
+from moe_serve.balancer import AutoscalePolicy, plan_rebalance, should_apply
+from moe_serve.checkpoint import Checkpoint
+from moe_serve.placement import ExpertKey, plan_placement
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.registry import WorkerRecord
+
+logger = logging.getLogger(__name__)
+NAMESPACE = "moe-serve"
+REGISTRATION_TIMEOUT_S = 120.0
+
+
+def controller_name(model_name: str, router_address: str) -> str:
+    return f"{model_name}@{router_address}"
+
+
+def format_keys(keys: set[ExpertKey] | list[ExpertKey]) -> str:
+    """Keys as a worker's --experts value: "layer:expert,..."."""
+    return ",".join(f"{key.layer}:{key.expert}" for key in sorted(keys))
+
+
+@dataclass
+class ManagedWorker:
+    handle: Any
+    experts: set[ExpertKey]
+    # set for replicas added by scale_expert: removed first when that expert scales down
+    dedicated_to: frozenset[ExpertKey] | None = None
+
+
+class DeploymentController:
+    """Owns the worker actors; all mutating methods hold one lock, so changes never interleave."""
+
+    def __init__(
+        self,
+        model_name: str,
+        checkpoint: str,
+        worker_settings: dict[str, Any],
+        router_address: str,
+        num_gpus: float = 0.0,
+        num_cpus: float = 0.0,
+    ) -> None:
+        self.model_name, self.checkpoint = model_name, Path(checkpoint)
+        self.spec = Checkpoint(self.checkpoint).spec
+        self.worker_settings, self.router_address = worker_settings, router_address
+        self.num_gpus, self.num_cpus = num_gpus, num_cpus
+        self._stubs: dict[str, moe_grpc.ExpertWorkerStub] = {}
+        self._workers: dict[str, ManagedWorker] = {}
+        self._next_index = 0
+        self._lock = threading.RLock()
+        self._channel = grpc.insecure_channel(router_address)
+        self._router = moe_grpc.RouterStub(self._channel)
+        self._last_load: dict[ExpertKey, int] = {}
+        self._policy_stop = threading.Event()
+        self.events: list[str] = []
+
+    # ------------------------------------------------------------------ queries
+
+    def records(self) -> list[str]:
+        """Registry records (JSON) of the managed workers, with their live load."""
+        managed = set(self._workers)
+        return [r.to_json() for r in self._registered() if r.worker_id in managed]
+
+    def worker_pids(self) -> dict[str, int]:
+        """Process id of each worker actor (for resource measurements)."""
+        ids = list(self._workers)
+        return dict(zip(ids, ray.get([self._workers[w].handle.pid.remote() for w in ids]), strict=True))
+
+    def status(self) -> dict[str, Any]:
+        records = [WorkerRecord.from_json(text) for text in self.records()]
+        replicas: dict[str, int] = {}
+        for record in records:
+            for key in record.experts:
+                replicas[f"{key.layer}:{key.expert}"] = replicas.get(f"{key.layer}:{key.expert}", 0) + 1
+        return {
+            "model": self.model_name,
+            "router": self.router_address,
+            "workers": [r.to_json() for r in records],
+            "replicas": replicas,
+            "events": self.events[-20:],
+        }
+
+    # ------------------------------------------------------------------ scaling
+
+    def start(self, workers: int) -> list[str]:
+        """Start `workers` workers with the standard placement plan; return their records."""
+        with self._lock:
+            for assignment in plan_placement(self.spec.moe_layers, self.spec.num_placed_experts, workers):
+                self._add_worker(set(assignment.experts))
+            self._await_registered(set(self._workers))
+            return self.records()
+
+    def scale_workers(self, workers: int) -> list[str]:
+        """Re-place all experts over `workers` workers: new ones first, then the old ones drain and go."""
+        if workers < 1:
+            raise ValueError("need at least one worker")
+        with self._lock:
+            old = list(self._workers)
+            new = [
+                self._add_worker(set(a.experts))
+                for a in plan_placement(self.spec.moe_layers, self.spec.num_placed_experts, workers)
+            ]
+            self._await_registered(set(new))
+            for worker_id in old:
+                self._remove_worker(worker_id)
+            self._event(f"scaled to {workers} workers")
+            return self.records()
+
+    def scale_expert(self, expert: int, replicas: int, layer: int | None = None) -> list[str]:
+        """Give expert `expert` (of `layer`, or of every MoE layer) exactly `replicas` replicas."""
+        if replicas < 1:
+            raise ValueError("an expert needs at least one replica")
+        layers = [layer] if layer is not None else list(self.spec.moe_layers)
+        if not 0 <= expert < self.spec.num_placed_experts or any(lay not in self.spec.moe_layers for lay in layers):
+            raise ValueError(f"no expert {expert} in layer(s) {layers}")
+        keys = frozenset(ExpertKey(lay, expert) for lay in layers)
+        with self._lock:
+            current = self._replica_count(keys)
+            added = [self._add_worker(set(keys), dedicated_to=keys) for _ in range(replicas - current)]
+            self._await_registered(set(added))
+            excess = current - replicas
+            for worker_id in [w for w, m in self._workers.items() if m.dedicated_to == keys][: max(0, excess)]:
+                self._remove_worker(worker_id)
+                excess -= 1
+            for worker_id, managed in list(self._workers.items()):
+                if excess <= 0:
+                    break
+                if keys <= managed.experts and len(managed.experts) > len(keys):
+                    self._unload(worker_id, set(keys))
+                    excess -= 1
+            self._event(f"expert {expert} (layers {layers}) at {self._replica_count(keys)} replicas")
+            return self.records()
+
+    # ------------------------------------------------------------------ balancing
+
+    def rebalance(self, slots_per_worker: int | None = None, min_gain: float = 0.15) -> dict[str, Any]:
+        """One EPLB step per MoE layer over the load measured since the previous call; applied
+        only when it lowers the max/mean worker load by `min_gain` (hysteresis)."""
+        with self._lock:
+            loads = self._window_load()
+            worker_ids = sorted(self._workers)
+            report: dict[str, Any] = {"applied": False, "layers": {}}
+            if not loads or sum(loads.values()) == 0 or len(worker_ids) < 2:
+                return report
+            target = {w: set(self._workers[w].experts) for w in worker_ids}
+            for layer in self.spec.moe_layers:
+                layer_loads = {k: float(v) for k, v in loads.items() if k.layer == layer}
+                current = [{k for k in self._workers[w].experts if k.layer == layer} for w in worker_ids]
+                slots = slots_per_worker or -(-self.spec.num_placed_experts // len(worker_ids)) + 1
+                plan = plan_rebalance(layer_loads, current, slots)
+                report["layers"][layer] = {"imbalance": plan.current_imbalance, "planned": plan.new_imbalance}
+                if should_apply(plan, min_gain):
+                    for worker_id, keys in zip(worker_ids, plan.placement, strict=True):
+                        target[worker_id] = {k for k in target[worker_id] if k.layer != layer} | keys
+                    report["applied"] = True
+            if report["applied"]:
+                self._apply_placement(target)
+                self._event(f"rebalanced: {report['layers']}")
+            return report
+
+    def run_policies(
+        self, rebalance_interval_s: float = 0.0, autoscale: dict[str, Any] | None = None, check_interval_s: float = 5.0
+    ) -> None:
+        """Start the background loop: periodic rebalancing and/or autoscaling (until stop_all)."""
+        policy = AutoscalePolicy(**autoscale) if autoscale else None
+        threading.Thread(
+            target=self._policy_loop,
+            args=(rebalance_interval_s, policy, check_interval_s),
+            name="controller-policies",
+            daemon=True,
+        ).start()
+
+    def _policy_loop(self, rebalance_interval_s: float, policy: AutoscalePolicy | None, check_s: float) -> None:
+        last_rebalance = time.monotonic()
+        while not self._policy_stop.wait(check_s):
+            try:
+                if rebalance_interval_s and time.monotonic() - last_rebalance >= rebalance_interval_s:
+                    self.rebalance()
+                    last_rebalance = time.monotonic()
+                if policy is not None:
+                    self._autoscale(policy)
+            except Exception:
+                logger.exception("controller policy step failed; will retry")
+
+    def _autoscale(self, policy: AutoscalePolicy) -> None:
+        records = [WorkerRecord.from_json(text) for text in self.records()]
+        if not records:
+            return
+        queued = sum(r.load.get("queued_rows", 0) for r in records) / len(records)
+        rate = sum(r.load.get("rows_per_s", 0) for r in records)
+        wanted = policy.decide(len(records), queued, rate)
+        if wanted != len(records):
+            if wanted > len(records) and self.num_gpus:
+                # tell Ray's cluster autoscaler about the capacity we are about to ask for
+                from ray.autoscaler.sdk import request_resources
+
+                request_resources(bundles=[{"GPU": self.num_gpus}] * wanted)
+            self._event(f"autoscale: {len(records)} -> {wanted} workers (queued rows/replica {queued:.0f})")
+            self.scale_workers(wanted)
+
+    # ------------------------------------------------------------------ teardown
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        self._policy_stop.set()
+        with self._lock:
+            for worker_id in list(self._workers):
+                self._remove_worker(worker_id, grace_s)
+        self._channel.close()
+
+    # ------------------------------------------------------------------ internals
+
+    def _add_worker(self, experts: set[ExpertKey], dedicated_to: frozenset[ExpertKey] | None = None) -> str:
+        from expert_service.actor import ExpertWorkerActor
+
+        worker_id = f"{self.model_name}-w{self._next_index}"
+        self._next_index += 1
+        actor_class = ray.remote(ExpertWorkerActor)
+        handle = actor_class.options(
+            num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_concurrency=4, max_restarts=-1
+        ).remote(
+            {
+                **self.worker_settings,
+                "checkpoint": str(self.checkpoint),
+                "experts": format_keys(experts),
+                "worker_id": worker_id,
+                "port": 0,
+            }
+        )
+        self._workers[worker_id] = ManagedWorker(handle, experts, dedicated_to)
+        return worker_id
+
+    def _remove_worker(self, worker_id: str, grace_s: float = 5.0) -> None:
+        managed = self._workers.pop(worker_id)
+        try:
+            ray.get(managed.handle.stop.remote(grace_s), timeout=grace_s + 30)  # deregister, drain, stop
+        except Exception as error:
+            logger.warning("worker %s did not stop cleanly (%s); killing it", worker_id, error)
+        ray.kill(managed.handle, no_restart=True)
+
+    def _unload(self, worker_id: str, keys: set[ExpertKey]) -> None:
+        self._worker_stub(worker_id).UnloadExperts(_expert_set(keys), timeout=60)
+        self._workers[worker_id].experts -= keys
+
+    def _load(self, worker_id: str, keys: set[ExpertKey]) -> None:
+        self._worker_stub(worker_id).LoadExperts(_expert_set(keys), timeout=120)
+        self._workers[worker_id].experts |= keys
+
+    def _apply_placement(self, target: dict[str, set[ExpertKey]]) -> None:
+        """Loads first, then unloads: every expert keeps a replica at every moment."""
+        for worker_id, keys in target.items():
+            if missing := keys - self._workers[worker_id].experts:
+                self._load(worker_id, missing)
+        for worker_id, keys in target.items():
+            if extra := self._workers[worker_id].experts - keys:
+                self._unload(worker_id, extra)
+
+    def _worker_stub(self, worker_id: str) -> moe_grpc.ExpertWorkerStub:
+        address = next(r.address for r in self._registered() if r.worker_id == worker_id)
+        if address not in self._stubs:
+            self._stubs[address] = moe_grpc.ExpertWorkerStub(grpc.insecure_channel(address))
+        return self._stubs[address]
+
+    def _registered(self) -> list[WorkerRecord]:
+        reply = self._router.ListWorkers(moe_pb2.ListWorkersRequest(), timeout=10)
+        return [WorkerRecord.from_proto(info) for info in reply.workers]
+
+    def _await_registered(self, worker_ids: set[str]) -> None:
+        deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
+        while not worker_ids <= {r.worker_id for r in self._registered()}:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"workers {sorted(worker_ids)} did not register within {REGISTRATION_TIMEOUT_S:.0f} s"
+                )
+            time.sleep(0.1)
+
+    def _replica_count(self, keys: frozenset[ExpertKey]) -> int:
+        return sum(1 for managed in self._workers.values() if keys <= managed.experts)
+
+    def _window_load(self) -> dict[ExpertKey, int]:
+        reply = self._router.GetExpertLoad(moe_pb2.ExpertLoadRequest(), timeout=10)
+        totals = {ExpertKey(e.layer, e.expert): e.rows for e in reply.experts}
+        window = {key: rows - self._last_load.get(key, 0) for key, rows in totals.items()}
+        self._last_load = totals
+        return window
+
+    def _event(self, text: str) -> None:
+        logger.info("controller: %s", text)
+        self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+
+
+def _expert_set(keys: set[ExpertKey]) -> moe_pb2.ExpertSet:
+    return moe_pb2.ExpertSet(experts=[moe_pb2.ExpertKey(layer=k.layer, expert=k.expert) for k in sorted(keys)])

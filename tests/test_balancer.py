@@ -1,0 +1,62 @@
+"""EPLB-style replication and packing, and the autoscaling policy (pure functions, no services)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_serve.balancer import AutoscalePolicy, imbalance, pack, plan_rebalance, replicate, should_apply
+from moe_serve.placement import ExpertKey
+
+
+@st.composite
+def loads_and_budget(draw: st.DrawFn):
+    experts = draw(st.integers(2, 16))
+    workers = draw(st.integers(1, 8))
+    per_worker = draw(st.integers(-(-experts // workers), -(-experts // workers) + 3))
+    loads = {ExpertKey(0, e): draw(st.floats(0, 1000)) for e in range(experts)}
+    return loads, workers, per_worker
+
+
+@settings(max_examples=200, deadline=None)
+@given(loads_and_budget())
+def test_every_expert_placed_once_per_worker_within_the_budget(case) -> None:
+    loads, workers, per_worker = case
+    counts = replicate(loads, per_worker * workers, max_replicas=workers)
+    assert set(counts) == set(loads) and all(1 <= c <= workers for c in counts.values())
+    assert sum(counts.values()) <= per_worker * workers
+    placement = pack(loads, counts, workers)
+    assert len(placement) == workers
+    held = [key for worker in placement for key in worker]
+    assert sorted(held) == sorted(key for key, c in counts.items() for _ in range(c))  # each replica once
+    sizes = [len(worker) for worker in placement]
+    assert max(sizes) - min(sizes) <= 1 or max(sizes) <= -(-sum(counts.values()) // workers)
+
+
+def test_the_hot_expert_gets_the_extra_replicas() -> None:
+    loads = {ExpertKey(0, e): 1.0 for e in range(8)}
+    loads[ExpertKey(0, 3)] = 10.0
+    counts = replicate(loads, 12, max_replicas=4)
+    assert counts[ExpertKey(0, 3)] == 4 and sum(counts.values()) == 12
+
+
+def test_rebalancing_a_skewed_load_lowers_imbalance_and_passes_hysteresis() -> None:
+    loads = {ExpertKey(0, e): 1.0 for e in range(8)}
+    loads[ExpertKey(0, 0)] = 12.0  # one expert takes 63% of the rows
+    current = [{ExpertKey(0, e) for e in range(4)}, {ExpertKey(0, e) for e in range(4, 8)}]
+    plan = plan_rebalance(loads, current, slots_per_worker=5)
+    assert plan.current_imbalance == imbalance(loads, current) > 1.4
+    assert plan.new_imbalance < 1.1
+    assert should_apply(plan)
+    # balanced load: the plan brings nothing worth a move
+    even = {key: 1.0 for key in loads}
+    assert not should_apply(plan_rebalance(even, current, slots_per_worker=5))
+
+
+def test_autoscale_policy_needs_a_full_window_and_respects_bounds() -> None:
+    policy = AutoscalePolicy(target_queued_rows=100, window=3, minimum=2, maximum=3)
+    assert [policy.decide(2, 500, 1000) for _ in range(3)] == [2, 2, 3]
+    assert policy.decide(3, 500, 1000) == 3  # at the maximum
+    assert [policy.decide(3, 0, 0) for _ in range(3)] == [3, 3, 2]
+    assert [policy.decide(2, 0, 0) for _ in range(3)] == [2, 2, 2]  # at the minimum
+    assert [policy.decide(2, 500, 9), policy.decide(2, 0, 9), policy.decide(2, 500, 9)] == [2, 2, 2]  # not sustained
