@@ -351,12 +351,12 @@ def bench(
     rounds: Annotated[int, typer.Option(help="Alternating measurement rounds.")] = 5,
     sections: Annotated[
         str,
-        typer.Option(help="Extra sections, comma-separated: concurrency, capacity ('' for the core comparison only)."),
-    ] = "concurrency,capacity",
+        typer.Option(help="Extra sections, comma-separated: concurrency, capacity, replication ('' for none)."),
+    ] = "concurrency,capacity,replication",
     output_dir: Annotated[Path, typer.Option(help="Where the JSON results go.")] = Path("benchmarks/results"),
 ) -> None:
     """Measure the served layer against the in-process transformers block and a bare gRPC echo, in one run."""
-    from moe_serve.bench.report import print_report, print_routing_report
+    from moe_serve.bench.report import print_replication_report, print_report, print_routing_report
     from moe_serve.bench.runner import BenchConfig, run_bench, write_result
 
     configure_logging("WARNING")
@@ -377,6 +377,7 @@ def bench(
     result = run_bench(config)
     print_report(result, Console())
     print_routing_report(result, Console())
+    print_replication_report(result, Console())
     console.print(f"results written to {write_result(result, output_dir)}")
 
 

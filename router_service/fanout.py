@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import Counter, defaultdict
@@ -43,7 +44,6 @@ RETRYABLE_CODES = frozenset(
 # codes that mean the gateway no longer waits for the rows: nothing left to do
 ABANDON_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED})
 QUARANTINE_S = 2.0  # a replica that failed a call is avoided this long when another exists
-QUARANTINE_LOAD = 1 << 40
 
 
 @dataclass
@@ -81,10 +81,11 @@ class Dispatcher:
     def outstanding_rows(self, worker: WorkerRecord) -> int:
         return self._outstanding_rows[worker.worker_id]
 
-    def load(self, worker: WorkerRecord) -> int:
-        """Outstanding rows on a replica, as this router sees them (huge while quarantined)."""
-        penalty = QUARANTINE_LOAD if self._quarantined_until.get(worker.worker_id, 0.0) > time.monotonic() else 0
-        return self._outstanding_rows[worker.worker_id] + penalty
+    def load(self, worker: WorkerRecord) -> float:
+        """Outstanding rows on a replica, as this router sees them (infinite while quarantined)."""
+        if self._quarantined_until.get(worker.worker_id, 0.0) > time.monotonic():
+            return math.inf
+        return self._outstanding_rows[worker.worker_id]
 
     def idle(self) -> bool:
         """True when no routed request still has batches in flight."""

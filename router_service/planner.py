@@ -5,6 +5,7 @@ Protocol-neutral: tensors in, tensors and plain objects out; the servicer does t
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -105,14 +106,16 @@ class WorkerBatch:
         return int(self.positions.numel())
 
 
-ReplicaLoad = Callable[[WorkerRecord], int]
+# outstanding work of a replica; math.inf for one that just failed (avoided while another exists)
+ReplicaLoad = Callable[[WorkerRecord], float]
 
 
 def choose_replica(replicas: tuple[WorkerRecord, ...], load: ReplicaLoad, rng: random.Random) -> WorkerRecord:
-    """Power of two choices: of two random replicas, the one with less outstanding work."""
-    if len(replicas) == 1:
-        return replicas[0]
-    first, second = rng.sample(replicas, 2)
+    """Power of two choices among the healthy replicas: of two random ones, the less loaded."""
+    healthy = [r for r in replicas if load(r) != math.inf] or list(replicas)
+    if len(healthy) == 1:
+        return healthy[0]
+    first, second = rng.sample(healthy, 2)
     return first if load(first) <= load(second) else second
 
 
@@ -142,11 +145,12 @@ def assign_workers(
                 f"expert {expert} of layer {layer} has no live replica; retry once a worker serving it is back"
             )
         positions = expert_segments[expert]
-        parts = min(len(replicas), positions.numel() // split_min_rows) if split_min_rows else 1
+        healthy = [r for r in replicas if load(r) != math.inf] or list(replicas)
+        parts = min(len(healthy), positions.numel() // split_min_rows) if split_min_rows else 1
         if parts <= 1:
             targets, pieces = [choose_replica(replicas, load, rng)], [positions]
         else:
-            targets = sorted(replicas, key=load)[:parts]
+            targets = sorted(healthy, key=load)[:parts]
             pieces = list(torch.tensor_split(positions, parts))
         for worker, piece in zip(targets, pieces, strict=True):
             entry = chosen.setdefault(worker.worker_id, (worker, [], []))

@@ -91,6 +91,35 @@ def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints) -> No
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "no live replica" in raised.value.details() and "expert" in raised.value.details()
         assert time.monotonic() - started < 5.0
+
+        # a replica comes back: serving recovers by itself, nothing restarted
+        processes.append(
+            start_service_process(
+                "B2",
+                [
+                    "worker",
+                    "--checkpoint",
+                    str(checkpoint),
+                    "--experts",
+                    "0-3",
+                    "--worker-id",
+                    "B2",
+                    "--port",
+                    "0",
+                    "--router-address",
+                    router.address,
+                ],
+            )
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                result = response_tensors(stub.ModelInfer(infer_request(model, hidden), timeout=20))
+                break
+            except grpc.RpcError as error:  # until the router drops the dead replicas from its choices
+                assert error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
+                time.sleep(0.2)
+        torch.testing.assert_close(result["output"], reference_forward(block, hidden)[0], rtol=1e-5, atol=1e-5)
         channel.close()
     finally:
         for process in reversed(processes):

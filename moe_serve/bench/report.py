@@ -76,3 +76,37 @@ def print_routing_report(result: BenchResult, console: Console) -> None:
                 f"{row['reroute_dropped_share']:.1%}",
             )
         console.print(table)
+
+
+def print_replication_report(result: BenchResult, console: Console) -> None:
+    r = result.replication
+    if not r:
+        return
+    table = Table(
+        title=f"skewed load on {r['workers']} workers: expert 0 gets {r['hot_expert_row_share']:.0%} of "
+        f"rows, T={r['tokens_per_request']}; EPLB gives it {r['hot_expert_replicas']} replicas, "
+        f"max/mean worker load {r['imbalance_before']:.2f} -> {r['imbalance_after']:.2f}"
+    )
+    for column in (
+        "clients",
+        "one replica: tok/s",
+        "p99 ms",
+        "replicated: tok/s",
+        "p99 ms",
+        "throughput x",
+        "p99 x (better)",
+    ):
+        table.add_column(column)
+    for run in r["runs"]:
+        before, after = run["without_replication"], run["with_replication"]
+        table.add_row(
+            str(run["clients"]),
+            f"{before['tokens_per_s']:.0f}",
+            f"{before['latency_ms']['p99']:.0f}",
+            f"{after['tokens_per_s']:.0f}",
+            f"{after['latency_ms']['p99']:.0f}",
+            f"{run['throughput_gain']:.2f}",
+            f"{run['p99_gain']:.2f}",
+        )
+    console.print(table)
+    console.print("targets: throughput x >= 1.3, p99 x >= 1.5")

@@ -19,6 +19,7 @@ import torch
 from moe_serve import codec
 from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
 from moe_serve.bench.reference import reference_block, run_block
+from moe_serve.bench.replication import replication_comparison
 from moe_serve.bench.routing import concurrency_sweep, drop_rates
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
@@ -51,7 +52,7 @@ class BenchConfig:
     # measurements alternate between reference, served and echo in this many rounds
     rounds: int = 5
     # optional sections after the core comparison
-    sections: tuple[str, ...] = ("concurrency", "capacity")
+    sections: tuple[str, ...] = ("concurrency", "capacity", "replication")
     checkpoint_root: Path = Path(".moe-serve")
     output_dir: Path = Path("benchmarks/results")
 
@@ -66,6 +67,7 @@ class BenchResult:
     memory_mib: dict[str, dict[str, float]] = field(default_factory=dict)
     concurrency: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     capacity: list[dict[str, Any]] = field(default_factory=list)
+    replication: dict[str, Any] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
 
 
@@ -271,6 +273,8 @@ def run_bench(config: BenchConfig) -> BenchResult:
         echo.stop()
         stack.stop()
         ray.shutdown()
+    if "replication" in config.sections:
+        result.replication = replication_comparison(checkpoint_dir, make_request)
     result.served = measured.pop("served")
     result.echo = {"payload_bytes": ECHO_PAYLOAD_BYTES, "latency_ms": measured.pop("echo")["t1_latency_ms"]}
     result.reference = {name.removeprefix("reference-"): values for name, values in measured.items()}
