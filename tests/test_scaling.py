@@ -135,3 +135,19 @@ def test_rebalance_replicates_the_hot_expert(scaling_stack, checkpoints) -> None
     status = ray.get(stack.controller.status.remote())
     assert any("rebalanced" in event for event in status["events"])
     assert all(WorkerRecord.from_json(text).experts for text in status["workers"])
+
+
+def test_autoscaling_policy_adds_a_worker_under_sustained_queueing(scaling_stack, checkpoints) -> None:
+    stack = scaling_stack
+    block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
+    # any queued row counts as busy; decide every 0.5 s after 2 busy checks in a row; at most 3 workers
+    policy = {"target_queued_rows": 0, "window": 2, "minimum": 2, "maximum": 3}
+    stack.controller.run_policies.remote(0.0, policy, 0.5)
+    with steady_load(stack, block, tokens=400) as outcome:
+        deadline = time.monotonic() + 60
+        while len(stack.workers) < 3:
+            assert time.monotonic() < deadline, "the policy did not scale up under load"
+            time.sleep(0.5)
+    assert outcome["failures"] == []
+    status = ray.get(stack.controller.status.remote())
+    assert any("autoscale: 2 -> 3" in event for event in status["events"])
