@@ -30,6 +30,7 @@ from moe_serve.placement import ExpertKey, expert_blocks, parse_expert_keys
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistration
 from moe_serve.registry import Registration, RouterRegistration, WorkerRecord
+from moe_serve.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "moe_serve.v1.ExpertWorker"
@@ -86,7 +87,10 @@ class WorkerService:
         weights_version = checkpoint.fingerprint()
         checkpoint.close()
         server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
-        address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
+        host = advertised_host(settings.host, settings.advertise_host)
+        address = f"{host}:{port}"
+        self.telemetry = Telemetry("moe-serve-worker", settings.metrics_port, settings.host)
+        metrics_port = self.telemetry.metrics_address.rpartition(":")[2] if self.telemetry.metrics_address else ""
         gpu_id = self.gpu_id if self.gpu_id is not None else (device.index if device.type == "cuda" else -1)
         self.record = WorkerRecord(
             worker_id=settings.worker_id or f"worker-{address.replace(':', '-')}-{os.getpid()}-{uuid.uuid4().hex[:4]}",
@@ -96,6 +100,7 @@ class WorkerService:
             gpu_id=-1 if gpu_id is None else gpu_id,
             weights_version=weights_version,
             compute_datatype=codec.datatype_name(dtype),
+            metrics_address=f"{host}:{metrics_port}" if metrics_port else "",
         )
         self.servicer = ExpertWorkerServicer(
             store,
@@ -104,6 +109,7 @@ class WorkerService:
             settings.compute_threads,
             settings.max_message_bytes,
             publish=self._publish,
+            telemetry=self.telemetry,
         )
         moe_grpc.add_ExpertWorkerServicer_to_server(self.servicer, server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
@@ -138,6 +144,7 @@ class WorkerService:
             await self.server.stop(0)
         if self.servicer is not None:
             await self.servicer.close()
+            self.telemetry.shutdown()
 
 
 async def serve(settings: WorkerSettings) -> None:
@@ -150,6 +157,7 @@ async def serve(settings: WorkerSettings) -> None:
         address=record.address,
         worker_id=record.worker_id,
         experts=sorted({key.expert for key in record.experts}),
+        metrics_address=record.metrics_address,
     )
     await wait_for_termination()
     await service.stop()

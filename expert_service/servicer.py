@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 from collections import Counter
@@ -12,9 +14,11 @@ from pathlib import Path
 
 import torch
 from grpc import aio
+from opentelemetry.trace import SpanKind
 
 from expert_service.experts import ExpertStore
 from expert_service.load import LoadTracker
+from expert_service.metrics import WorkerMetrics
 from moe_serve import codec
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.errors import (
@@ -32,6 +36,7 @@ from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
 from moe_serve.streams import StreamClientPool, serve_stream
+from moe_serve.telemetry import Telemetry, extract_context, inject_context
 
 logger = logging.getLogger(__name__)
 # after a worker stops announcing an expert, rows routed just before routers saw it may still come
@@ -49,8 +54,11 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         compute_threads: int,
         max_message_bytes: int,
         publish: Callable[[], Awaitable[object]] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store, self.identity, self.checkpoint_dir = store, identity, checkpoint_dir
+        self.telemetry = telemetry or Telemetry("moe-serve-worker")
+        self.tracer = self.telemetry.tracer
         self.announced: set[ExpertKey] = set(store.keys)
         self.load = LoadTracker()
         self.publish = publish  # re-registers the worker after its expert set changed
@@ -61,6 +69,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes
         )
         self._inflight_by_expert: Counter[ExpertKey] = Counter()
+        self.metrics = WorkerMetrics(self.telemetry, checkpoint_dir.name, identity.worker_id, self._inflight_by_expert)
 
     def record(self) -> WorkerRecord:
         """This worker as the registry should see it now: announced experts and live load."""
@@ -73,6 +82,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             weights_version=self.identity.weights_version,
             compute_datatype=self.identity.compute_datatype,
             load=self.load.snapshot(),
+            metrics_address=self.identity.metrics_address,
         )
 
     async def close(self) -> None:
@@ -89,6 +99,19 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
 
     async def compute(self, request: moe_pb2.ComputeRequest) -> moe_pb2.ComputeResult:
         """Compute one batch and deliver it; the result says how many rows the gateway accepted."""
+        with self.tracer.start_as_current_span(
+            "worker.compute", context=extract_context(request.trace_context), kind=SpanKind.SERVER
+        ) as span:
+            span.set_attributes(
+                {
+                    "moe_serve.worker": self.identity.worker_id,
+                    "moe_serve.layer": request.layer,
+                    "moe_serve.rows": request.rows.shape[0] if request.rows.shape else 0,
+                }
+            )
+            return await self._compute(request)
+
+    async def _compute(self, request: moe_pb2.ComputeRequest) -> moe_pb2.ComputeResult:
         deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
         rows, segments = self._validate(request)
         self.load.received(rows.shape[0])
@@ -124,16 +147,23 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         loop = asyncio.get_running_loop()
         futures, start = [], 0
         for key, count in segments:
-            futures.append(loop.run_in_executor(self._executor, self._timed_compute, key, rows[start : start + count]))
+            # the compute thread continues this request's trace (executors do not copy the context)
+            task = functools.partial(
+                contextvars.copy_context().run, self._timed_compute, key, rows[start : start + count]
+            )
+            futures.append(loop.run_in_executor(self._executor, task))
             start += count
         results = await asyncio.gather(*futures)
         return results[0] if len(results) == 1 else torch.cat(results, dim=0)
 
     def _timed_compute(self, key: ExpertKey, rows: torch.Tensor) -> torch.Tensor:
         self.load.started(rows.shape[0])
-        started = time.perf_counter()
-        output = self.store.compute(key, rows)
-        self.load.computed(rows.shape[0], (time.perf_counter() - started) * 1000)
+        with self.tracer.start_as_current_span("worker.expert", attributes={"moe_serve.expert": key.expert}):
+            started = time.perf_counter()
+            output = self.store.compute(key, rows)
+            seconds = time.perf_counter() - started
+        self.load.computed(rows.shape[0], seconds * 1000)
+        self.metrics.computed(key, seconds)
         return output
 
     async def _deliver(self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, deadline: float | None) -> int:
@@ -147,6 +177,8 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             worker_id=self.identity.worker_id,
             timeout_s=remaining or 0.0,
         )
+        inject_context(delivery.trace_context)
+        self.metrics.wire("worker_to_gateway", "sent", delivery.ByteSize())
         try:
             ack = await self._deliveries.get(request.delivery_address).call(delivery, remaining)
         except ServiceUnavailable as error:

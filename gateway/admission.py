@@ -35,7 +35,8 @@ class AdmissionController:
             self.rejected += 1
             raise Overloaded(
                 f"gateway at capacity: {self.inflight_tokens} tokens in flight + {num_tokens} "
-                f"requested exceeds max_inflight_tokens={self.max_inflight_tokens}; retry with backoff"
+                f"requested exceeds max_inflight_tokens={self.max_inflight_tokens}; retry with backoff",
+                reason="inflight_tokens",
             )
         self.inflight_tokens += num_tokens
         self.inflight_requests += 1

@@ -14,6 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import Span, Tracer
+
 from gateway.converters import InferenceRequest, InferenceResult
 from moe_serve.errors import DeadlineExceeded
 
@@ -25,6 +27,7 @@ class _Waiting:
     request: InferenceRequest
     deadline: float
     future: asyncio.Future[InferenceResult]
+    queued: Span  # the request's time in the batch queue (ends when its batch is dispatched)
 
 
 @dataclass
@@ -37,8 +40,8 @@ class _Open:
 
 
 class DynamicBatcher:
-    def __init__(self, dispatch: Dispatch, window_s: float, max_batch_tokens: int) -> None:
-        self._dispatch, self.window_s, self.max_batch_tokens = dispatch, window_s, max_batch_tokens
+    def __init__(self, dispatch: Dispatch, window_s: float, max_batch_tokens: int, tracer: Tracer) -> None:
+        self._dispatch, self.window_s, self.max_batch_tokens, self.tracer = dispatch, window_s, max_batch_tokens, tracer
         self._open: dict[int, _Open] = {}
         self._running: set[asyncio.Task[None]] = set()
         self.batches_dispatched = 0
@@ -50,7 +53,7 @@ class DynamicBatcher:
         if batch.items and batch.tokens + request.num_tokens > self.max_batch_tokens:
             self._flush(request.layer)
             batch = self._open.setdefault(request.layer, _Open())
-        waiting = _Waiting(request, deadline, loop.create_future())
+        waiting = _Waiting(request, deadline, loop.create_future(), self.tracer.start_span("gateway.queue"))
         batch.items.append(waiting)
         batch.tokens += request.num_tokens
         if batch.tokens >= self.max_batch_tokens:
@@ -69,6 +72,8 @@ class DynamicBatcher:
             return
         if batch.timer is not None:
             batch.timer.cancel()
+        for item in batch.items:
+            item.queued.end()
         items = [item for item in batch.items if not item.future.done()]  # done = cancelled or expired
         if items:
             task = asyncio.get_running_loop().create_task(self._run(items))

@@ -15,18 +15,21 @@ from collections.abc import Awaitable, Callable
 
 import torch
 from grpc import aio
+from opentelemetry.trace import Tracer
 
 from gateway.admission import AdmissionController
 from gateway.batching import DynamicBatcher
 from gateway.capacity_policy import CapacityPolicy
 from gateway.converters import OUTPUT_NAME, InferenceRequest, InferenceResult
 from gateway.deliveries import PendingRequest, PendingRequests
+from gateway.live_state import LoadWindow
 from gateway.model import ServedModel
 from gateway.stats import ExpertCounters
 from moe_serve import codec
 from moe_serve.errors import DeadlineExceeded, ServiceUnavailable, error_of
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.streams import StreamClient
+from moe_serve.telemetry import inject_context
 
 
 class DataPlane:
@@ -40,15 +43,20 @@ class DataPlane:
         delivery_address: str,
         policy: CapacityPolicy,
         counters: ExpertCounters,
+        window: LoadWindow,
+        tracer: Tracer,
+        wire: Callable[[str, str, int], None],
         max_inflight_rows_per_replica: int = 0,
         batch_window_s: float = 0.0,
         max_batch_tokens: int = 8192,
     ) -> None:
         self.model, self.router, self._model_info = model, router, model_info
         self.admission, self.pending, self.delivery_address = admission, pending, delivery_address
-        self.policy, self.counters = policy, counters
+        self.policy, self.counters, self.window, self.tracer, self.wire = policy, counters, window, tracer, wire
         self.max_inflight_rows_per_replica = max_inflight_rows_per_replica
-        self.batcher = DynamicBatcher(self.dispatch, batch_window_s, max_batch_tokens) if batch_window_s > 0 else None
+        self.batcher = (
+            DynamicBatcher(self.dispatch, batch_window_s, max_batch_tokens, tracer) if batch_window_s > 0 else None
+        )
 
     async def ready(self) -> bool:
         """True when the router answers and every expert has a live replica."""
@@ -79,15 +87,18 @@ class DataPlane:
         self.pending.open(batch_id, pending)
         try:
             wanted = {name for r in requests for name in r.requested_outputs}
-            plan = await self._route(batch_id, requests[0].layer, hidden, "router_logits" in wanted, deadline)
+            with self.tracer.start_as_current_span("gateway.route"):
+                plan = await self._route(batch_id, requests[0].layer, hidden, "router_logits" in wanted, deadline)
             pending.expect(int(plan.expected_rows))
-            await self._wait(pending, deadline)
+            with self.tracer.start_as_current_span("gateway.collect"):
+                await self._wait(pending, deadline)
         finally:
             self.pending.close(batch_id)
-        weights = codec.from_proto(plan.expert_weights, "expert_weights")
-        output = pending.buffer.combine(
-            weights, codec.from_proto(plan.shared_weights, "shared_weights"), model.weights_in_activation_dtype
-        )
+        with self.tracer.start_as_current_span("gateway.combine"):
+            weights = codec.from_proto(plan.expert_weights, "expert_weights")
+            output = pending.buffer.combine(
+                weights, codec.from_proto(plan.shared_weights, "shared_weights"), model.weights_in_activation_dtype
+            )
         self._count(requests[0].layer, plan, hidden.shape[0])
         return self._split(requests, output, plan)
 
@@ -107,6 +118,8 @@ class DataPlane:
             delivery_address=self.delivery_address,
             return_router_logits=with_logits,
         )
+        inject_context(route_request.trace_context)
+        self.wire("gateway_to_router", "sent", route_request.ByteSize())
         try:
             plan = await self.router.call(route_request, remaining)
         except ServiceUnavailable as error:
@@ -127,14 +140,17 @@ class DataPlane:
             ) from None
 
     def _count(self, layer: int, plan: moe_pb2.RoutePlan, num_tokens: int) -> None:
-        self.counters.record(
+        expert_ids = codec.from_proto(plan.expert_ids, "expert_ids")
+        kept = ~codec.from_proto(plan.dropped, "dropped")
+        routed = self.counters.record(
             layer,
-            codec.from_proto(plan.expert_ids, "expert_ids"),
-            ~codec.from_proto(plan.dropped, "dropped"),
+            expert_ids,
+            kept,
             num_tokens * self.model.num_shared_slots,
             codec.from_proto(plan.dropped_per_expert, "dropped_per_expert"),
             codec.from_proto(plan.rerouted_per_expert, "rerouted_per_expert"),
         )
+        self.window.record_dispatch(layer, routed, int((~kept).sum()), kept.numel())
 
     def _split(
         self, requests: list[InferenceRequest], output: torch.Tensor, plan: moe_pb2.RoutePlan

@@ -11,6 +11,7 @@ import asyncio
 
 import torch
 from grpc import aio
+from opentelemetry.trace import Tracer
 
 from moe_serve import codec
 from moe_serve.combine import CombineBuffer
@@ -18,6 +19,7 @@ from moe_serve.errors import MoEServeError, RequestNotFound, error_of, failure_o
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.streams import serve_stream
+from moe_serve.telemetry import extract_context
 
 
 class PendingRequest:
@@ -75,13 +77,17 @@ class PendingRequests:
 class DeliveryServicer(moe_grpc.DeliveryServiceServicer):
     """Internal endpoint where workers (and the router, for failures) deliver to this gateway."""
 
-    def __init__(self, pending: PendingRequests) -> None:
-        self.pending = pending
+    def __init__(self, pending: PendingRequests, tracer: Tracer) -> None:
+        self.pending, self.tracer = pending, tracer
 
     async def DeliveryStream(self, requests: object, context: aio.ServicerContext) -> None:
         await serve_stream(context, self.deliver, lambda _, error: moe_pb2.DeliveryAck(failure=failure_of(error)))
 
     async def deliver(self, delivery: moe_pb2.Delivery) -> moe_pb2.DeliveryAck:
+        with self.tracer.start_as_current_span("gateway.delivery", context=extract_context(delivery.trace_context)):
+            return self._accept(delivery)
+
+    def _accept(self, delivery: moe_pb2.Delivery) -> moe_pb2.DeliveryAck:
         pending = self.pending.get(delivery.request_id)
         if delivery.HasField("failure"):
             pending.fail(error_of(delivery.failure))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -13,6 +14,8 @@ from gateway.admission import AdmissionController
 from gateway.capacity_policy import CapacityPolicy
 from gateway.dataplane import DataPlane
 from gateway.deliveries import DeliveryServicer, PendingRequests
+from gateway.live_state import LiveState, LiveStatePublisher, LoadWindow
+from gateway.metrics import GatewayMetrics
 from gateway.model import ServedModel
 from gateway.servicer import InferenceServicer
 from gateway.stats import ExpertCounters, GatewayAdminServicer
@@ -32,11 +35,19 @@ from moe_serve.grpc_utils import (
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.registry import WorkerRecord
 from moe_serve.streams import StreamClient
+from moe_serve.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 PUBLIC_SERVICE = "inference.GRPCInferenceService"
 DELIVERY_SERVICE = "moe_serve.v1.DeliveryService"
+
+
+async def registered_workers(router: moe_grpc.RouterStub) -> list[dict]:
+    """The registry's workers with their live load, as plain dicts (for the live-state document)."""
+    reply = await router.ListWorkers(moe_pb2.ListWorkersRequest(), timeout=2.0)
+    return [json.loads(WorkerRecord.from_proto(info).to_json()) for info in reply.workers]
 
 
 async def fetch_model_info(router: moe_grpc.RouterStub, address: str, timeout_s: float) -> moe_pb2.ModelInfo:
@@ -75,17 +86,26 @@ class GatewayService:
         model = ServedModel.from_info(info, settings.model_name)
         host = advertised_host(settings.host, settings.advertise_host)
 
+        self.telemetry = Telemetry("moe-serve-gateway", settings.metrics_port, settings.host)
+        tracer = self.telemetry.tracer
         self.pending = PendingRequests()
         self.delivery_server, delivery_port = create_server(
             settings.host, settings.delivery_port, settings.max_message_bytes
         )
-        moe_grpc.add_DeliveryServiceServicer_to_server(DeliveryServicer(self.pending), self.delivery_server)
+        moe_grpc.add_DeliveryServiceServicer_to_server(DeliveryServicer(self.pending, tracer), self.delivery_server)
         self.delivery_address = f"{host}:{delivery_port}"
 
         self.admission = AdmissionController(settings.max_inflight_tokens, settings.max_request_tokens)
         self.counters = ExpertCounters(model.moe_layers, model.num_experts + model.num_shared_slots)
+        window = LoadWindow(model.num_experts, settings.load_window_s)
+        live_state = LiveState(
+            model.name, window, lambda: self.admission.inflight_tokens, lambda: registered_workers(router)
+        )
         moe_grpc.add_GatewayAdminServicer_to_server(
-            GatewayAdminServicer(self.counters, self.admission), self.delivery_server
+            GatewayAdminServicer(self.counters, self.admission, live_state), self.delivery_server
+        )
+        metrics = GatewayMetrics(
+            self.telemetry, model.name, self.counters, window, lambda: self.admission.inflight_tokens
         )
         policy = CapacityPolicy.resolve(
             settings.capacity_factor, settings.expert_capacity, settings.overflow, model.default_expert_capacity
@@ -99,14 +119,23 @@ class GatewayService:
             self.delivery_address,
             policy,
             self.counters,
+            window,
+            tracer,
+            metrics.wire,
             max_inflight_rows_per_replica=settings.max_inflight_rows_per_replica,
             batch_window_s=settings.batch_window_ms / 1000,
             max_batch_tokens=settings.max_batch_tokens,
         )
         self.public_server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, settings.request_timeout_s), self.public_server
+            InferenceServicer(self.dataplane, settings.request_timeout_s, metrics, tracer), self.public_server
         )
+        self.publisher = None
+        if settings.redis_url:
+            self.publisher = LiveStatePublisher(
+                live_state, settings.redis_url, settings.redis_prefix, settings.live_state_interval_s
+            )
+            self.publisher.start()
         health = add_health_and_reflection(self.public_server, [PUBLIC_SERVICE])
         await self.delivery_server.start()
         await self.public_server.start()
@@ -122,6 +151,9 @@ class GatewayService:
             await self.public_server.stop(0)
         if self.delivery_server is not None:
             await self.delivery_server.stop(0)
+        if self.publisher is not None:
+            await self.publisher.stop()
+        self.telemetry.shutdown()
         await self._route_stream.close()
         await self._routers.close()
 
@@ -132,7 +164,11 @@ async def serve(settings: GatewaySettings) -> None:
     service = GatewayService(settings)
     address = await service.start()
     announce_ready(
-        "gateway", address=address, delivery_address=service.delivery_address, model=service.dataplane.model.name
+        "gateway",
+        address=address,
+        delivery_address=service.delivery_address,
+        model=service.dataplane.model.name,
+        metrics_address=service.telemetry.metrics_address,
     )
     await wait_for_termination()
     await service.stop()

@@ -1,23 +1,36 @@
-"""KServe v2 GRPCInferenceService: translates protobuf and calls the DataPlane, nothing more."""
+"""KServe v2 GRPCInferenceService: translates protobuf and calls the DataPlane; records each request's
+outcome (metrics) and opens its trace (continuing the client's W3C trace context, if it sent one)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 
+import grpc
 from grpc import aio
+from opentelemetry.trace import SpanKind, Tracer
 
 import moe_serve
 from gateway.converters import build_infer_response, model_metadata, parse_infer_request
 from gateway.dataplane import DataPlane
+from gateway.metrics import GatewayMetrics
+from moe_serve.errors import MoEServeError
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve.telemetry import attach, detach, metadata_context
 
 SERVER_NAME = "moe-serve"
 
 
 class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, default_timeout_s: float) -> None:
-        self.dataplane, self.default_timeout_s = dataplane, default_timeout_s
+    def __init__(self, dataplane: DataPlane, default_timeout_s: float, metrics: GatewayMetrics, tracer: Tracer) -> None:
+        self.dataplane, self.default_timeout_s, self.metrics, self.tracer = (
+            dataplane,
+            default_timeout_s,
+            metrics,
+            tracer,
+        )
 
     async def ServerLive(
         self, request: kserve_pb2.ServerLiveRequest, context: aio.ServicerContext
@@ -49,9 +62,40 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: kserve_pb2.ModelInferRequest, context: aio.ServicerContext
     ) -> kserve_pb2.ModelInferResponse:
-        model = self.dataplane.model
-        inference = parse_infer_request(request, model, request_id=uuid.uuid4().hex)
-        remaining = context.time_remaining()
-        timeout = self.default_timeout_s if remaining is None else min(remaining, self.default_timeout_s)
-        result = await self.dataplane.infer(inference, timeout)
-        return build_infer_response(request, inference, result, model)
+        started, status, tokens = time.perf_counter(), grpc.StatusCode.OK, 0
+        token = attach(metadata_context(context.invocation_metadata()))
+        try:
+            with self.tracer.start_as_current_span(
+                "inference.GRPCInferenceService/ModelInfer", kind=SpanKind.SERVER
+            ) as span:
+                self.metrics.wire("client_to_gateway", "received", request.ByteSize())
+                model = self.dataplane.model
+                inference = parse_infer_request(request, model, request_id=uuid.uuid4().hex)
+                tokens = inference.num_tokens
+                span.set_attributes(
+                    {"moe_serve.model": model.name, "moe_serve.layer": inference.layer, "moe_serve.tokens": tokens}
+                )
+                remaining = context.time_remaining()
+                timeout = self.default_timeout_s if remaining is None else min(remaining, self.default_timeout_s)
+                result = await self.dataplane.infer(inference, timeout)
+                response = build_infer_response(request, inference, result, model)
+                self.metrics.wire("gateway_to_client", "sent", response.ByteSize())
+                return response
+        except MoEServeError as error:
+            status = error.status_code
+            if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.metrics.rejected(error.reason or "unspecified")
+            raise
+        except asyncio.CancelledError:
+            status = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            status = grpc.StatusCode.INTERNAL
+            raise
+        finally:
+            detach(token)
+            seconds = time.perf_counter() - started
+            succeeded = status == grpc.StatusCode.OK
+            self.metrics.request_done(status.name, seconds, tokens, tokens if succeeded else 0)
+            if succeeded:
+                self.dataplane.window.record_request(seconds, tokens)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from grpc import aio
 
 from gateway.admission import AdmissionController
+from gateway.live_state import LiveState
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 
@@ -32,8 +35,9 @@ class ExpertCounters:
         shared_rows: int,
         dropped_per_expert: torch.Tensor,
         rerouted_per_expert: torch.Tensor,
-    ) -> None:
-        """Add one dispatched batch: final expert ids [T, k], kept mask [T, k], overflow counts [E]."""
+    ) -> torch.Tensor:
+        """Add one dispatched batch: final expert ids [T, k], kept mask [T, k], overflow counts [E];
+        returns the rows each expert received in it."""
         self.dispatches += 1
         routed = torch.bincount(plan_ids[kept].long(), minlength=self.num_placed_experts)
         if shared_rows:
@@ -41,6 +45,7 @@ class ExpertCounters:
         self.routed_rows[layer] += routed
         self.dropped_slots[layer][: dropped_per_expert.numel()] += dropped_per_expert
         self.rerouted_slots[layer][: rerouted_per_expert.numel()] += rerouted_per_expert
+        return routed
 
     def to_proto(self) -> list[moe_pb2.ExpertCounters]:
         return [
@@ -57,8 +62,11 @@ class ExpertCounters:
 
 
 class GatewayAdminServicer(moe_grpc.GatewayAdminServicer):
-    def __init__(self, counters: ExpertCounters, admission: AdmissionController) -> None:
-        self.counters, self.admission = counters, admission
+    def __init__(self, counters: ExpertCounters, admission: AdmissionController, live_state: LiveState) -> None:
+        self.counters, self.admission, self.live_state = counters, admission, live_state
+
+    async def GetLiveState(self, request: moe_pb2.LiveStateRequest, context: aio.ServicerContext) -> moe_pb2.LiveState:
+        return moe_pb2.LiveState(json=json.dumps(await self.live_state.document()))
 
     async def GetStats(
         self, request: moe_pb2.GatewayStatsRequest, context: aio.ServicerContext

@@ -7,6 +7,7 @@ MOE_SERVE_REDIS_URL); a flag given on the command line wins.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -15,7 +16,7 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
-from moe_serve.config import GatewaySettings, RouterSettings, UpSettings, WorkerSettings
+from moe_serve.config import GatewaySettings, RouterSettings, UpSettings, WorkerSettings, WorkersSettings
 from moe_serve.errors import ConfigurationError
 from moe_serve.grpc_utils import configure_logging
 
@@ -41,6 +42,12 @@ MaxMessageBytes = Annotated[int | None, typer.Option(help="Largest gRPC message 
 Dtype = Annotated[str | None, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
 ModelName = Annotated[str | None, typer.Option(help="Public model name (default: checkpoint directory name).")]
 CheckpointDir = Annotated[Path | None, typer.Option(help="Hugging Face checkpoint directory (safetensors).")]
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        help="Serve Prometheus metrics on this port (0 = any free); OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set."
+    ),
+]
 CapacityFactor = Annotated[
     float | None,
     typer.Option(
@@ -91,6 +98,12 @@ def gateway(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    metrics_port: MetricsPort = None,
+    redis_url: RedisUrl = None,
+    redis_prefix: RedisPrefix = None,
+    live_state_interval: Annotated[
+        float | None, typer.Option(help="Seconds between live-state writes to Redis.")
+    ] = None,
     max_message_bytes: MaxMessageBytes = None,
 ) -> None:
     """Run the gateway: the public KServe v2 endpoint, admission, capacity policy, combine."""
@@ -114,6 +127,10 @@ def gateway(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        metrics_port=metrics_port,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        live_state_interval_s=live_state_interval,
         max_message_bytes=max_message_bytes,
     )
     configure_logging(settings.log_level)
@@ -137,6 +154,7 @@ def router(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    metrics_port: MetricsPort = None,
     max_message_bytes: MaxMessageBytes = None,
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
@@ -157,6 +175,7 @@ def router(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        metrics_port=metrics_port,
         max_message_bytes=max_message_bytes,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
@@ -184,6 +203,7 @@ def worker(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    metrics_port: MetricsPort = None,
     max_message_bytes: MaxMessageBytes = None,
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
@@ -208,6 +228,7 @@ def worker(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        metrics_port=metrics_port,
         max_message_bytes=max_message_bytes,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
@@ -239,6 +260,7 @@ def up(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    metrics_port: MetricsPort = None,
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
 ) -> None:
@@ -265,11 +287,61 @@ def up(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        metrics_port=metrics_port,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
     )
     configure_logging(settings.log_level)
     run_up(settings, console)
+
+
+@app.command()
+def workers(
+    checkpoint: CheckpointDir = None,
+    router_address: Annotated[str | None, typer.Option(help="host:port of the router the workers serve.")] = None,
+    count: Annotated[int | None, typer.Option("--workers", help="Expert workers (Ray actors).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to deploy on (default: a local one).")] = None,
+    worker_num_gpus: Annotated[float | None, typer.Option(help="GPUs per worker actor (1 on a GPU cluster).")] = None,
+    worker_num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray reserves per worker actor.")] = None,
+    rebalance: Annotated[float | None, typer.Option(help="Run the EPLB balancer every this many seconds.")] = None,
+    autoscale_max_workers: Annotated[int | None, typer.Option(help="Autoscale workers up to this many.")] = None,
+    autoscale_min_workers: Annotated[int | None, typer.Option(help="Autoscale down to this many.")] = None,
+    model_name: ModelName = None,
+    dtype: Dtype = None,
+    host: Host = None,
+    advertise_host: AdvertiseHost = None,
+    log_level: LogLevel = None,
+    metrics_port: MetricsPort = None,
+    redis_url: RedisUrl = None,
+    redis_prefix: RedisPrefix = None,
+    registry_ttl: RegistryTtl = None,
+) -> None:
+    """Deploy the expert-worker actors of a stack on a Ray cluster (router and gateway run elsewhere)."""
+    from moe_serve.stack_command import run_workers
+
+    settings = build_settings(
+        WorkersSettings,
+        checkpoint=checkpoint,
+        router_address=router_address,
+        workers=count,
+        ray_address=ray_address,
+        worker_num_gpus=worker_num_gpus,
+        worker_num_cpus=worker_num_cpus,
+        rebalance_interval_s=rebalance,
+        autoscale_max_workers=autoscale_max_workers,
+        autoscale_min_workers=autoscale_min_workers,
+        model_name=model_name,
+        dtype=dtype,
+        host=host,
+        advertise_host=advertise_host,
+        log_level=log_level,
+        metrics_port=metrics_port,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        registry_ttl_s=registry_ttl,
+    )
+    configure_logging(settings.log_level)
+    run_workers(settings, console)
 
 
 @app.command("init-demo")
@@ -442,6 +514,31 @@ def _controller(connect: Any, cluster_file: Path, ray_address: str | None, contr
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         console.print(f"[red]error[/red]: {error}")
         raise typer.Exit(1) from None
+
+
+@app.command()
+def top(
+    redis_url: Annotated[str | None, typer.Option(help="Read the live state the gateway writes to this Redis.")] = None,
+    redis_prefix: Annotated[str, typer.Option(help="Key prefix in Redis.")] = "moe-serve:",
+    model: Annotated[str | None, typer.Option(help="Model whose live state to show (with --redis-url).")] = None,
+    gateway_admin: Annotated[
+        str | None, typer.Option(help="Or ask the gateway directly: host:port of its internal (delivery) port.")
+    ] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Print the view once and exit.")] = False,
+) -> None:
+    """Live view of a running stack: latency, throughput, workers and their load, per-expert load bars."""
+    from moe_serve.top import gateway_source, redis_source, render, run_top
+
+    if (redis_url is None) == (gateway_admin is None) or (redis_url is not None and model is None):
+        console.print("[red]error[/red]: give either --redis-url URL --model NAME, or --gateway-admin HOST:PORT")
+        raise typer.Exit(2)
+    source = gateway_source(gateway_admin) if gateway_admin else redis_source(redis_url, redis_prefix, model)
+    if once:
+        Console().print(render(source()))
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        run_top(source, Console(), interval)
 
 
 @app.command()

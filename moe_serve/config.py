@@ -39,6 +39,13 @@ class CommonSettings(BaseSettings):
     redis_prefix: str = Field("moe-serve:", description="Prefix of every Redis key and channel this deployment uses.")
     registry_ttl_s: float = Field(10.0, gt=0, description="Seconds a worker registration lives without heartbeat.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of this process.")
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics at http://host:PORT/metrics (0 = any free port; "
+        "unset = no endpoint). OTLP export is on when OTEL_EXPORTER_OTLP_ENDPOINT is set.",
+    )
 
 
 class GatewaySettings(CommonSettings):
@@ -85,6 +92,14 @@ class GatewaySettings(CommonSettings):
         "within this window are dispatched together; 0 = off.",
     )
     max_batch_tokens: int = Field(8192, gt=0, description="Most tokens in one cross-request batch.")
+    load_window_s: float = Field(
+        60.0,
+        gt=0,
+        description="Sliding window of the load-share, imbalance and drop-rate figures and the latency percentiles.",
+    )
+    live_state_interval_s: float = Field(
+        1.0, gt=0, description="How often the live state is written to Redis (when redis_url is set)."
+    )
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline applied when the client sets none.")
     startup_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the router at start-up.")
 
@@ -141,25 +156,15 @@ class WorkerSettings(CommonSettings):
         return self
 
 
-class UpSettings(CommonSettings):
-    """`moe-serve up`: the whole stack on one machine or a Ray cluster."""
+class WorkerPoolSettings(CommonSettings):
+    """The expert-worker actors of a stack, owned by its deployment controller on a Ray cluster."""
 
-    checkpoint: Path | None = Field(None, description="Checkpoint directory (default: generate the demo one).")
-    demo_dir: Path = Field(Path(".moe-serve/mixtral-demo"), description="Where the demo checkpoint is written.")
     workers: int = Field(2, ge=1, description="Expert workers (Ray actors).")
-    port: int = Field(8001, ge=0, le=65535, description="Public gateway port.")
     ray_address: str | None = Field(None, description="Join this Ray cluster instead of starting a local one.")
     worker_num_gpus: float = Field(0.0, ge=0, description="GPUs per worker actor (1 on a GPU cluster).")
     worker_num_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves per worker actor.")
     model_name: str | None = Field(None, description="Public model name (default: checkpoint directory name).")
     dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
-    capacity_factor: float | None = Field(None, ge=0.0, description="Expert capacity factor (unset: the model's own).")
-    overflow: Literal["drop", "reroute", "dropless"] | None = Field(None, description="Overflow rule over capacity.")
-    batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")
-    cluster_file: Path = Field(
-        Path(".moe-serve/cluster.json"),
-        description="Where `up` records the Ray address and controller, for `moe-serve scale` and `moe-serve status`.",
-    )
     rebalance_interval_s: float = Field(
         0.0, ge=0.0, description="Hot-expert replication: run the EPLB balancer this often (0 = off)."
     )
@@ -169,4 +174,26 @@ class UpSettings(CommonSettings):
         256.0, gt=0, description="Autoscaling: add a worker when queued rows per replica stay above this."
     )
     autoscale_window: int = Field(6, ge=1, description="Autoscaling: consecutive 5 s checks before acting.")
+
+
+class WorkersSettings(WorkerPoolSettings):
+    """`moe-serve workers`: deploy the worker actors of a stack whose router runs elsewhere."""
+
+    checkpoint: Path = Field(..., description="Checkpoint directory (must be readable on every Ray node).")
+    router_address: str = Field(..., description="host:port of the router; its registry (or Redis) gets the workers.")
+
+
+class UpSettings(WorkerPoolSettings):
+    """`moe-serve up`: the whole stack on one machine or a Ray cluster."""
+
+    checkpoint: Path | None = Field(None, description="Checkpoint directory (default: generate the demo one).")
+    demo_dir: Path = Field(Path(".moe-serve/mixtral-demo"), description="Where the demo checkpoint is written.")
+    port: int = Field(8001, ge=0, le=65535, description="Public gateway port.")
+    capacity_factor: float | None = Field(None, ge=0.0, description="Expert capacity factor (unset: the model's own).")
+    overflow: Literal["drop", "reroute", "dropless"] | None = Field(None, description="Overflow rule over capacity.")
+    batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")
+    cluster_file: Path = Field(
+        Path(".moe-serve/cluster.json"),
+        description="Where `up` records the Ray address and controller, for `moe-serve scale` and `moe-serve status`.",
+    )
     max_inflight_tokens: int = Field(65536, gt=0, description="Gateway admission bound, in tokens.")

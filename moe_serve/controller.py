@@ -62,11 +62,15 @@ class DeploymentController:
         router_address: str,
         num_gpus: float = 0.0,
         num_cpus: float = 0.0,
+        actor_env: dict[str, str] | None = None,
     ) -> None:
         self.model_name, self.checkpoint = model_name, Path(checkpoint)
         self.spec = Checkpoint(self.checkpoint).spec
         self.worker_settings, self.router_address = worker_settings, router_address
         self.num_gpus, self.num_cpus = num_gpus, num_cpus
+        # worker processes start from the raylet's environment, not the launcher's: hand them the
+        # OpenTelemetry settings (collector endpoint, export intervals) the stack was started with
+        self._actor_env = dict(actor_env or {})
         self._stubs: dict[str, moe_grpc.ExpertWorkerStub] = {}
         self._workers: dict[str, ManagedWorker] = {}
         self._next_index = 0
@@ -239,7 +243,11 @@ class DeploymentController:
         self._next_index += 1
         actor_class = ray.remote(ExpertWorkerActor)
         handle = actor_class.options(
-            num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_concurrency=4, max_restarts=-1
+            num_gpus=self.num_gpus,
+            num_cpus=self.num_cpus,
+            max_concurrency=4,
+            max_restarts=-1,
+            runtime_env={"env_vars": self._actor_env} if self._actor_env else None,
         ).remote(
             {
                 **self.worker_settings,

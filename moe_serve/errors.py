@@ -17,9 +17,11 @@ class MoEServeError(Exception):
 
     status_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.message = message
+        # machine-readable cause where one exists (e.g. which admission bound refused), for metrics
+        self.reason = reason
 
 
 class InvalidInput(MoEServeError):
@@ -89,12 +91,14 @@ class ConfigurationError(Exception):
 
 def failure_of(error: MoEServeError) -> moe_pb2.Failure:
     """The wire form of an error, for replies on the internal streams."""
-    return moe_pb2.Failure(code=error.status_code.value[0], message=error.message)
+    return moe_pb2.Failure(code=error.status_code.value[0], message=error.message, reason=error.reason)
 
 
 def error_of(failure: moe_pb2.Failure) -> MoEServeError:
     """The domain error a Failure received on a stream stands for."""
-    return error_from_status(status_code_from_number(failure.code), failure.message)
+    error = error_from_status(status_code_from_number(failure.code), failure.message)
+    error.reason = failure.reason
+    return error
 
 
 def error_from_status(code: grpc.StatusCode, message: str) -> MoEServeError:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.config import UpSettings
+from moe_serve.config import UpSettings, WorkerPoolSettings
 from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.registry import WorkerRecord
 
@@ -154,6 +154,10 @@ def _common_flags(settings: UpSettings) -> list[str]:
     return flags
 
 
+def _metrics_flags(port: int | None) -> list[str]:
+    return [] if port is None else ["--metrics-port", str(port)]
+
+
 def _registry_flags(settings: UpSettings) -> list[str]:
     if not settings.redis_url:
         return []
@@ -167,12 +171,71 @@ def _registry_flags(settings: UpSettings) -> list[str]:
     ]
 
 
+def start_controller(
+    settings: WorkerPoolSettings, checkpoint: Path, model_name: str, router_address: str
+) -> tuple[Any, str]:
+    """Create the deployment controller (a named Ray actor; Ray must be initialised) and its workers.
+
+    Returns the controller handle and its name once every worker registered; starts the balancer
+    and autoscaling policies the settings ask for.
+    """
+    import ray
+
+    from moe_serve.controller import NAMESPACE, DeploymentController, controller_name
+
+    worker_settings: dict[str, Any] = {
+        "host": settings.host,
+        "advertise_host": settings.advertise_host,
+        "dtype": settings.dtype,
+        "log_level": settings.log_level,
+        "max_message_bytes": settings.max_message_bytes,
+        "redis_url": settings.redis_url,
+        "redis_prefix": settings.redis_prefix,
+        "registry_ttl_s": settings.registry_ttl_s,
+        "router_address": None if settings.redis_url else router_address,
+        # each worker actor picks a free metrics port and announces it in its registration
+        "metrics_port": None if settings.metrics_port is None else 0,
+    }
+    name = controller_name(model_name, router_address)
+    controller = (
+        ray.remote(DeploymentController)
+        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=8)
+        .remote(
+            model_name,
+            str(checkpoint),
+            worker_settings,
+            router_address,
+            settings.worker_num_gpus,
+            settings.worker_num_cpus,
+            {key: value for key, value in os.environ.items() if key.startswith("OTEL_")},
+        )
+    )
+    try:
+        ray.get(controller.start.remote(settings.workers))
+    except BaseException:
+        ray.kill(controller)
+        raise
+    policy = autoscale_policy(settings)
+    if settings.rebalance_interval_s or policy:
+        controller.run_policies.remote(settings.rebalance_interval_s, policy)
+    return controller, name
+
+
+def autoscale_policy(settings: WorkerPoolSettings) -> dict[str, float] | None:
+    if not settings.autoscale_max_workers:
+        return None
+    return {
+        "target_queued_rows": settings.autoscale_target_queued_rows,
+        "window": settings.autoscale_window,
+        "minimum": settings.autoscale_min_workers or settings.workers,
+        "maximum": settings.autoscale_max_workers,
+    }
+
+
 def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -> Stack:
     """Start the router (it hosts the registry unless Redis does), the worker actors through a
     deployment controller (Ray must be initialised), then the gateway once every expert has a replica."""
     import ray
-
-    from moe_serve.controller import NAMESPACE, DeploymentController, controller_name
 
     spec = Checkpoint(checkpoint).spec
     model_name = settings.model_name or checkpoint.resolve().name
@@ -191,35 +254,13 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
             model_name,
             *_common_flags(settings),
             *_registry_flags(settings),
+            # the gateway takes the configured metrics port; the router any free one
+            *_metrics_flags(None if settings.metrics_port is None else 0),
         ],
     )
-    name = controller_name(model_name, router.address)
     controller = None
     try:
-        worker_settings: dict[str, Any] = {
-            "host": settings.host,
-            "advertise_host": settings.advertise_host,
-            "dtype": settings.dtype,
-            "log_level": settings.log_level,
-            "max_message_bytes": settings.max_message_bytes,
-            "redis_url": settings.redis_url,
-            "redis_prefix": settings.redis_prefix,
-            "registry_ttl_s": settings.registry_ttl_s,
-            "router_address": None if settings.redis_url else router.address,
-        }
-        controller = (
-            ray.remote(DeploymentController)
-            .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=8)
-            .remote(
-                model_name,
-                str(checkpoint),
-                worker_settings,
-                router.address,
-                settings.worker_num_gpus,
-                settings.worker_num_cpus,
-            )
-        )
-        ray.get(controller.start.remote(settings.workers))
+        controller, name = start_controller(settings, checkpoint, model_name, router.address)
         wait_until_ready(router.address)
         gateway_args = [
             "gateway",
@@ -232,7 +273,10 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
             "--batch-window-ms",
             str(settings.batch_window_ms),
             *_common_flags(settings),
+            *_metrics_flags(settings.metrics_port),
         ]
+        if settings.redis_url:  # the gateway writes its live state there
+            gateway_args += ["--redis-url", settings.redis_url, "--redis-prefix", settings.redis_prefix]
         if settings.capacity_factor is not None:
             gateway_args += ["--capacity-factor", str(settings.capacity_factor)]
         if settings.overflow is not None:

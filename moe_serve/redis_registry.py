@@ -18,8 +18,9 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from moe_serve.outage import OutageLog
 from moe_serve.placement import ExpertKey
-from moe_serve.registry import OutageLog, Registration, Registry, WorkerRecord
+from moe_serve.registry import Registration, Registry, WorkerRecord
 
 logger = logging.getLogger(__name__)
 

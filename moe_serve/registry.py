@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from grpc import aio
 
+from moe_serve.outage import OutageLog
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
@@ -40,6 +41,7 @@ class WorkerRecord:
     weights_version: str = ""
     compute_datatype: str = ""
     load: dict[str, float] = field(default_factory=dict, compare=False)
+    metrics_address: str = ""
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -62,6 +64,7 @@ class WorkerRecord:
             weights_version=self.weights_version,
             compute_datatype=self.compute_datatype,
             load=moe_pb2.WorkerLoad(**{name: self.load.get(name, 0) for name in LOAD_FIELDS}),
+            metrics_address=self.metrics_address,
         )
 
     @classmethod
@@ -75,6 +78,7 @@ class WorkerRecord:
             weights_version=info.weights_version,
             compute_datatype=info.compute_datatype,
             load={name: getattr(info.load, name) for name in LOAD_FIELDS},
+            metrics_address=info.metrics_address,
         )
 
 
@@ -174,23 +178,6 @@ class RegistryServicer(moe_grpc.WorkerRegistryServicer):
     async def Deregister(self, request: moe_pb2.DeregisterRequest, context: aio.ServicerContext) -> moe_pb2.RegistryAck:
         self.registry.deregister(request.worker_id)
         return moe_pb2.RegistryAck()
-
-
-class OutageLog:
-    """Logs an outage of a dependency once when it starts and once when it ends, never per attempt."""
-
-    def __init__(self, what: str) -> None:
-        self.what, self.down = what, False
-
-    def failed(self, error: Exception) -> None:
-        if not self.down:
-            logger.warning("%s: unreachable (%s); keeping the last known state and retrying", self.what, error)
-            self.down = True
-
-    def recovered(self) -> None:
-        if self.down:
-            logger.info("%s: reachable again", self.what)
-            self.down = False
 
 
 class Registration:

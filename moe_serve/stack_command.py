@@ -1,4 +1,5 @@
-"""`moe-serve up`: start the whole stack, print the endpoint, block until told to stop."""
+"""`moe-serve up` (the whole stack) and `moe-serve workers` (the worker actors of a stack whose router and
+gateway run elsewhere, as in docker compose): start, print the endpoint, block until told to stop."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_serve.cluster_commands import ClusterInfo
-from moe_serve.config import UpSettings
+from moe_serve.config import UpSettings, WorkersSettings
 from moe_serve.controller import NAMESPACE
 from moe_serve.demo import ensure_demo_checkpoint
 from moe_serve.grpc_utils import announce_ready
-from moe_serve.launcher import Stack, init_ray, launch_stack
+from moe_serve.launcher import Stack, init_ray, launch_stack, start_controller
 
 
 def resolve_checkpoint(settings: UpSettings, console: Console) -> Path:
@@ -35,17 +36,6 @@ def describe(stack: Stack) -> Table:
             record.worker_id, record.address, record.node_id[:12], str(record.gpu_id), ", ".join(map(str, experts))
         )
     return table
-
-
-def autoscale_policy(settings: UpSettings) -> dict[str, float] | None:
-    if not settings.autoscale_max_workers:
-        return None
-    return {
-        "target_queued_rows": settings.autoscale_target_queued_rows,
-        "window": settings.autoscale_window,
-        "minimum": settings.autoscale_min_workers or settings.workers,
-        "maximum": settings.autoscale_max_workers,
-    }
 
 
 def run_up(settings: UpSettings, console: Console) -> None:
@@ -72,8 +62,6 @@ def run_up(settings: UpSettings, console: Console) -> None:
                 router=stack.router.address,
                 model=stack.model_name,
             ).write(settings.cluster_file)
-            if settings.rebalance_interval_s or settings.autoscale_max_workers:
-                stack.controller.run_policies.remote(settings.rebalance_interval_s, autoscale_policy(settings))
             announce_ready(
                 "stack",
                 address=stack.address,
@@ -85,5 +73,27 @@ def run_up(settings: UpSettings, console: Console) -> None:
             console.print("stopping ...")
         finally:
             stack.stop()
+    finally:
+        ray.shutdown()
+
+
+def run_workers(settings: WorkersSettings, console: Console) -> None:
+    """`moe-serve workers`: the deployment controller and its worker actors, until SIGINT/SIGTERM."""
+    import ray
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    init_ray(settings.ray_address)
+    try:
+        model_name = settings.model_name or settings.checkpoint.resolve().name
+        controller, name = start_controller(settings, settings.checkpoint, model_name, settings.router_address)
+        console.print(
+            f"[green]ready[/green]: {settings.workers} worker(s) of {model_name!r} registered with "
+            f"router {settings.router_address}; controller {name!r}"
+        )
+        announce_ready("workers", controller=name, ray_address=ray.get_runtime_context().gcs_address)
+        stop.wait()
+        ray.get(controller.stop_all.remote(), timeout=120)
     finally:
         ray.shutdown()

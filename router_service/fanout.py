@@ -28,6 +28,8 @@ from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry, WorkerRecord
 from moe_serve.streams import StreamClientPool
+from moe_serve.telemetry import inject_context
+from router_service.metrics import RouterMetrics
 from router_service.planner import WorkerBatch, assign_workers, gather_rows
 
 logger = logging.getLogger(__name__)
@@ -63,8 +65,16 @@ class DispatchJob:
 
 
 class Dispatcher:
-    def __init__(self, registry: Registry, max_attempts: int, max_message_bytes: int, split_min_rows: int = 0) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        max_attempts: int,
+        max_message_bytes: int,
+        split_min_rows: int = 0,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
         self.registry, self.max_attempts, self.split_min_rows = registry, max_attempts, split_min_rows
+        self.metrics = metrics
         # rows sent per (layer, expert) since start: the load the balancer measures
         self.expert_rows: Counter[ExpertKey] = Counter()
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
@@ -134,6 +144,9 @@ class Dispatcher:
             positions=codec.to_proto(batch.positions.to(torch.int32)),
             delivery_address=job.delivery_address,
         )
+        inject_context(request.trace_context)
+        if self.metrics is not None:
+            self.metrics.wire("router_to_worker", "sent", request.ByteSize())
         self._outstanding_rows[worker_id] += batch.num_rows
         try:
             result = await self._workers.get(batch.worker.address).call(request, timeout)
@@ -173,6 +186,8 @@ class Dispatcher:
             list(batch.experts),
             ", ".join(b.worker.worker_id for b in retry_batches),
         )
+        if self.metrics is not None:
+            self.metrics.retried()
         await self._send_all(job, retry_batches, attempt + 1, excluded)
 
     async def _fail(self, job: DispatchJob, error: MoEServeError) -> None:
@@ -184,5 +199,6 @@ class Dispatcher:
         remaining = job.remaining()
         timeout = None if remaining is None else max(remaining, 0.5)
         failure = moe_pb2.Delivery(request_id=job.request_id, failure=failure_of(error), timeout_s=timeout or 0.0)
+        inject_context(failure.trace_context)
         with contextlib.suppress(MoEServeError):
             await self._gateways.get(job.delivery_address).call(failure, timeout)

@@ -21,10 +21,13 @@ from moe_serve.grpc_utils import (
     wait_for_termination,
 )
 from moe_serve.model_spec import CONFIG_DTYPE_NAMES
+from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistry
 from moe_serve.registry import InProcessRegistry, Registry, RegistryServicer
+from moe_serve.telemetry import Telemetry
 from router_service.fanout import Dispatcher
+from router_service.metrics import RouterMetrics
 from router_service.planner import RoutingPlanner
 from router_service.servicer import RouterServicer
 
@@ -47,10 +50,17 @@ class RouterService:
         planner = RoutingPlanner(checkpoint, dtype, settings.noisy_gating_std, settings.noisy_gating_seed)
         self.registry = self._make_registry()
         await self.registry.start()
+        model_name = settings.model_name or checkpoint.name
+        spec = checkpoint.spec
+        self.telemetry = Telemetry("moe-serve-router", settings.metrics_port, settings.host)
+        keys = [ExpertKey(layer, e) for layer in spec.moe_layers for e in range(spec.num_placed_experts)]
+        metrics = RouterMetrics(self.telemetry, model_name, self.registry, keys)
         self.dispatcher = Dispatcher(
-            self.registry, settings.max_dispatch_attempts, settings.max_message_bytes, settings.split_min_rows
+            self.registry, settings.max_dispatch_attempts, settings.max_message_bytes, settings.split_min_rows, metrics
         )
-        self.servicer = RouterServicer(planner, self.registry, self.dispatcher, settings.model_name or checkpoint.name)
+        self.servicer = RouterServicer(
+            planner, self.registry, self.dispatcher, model_name, self.telemetry.tracer, metrics
+        )
         server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
         moe_grpc.add_RouterServicer_to_server(self.servicer, server)
         services = [SERVICE_NAME]
@@ -89,6 +99,7 @@ class RouterService:
             await self.server.stop(0)
         await self.dispatcher.close()
         await self.registry.close()
+        self.telemetry.shutdown()
 
 
 async def serve(settings: RouterSettings) -> None:
@@ -96,6 +107,6 @@ async def serve(settings: RouterSettings) -> None:
     tune_allocator()
     service = RouterService(settings)
     address = await service.start()
-    announce_ready("router", address=address)
+    announce_ready("router", address=address, metrics_address=service.telemetry.metrics_address)
     await wait_for_termination()
     await service.stop()

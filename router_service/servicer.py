@@ -6,6 +6,7 @@ import time
 
 import torch
 from grpc import aio
+from opentelemetry.trace import SpanKind, Tracer
 
 from moe_serve import codec
 from moe_serve.errors import InvalidInput, Overloaded, failure_of
@@ -14,13 +15,24 @@ from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry
 from moe_serve.streams import serve_stream
+from moe_serve.telemetry import extract_context
 from router_service.fanout import Dispatcher, DispatchJob
+from router_service.metrics import RouterMetrics
 from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, segments_of
 
 
 class RouterServicer(moe_grpc.RouterServicer):
-    def __init__(self, planner: RoutingPlanner, registry: Registry, dispatcher: Dispatcher, model_name: str) -> None:
+    def __init__(
+        self,
+        planner: RoutingPlanner,
+        registry: Registry,
+        dispatcher: Dispatcher,
+        model_name: str,
+        tracer: Tracer,
+        metrics: RouterMetrics | None = None,
+    ) -> None:
         self.planner, self.registry, self.dispatcher, self.model_name = planner, registry, dispatcher, model_name
+        self.tracer, self.metrics = tracer, metrics
         spec = planner.spec
         self._all_experts = [ExpertKey(layer, e) for layer in spec.moe_layers for e in range(spec.num_placed_experts)]
 
@@ -49,6 +61,12 @@ class RouterServicer(moe_grpc.RouterServicer):
 
     async def route(self, request: moe_pb2.RouteRequest) -> moe_pb2.RoutePlan:
         """Gate one batch, start its rows towards the workers, and return the plan right away."""
+        with self.tracer.start_as_current_span(
+            "router.route", context=extract_context(request.trace_context), kind=SpanKind.SERVER
+        ):
+            return self._route(request)
+
+    def _route(self, request: moe_pb2.RouteRequest) -> moe_pb2.RoutePlan:
         spec = self.planner.spec
         hidden = codec.from_proto(request.hidden_states, "hidden_states")
         if hidden.dim() != 2 or hidden.shape[1] != spec.hidden_size or hidden.dtype != self.planner.dtype:
@@ -61,20 +79,26 @@ class RouterServicer(moe_grpc.RouterServicer):
             raise InvalidInput("delivery_address is required: workers deliver the expert outputs there")
         if request.overflow not in ("", "drop", "reroute"):
             raise InvalidInput(f"overflow must be 'drop' or 'reroute', got {request.overflow!r}")
-        decision = self.planner.decide(hidden, request.layer, request.expert_capacity, request.overflow or "drop")
-        batches = self.dispatcher.assign(request.layer, segments_of(decision.groups))
-        self._check_replica_bound(batches, request.max_inflight_rows_per_replica)
-        self.dispatcher.launch(
-            DispatchJob(
-                request_id=request.request_id,
-                layer=request.layer,
-                hidden_states=hidden,
-                slots_per_token=decision.slots_per_token,
-                delivery_address=request.delivery_address,
-                deadline=time.monotonic() + request.timeout_s if request.timeout_s > 0 else None,
-            ),
-            batches,
-        )
+        started = time.perf_counter()
+        with self.tracer.start_as_current_span("router.gating"):
+            decision = self.planner.decide(hidden, request.layer, request.expert_capacity, request.overflow or "drop")
+        if self.metrics is not None:
+            self.metrics.gating(time.perf_counter() - started)
+        with self.tracer.start_as_current_span("router.dispatch"):
+            batches = self.dispatcher.assign(request.layer, segments_of(decision.groups))
+            self._check_replica_bound(batches, request.max_inflight_rows_per_replica)
+            # the background sends inherit this span's context (asyncio tasks copy the context)
+            self.dispatcher.launch(
+                DispatchJob(
+                    request_id=request.request_id,
+                    layer=request.layer,
+                    hidden_states=hidden,
+                    slots_per_token=decision.slots_per_token,
+                    delivery_address=request.delivery_address,
+                    deadline=time.monotonic() + request.timeout_s if request.timeout_s > 0 else None,
+                ),
+                batches,
+            )
         return self._plan(decision, request.return_router_logits)
 
     def _check_replica_bound(self, batches: list[WorkerBatch], bound: int) -> None:
@@ -86,7 +110,8 @@ class RouterServicer(moe_grpc.RouterServicer):
             if inflight + batch.num_rows > bound:
                 raise Overloaded(
                     f"worker {batch.worker.worker_id} (experts {list(batch.experts)}) has {inflight} rows in flight; "
-                    f"{batch.num_rows} more would exceed max_inflight_rows_per_replica={bound}; retry with backoff"
+                    f"{batch.num_rows} more would exceed max_inflight_rows_per_replica={bound}; retry with backoff",
+                    reason="replica_rows",
                 )
 
     def _plan(self, decision: RoutingDecision, with_logits: bool) -> moe_pb2.RoutePlan:

@@ -562,6 +562,11 @@ class GatewayAdminStub:
                 request_serializer=moe__serve__pb2.GatewayStatsRequest.SerializeToString,
                 response_deserializer=moe__serve__pb2.GatewayStats.FromString,
                 _registered_method=True)
+        self.GetLiveState = channel.unary_unary(
+                '/moe_serve.v1.GatewayAdmin/GetLiveState',
+                request_serializer=moe__serve__pb2.LiveStateRequest.SerializeToString,
+                response_deserializer=moe__serve__pb2.LiveState.FromString,
+                _registered_method=True)
 
 
 class GatewayAdminServicer:
@@ -574,6 +579,12 @@ class GatewayAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLiveState(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -581,6 +592,11 @@ def add_GatewayAdminServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=moe__serve__pb2.GatewayStatsRequest.FromString,
                     response_serializer=moe__serve__pb2.GatewayStats.SerializeToString,
+            ),
+            'GetLiveState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLiveState,
+                    request_deserializer=moe__serve__pb2.LiveStateRequest.FromString,
+                    response_serializer=moe__serve__pb2.LiveState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -611,6 +627,33 @@ class GatewayAdmin:
             '/moe_serve.v1.GatewayAdmin/GetStats',
             moe__serve__pb2.GatewayStatsRequest.SerializeToString,
             moe__serve__pb2.GatewayStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLiveState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.GatewayAdmin/GetLiveState',
+            moe__serve__pb2.LiveStateRequest.SerializeToString,
+            moe__serve__pb2.LiveState.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,45 @@
+"""A worker's metrics: compute time per (layer, expert), rows in flight per (layer, expert), bytes sent."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from moe_serve.placement import ExpertKey
+from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry
+
+
+class WorkerMetrics:
+    def __init__(
+        self, telemetry: Telemetry, model: str, worker_id: str, inflight_by_expert: Counter[ExpertKey]
+    ) -> None:
+        meter, self.labels = telemetry.meter, {"model": model, "worker": worker_id}
+        self._compute = meter.create_histogram(
+            "moe_serve.expert.compute.duration",
+            unit="s",
+            description="Time one expert took on one batch of rows",
+            explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS_S),
+        )
+        self._wire = meter.create_counter(
+            "moe_serve.wire.bytes", unit="By", description="Payload bytes sent and received, by hop"
+        )
+
+        def queue(options: CallbackOptions) -> list[Observation]:
+            return [
+                Observation(rows, {**self.labels, "layer": str(key.layer), "expert": str(key.expert)})
+                for key, rows in inflight_by_expert.items()
+            ]
+
+        meter.create_observable_gauge(
+            "moe_serve.expert.queue.rows",
+            [queue],
+            unit="{row}",
+            description="Rows received by this worker and not yet delivered, per expert",
+        )
+
+    def computed(self, key: ExpertKey, seconds: float) -> None:
+        self._compute.record(seconds, {**self.labels, "layer": str(key.layer), "expert": str(key.expert)})
+
+    def wire(self, hop: str, direction: str, size: int) -> None:
+        self._wire.add(size, {"service": "worker", "hop": hop, "direction": direction})

@@ -1,0 +1,123 @@
+"""The gateway's metrics: requests and latency by status, tokens, admission rejections by reason,
+per-expert rows / drops / reroutes, load share, imbalance, drop rate, and bytes on the wire.
+
+Label cardinality stays bounded: model, status code, reason, direction/hop, layer and expert ids
+(bounded by the model). Never request ids or token counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from gateway.live_state import LoadWindow
+from gateway.stats import ExpertCounters
+from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry
+
+
+class GatewayMetrics:
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        model: str,
+        counters: ExpertCounters,
+        window: LoadWindow,
+        inflight_tokens: Callable[[], int],
+    ) -> None:
+        meter, self.model = telemetry.meter, model
+        self._requests = meter.create_counter(
+            "moe_serve.requests", unit="{request}", description="Inference requests by final gRPC status code"
+        )
+        self._duration = meter.create_histogram(
+            "moe_serve.request.duration",
+            unit="s",
+            description="Request latency at the gateway",
+            explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS_S),
+        )
+        self._tokens = meter.create_counter(
+            "moe_serve.tokens", unit="{token}", description="Tokens in (requests) and out (responses)"
+        )
+        self._rejections = meter.create_counter(
+            "moe_serve.admission.rejections",
+            unit="{request}",
+            description="Requests refused by a capacity bound, by bound",
+        )
+        self._wire = meter.create_counter(
+            "moe_serve.wire.bytes", unit="By", description="Payload bytes sent and received, by hop"
+        )
+        meter.create_observable_gauge(
+            "moe_serve.inflight.tokens",
+            [self._observe(lambda: [(inflight_tokens(), {})])],
+            unit="{token}",
+            description="Tokens admitted and not yet answered",
+        )
+
+        def expert_series(table: dict) -> Iterable[tuple[float, dict]]:
+            for layer, values in table.items():
+                for expert, value in enumerate(values.tolist()):
+                    yield value, {"layer": str(layer), "expert": str(expert)}
+
+        meter.create_observable_counter(
+            "moe_serve.expert.rows",
+            [self._observe(lambda: expert_series(counters.routed_rows))],
+            unit="{row}",
+            description="Rows routed to each expert (shared expert is id E)",
+        )
+        meter.create_observable_counter(
+            "moe_serve.expert.dropped",
+            [self._observe(lambda: expert_series(counters.dropped_slots))],
+            unit="{slot}",
+            description="Slots dropped by capacity, by the expert over capacity",
+        )
+        meter.create_observable_counter(
+            "moe_serve.expert.rerouted",
+            [self._observe(lambda: expert_series(counters.rerouted_slots))],
+            unit="{slot}",
+            description="Slots rerouted by capacity, by the expert over capacity",
+        )
+
+        def layer_values(field: str) -> Iterable[tuple[float, dict]]:
+            for layer, view in window.layers().items():
+                yield view[field], {"layer": str(layer)}
+
+        def shares() -> Iterable[tuple[float, dict]]:
+            for layer, view in window.layers().items():
+                for expert, share in enumerate(view["load_share"]):
+                    yield share, {"layer": str(layer), "expert": str(expert)}
+
+        meter.create_observable_gauge(
+            "moe_serve.expert.load_share",
+            [self._observe(shares)],
+            description="Share of a layer's rows each expert received (sliding window)",
+        )
+        meter.create_observable_gauge(
+            "moe_serve.expert.imbalance",
+            [self._observe(lambda: layer_values("imbalance"))],
+            description="max / mean rows per expert in a layer (sliding window)",
+        )
+        meter.create_observable_gauge(
+            "moe_serve.capacity.drop_rate",
+            [self._observe(lambda: layer_values("drop_rate"))],
+            description="Dropped slots / routed slots per layer (sliding window)",
+        )
+
+    def _observe(self, series: Callable[[], Iterable[tuple[float, dict]]]) -> Callable[[CallbackOptions], list]:
+        def callback(options: CallbackOptions) -> list[Observation]:
+            return [Observation(value, {"model": self.model, **labels}) for value, labels in series()]
+
+        return callback
+
+    def request_done(self, status_code: str, seconds: float, tokens_in: int, tokens_out: int) -> None:
+        labels = {"model": self.model, "status_code": status_code}
+        self._requests.add(1, labels)
+        self._duration.record(seconds, labels)
+        self._tokens.add(tokens_in, {"model": self.model, "direction": "in"})
+        if tokens_out:
+            self._tokens.add(tokens_out, {"model": self.model, "direction": "out"})
+
+    def rejected(self, reason: str) -> None:
+        self._rejections.add(1, {"model": self.model, "reason": reason})
+
+    def wire(self, hop: str, direction: str, size: int) -> None:
+        self._wire.add(size, {"service": "gateway", "hop": hop, "direction": direction})

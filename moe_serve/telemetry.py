@@ -1,0 +1,168 @@
+"""OpenTelemetry for every service: metrics (Prometheus /metrics port and/or OTLP) and traces (OTLP).
+
+- Metrics: a MeterProvider per process with a Prometheus reader when `metrics_port` is set (text
+  format at http://host:port/metrics) and an OTLP reader when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+- Traces: W3C trace context rides in gRPC metadata from the client to the gateway, and in a
+  `trace_context` map inside each internal stream message (the streams are long-lived, so their
+  metadata cannot carry a request's context); each hop opens its spans under it. Spans go to OTLP
+  when OTEL_EXPORTER_OTLP_ENDPOINT is set; without it spans are still created (non-recording)
+  so propagation works end to end.
+- Telemetry never breaks serving: exporters run on their own threads; an unreachable collector is
+  logged once when it fails and once when it recovers, never per request or per attempt.
+
+Metric names follow OpenTelemetry conventions (dot-separated, unit in the unit field); the
+Prometheus exporter turns `moe_serve.request.duration` (s) into `moe_serve_request_duration_seconds`
+and counters into `..._total`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.metrics import Meter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Tracer
+
+from moe_serve.outage import OutageLog
+
+logger = logging.getLogger(__name__)
+OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
+# seconds; the default OpenTelemetry buckets are sized for milliseconds
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+class _OutageAwareSpanExporter(SpanExporter):
+    """Wraps an exporter: a failing collector is logged once, and again once when it recovers."""
+
+    def __init__(self, inner: SpanExporter, outage: OutageLog) -> None:
+        self.inner, self.outage = inner, outage
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        result = self.inner.export(spans)
+        self.outage.outcome(result == SpanExportResult.SUCCESS, "span export failed")
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class _OutageAwareMetricExporter(MetricExporter):
+    def __init__(self, inner: MetricExporter, outage: OutageLog) -> None:
+        super().__init__(
+            preferred_temporality=inner._preferred_temporality, preferred_aggregation=inner._preferred_aggregation
+        )
+        self.inner, self.outage = inner, outage
+
+    def export(self, metrics_data: Any, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
+        result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        self.outage.outcome(result == MetricExportResult.SUCCESS, "metric export failed")
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+class Telemetry:
+    """The meter and tracer of one service process.
+
+    metrics_port: serve Prometheus text on this port (0 picks a free one; None: no endpoint).
+    """
+
+    def __init__(self, service_name: str, metrics_port: int | None = None, host: str = "0.0.0.0") -> None:
+        self.service_name = service_name
+        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
+        endpoint = os.environ.get(OTLP_ENDPOINT_ENV)
+        readers: list[Any] = []
+        self.metrics_address: str | None = None
+        if metrics_port is not None:
+            readers.append(self._prometheus_reader(host, metrics_port))
+        if endpoint:
+            readers.append(self._otlp_metric_reader(endpoint))
+        self.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+        self.tracer_provider = TracerProvider(resource=resource)
+        if endpoint:
+            self._add_otlp_spans(endpoint)
+        self.meter: Meter = self.meter_provider.get_meter("moe_serve")
+        self.tracer: Tracer = self.tracer_provider.get_tracer("moe_serve")
+
+    def _prometheus_reader(self, host: str, port: int) -> Any:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        reader = PrometheusMetricReader()
+        server, _ = start_http_server(port, addr=host)
+        self.metrics_address = f"{host}:{server.server_port}"
+        logger.info("%s metrics at http://%s/metrics", self.service_name, self.metrics_address)
+        return reader
+
+    def _otlp_metric_reader(self, endpoint: str) -> Any:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        _quiet_otlp_exporter_logs()
+        exporter = _OutageAwareMetricExporter(
+            OTLPMetricExporter(endpoint=endpoint, insecure=True, timeout=5),
+            OutageLog(f"{self.service_name} OTLP metrics to {endpoint}"),
+        )
+        return PeriodicExportingMetricReader(exporter)
+
+    def _add_otlp_spans(self, endpoint: str) -> None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        _quiet_otlp_exporter_logs()
+        exporter = _OutageAwareSpanExporter(
+            OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=5),
+            OutageLog(f"{self.service_name} OTLP traces to {endpoint}"),
+        )
+        self.tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+
+    def shutdown(self) -> None:
+        """Flush what is pending (bounded by the exporters' own timeouts)."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def _quiet_otlp_exporter_logs() -> None:
+    # the OTLP exporters log every retry; our wrappers log an outage once instead
+    logging.getLogger("opentelemetry.exporter.otlp.proto.grpc.exporter").setLevel(logging.CRITICAL)
+
+
+def inject_context(carrier: MutableMapping[str, str]) -> None:
+    """Write the current trace context (W3C traceparent/tracestate) into a message's map."""
+    propagate.inject(carrier)
+
+
+def extract_context(carrier: Mapping[str, str]) -> otel_context.Context:
+    """The trace context a message (or request metadata) carries."""
+    return propagate.extract(dict(carrier))
+
+
+def metadata_context(metadata: Sequence[tuple[str, Any]] | None) -> otel_context.Context:
+    """Trace context from gRPC invocation metadata (the client's traceparent header)."""
+    return extract_context({key: value for key, value in (metadata or ()) if isinstance(value, str)})
+
+
+def attach(context: otel_context.Context) -> object:
+    return otel_context.attach(context)
+
+
+def detach(token: object) -> None:
+    otel_context.detach(token)  # type: ignore[arg-type]
+
+
+def current_span() -> trace.Span:
+    return trace.get_current_span()

@@ -1,0 +1,55 @@
+"""The router's metrics: gating time, replicas per (layer, expert), dispatch retries, bytes on the wire."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from moe_serve.placement import ExpertKey
+from moe_serve.registry import Registry
+from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry
+
+
+class RouterMetrics:
+    def __init__(self, telemetry: Telemetry, model: str, registry: Registry, keys: list[ExpertKey]) -> None:
+        meter, self.model = telemetry.meter, model
+        self._gating = meter.create_histogram(
+            "moe_serve.router.gating.duration",
+            unit="s",
+            description="Gating, capacity and grouping of one batch",
+            explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS_S),
+        )
+        self._retries = meter.create_counter(
+            "moe_serve.dispatch.retries", unit="{batch}", description="Worker batches retried on another replica"
+        )
+        self._wire = meter.create_counter(
+            "moe_serve.wire.bytes", unit="By", description="Payload bytes sent and received, by hop"
+        )
+
+        def replicas(options: CallbackOptions) -> list[Observation]:
+            return [
+                Observation(
+                    len(registry.replicas(key)), {"model": model, "layer": str(key.layer), "expert": str(key.expert)}
+                )
+                for key in keys
+            ]
+
+        meter.create_observable_gauge(
+            "moe_serve.expert.replicas",
+            [replicas],
+            unit="{replica}",
+            description="Live replicas of each expert, as this router's registry sees them",
+        )
+
+    def gating(self, seconds: float) -> None:
+        self._gating.record(seconds, {"model": self.model})
+
+    def retried(self) -> None:
+        self._retries.add(1, {"model": self.model})
+
+    def wire(self, hop: str, direction: str, size: int) -> None:
+        self._wire.add(size, {"service": "router", "hop": hop, "direction": direction})
+
+
+WireCounter = Callable[[str, str, int], None]
