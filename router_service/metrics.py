@@ -20,8 +20,13 @@ class RouterMetrics:
             description="Gating, capacity and grouping of one batch",
             explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS_S),
         )
-        self._retries = meter.create_counter(
-            "moe_serve.dispatch.retries", unit="{batch}", description="Worker batches retried on another replica"
+        # observable, so the series exists (at 0) before the first retry
+        self.retries = 0
+        meter.create_observable_counter(
+            "moe_serve.dispatch.retries",
+            [lambda options: [Observation(self.retries, {"model": model})]],
+            unit="{batch}",
+            description="Worker batches retried on another replica",
         )
         self._wire = meter.create_counter(
             "moe_serve.wire.bytes", unit="By", description="Payload bytes sent and received, by hop"
@@ -46,7 +51,7 @@ class RouterMetrics:
         self._gating.record(seconds, {"model": self.model})
 
     def retried(self) -> None:
-        self._retries.add(1, {"model": self.model})
+        self.retries += 1
 
     def wire(self, hop: str, direction: str, size: int) -> None:
         self._wire.add(size, {"service": "router", "hop": hop, "direction": direction})

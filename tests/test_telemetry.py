@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections import defaultdict
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -28,6 +29,8 @@ from tests.conftest import REDIS_URL
 from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "moe-serve.json").read_text())
 ALLOWED_LABELS = {
     "model",
     "status_code",
@@ -132,6 +135,17 @@ def test_every_service_exports_its_metrics_with_bounded_labels(observed_stack, c
             if name.startswith("moe_serve"):
                 for labels, _ in series:
                     assert set(labels) <= ALLOWED_LABELS, (name, labels)
+
+    # every metric the Grafana dashboard queries is exported by this running stack
+    exported = set(gateway) | set(router) | set(worker)
+    queried = {
+        name
+        for panel in DASHBOARD["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"moe_serve_[a-z_]+", target["expr"])
+    }
+    assert len(queried) >= 15
+    assert queried <= exported, queried - exported
 
 
 def test_live_state_in_redis_and_top(observed_stack, redis_prefix) -> None:
