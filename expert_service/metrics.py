@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
@@ -12,7 +13,12 @@ from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry
 
 class WorkerMetrics:
     def __init__(
-        self, telemetry: Telemetry, model: str, worker_id: str, inflight_by_expert: Counter[ExpertKey]
+        self,
+        telemetry: Telemetry,
+        model: str,
+        worker_id: str,
+        inflight_by_expert: Counter[ExpertKey],
+        abandoned: Callable[[], int],
     ) -> None:
         meter, self.labels = telemetry.meter, {"model": model, "worker": worker_id}
         self._compute = meter.create_histogram(
@@ -36,6 +42,12 @@ class WorkerMetrics:
             [queue],
             unit="{row}",
             description="Rows received by this worker and not yet delivered, per expert",
+        )
+        meter.create_observable_counter(
+            "moe_serve.worker.abandoned",
+            [lambda options: [Observation(abandoned(), self.labels)]],
+            unit="{batch}",
+            description="Batches dropped because their request's deadline had passed",
         )
 
     def computed(self, key: ExpertKey, seconds: float) -> None:

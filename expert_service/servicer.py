@@ -69,7 +69,14 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes
         )
         self._inflight_by_expert: Counter[ExpertKey] = Counter()
-        self.metrics = WorkerMetrics(self.telemetry, checkpoint_dir.name, identity.worker_id, self._inflight_by_expert)
+        self.abandoned_batches = 0
+        self.metrics = WorkerMetrics(
+            self.telemetry,
+            checkpoint_dir.name,
+            identity.worker_id,
+            self._inflight_by_expert,
+            lambda: self.abandoned_batches,
+        )
 
     def record(self) -> WorkerRecord:
         """This worker as the registry should see it now: announced experts and live load."""
@@ -114,6 +121,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
     async def _compute(self, request: moe_pb2.ComputeRequest) -> moe_pb2.ComputeResult:
         deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
         rows, segments = self._validate(request)
+        self._abandon_if_expired(request, deadline)
         self.load.received(rows.shape[0])
         for key, count in segments:
             self._inflight_by_expert[key] += count
@@ -166,10 +174,18 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         self.metrics.computed(key, seconds)
         return output
 
+    def _abandon_if_expired(self, request: moe_pb2.ComputeRequest, deadline: float | None) -> None:
+        """Work for a request whose client deadline passed is dropped here, not computed or delivered."""
+        if deadline is not None and time.monotonic() >= deadline:
+            self.abandoned_batches += 1
+            raise DeadlineExceeded(
+                f"request {request.request_id} expired before worker {self.identity.worker_id} "
+                "got to it; its rows were abandoned"
+            )
+
     async def _deliver(self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, deadline: float | None) -> int:
+        self._abandon_if_expired(request, deadline)
         remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            raise DeadlineExceeded(f"request {request.request_id} expired before its rows were delivered")
         delivery = moe_pb2.Delivery(
             request_id=request.request_id,
             positions=request.positions,  # echoed as received: the gateway places rows by them

@@ -54,6 +54,7 @@ class DataPlane:
         self.admission, self.pending, self.delivery_address = admission, pending, delivery_address
         self.policy, self.counters, self.window, self.tracer, self.wire = policy, counters, window, tracer, wire
         self.max_inflight_rows_per_replica = max_inflight_rows_per_replica
+        self.draining = False  # set on shutdown: new requests are refused, admitted ones finish
         self.batcher = (
             DynamicBatcher(self.dispatch, batch_window_s, max_batch_tokens, tracer) if batch_window_s > 0 else None
         )
@@ -68,6 +69,8 @@ class DataPlane:
 
     async def infer(self, request: InferenceRequest, timeout_s: float) -> InferenceResult:
         """Run one request within `timeout_s` seconds (the client's remaining deadline or the default)."""
+        if self.draining:
+            raise ServiceUnavailable("this gateway is shutting down; send the request to another replica")
         deadline = time.monotonic() + timeout_s
         with self.admission.admit(request.num_tokens):
             if self.batcher is not None:

@@ -102,7 +102,7 @@ class GatewayService:
             model.name, window, lambda: self.admission.inflight_tokens, lambda: registered_workers(router)
         )
         moe_grpc.add_GatewayAdminServicer_to_server(
-            GatewayAdminServicer(self.counters, self.admission, live_state), self.delivery_server
+            GatewayAdminServicer(self.counters, self.admission, live_state, self.pending), self.delivery_server
         )
         metrics = GatewayMetrics(
             self.telemetry, model.name, self.counters, window, lambda: self.admission.inflight_tokens
@@ -136,7 +136,7 @@ class GatewayService:
                 live_state, settings.redis_url, settings.redis_prefix, settings.live_state_interval_s
             )
             self.publisher.start()
-        health = add_health_and_reflection(self.public_server, [PUBLIC_SERVICE])
+        self.health = health = add_health_and_reflection(self.public_server, [PUBLIC_SERVICE])
         await self.delivery_server.start()
         await self.public_server.start()
         await set_serving(health, [PUBLIC_SERVICE], True)
@@ -145,9 +145,18 @@ class GatewayService:
         return self.address
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Finish admitted requests (up to `grace_s`), then close both servers."""
+        """Refuse new requests (UNAVAILABLE, health NOT_SERVING), finish admitted ones (up to `grace_s`),
+        then close both servers; deliveries keep flowing until the last admitted request is answered."""
         if self.public_server is not None:
-            await drain(lambda: self.admission.inflight_requests == 0, grace_s)
+            self.dataplane.draining = True
+            await set_serving(self.health, [PUBLIC_SERVICE], False)
+            drained = await drain(lambda: self.admission.inflight_requests == 0, grace_s)
+            if not drained:
+                logger.warning(
+                    "gateway stopping with %d request(s) still in flight after %.0f s",
+                    self.admission.inflight_requests,
+                    grace_s,
+                )
             await self.public_server.stop(0)
         if self.delivery_server is not None:
             await self.delivery_server.stop(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sized
 
 import torch
 from grpc import aio
@@ -62,8 +63,10 @@ class ExpertCounters:
 
 
 class GatewayAdminServicer(moe_grpc.GatewayAdminServicer):
-    def __init__(self, counters: ExpertCounters, admission: AdmissionController, live_state: LiveState) -> None:
-        self.counters, self.admission, self.live_state = counters, admission, live_state
+    def __init__(
+        self, counters: ExpertCounters, admission: AdmissionController, live_state: LiveState, pending: Sized
+    ) -> None:
+        self.counters, self.admission, self.live_state, self.pending = counters, admission, live_state, pending
 
     async def GetLiveState(self, request: moe_pb2.LiveStateRequest, context: aio.ServicerContext) -> moe_pb2.LiveState:
         return moe_pb2.LiveState(json=json.dumps(await self.live_state.document()))
@@ -77,4 +80,6 @@ class GatewayAdminServicer(moe_grpc.GatewayAdminServicer):
             rejected_requests=self.admission.rejected,
             inflight_tokens=self.admission.inflight_tokens,
             dispatches=self.counters.dispatches,
+            inflight_requests=self.admission.inflight_requests,
+            pending_dispatches=len(self.pending),
         )

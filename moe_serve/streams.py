@@ -20,7 +20,7 @@ from typing import Any, Generic, TypeVar
 
 from grpc import aio
 
-from moe_serve.errors import DeadlineExceeded, MoEServeError, ServiceUnavailable
+from moe_serve.errors import DeadlineExceeded, InvalidInput, MoEServeError, ServiceUnavailable
 from moe_serve.grpc_utils import Undecodable, channel_options
 
 logger = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ async def serve_stream(
     try:
         while (message := await context.read()) is not aio.EOF:
             if isinstance(message, Undecodable):
-                raise MoEServeError("stream message bytes are not a valid message")
+                raise InvalidInput("stream message bytes are not a valid message")
             task = asyncio.create_task(answer(message))
             tasks.add(task)
             task.add_done_callback(tasks.discard)

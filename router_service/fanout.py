@@ -31,6 +31,7 @@ from moe_serve.streams import StreamClientPool
 from moe_serve.telemetry import inject_context
 from router_service.metrics import RouterMetrics
 from router_service.planner import WorkerBatch, assign_workers, gather_rows
+from router_service.retries import RetryBudget, backoff_s
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class Dispatcher:
     ) -> None:
         self.registry, self.max_attempts, self.split_min_rows = registry, max_attempts, split_min_rows
         self.metrics = metrics
+        self.retry_budget = RetryBudget()
         # rows sent per (layer, expert) since start: the load the balancer measures
         self.expert_rows: Counter[ExpertKey] = Counter()
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
@@ -109,6 +111,7 @@ class Dispatcher:
 
     def launch(self, job: DispatchJob, batches: list[WorkerBatch]) -> None:
         """Start sending `batches` in the background."""
+        self.retry_budget.earn()
         for batch in batches:
             for expert, count in zip(batch.experts, batch.counts, strict=True):
                 self.expert_rows[ExpertKey(job.layer, expert)] += count
@@ -159,7 +162,10 @@ class Dispatcher:
             return
         if error.status_code in RETRYABLE_CODES:
             self._quarantined_until[worker_id] = time.monotonic() + QUARANTINE_S
-            if attempt < self.max_attempts:
+            delay = backoff_s(attempt, self.rng)
+            remaining = job.remaining()
+            if attempt < self.max_attempts and (remaining is None or remaining > delay) and self.retry_budget.spend():
+                await asyncio.sleep(delay)
                 await self._retry(job, batch, attempt, excluded | {worker_id}, f"{error.status_code.name}: {error}")
                 return
         error.message = (

@@ -67,13 +67,13 @@ class RouterService:
         if isinstance(self.registry, InProcessRegistry):  # workers register here when there is no Redis
             moe_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(self.registry), server)
             services.append(REGISTRY_SERVICE)
-        health = add_health_and_reflection(server, services)
+        self.health = health = add_health_and_reflection(server, services)
         await server.start()
         self.server = server
         self.address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
 
         async def publish_health() -> None:
-            await set_serving(health, [SERVICE_NAME], self.servicer.ready())
+            await set_serving(health, [SERVICE_NAME], self.servicer.ready() and not self.servicer.draining)
 
         self.registry.add_listener(lambda: asyncio.ensure_future(publish_health()))
         await publish_health()
@@ -93,8 +93,10 @@ class RouterService:
         return InProcessRegistry()
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Finish dispatching what was routed (up to `grace_s`), then close."""
+        """Refuse new routes (UNAVAILABLE), finish dispatching what was routed (up to `grace_s`), then close."""
         if self.server is not None:
+            self.servicer.draining = True
+            await set_serving(self.health, [SERVICE_NAME], False)
             await drain(self.dispatcher.idle, grace_s)
             await self.server.stop(0)
         await self.dispatcher.close()

@@ -9,7 +9,7 @@ from grpc import aio
 from opentelemetry.trace import SpanKind, Tracer
 
 from moe_serve import codec
-from moe_serve.errors import InvalidInput, Overloaded, failure_of
+from moe_serve.errors import InvalidInput, Overloaded, ServiceUnavailable, failure_of
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
@@ -33,6 +33,7 @@ class RouterServicer(moe_grpc.RouterServicer):
     ) -> None:
         self.planner, self.registry, self.dispatcher, self.model_name = planner, registry, dispatcher, model_name
         self.tracer, self.metrics = tracer, metrics
+        self.draining = False  # set on shutdown: new routes are refused, routed batches finish
         spec = planner.spec
         self._all_experts = [ExpertKey(layer, e) for layer in spec.moe_layers for e in range(spec.num_placed_experts)]
 
@@ -67,6 +68,8 @@ class RouterServicer(moe_grpc.RouterServicer):
             return self._route(request)
 
     def _route(self, request: moe_pb2.RouteRequest) -> moe_pb2.RoutePlan:
+        if self.draining:
+            raise ServiceUnavailable("this router is shutting down")
         spec = self.planner.spec
         hidden = codec.from_proto(request.hidden_states, "hidden_states")
         if hidden.dim() != 2 or hidden.shape[1] != spec.hidden_size or hidden.dtype != self.planner.dtype:

@@ -322,18 +322,22 @@ class ExpertCounters(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., routed_rows: _Optional[int] = ..., dropped_slots: _Optional[int] = ..., rerouted_slots: _Optional[int] = ...) -> None: ...
 
 class GatewayStats(_message.Message):
-    __slots__ = ("experts", "requests", "rejected_requests", "inflight_tokens", "dispatches")
+    __slots__ = ("experts", "requests", "rejected_requests", "inflight_tokens", "dispatches", "inflight_requests", "pending_dispatches")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DISPATCHES_FIELD_NUMBER: _ClassVar[int]
+    INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_DISPATCHES_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertCounters]
     requests: int
     rejected_requests: int
     inflight_tokens: int
     dispatches: int
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertCounters, _Mapping]]] = ..., requests: _Optional[int] = ..., rejected_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., dispatches: _Optional[int] = ...) -> None: ...
+    inflight_requests: int
+    pending_dispatches: int
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertCounters, _Mapping]]] = ..., requests: _Optional[int] = ..., rejected_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., dispatches: _Optional[int] = ..., inflight_requests: _Optional[int] = ..., pending_dispatches: _Optional[int] = ...) -> None: ...
 
 class LiveStateRequest(_message.Message):
     __slots__ = ()
