@@ -1,0 +1,1 @@
+"""The `moe-serve` commands, one module per group; importing a module registers its commands."""

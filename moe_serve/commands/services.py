@@ -1,0 +1,189 @@
+"""Commands that run one service: `moe-serve gateway`, `router`, `worker`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from moe_serve.commands.common import (
+    AdvertiseHost,
+    BatchWindow,
+    CapacityFactor,
+    CheckpointDir,
+    Dtype,
+    Host,
+    LogLevel,
+    MaxMessageBytes,
+    MetricsPort,
+    ModelName,
+    Overflow,
+    RedisPrefix,
+    RedisUrl,
+    RegistryTtl,
+    app,
+    build_settings,
+    run_service,
+)
+from moe_serve.config import GatewaySettings, RouterSettings, WorkerSettings
+from moe_serve.grpc_utils import configure_logging
+
+
+@app.command()
+def gateway(
+    port: Annotated[int | None, typer.Option(help="Public KServe v2 gRPC port.")] = None,
+    delivery_port: Annotated[int | None, typer.Option(help="Internal port for expert deliveries (0 = any).")] = None,
+    router_address: Annotated[str | None, typer.Option(help="host:port of the router.")] = None,
+    model_name: ModelName = None,
+    capacity_factor: CapacityFactor = None,
+    expert_capacity: Annotated[int | None, typer.Option(help="Absolute rows per expert per dispatch batch.")] = None,
+    overflow: Overflow = None,
+    max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
+    max_request_tokens: Annotated[int | None, typer.Option(help="Largest T per request.")] = None,
+    max_inflight_rows_per_replica: Annotated[
+        int | None, typer.Option(help="Bound on rows in flight per expert replica (0 = none).")
+    ] = None,
+    batch_window_ms: BatchWindow = None,
+    max_batch_tokens: Annotated[int | None, typer.Option(help="Most tokens in one cross-request batch.")] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="Deadline (s) when the client sets none.")] = None,
+    host: Host = None,
+    advertise_host: AdvertiseHost = None,
+    log_level: LogLevel = None,
+    metrics_port: MetricsPort = None,
+    redis_url: RedisUrl = None,
+    redis_prefix: RedisPrefix = None,
+    live_state_interval: Annotated[
+        float | None, typer.Option(help="Seconds between live-state writes to Redis.")
+    ] = None,
+    max_message_bytes: MaxMessageBytes = None,
+) -> None:
+    """Run the gateway: the public KServe v2 endpoint, admission, capacity policy, combine."""
+    from gateway.server import serve
+
+    settings = build_settings(
+        GatewaySettings,
+        port=port,
+        delivery_port=delivery_port,
+        router_address=router_address,
+        model_name=model_name,
+        capacity_factor=capacity_factor,
+        expert_capacity=expert_capacity,
+        overflow=overflow,
+        max_inflight_tokens=max_inflight_tokens,
+        max_request_tokens=max_request_tokens,
+        max_inflight_rows_per_replica=max_inflight_rows_per_replica,
+        batch_window_ms=batch_window_ms,
+        max_batch_tokens=max_batch_tokens,
+        request_timeout_s=request_timeout,
+        host=host,
+        advertise_host=advertise_host,
+        log_level=log_level,
+        metrics_port=metrics_port,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        live_state_interval_s=live_state_interval,
+        max_message_bytes=max_message_bytes,
+    )
+    configure_logging(settings.log_level)
+    run_service(serve(settings))
+
+
+@app.command()
+def router(
+    checkpoint: CheckpointDir = None,
+    port: Annotated[int | None, typer.Option(help="Router gRPC port.")] = None,
+    split_min_rows: Annotated[
+        int | None, typer.Option(help="Split an expert's rows over its replicas from twice this many rows (0 = never).")
+    ] = None,
+    model_name: ModelName = None,
+    dtype: Dtype = None,
+    noisy_gating_std: Annotated[
+        float | None,
+        typer.Option(help="Noisy top-k gating for experiments: noise std added to router logits (0 = off)."),
+    ] = None,
+    noisy_gating_seed: Annotated[int | None, typer.Option(help="Seed of the noisy-gating generator.")] = None,
+    host: Host = None,
+    advertise_host: AdvertiseHost = None,
+    log_level: LogLevel = None,
+    metrics_port: MetricsPort = None,
+    max_message_bytes: MaxMessageBytes = None,
+    redis_url: RedisUrl = None,
+    redis_prefix: RedisPrefix = None,
+    registry_ttl: RegistryTtl = None,
+) -> None:
+    """Run the router: gating, capacity, replica choice, fan-out to the expert workers."""
+    from router_service.server import serve
+
+    settings = build_settings(
+        RouterSettings,
+        checkpoint=checkpoint,
+        port=port,
+        split_min_rows=split_min_rows,
+        model_name=model_name,
+        dtype=dtype,
+        noisy_gating_std=noisy_gating_std,
+        noisy_gating_seed=noisy_gating_seed,
+        host=host,
+        advertise_host=advertise_host,
+        log_level=log_level,
+        metrics_port=metrics_port,
+        max_message_bytes=max_message_bytes,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        registry_ttl_s=registry_ttl,
+    )
+    configure_logging(settings.log_level)
+    run_service(serve(settings))
+
+
+@app.command()
+def worker(
+    checkpoint: CheckpointDir = None,
+    port: Annotated[int | None, typer.Option(help="Worker gRPC port (0 = any free port).")] = None,
+    experts: Annotated[str | None, typer.Option(help="Expert ids to serve, e.g. '0-3,6' (all MoE layers).")] = None,
+    worker_index: Annotated[int | None, typer.Option(help="Index in the placement plan.")] = None,
+    num_workers: Annotated[int | None, typer.Option(help="Workers in the placement plan.")] = None,
+    worker_id: Annotated[str | None, typer.Option(help="Registry id of this worker.")] = None,
+    router_address: Annotated[
+        str | None, typer.Option(help="Register in this router's registry (when --redis-url is not given).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    compute_threads: Annotated[int | None, typer.Option(help="Experts computed concurrently.")] = None,
+    torch_threads: Annotated[int | None, typer.Option(help="torch intra-op threads.")] = None,
+    dtype: Dtype = None,
+    host: Host = None,
+    advertise_host: AdvertiseHost = None,
+    log_level: LogLevel = None,
+    metrics_port: MetricsPort = None,
+    max_message_bytes: MaxMessageBytes = None,
+    redis_url: RedisUrl = None,
+    redis_prefix: RedisPrefix = None,
+    registry_ttl: RegistryTtl = None,
+) -> None:
+    """Run one expert worker process (no Ray): load its experts, serve them, register in Redis."""
+    from expert_service.server import serve
+
+    settings = build_settings(
+        WorkerSettings,
+        checkpoint=checkpoint,
+        port=port,
+        experts=experts,
+        worker_index=worker_index,
+        num_workers=num_workers,
+        worker_id=worker_id,
+        router_address=router_address,
+        device=device,
+        compute_threads=compute_threads,
+        torch_threads=torch_threads,
+        dtype=dtype,
+        host=host,
+        advertise_host=advertise_host,
+        log_level=log_level,
+        metrics_port=metrics_port,
+        max_message_bytes=max_message_bytes,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        registry_ttl_s=registry_ttl,
+    )
+    configure_logging(settings.log_level)
+    run_service(serve(settings))

@@ -1,0 +1,226 @@
+"""Commands for a whole stack on a Ray cluster: `moe-serve up`, `workers`, `scale`, `status`, `top`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from moe_serve.commands.common import (
+    AdvertiseHost,
+    BatchWindow,
+    CapacityFactor,
+    CheckpointDir,
+    Dtype,
+    Host,
+    LogLevel,
+    MetricsPort,
+    ModelName,
+    Overflow,
+    RedisPrefix,
+    RedisUrl,
+    RegistryTtl,
+    app,
+    build_settings,
+    console,
+)
+from moe_serve.config import UpSettings, WorkersSettings
+from moe_serve.grpc_utils import configure_logging
+
+
+@app.command()
+def up(
+    checkpoint: CheckpointDir = None,
+    workers: Annotated[int | None, typer.Option(help="Expert workers (Ray actors).")] = None,
+    port: Annotated[int | None, typer.Option(help="Public gateway port.")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
+    worker_num_gpus: Annotated[float | None, typer.Option(help="GPUs per worker actor (1 on a GPU cluster).")] = None,
+    worker_num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray reserves per worker actor.")] = None,
+    capacity_factor: CapacityFactor = None,
+    overflow: Overflow = None,
+    batch_window_ms: BatchWindow = None,
+    max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
+    rebalance: Annotated[
+        float | None, typer.Option(help="Hot-expert replication: run the EPLB balancer every this many seconds.")
+    ] = None,
+    autoscale_max_workers: Annotated[int | None, typer.Option(help="Autoscale workers up to this many.")] = None,
+    autoscale_min_workers: Annotated[int | None, typer.Option(help="Autoscale down to this many.")] = None,
+    model_name: ModelName = None,
+    dtype: Dtype = None,
+    host: Host = None,
+    advertise_host: AdvertiseHost = None,
+    log_level: LogLevel = None,
+    metrics_port: MetricsPort = None,
+    redis_url: RedisUrl = None,
+    redis_prefix: RedisPrefix = None,
+) -> None:
+    """Start router, expert workers and gateway; block until Ctrl-C or SIGTERM, then stop them all."""
+    from moe_serve.stack_command import run_up
+
+    settings = build_settings(
+        UpSettings,
+        checkpoint=checkpoint,
+        workers=workers,
+        port=port,
+        ray_address=ray_address,
+        worker_num_gpus=worker_num_gpus,
+        worker_num_cpus=worker_num_cpus,
+        capacity_factor=capacity_factor,
+        overflow=overflow,
+        batch_window_ms=batch_window_ms,
+        max_inflight_tokens=max_inflight_tokens,
+        rebalance_interval_s=rebalance,
+        autoscale_max_workers=autoscale_max_workers,
+        autoscale_min_workers=autoscale_min_workers,
+        model_name=model_name,
+        dtype=dtype,
+        host=host,
+        advertise_host=advertise_host,
+        log_level=log_level,
+        metrics_port=metrics_port,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+    )
+    configure_logging(settings.log_level)
+    run_up(settings, console)
+
+
+@app.command()
+def workers(
+    checkpoint: CheckpointDir = None,
+    router_address: Annotated[str | None, typer.Option(help="host:port of the router the workers serve.")] = None,
+    count: Annotated[int | None, typer.Option("--workers", help="Expert workers (Ray actors).")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to deploy on (default: a local one).")] = None,
+    worker_num_gpus: Annotated[float | None, typer.Option(help="GPUs per worker actor (1 on a GPU cluster).")] = None,
+    worker_num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray reserves per worker actor.")] = None,
+    rebalance: Annotated[float | None, typer.Option(help="Run the EPLB balancer every this many seconds.")] = None,
+    autoscale_max_workers: Annotated[int | None, typer.Option(help="Autoscale workers up to this many.")] = None,
+    autoscale_min_workers: Annotated[int | None, typer.Option(help="Autoscale down to this many.")] = None,
+    model_name: ModelName = None,
+    dtype: Dtype = None,
+    host: Host = None,
+    advertise_host: AdvertiseHost = None,
+    log_level: LogLevel = None,
+    metrics_port: MetricsPort = None,
+    redis_url: RedisUrl = None,
+    redis_prefix: RedisPrefix = None,
+    registry_ttl: RegistryTtl = None,
+) -> None:
+    """Deploy the expert-worker actors of a stack on a Ray cluster (router and gateway run elsewhere)."""
+    from moe_serve.stack_command import run_workers
+
+    settings = build_settings(
+        WorkersSettings,
+        checkpoint=checkpoint,
+        router_address=router_address,
+        workers=count,
+        ray_address=ray_address,
+        worker_num_gpus=worker_num_gpus,
+        worker_num_cpus=worker_num_cpus,
+        rebalance_interval_s=rebalance,
+        autoscale_max_workers=autoscale_max_workers,
+        autoscale_min_workers=autoscale_min_workers,
+        model_name=model_name,
+        dtype=dtype,
+        host=host,
+        advertise_host=advertise_host,
+        log_level=log_level,
+        metrics_port=metrics_port,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        registry_ttl_s=registry_ttl,
+    )
+    configure_logging(settings.log_level)
+    run_workers(settings, console)
+
+
+ClusterFile = Annotated[Path, typer.Option(help="Cluster file written by `moe-serve up`.")]
+ControllerName = Annotated[str | None, typer.Option(help="Controller actor name (default: from the cluster file).")]
+RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address (default: from the cluster file).")]
+
+
+@app.command()
+def scale(
+    expert: Annotated[int | None, typer.Option(help="Expert to give --replicas replicas.")] = None,
+    layer: Annotated[int | None, typer.Option(help="Only this MoE layer's expert (default: every layer).")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Replicas wanted for --expert.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Re-place all experts over this many workers.")] = None,
+    cluster_file: ClusterFile = Path(".moe-serve/cluster.json"),
+    ray_address: RayAddress = None,
+    controller: ControllerName = None,
+) -> None:
+    """Scale the running stack: one expert's replicas, or the number of workers (never failing a request)."""
+    from moe_serve.cluster_commands import connect, print_status
+
+    if (expert is None) == (workers is None) or (expert is not None and replicas is None):
+        console.print("[red]error[/red]: give either --expert E --replicas N [--layer L], or --workers N")
+        raise typer.Exit(2)
+    handle = _controller(connect, cluster_file, ray_address, controller)
+    import ray  # after connect(), which sets up Ray's authentication mode first
+
+    try:
+        if workers is not None:
+            ray.get(handle.scale_workers.remote(workers))
+        else:
+            ray.get(handle.scale_expert.remote(expert, replicas, layer))
+    except ray.exceptions.RayTaskError as error:
+        console.print(f"[red]error[/red]: {error.cause}")
+        raise typer.Exit(1) from None
+    print_status(Console(), ray.get(handle.status.remote()))
+
+
+@app.command()
+def status(
+    cluster_file: ClusterFile = Path(".moe-serve/cluster.json"),
+    ray_address: RayAddress = None,
+    controller: ControllerName = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON (for scripts).")] = False,
+) -> None:
+    """Print the placement table of the running stack: workers, nodes, GPUs, experts, replicas, live load."""
+    from moe_serve.cluster_commands import connect, print_status
+
+    handle = _controller(connect, cluster_file, ray_address, controller)
+    import ray  # after connect(), which sets up Ray's authentication mode first
+
+    current = ray.get(handle.status.remote())
+    if as_json:
+        print(json.dumps({**current, "workers": [json.loads(w) for w in current["workers"]]}, indent=2))
+    else:
+        print_status(Console(), current)
+
+
+def _controller(connect: Any, cluster_file: Path, ray_address: str | None, controller: str | None) -> Any:
+    try:
+        return connect(cluster_file, ray_address, controller)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        console.print(f"[red]error[/red]: {error}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def top(
+    redis_url: Annotated[str | None, typer.Option(help="Read the live state the gateway writes to this Redis.")] = None,
+    redis_prefix: Annotated[str, typer.Option(help="Key prefix in Redis.")] = "moe-serve:",
+    model: Annotated[str | None, typer.Option(help="Model whose live state to show (with --redis-url).")] = None,
+    gateway_admin: Annotated[
+        str | None, typer.Option(help="Or ask the gateway directly: host:port of its internal (delivery) port.")
+    ] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    once: Annotated[bool, typer.Option("--once", help="Print the view once and exit.")] = False,
+) -> None:
+    """Live view of a running stack: latency, throughput, workers and their load, per-expert load bars."""
+    from moe_serve.top import gateway_source, redis_source, render, run_top
+
+    if (redis_url is None) == (gateway_admin is None) or (redis_url is not None and model is None):
+        console.print("[red]error[/red]: give either --redis-url URL --model NAME, or --gateway-admin HOST:PORT")
+        raise typer.Exit(2)
+    source = gateway_source(gateway_admin) if gateway_admin else redis_source(redis_url, redis_prefix, model)
+    if once:
+        Console().print(render(source()))
+        return
+    with contextlib.suppress(KeyboardInterrupt):
+        run_top(source, Console(), interval)
