@@ -30,6 +30,7 @@ from moe_serve.placement import ExpertKey, expert_blocks, parse_expert_keys
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistration
 from moe_serve.registry import Registration, RouterRegistration, WorkerRecord
+from moe_serve.security import InternalTLS
 from moe_serve.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -80,13 +81,19 @@ class WorkerService:
     async def start(self) -> WorkerRecord:
         settings = self.settings
         torch.set_num_threads(settings.torch_threads)
+        try:
+            self.tls = tls = InternalTLS.from_settings(settings)
+        except ValueError as error:
+            raise ConfigurationError(str(error)) from None
         checkpoint = Checkpoint(settings.checkpoint)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, checkpoint.spec.dtype)
         store = ExpertStore(checkpoint, owned_experts(settings, checkpoint), dtype, device)
         weights_version = checkpoint.fingerprint()
         checkpoint.close()
-        server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
+        server, port = create_server(
+            settings.host, settings.port, settings.max_message_bytes, tls.server_credentials() if tls else None
+        )
         host = advertised_host(settings.host, settings.advertise_host)
         address = f"{host}:{port}"
         self.telemetry = Telemetry("moe-serve-worker", settings.metrics_port, settings.host)
@@ -110,6 +117,7 @@ class WorkerService:
             settings.max_message_bytes,
             publish=self._publish,
             telemetry=self.telemetry,
+            tls=tls,
         )
         moe_grpc.add_ExpertWorkerServicer_to_server(self.servicer, server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
@@ -127,7 +135,7 @@ class WorkerService:
         if settings.redis_url:
             return RedisRegistration(settings.redis_url, settings.redis_prefix, snapshot, settings.registry_ttl_s)
         if settings.router_address:
-            return RouterRegistration(settings.router_address, snapshot, settings.registry_ttl_s)
+            return RouterRegistration(settings.router_address, snapshot, settings.registry_ttl_s, self.tls)
         return None
 
     async def _publish(self) -> None:

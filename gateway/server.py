@@ -11,6 +11,7 @@ import torch
 from grpc import aio
 
 from gateway.admission import AdmissionController
+from gateway.auth import BearerTokenInterceptor, TokenTable
 from gateway.capacity_policy import CapacityPolicy
 from gateway.dataplane import DataPlane
 from gateway.deliveries import DeliveryServicer, PendingRequests
@@ -36,12 +37,14 @@ from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
+from moe_serve.security import InternalTLS, PublicTLS
 from moe_serve.streams import StreamClient
 from moe_serve.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 PUBLIC_SERVICE = "inference.GRPCInferenceService"
 DELIVERY_SERVICE = "moe_serve.v1.DeliveryService"
+ADMIN_SERVICE = "moe_serve.v1.GatewayAdmin"
 
 
 async def registered_workers(router: moe_grpc.RouterStub) -> list[dict]:
@@ -75,13 +78,19 @@ class GatewayService:
     async def start(self) -> str:
         settings = self.settings
         torch.set_num_threads(settings.torch_threads)
-        self._routers = StubPool(moe_grpc.RouterStub, settings.max_message_bytes)
+        try:
+            internal_tls, public_tls = InternalTLS.from_settings(settings), PublicTLS.from_settings(settings)
+            tokens = TokenTable.load(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        except ValueError as error:
+            raise ConfigurationError(str(error)) from None
+        self._routers = StubPool(moe_grpc.RouterStub, settings.max_message_bytes, internal_tls)
         router = self._routers.get(settings.router_address)
         info = await fetch_model_info(router, settings.router_address, settings.startup_timeout_s)
         self._route_stream: StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan] = StreamClient(
             settings.router_address,
             lambda channel: moe_grpc.RouterStub(channel).RouteStream,
             settings.max_message_bytes,
+            internal_tls,
         )
         model = ServedModel.from_info(info, settings.model_name)
         host = advertised_host(settings.host, settings.advertise_host)
@@ -90,7 +99,10 @@ class GatewayService:
         tracer = self.telemetry.tracer
         self.pending = PendingRequests()
         self.delivery_server, delivery_port = create_server(
-            settings.host, settings.delivery_port, settings.max_message_bytes
+            settings.host,
+            settings.delivery_port,
+            settings.max_message_bytes,
+            internal_tls.server_credentials() if internal_tls else None,
         )
         moe_grpc.add_DeliveryServiceServicer_to_server(DeliveryServicer(self.pending, tracer), self.delivery_server)
         self.delivery_address = f"{host}:{delivery_port}"
@@ -126,7 +138,13 @@ class GatewayService:
             batch_window_s=settings.batch_window_ms / 1000,
             max_batch_tokens=settings.max_batch_tokens,
         )
-        self.public_server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
+        self.public_server, port = create_server(
+            settings.host,
+            settings.port,
+            settings.max_message_bytes,
+            public_tls.server_credentials() if public_tls else None,
+            [BearerTokenInterceptor(tokens)] if tokens is not None else [],
+        )
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.dataplane, settings.request_timeout_s, metrics, tracer), self.public_server
         )
@@ -137,11 +155,21 @@ class GatewayService:
             )
             self.publisher.start()
         self.health = health = add_health_and_reflection(self.public_server, [PUBLIC_SERVICE])
+        # the internal port answers health probes too (they need the internal certificate under mTLS)
+        delivery_health = add_health_and_reflection(self.delivery_server, [DELIVERY_SERVICE, ADMIN_SERVICE])
         await self.delivery_server.start()
         await self.public_server.start()
+        await set_serving(delivery_health, [DELIVERY_SERVICE, ADMIN_SERVICE], True)
         await set_serving(health, [PUBLIC_SERVICE], True)
         self.address = f"{host}:{port}"
-        logger.info("gateway for model %r at %s (deliveries at %s)", model.name, self.address, self.delivery_address)
+        logger.info(
+            "gateway for model %r at %s (%s; deliveries at %s%s)",
+            model.name,
+            self.address,
+            ("TLS" if public_tls else "plaintext") + (f", {len(tokens)} bearer token(s)" if tokens else ""),
+            self.delivery_address,
+            ", mutual TLS" if internal_tls else "",
+        )
         return self.address
 
     async def stop(self, grace_s: float = 5.0) -> None:

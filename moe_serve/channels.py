@@ -9,6 +9,7 @@ from typing import Any, Generic, TypeVar
 from grpc import aio
 
 from moe_serve.grpc_utils import channel_options
+from moe_serve.security import InternalTLS, open_aio_channel
 
 StubT = TypeVar("StubT")
 
@@ -16,8 +17,10 @@ StubT = TypeVar("StubT")
 class StubPool(Generic[StubT]):
     """Caches one channel and one stub per address."""
 
-    def __init__(self, stub_class: Callable[[aio.Channel], StubT], max_message_bytes: int) -> None:
-        self._stub_class = stub_class
+    def __init__(
+        self, stub_class: Callable[[aio.Channel], StubT], max_message_bytes: int, tls: InternalTLS | None = None
+    ) -> None:
+        self._stub_class, self._tls = stub_class, tls
         self._options = channel_options(max_message_bytes)
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, StubT] = {}
@@ -25,7 +28,7 @@ class StubPool(Generic[StubT]):
     def get(self, address: str) -> StubT:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = aio.insecure_channel(address, options=self._options)
+            channel = open_aio_channel(address, self._options, self._tls)
             self._channels[address] = channel
             stub = self._stubs[address] = self._stub_class(channel)
         return stub

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from moe_serve.commands import services, stack, tools
+import importlib
+
 from moe_serve.commands.common import app
 
-__all__ = ["app", "main", "services", "stack", "tools"]
+# importing a module registers its commands; this order is the order of the help screen's panels
+COMMAND_MODULES = ("stack", "services", "client", "tools", "security")
+for _module in COMMAND_MODULES:
+    importlib.import_module(f"moe_serve.commands.{_module}")
+
+__all__ = ["app", "main"]
 
 
 def main() -> None:

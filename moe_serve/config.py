@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
@@ -46,9 +48,50 @@ class CommonSettings(BaseSettings):
         description="Serve Prometheus metrics at http://host:PORT/metrics (0 = any free port; "
         "unset = no endpoint). OTLP export is on when OTEL_EXPORTER_OTLP_ENDPOINT is set.",
     )
+    internal_tls_ca: Path | None = Field(
+        None,
+        description="Mutual TLS between services: the internal CA certificate (PEM). With it, internal "
+        "servers accept only clients holding a certificate it signed.",
+    )
+    internal_tls_cert: Path | None = Field(None, description="This service's internal certificate (PEM).")
+    internal_tls_key: Path | None = Field(None, description="The private key of the internal certificate (PEM).")
+    internal_tls_server_name: str = Field(
+        DEFAULT_INTERNAL_SERVER_NAME,
+        description="Name every internal server certificate carries (checked instead of the dialed host).",
+    )
+
+    @model_validator(mode="after")
+    def _check_internal_tls(self) -> CommonSettings:
+        given = [self.internal_tls_ca, self.internal_tls_cert, self.internal_tls_key]
+        if any(given) and not all(given):
+            raise ValueError("internal TLS needs all three of internal_tls_ca, internal_tls_cert and internal_tls_key")
+        return self
 
 
-class GatewaySettings(CommonSettings):
+class PublicEndpointSettings(BaseModel):
+    """Security of the public KServe port: TLS and bearer tokens."""
+
+    tls_cert: Path | None = Field(None, description="TLS on the public port: the server certificate chain (PEM).")
+    tls_key: Path | None = Field(None, description="TLS on the public port: its private key (PEM).")
+    tls_client_ca: Path | None = Field(
+        None, description="Require client certificates signed by this CA on the public port (mutual TLS)."
+    )
+    auth_tokens_file: Path | None = Field(
+        None,
+        description='Bearer-token auth: a JSON file {"tokens": [{"name": ..., "token": ..., '
+        '"models": ["*" or names]}]}; calls need \'authorization: Bearer <token>\'.',
+    )
+
+    @model_validator(mode="after")
+    def _check_public_tls(self) -> PublicEndpointSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS on the public port needs both tls_cert and tls_key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (client certificates ride on TLS)")
+        return self
+
+
+class GatewaySettings(CommonSettings, PublicEndpointSettings):
     """The public KServe v2 gRPC endpoint: admission, capacity policy, combine."""
 
     port: int = Field(8001, ge=0, le=65535, description="Public KServe v2 gRPC port (0 = any free port).")
@@ -183,7 +226,7 @@ class WorkersSettings(WorkerPoolSettings):
     router_address: str = Field(..., description="host:port of the router; its registry (or Redis) gets the workers.")
 
 
-class UpSettings(WorkerPoolSettings):
+class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
     """`moe-serve up`: the whole stack on one machine or a Ray cluster."""
 
     checkpoint: Path | None = Field(None, description="Checkpoint directory (default: generate the demo one).")

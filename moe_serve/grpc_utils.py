@@ -135,10 +135,23 @@ async def _mapped_errors(method: str, context: aio.ServicerContext) -> AsyncIter
         )
 
 
-def create_server(host: str, port: int, max_message_bytes: int) -> tuple[aio.Server, int]:
-    """An aio server bound to host:port (port 0 picks a free one); returns it and the real port."""
-    server = aio.server(interceptors=[ErrorMappingInterceptor()], options=server_options(max_message_bytes))
-    bound = server.add_insecure_port(f"{host}:{port}")
+def create_server(
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: Sequence[aio.ServerInterceptor] = (),
+) -> tuple[aio.Server, int]:
+    """An aio server bound to host:port (port 0 picks a free one); returns it and the real port.
+
+    With `credentials` the port speaks TLS only. `interceptors` run before error mapping (so an
+    authentication failure is reported before the request bytes are even decoded).
+    """
+    server = aio.server(
+        interceptors=[*interceptors, ErrorMappingInterceptor()], options=server_options(max_message_bytes)
+    )
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     return server, bound

@@ -17,6 +17,7 @@ from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from moe_serve.grpc_utils import channel_options
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve.security import ClientCredentials
 
 DEMO_MODEL_NAME = "mixtral-demo"
 
@@ -29,11 +30,12 @@ def _hidden_states(
     datatype: str,
     seed: int,
     timeout: float,
+    metadata: tuple[tuple[str, str], ...] | None,
 ) -> torch.Tensor:
     if input_file is not None:
         return torch.from_numpy(np.load(input_file))
-    metadata = stub.ModelMetadata(kserve_pb2.ModelMetadataRequest(name=model), timeout=timeout)
-    hidden_size = int(metadata.inputs[0].shape[-1])
+    described = stub.ModelMetadata(kserve_pb2.ModelMetadataRequest(name=model), timeout=timeout, metadata=metadata)
+    hidden_size = int(described.inputs[0].shape[-1])
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(tokens, hidden_size, generator=generator).to(codec.torch_dtype(datatype))
 
@@ -50,12 +52,15 @@ def run_infer(
     repeat: int,
     seed: int,
     timeout: float,
+    credentials: ClientCredentials | None = None,
 ) -> int:
     model = model or DEMO_MODEL_NAME
-    with grpc.insecure_channel(url, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
+    credentials = credentials or ClientCredentials()
+    metadata = credentials.metadata()
+    with credentials.channel(url, channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
         stub = kserve_grpc.GRPCInferenceServiceStub(channel)
         try:
-            hidden = _hidden_states(stub, model, tokens, input_file, datatype, seed, timeout)
+            hidden = _hidden_states(stub, model, tokens, input_file, datatype, seed, timeout, metadata)
             request = kserve_pb2.ModelInferRequest(
                 model_name=model,
                 id="moe-serve-infer",
@@ -74,7 +79,7 @@ def run_infer(
             latencies = []
             for _ in range(max(1, repeat)):
                 started = time.perf_counter()
-                response = stub.ModelInfer(request, timeout=timeout)
+                response = stub.ModelInfer(request, timeout=timeout, metadata=metadata)
                 latencies.append((time.perf_counter() - started) * 1000)
         except grpc.RpcError as error:
             console.print(f"[red]{error.code().name}[/red]: {error.details()}")

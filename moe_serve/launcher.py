@@ -25,6 +25,7 @@ from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings, WorkerPoolSettings
 from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.registry import WorkerRecord
+from moe_serve.security import InternalTLS, open_channel
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,32 @@ def _common_flags(settings: UpSettings) -> list[str]:
     ]
     if settings.advertise_host:
         flags += ["--advertise-host", settings.advertise_host]
+    return flags + _internal_tls_flags(settings)
+
+
+def _internal_tls_flags(settings: WorkerPoolSettings) -> list[str]:
+    if settings.internal_tls_ca is None:
+        return []
+    return [
+        "--internal-tls-ca",
+        str(settings.internal_tls_ca),
+        "--internal-tls-cert",
+        str(settings.internal_tls_cert),
+        "--internal-tls-key",
+        str(settings.internal_tls_key),
+    ]
+
+
+def _public_security_flags(settings: UpSettings) -> list[str]:
+    flags: list[str] = []
+    for flag, value in (
+        ("--tls-cert", settings.tls_cert),
+        ("--tls-key", settings.tls_key),
+        ("--tls-client-ca", settings.tls_client_ca),
+        ("--auth-tokens-file", settings.auth_tokens_file),
+    ):
+        if value is not None:
+            flags += [flag, str(value)]
     return flags
 
 
@@ -195,6 +222,16 @@ def start_controller(
         "router_address": None if settings.redis_url else router_address,
         # each worker actor picks a free metrics port and announces it in its registration
         "metrics_port": None if settings.metrics_port is None else 0,
+        # certificate files must be readable on every Ray node, like the checkpoint
+        **{
+            name: None if value is None else str(value)
+            for name, value in (
+                ("internal_tls_ca", settings.internal_tls_ca),
+                ("internal_tls_cert", settings.internal_tls_cert),
+                ("internal_tls_key", settings.internal_tls_key),
+            )
+        },
+        "internal_tls_server_name": settings.internal_tls_server_name,
     }
     name = controller_name(model_name, router_address)
     controller = (
@@ -261,7 +298,7 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
     controller = None
     try:
         controller, name = start_controller(settings, checkpoint, model_name, router.address)
-        wait_until_ready(router.address)
+        wait_until_ready(router.address, tls=InternalTLS.from_settings(settings))
         gateway_args = [
             "gateway",
             "--router-address",
@@ -274,6 +311,7 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
             str(settings.batch_window_ms),
             *_common_flags(settings),
             *_metrics_flags(settings.metrics_port),
+            *_public_security_flags(settings),
         ]
         if settings.redis_url:  # the gateway writes its live state there
             gateway_args += ["--redis-url", settings.redis_url, "--redis-prefix", settings.redis_prefix]
@@ -306,15 +344,13 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
     )
 
 
-def wait_until_ready(router_address: str, timeout_s: float = 60.0) -> None:
+def wait_until_ready(router_address: str, timeout_s: float = 60.0, tls: InternalTLS | None = None) -> None:
     """Block until the router reports a live replica for every expert."""
-    import grpc
-
     from moe_serve.protos import moe_serve_pb2 as moe_pb2
     from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(router_address) as channel:
+    with open_channel(router_address, [], tls) as channel:
         stub = moe_grpc.RouterStub(channel)
         while not stub.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=5).ready:
             if time.monotonic() > deadline:

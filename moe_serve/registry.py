@@ -24,6 +24,7 @@ from moe_serve.outage import OutageLog
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.security import InternalTLS, open_aio_channel
 
 logger = logging.getLogger(__name__)
 LOAD_FIELDS = ("inflight_rows", "queued_rows", "rows_per_s", "compute_p50_ms")
@@ -241,9 +242,11 @@ class RouterRegistration(Registration):
 
     transport_errors = (aio.AioRpcError,)
 
-    def __init__(self, router_address: str, snapshot: Callable[[], WorkerRecord], ttl_s: float) -> None:
+    def __init__(
+        self, router_address: str, snapshot: Callable[[], WorkerRecord], ttl_s: float, tls: InternalTLS | None = None
+    ) -> None:
         super().__init__(snapshot, ttl_s, f"registration at router {router_address}")
-        self._channel = aio.insecure_channel(router_address)
+        self._channel = open_aio_channel(router_address, [], tls)
         self._stub = moe_grpc.WorkerRegistryStub(self._channel)
 
     async def _write(self, record: WorkerRecord) -> None:

@@ -22,6 +22,7 @@ from grpc import aio
 
 from moe_serve.errors import DeadlineExceeded, InvalidInput, MoEServeError, ServiceUnavailable
 from moe_serve.grpc_utils import Undecodable, channel_options
+from moe_serve.security import InternalTLS, open_aio_channel
 
 logger = logging.getLogger(__name__)
 RequestT = TypeVar("RequestT")
@@ -32,9 +33,11 @@ OpenStream = Callable[[aio.Channel], Any]  # e.g. lambda channel: RouterStub(cha
 class StreamClient(Generic[RequestT, ReplyT]):
     """Calls over one stream to one address; safe to use from many coroutines of one event loop."""
 
-    def __init__(self, address: str, open_stream: OpenStream, max_message_bytes: int) -> None:
+    def __init__(
+        self, address: str, open_stream: OpenStream, max_message_bytes: int, tls: InternalTLS | None = None
+    ) -> None:
         self.address = address
-        self._channel = aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        self._channel = open_aio_channel(address, channel_options(max_message_bytes), tls)
         self._method = open_stream(self._channel)
         self._stream: Any = None
         self._reader: asyncio.Task[None] | None = None
@@ -99,14 +102,16 @@ class StreamClient(Generic[RequestT, ReplyT]):
 class StreamClientPool(Generic[RequestT, ReplyT]):
     """One StreamClient per address."""
 
-    def __init__(self, open_stream: OpenStream, max_message_bytes: int) -> None:
-        self._open_stream, self._max_message_bytes = open_stream, max_message_bytes
+    def __init__(self, open_stream: OpenStream, max_message_bytes: int, tls: InternalTLS | None = None) -> None:
+        self._open_stream, self._max_message_bytes, self._tls = open_stream, max_message_bytes, tls
         self._clients: dict[str, StreamClient[RequestT, ReplyT]] = {}
 
     def get(self, address: str) -> StreamClient[RequestT, ReplyT]:
         client = self._clients.get(address)
         if client is None:
-            client = self._clients[address] = StreamClient(address, self._open_stream, self._max_message_bytes)
+            client = self._clients[address] = StreamClient(
+                address, self._open_stream, self._max_message_bytes, self._tls
+            )
         return client
 
     async def close(self) -> None:

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc
 import redis
 from rich.console import Console, Group
 from rich.live import Live
@@ -24,6 +23,7 @@ from moe_serve.cluster_commands import compact_keys
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.security import InternalTLS, open_channel
 
 BAR_WIDTH = 30
 LiveSource = Callable[[], dict[str, Any] | None]
@@ -42,8 +42,9 @@ def redis_source(url: str, prefix: str, model: str) -> LiveSource:
     return read
 
 
-def gateway_source(address: str) -> LiveSource:
-    stub = moe_grpc.GatewayAdminStub(grpc.insecure_channel(address))
+def gateway_source(address: str, tls: InternalTLS | None = None) -> LiveSource:
+    """Live state straight from the gateway's admin service (its internal port: mutual TLS when on)."""
+    stub = moe_grpc.GatewayAdminStub(open_channel(address, [], tls))
 
     def read() -> dict[str, Any] | None:
         return json.loads(stub.GetLiveState(moe_pb2.LiveStateRequest(), timeout=5).json)

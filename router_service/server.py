@@ -11,6 +11,7 @@ from grpc import aio
 from moe_serve.allocator import tune_allocator
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import RouterSettings
+from moe_serve.errors import ConfigurationError
 from moe_serve.grpc_utils import (
     add_health_and_reflection,
     advertised_host,
@@ -25,6 +26,7 @@ from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistry
 from moe_serve.registry import InProcessRegistry, Registry, RegistryServicer
+from moe_serve.security import InternalTLS
 from moe_serve.telemetry import Telemetry
 from router_service.fanout import Dispatcher
 from router_service.metrics import RouterMetrics
@@ -45,6 +47,10 @@ class RouterService:
     async def start(self) -> str:
         settings = self.settings
         torch.set_num_threads(settings.torch_threads)
+        try:
+            tls = InternalTLS.from_settings(settings)
+        except ValueError as error:
+            raise ConfigurationError(str(error)) from None
         checkpoint = Checkpoint(settings.checkpoint)
         dtype = checkpoint.spec.dtype if settings.dtype == "auto" else CONFIG_DTYPE_NAMES[settings.dtype]
         planner = RoutingPlanner(checkpoint, dtype, settings.noisy_gating_std, settings.noisy_gating_seed)
@@ -56,12 +62,19 @@ class RouterService:
         keys = [ExpertKey(layer, e) for layer in spec.moe_layers for e in range(spec.num_placed_experts)]
         metrics = RouterMetrics(self.telemetry, model_name, self.registry, keys)
         self.dispatcher = Dispatcher(
-            self.registry, settings.max_dispatch_attempts, settings.max_message_bytes, settings.split_min_rows, metrics
+            self.registry,
+            settings.max_dispatch_attempts,
+            settings.max_message_bytes,
+            settings.split_min_rows,
+            metrics,
+            tls,
         )
         self.servicer = RouterServicer(
             planner, self.registry, self.dispatcher, model_name, self.telemetry.tracer, metrics
         )
-        server, port = create_server(settings.host, settings.port, settings.max_message_bytes)
+        server, port = create_server(
+            settings.host, settings.port, settings.max_message_bytes, tls.server_credentials() if tls else None
+        )
         moe_grpc.add_RouterServicer_to_server(self.servicer, server)
         services = [SERVICE_NAME]
         if isinstance(self.registry, InProcessRegistry):  # workers register here when there is no Redis

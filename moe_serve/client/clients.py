@@ -27,6 +27,7 @@ from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from moe_serve.grpc_utils import channel_options
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve.security import ClientCredentials
 
 DEFAULT_OUTPUTS = ("output",)
 
@@ -37,24 +38,42 @@ class MoEClient:
     Args:
         address: the gateway's "host:port".
         max_message_bytes: largest message sent or received; must cover T * d * itemsize of a request.
+        token: bearer token, for a gateway started with --auth-tokens-file.
+        tls: connect with TLS (implied by root_certificates or certificate_chain); root_certificates:
+            PEM of the CA that signed the gateway's certificate (default: the system's roots);
+            certificate_chain / private_key: a client certificate, for a gateway with --tls-client-ca.
     """
 
-    def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+    ) -> None:
         self.address = address
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_bytes))
+        credentials = ClientCredentials(tls, root_certificates, certificate_chain, private_key, token)
+        self._metadata = credentials.metadata()
+        self._channel = credentials.channel(address, channel_options(max_message_bytes))
         self._stub = kserve_grpc.GRPCInferenceServiceStub(self._channel)
 
     def server_ready(self, timeout: float | None = None) -> bool:
         """Whether the gateway reports ready (router reachable, every expert placed)."""
         try:
-            return self._stub.ServerReady(kserve_pb2.ServerReadyRequest(), timeout=timeout).ready
+            return self._stub.ServerReady(
+                kserve_pb2.ServerReadyRequest(), timeout=timeout, metadata=self._metadata
+            ).ready
         except grpc.RpcError as error:
             raise GatewayError.from_rpc_error(error, "ServerReady") from None
 
     def model_metadata(self, model: str, timeout: float | None = None) -> ServedModelMetadata:
         """ModelMetadata of `model` (NOT_FOUND when the gateway serves another name; its message names it)."""
         try:
-            response = self._stub.ModelMetadata(metadata_request(model), timeout=timeout)
+            response = self._stub.ModelMetadata(metadata_request(model), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise GatewayError.from_rpc_error(error, "ModelMetadata") from None
         return ServedModelMetadata.from_response(response)
@@ -77,7 +96,7 @@ class MoEClient:
         outputs = requested_outputs(outputs)
         request = build_infer_request(model, hidden_states, layer, outputs)
         try:
-            response = self._stub.ModelInfer(request, timeout=timeout)
+            response = self._stub.ModelInfer(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise GatewayError.from_rpc_error(error, "ModelInfer") from None
         return decode_infer_response(response, outputs)
@@ -104,22 +123,36 @@ class AsyncMoEClient:
     belongs to one loop), and stays open until `close()`; use one client per event loop.
     """
 
-    def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
+    ) -> None:
         self.address = address
+        self._credentials = ClientCredentials(tls, root_certificates, certificate_chain, private_key, token)
+        self._metadata = self._credentials.metadata()
         self._options = channel_options(max_message_bytes)
         self._channel: aio.Channel | None = None
         self._stub: kserve_grpc.GRPCInferenceServiceStub | None = None
 
     def _connected_stub(self) -> kserve_grpc.GRPCInferenceServiceStub:
         if self._stub is None:
-            self._channel = aio.insecure_channel(self.address, options=self._options)
+            self._channel = self._credentials.aio_channel(self.address, self._options)
             self._stub = kserve_grpc.GRPCInferenceServiceStub(self._channel)
         return self._stub
 
     async def server_ready(self, timeout: float | None = None) -> bool:
         """Whether the gateway reports ready (router reachable, every expert placed)."""
         try:
-            response = await self._connected_stub().ServerReady(kserve_pb2.ServerReadyRequest(), timeout=timeout)
+            response = await self._connected_stub().ServerReady(
+                kserve_pb2.ServerReadyRequest(), timeout=timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise GatewayError.from_rpc_error(error, "ServerReady") from None
         return response.ready
@@ -127,7 +160,9 @@ class AsyncMoEClient:
     async def model_metadata(self, model: str, timeout: float | None = None) -> ServedModelMetadata:
         """ModelMetadata of `model`; see MoEClient.model_metadata."""
         try:
-            response = await self._connected_stub().ModelMetadata(metadata_request(model), timeout=timeout)
+            response = await self._connected_stub().ModelMetadata(
+                metadata_request(model), timeout=timeout, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise GatewayError.from_rpc_error(error, "ModelMetadata") from None
         return ServedModelMetadata.from_response(response)
@@ -144,7 +179,7 @@ class AsyncMoEClient:
         outputs = requested_outputs(outputs)
         request = build_infer_request(model, hidden_states, layer, outputs)
         try:
-            response = await self._connected_stub().ModelInfer(request, timeout=timeout)
+            response = await self._connected_stub().ModelInfer(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise GatewayError.from_rpc_error(error, "ModelInfer") from None
         return decode_infer_response(response, outputs)

@@ -54,6 +54,30 @@ CapacityFactor = Annotated[
 Overflow = Annotated[str | None, typer.Option(help="Over capacity: drop, reroute or dropless.")]
 BatchWindow = Annotated[float | None, typer.Option(help="Cross-request batching window in ms (0 = off).")]
 
+InternalTlsCa = Annotated[
+    Path | None, typer.Option(help="Mutual TLS between services: the internal CA certificate (PEM).")
+]
+InternalTlsCert = Annotated[Path | None, typer.Option(help="This service's internal certificate (PEM).")]
+InternalTlsKey = Annotated[Path | None, typer.Option(help="Private key of the internal certificate (PEM).")]
+TlsCert = Annotated[Path | None, typer.Option(help="TLS on the public port: certificate chain (PEM).")]
+TlsKey = Annotated[Path | None, typer.Option(help="TLS on the public port: private key (PEM).")]
+TlsClientCa = Annotated[
+    Path | None, typer.Option(help="Require client certificates signed by this CA on the public port.")
+]
+AuthTokensFile = Annotated[
+    Path | None, typer.Option(help="Bearer-token auth: JSON file of tokens and the models each may use.")
+]
+
+
+def internal_tls_flags(ca: Path | None, cert: Path | None, key: Path | None) -> dict[str, Path | None]:
+    return {"internal_tls_ca": ca, "internal_tls_cert": cert, "internal_tls_key": key}
+
+
+def public_security_flags(
+    cert: Path | None, key: Path | None, client_ca: Path | None, tokens: Path | None
+) -> dict[str, Path | None]:
+    return {"tls_cert": cert, "tls_key": key, "tls_client_ca": client_ca, "auth_tokens_file": tokens}
+
 
 def build_settings(settings_class: type[SettingsT], **flags: Any) -> SettingsT:
     """Settings from the environment, overridden by the flags that were given."""

@@ -8,11 +8,15 @@ import typer
 
 from moe_serve.commands.common import (
     AdvertiseHost,
+    AuthTokensFile,
     BatchWindow,
     CapacityFactor,
     CheckpointDir,
     Dtype,
     Host,
+    InternalTlsCa,
+    InternalTlsCert,
+    InternalTlsKey,
     LogLevel,
     MaxMessageBytes,
     MetricsPort,
@@ -21,15 +25,20 @@ from moe_serve.commands.common import (
     RedisPrefix,
     RedisUrl,
     RegistryTtl,
+    TlsCert,
+    TlsClientCa,
+    TlsKey,
     app,
     build_settings,
+    internal_tls_flags,
+    public_security_flags,
     run_service,
 )
 from moe_serve.config import GatewaySettings, RouterSettings, WorkerSettings
 from moe_serve.grpc_utils import configure_logging
 
 
-@app.command()
+@app.command(rich_help_panel="Run one service")
 def gateway(
     port: Annotated[int | None, typer.Option(help="Public KServe v2 gRPC port.")] = None,
     delivery_port: Annotated[int | None, typer.Option(help="Internal port for expert deliveries (0 = any).")] = None,
@@ -56,6 +65,13 @@ def gateway(
         float | None, typer.Option(help="Seconds between live-state writes to Redis.")
     ] = None,
     max_message_bytes: MaxMessageBytes = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_client_ca: TlsClientCa = None,
+    auth_tokens_file: AuthTokensFile = None,
+    internal_tls_ca: InternalTlsCa = None,
+    internal_tls_cert: InternalTlsCert = None,
+    internal_tls_key: InternalTlsKey = None,
 ) -> None:
     """Run the gateway: the public KServe v2 endpoint, admission, capacity policy, combine."""
     from gateway.server import serve
@@ -82,13 +98,15 @@ def gateway(
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         live_state_interval_s=live_state_interval,
+        **public_security_flags(tls_cert, tls_key, tls_client_ca, auth_tokens_file),
         max_message_bytes=max_message_bytes,
+        **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
     )
     configure_logging(settings.log_level)
     run_service(serve(settings))
 
 
-@app.command()
+@app.command(rich_help_panel="Run one service")
 def router(
     checkpoint: CheckpointDir = None,
     port: Annotated[int | None, typer.Option(help="Router gRPC port.")] = None,
@@ -110,6 +128,9 @@ def router(
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
     registry_ttl: RegistryTtl = None,
+    internal_tls_ca: InternalTlsCa = None,
+    internal_tls_cert: InternalTlsCert = None,
+    internal_tls_key: InternalTlsKey = None,
 ) -> None:
     """Run the router: gating, capacity, replica choice, fan-out to the expert workers."""
     from router_service.server import serve
@@ -131,12 +152,13 @@ def router(
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         registry_ttl_s=registry_ttl,
+        **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
     )
     configure_logging(settings.log_level)
     run_service(serve(settings))
 
 
-@app.command()
+@app.command(rich_help_panel="Run one service")
 def worker(
     checkpoint: CheckpointDir = None,
     port: Annotated[int | None, typer.Option(help="Worker gRPC port (0 = any free port).")] = None,
@@ -159,6 +181,9 @@ def worker(
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
     registry_ttl: RegistryTtl = None,
+    internal_tls_ca: InternalTlsCa = None,
+    internal_tls_cert: InternalTlsCert = None,
+    internal_tls_key: InternalTlsKey = None,
 ) -> None:
     """Run one expert worker process (no Ray): load its experts, serve them, register in Redis."""
     from expert_service.server import serve
@@ -184,6 +209,7 @@ def worker(
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         registry_ttl_s=registry_ttl,
+        **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
     )
     configure_logging(settings.log_level)
     run_service(serve(settings))

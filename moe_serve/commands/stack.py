@@ -12,11 +12,15 @@ from rich.console import Console
 
 from moe_serve.commands.common import (
     AdvertiseHost,
+    AuthTokensFile,
     BatchWindow,
     CapacityFactor,
     CheckpointDir,
     Dtype,
     Host,
+    InternalTlsCa,
+    InternalTlsCert,
+    InternalTlsKey,
     LogLevel,
     MetricsPort,
     ModelName,
@@ -24,15 +28,20 @@ from moe_serve.commands.common import (
     RedisPrefix,
     RedisUrl,
     RegistryTtl,
+    TlsCert,
+    TlsClientCa,
+    TlsKey,
     app,
     build_settings,
     console,
+    internal_tls_flags,
+    public_security_flags,
 )
 from moe_serve.config import UpSettings, WorkersSettings
 from moe_serve.grpc_utils import configure_logging
 
 
-@app.command()
+@app.command(rich_help_panel="Run and scale a stack")
 def up(
     checkpoint: CheckpointDir = None,
     workers: Annotated[int | None, typer.Option(help="Expert workers (Ray actors).")] = None,
@@ -57,6 +66,13 @@ def up(
     metrics_port: MetricsPort = None,
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
+    tls_cert: TlsCert = None,
+    tls_key: TlsKey = None,
+    tls_client_ca: TlsClientCa = None,
+    auth_tokens_file: AuthTokensFile = None,
+    internal_tls_ca: InternalTlsCa = None,
+    internal_tls_cert: InternalTlsCert = None,
+    internal_tls_key: InternalTlsKey = None,
 ) -> None:
     """Start router, expert workers and gateway; block until Ctrl-C or SIGTERM, then stop them all."""
     from moe_serve.stack_command import run_up
@@ -84,12 +100,14 @@ def up(
         metrics_port=metrics_port,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
+        **public_security_flags(tls_cert, tls_key, tls_client_ca, auth_tokens_file),
+        **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
     )
     configure_logging(settings.log_level)
     run_up(settings, console)
 
 
-@app.command()
+@app.command(rich_help_panel="Run and scale a stack")
 def workers(
     checkpoint: CheckpointDir = None,
     router_address: Annotated[str | None, typer.Option(help="host:port of the router the workers serve.")] = None,
@@ -109,6 +127,9 @@ def workers(
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
     registry_ttl: RegistryTtl = None,
+    internal_tls_ca: InternalTlsCa = None,
+    internal_tls_cert: InternalTlsCert = None,
+    internal_tls_key: InternalTlsKey = None,
 ) -> None:
     """Deploy the expert-worker actors of a stack on a Ray cluster (router and gateway run elsewhere)."""
     from moe_serve.stack_command import run_workers
@@ -133,6 +154,7 @@ def workers(
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         registry_ttl_s=registry_ttl,
+        **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
     )
     configure_logging(settings.log_level)
     run_workers(settings, console)
@@ -143,7 +165,7 @@ ControllerName = Annotated[str | None, typer.Option(help="Controller actor name 
 RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address (default: from the cluster file).")]
 
 
-@app.command()
+@app.command(rich_help_panel="Run and scale a stack")
 def scale(
     expert: Annotated[int | None, typer.Option(help="Expert to give --replicas replicas.")] = None,
     layer: Annotated[int | None, typer.Option(help="Only this MoE layer's expert (default: every layer).")] = None,
@@ -173,7 +195,7 @@ def scale(
     print_status(Console(), ray.get(handle.status.remote()))
 
 
-@app.command()
+@app.command(rich_help_panel="Run and scale a stack")
 def status(
     cluster_file: ClusterFile = Path(".moe-serve/cluster.json"),
     ray_address: RayAddress = None,
@@ -201,7 +223,7 @@ def _controller(connect: Any, cluster_file: Path, ray_address: str | None, contr
         raise typer.Exit(1) from None
 
 
-@app.command()
+@app.command(rich_help_panel="Run and scale a stack")
 def top(
     redis_url: Annotated[str | None, typer.Option(help="Read the live state the gateway writes to this Redis.")] = None,
     redis_prefix: Annotated[str, typer.Option(help="Key prefix in Redis.")] = "moe-serve:",
@@ -211,14 +233,21 @@ def top(
     ] = None,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
     once: Annotated[bool, typer.Option("--once", help="Print the view once and exit.")] = False,
+    internal_tls_ca: InternalTlsCa = None,
+    internal_tls_cert: InternalTlsCert = None,
+    internal_tls_key: InternalTlsKey = None,
 ) -> None:
     """Live view of a running stack: latency, throughput, workers and their load, per-expert load bars."""
+    from moe_serve.security import InternalTLS
     from moe_serve.top import gateway_source, redis_source, render, run_top
 
     if (redis_url is None) == (gateway_admin is None) or (redis_url is not None and model is None):
         console.print("[red]error[/red]: give either --redis-url URL --model NAME, or --gateway-admin HOST:PORT")
         raise typer.Exit(2)
-    source = gateway_source(gateway_admin) if gateway_admin else redis_source(redis_url, redis_prefix, model)
+    tls = None
+    if internal_tls_ca and internal_tls_cert and internal_tls_key:
+        tls = InternalTLS.from_files(internal_tls_ca, internal_tls_cert, internal_tls_key)
+    source = gateway_source(gateway_admin, tls) if gateway_admin else redis_source(redis_url, redis_prefix, model)
     if once:
         Console().print(render(source()))
         return

@@ -1,4 +1,4 @@
-"""Tool commands: `moe-serve init-demo`, `infer`, `bench`, `health`."""
+"""Tool commands: `moe-serve init-demo`, `bench`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from moe_serve.commands.common import app, console
 from moe_serve.grpc_utils import configure_logging
 
 
-@app.command("init-demo")
+@app.command("init-demo", rich_help_panel="Tools")
 def init_demo(
     directory: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
     hidden_size: int = 256,
@@ -46,38 +46,7 @@ def init_demo(
     )
 
 
-@app.command()
-def infer(
-    url: Annotated[str, typer.Option(help="Gateway host:port.")] = "127.0.0.1:8001",
-    model: Annotated[str | None, typer.Option(help="Model name (default: the demo model).")] = None,
-    tokens: Annotated[int, typer.Option(help="Random tokens to send (ignored with --input).")] = 8,
-    input_file: Annotated[Path | None, typer.Option("--input", help=".npy file of hidden states [T, d].")] = None,
-    layer: Annotated[int, typer.Option(help="MoE layer.")] = 0,
-    datatype: Annotated[str, typer.Option(help="FP32, FP16 or BF16 for random input.")] = "FP32",
-    repeat: Annotated[int, typer.Option(help="Send the request this many times; report latency.")] = 1,
-    seed: int = 0,
-    timeout: Annotated[float, typer.Option(help="Deadline per request, in seconds.")] = 30.0,
-) -> None:
-    """Send a request to a gateway and print a summary of the answer."""
-    from moe_serve.infer_command import run_infer
-
-    raise typer.Exit(
-        run_infer(
-            console,
-            url=url,
-            model=model,
-            tokens=tokens,
-            input_file=input_file,
-            layer=layer,
-            datatype=datatype,
-            repeat=repeat,
-            seed=seed,
-            timeout=timeout,
-        )
-    )
-
-
-@app.command()
+@app.command(rich_help_panel="Tools")
 def bench(
     hidden_size: int = 1024,
     intermediate_size: int = 2816,
@@ -119,26 +88,3 @@ def bench(
     print_routing_report(result, Console())
     print_replication_report(result, Console())
     console.print(f"results written to {write_result(result, output_dir)}")
-
-
-@app.command()
-def health(
-    address: Annotated[str, typer.Argument(help="host:port of any moe-serve service.")],
-    service: Annotated[str, typer.Option(help="Service name to ask about ('' = the whole server).")] = "",
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 3.0,
-) -> None:
-    """Exit 0 when the service answers SERVING on grpc.health.v1 (for container health checks)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout
-            )
-        except grpc.RpcError as error:
-            console.print(f"{address}: {error.code().name}: {error.details()}")
-            raise typer.Exit(1) from None
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    console.print(f"{address}: {status}")
-    raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
