@@ -217,6 +217,10 @@ class WorkerPoolSettings(CommonSettings):
         256.0, gt=0, description="Autoscaling: add a worker when queued rows per replica stay above this."
     )
     autoscale_window: int = Field(6, ge=1, description="Autoscaling: consecutive 5 s checks before acting.")
+    cluster_file: Path = Field(
+        Path(".moe-serve/cluster.json"),
+        description="Where the Ray address and controller name are recorded, for `moe-serve scale` and `status`.",
+    )
 
 
 class WorkersSettings(WorkerPoolSettings):
@@ -235,8 +239,4 @@ class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
     capacity_factor: float | None = Field(None, ge=0.0, description="Expert capacity factor (unset: the model's own).")
     overflow: Literal["drop", "reroute", "dropless"] | None = Field(None, description="Overflow rule over capacity.")
     batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")
-    cluster_file: Path = Field(
-        Path(".moe-serve/cluster.json"),
-        description="Where `up` records the Ray address and controller, for `moe-serve scale` and `moe-serve status`.",
-    )
     max_inflight_tokens: int = Field(65536, gt=0, description="Gateway admission bound, in tokens.")

@@ -307,11 +307,17 @@ class DeploymentController:
         return [WorkerRecord.from_proto(info) for info in reply.workers]
 
     def _await_registered(self, worker_ids: set[str]) -> None:
+        """Wait for new workers to register; on timeout remove them, so a failed change leaves the
+        placement as it was (not a partial one that completes later, unannounced)."""
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
         while not worker_ids <= {r.worker_id for r in self._registered()}:
             if time.monotonic() > deadline:
+                for worker_id in worker_ids & set(self._workers):
+                    ray.kill(self._workers.pop(worker_id).handle, no_restart=True)
                 raise TimeoutError(
-                    f"workers {sorted(worker_ids)} did not register within {REGISTRATION_TIMEOUT_S:.0f} s"
+                    f"workers {sorted(worker_ids)} did not register within {REGISTRATION_TIMEOUT_S:.0f} s and "
+                    f"were removed; the placement is unchanged. Does the Ray cluster have room for them "
+                    f"(each asks for {self.num_cpus:g} CPU, {self.num_gpus:g} GPU; `ray status` shows what is free)?"
                 )
             time.sleep(0.1)
 

@@ -101,12 +101,20 @@ def init_ray(address: str | None = None, **options: Any) -> Any:
 
     Ray starts worker processes at niceness 15 by default; expert workers are the layer's compute,
     so a local cluster started here keeps them at 0 (a remote cluster keeps its own setting).
+    The caller's SIGINT/SIGTERM handlers survive (ray.init replaces SIGTERM's).
     """
     import ray
 
     if address is None:
         os.environ.setdefault("RAY_worker_niceness", "0")
-    return ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **options)
+    # ray.init installs its own SIGTERM handler (sys.exit): keep the caller's, which drains first
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    context = ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **options)
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    return context
 
 
 @dataclass

@@ -92,7 +92,17 @@ def run_workers(settings: WorkersSettings, console: Console) -> None:
             f"[green]ready[/green]: {settings.workers} worker(s) of {model_name!r} registered with "
             f"router {settings.router_address}; controller {name!r}"
         )
-        announce_ready("workers", controller=name, ray_address=ray.get_runtime_context().gcs_address)
+        ray_address = ray.get_runtime_context().gcs_address
+        # `moe-serve scale` / `status` run where this runs (e.g. `docker compose exec workers ...`) need no flags
+        ClusterInfo(
+            ray_address=ray_address,
+            controller=name,
+            namespace=NAMESPACE,
+            gateway="",
+            router=settings.router_address,
+            model=model_name,
+        ).write(settings.cluster_file)
+        announce_ready("workers", controller=name, ray_address=ray_address, cluster_file=str(settings.cluster_file))
         stop.wait()
         ray.get(controller.stop_all.remote(), timeout=120)
     finally:

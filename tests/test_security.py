@@ -25,6 +25,7 @@ from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.security import InternalTLS, open_channel
 from tests.helpers import infer_request, reference_blocks, reference_forward
+from tests.test_triton_client import run_triton_client_check
 
 FULL_TOKEN = "full-access-token-0123456789abcdef"
 OTHER_TOKEN = "other-model-token-fedcba9876543210"
@@ -74,6 +75,15 @@ def test_tls_and_token_give_exact_answers(secure_stack: Stack, certs: Path, chec
         assert client.server_ready(timeout=10)
         result = client.infer(secure_stack.model_name, hidden, layer=1, timeout=30)
     torch.testing.assert_close(result["output"], reference_forward(block, hidden)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_unmodified_triton_client_over_tls_with_a_token(
+    secure_stack: Stack, certs: Path, checkpoints, tmp_path
+) -> None:
+    env = {"TRITON_CHECK_TLS_CA": str(certs / "ca.pem"), "TRITON_CHECK_TOKEN": FULL_TOKEN}
+    # the certificate names localhost; tritonclient checks the name it dials
+    address = secure_stack.address.replace("127.0.0.1", "localhost")
+    run_triton_client_check(address, secure_stack.model_name, checkpoints(torch.float32), tmp_path, env)
 
 
 def test_missing_or_unknown_token_is_unauthenticated(secure_stack: Stack, certs: Path) -> None:

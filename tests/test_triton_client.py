@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,29 +16,25 @@ from tests.helpers import reference_blocks, reference_forward
 CLIENT_SCRIPT = Path(__file__).parent / "clients" / "triton_client_check.py"
 
 
-def test_triton_client_metadata_infer_and_errors(fp32_stack, checkpoints, tmp_path: Path) -> None:
+def run_triton_client_check(
+    address: str, model_name: str, checkpoint: Path, tmp_path: Path, env: dict[str, str] | None = None
+) -> None:
+    """Run tritonclient against `address` and check everything it saw against transformers."""
     hidden = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(5))
     np.save(tmp_path / "input.npy", hidden.numpy())
-
     subprocess.run(
-        [
-            sys.executable,
-            str(CLIENT_SCRIPT),
-            fp32_stack.address,
-            fp32_stack.model_name,
-            str(tmp_path / "input.npy"),
-            str(tmp_path),
-        ],
+        [sys.executable, str(CLIENT_SCRIPT), address, model_name, str(tmp_path / "input.npy"), str(tmp_path)],
         check=True,
         timeout=120,
+        env={**os.environ, **(env or {})},
     )
 
     report = json.loads((tmp_path / "result.json").read_text())
     assert report["live"] and report["ready"] and report["model_ready"]
-    assert report["metadata"]["name"] == fp32_stack.model_name
+    assert report["metadata"]["name"] == model_name
     assert report["metadata"]["inputs"][0]["name"] == "hidden_states"
     assert report["response_id"] == "t1"
-    block = reference_blocks(checkpoints(torch.float32), torch.float32)[1]
+    block = reference_blocks(checkpoint, torch.float32)[1]
     with torch.no_grad():
         expected = block(hidden).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "output.npy"), expected, rtol=1e-5, atol=1e-5)
@@ -45,3 +42,7 @@ def test_triton_client_metadata_infer_and_errors(fp32_stack, checkpoints, tmp_pa
     np.testing.assert_array_equal(np.load(tmp_path / "expert_ids.npy"), expected_ids)
     assert report["nan_error"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert "NaN or Inf" in report["nan_error"]["message"]
+
+
+def test_triton_client_metadata_infer_and_errors(fp32_stack, checkpoints, tmp_path: Path) -> None:
+    run_triton_client_check(fp32_stack.address, fp32_stack.model_name, checkpoints(torch.float32), tmp_path)

@@ -3,9 +3,12 @@
 (tritonclient registers its own copy of the `inference` protobuf package, which cannot share a
 process with ours.) Usage: triton_client_check.py ADDRESS MODEL INPUT.npy OUT_DIR
 Writes the answers to OUT_DIR as .npy files and a result.json with everything else it saw.
+With TRITON_CHECK_TLS_CA set, it connects with TLS trusting that CA; with TRITON_CHECK_TOKEN, it
+sends the token as an `authorization: Bearer` header on every call (tritonclient's own options).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,18 +18,20 @@ import tritonclient.grpc as triton
 
 def main() -> None:
     address, model, input_path, out_dir = sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
-    client = triton.InferenceServerClient(url=address)
+    ca, token = os.environ.get("TRITON_CHECK_TLS_CA"), os.environ.get("TRITON_CHECK_TOKEN")
+    client = triton.InferenceServerClient(url=address, ssl=ca is not None, root_certificates=ca)
+    headers = {"authorization": f"Bearer {token}"} if token else None
     report = {
-        "live": client.is_server_live(),
-        "ready": client.is_server_ready(),
-        "model_ready": client.is_model_ready(model),
-        "metadata": client.get_model_metadata(model, as_json=True),
+        "live": client.is_server_live(headers=headers),
+        "ready": client.is_server_ready(headers=headers),
+        "model_ready": client.is_model_ready(model, headers=headers),
+        "metadata": client.get_model_metadata(model, headers=headers, as_json=True),
     }
     hidden = np.load(input_path)
     inputs = [triton.InferInput("hidden_states", list(hidden.shape), "FP32")]
     inputs[0].set_data_from_numpy(hidden)
     outputs = [triton.InferRequestedOutput("output"), triton.InferRequestedOutput("expert_ids")]
-    result = client.infer(model, inputs, outputs=outputs, parameters={"layer": 1}, request_id="t1")
+    result = client.infer(model, inputs, outputs=outputs, parameters={"layer": 1}, request_id="t1", headers=headers)
     np.save(out_dir / "output.npy", result.as_numpy("output"))
     np.save(out_dir / "expert_ids.npy", result.as_numpy("expert_ids"))
     report["response_id"] = result.get_response().id
@@ -34,7 +39,7 @@ def main() -> None:
     bad = [triton.InferInput("hidden_states", [1, hidden.shape[-1]], "FP32")]
     bad[0].set_data_from_numpy(np.full((1, hidden.shape[-1]), np.nan, dtype=np.float32))
     try:
-        client.infer(model, bad)
+        client.infer(model, bad, headers=headers)
         report["nan_error"] = None
     except triton.InferenceServerException as error:
         report["nan_error"] = {"status": error.status(), "message": error.message()}
