@@ -206,3 +206,13 @@ def test_health_command_speaks_mutual_tls(secure_stack: Stack, certs: Path) -> N
     assert runner.invoke(app, ["health", secure_stack.router.address]).exit_code == 1
     public = runner.invoke(app, ["health", secure_stack.address, "--tls-ca", str(certs / "ca.pem")])
     assert public.exit_code == 0, public.output
+    # what a container's health check does: the internal certificate comes from the environment
+    env = {
+        "MOE_SERVE_INTERNAL_TLS_CA": str(certs / "internal-ca.pem"),
+        "MOE_SERVE_INTERNAL_TLS_CERT": str(certs / "internal.pem"),
+        "MOE_SERVE_INTERNAL_TLS_KEY": str(certs / "internal.key"),
+    }
+    assert runner.invoke(app, ["health", secure_stack.router.address], env=env).exit_code == 0
+    # and the public port still wins when asked for, with that environment
+    public = runner.invoke(app, ["health", secure_stack.address, "--tls-ca", str(certs / "ca.pem")], env=env)
+    assert public.exit_code == 0, public.output

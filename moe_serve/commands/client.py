@@ -78,7 +78,8 @@ def health(
 
     from moe_serve.security import InternalTLS, open_channel
 
-    if internal_tls_ca and internal_tls_cert and internal_tls_key:
+    # the public port (--tls/--tls-ca) wins over the internal certificate, which may come from the environment
+    if not (tls or tls_ca) and internal_tls_ca and internal_tls_cert and internal_tls_key:
         channel = open_channel(
             address, [], InternalTLS.from_files(internal_tls_ca, internal_tls_cert, internal_tls_key)
         )

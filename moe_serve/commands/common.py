@@ -54,11 +54,21 @@ CapacityFactor = Annotated[
 Overflow = Annotated[str | None, typer.Option(help="Over capacity: drop, reroute or dropless.")]
 BatchWindow = Annotated[float | None, typer.Option(help="Cross-request batching window in ms (0 = off).")]
 
+# these three also read their MOE_SERVE_ variables in client commands (health, top), so container
+# health checks of internal services work unchanged when mutual TLS is switched on by environment
 InternalTlsCa = Annotated[
-    Path | None, typer.Option(help="Mutual TLS between services: the internal CA certificate (PEM).")
+    Path | None,
+    typer.Option(
+        envvar="MOE_SERVE_INTERNAL_TLS_CA", help="Mutual TLS between services: the internal CA certificate (PEM)."
+    ),
 ]
-InternalTlsCert = Annotated[Path | None, typer.Option(help="This service's internal certificate (PEM).")]
-InternalTlsKey = Annotated[Path | None, typer.Option(help="Private key of the internal certificate (PEM).")]
+InternalTlsCert = Annotated[
+    Path | None, typer.Option(envvar="MOE_SERVE_INTERNAL_TLS_CERT", help="This service's internal certificate (PEM).")
+]
+InternalTlsKey = Annotated[
+    Path | None,
+    typer.Option(envvar="MOE_SERVE_INTERNAL_TLS_KEY", help="Private key of the internal certificate (PEM)."),
+]
 TlsCert = Annotated[Path | None, typer.Option(help="TLS on the public port: certificate chain (PEM).")]
 TlsKey = Annotated[Path | None, typer.Option(help="TLS on the public port: private key (PEM).")]
 TlsClientCa = Annotated[
