@@ -15,7 +15,8 @@ setup: $(INSTALLED)
 $(INSTALLED): pyproject.toml requirements/constraints.txt requirements/third-party-clients.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c requirements/constraints.txt -e ".[test]"
+	# the test set-up includes the benchmark's extras (Ray Serve, matplotlib): their tests run too
+	$(PIP) install -q -c requirements/constraints.txt -e ".[test,bench]"
 	$(PIP) install -q --no-deps -r requirements/third-party-clients.txt
 	touch $(INSTALLED)
 

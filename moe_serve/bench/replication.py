@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from moe_serve.bench.routing import run_clients
+from moe_serve.bench.routing import client_run
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings
 from moe_serve.launcher import launch_stack
@@ -60,10 +60,10 @@ def replication_comparison(
     try:
         prepared = [make_request(stack.model_name, hidden) for hidden in inputs]
         ray.get(stack.controller.rebalance.remote())  # opens the load window
-        without = [run_clients(stack.address, prepared, n, requests // n) for n in client_counts]
+        without = [client_run(stack.address, prepared, n, requests // n) for n in client_counts]
         report = ray.get(stack.controller.rebalance.remote(None, 0.0))  # replicate the hot expert, same workers
         replicas = sum(1 for record in stack.workers if ExpertKey(0, 0) in record.experts)
-        with_replication = [run_clients(stack.address, prepared, n, requests // n) for n in client_counts]
+        with_replication = [client_run(stack.address, prepared, n, requests // n) for n in client_counts]
     finally:
         stack.stop()
     return {

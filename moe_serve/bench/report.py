@@ -110,3 +110,61 @@ def print_replication_report(result: BenchResult, console: Console) -> None:
         )
     console.print(table)
     console.print("targets: throughput x >= 1.3, p99 x >= 1.5")
+
+
+def print_rayserve_report(result: BenchResult, console: Console) -> None:
+    r, ratios = result.rayserve, result.ratios
+    if not r:
+        return
+    concurrent, t1 = r["concurrent"], r["t1_latency_ms"]
+    table = Table(
+        title=f"served vs the same layer as Ray Serve deployments ({r['transport']}), alternating rounds; "
+        f"Ray Serve output = transformers block within {r['max_abs_diff_vs_reference']:.1e}, "
+        f"started in {r['startup_s']:.0f} s"
+    )
+    for column in ("measure", "served", "Ray Serve", "ratio / target"):
+        table.add_column(column)
+    table.add_row(
+        f"tokens/s at T={concurrent['tokens']}, {concurrent['clients']} clients",
+        f"{concurrent['served']['tokens_per_s']:.0f}",
+        f"{concurrent['rayserve']['tokens_per_s']:.0f}",
+        f"{ratios['concurrent_throughput_served_over_rayserve']:.2f}x (target >= 1.5x)",
+    )
+    table.add_row(
+        f"  p50 / p99 (ms), {concurrent['clients']} clients",
+        f"{concurrent['served']['latency_ms']['p50']:.1f} / {concurrent['served']['latency_ms']['p99']:.1f}",
+        f"{concurrent['rayserve']['latency_ms']['p50']:.1f} / {concurrent['rayserve']['latency_ms']['p99']:.1f}",
+        "",
+    )
+    table.add_row(
+        "T=1 latency p50 / p99 (ms)",
+        f"{t1['served']['p50']:.2f} / {t1['served']['p99']:.2f}",
+        f"{t1['rayserve']['p50']:.2f} / {t1['rayserve']['p99']:.2f}",
+        f"{ratios['t1_p50_served_over_rayserve']:.2f}x (target <= 0.5x)",
+    )
+    if "rss_mib" in r:
+        table.add_row("RSS, whole layer (MiB)", f"{r['rss_mib']['served']:.0f}", f"{r['rss_mib']['rayserve']:.0f}", "")
+    console.print(table)
+
+
+def print_sweep_report(result: BenchResult, console: Console) -> None:
+    if not result.throughput_sweep:
+        return
+    names = list(result.throughput_sweep)
+    table = Table(title="single-client tokens/s against T (alternating rounds)")
+    table.add_column("T")
+    for name in names:
+        table.add_column(name)
+    tokens = [row["tokens"] for row in result.throughput_sweep[names[0]]]
+    for index, count in enumerate(tokens):
+        table.add_row(str(count), *(f"{result.throughput_sweep[name][index]['tokens_per_s']:.0f}" for name in names))
+    console.print(table)
+
+
+def bench_report(result: BenchResult, console: Console) -> None:
+    """Every table of a benchmark result, core comparison first."""
+    print_report(result, console)
+    print_rayserve_report(result, console)
+    print_sweep_report(result, console)
+    print_routing_report(result, console)
+    print_replication_report(result, console)

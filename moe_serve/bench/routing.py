@@ -3,15 +3,14 @@ under capacity on a skewed router. Extra gateways (own policy each) share the st
 
 from __future__ import annotations
 
-import threading
-import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 import torch
 
-from moe_serve.bench.measure import Latency
+from moe_serve.bench.measure import ConcurrentRun, run_concurrent
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from moe_serve.grpc_utils import channel_options
 from moe_serve.launcher import ServiceProcess, Stack, start_service_process
@@ -36,36 +35,27 @@ def extra_gateway(stack: Stack, name: str, *flags: str) -> ServiceProcess:
     )
 
 
-def run_clients(address: str, requests: list[Any], clients: int, per_client: int) -> dict[str, Any]:
-    """`clients` threads each send `per_client` requests back to back; throughput and latency over all."""
-    latencies: list[float] = []
-    tokens = 0
-    lock = threading.Lock()
+def run_clients(address: str, requests: list[Any], clients: int, per_client: int) -> ConcurrentRun:
+    """`clients` threads, each on its own channel, send `per_client` requests back to back."""
 
-    def client(index: int) -> None:
-        nonlocal tokens
+    @contextmanager
+    def open_client(index: int) -> Iterator[Callable[[int], int]]:
         with grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
             stub = kserve_grpc.GRPCInferenceServiceStub(channel)
-            stub.ModelInfer(requests[index % len(requests)], timeout=60)  # connect and warm up
-            barrier.wait()
-            for i in range(per_client):
-                request = requests[(index + i) % len(requests)]
-                started = time.perf_counter()
-                stub.ModelInfer(request, timeout=60)
-                with lock:
-                    latencies.append((time.perf_counter() - started) * 1000)
-                    tokens += int(request.inputs[0].shape[0])
 
-    barrier = threading.Barrier(clients + 1)
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    return {"clients": clients, "tokens_per_s": tokens / elapsed, "latency_ms": asdict(Latency.of(latencies))}
+            def call(i: int) -> int:
+                request = requests[(index + i) % len(requests)]
+                stub.ModelInfer(request, timeout=60)
+                return int(request.inputs[0].shape[0])
+
+            yield call
+
+    return run_concurrent(open_client, clients, per_client)
+
+
+def client_run(address: str, requests: list[Any], clients: int, per_client: int) -> dict[str, Any]:
+    """Throughput and latency of `run_clients`, summarised."""
+    return run_clients(address, requests, clients, per_client).summary(clients)
 
 
 def concurrency_sweep(
@@ -86,8 +76,8 @@ def concurrency_sweep(
     batched = extra_gateway(stack, "gateway-batched", "--batch-window-ms", str(batch_window_ms))
     try:
         for clients in client_counts:
-            results["batching_off"].append(run_clients(stack.address, requests, clients, requests_per_client))
-            results["batching_on"].append(run_clients(batched.address, requests, clients, requests_per_client))
+            results["batching_off"].append(client_run(stack.address, requests, clients, requests_per_client))
+            results["batching_on"].append(client_run(batched.address, requests, clients, requests_per_client))
     finally:
         batched.stop()
     return results

@@ -1,4 +1,5 @@
-"""Runs the benchmark: reference block, bare echo and served stack measured in one process tree."""
+"""Runs the benchmark: reference block, bare echo and served stack measured in one process tree,
+then (sections) the Ray Serve composition, the throughput-vs-T sweep and the routing sections."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -21,6 +23,7 @@ from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.bench.replication import replication_comparison
 from moe_serve.bench.routing import concurrency_sweep, drop_rates
+from moe_serve.bench.sweep import SWEEP_TOKENS, SweepSubject, throughput_sweep
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
 from moe_serve.demo import DemoShape, ensure_demo_checkpoint
@@ -29,11 +32,16 @@ from moe_serve.launcher import Stack, init_ray, launch_stack, start_service_proc
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
+if TYPE_CHECKING:  # imported lazily at run time: Ray Serve is a bench-only dependency
+    from moe_serve.bench.rayserve import RayServeLayer
+
 logger = logging.getLogger(__name__)
 ECHO_PAYLOAD_BYTES = 4096
 # T=1 is timed over this many distinct tokens in turn: a single repeated token would always pick
 # the same two experts (and maybe the same worker), which is not what a real stream of tokens does
 T1_DISTINCT_TOKENS = 64
+# tokens on which the Ray Serve composition is checked against the transformers block before timing
+VERIFY_TOKENS = 64
 
 
 @dataclass
@@ -52,7 +60,14 @@ class BenchConfig:
     # measurements alternate between reference, served and echo in this many rounds
     rounds: int = 5
     # optional sections after the core comparison
-    sections: tuple[str, ...] = ("concurrency", "capacity", "replication")
+    sections: tuple[str, ...] = ("rayserve", "sweep", "concurrency", "capacity", "replication")
+    # rayserve: concurrent callers at this T, each sending this many requests over all rounds
+    rayserve_tokens: int = 256
+    rayserve_clients: int = 4
+    rayserve_requests_per_client: int = 10
+    # sweep: single-client throughput at each T (for the plots), in at most this many rounds
+    sweep_tokens: tuple[int, ...] = SWEEP_TOKENS
+    sweep_rounds: int = 3
     checkpoint_root: Path = Path(".moe-serve")
     output_dir: Path = Path("benchmarks/results")
 
@@ -68,6 +83,10 @@ class BenchResult:
     concurrency: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     capacity: list[dict[str, Any]] = field(default_factory=list)
     replication: dict[str, Any] = field(default_factory=dict)
+    rayserve: dict[str, Any] = field(default_factory=dict)
+    throughput_sweep: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # raw T=1 latencies (ms) per subject, for the latency CDF plot
+    t1_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
 
 
@@ -80,13 +99,19 @@ def machine_info() -> dict[str, Any]:
         ),
         platform.processor(),
     )
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    memory_kib = next((int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:")), 0)
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "memory_gib": round(memory_kib / 2**20, 1),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "gpu": gpu,
+        # one line for the README and the plot titles
+        "description": f"{cpu}, {os.cpu_count()} cores, {gpu or 'no GPU'}",
     }
 
 
@@ -155,6 +180,7 @@ def measure_interleaved(subjects: list[Subject], config: BenchConfig) -> dict[st
     return {
         s.name: {
             "t1_latency_ms": asdict(Latency.of(singles[s.name])),
+            "t1_samples_ms": [round(sample, 4) for sample in singles[s.name]],
             **(
                 {"tokens_per_s": config.throughput_tokens * large_calls[s.name] / large_seconds[s.name]}
                 if s.large is not None
@@ -170,10 +196,14 @@ def measure_interleaved(subjects: list[Subject], config: BenchConfig) -> dict[st
     }
 
 
-def reference_subjects(checkpoint: Checkpoint, config: BenchConfig, inputs: dict[int, torch.Tensor]) -> list[Subject]:
+REFERENCE_IMPLEMENTATIONS = ("eager", "grouped_mm")
+
+
+def reference_subjects(
+    blocks: dict[str, torch.nn.Module], config: BenchConfig, inputs: dict[int, torch.Tensor]
+) -> list[Subject]:
     subjects = []
-    for implementation in ("eager", "grouped_mm"):
-        block = reference_block(checkpoint, 0, implementation, checkpoint.spec.dtype)
+    for implementation, block in blocks.items():
         tokens = itertools.cycle(inputs[1].split(1))
         subjects.append(
             Subject(
@@ -231,6 +261,92 @@ def measure_memory(stack: Stack, checkpoint: Checkpoint) -> dict[str, dict[str, 
     return memory
 
 
+@contextmanager
+def rayserve_if_asked(config: BenchConfig, checkpoint_dir: Path) -> Iterator[RayServeLayer | None]:
+    """The Ray Serve composition (on the bench's Ray, shut down on exit) when its section is asked for."""
+    if "rayserve" not in config.sections:
+        yield None
+        return
+    from moe_serve.bench.rayserve import ray_serve_layer
+
+    with ray_serve_layer(checkpoint_dir) as layer:
+        yield layer
+
+
+def rayserve_section(
+    layer: RayServeLayer,
+    stack: Stack,
+    memory: dict[str, dict[str, float]],
+    core_subjects: list[Subject],
+    blocks: dict[str, torch.nn.Module],
+    config: BenchConfig,
+    inputs: dict[int, torch.Tensor],
+) -> tuple[dict[str, Any], dict[str, list[float]]]:
+    """Served vs Ray Serve: T=1 latency and concurrent throughput, alternating; (figures, T=1 samples)."""
+    from moe_serve.bench.comparison import concurrent_comparison, verify_against_reference
+    from moe_serve.bench.rayserve import pack
+
+    difference = verify_against_reference(layer, blocks["eager"], inputs[config.throughput_tokens][:VERIFY_TOKENS])
+    served = next(s for s in core_subjects if s.name == "served")
+    tokens = itertools.cycle([pack(token) for token in inputs[1].split(1)])
+    measured = measure_interleaved(
+        [
+            Subject(name="served", single=served.single),
+            Subject(name="rayserve", single=lambda: layer.call_packed(next(tokens))),
+        ],
+        config,
+    )
+    concurrent = concurrent_comparison(
+        stack.address,
+        stack.model_name,
+        make_request,
+        layer,
+        config.hidden_size,
+        inputs[1].dtype,
+        config.rayserve_tokens,
+        config.rayserve_clients,
+        config.rayserve_requests_per_client,
+        config.rounds,
+    )
+    figures = {
+        "transport": "DeploymentHandle from the driver (no HTTP proxy)",
+        "startup_s": layer.startup_s,
+        "max_abs_diff_vs_reference": difference,
+        # the whole layer's resident memory: Ray Serve's replicas vs our gateway, router and workers
+        "rss_mib": {"rayserve": layer.rss_mib(), "served": sum(m["rss"] for m in memory.values())},
+        "t1_latency_ms": {name: values["t1_latency_ms"] for name, values in measured.items()},
+        "concurrent": concurrent,
+    }
+    samples = {
+        "rayserve": measured["rayserve"]["t1_samples_ms"],
+        "served-vs-rayserve": measured["served"]["t1_samples_ms"],
+    }
+    return figures, samples
+
+
+def sweep_subjects(
+    stack: Stack, channel: grpc.Channel, blocks: dict[str, torch.nn.Module], layer: RayServeLayer | None
+) -> list[SweepSubject]:
+    """Served, both reference implementations and (when deployed) Ray Serve, for the throughput sweep."""
+    stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+    subjects = [
+        SweepSubject(
+            "served",
+            prepare=lambda hidden: make_request(stack.model_name, hidden),
+            call=lambda request: stub.ModelInfer(request, timeout=120),
+        ),
+        *(
+            SweepSubject(f"reference-{name}", prepare=lambda hidden: hidden, call=lambda h, b=block: run_block(b, h))
+            for name, block in blocks.items()
+        ),
+    ]
+    if layer is not None:
+        from moe_serve.bench.rayserve import pack
+
+        subjects.append(SweepSubject("rayserve", prepare=pack, call=layer.call_packed))
+    return subjects
+
+
 def run_bench(config: BenchConfig) -> BenchResult:
     import ray
 
@@ -252,18 +368,34 @@ def run_bench(config: BenchConfig) -> BenchResult:
     stack = launch_stack(UpSettings(port=0, workers=config.workers, log_level="WARNING"), checkpoint_dir)
     echo = start_service_process("echo", [], module="moe_serve.bench.echo")
     options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
+    blocks = {name: reference_block(checkpoint, 0, name, dtype) for name in REFERENCE_IMPLEMENTATIONS}
     try:
         with (
             grpc.insecure_channel(stack.address, options=options) as served_channel,
             grpc.insecure_channel(echo.address) as echo_channel,
         ):
             subjects = [
-                *reference_subjects(checkpoint, config, inputs),
+                *reference_subjects(blocks, config, inputs),
                 served_subject(stack, served_channel, config, inputs),
                 echo_subject(echo.address, echo_channel),
             ]
             measured = measure_interleaved(subjects, config)
-        result.memory_mib = measure_memory(stack, checkpoint)
+            result.memory_mib = measure_memory(stack, checkpoint)
+            # Ray Serve starts only now, so its controller's idle loops cannot disturb the core comparison
+            with rayserve_if_asked(config, checkpoint_dir) as layer:
+                if layer is not None:
+                    result.rayserve, samples = rayserve_section(
+                        layer, stack, result.memory_mib, subjects, blocks, config, inputs
+                    )
+                    result.t1_samples_ms.update(samples)
+                if "sweep" in config.sections:
+                    result.throughput_sweep = throughput_sweep(
+                        sweep_subjects(stack, served_channel, blocks, layer),
+                        config.hidden_size,
+                        dtype,
+                        min(config.rounds, config.sweep_rounds),
+                        config.sweep_tokens,
+                    )
         if "concurrency" in config.sections:
             result.concurrency = concurrency_sweep(stack, make_request, config.hidden_size)
         if "capacity" in config.sections:
@@ -275,14 +407,15 @@ def run_bench(config: BenchConfig) -> BenchResult:
         ray.shutdown()
     if "replication" in config.sections:
         result.replication = replication_comparison(checkpoint_dir, make_request)
+    result.t1_samples_ms.update({name: values.pop("t1_samples_ms") for name, values in measured.items()})
     result.served = measured.pop("served")
     result.echo = {"payload_bytes": ECHO_PAYLOAD_BYTES, "latency_ms": measured.pop("echo")["t1_latency_ms"]}
     result.reference = {name.removeprefix("reference-"): values for name, values in measured.items()}
     result.reference["best_throughput"] = max(
-        ("eager", "grouped_mm"), key=lambda name: result.reference[name]["tokens_per_s"]
+        REFERENCE_IMPLEMENTATIONS, key=lambda name: result.reference[name]["tokens_per_s"]
     )
     result.reference["best_t1"] = min(
-        ("eager", "grouped_mm"), key=lambda name: result.reference[name]["t1_latency_ms"]["p50"]
+        REFERENCE_IMPLEMENTATIONS, key=lambda name: result.reference[name]["t1_latency_ms"]["p50"]
     )
     result.ratios = compute_ratios(result, config, checkpoint)
     return result
@@ -296,19 +429,32 @@ def compute_ratios(result: BenchResult, config: BenchConfig, checkpoint: Checkpo
     hop_cost = result.served["t1_latency_ms"]["p50"] - fastest_t1
     itemsize = checkpoint.spec.dtype.itemsize
     ideal_bytes = (1 + 2 * config.top_k) * config.hidden_size * itemsize
-    return {
+    ratios = {
         "throughput_served_over_reference": result.served["tokens_per_s"] / best["tokens_per_s"],
         "t1_hop_cost_ms": hop_cost,
         "t1_hop_cost_in_echoes": hop_cost / echo_p50,
         "wire_bytes_over_ideal": result.served["internal_wire_bytes_per_token"] / ideal_bytes,
     }
+    if result.rayserve:
+        concurrent, t1 = result.rayserve["concurrent"], result.rayserve["t1_latency_ms"]
+        # targets: >= 1.5 and <= 0.5
+        ratios["concurrent_throughput_served_over_rayserve"] = (
+            concurrent["served"]["tokens_per_s"] / concurrent["rayserve"]["tokens_per_s"]
+        )
+        ratios["t1_p50_served_over_rayserve"] = t1["served"]["p50"] / t1["rayserve"]["p50"]
+    return ratios
 
 
-def write_result(result: BenchResult, output_dir: Path) -> Path:
+def write_result(result: BenchResult, output_dir: Path) -> list[Path]:
+    """The JSON (time-stamped and latest.json) and the latest plots; returns the paths written."""
+    from moe_serve.bench.plots import write_plots
+
     output_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = output_dir / f"bench-{stamp}.json"
-    text = json.dumps(asdict(result), indent=2)
+    data = asdict(result)
+    text = json.dumps(data, indent=2)
     path.write_text(text)
     (output_dir / "latest.json").write_text(text)
-    return path
+    # stable names, so the README can embed the newest plots; older results replot with --plot-only
+    return [path, *write_plots(data, output_dir, "latest")]

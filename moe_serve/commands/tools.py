@@ -60,12 +60,25 @@ def bench(
     rounds: Annotated[int, typer.Option(help="Alternating measurement rounds.")] = 5,
     sections: Annotated[
         str,
-        typer.Option(help="Extra sections, comma-separated: concurrency, capacity, replication ('' for none)."),
-    ] = "concurrency,capacity,replication",
-    output_dir: Annotated[Path, typer.Option(help="Where the JSON results go.")] = Path("benchmarks/results"),
+        typer.Option(
+            help="Extra sections, comma-separated: rayserve, sweep, concurrency, capacity, replication ('' for none)."
+        ),
+    ] = "rayserve,sweep,concurrency,capacity,replication",
+    output_dir: Annotated[Path, typer.Option(help="Where the JSON results and PNG plots go.")] = Path(
+        "benchmarks/results"
+    ),
+    plot_only: Annotated[
+        Path | None, typer.Option(help="Only redraw the PNG plots of this results JSON (beside it), then exit.")
+    ] = None,
 ) -> None:
-    """Measure the served layer against the in-process transformers block and a bare gRPC echo, in one run."""
-    from moe_serve.bench.report import print_replication_report, print_report, print_routing_report
+    """Measure the served layer against the in-process transformers block, a gRPC echo and Ray Serve, in one run."""
+    if plot_only is not None:
+        from moe_serve.bench.plots import plot_result_file
+
+        for path in plot_result_file(plot_only):
+            console.print(f"plot written to {path}")
+        return
+    from moe_serve.bench.report import bench_report
     from moe_serve.bench.runner import BenchConfig, run_bench, write_result
 
     configure_logging("WARNING")
@@ -84,7 +97,6 @@ def bench(
         output_dir=output_dir,
     )
     result = run_bench(config)
-    print_report(result, Console())
-    print_routing_report(result, Console())
-    print_replication_report(result, Console())
-    console.print(f"results written to {write_result(result, output_dir)}")
+    bench_report(result, Console())
+    for path in write_result(result, output_dir):
+        console.print(f"written: {path}")
