@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
@@ -21,6 +22,7 @@ class WorkerMetrics:
         abandoned: Callable[[], int],
     ) -> None:
         meter, self.labels = telemetry.meter, {"model": model, "worker": worker_id}
+        self._meter = meter
         self._compute = meter.create_histogram(
             "moe_serve.expert.compute.duration",
             unit="s",
@@ -48,6 +50,37 @@ class WorkerMetrics:
             [lambda options: [Observation(abandoned(), self.labels)]],
             unit="{batch}",
             description="Batches dropped because their request's deadline had passed",
+        )
+
+    def observe_offload(self, state: Callable[[], dict[str, Any]]) -> None:
+        """Expert-offloading metrics, read from the device tier's own accounting at each collection."""
+        meter = self._meter
+        counters = {
+            "hits": ("moe_serve.offload.hits", "{use}", "Expert uses that found the expert resident (or hinted)"),
+            "misses": ("moe_serve.offload.misses", "{use}", "Expert uses that had to load the expert first"),
+            "bytes_moved": ("moe_serve.offload.moved", "By", "Bytes of expert weights copied into the device tier"),
+            "load_seconds": ("moe_serve.offload.load.time", "s", "Time spent copying experts into the device tier"),
+            "evictions": ("moe_serve.offload.evictions", "{expert}", "Experts evicted from the device tier"),
+            "prefetched": ("moe_serve.offload.prefetched", "{expert}", "Loads started by the router's hints"),
+        }
+        for field, (name, unit, description) in counters.items():
+            meter.create_observable_counter(
+                name,
+                [lambda options, field=field: [Observation(state().get(field, 0), self.labels)]],
+                unit=unit,
+                description=description,
+            )
+        meter.create_observable_gauge(
+            "moe_serve.offload.resident",
+            [lambda options: [Observation(state().get("resident_bytes", 0), self.labels)]],
+            unit="By",
+            description="Bytes of experts resident in the device tier",
+        )
+        meter.create_observable_gauge(
+            "moe_serve.offload.resident.experts",
+            [lambda options: [Observation(len(state().get("resident", ())), self.labels)]],
+            unit="{expert}",
+            description="Experts resident in the device tier",
         )
 
     def computed(self, key: ExpertKey, seconds: float) -> None:

@@ -88,7 +88,15 @@ class WorkerService:
         checkpoint = Checkpoint(settings.checkpoint)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, checkpoint.spec.dtype)
-        store = ExpertStore(checkpoint, owned_experts(settings, checkpoint), dtype, device)
+        store = ExpertStore(
+            checkpoint,
+            owned_experts(settings, checkpoint),
+            dtype,
+            device,
+            settings.device_memory_budget,
+            settings.eviction_policy,
+            settings.lfu_window_s,
+        )
         weights_version = checkpoint.fingerprint()
         checkpoint.close()
         server, port = create_server(

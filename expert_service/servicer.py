@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from grpc import aio
@@ -20,7 +21,6 @@ from expert_service.experts import ExpertStore
 from expert_service.load import LoadTracker
 from expert_service.metrics import WorkerMetrics
 from moe_serve import codec
-from moe_serve.checkpoint import Checkpoint
 from moe_serve.errors import (
     ConfigurationError,
     DeadlineExceeded,
@@ -79,6 +79,8 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             self._inflight_by_expert,
             lambda: self.abandoned_batches,
         )
+        if store.offloading:
+            self.metrics.observe_offload(store.offload_state)
 
     def record(self) -> WorkerRecord:
         """This worker as the registry should see it now: announced experts and live load."""
@@ -92,11 +94,13 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             compute_datatype=self.identity.compute_datatype,
             load=self.load.snapshot(),
             metrics_address=self.identity.metrics_address,
+            offload=self.store.offload_state(),
         )
 
     async def close(self) -> None:
         await self._deliveries.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
 
     async def Describe(
         self, request: moe_pb2.DescribeWorkerRequest, context: aio.ServicerContext
@@ -128,13 +132,19 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         for key, count in segments:
             self._inflight_by_expert[key] += count
         try:
-            outputs = await self._compute_segments(segments, rows)
+            with self.store.batch([key for key, _ in segments]):  # offloading: missing experts start loading
+                outputs = await self._compute_segments(segments, rows, deadline)
+            if outputs is None:  # expired while queued behind other work: nothing was computed
+                self._abandon(request)
             accepted = await self._deliver(request, outputs, deadline)
         finally:
             self.load.finished(rows.shape[0])
             for key, count in segments:
                 self._inflight_by_expert[key] -= count
-        return moe_pb2.ComputeResult(rows_delivered=accepted)
+        result = moe_pb2.ComputeResult(rows_delivered=accepted)
+        if self.store.offloading:
+            result.resident_experts.extend(k.expert for k in self.store.tier.resident() if k.layer == request.layer)
+        return result
 
     def _validate(self, request: moe_pb2.ComputeRequest) -> tuple[torch.Tensor, list[tuple[ExpertKey, int]]]:
         rows = codec.from_proto(request.rows, "rows")
@@ -144,6 +154,8 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
                 f"got {request.rows.datatype} {list(request.rows.shape)}"
             )
         segments = [(ExpertKey(request.layer, s.expert), int(s.num_rows)) for s in request.segments]
+        if not segments:
+            raise InvalidInput("a compute request needs at least one expert segment")
         if sum(count for _, count in segments) != rows.shape[0] or any(count < 0 for _, count in segments):
             raise InvalidInput(f"segments cover {sum(c for _, c in segments)} rows, the request has {rows.shape[0]}")
         for key, _ in segments:
@@ -153,21 +165,28 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
                 )
         return rows, segments
 
-    async def _compute_segments(self, segments: list[tuple[ExpertKey, int]], rows: torch.Tensor) -> torch.Tensor:
+    async def _compute_segments(
+        self, segments: list[tuple[ExpertKey, int]], rows: torch.Tensor, deadline: float | None
+    ) -> torch.Tensor | None:
+        """Outputs of every segment, in order; None when the deadline passed before one was computed."""
         loop = asyncio.get_running_loop()
         futures, start = [], 0
         for key, count in segments:
             # the compute thread continues this request's trace (executors do not copy the context)
             task = functools.partial(
-                contextvars.copy_context().run, self._timed_compute, key, rows[start : start + count]
+                contextvars.copy_context().run, self._timed_compute, key, rows[start : start + count], deadline
             )
             futures.append(loop.run_in_executor(self._executor, task))
             start += count
         results = await asyncio.gather(*futures)
+        if any(result is None for result in results):
+            return None
         return results[0] if len(results) == 1 else torch.cat(results, dim=0)
 
-    def _timed_compute(self, key: ExpertKey, rows: torch.Tensor) -> torch.Tensor:
+    def _timed_compute(self, key: ExpertKey, rows: torch.Tensor, deadline: float | None) -> torch.Tensor | None:
         self.load.started(rows.shape[0])
+        if deadline is not None and time.monotonic() >= deadline:
+            return None  # a queue of expired work is skipped, not computed: the gateway has answered
         with self.tracer.start_as_current_span("worker.expert", attributes={"moe_serve.expert": key.expert}):
             started = time.perf_counter()
             output = self.store.compute(key, rows)
@@ -179,11 +198,14 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
     def _abandon_if_expired(self, request: moe_pb2.ComputeRequest, deadline: float | None) -> None:
         """Work for a request whose client deadline passed is dropped here, not computed or delivered."""
         if deadline is not None and time.monotonic() >= deadline:
-            self.abandoned_batches += 1
-            raise DeadlineExceeded(
-                f"request {request.request_id} expired before worker {self.identity.worker_id} "
-                "got to it; its rows were abandoned"
-            )
+            self._abandon(request)
+
+    def _abandon(self, request: moe_pb2.ComputeRequest) -> NoReturn:
+        self.abandoned_batches += 1
+        raise DeadlineExceeded(
+            f"request {request.request_id} expired before worker {self.identity.worker_id} "
+            "got to it; its rows were abandoned"
+        )
 
     async def _deliver(self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, deadline: float | None) -> int:
         self._abandon_if_expired(request, deadline)
@@ -214,10 +236,9 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         if keys:
             # reading weights is blocking I/O: keep it off the event loop
             try:
-                weights = await asyncio.get_running_loop().run_in_executor(None, self._read_experts, keys)
+                await asyncio.get_running_loop().run_in_executor(None, self.store.load, keys)
             except ConfigurationError as error:
                 raise InvalidInput(f"cannot load {[tuple(k) for k in keys]}: {error}") from None
-            self.store.add(weights)
         self.announced.update(ExpertKey(k.layer, k.expert) for k in request.experts)
         await self._announce()
         logger.info("worker %s now serves %d expert(s) (+%d)", self.identity.worker_id, len(self.announced), len(keys))
@@ -234,12 +255,10 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         logger.info("worker %s now serves %d expert(s) (-%d)", self.identity.worker_id, len(self.announced), len(keys))
         return self.record().to_proto()
 
-    def _read_experts(self, keys: list[ExpertKey]) -> dict:
-        checkpoint = Checkpoint(self.checkpoint_dir)
-        try:
-            return self.store.read(checkpoint, keys)
-        finally:
-            checkpoint.close()
+    async def Prefetch(self, request: moe_pb2.ExpertSet, context: aio.ServicerContext) -> moe_pb2.PrefetchReply:
+        """The router's hint: load these experts now if there is room (never blocks, never evicts work)."""
+        keys = [ExpertKey(k.layer, k.expert) for k in request.experts]
+        return moe_pb2.PrefetchReply(loads_started=self.store.prefetch(keys))
 
     async def _announce(self) -> None:
         if self.publish is not None:

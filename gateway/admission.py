@@ -6,7 +6,7 @@ tells clients to back off; nothing is queued without limit anywhere in the gatew
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from moe_serve.errors import InvalidInput, Overloaded
@@ -22,6 +22,9 @@ class AdmissionController:
         self.inflight_requests = 0
         self.admitted = 0
         self.rejected = 0
+        # set by the data plane when cross-request batching is on: (requests waiting in open
+        # batches, batches running), read by GatewayAdmin.GetStats for leak checks
+        self.batch_occupancy: Callable[[], tuple[int, int]] = lambda: (0, 0)
 
     @contextmanager
     def admit(self, num_tokens: int) -> Iterator[None]:

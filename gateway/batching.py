@@ -4,7 +4,9 @@ Like Triton's dynamic batcher and MLServer's adaptive batching: the first reques
 opens a window (`batch_window_s`); requests for the same layer arriving within it join, up to
 `max_batch_tokens`; then the batch is dispatched as one, so each expert runs one larger matmul,
 and every request gets exactly its own rows back. A request waits no longer than its own
-deadline, and a cancelled one is left out of a batch not yet dispatched.
+deadline, and one that is cancelled or expires leaves the batch still being collected at once
+(its tokens no longer count towards `max_batch_tokens`); one whose batch is already dispatched
+just stops waiting for it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from moe_serve.errors import DeadlineExceeded
 Dispatch = Callable[[list[InferenceRequest], float], Awaitable[list[InferenceResult]]]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a batch's items are told apart by who submitted them
 class _Waiting:
     request: InferenceRequest
     deadline: float
@@ -46,6 +48,10 @@ class DynamicBatcher:
         self._running: set[asyncio.Task[None]] = set()
         self.batches_dispatched = 0
 
+    def occupancy(self) -> tuple[int, int]:
+        """(requests waiting in open batches, batches dispatched and not finished): 0 when idle."""
+        return sum(len(batch.items) for batch in self._open.values()), len(self._running)
+
     async def submit(self, request: InferenceRequest, deadline: float) -> InferenceResult:
         """Join the open batch of the request's layer and wait for this request's result."""
         loop = asyncio.get_running_loop()
@@ -65,6 +71,20 @@ class DynamicBatcher:
                 return await waiting.future
         except TimeoutError:
             raise DeadlineExceeded("the request's deadline passed while it was batched or computed") from None
+        finally:
+            self._withdraw(request.layer, batch, waiting)
+
+    def _withdraw(self, layer: int, batch: _Open, waiting: _Waiting) -> None:
+        """Take a request that stopped waiting (cancelled, expired) out of its batch if still open."""
+        if self._open.get(layer) is not batch or waiting not in batch.items:
+            return  # dispatched already (or answered): nothing is held for it here
+        batch.items.remove(waiting)
+        batch.tokens -= waiting.request.num_tokens
+        waiting.queued.end()
+        if not batch.items:
+            if batch.timer is not None:
+                batch.timer.cancel()
+            del self._open[layer]
 
     def _flush(self, layer: int) -> None:
         batch = self._open.pop(layer, None)

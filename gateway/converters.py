@@ -25,6 +25,8 @@ from moe_serve.errors import InvalidInput
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 LAYER_PARAMETER = "layer"
+# Triton's sequence parameter: consecutive layers of one forward pass share it (prefetch hints)
+SEQUENCE_PARAMETER = "sequence_id"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class InferenceRequest:
     input_shape: tuple[int, ...]
     layer: int
     requested_outputs: tuple[str, ...] = (OUTPUT_NAME,)
+    sequence_id: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -75,6 +78,16 @@ def _layer_parameter(request: kserve_pb2.ModelInferRequest, model: ServedModel) 
             )
         raise InvalidInput(f"layer {layer} is out of range: this model's MoE layers are {list(model.moe_layers)}")
     return layer
+
+
+def _sequence_parameter(request: kserve_pb2.ModelInferRequest) -> str:
+    if SEQUENCE_PARAMETER not in request.parameters:
+        return ""
+    parameter = request.parameters[SEQUENCE_PARAMETER]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param", "string_param"):
+        raise InvalidInput(f"parameter 'sequence_id' must be an integer or a string, got {kind or 'nothing'}")
+    return str(getattr(parameter, kind))[:256]
 
 
 def _requested_outputs(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> tuple[str, ...]:
@@ -165,7 +178,12 @@ def parse_infer_request(request: kserve_pb2.ModelInferRequest, model: ServedMode
     hidden_states = tensor.reshape(-1, model.hidden_size)
     _check_finite(hidden_states)
     return InferenceRequest(
-        request_id=request_id, hidden_states=hidden_states, input_shape=shape, layer=layer, requested_outputs=outputs
+        request_id=request_id,
+        hidden_states=hidden_states,
+        input_shape=shape,
+        layer=layer,
+        requested_outputs=outputs,
+        sequence_id=_sequence_parameter(request),
     )
 
 

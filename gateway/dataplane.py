@@ -9,6 +9,7 @@ outputs straight here; the combine step reduces them, and each request gets its 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from gateway.live_state import LoadWindow
 from gateway.model import ServedModel
 from gateway.stats import ExpertCounters
 from moe_serve import codec
-from moe_serve.errors import DeadlineExceeded, ServiceUnavailable, error_of
+from moe_serve.errors import DeadlineExceeded, Overloaded, ServiceUnavailable, error_of
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.streams import StreamClient
 from moe_serve.telemetry import inject_context
@@ -49,15 +50,24 @@ class DataPlane:
         max_inflight_rows_per_replica: int = 0,
         batch_window_s: float = 0.0,
         max_batch_tokens: int = 8192,
+        max_message_bytes: int = 0,
     ) -> None:
         self.model, self.router, self._model_info = model, router, model_info
         self.admission, self.pending, self.delivery_address = admission, pending, delivery_address
         self.policy, self.counters, self.window, self.tracer, self.wire = policy, counters, window, tracer, wire
         self.max_inflight_rows_per_replica = max_inflight_rows_per_replica
+        self.max_message_bytes = max_message_bytes  # the hops' limit; 0 = not known here, not checked
         self.draining = False  # set on shutdown: new requests are refused, admitted ones finish
         self.batcher = (
             DynamicBatcher(self.dispatch, batch_window_s, max_batch_tokens, tracer) if batch_window_s > 0 else None
         )
+        if self.batcher is not None:
+            admission.batch_occupancy = self.batcher.occupancy
+        # The data plane is built last at start-up: freeze what start-up allocated (torch, gRPC and
+        # protobuf: ~200k objects), so the collector never rescans it. A full collection over them
+        # took 130 ms here and landed inside whichever request triggered it (a refusal that
+        # should take 1 ms took 100-200 ms); after the freeze it takes microseconds.
+        gc.freeze()
 
     async def ready(self) -> bool:
         """True when the router answers and every expert has a live replica."""
@@ -91,7 +101,11 @@ class DataPlane:
         try:
             wanted = {name for r in requests for name in r.requested_outputs}
             with self.tracer.start_as_current_span("gateway.route"):
-                plan = await self._route(batch_id, requests[0].layer, hidden, "router_logits" in wanted, deadline)
+                # a sequence's token order holds for one request only, not for a batch of several
+                sequence_id = requests[0].sequence_id if len(requests) == 1 else ""
+                plan = await self._route(
+                    batch_id, requests[0].layer, hidden, "router_logits" in wanted, deadline, sequence_id
+                )
             pending.expect(int(plan.expected_rows))
             with self.tracer.start_as_current_span("gateway.collect"):
                 await self._wait(pending, deadline)
@@ -106,10 +120,19 @@ class DataPlane:
         return self._split(requests, output, plan)
 
     async def _route(
-        self, batch_id: str, layer: int, hidden: torch.Tensor, with_logits: bool, deadline: float
+        self,
+        batch_id: str,
+        layer: int,
+        hidden: torch.Tensor,
+        with_logits: bool,
+        deadline: float,
+        sequence_id: str = "",
     ) -> moe_pb2.RoutePlan:
         model = self.model
-        remaining = max(0.0, deadline - time.monotonic())
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            # on the wire, timeout_s 0 means "no deadline": an expired batch must never leave
+            raise DeadlineExceeded("the request's deadline passed before it was routed")
         route_request = moe_pb2.RouteRequest(
             request_id=batch_id,
             timeout_s=remaining,
@@ -120,9 +143,12 @@ class DataPlane:
             max_inflight_rows_per_replica=self.max_inflight_rows_per_replica,
             delivery_address=self.delivery_address,
             return_router_logits=with_logits,
+            sequence_id=sequence_id,
         )
         inject_context(route_request.trace_context)
-        self.wire("gateway_to_router", "sent", route_request.ByteSize())
+        size = route_request.ByteSize()
+        self._check_message_size(size, hidden)
+        self.wire("gateway_to_router", "sent", size)
         try:
             plan = await self.router.call(route_request, remaining)
         except ServiceUnavailable as error:
@@ -130,6 +156,23 @@ class DataPlane:
         if plan.HasField("failure"):
             raise error_of(plan.failure)
         return plan
+
+    def _check_message_size(self, size: int, hidden: torch.Tensor) -> None:
+        """Refuse a batch whose message to the router would exceed the hops' limit.
+
+        Refused here, before writing: an oversized message would break the router stream that
+        every concurrent request shares. A 16-bit input computed in FP32 doubles in size on this hop.
+        """
+        if not self.max_message_bytes or size <= self.max_message_bytes:
+            return
+        per_token = hidden.shape[1] * hidden.element_size()
+        fits = max(1, (self.max_message_bytes - (size - hidden.shape[0] * per_token)) // per_token)
+        raise Overloaded(
+            f"{hidden.shape[0]} tokens need a {size}-byte message to the router (hidden states in "
+            f"{codec.datatype_name(hidden.dtype)}), more than max_message_bytes={self.max_message_bytes}; "
+            f"send at most {fits} tokens per request",
+            reason="message_size",
+        )
 
     @staticmethod
     async def _wait(pending: PendingRequest, deadline: float) -> None:

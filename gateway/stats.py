@@ -74,6 +74,7 @@ class GatewayAdminServicer(moe_grpc.GatewayAdminServicer):
     async def GetStats(
         self, request: moe_pb2.GatewayStatsRequest, context: aio.ServicerContext
     ) -> moe_pb2.GatewayStats:
+        batched_requests, running_batches = self.admission.batch_occupancy()
         return moe_pb2.GatewayStats(
             experts=self.counters.to_proto(),
             requests=self.admission.admitted,
@@ -82,4 +83,6 @@ class GatewayAdminServicer(moe_grpc.GatewayAdminServicer):
             dispatches=self.counters.dispatches,
             inflight_requests=self.admission.inflight_requests,
             pending_dispatches=len(self.pending),
+            batched_requests=batched_requests,
+            running_batches=running_batches,
         )

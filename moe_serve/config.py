@@ -170,6 +170,11 @@ class RouterSettings(CommonSettings):
     max_dispatch_attempts: int = Field(
         3, ge=1, description="Tries per expert batch across replicas before the request fails UNAVAILABLE."
     )
+    prefetch: bool = Field(
+        True,
+        description="Hint offloading workers which experts come next (this batch's and the next layer's likely "
+        "ones, learnt from consecutive layers of one sequence), so their loads overlap with compute.",
+    )
 
 
 class WorkerSettings(CommonSettings):
@@ -191,6 +196,15 @@ class WorkerSettings(CommonSettings):
     dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when one is visible.")
     compute_threads: int = Field(2, ge=1, description="Experts computed concurrently (one thread each).")
+    device_memory_budget: str | None = Field(
+        None,
+        description="Expert offloading: bytes of experts kept on the compute device ('512MiB', '2GB') or a "
+        "fraction of the owned experts ('0.25', '25%'); the rest wait in host memory. Unset: all resident.",
+    )
+    eviction_policy: Literal["lru", "lfu"] = Field(
+        "lru", description="Offloading: which expert leaves the device first (least recently / frequently used)."
+    )
+    lfu_window_s: float = Field(30.0, gt=0, description="Offloading with lfu: the window uses are counted over.")
 
     @model_validator(mode="after")
     def _check_index(self) -> WorkerSettings:
@@ -201,6 +215,11 @@ class WorkerSettings(CommonSettings):
 
 class WorkerPoolSettings(CommonSettings):
     """The expert-worker actors of a stack, owned by its deployment controller on a Ray cluster."""
+
+    device_memory_budget: str | None = Field(
+        None, description="Expert offloading per worker: bytes ('2GB') or fraction ('0.25') of its experts on device."
+    )
+    eviction_policy: Literal["lru", "lfu"] = Field("lru", description="Offloading: eviction policy.")
 
     workers: int = Field(2, ge=1, description="Expert workers (Ray actors).")
     ray_address: str | None = Field(None, description="Join this Ray cluster instead of starting a local one.")
@@ -239,4 +258,5 @@ class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
     capacity_factor: float | None = Field(None, ge=0.0, description="Expert capacity factor (unset: the model's own).")
     overflow: Literal["drop", "reroute", "dropless"] | None = Field(None, description="Overflow rule over capacity.")
     batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")
+    prefetch: bool = Field(True, description="Router hints offloading workers which experts come next.")
     max_inflight_tokens: int = Field(65536, gt=0, description="Gateway admission bound, in tokens.")

@@ -228,6 +228,8 @@ def start_controller(
         "redis_prefix": settings.redis_prefix,
         "registry_ttl_s": settings.registry_ttl_s,
         "router_address": None if settings.redis_url else router_address,
+        "device_memory_budget": settings.device_memory_budget,
+        "eviction_policy": settings.eviction_policy,
         # each worker actor picks a free metrics port and announces it in its registration
         "metrics_port": None if settings.metrics_port is None else 0,
         # certificate files must be readable on every Ray node, like the checkpoint
@@ -297,6 +299,7 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
             settings.dtype,
             "--model-name",
             model_name,
+            "--prefetch" if settings.prefetch else "--no-prefetch",
             *_common_flags(settings),
             *_registry_flags(settings),
             # the gateway takes the configured metrics port; the router any free one

@@ -14,12 +14,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from grpc import aio
 
+from moe_serve.errors import InvalidInput
 from moe_serve.outage import OutageLog
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
@@ -28,6 +31,18 @@ from moe_serve.security import InternalTLS, open_aio_channel
 
 logger = logging.getLogger(__name__)
 LOAD_FIELDS = ("inflight_rows", "queued_rows", "rows_per_s", "compute_p50_ms")
+OFFLOAD_COUNTERS = (
+    "budget_bytes",
+    "resident_bytes",
+    "hits",
+    "misses",
+    "bytes_moved",
+    "load_seconds",
+    "evictions",
+    "prefetched",
+    "unused_prefetches",
+    "peak_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,8 @@ class WorkerRecord:
     compute_datatype: str = ""
     load: dict[str, float] = field(default_factory=dict, compare=False)
     metrics_address: str = ""
+    # expert offloading: OFFLOAD_COUNTERS plus "resident" ([[layer, expert], ...]); empty when off
+    offload: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -55,6 +72,11 @@ class WorkerRecord:
         data["experts"] = tuple(ExpertKey(int(layer), int(expert)) for layer, expert in data["experts"])
         return cls(**data)
 
+    @property
+    def resident(self) -> frozenset[ExpertKey]:
+        """Experts in the device tier at the last heartbeat (offloading workers only)."""
+        return frozenset(ExpertKey(int(layer), int(expert)) for layer, expert in self.offload.get("resident", ()))
+
     def to_proto(self) -> moe_pb2.WorkerInfo:
         return moe_pb2.WorkerInfo(
             worker_id=self.worker_id,
@@ -66,6 +88,12 @@ class WorkerRecord:
             compute_datatype=self.compute_datatype,
             load=moe_pb2.WorkerLoad(**{name: self.load.get(name, 0) for name in LOAD_FIELDS}),
             metrics_address=self.metrics_address,
+            offload=moe_pb2.OffloadState(
+                **{name: self.offload[name] for name in OFFLOAD_COUNTERS if name in self.offload},
+                resident=[moe_pb2.ExpertKey(layer=k.layer, expert=k.expert) for k in sorted(self.resident)],
+            )
+            if self.offload
+            else None,
         )
 
     @classmethod
@@ -80,6 +108,12 @@ class WorkerRecord:
             compute_datatype=info.compute_datatype,
             load={name: getattr(info.load, name) for name in LOAD_FIELDS},
             metrics_address=info.metrics_address,
+            offload={
+                **{name: getattr(info.offload, name) for name in OFFLOAD_COUNTERS},
+                "resident": [[k.layer, k.expert] for k in info.offload.resident],
+            }
+            if info.HasField("offload")
+            else {},
         )
 
 
@@ -173,12 +207,38 @@ class RegistryServicer(moe_grpc.WorkerRegistryServicer):
         self.registry = registry
 
     async def Register(self, request: moe_pb2.RegisterRequest, context: aio.ServicerContext) -> moe_pb2.RegistryAck:
+        self._check(request)
         self.registry.register(WorkerRecord.from_proto(request.worker), request.ttl_s or float("inf"))
         return moe_pb2.RegistryAck()
 
     async def Deregister(self, request: moe_pb2.DeregisterRequest, context: aio.ServicerContext) -> moe_pb2.RegistryAck:
+        if not request.worker_id:
+            raise InvalidInput("deregistration names no worker_id")
         self.registry.deregister(request.worker_id)
         return moe_pb2.RegistryAck()
+
+    @staticmethod
+    def _check(request: moe_pb2.RegisterRequest) -> None:
+        """Refuse (INVALID_ARGUMENT) a registration routers could not use: it would be chosen as a
+        replica and fail every batch sent to it, until its TTL (0: never) expired."""
+        worker = request.worker
+        problems = []
+        if not worker.worker_id or len(worker.worker_id) > 256 or not worker.worker_id.isprintable():
+            problems.append("worker_id must be 1-256 printable characters")
+        for name in ("address", "metrics_address"):
+            value = getattr(worker, name)
+            host, _, port = value.rpartition(":")
+            if (value or name == "address") and not (
+                host and host.isprintable() and " " not in host and port.isdigit() and 0 < int(port) < 65536
+            ):
+                problems.append(f"{name} must be host:port, got {value[:80]!r}")
+        if not worker.experts or any(key.layer < 0 or key.expert < 0 for key in worker.experts):
+            problems.append("experts must name at least one (layer, expert), none negative")
+        loads = [getattr(worker.load, name) for name in LOAD_FIELDS]
+        if not all(math.isfinite(value) and value >= 0 for value in [*loads, request.ttl_s]):
+            problems.append("ttl_s and load figures must be finite and >= 0")
+        if problems:
+            raise InvalidInput(f"registration refused: {'; '.join(problems)}")
 
 
 class Registration:

@@ -68,11 +68,36 @@ def render(document: dict[str, Any] | None) -> Group:
         f"{document['requests_per_s']:.1f} req/s   {document['tokens_per_s']:.0f} tok/s   "
         f"{document['inflight_tokens']} tokens in flight   (window {document['window_s']:.0f} s, {age:.1f} s ago)",
     )
+    workers = document.get("workers", [])
+    offloading = [worker for worker in workers if worker.get("offload")]
     return Group(
         header,
-        workers_table(document.get("workers", [])),
+        workers_table(workers),
+        *([offload_table(offloading)] if offloading else []),
         *(layer_table(layer, view) for layer, view in document.get("layers", {}).items()),
     )
+
+
+def offload_table(workers: list[dict[str, Any]]) -> Table:
+    """Workers that offload experts: the device tier's resident set and what the cache did."""
+    table = Table(title="expert offloading (device tier)", title_justify="left")
+    for column in ("worker", "resident", "used / budget MiB", "hit rate", "misses", "moved MiB", "load s", "hinted"):
+        table.add_column(column, overflow="fold")
+    for worker in workers:
+        state = worker["offload"]
+        uses = state.get("hits", 0) + state.get("misses", 0)
+        resident = tuple(ExpertKey(layer, expert) for layer, expert in state.get("resident", []))
+        table.add_row(
+            worker["worker_id"],
+            compact_keys(resident) or "-",
+            f"{state.get('resident_bytes', 0) / 2**20:.1f} / {state.get('budget_bytes', 0) / 2**20:.1f}",
+            f"{state.get('hits', 0) / uses:.0%}" if uses else "-",
+            str(state.get("misses", 0)),
+            f"{state.get('bytes_moved', 0) / 2**20:.1f}",
+            f"{state.get('load_seconds', 0):.2f}",
+            str(state.get("prefetched", 0)),
+        )
+    return table
 
 
 def workers_table(workers: list[dict[str, Any]]) -> Table:

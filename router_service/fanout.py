@@ -30,8 +30,9 @@ from moe_serve.registry import Registry, WorkerRecord
 from moe_serve.security import InternalTLS
 from moe_serve.streams import StreamClientPool
 from moe_serve.telemetry import inject_context
+from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
-from router_service.planner import WorkerBatch, assign_workers, gather_rows
+from router_service.planner import WorkerBatch, assign_workers, gather_rows, split_batch
 from router_service.retries import RetryBudget, backoff_s
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ RETRYABLE_CODES = frozenset(
 # codes that mean the gateway no longer waits for the rows: nothing left to do
 ABANDON_CODES = frozenset({grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED})
 QUARANTINE_S = 2.0  # a replica that failed a call is avoided this long when another exists
+# room a worker message needs beside its rows: ids, addresses, trace context, tensor headers,
+# plus at most this much per expert segment
+MESSAGE_OVERHEAD_BYTES = 4096
+SEGMENT_OVERHEAD_BYTES = 24
 
 
 @dataclass
@@ -75,10 +80,14 @@ class Dispatcher:
         split_min_rows: int = 0,
         metrics: RouterMetrics | None = None,
         tls: InternalTLS | None = None,
+        hints: OffloadHints | None = None,
     ) -> None:
         self.registry, self.max_attempts, self.split_min_rows = registry, max_attempts, split_min_rows
-        self.metrics = metrics
+        self.max_message_bytes = max_message_bytes
+        self.metrics, self.hints = metrics, hints
         self.retry_budget = RetryBudget()
+        if metrics is not None:
+            metrics.retry_budget = self.retry_budget
         # rows sent per (layer, expert) since start: the load the balancer measures
         self.expert_rows: Counter[ExpertKey] = Counter()
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
@@ -109,14 +118,14 @@ class Dispatcher:
         self, layer: int, segments: dict[int, torch.Tensor], excluded: frozenset[str] = frozenset()
     ) -> list[WorkerBatch]:
         """Replicas for each expert's rows (see planner.assign_workers), with this router's load view."""
-        return assign_workers(layer, segments, self.registry, self.load, self.rng, excluded, self.split_min_rows)
+        resident = self.hints.resident if self.hints is not None else None
+        return assign_workers(
+            layer, segments, self.registry, self.load, self.rng, excluded, self.split_min_rows, resident
+        )
 
     def launch(self, job: DispatchJob, batches: list[WorkerBatch]) -> None:
         """Start sending `batches` in the background."""
         self.retry_budget.earn()
-        for batch in batches:
-            for expert, count in zip(batch.experts, batch.counts, strict=True):
-                self.expert_rows[ExpertKey(job.layer, expert)] += count
         task = asyncio.create_task(self._send_all(job, batches, attempt=1, excluded=frozenset()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -127,11 +136,26 @@ class Dispatcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._workers.close()
         await self._gateways.close()
+        if self.hints is not None:
+            await self.hints.close()
+
+    def max_rows_per_message(self, job: DispatchJob, batch: WorkerBatch) -> int:
+        """Rows of `batch` one message may carry within the hop's message-size limit.
+
+        A worker's batch for a large request can exceed the limit the request itself fit in (k rows
+        per token, several experts on one worker); an oversized message would break the stream that
+        every concurrent request to that worker shares, so the batch goes as several messages.
+        The delivery back carries the same rows and positions, so it fits too.
+        """
+        row_bytes = job.hidden_states.shape[1] * job.hidden_states.element_size() + 4  # + int32 position
+        room = self.max_message_bytes - MESSAGE_OVERHEAD_BYTES - SEGMENT_OVERHEAD_BYTES * len(batch.experts)
+        return max(1, room // row_bytes)
 
     async def _send_all(
         self, job: DispatchJob, batches: list[WorkerBatch], attempt: int, excluded: frozenset[str]
     ) -> None:
-        await asyncio.gather(*(self._send(job, batch, attempt, excluded) for batch in batches))
+        pieces = [piece for batch in batches for piece in split_batch(batch, self.max_rows_per_message(job, batch))]
+        await asyncio.gather(*(self._send(job, piece, attempt, excluded) for piece in pieces))
 
     async def _send(self, job: DispatchJob, batch: WorkerBatch, attempt: int, excluded: frozenset[str]) -> None:
         timeout = job.remaining()
@@ -150,12 +174,17 @@ class Dispatcher:
             delivery_address=job.delivery_address,
         )
         inject_context(request.trace_context)
+        if attempt == 1:  # the balancer measures demand: rows sent, retries not counted again
+            for expert, count in zip(batch.experts, batch.counts, strict=True):
+                self.expert_rows[ExpertKey(job.layer, expert)] += count
         if self.metrics is not None:
             self.metrics.wire("router_to_worker", "sent", request.ByteSize())
         self._outstanding_rows[worker_id] += batch.num_rows
         try:
             result = await self._workers.get(batch.worker.address).call(request, timeout)
             error = error_of(result.failure) if result.HasField("failure") else None
+            if error is None and self.hints is not None:
+                self.hints.record(batch.worker, job.layer, result)
         except MoEServeError as call_error:
             error = call_error
         finally:

@@ -108,14 +108,25 @@ class WorkerBatch:
 
 # outstanding work of a replica; math.inf for one that just failed (avoided while another exists)
 ReplicaLoad = Callable[[WorkerRecord], float]
+RESIDENT_SLACK_ROWS = 256
 
 
-def choose_replica(replicas: tuple[WorkerRecord, ...], load: ReplicaLoad, rng: random.Random) -> WorkerRecord:
-    """Power of two choices among the healthy replicas: of two random ones, the less loaded."""
+def choose_replica(
+    replicas: tuple[WorkerRecord, ...],
+    load: ReplicaLoad,
+    rng: random.Random,
+    prefer: Callable[[WorkerRecord], bool] | None = None,
+) -> WorkerRecord:
+    """Power of two choices among the healthy replicas: of two random ones, the less loaded, except
+    that one `prefer`red (its expert resident on an offloading worker) wins while its load is within
+    RESIDENT_SLACK_ROWS of the other's: a miss costs a load, a few queued rows cost less."""
     healthy = [r for r in replicas if load(r) != math.inf] or list(replicas)
     if len(healthy) == 1:
         return healthy[0]
     first, second = rng.sample(healthy, 2)
+    if prefer is not None and prefer(first) != prefer(second):
+        preferred, other = (first, second) if prefer(first) else (second, first)
+        return preferred if load(preferred) <= load(other) + RESIDENT_SLACK_ROWS else other
     return first if load(first) <= load(second) else second
 
 
@@ -127,6 +138,7 @@ def assign_workers(
     rng: random.Random,
     excluded: frozenset[str] = frozenset(),
     split_min_rows: int = 0,
+    resident: Callable[[WorkerRecord, ExpertKey], bool] | None = None,
 ) -> list[WorkerBatch]:
     """Pick replicas for each expert and bundle each worker's experts into one batch.
 
@@ -135,6 +147,7 @@ def assign_workers(
     split_min_rows: an expert with several replicas and at least twice this many rows is split
         over up to rows // split_min_rows of its least-loaded replicas (0: never split), so a hot
         expert's rows are computed in parallel.
+    resident: whether a replica holds the expert in its device tier (offloading workers), preferred.
     Raises ExpertUnavailable naming the expert when no live replica is left.
     """
     chosen: dict[str, tuple[WorkerRecord, list[int], list[torch.Tensor]]] = {}
@@ -148,7 +161,9 @@ def assign_workers(
         healthy = [r for r in replicas if load(r) != math.inf] or list(replicas)
         parts = min(len(healthy), positions.numel() // split_min_rows) if split_min_rows else 1
         if parts <= 1:
-            targets, pieces = [choose_replica(replicas, load, rng)], [positions]
+            key = ExpertKey(layer, expert)
+            prefer = (lambda worker, key=key: resident(worker, key)) if resident is not None else None
+            targets, pieces = [choose_replica(replicas, load, rng, prefer)], [positions]
         else:
             targets = sorted(healthy, key=load)[:parts]
             pieces = list(torch.tensor_split(positions, parts))
@@ -165,6 +180,42 @@ def assign_workers(
         )
         for worker, experts, pieces in chosen.values()
     ]
+
+
+def split_batch(batch: WorkerBatch, max_rows: int) -> list[WorkerBatch]:
+    """`batch` as consecutive pieces of at most `max_rows` rows each (an expert's rows may span pieces).
+
+    Keeps every message of the hop (rows out, outputs back) within the message-size limit: rows
+    are independent, so the gateway places each piece's outputs by position whatever the split.
+    """
+    if batch.num_rows <= max_rows:
+        return [batch]
+    pieces: list[WorkerBatch] = []
+    experts: list[int] = []
+    counts: list[int] = []
+    start = taken = 0  # piece start in batch.positions; rows already in the current piece
+    for expert, count in zip(batch.experts, batch.counts, strict=True):
+        while count:
+            take = min(count, max_rows - taken)
+            experts.append(expert)
+            counts.append(take)
+            taken += take
+            count -= take
+            if taken == max_rows:
+                pieces.append(_piece(batch, experts, counts, start))
+                start, taken, experts, counts = start + taken, 0, [], []
+    if taken:
+        pieces.append(_piece(batch, experts, counts, start))
+    return pieces
+
+
+def _piece(batch: WorkerBatch, experts: list[int], counts: list[int], start: int) -> WorkerBatch:
+    return WorkerBatch(
+        worker=batch.worker,
+        experts=tuple(experts),
+        counts=tuple(counts),
+        positions=batch.positions[start : start + sum(counts)],
+    )
 
 
 def segments_of(groups: ExpertGroups) -> dict[int, torch.Tensor]:

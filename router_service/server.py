@@ -29,8 +29,10 @@ from moe_serve.registry import InProcessRegistry, Registry, RegistryServicer
 from moe_serve.security import InternalTLS
 from moe_serve.telemetry import Telemetry
 from router_service.fanout import Dispatcher
+from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
 from router_service.planner import RoutingPlanner
+from router_service.prefetch import ExpertForecast
 from router_service.servicer import RouterServicer
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,11 @@ class RouterService:
             settings.split_min_rows,
             metrics,
             tls,
+            OffloadHints(
+                self.registry,
+                ExpertForecast(spec.moe_layers, spec.num_experts) if settings.prefetch else None,
+                tls,
+            ),
         )
         self.servicer = RouterServicer(
             planner, self.registry, self.dispatcher, model_name, self.telemetry.tracer, metrics

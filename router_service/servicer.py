@@ -102,6 +102,8 @@ class RouterServicer(moe_grpc.RouterServicer):
                 ),
                 batches,
             )
+        if self.dispatcher.hints is not None:  # offloading workers: hint the next layer's likely experts
+            self.dispatcher.hints.after_route(request.sequence_id, request.layer, decision.outcome.expert_ids)
         return self._plan(decision, request.return_router_logits)
 
     def _check_replica_bound(self, batches: list[WorkerBatch], bound: int) -> None:

@@ -21,13 +21,28 @@ def test_expert_store_keeps_weights_on_the_gpu_in_checkpoint_dtype(checkpoints) 
     block = reference_blocks(checkpoints(torch.bfloat16), torch.bfloat16)[0].cuda()
     rows = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     for expert in range(8):
-        weights = store._weights[ExpertKey(0, expert)]
-        assert weights.up.device.type == "cuda" and weights.up.dtype == torch.bfloat16
+        with store.tier.use(ExpertKey(0, expert)) as weights:
+            assert weights.up.device.type == "cuda" and weights.up.dtype == torch.bfloat16
         output = store.compute(ExpertKey(0, expert), rows)
         with torch.no_grad():
             gate, up = torch.nn.functional.linear(rows.cuda(), block.experts.gate_up_proj[expert]).chunk(2, dim=-1)
             expected = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, block.experts.down_proj[expert])
         torch.testing.assert_close(output, expected.cpu(), rtol=0, atol=0)
+
+
+def test_offloaded_experts_wait_pinned_in_host_memory_and_compute_the_same(checkpoints) -> None:
+    checkpoint = Checkpoint(checkpoints(torch.bfloat16))
+    keys = [ExpertKey(0, e) for e in range(8)]
+    resident = ExpertStore(checkpoint, keys, torch.bfloat16, torch.device("cuda"))
+    offloaded = ExpertStore(checkpoint, keys, torch.bfloat16, torch.device("cuda"), "0.25")
+    rows = torch.randn(7, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    for expert in [*range(8), *range(8)]:
+        key = ExpertKey(0, expert)
+        assert torch.equal(offloaded.compute(key, rows), resident.compute(key, rows))
+        assert offloaded.host.get(key).up.is_pinned()  # the host tier is pinned: the copy runs asynchronously
+        assert offloaded.tier.used_bytes <= offloaded.tier.budget_bytes
+    assert offloaded.tier.stats.evictions > 0
+    assert torch.cuda.memory_allocated() > 0
 
 
 def test_stack_with_gpu_workers_equals_transformers(ray_cluster, checkpoints) -> None:

@@ -65,3 +65,24 @@ def test_large_segment_is_split_over_the_least_loaded_healthy_replicas() -> None
         0, {0: torch.arange(300)}, registry, lambda r: load[r.worker_id], random.Random(3), split_min_rows=256
     )
     assert len(small) == 1 and small[0].num_rows == 300
+
+
+def test_a_replica_holding_the_expert_resident_wins_while_its_load_allows() -> None:
+    registry = registry_with({"a": [0], "b": [0]})
+    resident = {"a": False, "b": True}  # only b has expert 0 in its device tier (offloading workers)
+    load = {"a": 0.0, "b": 200.0}
+    rng = random.Random(2)
+
+    def choose() -> str:
+        return assign_workers(
+            0,
+            {0: torch.arange(2)},
+            registry,
+            lambda r: load[r.worker_id],
+            rng,
+            resident=lambda r, key: resident[r.worker_id],
+        )[0].worker.worker_id
+
+    assert {choose() for _ in range(20)} == {"b"}  # 200 queued rows cost less than loading the expert
+    load["b"] = 1000.0  # far busier: the load wins over residency
+    assert {choose() for _ in range(20)} == {"a"}

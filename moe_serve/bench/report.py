@@ -112,6 +112,30 @@ def print_replication_report(result: BenchResult, console: Console) -> None:
     console.print("targets: throughput x >= 1.3, p99 x >= 1.5")
 
 
+def print_offload_report(result: BenchResult, console: Console) -> None:
+    r = result.offload
+    if not r:
+        return
+    table = Table(
+        title=f"expert offloading: device budget per worker, T={r['tokens_per_request']} per request, "
+        f"{r['passes']} passes through MoE layers {r['moe_layers']}, one client"
+    )
+    for column in ("trace", "budget", "prefetch", "tok/s", "p50 ms", "p99 ms", "hit rate", "moved B/token"):
+        table.add_column(column)
+    for run in r["runs"]:
+        table.add_row(
+            run["trace"],
+            f"{run['budget']:.0%}",
+            "on" if run["prefetch"] else "off",
+            f"{run['tokens_per_s']:.0f}",
+            f"{run['latency_ms']['p50']:.1f}",
+            f"{run['latency_ms']['p99']:.1f}",
+            f"{run['hit_rate']:.0%}",
+            f"{run['bytes_moved_per_token']:,.0f}",
+        )
+    console.print(table)
+
+
 def print_rayserve_report(result: BenchResult, console: Console) -> None:
     r, ratios = result.rayserve, result.ratios
     if not r:
@@ -168,3 +192,4 @@ def bench_report(result: BenchResult, console: Console) -> None:
     print_sweep_report(result, console)
     print_routing_report(result, console)
     print_replication_report(result, console)
+    print_offload_report(result, console)

@@ -20,6 +20,7 @@ import torch
 
 from moe_serve import codec
 from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
+from moe_serve.bench.offload import offload_comparison
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.bench.replication import replication_comparison
 from moe_serve.bench.routing import concurrency_sweep, drop_rates
@@ -60,7 +61,7 @@ class BenchConfig:
     # measurements alternate between reference, served and echo in this many rounds
     rounds: int = 5
     # optional sections after the core comparison
-    sections: tuple[str, ...] = ("rayserve", "sweep", "concurrency", "capacity", "replication")
+    sections: tuple[str, ...] = ("rayserve", "sweep", "concurrency", "capacity", "replication", "offload")
     # rayserve: concurrent callers at this T, each sending this many requests over all rounds
     rayserve_tokens: int = 256
     rayserve_clients: int = 4
@@ -83,6 +84,7 @@ class BenchResult:
     concurrency: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     capacity: list[dict[str, Any]] = field(default_factory=list)
     replication: dict[str, Any] = field(default_factory=dict)
+    offload: dict[str, Any] = field(default_factory=dict)
     rayserve: dict[str, Any] = field(default_factory=dict)
     throughput_sweep: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # raw T=1 latencies (ms) per subject, for the latency CDF plot
@@ -115,16 +117,19 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def bench_checkpoint(config: BenchConfig) -> Path:
+def bench_checkpoint(config: BenchConfig, num_layers: int = 1) -> Path:
+    """The standard shape; the offload section uses two MoE layers (prefetch works across layers)."""
     shape = DemoShape(
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         num_experts=config.num_experts,
         top_k=config.top_k,
-        num_layers=1,
+        num_layers=num_layers,
         dtype=config.dtype,
     )
     name = f"bench-d{shape.hidden_size}-ff{shape.intermediate_size}-e{shape.num_experts}-k{shape.top_k}-{shape.dtype}"
+    if num_layers > 1:
+        name += f"-l{num_layers}"
     return ensure_demo_checkpoint(config.checkpoint_root / name, shape)
 
 
@@ -405,8 +410,15 @@ def run_bench(config: BenchConfig) -> BenchResult:
         echo.stop()
         stack.stop()
         ray.shutdown()
-    if "replication" in config.sections:
-        result.replication = replication_comparison(checkpoint_dir, make_request)
+    if {"replication", "offload"} & set(config.sections):
+        init_ray(log_to_driver=False)  # a fresh local Ray: these sections start stacks of their own
+        try:
+            if "replication" in config.sections:
+                result.replication = replication_comparison(checkpoint_dir, make_request)
+            if "offload" in config.sections:
+                result.offload = offload_comparison(bench_checkpoint(config, num_layers=2), make_request)
+        finally:
+            ray.shutdown()
     result.t1_samples_ms.update({name: values.pop("t1_samples_ms") for name, values in measured.items()})
     result.served = measured.pop("served")
     result.echo = {"payload_bytes": ECHO_PAYLOAD_BYTES, "latency_ms": measured.pop("echo")["t1_latency_ms"]}

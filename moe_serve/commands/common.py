@@ -77,6 +77,14 @@ TlsClientCa = Annotated[
 AuthTokensFile = Annotated[
     Path | None, typer.Option(help="Bearer-token auth: JSON file of tokens and the models each may use.")
 ]
+DeviceMemoryBudget = Annotated[
+    str | None,
+    typer.Option(
+        help="Expert offloading: bytes of experts on the compute device ('512MiB', '2GB') or a fraction of "
+        "the owned experts ('0.25'); the rest wait in host memory. Unset: all resident."
+    ),
+]
+EvictionPolicy = Annotated[str | None, typer.Option(help="Offloading: lru or lfu (over --lfu-window seconds).")]
 
 
 def internal_tls_flags(ca: Path | None, cert: Path | None, key: Path | None) -> dict[str, Path | None]:

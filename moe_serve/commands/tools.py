@@ -61,9 +61,10 @@ def bench(
     sections: Annotated[
         str,
         typer.Option(
-            help="Extra sections, comma-separated: rayserve, sweep, concurrency, capacity, replication ('' for none)."
+            help="Extra sections, comma-separated: rayserve, sweep, concurrency, capacity, replication, offload "
+            "('' for none)."
         ),
-    ] = "rayserve,sweep,concurrency,capacity,replication",
+    ] = "rayserve,sweep,concurrency,capacity,replication,offload",
     output_dir: Annotated[Path, typer.Option(help="Where the JSON results and PNG plots go.")] = Path(
         "benchmarks/results"
     ),

@@ -57,7 +57,7 @@ class ModelInfo(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., family: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., compute_datatype: _Optional[str] = ..., ready: _Optional[bool] = ..., num_shared_slots: _Optional[int] = ..., weights_in_activation_dtype: _Optional[bool] = ..., default_expert_capacity: _Optional[int] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("call_id", "timeout_s", "request_id", "layer", "hidden_states", "expert_capacity", "delivery_address", "return_router_logits", "overflow", "max_inflight_rows_per_replica", "trace_context")
+    __slots__ = ("call_id", "timeout_s", "request_id", "layer", "hidden_states", "expert_capacity", "delivery_address", "return_router_logits", "overflow", "max_inflight_rows_per_replica", "trace_context", "sequence_id")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class RouteRequest(_message.Message):
     OVERFLOW_FIELD_NUMBER: _ClassVar[int]
     MAX_INFLIGHT_ROWS_PER_REPLICA_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_ID_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     timeout_s: float
     request_id: str
@@ -87,7 +88,8 @@ class RouteRequest(_message.Message):
     overflow: str
     max_inflight_rows_per_replica: int
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., expert_capacity: _Optional[int] = ..., delivery_address: _Optional[str] = ..., return_router_logits: _Optional[bool] = ..., overflow: _Optional[str] = ..., max_inflight_rows_per_replica: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    sequence_id: str
+    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., expert_capacity: _Optional[int] = ..., delivery_address: _Optional[str] = ..., return_router_logits: _Optional[bool] = ..., overflow: _Optional[str] = ..., max_inflight_rows_per_replica: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., sequence_id: _Optional[str] = ...) -> None: ...
 
 class RoutePlan(_message.Message):
     __slots__ = ("call_id", "failure", "expert_ids", "expert_weights", "dropped", "router_logits", "expected_rows", "shared_weights", "rerouted", "dropped_per_expert", "rerouted_per_expert")
@@ -182,7 +184,7 @@ class WorkerLoad(_message.Message):
     def __init__(self, inflight_rows: _Optional[int] = ..., queued_rows: _Optional[int] = ..., rows_per_s: _Optional[float] = ..., compute_p50_ms: _Optional[float] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "node_id", "gpu_id", "experts", "weights_version", "compute_datatype", "load", "metrics_address")
+    __slots__ = ("worker_id", "address", "node_id", "gpu_id", "experts", "weights_version", "compute_datatype", "load", "metrics_address", "offload")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +194,7 @@ class WorkerInfo(_message.Message):
     COMPUTE_DATATYPE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     METRICS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     node_id: str
@@ -201,7 +204,34 @@ class WorkerInfo(_message.Message):
     compute_datatype: str
     load: WorkerLoad
     metrics_address: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., gpu_id: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., weights_version: _Optional[str] = ..., compute_datatype: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., metrics_address: _Optional[str] = ...) -> None: ...
+    offload: OffloadState
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., node_id: _Optional[str] = ..., gpu_id: _Optional[int] = ..., experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., weights_version: _Optional[str] = ..., compute_datatype: _Optional[str] = ..., load: _Optional[_Union[WorkerLoad, _Mapping]] = ..., metrics_address: _Optional[str] = ..., offload: _Optional[_Union[OffloadState, _Mapping]] = ...) -> None: ...
+
+class OffloadState(_message.Message):
+    __slots__ = ("budget_bytes", "resident_bytes", "resident", "hits", "misses", "bytes_moved", "load_seconds", "evictions", "prefetched", "unused_prefetches", "peak_bytes")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHED_FIELD_NUMBER: _ClassVar[int]
+    UNUSED_PREFETCHES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    resident_bytes: int
+    resident: _containers.RepeatedCompositeFieldContainer[ExpertKey]
+    hits: int
+    misses: int
+    bytes_moved: int
+    load_seconds: float
+    evictions: int
+    prefetched: int
+    unused_prefetches: int
+    peak_bytes: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., resident: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., load_seconds: _Optional[float] = ..., evictions: _Optional[int] = ..., prefetched: _Optional[int] = ..., unused_prefetches: _Optional[int] = ..., peak_bytes: _Optional[int] = ...) -> None: ...
 
 class ExpertSet(_message.Message):
     __slots__ = ("experts",)
@@ -247,14 +277,22 @@ class ComputeRequest(_message.Message):
     def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[ExpertSegment, _Mapping]]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., delivery_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ComputeResult(_message.Message):
-    __slots__ = ("call_id", "rows_delivered", "failure")
+    __slots__ = ("call_id", "rows_delivered", "failure", "resident_experts")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_DELIVERED_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     rows_delivered: int
     failure: Failure
-    def __init__(self, call_id: _Optional[int] = ..., rows_delivered: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ...) -> None: ...
+    resident_experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, call_id: _Optional[int] = ..., rows_delivered: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., resident_experts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PrefetchReply(_message.Message):
+    __slots__ = ("loads_started",)
+    LOADS_STARTED_FIELD_NUMBER: _ClassVar[int]
+    loads_started: int
+    def __init__(self, loads_started: _Optional[int] = ...) -> None: ...
 
 class Failure(_message.Message):
     __slots__ = ("code", "message", "reason")
@@ -322,7 +360,7 @@ class ExpertCounters(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., routed_rows: _Optional[int] = ..., dropped_slots: _Optional[int] = ..., rerouted_slots: _Optional[int] = ...) -> None: ...
 
 class GatewayStats(_message.Message):
-    __slots__ = ("experts", "requests", "rejected_requests", "inflight_tokens", "dispatches", "inflight_requests", "pending_dispatches")
+    __slots__ = ("experts", "requests", "rejected_requests", "inflight_tokens", "dispatches", "inflight_requests", "pending_dispatches", "batched_requests", "running_batches")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REJECTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +368,8 @@ class GatewayStats(_message.Message):
     DISPATCHES_FIELD_NUMBER: _ClassVar[int]
     INFLIGHT_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PENDING_DISPATCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_BATCHES_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertCounters]
     requests: int
     rejected_requests: int
@@ -337,7 +377,9 @@ class GatewayStats(_message.Message):
     dispatches: int
     inflight_requests: int
     pending_dispatches: int
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertCounters, _Mapping]]] = ..., requests: _Optional[int] = ..., rejected_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., dispatches: _Optional[int] = ..., inflight_requests: _Optional[int] = ..., pending_dispatches: _Optional[int] = ...) -> None: ...
+    batched_requests: int
+    running_batches: int
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertCounters, _Mapping]]] = ..., requests: _Optional[int] = ..., rejected_requests: _Optional[int] = ..., inflight_tokens: _Optional[int] = ..., dispatches: _Optional[int] = ..., inflight_requests: _Optional[int] = ..., pending_dispatches: _Optional[int] = ..., batched_requests: _Optional[int] = ..., running_batches: _Optional[int] = ...) -> None: ...
 
 class LiveStateRequest(_message.Message):
     __slots__ = ()

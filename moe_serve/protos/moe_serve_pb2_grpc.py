@@ -371,6 +371,11 @@ class ExpertWorkerStub:
                 request_serializer=moe__serve__pb2.ExpertSet.SerializeToString,
                 response_deserializer=moe__serve__pb2.WorkerInfo.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/moe_serve.v1.ExpertWorker/Prefetch',
+                request_serializer=moe__serve__pb2.ExpertSet.SerializeToString,
+                response_deserializer=moe__serve__pb2.PrefetchReply.FromString,
+                _registered_method=True)
 
 
 class ExpertWorkerServicer:
@@ -404,6 +409,14 @@ class ExpertWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Offloading workers: start loading these experts into the device tier (a hint: the router
+        expects them next); loads that would evict experts in use are skipped or deferred.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExpertWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -426,6 +439,11 @@ def add_ExpertWorkerServicer_to_server(servicer, server):
                     servicer.UnloadExperts,
                     request_deserializer=moe__serve__pb2.ExpertSet.FromString,
                     response_serializer=moe__serve__pb2.WorkerInfo.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=moe__serve__pb2.ExpertSet.FromString,
+                    response_serializer=moe__serve__pb2.PrefetchReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -536,6 +554,33 @@ class ExpertWorker:
             '/moe_serve.v1.ExpertWorker/UnloadExperts',
             moe__serve__pb2.ExpertSet.SerializeToString,
             moe__serve__pb2.WorkerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.ExpertWorker/Prefetch',
+            moe__serve__pb2.ExpertSet.SerializeToString,
+            moe__serve__pb2.PrefetchReply.FromString,
             options,
             channel_credentials,
             insecure,
