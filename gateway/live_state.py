@@ -38,20 +38,26 @@ class LoadWindow:
 
     def __init__(self, num_experts: int, window_s: float = 60.0) -> None:
         self.num_experts, self.window_s = num_experts, window_s
-        self._dispatches: deque[tuple[float, int, torch.Tensor, int, int]] = deque()
+        # rows per expert as plain ints: the window holds every dispatch of `window_s`, and a tensor
+        # per entry would cost about a kilobyte
+        self._dispatches: deque[tuple[float, int, tuple[int, ...], int, int]] = deque()
         self._latencies: deque[tuple[float, float, int]] = deque()
 
     def record_dispatch(self, layer: int, routed_rows: torch.Tensor, dropped_slots: int, slots: int) -> None:
         """routed_rows: [E] rows each routed expert received (shared expert excluded)."""
-        self._dispatches.append(
-            (time.monotonic(), layer, routed_rows[: self.num_experts].clone(), dropped_slots, slots)
-        )
+        now = time.monotonic()
+        self._dispatches.append((now, layer, tuple(routed_rows[: self.num_experts].tolist()), dropped_slots, slots))
+        self._trim(now)
 
     def record_request(self, seconds: float, tokens: int) -> None:
-        self._latencies.append((time.monotonic(), seconds, tokens))
+        now = time.monotonic()
+        self._latencies.append((now, seconds, tokens))
+        # trimmed here too, not only when read: without Redis or a metrics scrape nobody reads the
+        # window, and it would keep every request since start-up
+        self._trim(now)
 
-    def _trim(self) -> None:
-        horizon = time.monotonic() - self.window_s
+    def _trim(self, now: float | None = None) -> None:
+        horizon = (time.monotonic() if now is None else now) - self.window_s
         while self._dispatches and self._dispatches[0][0] < horizon:
             self._dispatches.popleft()
         while self._latencies and self._latencies[0][0] < horizon:
@@ -60,19 +66,20 @@ class LoadWindow:
     def layers(self) -> dict[int, dict[str, Any]]:
         """layer -> load_share [E], imbalance (max/mean), drop_rate, rows."""
         self._trim()
-        totals: dict[int, tuple[torch.Tensor, int, int]] = {}
+        totals: dict[int, tuple[list[int], int, int]] = {}
         for _, layer, rows, dropped, slots in self._dispatches:
-            previous = totals.get(layer, (torch.zeros(self.num_experts, dtype=torch.int64), 0, 0))
-            totals[layer] = (previous[0] + rows, previous[1] + dropped, previous[2] + slots)
+            previous = totals.get(layer, ([0] * self.num_experts, 0, 0))
+            summed = [before + now for before, now in zip(previous[0], rows, strict=True)]
+            totals[layer] = (summed, previous[1] + dropped, previous[2] + slots)
         view = {}
         for layer, (rows, dropped, slots) in sorted(totals.items()):
-            total = int(rows.sum())
-            share = (rows.double() / total).tolist() if total else [0.0] * self.num_experts
+            total = sum(rows)
+            share = [r / total for r in rows] if total else [0.0] * self.num_experts
             mean = total / self.num_experts
             view[layer] = {
                 "rows": total,
                 "load_share": share,
-                "imbalance": float(rows.max()) / mean if total else 1.0,
+                "imbalance": max(rows) / mean if total else 1.0,
                 "drop_rate": dropped / slots if slots else 0.0,
             }
         return view

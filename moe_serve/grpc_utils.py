@@ -52,7 +52,9 @@ def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; left at its 5-minute default, an
+        # idle channel's 30 s pings count as abuse and the server sends GOAWAY(too_many_pings)
+        ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
     ]
 
 
@@ -123,6 +125,8 @@ async def _mapped_errors(method: str, context: aio.ServicerContext) -> AsyncIter
     try:
         yield
     except MoEServeError as error:
+        if context.done():  # the client cancelled or its deadline passed: nobody to tell, nothing to log
+            return
         await context.abort(error.status_code, error.message)
     except (aio.AbortError, asyncio.CancelledError):
         raise

@@ -52,21 +52,39 @@ class StreamClient(Generic[RequestT, ReplyT]):
         message.call_id = call_id  # type: ignore[attr-defined]
         future: asyncio.Future[ReplyT] = asyncio.get_running_loop().create_future()
         try:
-            async with self._write_lock:
-                stream = self._ensure_stream()
-                self._pending[call_id] = (future, stream)
-                await stream.write(message)
+            # shielded: grpc.aio cancels the whole stream when a write is interrupted, and every
+            # concurrent call shares it; a caller that goes away (its client cancelled, its deadline
+            # passed) leaves its write to finish in the background instead
+            await asyncio.shield(self._send(call_id, message, future))
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
             raise DeadlineExceeded(f"no answer from {self.address} within {timeout:.3f} s") from None
-        except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError) as error:
-            raise ServiceUnavailable(f"stream to {self.address} broke: {_describe(error)}") from None
         finally:
+            # cancelled: a send still waiting for the write lock skips the message; a failure
+            # nobody awaited (its caller went away) is marked as seen, so asyncio does not log it
+            if not future.cancel() and not future.cancelled():
+                future.exception()
             self._pending.pop(call_id, None)
 
+    async def _send(self, call_id: int, message: RequestT, future: asyncio.Future[ReplyT]) -> None:
+        """Write `message` under the write lock; a failed write fails `future`, not this task."""
+        async with self._write_lock:
+            if future.done():  # the caller went away while this waited for the lock
+                return
+            stream = self._ensure_stream()
+            self._pending[call_id] = (future, stream)
+            try:
+                await stream.write(message)
+            except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError) as error:
+                if not future.done():
+                    future.set_exception(ServiceUnavailable(f"stream to {self.address} broke: {_describe(error)}"))
+            if future.done():  # answered, failed, or its caller went away during the write
+                self._pending.pop(call_id, None)
+
     def _ensure_stream(self) -> Any:
-        if self._stream is None:
+        # a stream that ended is replaced at once, before its reader task has noticed the end
+        if self._stream is None or self._stream.done():
             self._stream = self._method()
             self._reader = asyncio.create_task(self._read(self._stream), name=f"stream-reader-{self.address}")
         return self._stream
@@ -149,6 +167,9 @@ async def serve_stream(
     try:
         while (message := await context.read()) is not aio.EOF:
             if isinstance(message, Undecodable):
+                # a broken peer: end the stream, but only after the answers already under way are
+                # written (aborting during a write fails inside gRPC and loses them)
+                await asyncio.gather(*tasks, return_exceptions=True)
                 raise InvalidInput("stream message bytes are not a valid message")
             task = asyncio.create_task(answer(message))
             tasks.add(task)

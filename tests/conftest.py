@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -12,9 +16,10 @@ import torch
 
 from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, init_ray, launch_stack
-from tests.helpers import kserve_stub, save_tiny_mixtral
+from tests.helpers import ProcessStack, kserve_stub, save_tiny_mixtral, start_process_stack
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+RELIABILITY_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "reliability"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -87,3 +92,100 @@ def redis_prefix() -> Iterator[str]:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(scope="session")
+def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-layer tiny Mixtral whose experts are wide (d=64, d_ff=4096), so a large request keeps a
+    worker's compute busy for a second or more: a request that stays in flight while a test acts."""
+    return save_tiny_mixtral(
+        tmp_path_factory.mktemp("ckpt") / "slow-mixtral", num_hidden_layers=1, intermediate_size=4096
+    )
+
+
+@pytest.fixture(scope="session")
+def slow_stack(slow_checkpoint: Path) -> Iterator[ProcessStack]:
+    """Router, one `moe-serve worker` holding every expert of `slow_checkpoint` and computing one
+    segment at a time (--compute-threads 1), and a gateway; metrics on. A large request keeps the
+    worker busy for seconds, so requests sent meanwhile stay in flight (tests.helpers.start_blocker)."""
+    stack = start_process_stack(
+        slow_checkpoint,
+        [["--compute-threads", "1", "--metrics-port", "0"]],
+        gateway_args=("--metrics-port", "0"),
+    )
+    yield stack
+    stack.stop()
+
+
+MESSAGE_LIMIT_BYTES = 65536  # a 255-token FP32 request of the tiny model fits, a 256-token one does not
+
+
+@pytest.fixture(scope="session")
+def limited_stack(checkpoints: Callable[[torch.dtype], Path]) -> Iterator[ProcessStack]:
+    """Router, one worker (every expert) and a gateway of the tiny FP32 model, as processes, with
+    --max-message-bytes MESSAGE_LIMIT_BYTES on every hop."""
+    stack = start_process_stack(
+        checkpoints(torch.float32), [[]], common=("--max-message-bytes", str(MESSAGE_LIMIT_BYTES))
+    )
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def reliability_record(request: pytest.FixtureRequest) -> Callable[..., Path]:
+    """Record one scenario's figures as a row of docs/reliability.md.
+
+    Returns `record`, to be called once at the end of the test, after its assertions (so a failing
+    run never replaces a good record)::
+
+        record(
+            scenario: str,             # file stem: benchmarks/results/reliability/<scenario>.json
+            *,
+            title: str,                # the table's "scenario" column
+            load: str,                 # load held during the fault, e.g. "4 clients back to back, T=24"
+            faults: str,               # what was injected, e.g. "SIGTERM to the gateway mid-request"
+            succeeded: int,            # requests answered OK
+            failed: int,               # requests answered with an error status, expected ones included
+            wrong_answers: int,        # OK answers that differ from the reference (must be 0)
+            recover_s: float | None,   # seconds from the fault to the next correct answer; None: n/a
+            expected_failures: str = "",   # why `failed` is by design, e.g. "RESOURCE_EXHAUSTED (admission)"
+            **figures: float | int | str,  # further measured figures, listed in the details column
+        ) -> Path                      # the file written (overwritten on every run; committed)
+
+    `scripts/reliability_report.py` renders every such file into docs/reliability.md.
+    """
+
+    def record(
+        scenario: str,
+        *,
+        title: str,
+        load: str,
+        faults: str,
+        succeeded: int,
+        failed: int,
+        wrong_answers: int,
+        recover_s: float | None,
+        expected_failures: str = "",
+        **figures: Any,
+    ) -> Path:
+        RELIABILITY_RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RELIABILITY_RESULTS / f"{scenario}.json"
+        document = {
+            "scenario": scenario,
+            "title": title,
+            "load": load,
+            "faults": faults,
+            "succeeded": int(succeeded),
+            "failed": int(failed),
+            "wrong_answers": int(wrong_answers),
+            "recover_s": None if recover_s is None else round(float(recover_s), 3),
+            "expected_failures": expected_failures,
+            "figures": {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()},
+            "test": request.node.nodeid,
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "cpu_cores": os.cpu_count(),
+        }
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        return path
+
+    return record

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -9,8 +15,11 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve import codec
+from moe_serve.launcher import ServiceProcess, start_service_process, wait_until_ready
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from tests.families import rescale_moe_weights
 
 TINY_MIXTRAL = {
@@ -86,3 +95,140 @@ def response_tensors(response: kserve_pb2.ModelInferResponse) -> dict[str, torch
 def kserve_stub(address: str) -> tuple[grpc.Channel, kserve_grpc.GRPCInferenceServiceStub]:
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 << 20)])
     return channel, kserve_grpc.GRPCInferenceServiceStub(channel)
+
+
+def gateway_stats(delivery_address: str) -> moe_pb2.GatewayStats:
+    """GatewayAdmin.GetStats of the gateway whose internal (delivery) address this is."""
+    with grpc.insecure_channel(delivery_address) as channel:
+        return moe_grpc.GatewayAdminStub(channel).GetStats(moe_pb2.GatewayStatsRequest(), timeout=10)
+
+
+def router_rows_sent(router_address: str) -> int:
+    """Rows the router has sent to expert workers since it started (all layers and experts)."""
+    with grpc.insecure_channel(router_address) as channel:
+        reply = moe_grpc.RouterStub(channel).GetExpertLoad(moe_pb2.ExpertLoadRequest(), timeout=10)
+    return sum(expert.rows for expert in reply.experts)
+
+
+def registered_worker_ids(router_address: str) -> set[str]:
+    with grpc.insecure_channel(router_address) as channel:
+        reply = moe_grpc.RouterStub(channel).ListWorkers(moe_pb2.ListWorkersRequest(), timeout=10)
+    return {worker.worker_id for worker in reply.workers}
+
+
+@dataclass
+class ProcessStack:
+    """Router, `moe-serve worker` processes and a gateway, each its own process (no Ray)."""
+
+    checkpoint: Path
+    router: ServiceProcess
+    workers: list[ServiceProcess]
+    gateway: ServiceProcess
+    common: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.gateway.address
+
+    @property
+    def model(self) -> str:
+        return str(self.gateway.ready["model"])
+
+    @property
+    def delivery_address(self) -> str:
+        return str(self.gateway.ready["delivery_address"])
+
+    def start_worker(self, name: str, *args: str) -> ServiceProcess:
+        """One more worker registered at this stack's router (all experts unless --experts is given)."""
+        return start_service_process(name, self.worker_args(name, *args))
+
+    def worker_args(self, name: str, *args: str) -> list[str]:
+        return [
+            "worker",
+            "--checkpoint",
+            str(self.checkpoint),
+            "--port",
+            "0",
+            "--worker-id",
+            name,
+            "--router-address",
+            self.router.address,
+            *self.common,
+            *args,
+        ]
+
+    def stop(self) -> None:
+        for process in (self.gateway, *self.workers, self.router):
+            process.stop()
+
+
+def start_process_stack(
+    checkpoint: Path,
+    worker_args: list[list[str]],
+    gateway_args: tuple[str, ...] = (),
+    common: tuple[str, ...] = (),
+    router_args: tuple[str, ...] = (),
+) -> ProcessStack:
+    """Start a router, one worker per entry of `worker_args` (its extra flags) in parallel, then a gateway.
+
+    `common` flags go to every service (e.g. --max-message-bytes).
+    """
+    router = start_service_process(
+        "router", ["router", "--checkpoint", str(checkpoint), "--port", "0", *common, *router_args]
+    )
+    stack = ProcessStack(checkpoint, router, [], router, list(common))
+    try:
+        names = [f"worker-{index}" for index in range(len(worker_args))]
+        with ThreadPoolExecutor(max(1, len(worker_args))) as pool:
+            stack.workers = list(
+                pool.map(lambda item: stack.start_worker(item[0], *item[1]), zip(names, worker_args, strict=True))
+            )
+        wait_until_ready(router.address)
+        stack.gateway = start_service_process(
+            "gateway", ["gateway", "--router-address", router.address, "--port", "0", *common, *gateway_args]
+        )
+    except BaseException:
+        for process in (*stack.workers, router):
+            process.stop()
+        raise
+    return stack
+
+
+def worker_load(worker_address: str) -> moe_pb2.WorkerLoad:
+    """A worker's live load (rows in flight and queued) from its Describe RPC."""
+    with grpc.insecure_channel(worker_address) as channel:
+        return moe_grpc.ExpertWorkerStub(channel).Describe(moe_pb2.DescribeWorkerRequest(), timeout=10).load
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.02) -> float:
+    """Poll `condition` until true; returns the seconds it took, fails the test after `timeout_s`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"{what}: not within {timeout_s} s"
+        time.sleep(poll_s)
+    return time.monotonic() - started
+
+
+BLOCKER_TOKENS = 12288  # on the wide-expert checkpoint: ~2 s of one compute thread
+
+
+def start_blocker(
+    stub: kserve_grpc.GRPCInferenceServiceStub, model: str, worker_address: str, seed: int = 1
+) -> tuple[torch.Tensor, grpc.Future]:
+    """Send a large request and return once the worker computes it: requests sent until it finishes
+    queue behind it (on a worker with one compute thread). Returns its input and its future."""
+    hidden = torch.randn(BLOCKER_TOKENS, 64, generator=torch.Generator().manual_seed(seed))
+    future = stub.ModelInfer.future(infer_request(model, hidden), timeout=120)
+    wait_until(lambda: worker_load(worker_address).inflight_rows > 0, 30, "the blocker at the worker")
+    return hidden, future
+
+
+@contextlib.contextmanager
+def paused(process: ServiceProcess) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the block: what is sent to it waits in its socket, so the
+    requests that need it stay in flight; continued (SIGCONT) on the way out."""
+    process.process.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        process.process.send_signal(signal.SIGCONT)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from moe_serve.cli import app
 from moe_serve.grpc_utils import READY_MARKER
 
-COMMANDS = ["up", "gateway", "router", "worker", "infer", "init-demo", "scale", "status", "bench", "health"]
+COMMANDS = ["up", "gateway", "router", "worker", "infer", "init-demo", "scale", "status", "bench", "soak", "health"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -1,4 +1,4 @@
-"""Tool commands: `moe-serve init-demo`, `bench`."""
+"""Tool commands: `moe-serve init-demo`, `bench`, `soak`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moe_serve.commands.common import app, console
+from moe_serve.commands.common import CheckpointDir, app, console
 from moe_serve.grpc_utils import configure_logging
 
 
@@ -101,3 +101,47 @@ def bench(
     bench_report(result, Console())
     for path in write_result(result, output_dir):
         console.print(f"written: {path}")
+
+
+@app.command(rich_help_panel="Tools")
+def soak(
+    duration: Annotated[float, typer.Option(help="Seconds of load (the issue's benchmark: 600).")] = 600.0,
+    checkpoint: CheckpointDir = None,
+    workers: Annotated[int, typer.Option(help="Expert workers of the served stack.")] = 2,
+    clients: Annotated[int, typer.Option(help="Concurrent clients sending back to back.")] = 4,
+    warmup_fraction: Annotated[float, typer.Option(help="Share of the duration before growth is measured.")] = 0.2,
+    sample_interval: Annotated[
+        float | None, typer.Option(help="Seconds between resource samples (default: duration/100, 0.5-5 s).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Largest T of a request (T is log-uniform over 1..this).")] = 512,
+    seed: int = 0,
+    output_dir: Annotated[Path, typer.Option(help="Where the JSON results go.")] = Path("benchmarks/results/soak"),
+) -> None:
+    """Mixed load (deadlines and cancellations included) on a fresh stack, every answer checked; fails on
+    wrong answers, unexpected failures, or RSS / fd / thread growth of any service after the warm-up."""
+    from moe_serve.bench.soak import SoakConfig, run_soak, write_soak_result
+    from moe_serve.bench.soak_load import LoadMix
+    from moe_serve.bench.soak_report import print_soak_report
+    from moe_serve.errors import ConfigurationError
+
+    configure_logging("WARNING")
+    try:
+        config = SoakConfig(
+            duration_s=duration,
+            checkpoint=checkpoint,
+            workers=workers,
+            clients=clients,
+            warmup_fraction=warmup_fraction,
+            sample_interval_s=sample_interval,
+            seed=seed,
+            mix=LoadMix(max_tokens=max_tokens),
+        )
+        result = run_soak(config, progress=console.print)
+    except (ValueError, ConfigurationError) as error:
+        console.print(f"[red]error[/red]: {error}")
+        raise typer.Exit(2) from None
+    print_soak_report(result, Console())
+    for path in write_soak_result(result, output_dir):
+        console.print(f"written: {path}")
+    if not result.passed:
+        raise typer.Exit(1)
