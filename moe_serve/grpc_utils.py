@@ -125,18 +125,30 @@ async def _mapped_errors(method: str, context: aio.ServicerContext) -> AsyncIter
     try:
         yield
     except MoEServeError as error:
-        if context.done():  # the client cancelled or its deadline passed: nobody to tell, nothing to log
-            return
-        await context.abort(error.status_code, error.message)
+        await _abort(context, error.status_code, error.message)
     except (aio.AbortError, asyncio.CancelledError):
         raise
     except Exception:
         reference = uuid.uuid4().hex[:12]
         logger.exception("unexpected error in %s (reference %s)", method, reference)
-        await context.abort(
+        await _abort(
+            context,
             grpc.StatusCode.INTERNAL,
             f"internal error in {method}; the server log has the details under reference {reference}",
         )
+
+
+async def _abort(context: aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with `code`, unless the client is gone (cancelled, or its deadline passed, maybe
+    at this very moment): then there is nobody to tell, and gRPC's failed send is not worth a log."""
+    if context.done():
+        return
+    try:
+        await context.abort(code, message)
+    except aio.AbortError:
+        raise
+    except Exception as error:  # cygrpc.ExecuteBatchError: the call ended while the status was sent
+        logger.debug("status %s not sent, the call had ended: %s", code.name, error)
 
 
 def create_server(
