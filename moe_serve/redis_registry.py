@@ -5,7 +5,9 @@ heartbeat; an entry whose worker stops heartbeating expires by itself. Every cha
 on the `<prefix>events` channel, which routers subscribe to; they re-read the entries on each
 announcement and, as a slow safety net for silent expiries, once per half TTL.
 When Redis is unreachable both sides keep their last state and retry (routers with backoff,
-workers on their heartbeat); a worker re-registers by itself once Redis is back.
+workers on their heartbeat); a worker re-registers by itself once Redis is back. Redis may come
+back empty (restarted without persistence): the workers a router knew are then kept for one TTL,
+as their entries would have lived, so it keeps serving until they have re-registered.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -44,6 +47,9 @@ class RedisRegistry(Registry):
         self._client = aioredis.Redis.from_url(url)
         self._task: asyncio.Task[None] | None = None
         self._outage = OutageLog(f"registry watcher, Redis at {url}")
+        # after an outage: the workers known before it and not seen in Redis since, kept until then
+        self._carried: set[str] = set()
+        self._carry_until = 0.0
 
     async def start(self) -> None:
         await self.refresh()
@@ -64,6 +70,8 @@ class RedisRegistry(Registry):
         except (RedisError, OSError) as error:
             self._outage.failed(error)
             return False
+        if self._outage.down:
+            self._carried, self._carry_until = set(self._workers), time.monotonic() + self.ttl_s
         self._outage.recovered()
         records = []
         for value in values:
@@ -73,6 +81,9 @@ class RedisRegistry(Registry):
                 records.append(WorkerRecord.from_json(value))
             except (ValueError, KeyError, TypeError) as error:
                 logger.warning("registry: ignoring a malformed worker entry: %s", error)
+        self._carried -= {record.worker_id for record in records}
+        if self._carried and time.monotonic() < self._carry_until:
+            records += [self._workers[worker_id] for worker_id in self._carried if worker_id in self._workers]
         self._replace_all(records)
         return True
 

@@ -1,4 +1,5 @@
-"""The router's metrics: gating time, replicas per (layer, expert), dispatch retries, bytes on the wire."""
+"""The router's metrics: gating time, replicas per (layer, expert), dispatch retries (made and refused by the
+retry budget), bytes on the wire."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from moe_serve.placement import ExpertKey
 from moe_serve.registry import Registry
 from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry
+from router_service.retries import RetryBudget
 
 
 class RouterMetrics:
@@ -27,6 +29,14 @@ class RouterMetrics:
             [lambda options: [Observation(self.retries, {"model": model})]],
             unit="{batch}",
             description="Worker batches retried on another replica",
+        )
+        # a retryable failure the retry budget refused: the request failed at once instead
+        self.retry_budget: RetryBudget | None = None
+        meter.create_observable_counter(
+            "moe_serve.dispatch.retries_denied",
+            [lambda options: [Observation(self.retry_budget.denied if self.retry_budget else 0, {"model": model})]],
+            unit="{batch}",
+            description="Worker batch retries refused by the retry budget (the request failed instead)",
         )
         self._wire = meter.create_counter(
             "moe_serve.wire.bytes", unit="By", description="Payload bytes sent and received, by hop"

@@ -262,7 +262,9 @@ def test_one_trace_follows_a_request_through_every_hop(ray_cluster, checkpoints,
             assert by_id[span.parent_span_id][1].name == "router.dispatch"
 
 
-def test_unreachable_collector_and_redis_never_break_serving(ray_cluster, checkpoints, monkeypatch) -> None:
+def test_unreachable_collector_and_redis_never_break_serving(
+    ray_cluster, checkpoints, monkeypatch, reliability_record
+) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
@@ -282,6 +284,7 @@ def test_unreachable_collector_and_redis_never_break_serving(ray_cluster, checkp
             "0.1",
         ],
     )
+    answered, latencies_s = 0, []
     try:
         block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
         for address in (stack.address, gateway.address):
@@ -289,9 +292,12 @@ def test_unreachable_collector_and_redis_never_break_serving(ray_cluster, checkp
             with channel:
                 for seed in range(15):
                     hidden = torch.randn(8, 64, generator=torch.Generator().manual_seed(seed))
+                    sent = time.perf_counter()
                     result = response_tensors(stub.ModelInfer(infer_request(stack.model_name, hidden), timeout=30))
+                    latencies_s.append(time.perf_counter() - sent)
                     expected = reference_forward(block, hidden)[0]
                     torch.testing.assert_close(result["output"], expected, rtol=1e-5, atol=1e-5)
+                    answered += 1
                     time.sleep(0.1)
     finally:
         gateway.stop()
@@ -304,3 +310,24 @@ def test_unreachable_collector_and_redis_never_break_serving(ray_cluster, checkp
         output = "\n".join(process.recent_output)
         # failed once (and perhaps recovered once): never a line per attempt or per request
         assert 1 <= output.count(f"{what}") <= 2, (what, output)
+    reliability_record(
+        "collector-and-redis-unreachable",
+        title="OTLP collector and Redis unreachable",
+        load="2 gateways, 15 sequential requests each (T=8, one every 0.1 s)",
+        faults="OTLP endpoint with nothing listening (traces every 0.1 s, metrics every 0.2 s); "
+        "live-state Redis unreachable on the second gateway",
+        succeeded=answered,
+        failed=0,
+        wrong_answers=0,
+        recover_s=None,
+        request_p50_ms=1000 * sorted(latencies_s)[len(latencies_s) // 2],
+        request_max_ms=1000 * max(latencies_s),
+        outage_log_lines_per_dependency_max=max(
+            "\n".join(process.recent_output).count(what)
+            for process, what in (
+                (stack.gateway, "OTLP traces"),
+                (stack.gateway, "OTLP metrics"),
+                (gateway, "live state in Redis"),
+            )
+        ),
+    )
