@@ -3,9 +3,10 @@ with and without the router's prefetch hints, on a Zipf-skewed trace and on a un
 
 A trace is a series of forward passes through two MoE layers (layer 0, then layer 1, one request
 each, the pass's `sequence_id` on both), one client, T tokens per request (decode-sized batches,
-where offloading matters: a large batch touches every expert anyway). Zipf trace: each token leans
-towards one expert drawn from a Zipf law at layer 0 and towards a fixed other expert at layer 1
-(experts that follow each other, as in real models); uniform trace: unsteered random hidden states.
+where offloading matters: at E=8, k=2 a batch of 16 tokens already touches nearly every expert).
+Zipf trace: each token leans towards an expert pair drawn from a Zipf law at layer 0 and towards a
+fixed other pair at layer 1 (experts that follow each other, as in real models); uniform trace:
+unsteered random hidden states.
 Hit rates and bytes moved come from the workers' own accounting (before/after deltas).
 """
 
@@ -48,7 +49,12 @@ def trace(checkpoint: Checkpoint, kind: str, passes: int, tokens: int, seed: int
         preferred = zipf_preferences(tokens, num_experts, 1.2, generator)
         hidden = []
         for direction in directions:
-            hidden.append(torch.randn(tokens, hidden_size, generator=generator) + 10.0 * direction[preferred])
+            # a token's k=2 experts come as a pair (its preferred one and that one's partner), as
+            # correlated top-k choices do in trained routers; an unsteered second expert would be
+            # uniform noise, and the uniform trace already measures that
+            partner = (preferred + 1) % num_experts
+            pull = 10.0 * (direction[preferred] + direction[partner])
+            hidden.append(torch.randn(tokens, hidden_size, generator=generator) + pull)
             preferred = follower[preferred]
         passes_out.append(hidden)
     return passes_out
@@ -91,8 +97,8 @@ def offload_comparison(
     checkpoint_dir: Path,
     make_request: Any,
     budgets: tuple[float, ...] = (1.0, 0.5, 0.25),
-    tokens: int = 16,
-    passes: int = 24,
+    tokens: int = 2,
+    passes: int = 48,
     warmup_passes: int = 4,
     workers: int = 2,
 ) -> dict[str, Any]:
