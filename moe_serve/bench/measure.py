@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import threading
 import time
@@ -33,12 +34,22 @@ class Latency:
         )
 
 
+def _status_field(pid: int, name: str) -> int:
+    """An integer field of /proc/<pid>/status (raises OSError when the process is gone)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {name} for pid {pid}")
+
+
 def rss_mib(pid: int) -> float:
     """Resident set size of a process, MiB (from /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return _status_field(pid, "VmRSS") / 1024
+
+
+def process_resources(pid: int) -> tuple[float, int, int]:
+    """(RSS MiB, open file descriptors, threads) of a live process, from /proc; OSError once it is gone."""
+    return rss_mib(pid), len(os.listdir(f"/proc/{pid}/fd")), _status_field(pid, "Threads")
 
 
 def loopback_tx_bytes() -> int:

@@ -3,12 +3,13 @@ time, and their growth after a warm-up (for the soak benchmark)."""
 
 from __future__ import annotations
 
-import importlib
 import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from moe_serve.bench.measure import process_resources
 
 # growth is judged on the median of this many samples at each end of the measured window, so a
 # single sample taken during a burst (a large request's buffers, a momentary extra thread) does not
@@ -55,20 +56,6 @@ class Growth:
         return {key: round(value, 3) if isinstance(value, float) else value for key, value in asdict(self).items()}
 
 
-def _psutil() -> Any:
-    """Ray ships psutil in its `thirdparty_files` and puts that folder on sys.path when imported."""
-    import ray  # noqa: F401  (imported for its side effect on sys.path)
-
-    return importlib.import_module("psutil")
-
-
-def read_process(pid: int) -> tuple[float, int, int]:
-    """(RSS MiB, open fds, threads) of a live process."""
-    process = _psutil().Process(pid)
-    with process.oneshot():
-        return process.memory_info().rss / 2**20, process.num_fds(), process.num_threads()
-
-
 class ResourceSampler:
     """Samples every named process every `interval_s` seconds on a background thread."""
 
@@ -89,13 +76,12 @@ class ResourceSampler:
 
     def sample_once(self) -> None:
         elapsed = time.monotonic() - self._started
-        psutil = _psutil()
         for service in self.services.values():
             if service.lost is not None:
                 continue
             try:
-                rss, fds, threads = read_process(service.pid)
-            except (psutil.NoSuchProcess, psutil.AccessDenied) as error:
+                rss, fds, threads = process_resources(service.pid)
+            except OSError as error:  # the process exited (or is not ours to read)
                 service.lost = f"{type(error).__name__} at {elapsed:.1f} s"
                 continue
             service.samples.append(Sample(round(elapsed, 3), round(rss, 3), fds, threads))
