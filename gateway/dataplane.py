@@ -9,7 +9,6 @@ outputs straight here; the combine step reduces them, and each request gets its 
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -63,11 +62,6 @@ class DataPlane:
         )
         if self.batcher is not None:
             admission.batch_occupancy = self.batcher.occupancy
-        # The data plane is built last at start-up: freeze what start-up allocated (torch, gRPC and
-        # protobuf: ~200k objects), so the collector never rescans it. A full collection over them
-        # took 130 ms here and landed inside whichever request triggered it (a refusal that
-        # should take 1 ms took 100-200 ms); after the freeze it takes microseconds.
-        gc.freeze()
 
     async def ready(self) -> bool:
         """True when the router answers and every expert has a live replica."""

@@ -1,4 +1,5 @@
-"""glibc malloc tuning for processes that move multi-megabyte tensors and messages.
+"""Memory tuning of service processes: glibc malloc for multi-megabyte tensors and messages, and
+the garbage collector's view of what start-up allocated.
 
 Measured here on T=2048 requests (8 MiB messages): raising the mmap threshold so large buffers
 are reused from the heap instead of being mapped and unmapped per message, and a high trim
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 logger = logging.getLogger(__name__)
@@ -46,3 +48,11 @@ def tune_allocator() -> bool:
     if not applied:
         logger.info("mallopt refused some allocator settings; using the C library defaults")
     return applied
+
+
+def freeze_startup_objects() -> None:
+    """Move everything allocated so far (torch, gRPC and protobuf modules: ~200k objects) out of the
+    collector's reach; called once a service has started. A full collection over them took 130 ms
+    in the gateway and landed inside whichever request triggered it (a refusal that should take
+    1 ms took 100-200 ms); after the freeze it takes microseconds."""
+    gc.freeze()
