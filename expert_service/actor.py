@@ -18,6 +18,7 @@ import ray
 from expert_service.server import WorkerService
 from moe_serve.allocator import tune_allocator
 from moe_serve.config import WorkerSettings
+from moe_serve.eventloop import new_event_loop
 from moe_serve.grpc_utils import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class ExpertWorkerActor:
         restore_scheduling_priority()
         context = ray.get_runtime_context()
         gpu_ids = ray.get_gpu_ids()
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop(worker_settings.event_loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="worker-grpc-loop", daemon=True)
         self._thread.start()
         self._service = WorkerService(

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from moe_serve.eventloop import EventLoopName
 from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -41,6 +42,9 @@ class CommonSettings(BaseSettings):
     redis_prefix: str = Field("moe-serve:", description="Prefix of every Redis key and channel this deployment uses.")
     registry_ttl_s: float = Field(10.0, gt=0, description="Seconds a worker registration lives without heartbeat.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of this process.")
+    event_loop: EventLoopName = Field(
+        "auto", description="Event loop of the service: uvloop (auto, where installed) or the standard asyncio loop."
+    )
     metrics_port: int | None = Field(
         None,
         ge=0,

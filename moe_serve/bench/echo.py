@@ -5,11 +5,10 @@ Run as `python -m moe_serve.bench.echo`; prints the ready line with its address.
 
 from __future__ import annotations
 
-import asyncio
-
 import grpc
 from grpc import aio
 
+from moe_serve import eventloop
 from moe_serve.grpc_utils import announce_ready, server_options, wait_for_termination
 
 ECHO_METHOD = "/moe_serve.bench.Echo/Echo"
@@ -33,4 +32,4 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    eventloop.run(serve())

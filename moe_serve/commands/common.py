@@ -6,7 +6,6 @@ MOE_SERVE_REDIS_URL); a flag given on the command line wins.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -14,7 +13,9 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
+from moe_serve import eventloop
 from moe_serve.errors import ConfigurationError
+from moe_serve.eventloop import EventLoopName
 
 app = typer.Typer(
     name="moe-serve",
@@ -108,9 +109,9 @@ def build_settings(settings_class: type[SettingsT], **flags: Any) -> SettingsT:
         raise typer.Exit(2) from None
 
 
-def run_service(coroutine: Any) -> None:
+def run_service(coroutine: Any, event_loop: EventLoopName = "auto") -> None:
     try:
-        asyncio.run(coroutine)
+        eventloop.run(coroutine, event_loop)
     except ConfigurationError as error:
         console.print(f"[red]error[/red]: {error}")
         raise typer.Exit(1) from None

@@ -105,7 +105,7 @@ def gateway(
         **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
     )
     configure_logging(settings.log_level)
-    run_service(serve(settings))
+    run_service(serve(settings), settings.event_loop)
 
 
 @app.command(rich_help_panel="Run one service")
@@ -162,7 +162,7 @@ def router(
         **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
     )
     configure_logging(settings.log_level)
-    run_service(serve(settings))
+    run_service(serve(settings), settings.event_loop)
 
 
 @app.command(rich_help_panel="Run one service")
@@ -225,4 +225,4 @@ def worker(
         **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
     )
     configure_logging(settings.log_level)
-    run_service(serve(settings))
+    run_service(serve(settings), settings.event_loop)
