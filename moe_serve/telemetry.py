@@ -5,8 +5,9 @@
 - Traces: W3C trace context rides in gRPC metadata from the client to the gateway, and in a
   `trace_context` map inside each internal stream message (the streams are long-lived, so their
   metadata cannot carry a request's context); each hop opens its spans under it. Spans go to OTLP
-  when OTEL_EXPORTER_OTLP_ENDPOINT is set; without it spans are still created (non-recording)
-  so propagation works end to end.
+  when OTEL_EXPORTER_OTLP_ENDPOINT is set; without it spans are still created but not recorded
+  (unless the caller's context is sampled, or OTEL_TRACES_SAMPLER says otherwise), so propagation
+  works end to end without paying for spans nobody exports.
 - Telemetry never breaks serving: exporters run on their own threads; an unreachable collector is
   logged once when it fails and once when it recovers, never per request or per attempt.
 
@@ -25,11 +26,13 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.metrics import Meter
+from opentelemetry.sdk.environment_variables import OTEL_TRACES_SAMPLER
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 from opentelemetry.trace import Tracer
 
 from moe_serve.outage import OutageLog
@@ -94,7 +97,7 @@ class Telemetry:
         if endpoint:
             readers.append(self._otlp_metric_reader(endpoint))
         self.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
-        self.tracer_provider = TracerProvider(resource=resource)
+        self.tracer_provider = TracerProvider(resource=resource, sampler=_default_sampler(endpoint))
         if endpoint:
             self._add_otlp_spans(endpoint)
         self.meter: Meter = self.meter_provider.get_meter("moe_serve")
@@ -134,6 +137,14 @@ class Telemetry:
         """Flush what is pending (bounded by the exporters' own timeouts)."""
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+
+
+def _default_sampler(endpoint: str | None) -> Sampler | None:
+    """None (the SDK reads OTEL_TRACES_SAMPLER, else samples everything) when spans are exported or
+    a sampler is configured; otherwise only the spans of a caller who sampled its own trace."""
+    if endpoint or os.environ.get(OTEL_TRACES_SAMPLER):
+        return None
+    return ParentBased(ALWAYS_OFF)
 
 
 def _quiet_otlp_exporter_logs() -> None:
