@@ -46,8 +46,11 @@ class StreamClient(Generic[RequestT, ReplyT]):
         # call_id -> (future, the stream the call was written on)
         self._pending: dict[int, tuple[asyncio.Future[ReplyT], Any]] = {}
 
-    async def call(self, message: RequestT, timeout: float | None) -> ReplyT:
-        """Send `message` (its call_id is set here) and wait up to `timeout` s for its reply."""
+    async def call(self, message: RequestT, timeout: float | None, written: Callable[[], None] | None = None) -> ReplyT:
+        """Send `message` (its call_id is set here) and wait up to `timeout` s for its reply.
+
+        `written` is called once the message's write is over (done, failed or skipped).
+        """
         call_id = next(self._ids)
         message.call_id = call_id  # type: ignore[attr-defined]
         future: asyncio.Future[ReplyT] = asyncio.get_running_loop().create_future()
@@ -55,7 +58,7 @@ class StreamClient(Generic[RequestT, ReplyT]):
             # shielded: grpc.aio cancels the whole stream when a write is interrupted, and every
             # concurrent call shares it; a caller that goes away (its client cancelled, its deadline
             # passed) leaves its write to finish in the background instead
-            await asyncio.shield(self._send(call_id, message, future))
+            await asyncio.shield(self._send(call_id, message, future, written))
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
@@ -67,20 +70,30 @@ class StreamClient(Generic[RequestT, ReplyT]):
                 future.exception()
             self._pending.pop(call_id, None)
 
-    async def _send(self, call_id: int, message: RequestT, future: asyncio.Future[ReplyT]) -> None:
+    async def _send(
+        self,
+        call_id: int,
+        message: RequestT,
+        future: asyncio.Future[ReplyT],
+        written: Callable[[], None] | None,
+    ) -> None:
         """Write `message` under the write lock; a failed write fails `future`, not this task."""
-        async with self._write_lock:
-            if future.done():  # the caller went away while this waited for the lock
-                return
-            stream = self._ensure_stream()
-            self._pending[call_id] = (future, stream)
-            try:
-                await stream.write(message)
-            except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError) as error:
-                if not future.done():
-                    future.set_exception(ServiceUnavailable(f"stream to {self.address} broke: {_describe(error)}"))
-            if future.done():  # answered, failed, or its caller went away during the write
-                self._pending.pop(call_id, None)
+        try:
+            async with self._write_lock:
+                if future.done():  # the caller went away while this waited for the lock
+                    return
+                stream = self._ensure_stream()
+                self._pending[call_id] = (future, stream)
+                try:
+                    await stream.write(message)
+                except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError) as error:
+                    if not future.done():
+                        future.set_exception(ServiceUnavailable(f"stream to {self.address} broke: {_describe(error)}"))
+                if future.done():  # answered, failed, or its caller went away during the write
+                    self._pending.pop(call_id, None)
+        finally:
+            if written is not None:
+                written()
 
     def _ensure_stream(self) -> Any:
         # a stream that ended is replaced at once, before its reader task has noticed the end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import torch
@@ -61,13 +62,15 @@ class RouterServicer(moe_grpc.RouterServicer):
         await serve_stream(context, self.route, lambda _, error: moe_pb2.RoutePlan(failure=failure_of(error)))
 
     async def route(self, request: moe_pb2.RouteRequest) -> moe_pb2.RoutePlan:
-        """Gate one batch, start its rows towards the workers, and return the plan right away."""
+        """Gate one batch, start its rows towards the workers, and return the plan once they are written."""
         with self.tracer.start_as_current_span(
             "router.route", context=extract_context(request.trace_context), kind=SpanKind.SERVER
         ):
-            return self._route(request)
+            decision, rows_written = self._route(request)
+            await rows_written  # the rows first: the plan is needed only when they come back
+            return self._plan(decision, request.return_router_logits)
 
-    def _route(self, request: moe_pb2.RouteRequest) -> moe_pb2.RoutePlan:
+    def _route(self, request: moe_pb2.RouteRequest) -> tuple[RoutingDecision, asyncio.Future[None]]:
         if self.draining:
             raise ServiceUnavailable("this router is shutting down")
         spec = self.planner.spec
@@ -91,7 +94,7 @@ class RouterServicer(moe_grpc.RouterServicer):
             batches = self.dispatcher.assign(request.layer, segments_of(decision.groups))
             self._check_replica_bound(batches, request.max_inflight_rows_per_replica)
             # the background sends inherit this span's context (asyncio tasks copy the context)
-            self.dispatcher.launch(
+            rows_written = self.dispatcher.launch(
                 DispatchJob(
                     request_id=request.request_id,
                     layer=request.layer,
@@ -104,7 +107,7 @@ class RouterServicer(moe_grpc.RouterServicer):
             )
         if self.dispatcher.hints is not None:  # offloading workers: hint the next layer's likely experts
             self.dispatcher.hints.after_route(request.sequence_id, request.layer, decision.outcome.expert_ids)
-        return self._plan(decision, request.return_router_logits)
+        return decision, rows_written
 
     def _check_replica_bound(self, batches: list[WorkerBatch], bound: int) -> None:
         """Refuse before any row leaves when a replica would exceed `bound` rows in flight (0 = none)."""
