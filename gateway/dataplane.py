@@ -110,7 +110,8 @@ class DataPlane:
             output = pending.buffer.combine(
                 weights, codec.from_proto(plan.shared_weights, "shared_weights"), model.weights_in_activation_dtype
             )
-        self._count(requests[0].layer, plan, hidden.shape[0])
+        # statistics wait until the answer is on its way: they are not on the request's critical path
+        asyncio.get_running_loop().call_soon(self._count, requests[0].layer, plan, hidden.shape[0])
         return self._split(requests, output, plan)
 
     async def _route(
