@@ -177,7 +177,10 @@ class Dispatcher:
             if unwritten == 0 and handed_off is not None:
                 _resolve(handed_off)
 
-        await asyncio.gather(*(self._send(job, piece, attempt, excluded, written) for piece in pieces))
+        if len(pieces) == 1:  # the common case at small T: no gather task between the rows and the wire
+            await self._send(job, pieces[0], attempt, excluded, written)
+        else:
+            await asyncio.gather(*(self._send(job, piece, attempt, excluded, written) for piece in pieces))
 
     async def _send(
         self,
