@@ -12,7 +12,7 @@ from grpc import aio
 from expert_service.experts import ExpertStore
 from expert_service.servicer import ExpertWorkerServicer
 from moe_serve import codec
-from moe_serve.allocator import freeze_startup_objects, tune_allocator
+from moe_serve.allocator import settle_startup_memory, tune_allocator
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import WorkerSettings
 from moe_serve.errors import ConfigurationError
@@ -132,7 +132,7 @@ class WorkerService:
         await server.start()
         await set_serving(health, [SERVICE_NAME], True)
         self.server = server
-        freeze_startup_objects()
+        settle_startup_memory()
         self.registration = self._make_registration()
         if self.registration is not None:
             await self.registration.start()

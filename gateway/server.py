@@ -20,7 +20,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.model import ServedModel
 from gateway.servicer import InferenceServicer
 from gateway.stats import ExpertCounters, GatewayAdminServicer
-from moe_serve.allocator import freeze_startup_objects, tune_allocator
+from moe_serve.allocator import settle_startup_memory, tune_allocator
 from moe_serve.channels import StubPool
 from moe_serve.config import GatewaySettings
 from moe_serve.errors import ConfigurationError
@@ -163,7 +163,7 @@ class GatewayService:
         await set_serving(delivery_health, [DELIVERY_SERVICE, ADMIN_SERVICE], True)
         await set_serving(health, [PUBLIC_SERVICE], True)
         self.address = f"{host}:{port}"
-        freeze_startup_objects()
+        settle_startup_memory()
         logger.info(
             "gateway for model %r at %s (%s; deliveries at %s%s)",
             model.name,

@@ -8,7 +8,7 @@ import logging
 import torch
 from grpc import aio
 
-from moe_serve.allocator import freeze_startup_objects, tune_allocator
+from moe_serve.allocator import settle_startup_memory, tune_allocator
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import RouterSettings
 from moe_serve.errors import ConfigurationError
@@ -91,7 +91,7 @@ class RouterService:
         await server.start()
         self.server = server
         self.address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
-        freeze_startup_objects()
+        settle_startup_memory()
 
         async def publish_health() -> None:
             await set_serving(health, [SERVICE_NAME], self.servicer.ready() and not self.servicer.draining)
