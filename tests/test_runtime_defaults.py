@@ -37,13 +37,13 @@ def test_services_run_on_uvloop_unless_asked_for_the_standard_loop() -> None:
     assert eventloop.run(loop_type(), "asyncio") is not uvloop.Loop
 
 
-def test_event_loop_setting_reads_the_environment_and_refuses_unknown_loops(monkeypatch) -> None:
-    assert RouterSettings().event_loop == "auto"
+def test_event_loop_setting_reads_the_environment_and_refuses_unknown_loops(monkeypatch, tmp_path) -> None:
+    assert RouterSettings(checkpoint=tmp_path).event_loop == "auto"
     monkeypatch.setenv("MOE_SERVE_EVENT_LOOP", "asyncio")
-    assert RouterSettings().event_loop == "asyncio"
+    assert RouterSettings(checkpoint=tmp_path).event_loop == "asyncio"
     monkeypatch.setenv("MOE_SERVE_EVENT_LOOP", "trio")
     with pytest.raises(ValidationError, match="event_loop"):
-        RouterSettings()
+        RouterSettings(checkpoint=tmp_path)
 
 
 def _caller_context(sampled: bool) -> dict[str, str]:
