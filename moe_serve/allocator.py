@@ -11,11 +11,11 @@ is launched (CLI process, Ray actor, container). A no-op where the C library is 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import gc
 import logging
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +29,21 @@ TRIM_THRESHOLD_BYTES = 1024 * 1024 * 1024
 ARENA_MAX = 2
 
 
+def _libc_function(name: str) -> Any | None:
+    """A function of the C library by name; None where there is no such library or function."""
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    try:
+        return getattr(ctypes.CDLL(library), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def tune_allocator() -> bool:
     """Apply the settings above; False when the C library has no mallopt."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     applied = all(
         mallopt(parameter, value) == 1
@@ -63,8 +70,6 @@ def settle_startup_memory() -> None:
       those pages for the life of the process.
     """
     gc.freeze()
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    with contextlib.suppress(OSError, AttributeError):  # not glibc
-        ctypes.CDLL(name).malloc_trim(0)
+    malloc_trim = _libc_function("malloc_trim")  # glibc only
+    if malloc_trim is not None:
+        malloc_trim(0)
