@@ -97,10 +97,13 @@ def _bad_requests(model: str) -> dict[str, tuple[kserve_pb2.ModelInferRequest, s
     cases["zero tokens"] = (infer_request(model, torch.zeros(0, 64)), "no tokens")
     cases["zero batch"] = (infer_request(model, torch.zeros(0, 5, 64)), "no tokens")
 
-    for label, value in (("nan", math.nan), ("inf", math.inf)):
+    for label, value in (("nan", math.nan), ("inf", math.inf), ("-inf", -math.inf)):
         bad = good.clone()
         bad[2, 5] = value
         cases[label] = (infer_request(model, bad), "token 2, feature 5")
+    bad = good.clone()
+    bad[3, 7], bad[1, 60] = -math.inf, math.nan  # several: counted, the first in row-major order named
+    cases["nan and -inf"] = (infer_request(model, bad), "2 NaN or Inf value(s), the first at token 1, feature 60")
 
     cases["layer out of range"] = (infer_request(model, good, layer=2), "layer 2 is out of range")
     cases["negative layer"] = (infer_request(model, good, layer=-1), "layer -1 is out of range")
