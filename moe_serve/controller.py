@@ -79,7 +79,8 @@ class DeploymentController:
         self.worker_settings, self.router_address = worker_settings, router_address
         self.num_gpus, self.num_cpus = num_gpus, num_cpus
         # worker processes start from the raylet's environment, not the launcher's: hand them the
-        # OpenTelemetry settings (collector endpoint, export intervals) the stack was started with
+        # OpenTelemetry settings (collector endpoint, export intervals) the stack was started with,
+        # and the allocator's arena limit
         self._actor_env = dict(actor_env or {})
         self._stubs: dict[str, moe_grpc.ExpertWorkerStub] = {}
         self._workers: dict[str, ManagedWorker] = {}

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_serve.allocator import ray_worker_environment
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings, WorkerPoolSettings
 from moe_serve.grpc_utils import READY_MARKER
@@ -254,7 +255,10 @@ def start_controller(
             router_address,
             settings.worker_num_gpus,
             settings.worker_num_cpus,
-            {key: value for key, value in os.environ.items() if key.startswith("OTEL_")},
+            {
+                **{key: value for key, value in os.environ.items() if key.startswith("OTEL_")},
+                **ray_worker_environment(os.environ),
+            },
         )
     )
     try:

@@ -7,12 +7,13 @@ import asyncio
 import gc
 
 import pytest
+import ray
 import uvloop
 from opentelemetry import trace
 from pydantic import ValidationError
 
 from moe_serve import eventloop
-from moe_serve.allocator import settle_startup_memory
+from moe_serve.allocator import ARENA_TUNABLE, ray_worker_environment, settle_startup_memory
 from moe_serve.config import RouterSettings
 from moe_serve.telemetry import Telemetry, extract_context, inject_context
 
@@ -97,3 +98,22 @@ def test_settling_start_up_memory_freezes_what_start_up_allocated() -> None:
         assert gc.get_freeze_count() > before
     finally:
         gc.unfreeze()
+
+
+def test_ray_workers_get_the_arena_limit_beside_the_users_own_tunables() -> None:
+    assert ray_worker_environment({}) == {"GLIBC_TUNABLES": ARENA_TUNABLE}
+    assert ray_worker_environment({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}) == {
+        "GLIBC_TUNABLES": f"glibc.malloc.tcache_count=0:{ARENA_TUNABLE}"
+    }
+    chosen = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}
+    assert ray_worker_environment(chosen) == chosen  # the user's own choice stands
+
+
+def test_expert_worker_processes_start_with_one_malloc_arena(fp32_stack) -> None:
+    """Ray starts a worker process before our code runs in it: the limit must be in its environment."""
+    pids = ray.get(fp32_stack.controller.worker_pids.remote())
+    assert pids
+    for pid in pids.values():
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            variables = dict(entry.split(b"=", 1) for entry in environ.read().split(b"\0") if b"=" in entry)
+        assert ARENA_TUNABLE.encode() in variables[b"GLIBC_TUNABLES"].split(b":")
