@@ -30,7 +30,7 @@ class WorkerMetrics:
             explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS_S),
         )
         self._wire = meter.create_counter(
-            "moe_serve.wire.bytes", unit="By", description="Payload bytes sent and received, by hop"
+            "moe_serve.wire.bytes", unit="By", description="Tensor data bytes sent and received, by hop"
         )
 
         def queue(options: CallbackOptions) -> list[Observation]:

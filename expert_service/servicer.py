@@ -235,12 +235,12 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         delivery = moe_pb2.Delivery(
             request_id=request.request_id,
             positions=request.positions,  # echoed as received: the gateway places rows by them
-            rows=codec.to_proto(outputs),
             worker_id=self.identity.worker_id,
             timeout_s=remaining or 0.0,
         )
+        payload = codec.fill_proto(delivery.rows, outputs) + codec.payload_bytes(request.positions)
         inject_context(delivery.trace_context)
-        self.metrics.wire("worker_to_gateway", "sent", delivery.ByteSize())
+        self.metrics.wire("worker_to_gateway", "sent", payload)
         try:
             ack = await self._deliveries.get(request.delivery_address).call(delivery, remaining)
         except ServiceUnavailable as error:

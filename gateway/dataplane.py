@@ -132,7 +132,6 @@ class DataPlane:
             request_id=batch_id,
             timeout_s=remaining,
             layer=layer,
-            hidden_states=codec.to_proto(hidden),
             expert_capacity=self.policy.limit(hidden.shape[0], model.top_k, model.num_experts),
             overflow=self.policy.overflow,
             max_inflight_rows_per_replica=self.max_inflight_rows_per_replica,
@@ -141,9 +140,8 @@ class DataPlane:
             sequence_id=sequence_id,
         )
         inject_context(route_request.trace_context)
-        size = route_request.ByteSize()
-        self._check_message_size(size, hidden)
-        self.wire("gateway_to_router", "sent", size)
+        self._check_message_size(route_request, hidden)
+        self.wire("gateway_to_router", "sent", codec.fill_proto(route_request.hidden_states, hidden))
         try:
             plan = await self.router.call(route_request, remaining)
         except ServiceUnavailable as error:
@@ -152,13 +150,18 @@ class DataPlane:
             raise error_of(plan.failure)
         return plan
 
-    def _check_message_size(self, size: int, hidden: torch.Tensor) -> None:
+    def _check_message_size(self, request: moe_pb2.RouteRequest, hidden: torch.Tensor) -> None:
         """Refuse a batch whose message to the router would exceed the hops' limit.
 
         Refused here, before writing: an oversized message would break the router stream that
         every concurrent request shares. A 16-bit input computed in FP32 doubles in size on this hop.
+        `request` has every field but the hidden states, whose encoded size is added exactly
+        (the size of the whole message would cost a serialization: 1 ms per 8 MiB).
         """
-        if not self.max_message_bytes or size <= self.max_message_bytes:
+        if not self.max_message_bytes:
+            return
+        size = request.ByteSize() + codec.embedded_size(hidden)
+        if size <= self.max_message_bytes:
             return
         per_token = hidden.shape[1] * hidden.element_size()
         fits = max(1, (self.max_message_bytes - (size - hidden.shape[0] * per_token)) // per_token)

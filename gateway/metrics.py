@@ -44,7 +44,7 @@ class GatewayMetrics:
             description="Requests refused by a capacity bound, by bound",
         )
         self._wire = meter.create_counter(
-            "moe_serve.wire.bytes", unit="By", description="Payload bytes sent and received, by hop"
+            "moe_serve.wire.bytes", unit="By", description="Tensor data bytes sent and received, by hop"
         )
         meter.create_observable_gauge(
             "moe_serve.inflight.tokens",

@@ -68,9 +68,9 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
             with self.tracer.start_as_current_span(
                 "inference.GRPCInferenceService/ModelInfer", kind=SpanKind.SERVER
             ) as span:
-                self.metrics.wire("client_to_gateway", "received", request.ByteSize())
                 model = self.dataplane.model
                 inference = parse_infer_request(request, model, request_id=uuid.uuid4().hex)
+                self.metrics.wire("client_to_gateway", "received", inference.hidden_states.nbytes)
                 tokens = inference.num_tokens
                 span.set_attributes(
                     {"moe_serve.model": model.name, "moe_serve.layer": inference.layer, "moe_serve.tokens": tokens}
@@ -79,7 +79,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 timeout = self.default_timeout_s if remaining is None else min(remaining, self.default_timeout_s)
                 result = await self.dataplane.infer(inference, timeout)
                 response = build_infer_response(request, inference, result, model)
-                self.metrics.wire("gateway_to_client", "sent", response.ByteSize())
+                self.metrics.wire("gateway_to_client", "sent", sum(t.nbytes for t in result.tensors.values()))
                 return response
         except MoEServeError as error:
             status = error.status_code

@@ -87,6 +87,36 @@ def to_proto(tensor: torch.Tensor) -> moe_pb2.Tensor:
     return moe_pb2.Tensor(datatype=datatype_name(tensor.dtype), shape=list(tensor.shape), data=tensor_to_bytes(tensor))
 
 
+def fill_proto(field: moe_pb2.Tensor, tensor: torch.Tensor) -> int:
+    """Write `tensor` into a message's Tensor field in place; returns its payload bytes.
+
+    For the large tensors of the data path: passing a built Tensor to a message's constructor
+    copies its bytes twice more (3.2 against 1.2 ms for 8 MiB, measured).
+    """
+    field.datatype = datatype_name(tensor.dtype)
+    field.shape.extend(tensor.shape)
+    field.data = tensor_to_bytes(tensor)
+    return tensor.numel() * tensor.element_size()
+
+
+def embedded_size(tensor: torch.Tensor) -> int:
+    """Bytes `tensor` adds to a message as a Tensor field numbered below 16, as protobuf encodes it."""
+    body = moe_pb2.Tensor(datatype=datatype_name(tensor.dtype), shape=list(tensor.shape)).ByteSize()
+    data = tensor.numel() * tensor.element_size()
+    if data:  # proto3 leaves an empty bytes field out
+        body += 1 + _varint_size(data) + data
+    return 1 + _varint_size(body) + body
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def payload_bytes(*tensors: moe_pb2.Tensor) -> int:
+    """Data bytes the wire tensors carry, from their shapes (reading `data` would copy it)."""
+    return sum(element_count(t.shape) * torch_dtype(t.datatype).itemsize for t in tensors)
+
+
 def from_proto(message: moe_pb2.Tensor, what: str = "tensor") -> torch.Tensor:
     """Tensor view of an internal wire tensor (read-only)."""
     return tensor_from_bytes(message.data, message.datatype, list(message.shape), what)

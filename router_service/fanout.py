@@ -203,16 +203,16 @@ class Dispatcher:
             segments=[
                 moe_pb2.ExpertSegment(expert=e, num_rows=n) for e, n in zip(batch.experts, batch.counts, strict=True)
             ],
-            rows=codec.to_proto(gather_rows(job.hidden_states, batch.positions, job.slots_per_token)),
-            positions=codec.to_proto(batch.positions.to(torch.int32)),
             delivery_address=job.delivery_address,
         )
+        payload = codec.fill_proto(request.rows, gather_rows(job.hidden_states, batch.positions, job.slots_per_token))
+        payload += codec.fill_proto(request.positions, batch.positions.to(torch.int32))
         inject_context(request.trace_context)
         if attempt == 1:  # the balancer measures demand: rows sent, retries not counted again
             for expert, count in zip(batch.experts, batch.counts, strict=True):
                 self.expert_rows[ExpertKey(job.layer, expert)] += count
         if self.metrics is not None:
-            self.metrics.wire("router_to_worker", "sent", request.ByteSize())
+            self.metrics.wire("router_to_worker", "sent", payload)
         self._outstanding_rows[worker_id] += batch.num_rows
         try:
             result = await self._workers.get(batch.worker.address).call(request, timeout, written)

@@ -39,7 +39,7 @@ class RouterMetrics:
             description="Worker batch retries refused by the retry budget (the request failed instead)",
         )
         self._wire = meter.create_counter(
-            "moe_serve.wire.bytes", unit="By", description="Payload bytes sent and received, by hop"
+            "moe_serve.wire.bytes", unit="By", description="Tensor data bytes sent and received, by hop"
         )
 
         def replicas(options: CallbackOptions) -> list[Observation]:

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from moe_serve import codec
 from moe_serve.errors import InvalidInput
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
 
 DTYPES = list(codec.DATATYPE_TO_TORCH.values())
 
@@ -57,3 +58,23 @@ def test_length_mismatch_names_both_sizes() -> None:
 def test_unknown_datatype_lists_the_known_ones() -> None:
     with pytest.raises(InvalidInput, match=r"unsupported datatype 'FP8'.*FP32"):
         codec.torch_dtype("FP8")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from(DTYPES),
+    shape=st.lists(st.integers(0, 300), min_size=1, max_size=3),
+    request_id=st.text(max_size=40),
+)
+def test_tensor_filled_in_place_has_the_sizes_the_data_path_counts(
+    dtype: torch.dtype, shape: list[int], request_id: str
+) -> None:
+    """The gateway checks the message-size limit and every hop counts wire bytes without
+    serializing a message: the sizes it adds up must be what protobuf encodes."""
+    tensor = torch.zeros(shape, dtype=dtype)
+    message = moe_pb2.RouteRequest(request_id=request_id, layer=3)
+    without = message.ByteSize()
+    payload = codec.fill_proto(message.hidden_states, tensor)
+    assert message.ByteSize() == without + codec.embedded_size(tensor)
+    assert payload == codec.payload_bytes(message.hidden_states) == tensor.numel() * tensor.element_size()
+    assert message.hidden_states == codec.to_proto(tensor)
