@@ -3,6 +3,7 @@ every answer stays exact, new replicas take traffic, removed ones leave without 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -143,11 +144,14 @@ def test_autoscaling_policy_adds_a_worker_under_sustained_queueing(scaling_stack
     # any queued row counts as busy; decide every 0.5 s after 2 busy checks in a row; at most 3 workers
     policy = {"target_queued_rows": 0, "window": 2, "minimum": 2, "maximum": 3}
     stack.controller.run_policies.remote(0.0, policy, 0.5)
-    with steady_load(stack, block, tokens=400) as outcome:
+    # four clients at once keep batches waiting for a compute thread; the policy samples queued
+    # rows at heartbeats, and one client's batches start computing as soon as they arrive
+    with contextlib.ExitStack() as clients:
+        outcomes = [clients.enter_context(steady_load(stack, block, tokens=400)) for _ in range(4)]
         deadline = time.monotonic() + 60
         while len(stack.workers) < 3:
             assert time.monotonic() < deadline, "the policy did not scale up under load"
             time.sleep(0.5)
-    assert outcome["failures"] == []
+    assert all(outcome["failures"] == [] for outcome in outcomes)
     status = ray.get(stack.controller.status.remote())
     assert any("autoscale: 2 -> 3" in event for event in status["events"])
