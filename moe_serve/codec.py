@@ -84,7 +84,9 @@ def tensor_from_bytes(data: bytes, datatype: str, shape: Sequence[int], what: st
 
 def to_proto(tensor: torch.Tensor) -> moe_pb2.Tensor:
     """Internal wire form of a tensor."""
-    return moe_pb2.Tensor(datatype=datatype_name(tensor.dtype), shape=list(tensor.shape), data=tensor_to_bytes(tensor))
+    message = moe_pb2.Tensor()
+    fill_proto(message, tensor)
+    return message
 
 
 def fill_proto(field: moe_pb2.Tensor, tensor: torch.Tensor) -> int:
@@ -96,13 +98,13 @@ def fill_proto(field: moe_pb2.Tensor, tensor: torch.Tensor) -> int:
     field.datatype = datatype_name(tensor.dtype)
     field.shape.extend(tensor.shape)
     field.data = tensor_to_bytes(tensor)
-    return tensor.numel() * tensor.element_size()
+    return tensor.nbytes
 
 
 def embedded_size(tensor: torch.Tensor) -> int:
     """Bytes `tensor` adds to a message as a Tensor field numbered below 16, as protobuf encodes it."""
     body = moe_pb2.Tensor(datatype=datatype_name(tensor.dtype), shape=list(tensor.shape)).ByteSize()
-    data = tensor.numel() * tensor.element_size()
+    data = tensor.nbytes
     if data:  # proto3 leaves an empty bytes field out
         body += 1 + _varint_size(data) + data
     return 1 + _varint_size(body) + body

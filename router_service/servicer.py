@@ -135,7 +135,7 @@ class RouterServicer(moe_grpc.RouterServicer):
             expected_rows=int(decision.groups.positions.numel()),
         )
         if with_logits:
-            plan.router_logits.CopyFrom(codec.to_proto(decision.gating.router_logits))
+            codec.fill_proto(plan.router_logits, decision.gating.router_logits)
         return plan
 
     async def GetExpertLoad(
