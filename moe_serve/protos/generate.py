@@ -16,7 +16,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTO_DIR = PACKAGE_DIR.parent.parent / "proto"
-PROTO_FILES = ("grpc_predict_v2.proto", "moe_serve.proto")
+PROTO_FILES = ("grpc_predict_v2.proto", "model_config.proto", "moe_serve.proto")
 _ABSOLUTE_PB2_IMPORT = re.compile(r"^import (\w+_pb2) as (\w+)$", re.MULTILINE)
 
 
