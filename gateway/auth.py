@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,24 +110,53 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{details.method} needs a valid bearer token; the call had {reason}",
             )
-        if handler.unary_unary is None:
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _authorized(handler.unary_unary, grant, details.method),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _authorized(handler.unary_unary, grant, details.method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _authorized_stream(handler.stream_stream, grant, details.method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 def _authorized(unary: Callable[..., Awaitable[Any]], grant: Grant, method: str) -> Callable[..., Awaitable[Any]]:
     async def call(request: Any, context: aio.ServicerContext) -> Any:
-        model = requested_model(request)
-        if model is not None and not grant.allows(model):
-            logger.info("token %r refused for model %r (%s)", grant.name, model, method)
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"this token does not grant access to model {model!r}"
-            )
+        await _check_model(request, grant, method, context)
         return await unary(request, context)
+
+    return call
+
+
+async def _check_model(request: Any, grant: Grant, method: str, context: aio.ServicerContext) -> None:
+    """Abort with PERMISSION_DENIED when `request` names a model `grant` does not cover (an empty
+    name, as in ModelStatistics for every model, needs a token for every model)."""
+    model = requested_model(request)
+    if model is None or grant.allows(model):
+        return
+    logger.info("token %r refused for model %r (%s)", grant.name, model, method)
+    wanted = f"model {model!r}" if model else "every model (name the model)"
+    await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this token does not grant access to {wanted}")
+
+
+def _authorized_stream(
+    streaming: Callable[..., Awaitable[None]], grant: Grant, method: str
+) -> Callable[..., Awaitable[None]]:
+    """Every request of the stream is checked as it arrives; one naming a model the token does not
+    grant ends the stream with PERMISSION_DENIED."""
+
+    async def call(requests: AsyncIterator[Any], context: aio.ServicerContext) -> None:
+        async def checked() -> AsyncIterator[Any]:
+            async for request in requests:
+                await _check_model(request, grant, method, context)
+                yield request
+
+        await streaming(checked(), context)
 
     return call
 

@@ -52,11 +52,13 @@ class InferenceRequest:
 @dataclass(frozen=True)
 class InferenceResult:
     """Tensors by output name (output: [T, d] in the input dtype; gating outputs [T, E] / [T, k]),
-    and how many of the request's slots the capacity rule dropped or rerouted."""
+    how many of the request's slots the capacity rule dropped or rerouted, and when (time.monotonic)
+    its batch left for the router: the time before that was queueing (statistics)."""
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     dropped_slots: int = 0
     rerouted_slots: int = 0
+    dispatched_at: float = 0.0
 
 
 def _layer_parameter(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> int:
@@ -204,6 +206,18 @@ def build_infer_response(
     return response
 
 
+def model_parameters(model: ServedModel, policy: dict[str, str | float | int]) -> dict[str, str | float | int]:
+    """The routing and capacity facts reported with the model (metadata parameters, model config)."""
+    return {
+        "family": model.family,
+        "num_experts": model.num_experts,
+        "top_k": model.top_k,
+        "shared_experts": model.num_shared_slots,
+        "moe_layers": ",".join(map(str, model.moe_layers)),
+        **policy,
+    }
+
+
 def model_metadata(model: ServedModel, policy: dict[str, str | float | int]) -> kserve_pb2.ModelMetadataResponse:
     """Inputs and outputs, plus (in `parameters`, a moe-serve extension) routing and capacity policy."""
     tensor = kserve_pb2.ModelMetadataResponse.TensorMetadata
@@ -221,15 +235,7 @@ def model_metadata(model: ServedModel, policy: dict[str, str | float | int]) -> 
             ),
         ],
     )
-    values: dict[str, str | float | int] = {
-        "family": model.family,
-        "num_experts": model.num_experts,
-        "top_k": model.top_k,
-        "shared_experts": model.num_shared_slots,
-        "moe_layers": ",".join(map(str, model.moe_layers)),
-        **policy,
-    }
-    for key, value in values.items():
+    for key, value in model_parameters(model, policy).items():
         parameter = response.parameters[key]
         if isinstance(value, str):
             parameter.string_param = value

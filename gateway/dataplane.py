@@ -83,7 +83,7 @@ class DataPlane:
 
     async def dispatch(self, requests: list[InferenceRequest], deadline: float) -> list[InferenceResult]:
         """Route, collect and combine `requests` as one batch; each gets its own rows back."""
-        model = self.model
+        model, dispatched_at = self.model, time.monotonic()
         hidden = (
             torch.cat([r.hidden_states.to(model.compute_dtype) for r in requests])
             if len(requests) > 1
@@ -112,7 +112,7 @@ class DataPlane:
             )
         # statistics wait until the answer is on its way: they are not on the request's critical path
         asyncio.get_running_loop().call_soon(self._count, requests[0].layer, plan, hidden.shape[0])
-        return self._split(requests, output, plan)
+        return self._split(requests, output, plan, dispatched_at)
 
     async def _route(
         self,
@@ -197,7 +197,7 @@ class DataPlane:
         self.window.record_dispatch(layer, routed, int((~kept).sum()), kept.numel())
 
     def _split(
-        self, requests: list[InferenceRequest], output: torch.Tensor, plan: moe_pb2.RoutePlan
+        self, requests: list[InferenceRequest], output: torch.Tensor, plan: moe_pb2.RoutePlan, dispatched_at: float
     ) -> list[InferenceResult]:
         """Each request's rows of the batch outputs, by its token range."""
         batch_tensors = {
@@ -223,6 +223,7 @@ class DataPlane:
                     tensors=tensors,
                     dropped_slots=int(dropped[rows].sum()),
                     rerouted_slots=int(rerouted[rows].sum()),
+                    dispatched_at=dispatched_at,
                 )
             )
         return results

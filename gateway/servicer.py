@@ -1,11 +1,13 @@
-"""KServe v2 GRPCInferenceService: translates protobuf and calls the DataPlane; records each request's
-outcome (metrics) and opens its trace (continuing the client's W3C trace context, if it sent one)."""
+"""KServe v2 GRPCInferenceService (with Triton's stream, config, statistics and index extensions):
+translates protobuf and calls the DataPlane; records each request's outcome (metrics, statistics)
+and opens its trace (continuing the client's W3C trace context, if it sent one)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import grpc
 from grpc import aio
@@ -15,12 +17,16 @@ import moe_serve
 from gateway.converters import build_infer_response, model_metadata, parse_infer_request
 from gateway.dataplane import DataPlane
 from gateway.metrics import GatewayMetrics
+from gateway.stream_infer import answer_stream
+from gateway.triton_extensions import InferenceStatistics, model_config, repository_index
 from moe_serve.errors import MoEServeError
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.telemetry import attach, detach, metadata_context
 
 SERVER_NAME = "moe-serve"
+# the protocol extensions offered, by the names Triton reports in ServerMetadata
+EXTENSIONS = ["parameters", "model_configuration", "statistics"]
 
 
 class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
@@ -31,6 +37,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
             metrics,
             tracer,
         )
+        self.statistics = InferenceStatistics()
 
     async def ServerLive(
         self, request: kserve_pb2.ServerLiveRequest, context: aio.ServicerContext
@@ -51,7 +58,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: kserve_pb2.ServerMetadataRequest, context: aio.ServicerContext
     ) -> kserve_pb2.ServerMetadataResponse:
-        return kserve_pb2.ServerMetadataResponse(name=SERVER_NAME, version=moe_serve.__version__, extensions=[])
+        return kserve_pb2.ServerMetadataResponse(name=SERVER_NAME, version=moe_serve.__version__, extensions=EXTENSIONS)
 
     async def ModelMetadata(
         self, request: kserve_pb2.ModelMetadataRequest, context: aio.ServicerContext
@@ -62,14 +69,47 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: kserve_pb2.ModelInferRequest, context: aio.ServicerContext
     ) -> kserve_pb2.ModelInferResponse:
-        started, status, tokens = time.perf_counter(), grpc.StatusCode.OK, 0
+        return await self._infer(request, context, "ModelInfer")
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[kserve_pb2.ModelInferRequest], context: aio.ServicerContext
+    ) -> None:
+        await answer_stream(
+            request_iterator, context, lambda request: self._infer(request, context, "ModelStreamInfer")
+        )
+
+    async def ModelConfig(
+        self, request: kserve_pb2.ModelConfigRequest, context: aio.ServicerContext
+    ) -> kserve_pb2.ModelConfigResponse:
+        self.dataplane.model.check_name(request.name, request.version)
+        return model_config(self.dataplane.model, self.dataplane.policy.describe())
+
+    async def ModelStatistics(
+        self, request: kserve_pb2.ModelStatisticsRequest, context: aio.ServicerContext
+    ) -> kserve_pb2.ModelStatisticsResponse:
+        # an empty name asks for every model: this one
+        if request.name or request.version:
+            self.dataplane.model.check_name(request.name, request.version)
+        stats = self.statistics.to_proto(self.dataplane.model, self.dataplane.counters.dispatches)
+        return kserve_pb2.ModelStatisticsResponse(model_stats=[stats])
+
+    async def RepositoryIndex(
+        self, request: kserve_pb2.RepositoryIndexRequest, context: aio.ServicerContext
+    ) -> kserve_pb2.RepositoryIndexResponse:
+        return repository_index(self.dataplane.model, await self.dataplane.ready(), request.ready)
+
+    async def _infer(
+        self, request: kserve_pb2.ModelInferRequest, context: aio.ServicerContext, method: str
+    ) -> kserve_pb2.ModelInferResponse:
+        arrived, status, tokens = time.monotonic(), grpc.StatusCode.OK, 0
         token = attach(metadata_context(context.invocation_metadata()))
         try:
             with self.tracer.start_as_current_span(
-                "inference.GRPCInferenceService/ModelInfer", kind=SpanKind.SERVER
+                f"inference.GRPCInferenceService/{method}", kind=SpanKind.SERVER
             ) as span:
                 model = self.dataplane.model
                 inference = parse_infer_request(request, model, request_id=uuid.uuid4().hex)
+                decoded = time.monotonic()
                 self.metrics.wire("client_to_gateway", "received", inference.hidden_states.nbytes)
                 tokens = inference.num_tokens
                 span.set_attributes(
@@ -78,8 +118,10 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 remaining = context.time_remaining()
                 timeout = self.default_timeout_s if remaining is None else min(remaining, self.default_timeout_s)
                 result = await self.dataplane.infer(inference, timeout)
+                inferred = time.monotonic()
                 response = build_infer_response(request, inference, result, model)
                 self.metrics.wire("gateway_to_client", "sent", sum(t.nbytes for t in result.tensors.values()))
+                self.statistics.record_success(arrived, decoded, result.dispatched_at, inferred, time.monotonic())
                 return response
         except MoEServeError as error:
             status = error.status_code
@@ -94,8 +136,10 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
             raise
         finally:
             detach(token)
-            seconds = time.perf_counter() - started
+            seconds = time.monotonic() - arrived
             succeeded = status == grpc.StatusCode.OK
             self.metrics.request_done(status.name, seconds, tokens, tokens if succeeded else 0)
             if succeeded:
                 self.dataplane.window.record_request(seconds, tokens)
+            else:
+                self.statistics.record_failure(seconds)

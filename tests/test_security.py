@@ -117,6 +117,17 @@ def test_token_lacking_the_model_is_permission_denied(secure_stack: Stack, certs
             "ModelReady": lambda: stub.ModelReady(
                 kserve_pb2.ModelReadyRequest(name=secure_stack.model_name), metadata=metadata, timeout=10
             ),
+            "ModelConfig": lambda: stub.ModelConfig(
+                kserve_pb2.ModelConfigRequest(name=secure_stack.model_name), metadata=metadata, timeout=10
+            ),
+            "ModelStatistics": lambda: stub.ModelStatistics(
+                kserve_pb2.ModelStatisticsRequest(name=secure_stack.model_name), metadata=metadata, timeout=10
+            ),
+            "ModelStreamInfer": lambda: list(
+                stub.ModelStreamInfer(
+                    iter([infer_request(secure_stack.model_name, torch.randn(2, 64))]), metadata=metadata, timeout=10
+                )
+            ),
         }
         for name, call in calls.items():
             with pytest.raises(grpc.RpcError) as raised:

@@ -43,6 +43,21 @@ def run_triton_client_check(
     assert report["nan_error"]["status"] == "StatusCode.INVALID_ARGUMENT"
     assert "NaN or Inf" in report["nan_error"]["message"]
 
+    # Triton's extensions, as tritonclient sees them
+    config = report["config"]
+    assert config["name"] == model_name and config["platform"] == "pytorch_moe"
+    assert config["input"][0]["name"] == "hidden_states" and config["input"][0]["data_type"] == "TYPE_FP32"
+    assert [output["name"] for output in config["output"]][:2] == ["output", "router_logits"]
+    (stats,) = report["statistics"]["model_stats"]
+    assert stats["name"] == model_name and int(stats["inference_count"]) >= 1
+    assert int(stats["inference_stats"]["fail"]["count"]) >= 1  # the NaN request
+    assert report["index"]["models"] == [{"name": model_name, "version": "1", "state": "READY"}]
+    assert "model_configuration" in report["server_extensions"] and "statistics" in report["server_extensions"]
+    # one streamed request per sequence of the batch (layer 1), plus the NaN one, answered with an error
+    np.testing.assert_allclose(np.load(tmp_path / "streamed.npy"), expected, rtol=1e-5, atol=1e-5)
+    (stream_error,) = report["stream_errors"]
+    assert stream_error.startswith("INVALID_ARGUMENT: ") and "NaN or Inf" in stream_error
+
 
 def test_triton_client_metadata_infer_and_errors(fp32_stack, checkpoints, tmp_path: Path) -> None:
     run_triton_client_check(fp32_stack.address, fp32_stack.model_name, checkpoints(torch.float32), tmp_path)

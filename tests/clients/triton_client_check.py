@@ -9,7 +9,9 @@ sends the token as an `authorization: Bearer` header on every call (tritonclient
 
 import json
 import os
+import queue
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,29 @@ def main() -> None:
         report["nan_error"] = None
     except triton.InferenceServerException as error:
         report["nan_error"] = {"status": error.status(), "message": error.message()}
+
+    # Triton's extensions: configuration, statistics, repository index, and a stream of inferences
+    report["config"] = client.get_model_config(model, headers=headers, as_json=True)["config"]
+    report["statistics"] = client.get_inference_statistics(model, headers=headers, as_json=True)
+    report["index"] = client.get_model_repository_index(headers=headers, as_json=True)
+    report["server_extensions"] = client.get_server_metadata(headers=headers, as_json=True).get("extensions", [])
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(partial(lambda q, result, error: q.put((result, error)), answers), headers=headers)
+    for index in range(hidden.shape[0]):
+        row = [triton.InferInput("hidden_states", [1, *hidden.shape[1:]], "FP32")]
+        row[0].set_data_from_numpy(hidden[index : index + 1])
+        client.async_stream_infer(model, row, outputs=outputs[:1], parameters={"layer": 1}, request_id=f"s{index}")
+    client.async_stream_infer(model, bad, request_id="s-bad")
+    streamed, stream_errors = {}, []
+    for _ in range(hidden.shape[0] + 1):
+        result, error = answers.get(timeout=60)
+        if error is not None:
+            stream_errors.append(error.message())
+        else:
+            streamed[result.get_response().id] = result.as_numpy("output")[0]
+    client.stop_stream()
+    np.save(out_dir / "streamed.npy", np.stack([streamed[f"s{index}"] for index in range(hidden.shape[0])]))
+    report["stream_errors"] = stream_errors
     client.close()
     (out_dir / "result.json").write_text(json.dumps(report))
 
