@@ -9,7 +9,7 @@ from typing import Any
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from moe_serve.placement import ExpertKey
-from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry
+from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
 
 
 class WorkerMetrics:
@@ -29,9 +29,7 @@ class WorkerMetrics:
             description="Time one expert took on one batch of rows",
             explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS_S),
         )
-        self._wire = meter.create_counter(
-            "moe_serve.wire.bytes", unit="By", description="Tensor data bytes sent and received, by hop"
-        )
+        self.wire = WireBytes(meter, "worker")
 
         def queue(options: CallbackOptions) -> list[Observation]:
             return [
@@ -85,6 +83,3 @@ class WorkerMetrics:
 
     def computed(self, key: ExpertKey, seconds: float) -> None:
         self._compute.record(seconds, {**self.labels, "layer": str(key.layer), "expert": str(key.expert)})
-
-    def wire(self, hop: str, direction: str, size: int) -> None:
-        self._wire.add(size, {"service": "worker", "hop": hop, "direction": direction})

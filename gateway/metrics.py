@@ -13,7 +13,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from gateway.live_state import LoadWindow
 from gateway.stats import ExpertCounters
-from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry
+from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
 
 
 class GatewayMetrics:
@@ -43,9 +43,7 @@ class GatewayMetrics:
             unit="{request}",
             description="Requests refused by a capacity bound, by bound",
         )
-        self._wire = meter.create_counter(
-            "moe_serve.wire.bytes", unit="By", description="Tensor data bytes sent and received, by hop"
-        )
+        self.wire = WireBytes(meter, "gateway")
         meter.create_observable_gauge(
             "moe_serve.inflight.tokens",
             [self._observe(lambda: [(inflight_tokens(), {})])],
@@ -118,6 +116,3 @@ class GatewayMetrics:
 
     def rejected(self, reason: str) -> None:
         self._rejections.add(1, {"model": self.model, "reason": reason})
-
-    def wire(self, hop: str, direction: str, size: int) -> None:
-        self._wire.add(size, {"service": "gateway", "hop": hop, "direction": direction})

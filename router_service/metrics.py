@@ -3,13 +3,11 @@ retry budget), bytes on the wire."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from moe_serve.placement import ExpertKey
 from moe_serve.registry import Registry
-from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry
+from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
 from router_service.retries import RetryBudget
 
 
@@ -38,9 +36,7 @@ class RouterMetrics:
             unit="{batch}",
             description="Worker batch retries refused by the retry budget (the request failed instead)",
         )
-        self._wire = meter.create_counter(
-            "moe_serve.wire.bytes", unit="By", description="Tensor data bytes sent and received, by hop"
-        )
+        self.wire = WireBytes(meter, "router")
 
         def replicas(options: CallbackOptions) -> list[Observation]:
             return [
@@ -62,9 +58,3 @@ class RouterMetrics:
 
     def retried(self) -> None:
         self.retries += 1
-
-    def wire(self, hop: str, direction: str, size: int) -> None:
-        self._wire.add(size, {"service": "router", "hop": hop, "direction": direction})
-
-
-WireCounter = Callable[[str, str, int], None]
