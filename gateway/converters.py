@@ -25,6 +25,10 @@ from moe_serve.errors import InvalidInput
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 LAYER_PARAMETER = "layer"
+# Triton tensor parameters this server does not honour: silently ignoring them would hand the client
+# data where it does not look for it (a shared-memory region) or of another form (classification)
+SHARED_MEMORY_PARAMETER = "shared_memory_region"
+CLASSIFICATION_PARAMETER = "classification"
 # Triton's sequence parameter: consecutive layers of one forward pass share it (prefetch hints)
 SEQUENCE_PARAMETER = "sequence_id"
 
@@ -95,6 +99,16 @@ def _sequence_parameter(request: kserve_pb2.ModelInferRequest) -> str:
 def _requested_outputs(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> tuple[str, ...]:
     if not request.outputs:
         return (OUTPUT_NAME,)
+    for output in request.outputs:
+        if SHARED_MEMORY_PARAMETER in output.parameters:
+            raise InvalidInput(
+                f"output {output.name!r} asks for a shared-memory region; this server offers no shared memory "
+                "(ServerMetadata lists no shared-memory extension): the output comes back in the response"
+            )
+        if CLASSIFICATION_PARAMETER in output.parameters:
+            raise InvalidInput(
+                f"output {output.name!r} asks for classification; this server returns tensors only, without class_count"
+            )
     names = [output.name for output in request.outputs]
     unknown = [name for name in names if name not in model.output_names]
     if unknown:
@@ -115,6 +129,11 @@ def _input_tensor(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> 
         extra = [name for name in names if name != INPUT_NAME] or names[1:]
         raise InvalidInput(f"unexpected input(s) {extra}; the model takes exactly one input, {INPUT_NAME!r}")
     tensor = request.inputs[0]
+    if SHARED_MEMORY_PARAMETER in tensor.parameters:
+        raise InvalidInput(
+            f"input {INPUT_NAME!r} names a shared-memory region; this server offers no shared memory "
+            "(ServerMetadata lists no shared-memory extension): send the tensor in raw_input_contents"
+        )
     if tensor.datatype not in ACCEPTED_INPUT_DATATYPES:
         raise InvalidInput(
             f"input {INPUT_NAME!r} has datatype {tensor.datatype!r}; send one of {list(ACCEPTED_INPUT_DATATYPES)}"

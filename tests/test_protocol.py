@@ -125,6 +125,19 @@ def _bad_requests(model: str) -> dict[str, tuple[kserve_pb2.ModelInferRequest, s
     request = infer_request(model, good.half())
     del request.raw_input_contents[:]
     cases["fp16 typed"] = (request, "raw_input_contents")
+
+    # Triton shared memory (what tritonclient's set_shared_memory sends) is not offered: refused
+    request = infer_request(model, good)
+    del request.raw_input_contents[:]
+    request.inputs[0].parameters["shared_memory_region"].string_param = "input_region"
+    request.inputs[0].parameters["shared_memory_byte_size"].int64_param = good.numel() * 4
+    cases["input in shared memory"] = (request, "send the tensor in raw_input_contents")
+    request = infer_request(model, good, outputs=("output",))
+    request.outputs[0].parameters["shared_memory_region"].string_param = "output_region"
+    cases["output to shared memory"] = (request, "no shared memory")
+    request = infer_request(model, good, outputs=("output",))
+    request.outputs[0].parameters["classification"].int64_param = 3
+    cases["classification"] = (request, "classification")
     return cases
 
 
