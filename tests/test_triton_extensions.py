@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 
+from moe_serve.launcher import start_service_process
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import model_config_pb2 as config_pb2
 from tests.helpers import (
@@ -176,3 +177,24 @@ def test_cancelled_stream_frees_its_requests(slow_stack, slow_checkpoint) -> Non
         torch.testing.assert_close(
             response_tensors(answers[0].infer_response)["output"], expected, rtol=1e-5, atol=1e-5
         )
+
+
+def test_statistics_count_batches_as_executions_and_the_window_as_queueing(slow_stack) -> None:
+    """With cross-request batching, concurrent requests ride one execution and wait in the queue."""
+    gateway = start_service_process(
+        "gateway-batching-stats",
+        ["gateway", "--router-address", slow_stack.router.address, "--port", "0", "--batch-window-ms", "300"],
+    )
+    try:
+        channel, stub = kserve_stub(gateway.address)
+        with channel:
+            model = str(gateway.ready["model"])
+            futures = [stub.ModelInfer.future(infer_request(model, torch.randn(3, 64)), timeout=60) for _ in range(4)]
+            for future in futures:
+                future.result()
+            stats = _statistics(stub, model)
+    finally:
+        gateway.stop()
+    assert (stats.inference_count, stats.execution_count) == (4, 1)
+    queue = stats.inference_stats.queue
+    assert queue.count == 4 and queue.ns / queue.count > 0.15e9  # most of the 300 ms window
