@@ -48,15 +48,18 @@ def expert_forward(weights: ExpertWeights, rows: torch.Tensor) -> torch.Tensor:
     return F.linear(activation(F.linear(rows, weights.up)), weights.down)
 
 
-def materialise(raw: ExpertWeights, dtype: torch.dtype, device: torch.device) -> ExpertWeights:
-    """A compute-ready copy of an expert: compute dtype, compute device, contiguous, its own memory."""
+def materialise(raw: ExpertWeights, dtype: torch.dtype, device: torch.device, owned: bool = False) -> ExpertWeights:
+    """A compute-ready expert: compute dtype, compute device, contiguous, its own memory.
+
+    `owned`: nobody else holds `raw` (fresh from the checkpoint), so tensors already in the right
+    dtype and device are kept as they are instead of copied once more (a host-tier copy is shared).
+    """
     non_blocking = device.type == "cuda" and raw.up.is_pinned()
-    return ExpertWeights(
-        kind=raw.kind,
-        up=raw.up.to(device=device, dtype=dtype, copy=True, non_blocking=non_blocking).contiguous(),
-        down=raw.down.to(device=device, dtype=dtype, copy=True, non_blocking=non_blocking).contiguous(),
-        activation=raw.activation,
-    )
+
+    def ready(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device=device, dtype=dtype, copy=not owned, non_blocking=non_blocking).contiguous()
+
+    return ExpertWeights(kind=raw.kind, up=ready(raw.up), down=ready(raw.down), activation=raw.activation)
 
 
 class HostTier:
@@ -167,7 +170,8 @@ class ExpertStore:
     def read(self, checkpoint: Checkpoint, keys: Iterable[ExpertKey]) -> dict[ExpertKey, ExpertWeights]:
         """Read `keys` from the checkpoint into the compute dtype and device (blocking I/O)."""
         return {
-            key: materialise(checkpoint.expert_weights(key.layer, key.expert), self.dtype, self.device) for key in keys
+            key: materialise(checkpoint.expert_weights(key.layer, key.expert), self.dtype, self.device, owned=True)
+            for key in keys
         }
 
     def load(self, keys: list[ExpertKey]) -> None:

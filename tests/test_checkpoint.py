@@ -117,3 +117,21 @@ def test_missing_expert_weights_are_reported(tmp_path: Path) -> None:
     save_file(tensors, directory / "model.safetensors")
     with pytest.raises(ConfigurationError, match="not all 2 experts' weights"):
         Checkpoint(directory)
+
+
+def test_loaded_experts_own_their_memory_and_are_not_copied_twice(tmp_path: Path) -> None:
+    """Experts read for a worker outlive the checkpoint's memory map, and weights already in the
+    compute dtype are kept as read (one copy per load), while a shared host-tier copy is copied."""
+    from expert_service.experts import materialise
+
+    checkpoint = Checkpoint(save_tiny_mixtral(tmp_path / "tiny"))
+    raw = checkpoint.expert_weights(1, 3)
+    expected_up, expected_down = raw.up.clone(), raw.down.clone()
+    checkpoint.close()  # unmaps the files: the expert's tensors must not point into them
+    owned = materialise(raw, torch.float32, torch.device("cpu"), owned=True)
+    assert owned.up.data_ptr() == raw.up.data_ptr() and owned.down.data_ptr() == raw.down.data_ptr()
+    assert torch.equal(owned.up, expected_up) and torch.equal(owned.down, expected_down)
+    shared = materialise(raw, torch.float32, torch.device("cpu"))
+    assert shared.up.data_ptr() != raw.up.data_ptr() and torch.equal(shared.up, expected_up)
+    converted = materialise(raw, torch.bfloat16, torch.device("cpu"), owned=True)
+    assert converted.up.dtype == torch.bfloat16 and torch.equal(converted.up, expected_up.bfloat16())
