@@ -4,8 +4,9 @@ Each request is answered as soon as it is done (completion order, as Triton does
 requests; the response carries the request's `id` to match it by). A failed request gets a
 response whose `error_message` starts with its status name (e.g. "RESOURCE_EXHAUSTED: ..."), so a
 client can tell what to retry, and the stream stays open for the next one. At most
-`MAX_INFLIGHT_PER_STREAM` requests of a stream run at once; beyond that the gateway stops reading
-the stream, and gRPC flow control holds the client back, so nothing queues without bound.
+`MAX_INFLIGHT_PER_STREAM` requests of a stream are running or answered but not yet written; beyond
+that the gateway stops reading the stream, and gRPC flow control holds the client back, so nothing
+queues without bound, even for a client that sends and never reads.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ async def answer_stream(
     async def run(request: kserve_pb2.ModelInferRequest | Undecodable) -> None:
         try:
             responses.put_nowait(await _stream_response(request, answer))
-        finally:
+        except BaseException:
             slots.release()
+            raise
 
     async def read() -> None:
         try:
@@ -57,7 +59,10 @@ async def answer_stream(
     reader = asyncio.create_task(read())
     try:
         while (response := await responses.get()) is not None:
+            # a slot frees once its answer is written, not before: answers a client does not read
+            # wait in gRPC's flow control, never in an unbounded queue here
             await context.write(response)
+            slots.release()
         await reader  # the stream's own failure (e.g. a refused token), if any
     finally:
         for task in (reader, *running):

@@ -3,6 +3,7 @@ ModelConfig, ModelStatistics and RepositoryIndex (tritonclient itself: test_trit
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -198,3 +199,41 @@ def test_statistics_count_batches_as_executions_and_the_window_as_queueing(slow_
     assert (stats.inference_count, stats.execution_count) == (4, 1)
     queue = stats.inference_stats.queue
     assert queue.count == 4 and queue.ns / queue.count > 0.15e9  # most of the 300 ms window
+
+
+def test_a_stream_that_is_never_read_holds_at_most_its_slots() -> None:
+    """The flow control of answer_stream alone: while the client reads nothing (every write
+    blocks), at most MAX_INFLIGHT_PER_STREAM requests are taken from the stream and answered;
+    once it reads, every request is answered, each exactly once."""
+    from gateway.stream_infer import MAX_INFLIGHT_PER_STREAM, answer_stream
+
+    class UnreadStream:  # the part of a ServicerContext answer_stream uses: write()
+        def __init__(self) -> None:
+            self.reading, self.written = asyncio.Event(), []
+
+        async def write(self, response: kserve_pb2.ModelStreamInferResponse) -> None:
+            await self.reading.wait()
+            self.written.append(response.infer_response.id)
+
+    taken: list[str] = []
+
+    async def requests():
+        for index in range(5 * MAX_INFLIGHT_PER_STREAM):
+            taken.append(f"q{index}")
+            yield kserve_pb2.ModelInferRequest(id=f"q{index}")
+
+    async def answer(request: kserve_pb2.ModelInferRequest) -> kserve_pb2.ModelInferResponse:
+        return kserve_pb2.ModelInferResponse(id=request.id)
+
+    async def scenario() -> tuple[int, list[str]]:
+        stream = UnreadStream()
+        call = asyncio.create_task(answer_stream(requests(), stream, answer))
+        await asyncio.sleep(0.2)
+        held = len(taken)
+        stream.reading.set()
+        await asyncio.wait_for(call, 10)
+        return held, stream.written
+
+    held, written = asyncio.run(scenario())
+    assert held <= MAX_INFLIGHT_PER_STREAM + 1  # the slots, plus the one read and waiting for a slot
+    assert sorted(written) == sorted(f"q{index}" for index in range(5 * MAX_INFLIGHT_PER_STREAM))
