@@ -146,9 +146,8 @@ class GatewayService:
             public_tls.server_credentials() if public_tls else None,
             [BearerTokenInterceptor(tokens)] if tokens is not None else [],
         )
-        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, settings.request_timeout_s, metrics, tracer), self.public_server
-        )
+        self.servicer = InferenceServicer(self.dataplane, settings.request_timeout_s, metrics, tracer)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.public_server)
         self.publisher = None
         if settings.redis_url:
             self.publisher = LiveStatePublisher(
@@ -174,13 +173,17 @@ class GatewayService:
         )
         return self.address
 
+    def _idle(self) -> bool:
+        """No admitted request, and no streamed answer left to write."""
+        return self.admission.inflight_requests == 0 and self.servicer.unwritten_stream_answers.count == 0
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new requests (UNAVAILABLE, health NOT_SERVING), finish admitted ones (up to `grace_s`),
         then close both servers; deliveries keep flowing until the last admitted request is answered."""
         if self.public_server is not None:
             self.dataplane.draining = True
             await set_serving(self.health, [PUBLIC_SERVICE], False)
-            drained = await drain(lambda: self.admission.inflight_requests == 0, grace_s)
+            drained = await drain(self._idle, grace_s)
             if not drained:
                 logger.warning(
                     "gateway stopping with %d request(s) still in flight after %.0f s",

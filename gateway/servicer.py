@@ -17,7 +17,7 @@ import moe_serve
 from gateway.converters import build_infer_response, model_metadata, parse_infer_request
 from gateway.dataplane import DataPlane
 from gateway.metrics import GatewayMetrics
-from gateway.stream_infer import answer_stream
+from gateway.stream_infer import UnwrittenAnswers, answer_stream
 from gateway.triton_extensions import InferenceStatistics, model_config, repository_index
 from moe_serve.errors import MoEServeError
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
@@ -38,6 +38,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
             tracer,
         )
         self.statistics = InferenceStatistics()
+        self.unwritten_stream_answers = UnwrittenAnswers()
 
     async def ServerLive(
         self, request: kserve_pb2.ServerLiveRequest, context: aio.ServicerContext
@@ -75,7 +76,10 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[kserve_pb2.ModelInferRequest], context: aio.ServicerContext
     ) -> None:
         await answer_stream(
-            request_iterator, context, lambda request: self._infer(request, context, "ModelStreamInfer")
+            request_iterator,
+            context,
+            lambda request: self._infer(request, context, "ModelStreamInfer"),
+            self.unwritten_stream_answers,
         )
 
     async def ModelConfig(

@@ -27,8 +27,20 @@ MAX_INFLIGHT_PER_STREAM = 64
 Answer = Callable[[kserve_pb2.ModelInferRequest], Awaitable[kserve_pb2.ModelInferResponse]]
 
 
+class UnwrittenAnswers:
+    """Requests taken from every open stream whose answers are not written yet: a draining gateway
+    waits for them too, not only for admitted requests (an answer computed but not yet written
+    would be lost when the server closes)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
 async def answer_stream(
-    requests: AsyncIterator[kserve_pb2.ModelInferRequest | Undecodable], context: aio.ServicerContext, answer: Answer
+    requests: AsyncIterator[kserve_pb2.ModelInferRequest | Undecodable],
+    context: aio.ServicerContext,
+    answer: Answer,
+    unwritten: UnwrittenAnswers,
 ) -> None:
     """Read `requests`, run up to MAX_INFLIGHT_PER_STREAM of them at once with `answer`, and write
     one ModelStreamInferResponse per request; return when the client closed its side and every
@@ -36,6 +48,7 @@ async def answer_stream(
     responses: asyncio.Queue[kserve_pb2.ModelStreamInferResponse | None] = asyncio.Queue()
     slots = asyncio.Semaphore(MAX_INFLIGHT_PER_STREAM)
     running: set[asyncio.Task[None]] = set()
+    taken = written = 0
 
     async def run(request: kserve_pb2.ModelInferRequest | Undecodable) -> None:
         try:
@@ -45,9 +58,12 @@ async def answer_stream(
             raise
 
     async def read() -> None:
+        nonlocal taken
         try:
             async for request in requests:
                 await slots.acquire()
+                taken += 1
+                unwritten.count += 1
                 task = asyncio.create_task(run(request))
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -62,9 +78,12 @@ async def answer_stream(
             # a slot frees once its answer is written, not before: answers a client does not read
             # wait in gRPC's flow control, never in an unbounded queue here
             await context.write(response)
+            written += 1
+            unwritten.count -= 1
             slots.release()
         await reader  # the stream's own failure (e.g. a refused token), if any
     finally:
+        unwritten.count -= taken - written  # answers that will never be written (the call ended)
         for task in (reader, *running):
             task.cancel()
 

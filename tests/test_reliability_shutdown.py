@@ -13,6 +13,8 @@ with the worker for the CPU.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import queue
 import signal
 import threading
 import time
@@ -191,6 +193,42 @@ def test_sigterm_to_the_gateway_refuses_new_requests_and_finishes_the_inflight_o
         expected_failures="UNAVAILABLE for the request sent while draining (by design)",
         **drain_figures(drained),
     )
+
+
+def test_sigterm_to_the_gateway_writes_an_open_streams_answers_before_it_closes(
+    own_stack: ProcessStack, block: torch.nn.Module
+) -> None:
+    """Triton's ModelStreamInfer across a gateway drain: the stream's in-flight request is answered
+    exactly on the stream, a request sent on it while draining gets an UNAVAILABLE error message,
+    and the gateway exits 0 once every answer is written."""
+    stack = own_stack
+    outgoing: queue.Queue = queue.Queue()
+    hidden = hidden_states(INFLIGHT_TOKENS, seed=9)
+    channel, stub = kserve_stub(stack.address)
+    with channel:
+        answers = stub.ModelStreamInfer(iter(outgoing.get, None), timeout=60)
+        request = infer_request(stack.model, hidden)
+        request.id = "inflight"
+        outgoing.put(request)
+        wait_until(lambda: worker_load(stack.workers[0].address).inflight_rows > 0, 30, "the request at the worker")
+        termination = Termination(stack.gateway)
+        wait_until(
+            lambda: health_status(stack.address, "inference.GRPCInferenceService") == NOT_SERVING,
+            GRACE_S,
+            "gateway health NOT_SERVING",
+        )
+        late = infer_request(stack.model, hidden_states(SMALL_TOKENS, 1))
+        late.id = "late"
+        outgoing.put(late)
+        received = {answer.infer_response.id: answer for answer in itertools.islice(answers, 2)}
+        outgoing.put(None)  # the client closes its side
+        code, exited_s = termination.wait()
+
+    assert received["late"].error_message.startswith("UNAVAILABLE: ")
+    assert "gateway is shutting down" in received["late"].error_message
+    assert received["inflight"].error_message == ""
+    assert exact(response_tensors(received["inflight"].infer_response)["output"], block, hidden)
+    assert code == 0 and exited_s <= GRACE_S + EXIT_SLACK_S
 
 
 def test_sigterm_to_the_router_refuses_new_routes_and_finishes_the_inflight_one(

@@ -205,7 +205,7 @@ def test_a_stream_that_is_never_read_holds_at_most_its_slots() -> None:
     """The flow control of answer_stream alone: while the client reads nothing (every write
     blocks), at most MAX_INFLIGHT_PER_STREAM requests are taken from the stream and answered;
     once it reads, every request is answered, each exactly once."""
-    from gateway.stream_infer import MAX_INFLIGHT_PER_STREAM, answer_stream
+    from gateway.stream_infer import MAX_INFLIGHT_PER_STREAM, UnwrittenAnswers, answer_stream
 
     class UnreadStream:  # the part of a ServicerContext answer_stream uses: write()
         def __init__(self) -> None:
@@ -225,15 +225,18 @@ def test_a_stream_that_is_never_read_holds_at_most_its_slots() -> None:
     async def answer(request: kserve_pb2.ModelInferRequest) -> kserve_pb2.ModelInferResponse:
         return kserve_pb2.ModelInferResponse(id=request.id)
 
-    async def scenario() -> tuple[int, list[str]]:
+    unwritten = UnwrittenAnswers()  # what a draining gateway waits for
+
+    async def scenario() -> tuple[int, int, list[str]]:
         stream = UnreadStream()
-        call = asyncio.create_task(answer_stream(requests(), stream, answer))
+        call = asyncio.create_task(answer_stream(requests(), stream, answer, unwritten))
         await asyncio.sleep(0.2)
-        held = len(taken)
+        held, owed = len(taken), unwritten.count
         stream.reading.set()
         await asyncio.wait_for(call, 10)
-        return held, stream.written
+        return held, owed, stream.written
 
-    held, written = asyncio.run(scenario())
+    held, owed, written = asyncio.run(scenario())
     assert held <= MAX_INFLIGHT_PER_STREAM + 1  # the slots, plus the one read and waiting for a slot
+    assert owed == MAX_INFLIGHT_PER_STREAM and unwritten.count == 0
     assert sorted(written) == sorted(f"q{index}" for index in range(5 * MAX_INFLIGHT_PER_STREAM))
