@@ -6,9 +6,9 @@ into `MoEModelSpec`, so nothing downstream reads raw config dictionaries.
 | family      | model_type                  | routing                                                    |
 | ----------- | --------------------------- | ---------------------------------------------------------- |
 | mixtral     | mixtral                     | softmax -> top-k -> renormalise                            |
-| qwen_moe    | qwen2_moe, qwen3_moe        | softmax -> top-k (-> renormalise if norm_topk_prob);        |
+| qwen_moe    | qwen2_moe, qwen3_moe, olmoe | softmax -> top-k (-> renormalise if norm_topk_prob);        |
 |             |                             | Qwen2: a shared expert scaled by sigmoid(shared_gate(x))   |
-| deepseek_v3 | deepseek_v3                 | sigmoid, bias for selection, group-limited top-k,           |
+| deepseek_v3 | deepseek_v3, glm4_moe       | sigmoid, bias for selection, group-limited top-k,           |
 |             |                             | renormalise, x routed_scaling_factor; shared experts        |
 | switch      | switch_transformers         | float32 router, top-1, expert capacity from the config      |
 """
@@ -163,6 +163,21 @@ def _qwen_moe(config: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
+def _olmoe(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """OLMoE routes as Qwen-MoE does (its router is the same code in transformers), has no shared
+    expert, and its experts' width is `intermediate_size`."""
+    return {
+        "num_experts": int(_get(config, path, "num_experts", "num_local_experts")),
+        "routing": RoutingConfig(
+            family="qwen_moe",
+            top_k=int(_get(config, path, "num_experts_per_tok")),
+            normalize_top_k=bool(config.get("norm_topk_prob", False)),
+            weights_in_activation_dtype=True,
+        ),
+        "expert": ExpertShape("swiglu", int(_get(config, path, "intermediate_size")), _activation(config, path)),
+    }
+
+
 def _deepseek_v3(config: dict[str, Any], path: Path) -> dict[str, Any]:
     expert_size = int(_get(config, path, "moe_intermediate_size"))
     shared_count = int(config.get("n_shared_experts") or 0)
@@ -208,7 +223,10 @@ FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen_moe,
     "qwen3_moe": _qwen_moe,
+    "olmoe": _olmoe,
     "deepseek_v3": _deepseek_v3,
+    # GLM-4.5's MoE block and router are DeepSeek-V3's (transformers generates one from the other)
+    "glm4_moe": _deepseek_v3,
     "switch_transformers": _switch,
 }
 

@@ -17,8 +17,12 @@ import torch
 from transformers import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    Glm4MoeConfig,
+    Glm4MoeForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
@@ -130,6 +134,36 @@ FAMILIES: dict[str, Family] = {
             qk_rope_head_dim=8,
             qk_nope_head_dim=8,
             v_head_dim=16,
+        ),
+        _decoder_block,
+        _topk_router,
+        (1, 2),
+    ),
+    # Qwen-MoE routing without renormalisation or shared expert; every layer sparse
+    "olmoe": Family(
+        OlmoeForCausalLM,
+        lambda: OlmoeConfig(
+            **DECODER, intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False
+        ),
+        _decoder_block,
+        _topk_router,
+        (0, 1, 2),
+    ),
+    # DeepSeek-V3 routing (GLM-4.5): 4 groups choose 2, scaling, one shared expert, first layer dense
+    "glm4_moe": Family(
+        Glm4MoeForCausalLM,
+        lambda: Glm4MoeConfig(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.8,
+            head_dim=16,
         ),
         _decoder_block,
         _topk_router,

@@ -1,7 +1,8 @@
 """Every routing family through the full stack (gateway, router, 2 Ray workers) equals transformers.
 
 Mixtral is covered in depth by tests/test_exactness.py; here each other family is served from the
-files save_pretrained wrote, in FP32 and BF16, including its dense layers (refused with
+files save_pretrained wrote, in FP32 and BF16 (OLMoE and GLM-4.5, whose routers are Qwen-MoE's and
+DeepSeek-V3's, in one dtype each), including its dense layers (refused with
 INVALID_ARGUMENT), its shared expert (placed and served like any expert) and, for Switch, the
 capacity its config declares (the gateway's default policy for that family).
 """
@@ -22,8 +23,19 @@ from tests.helpers import infer_request, kserve_stub, response_tensors
 OUTPUTS = ("output", "router_logits", "expert_ids", "dropped_mask")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "deepseek_v3", "switch"])
+# the families that share another's router (OLMoE: Qwen-MoE's, GLM-4.5: DeepSeek-V3's) in one dtype each
+CASES = [
+    *(
+        pytest.param(family, dtype, id=f"{family}-{name}")
+        for family in ("qwen2_moe", "qwen3_moe", "deepseek_v3", "switch")
+        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
+    ),
+    pytest.param("olmoe", torch.float32, id="olmoe-fp32"),
+    pytest.param("glm4_moe", torch.bfloat16, id="glm4_moe-bf16"),
+]
+
+
+@pytest.mark.parametrize(("family", "dtype"), CASES)
 def test_family_through_the_stack(ray_cluster, tmp_path: Path, family: str, dtype: torch.dtype) -> None:
     directory = save_family(family, tmp_path / family, dtype)
     model = load_reference(family, directory, dtype)

@@ -40,8 +40,10 @@ SUPPORTED_MODEL_TYPES: dict[str, FamilySupport] = {
     "mixtral": FamilySupport("mixtral"),
     "qwen2_moe": FamilySupport("qwen_moe"),
     "qwen3_moe": FamilySupport("qwen_moe"),
-    # DeepseekV3TopkRouter: F.linear(hidden.type(torch.float32), weight.type(torch.float32))
+    "olmoe": FamilySupport("qwen_moe"),
+    # DeepseekV3TopkRouter (and GLM-4.5's copy of it): F.linear(hidden.type(torch.float32), weight.type(torch.float32))
     "deepseek_v3": FamilySupport("deepseek_v3", router_logits_in_float32=True),
+    "glm4_moe": FamilySupport("deepseek_v3", router_logits_in_float32=True),
 }
 
 
