@@ -145,18 +145,22 @@ def _mixtral(config: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
+def _qwen_routing(config: dict[str, Any], path: Path) -> RoutingConfig:
+    return RoutingConfig(
+        family="qwen_moe",
+        top_k=int(_get(config, path, "num_experts_per_tok")),
+        normalize_top_k=bool(config.get("norm_topk_prob", False)),
+        weights_in_activation_dtype=True,
+    )
+
+
 def _qwen_moe(config: dict[str, Any], path: Path) -> dict[str, Any]:
     activation = _activation(config, path)
     shared_size = int(config.get("shared_expert_intermediate_size") or 0)
     return {
         # Qwen2-MoE writes num_experts, Qwen3-MoE (transformers 5) num_local_experts
         "num_experts": int(_get(config, path, "num_experts", "num_local_experts")),
-        "routing": RoutingConfig(
-            family="qwen_moe",
-            top_k=int(_get(config, path, "num_experts_per_tok")),
-            normalize_top_k=bool(config.get("norm_topk_prob", False)),
-            weights_in_activation_dtype=True,
-        ),
+        "routing": _qwen_routing(config, path),
         "expert": ExpertShape("swiglu", int(_get(config, path, "moe_intermediate_size")), activation),
         "shared_expert": ExpertShape("swiglu", shared_size, activation) if shared_size else None,
         "shared_expert_gated": bool(shared_size),
@@ -168,12 +172,7 @@ def _olmoe(config: dict[str, Any], path: Path) -> dict[str, Any]:
     expert, and its experts' width is `intermediate_size`."""
     return {
         "num_experts": int(_get(config, path, "num_experts", "num_local_experts")),
-        "routing": RoutingConfig(
-            family="qwen_moe",
-            top_k=int(_get(config, path, "num_experts_per_tok")),
-            normalize_top_k=bool(config.get("norm_topk_prob", False)),
-            weights_in_activation_dtype=True,
-        ),
+        "routing": _qwen_routing(config, path),
         "expert": ExpertShape("swiglu", int(_get(config, path, "intermediate_size")), _activation(config, path)),
     }
 
