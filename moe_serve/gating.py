@@ -4,7 +4,7 @@ Each family is computed exactly as its `transformers` module computes it, so the
 picks the same experts as the model. Everything from the logits on (softmax or sigmoid, top-k,
 renormalisation) runs in float32 whatever the activation dtype. The logits matmul runs in the
 dtype the model runs it in: the activation dtype for Mixtral and Qwen (then upcast), float32 for
-DeepSeek-V3 and Switch, because any other rounding of the logits would flip near-tied choices
+DeepSeek-V2/V3 and Switch, because any other rounding of the logits would flip near-tied choices
 and the served layer would no longer equal the model.
 """
 
@@ -114,6 +114,26 @@ def _deepseek_v3(
     return logits, choice, top_ids, top_weights * routing.routed_scaling_factor, scores
 
 
+def _deepseek_v2(
+    hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
+) -> Rule:
+    # DeepseekV2TopkRouter: float32 logits, softmax scores; "group_limited_greedy" (num_groups > 1)
+    # keeps the experts of the top_k_groups groups with the highest best score, zeroing the rest;
+    # top-k by score, not renormalised, times routed_scaling_factor
+    logits = F.linear(hidden.float(), router.gate.float())
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    choice = scores
+    if routing.num_groups > 1:
+        num_tokens, num_experts = scores.shape
+        group_scores = scores.view(num_tokens, routing.num_groups, -1).max(dim=-1).values
+        group_ids = torch.topk(group_scores, k=routing.top_k_groups, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_ids, 1)
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, num_experts // routing.num_groups)
+        choice = scores.masked_fill(~expert_mask.reshape(num_tokens, num_experts).bool(), 0.0)
+    top_weights, top_ids = torch.topk(choice, k=routing.top_k, dim=-1, sorted=False)
+    return logits, choice, top_ids, top_weights * routing.routed_scaling_factor, scores
+
+
 def _switch_top_1(
     hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
 ) -> Rule:
@@ -141,6 +161,7 @@ def _shared_weights(hidden: torch.Tensor, router: RouterWeights, num_shared_slot
 _RULES = {
     "mixtral": _softmax_top_k,
     "qwen_moe": _softmax_top_k,
+    "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
     "switch": _switch_top_1,
 }

@@ -8,6 +8,8 @@ into `MoEModelSpec`, so nothing downstream reads raw config dictionaries.
 | mixtral     | mixtral                     | softmax -> top-k -> renormalise                            |
 | qwen_moe    | qwen2_moe, qwen3_moe, olmoe | softmax -> top-k (-> renormalise if norm_topk_prob);        |
 |             |                             | Qwen2: a shared expert scaled by sigmoid(shared_gate(x))   |
+| deepseek_v2 | deepseek_v2                 | softmax, group-limited top-k (group_limited_greedy),        |
+|             |                             | x routed_scaling_factor; shared experts                     |
 | deepseek_v3 | deepseek_v3, glm4_moe       | sigmoid, bias for selection, group-limited top-k,           |
 |             |                             | renormalise, x routed_scaling_factor; shared experts        |
 | switch      | switch_transformers         | float32 router, top-1, expert capacity from the config      |
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,10 +42,10 @@ SUPPORTED_ACTIVATIONS = ("silu", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh"
 class RoutingConfig:
     """How the router turns hidden states into (expert ids, combine weights) for one family.
 
-    family: "mixtral", "qwen_moe", "deepseek_v3" or "switch".
+    family: "mixtral", "qwen_moe", "deepseek_v2", "deepseek_v3" or "switch".
     top_k: experts per token.
     normalize_top_k: renormalise the kept top-k weights (Mixtral always; Qwen/DeepSeek per config).
-    routed_scaling_factor, num_groups, top_k_groups: DeepSeek-V3 group-limited selection.
+    routed_scaling_factor, num_groups, top_k_groups: DeepSeek-V2/V3 group-limited selection.
     weights_in_activation_dtype: the model casts combine weights to the activation dtype before
         scaling the expert outputs (Qwen, Switch); otherwise they stay float32 (Mixtral, DeepSeek).
     noise_std: noisy top-k gating (Shazeer et al. 2017) for experiments; 0 (the default) is off.
@@ -204,6 +206,24 @@ def _deepseek_v3(config: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
+def _deepseek_v2(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """DeepSeek-V2 (and V2-Lite): softmax scores, group-limited only with topk_method
+    "group_limited_greedy", never renormalised (transformers ignores norm_topk_prob here)."""
+    fields = _deepseek_v3(config, path)
+    method = config.get("topk_method", "greedy")
+    if method not in ("greedy", "group_limited_greedy"):
+        raise ConfigurationError(f"{path}: topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+    grouped = method == "group_limited_greedy"
+    fields["routing"] = replace(
+        fields["routing"],
+        family="deepseek_v2",
+        normalize_top_k=False,
+        num_groups=fields["routing"].num_groups if grouped else 1,
+        top_k_groups=fields["routing"].top_k_groups if grouped else 1,
+    )
+    return fields
+
+
 def _switch(config: dict[str, Any], path: Path) -> dict[str, Any]:
     if config.get("router_dtype", "float32") != "float32":
         raise ConfigurationError(f"{path}: only router_dtype float32 is supported")
@@ -223,6 +243,7 @@ FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     "qwen2_moe": _qwen_moe,
     "qwen3_moe": _qwen_moe,
     "olmoe": _olmoe,
+    "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
     # GLM-4.5's MoE block and router are DeepSeek-V3's (transformers generates one from the other)
     "glm4_moe": _deepseek_v3,

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from transformers import (
+    DeepseekV2Config,
+    DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
     Glm4MoeConfig,
@@ -148,6 +150,31 @@ FAMILIES: dict[str, Family] = {
         _decoder_block,
         _topk_router,
         (0, 1, 2),
+    ),
+    # softmax scores, 4 groups choose 2 by their best score, no renormalisation, scaling, first layer dense
+    "deepseek_v2": Family(
+        DeepseekV2ForCausalLM,
+        lambda: DeepseekV2Config(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_shared_experts=2,
+            n_group=4,
+            topk_group=2,
+            topk_method="group_limited_greedy",
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.5,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+        ),
+        _decoder_block,
+        _topk_router,
+        (1, 2),
     ),
     # DeepSeek-V3 routing (GLM-4.5): 4 groups choose 2, scaling, one shared expert, first layer dense
     "glm4_moe": Family(

@@ -1,8 +1,8 @@
 """Every routing family through the full stack (gateway, router, 2 Ray workers) equals transformers.
 
 Mixtral is covered in depth by tests/test_exactness.py; here each other family is served from the
-files save_pretrained wrote, in FP32 and BF16 (OLMoE and GLM-4.5, whose routers are Qwen-MoE's and
-DeepSeek-V3's, in one dtype each), including its dense layers (refused with
+files save_pretrained wrote, in FP32 and BF16 (OLMoE, GLM-4.5 and DeepSeek-V2 in one dtype each;
+all of them in both in tests/test_families_local.py), including its dense layers (refused with
 INVALID_ARGUMENT), its shared expert (placed and served like any expert) and, for Switch, the
 capacity its config declares (the gateway's default policy for that family).
 """
@@ -23,7 +23,7 @@ from tests.helpers import infer_request, kserve_stub, response_tensors
 OUTPUTS = ("output", "router_logits", "expert_ids", "dropped_mask")
 
 
-# the families that share another's router (OLMoE: Qwen-MoE's, GLM-4.5: DeepSeek-V3's) in one dtype each
+# OLMoE and GLM-4.5 (Qwen-MoE's and DeepSeek-V3's routers) and DeepSeek-V2 in one dtype each
 CASES = [
     *(
         pytest.param(family, dtype, id=f"{family}-{name}")
@@ -31,6 +31,7 @@ CASES = [
         for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
     ),
     pytest.param("olmoe", torch.float32, id="olmoe-fp32"),
+    pytest.param("deepseek_v2", torch.float32, id="deepseek_v2-fp32"),
     pytest.param("glm4_moe", torch.bfloat16, id="glm4_moe-bf16"),
 ]
 

@@ -59,3 +59,45 @@ def test_noisy_top_k_is_off_by_default_seeded_when_on() -> None:
     assert not torch.equal(first.expert_ids, other.expert_ids)
     torch.testing.assert_close(first.expert_weights.sum(-1), torch.ones(200))
     assert torch.equal(first.router_logits, reference.router_logits)  # logits are reported noise-free
+
+
+@pytest.mark.parametrize("method", ["greedy", "group_limited_greedy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deepseek_v2_gating_equals_transformers_router(method: str, dtype: torch.dtype, tmp_path) -> None:
+    """Both of DeepSeek-V2's top-k methods (V2-Lite routes greedily), parsed from a saved config."""
+    import json
+
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    from moe_serve.model_spec import spec_from_config
+
+    config = DeepseekV2Config(
+        hidden_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        topk_method=method,
+        routed_scaling_factor=1.7,
+        n_shared_experts=1,
+        moe_intermediate_size=8,
+    )
+    config.save_pretrained(tmp_path)
+    routing = spec_from_config(json.loads((tmp_path / "config.json").read_text()), tmp_path).routing
+    router = DeepseekV2TopkRouter(config)
+    generator = torch.Generator().manual_seed(len(method))
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(16, 48, generator=generator) / 48**0.5)
+    hidden = torch.randn(257, 48, generator=generator).to(dtype)
+
+    with torch.no_grad():
+        logits, weights, ids = router.to(dtype)(hidden)
+    result = compute_gating(hidden, RouterWeights(router.weight.detach()), routing)
+
+    assert (routing.num_groups, routing.normalize_top_k) == ((4 if method != "greedy" else 1), False)
+    assert torch.equal(result.router_logits, logits)
+    assert torch.equal(result.expert_ids, ids)
+    assert torch.equal(result.expert_weights, weights)

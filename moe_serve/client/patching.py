@@ -41,7 +41,8 @@ SUPPORTED_MODEL_TYPES: dict[str, FamilySupport] = {
     "qwen2_moe": FamilySupport("qwen_moe"),
     "qwen3_moe": FamilySupport("qwen_moe"),
     "olmoe": FamilySupport("qwen_moe"),
-    # DeepseekV3TopkRouter (and GLM-4.5's copy of it): F.linear(hidden.type(torch.float32), weight.type(torch.float32))
+    # DeepSeek-V2/V3's routers (and GLM-4.5's copy): F.linear(hidden.type(torch.float32), weight.type(torch.float32))
+    "deepseek_v2": FamilySupport("deepseek_v2", router_logits_in_float32=True),
     "deepseek_v3": FamilySupport("deepseek_v3", router_logits_in_float32=True),
     "glm4_moe": FamilySupport("deepseek_v3", router_logits_in_float32=True),
 }
