@@ -55,6 +55,7 @@ def compute_gating(
     rule = _RULES.get(routing.family)
     if rule is None:
         raise ValueError(f"no gating rule for routing family {routing.family!r}")
+    hidden_states = aligned_for_blas(hidden_states)
     logits, selection, ids, weights, weight_scores = rule(hidden_states, router, routing, noise)
     return GatingResult(
         router_logits=logits,
@@ -64,6 +65,36 @@ def compute_gating(
         weight_scores=weight_scores,
         shared_weights=_shared_weights(hidden_states, router, num_shared_slots),
     )
+
+
+# CPU BLAS kernels split a row's dot product differently when its buffer is not on a 64-byte
+# boundary, so the same product can differ in the last bit. Tensors torch allocates are 64-byte
+# aligned; a tensor decoded from protobuf bytes sits wherever Python put the bytes. The copy keeps
+# the logits (and so near-tied expert choices) bit-identical to the model's.
+_BLAS_ALIGNMENT = 64
+
+
+def aligned_for_blas(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself when contiguous on a 64-byte boundary (or not on the CPU), else an aligned copy."""
+    if tensor.device.type != "cpu" or (tensor.is_contiguous() and tensor.data_ptr() % _BLAS_ALIGNMENT == 0):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def copy_keeping_alignment(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `tensor` whose address has the same offset from a 64-byte boundary.
+
+    A model loaded from safetensors computes with weights mapped at their offsets in the file;
+    a router weight copied to the same offset gives the model's logits bit for bit.
+    """
+    nbytes = tensor.numel() * tensor.element_size()
+    offset = tensor.data_ptr() % _BLAS_ALIGNMENT
+    if offset % tensor.element_size():
+        return tensor.clone(memory_format=torch.contiguous_format)
+    storage = torch.empty(nbytes + _BLAS_ALIGNMENT, dtype=torch.uint8, device=tensor.device)
+    start = (offset - storage.data_ptr()) % _BLAS_ALIGNMENT
+    copy = storage[start : start + nbytes].view(tensor.dtype).reshape(tensor.shape)
+    return copy.copy_(tensor)
 
 
 # (router logits, selection scores, expert ids, combine weights, weight scores)

@@ -16,7 +16,7 @@ from moe_serve.capacity import CapacityOutcome, OverflowRule, apply_capacity, co
 from moe_serve.checkpoint import Checkpoint, RouterWeights
 from moe_serve.dispatch import ExpertGroups, group_by_expert, token_indices
 from moe_serve.errors import ExpertUnavailable, InvalidInput
-from moe_serve.gating import GatingResult, compute_gating
+from moe_serve.gating import GatingResult, compute_gating, copy_keeping_alignment
 from moe_serve.model_spec import MoEModelSpec
 from moe_serve.placement import ExpertKey
 from moe_serve.registry import Registry, WorkerRecord
@@ -88,8 +88,8 @@ class RoutingPlanner:
 
 
 def _owned(router: RouterWeights) -> RouterWeights:
-    """Copies that do not keep the checkpoint's memory map alive."""
-    return RouterWeights(**{name: None if t is None else t.clone() for name, t in vars(router).items()})
+    """Copies that do not keep the checkpoint's memory map alive (aligned as the map was)."""
+    return RouterWeights(**{name: None if t is None else copy_keeping_alignment(t) for name, t in vars(router).items()})
 
 
 @dataclass(frozen=True)

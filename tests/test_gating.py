@@ -8,7 +8,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from moe_serve.checkpoint import RouterWeights
-from moe_serve.gating import compute_gating
+from moe_serve.gating import compute_gating, copy_keeping_alignment
 from moe_serve.model_spec import RoutingConfig
 
 
@@ -32,6 +32,42 @@ def test_mixtral_gating_equals_transformers_router(dtype: torch.dtype, top_k: in
     assert torch.equal(result.expert_ids, ids)
     assert torch.equal(result.expert_weights, weights)
     torch.testing.assert_close(result.expert_weights.sum(-1), torch.ones(257))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 9, 40])
+def test_logits_do_not_depend_on_where_the_decoded_bytes_sit(num_tokens: int) -> None:
+    # hidden states arrive as torch.frombuffer views over protobuf bytes at any 4-byte offset;
+    # the logits must still equal the model's, computed over a tensor torch allocated
+    config = MixtralConfig(hidden_size=64, num_local_experts=8, num_experts_per_tok=2)
+    router = MixtralTopKRouter(config)
+    generator = torch.Generator().manual_seed(num_tokens)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(8, 64, generator=generator))
+    weights = RouterWeights(router.weight.detach())
+    for trial in range(8):
+        hidden = torch.randn(num_tokens, 64, generator=generator)
+        with torch.no_grad():
+            expected, _, _ = router(hidden)
+        for offset in range(0, 64, 4):
+            buffer = bytearray(offset) + hidden.numpy().tobytes()
+            decoded = torch.frombuffer(buffer, dtype=torch.float32, offset=offset).reshape(num_tokens, 64)
+            result = compute_gating(decoded, weights, RoutingConfig(family="mixtral", top_k=2))
+            assert torch.equal(result.router_logits, expected), (trial, offset)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_weight_copies_keep_the_alignment_of_the_memory_map(dtype: torch.dtype) -> None:
+    values = torch.randn(8, 64).to(dtype)
+    for offset in range(0, 64, dtype.itemsize):
+        mapped = torch.frombuffer(
+            bytearray(offset) + values.view(torch.uint8).numpy().tobytes(), dtype=dtype, offset=offset
+        )
+        mapped = mapped.reshape(8, 64)
+        copy = copy_keeping_alignment(mapped)
+        assert copy.data_ptr() % 64 == mapped.data_ptr() % 64
+        assert copy.data_ptr() != mapped.data_ptr() and torch.equal(copy, values)
+        hidden = torch.randn(1, 64).to(dtype)
+        assert torch.equal(torch.nn.functional.linear(hidden, copy), torch.nn.functional.linear(hidden, mapped))
 
 
 def test_probabilities_are_float32_even_for_bf16_activations() -> None:
