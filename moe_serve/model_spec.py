@@ -6,12 +6,13 @@ into `MoEModelSpec`, so nothing downstream reads raw config dictionaries.
 | family      | model_type                  | routing                                                    |
 | ----------- | --------------------------- | ---------------------------------------------------------- |
 | mixtral     | mixtral                     | softmax -> top-k -> renormalise                            |
-| qwen_moe    | qwen2_moe, qwen3_moe, olmoe | softmax -> top-k (-> renormalise if norm_topk_prob);        |
+| qwen_moe    | qwen2_moe, qwen3_moe,       | softmax -> top-k (-> renormalise if norm_topk_prob);        |
+|             | olmoe, flex_olmo            |                                                            |
 |             |                             | Qwen2: a shared expert scaled by sigmoid(shared_gate(x))   |
 | deepseek_v2 | deepseek_v2                 | softmax, group-limited top-k (group_limited_greedy),        |
 |             |                             | x routed_scaling_factor; shared experts                     |
-| deepseek_v3 | deepseek_v3, glm4_moe       | sigmoid, bias for selection, group-limited top-k,           |
-|             |                             | renormalise, x routed_scaling_factor; shared experts        |
+| deepseek_v3 | deepseek_v3, glm4_moe,      | sigmoid, bias for selection, group-limited top-k,           |
+|             | dots1                       | renormalise, x routed_scaling_factor; shared experts        |
 | switch      | switch_transformers         | float32 router, top-1, expert capacity from the config      |
 """
 
@@ -243,10 +244,12 @@ FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     "qwen2_moe": _qwen_moe,
     "qwen3_moe": _qwen_moe,
     "olmoe": _olmoe,
+    "flex_olmo": _olmoe,  # FlexOlmo's router and experts are OLMoE's
     "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
     # GLM-4.5's MoE block and router are DeepSeek-V3's (transformers generates one from the other)
     "glm4_moe": _deepseek_v3,
+    "dots1": _deepseek_v3,  # dots.llm1: DeepSeek-V3's router, shared experts and dense first layers
     "switch_transformers": _switch,
 }
 

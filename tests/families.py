@@ -19,6 +19,10 @@ from transformers import (
     DeepseekV2ForCausalLM,
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    Dots1Config,
+    Dots1ForCausalLM,
+    FlexOlmoConfig,
+    FlexOlmoForCausalLM,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
     MixtralConfig,
@@ -195,6 +199,42 @@ FAMILIES: dict[str, Family] = {
         _decoder_block,
         _topk_router,
         (1, 2),
+    ),
+    # dots.llm1: DeepSeek-V3 routing with no renormalisation (its default), 2 groups choose 1, dense first layer
+    "dots1": Family(
+        Dots1ForCausalLM,
+        lambda: Dots1Config(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            norm_topk_prob=False,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.5,
+        ),
+        _decoder_block,
+        _topk_router,
+        (1, 2),
+    ),
+    # FlexOLMo: OLMoE's router and experts, renormalised top-k
+    "flex_olmo": Family(
+        FlexOlmoForCausalLM,
+        lambda: FlexOlmoConfig(
+            **DECODER,
+            intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            pad_token_id=1,  # its defaults name OLMo's 100k vocabulary
+            eos_token_id=2,
+        ),
+        _decoder_block,
+        _topk_router,
+        (0, 1, 2),
     ),
     # top-1, float32 router, capacity 3 per batch from the config; sparse blocks 1 and 3 of 4
     "switch": Family(

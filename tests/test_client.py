@@ -39,7 +39,7 @@ class ServedFamily:
     moe_layers: tuple[int, ...]
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1"])
 def served(
     request: pytest.FixtureRequest,
     ray_cluster: str,

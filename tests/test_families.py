@@ -33,6 +33,8 @@ CASES = [
     pytest.param("olmoe", torch.float32, id="olmoe-fp32"),
     pytest.param("deepseek_v2", torch.float32, id="deepseek_v2-fp32"),
     pytest.param("glm4_moe", torch.bfloat16, id="glm4_moe-bf16"),
+    pytest.param("dots1", torch.bfloat16, id="dots1-bf16"),
+    pytest.param("flex_olmo", torch.float32, id="flex_olmo-fp32"),
 ]
 
 

@@ -1,6 +1,7 @@
 """`patch_model`: swap every MoE block of a loaded transformers model for a `RemoteMoE` served by a gateway.
 
-Supported: Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3 causal LMs (or their base models), whose
+Supported: the causal LMs (or their base models) of SUPPORTED_MODEL_TYPES (Mixtral, Qwen2/3-MoE, OLMoE,
+FlexOlmo, DeepSeek-V2/V3, GLM-4.5, dots.llm1), whose
 decoder layer i keeps its MoE block at `layers[i].mlp`. A layer is an MoE layer when that block has
 a child of the family's router class (the class transformers records router logits from); dense
 layers (`mlp_only_layers`, `decoder_sparse_step`, `first_k_dense_replace`) are left alone.
@@ -41,10 +42,13 @@ SUPPORTED_MODEL_TYPES: dict[str, FamilySupport] = {
     "qwen2_moe": FamilySupport("qwen_moe"),
     "qwen3_moe": FamilySupport("qwen_moe"),
     "olmoe": FamilySupport("qwen_moe"),
-    # DeepSeek-V2/V3's routers (and GLM-4.5's copy): F.linear(hidden.type(torch.float32), weight.type(torch.float32))
+    "flex_olmo": FamilySupport("qwen_moe"),
+    # DeepSeek-V2/V3's routers (copied by GLM-4.5 and dots.llm1):
+    # F.linear(hidden.type(torch.float32), weight.type(torch.float32))
     "deepseek_v2": FamilySupport("deepseek_v2", router_logits_in_float32=True),
     "deepseek_v3": FamilySupport("deepseek_v3", router_logits_in_float32=True),
     "glm4_moe": FamilySupport("deepseek_v3", router_logits_in_float32=True),
+    "dots1": FamilySupport("deepseek_v3", router_logits_in_float32=True),
 }
 
 
@@ -96,7 +100,7 @@ def patch_model(
     """Replace every MoE block of `model` in place by a RemoteMoE served at `url`; return the patched layer indices.
 
     Args:
-        model: a loaded Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 model (causal LM or base model).
+        model: a loaded model of a SUPPORTED_MODEL_TYPES family (causal LM or base model).
         url: the gateway's "host:port", or a MoEClient to share (one channel for every block).
         model_name: the served model's name. Default: the name of the directory the model was loaded
             from, which is what `moe-serve up --checkpoint DIR` serves unless given `--model-name`.
