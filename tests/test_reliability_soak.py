@@ -18,6 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from moe_serve.bench.reference import reference_layers
 from moe_serve.bench.resources import Sample, growth_after
 from moe_serve.bench.soak import (
     FD_GROWTH_TOLERANCE,
@@ -30,7 +31,9 @@ from moe_serve.bench.soak import (
     run_soak,
 )
 from moe_serve.bench.soak_load import LoadMix, token_count
+from moe_serve.checkpoint import Checkpoint
 from moe_serve.cli import app
+from tests.families import FAMILIES, load_reference, reference_output, reference_routing, save_family
 
 SOAK_S = 60.0
 WORKERS = 2
@@ -79,6 +82,31 @@ def test_a_minute_of_mixed_load_leaks_nothing_and_every_answer_is_exact(
         requests_per_s=result.requests_per_s,
         warm_up_s=SOAK_S * result.config["warmup_fraction"],
     )
+
+
+def test_a_deepseek_v3_checkpoint_soaks_with_every_answer_checked(ray_cluster, tmp_path) -> None:
+    # not only Mixtral: answers are checked against the blocks transformers loads from the checkpoint
+    checkpoint = save_family("deepseek_v3", tmp_path / "deepseek_v3")
+    result = run_soak(SoakConfig(duration_s=8.0, checkpoint=checkpoint, workers=WORKERS, warmup_fraction=0.25))
+
+    requests = result.requests
+    assert requests["wrong_answers"] == 0, requests["wrong_examples"]
+    assert not requests["unexpected_failures"], requests["unexpected_examples"]
+    assert requests["ok"] > 100
+    assert result.passed, result.violations
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_the_soak_reference_is_the_familys_own_block_and_router(family: str, tmp_path) -> None:
+    directory = save_family(family, tmp_path / family)
+    references = reference_layers(Checkpoint(directory), torch.float32)
+    model = load_reference(family, directory, torch.float32)
+    assert sorted(references) == list(FAMILIES[family].moe_layers)
+    hidden = torch.randn(7, 64, generator=torch.Generator().manual_seed(3))
+    for layer, reference in references.items():
+        logits, _ = reference_routing(family, model, layer, hidden)
+        torch.testing.assert_close(reference.output(hidden), reference_output(family, model, layer, hidden))
+        torch.testing.assert_close(reference.router_logits(hidden), logits, rtol=0, atol=0)
 
 
 def samples(rss: list[float], fds: int = 20, threads: int = 9) -> list[Sample]:

@@ -17,13 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moe_serve.bench.reference import reference_block
+from moe_serve.bench.reference import reference_layers
 from moe_serve.bench.resources import ResourceSampler, growth_after
 from moe_serve.bench.soak_load import LoadMix, LoadTally, Target, run_load
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings
 from moe_serve.demo import ensure_demo_checkpoint
-from moe_serve.errors import ConfigurationError
 from moe_serve.launcher import Stack, init_ray, launch_stack
 from moe_serve.security import InternalTLS, open_channel
 
@@ -148,15 +147,6 @@ def settled_counters(stack: Stack, tls: InternalTLS | None) -> dict[str, int]:
     return counters
 
 
-def mixtral_checkpoint(config: SoakConfig) -> Path:
-    path = config.checkpoint if config.checkpoint is not None else ensure_demo_checkpoint(config.demo_dir)
-    family = Checkpoint(path).spec.routing.family
-    if family != "mixtral":
-        # the in-process reference (moe_serve.bench.reference) is transformers' Mixtral block
-        raise ConfigurationError(f"soak checks answers against the Mixtral block; {path} is a {family!r} checkpoint")
-    return path
-
-
 def evaluate(result: SoakResult) -> list[str]:
     """Every limit the run exceeded, in words (empty: passed)."""
     violations = []
@@ -193,7 +183,7 @@ def run_soak(config: SoakConfig, progress: Callable[[str], None] = logger.info) 
 
     from moe_serve.bench.runner import machine_info
 
-    checkpoint_dir = mixtral_checkpoint(config)
+    checkpoint_dir = config.checkpoint if config.checkpoint is not None else ensure_demo_checkpoint(config.demo_dir)
     checkpoint = Checkpoint(checkpoint_dir)
     spec = checkpoint.spec
     layers = list(spec.moe_layers)
@@ -211,7 +201,7 @@ def run_soak(config: SoakConfig, progress: Callable[[str], None] = logger.info) 
             "thread_growth": THREAD_GROWTH_TOLERANCE,
         },
     )
-    references = {layer: reference_block(checkpoint, layer, "eager", spec.dtype) for layer in layers}
+    references = reference_layers(checkpoint, spec.dtype)
     settings = UpSettings(port=0, workers=config.workers, log_level="WARNING")
     owns_ray = not ray.is_initialized()
     if owns_ray:

@@ -25,7 +25,7 @@ import grpc
 import torch
 
 from moe_serve import codec
-from moe_serve.bench.reference import run_block
+from moe_serve.bench.reference import ReferenceLayer
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from moe_serve.grpc_utils import channel_options
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
@@ -105,7 +105,7 @@ class Target:
     model_name: str
     hidden_size: int
     dtype: torch.dtype
-    references: dict[int, torch.nn.Module]  # MoE layer -> transformers block
+    references: dict[int, ReferenceLayer]  # MoE layer -> transformers' block and router
 
     @property
     def tolerance(self) -> float:
@@ -138,11 +138,10 @@ def check_answer(
         output.name: codec.tensor_from_bytes(raw, output.datatype, list(output.shape))
         for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     }
-    block = target.references[layer]
-    expected = {"output": run_block(block, hidden)}
+    reference = target.references[layer]
+    expected = {"output": reference.output(hidden)}
     if logits:
-        with torch.inference_mode():
-            expected["router_logits"] = block.gate(hidden)[0].float()
+        expected["router_logits"] = reference.router_logits(hidden)
     for name, reference in expected.items():
         served = tensors.get(name)
         if served is None or served.shape != reference.shape:
