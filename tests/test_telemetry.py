@@ -26,7 +26,14 @@ from moe_serve.config import UpSettings
 from moe_serve.launcher import launch_stack, start_service_process
 from moe_serve.top import render
 from tests.conftest import REDIS_URL
-from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
+from tests.helpers import (
+    infer_request,
+    kserve_stub,
+    reference_blocks,
+    reference_forward,
+    response_tensors,
+    wait_until,
+)
 
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,14 +107,23 @@ def test_every_service_exports_its_metrics_with_bounded_labels(observed_stack, c
         refused = sum(1 for f in burst if f.exception() is not None)
     assert refused >= 1
 
-    gateway = scrape(stack.gateway.ready["metrics_address"])
+    metrics_address = stack.gateway.ready["metrics_address"]
+
+    def every_answered_token_counted() -> bool:
+        samples = scrape(metrics_address)
+        rows = total(samples, "moe_serve_expert_rows_total", layer="0")
+        return rows == 2 * total(samples, "moe_serve_tokens_total", direction="out")
+
+    # routing statistics are counted just after the answer leaves (off the critical path): wait for them
+    wait_until(every_answered_token_counted, 5, "routing statistics of every answered token")
+    gateway = scrape(metrics_address)
+    ok_tokens = total(gateway, "moe_serve_tokens_total", direction="out")
     assert total(gateway, "moe_serve_requests_total", status_code="OK") >= 5
     assert total(gateway, "moe_serve_requests_total", status_code="INVALID_ARGUMENT") == 1
     assert total(gateway, "moe_serve_requests_total", status_code="RESOURCE_EXHAUSTED") == refused
     assert total(gateway, "moe_serve_admission_rejections_total", reason="inflight_tokens") == refused
     assert total(gateway, "moe_serve_request_duration_seconds_count", status_code="OK") >= 5
     assert total(gateway, "moe_serve_tokens_total", direction="in") >= 100
-    ok_tokens = total(gateway, "moe_serve_tokens_total", direction="out")
     # every kept slot of every answered token was routed to some expert of layer 0
     assert total(gateway, "moe_serve_expert_rows_total", layer="0") == 2 * ok_tokens
     assert total(gateway, "moe_serve_expert_dropped_total") == 0
