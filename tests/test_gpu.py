@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -60,3 +66,24 @@ def test_stack_with_gpu_workers_equals_transformers(ray_cluster, checkpoints) ->
         torch.testing.assert_close(result["output"].float(), expected.float(), rtol=1.6e-2, atol=1e-2)
     finally:
         stack.stop()
+
+
+def test_bench_on_the_gpu_reports_tokens_per_s_and_the_share_of_peak(tmp_path: Path) -> None:
+    output = tmp_path / "results"
+    command = [sys.executable, "-m", "moe_serve", "bench", "--device", "cuda", "--dtype", "bfloat16"]
+    command += ["--hidden-size", "256", "--intermediate-size", "512", "--latency-requests", "20"]
+    command += ["--throughput-tokens", "512", "--throughput-requests", "4", "--rounds", "2"]
+    command += ["--sections", "sweep", "--sweep-tokens", "1,512,4096", "--output-dir", str(output)]
+    # a Ray of its own (RAY_ADDRESS=local), beside the test session's, shut down when the bench ends
+    environment = {**os.environ, "RAY_ADDRESS": "local"}
+    completed = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    result = json.loads((output / "latest.json").read_text())
+    gpu = result["gpu"]
+    assert gpu["dtype"] == "bfloat16" and gpu["device"] == torch.cuda.get_device_name()
+    assert gpu["peak_matmul_tflops"] > 10  # any CUDA GPU's bf16 tensor cores
+    assert gpu["served"]["tokens_per_s"] == result["served"]["tokens_per_s"] > 0
+    for subject in ("served", "reference"):
+        assert 0 < gpu[subject]["fraction_of_peak"] < 1
+    assert [point["tokens"] for point in gpu["sweep"]["served"]] == [1, 512, 4096]
+    assert result["machine"]["gpu"] == gpu["device"]

@@ -34,7 +34,10 @@ def reference_block(checkpoint: Checkpoint, layer: int, implementation: str, dty
 
 def run_block(block: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
-        return block(hidden.unsqueeze(0))[0]
+        output = block(hidden.unsqueeze(0))[0]
+    if output.is_cuda:
+        torch.cuda.synchronize(output.device)  # a timed call measures the work, not its launch
+    return output
 
 
 @dataclass(frozen=True)

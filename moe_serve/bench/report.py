@@ -185,9 +185,43 @@ def print_sweep_report(result: BenchResult, console: Console) -> None:
     console.print(table)
 
 
+def print_gpu_report(result: BenchResult, console: Console) -> None:
+    gpu = result.gpu
+    if not gpu:
+        return
+    table = Table(
+        title=f"{gpu['device']}, {gpu['dtype']}: share of the measured matmul peak "
+        f"({gpu['peak_matmul_tflops']:.0f} TFLOP/s at {gpu['peak_matmul_size']}^3); "
+        f"{gpu['flops_per_token'] / 1e6:.1f} MFLOP per token"
+    )
+    for column in ("subject", "T", "tokens/s", "TFLOP/s", "of peak"):
+        table.add_column(column)
+    t = result.config["throughput_tokens"]
+    for name in ("served", "reference"):
+        figures = gpu[name]
+        table.add_row(
+            name,
+            str(t),
+            f"{figures['tokens_per_s']:.0f}",
+            f"{figures['tflops']:.2f}",
+            f"{figures['fraction_of_peak']:.2%}",
+        )
+    for name, points in gpu["sweep"].items():
+        best = max(points, key=lambda point: point["tokens_per_s"])
+        table.add_row(
+            f"{name} (sweep, best T)",
+            str(best["tokens"]),
+            f"{best['tokens_per_s']:.0f}",
+            f"{best['tflops']:.2f}",
+            f"{best['fraction_of_peak']:.2%}",
+        )
+    console.print(table)
+
+
 def bench_report(result: BenchResult, console: Console) -> None:
     """Every table of a benchmark result, core comparison first."""
     print_report(result, console)
+    print_gpu_report(result, console)
     print_rayserve_report(result, console)
     print_sweep_report(result, console)
     print_routing_report(result, console)

@@ -62,6 +62,7 @@ def concurrency_sweep(
     stack: Stack,
     make_request: Any,
     hidden_size: int,
+    dtype: torch.dtype = torch.float32,
     tokens: int = 64,
     client_counts: tuple[int, ...] = (1, 4, 16),
     requests_per_client: int = 12,
@@ -70,7 +71,8 @@ def concurrency_sweep(
     """Throughput and latency at T=`tokens` for each client count, batching off and on."""
     generator = torch.Generator().manual_seed(1)
     requests = [
-        make_request(stack.model_name, torch.randn(tokens, hidden_size, generator=generator)) for _ in range(16)
+        make_request(stack.model_name, torch.randn(tokens, hidden_size, generator=generator).to(dtype))
+        for _ in range(16)
     ]
     results: dict[str, list[dict[str, Any]]] = {"batching_off": [], "batching_on": []}
     batched = extra_gateway(stack, "gateway-batched", "--batch-window-ms", str(batch_window_ms))

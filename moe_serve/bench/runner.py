@@ -45,6 +45,9 @@ T1_DISTINCT_TOKENS = 64
 VERIFY_TOKENS = 64
 
 
+GPU_SECTIONS = frozenset({"sweep", "concurrency", "capacity"})
+
+
 @dataclass
 class BenchConfig:
     """The standard shape by default: d=1024, d_ff=2816, E=8, top-2, FP32."""
@@ -71,6 +74,21 @@ class BenchConfig:
     sweep_rounds: int = 3
     checkpoint_root: Path = Path(".moe-serve")
     output_dir: Path = Path("benchmarks/results")
+    # "cuda": the workers and the in-process reference compute on the GPU (one GPU shared by the workers)
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
+        unsupported = set(self.sections) - GPU_SECTIONS
+        if self.device == "cuda" and unsupported:
+            # those sections start stacks or deployments of their own, which place experts on the CPU
+            raise ValueError(
+                f"sections {', '.join(sorted(unsupported))} run on the CPU only; "
+                f"with device cuda pass sections from {', '.join(sorted(GPU_SECTIONS))}"
+            )
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda: torch sees no CUDA GPU on this machine")
 
 
 @dataclass
@@ -87,6 +105,8 @@ class BenchResult:
     offload: dict[str, Any] = field(default_factory=dict)
     rayserve: dict[str, Any] = field(default_factory=dict)
     throughput_sweep: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # device cuda only: tokens/s as TFLOP/s and as a fraction of the GPU's measured matmul peak
+    gpu: dict[str, Any] = field(default_factory=dict)
     # raw T=1 latencies (ms) per subject, for the latency CDF plot
     t1_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
@@ -330,7 +350,11 @@ def rayserve_section(
 
 
 def sweep_subjects(
-    stack: Stack, channel: grpc.Channel, blocks: dict[str, torch.nn.Module], layer: RayServeLayer | None
+    stack: Stack,
+    channel: grpc.Channel,
+    blocks: dict[str, torch.nn.Module],
+    layer: RayServeLayer | None,
+    device: torch.device,
 ) -> list[SweepSubject]:
     """Served, both reference implementations and (when deployed) Ray Serve, for the throughput sweep."""
     stub = kserve_grpc.GRPCInferenceServiceStub(channel)
@@ -341,7 +365,9 @@ def sweep_subjects(
             call=lambda request: stub.ModelInfer(request, timeout=120),
         ),
         *(
-            SweepSubject(f"reference-{name}", prepare=lambda hidden: hidden, call=lambda h, b=block: run_block(b, h))
+            SweepSubject(
+                f"reference-{name}", prepare=lambda hidden: hidden.to(device), call=lambda h, b=block: run_block(b, h)
+            )
             for name, block in blocks.items()
         ),
     ]
@@ -369,18 +395,26 @@ def run_bench(config: BenchConfig) -> BenchResult:
     result = BenchResult(
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, machine=machine_info()
     )
+    device = torch.device(config.device)
     init_ray(log_to_driver=False)
-    stack = launch_stack(UpSettings(port=0, workers=config.workers, log_level="WARNING"), checkpoint_dir)
+    # on a GPU the workers share it: Ray gives each an equal fraction, and each computes on it
+    gpus_per_worker = 1.0 / config.workers if device.type == "cuda" else 0.0
+    stack = launch_stack(
+        UpSettings(port=0, workers=config.workers, worker_num_gpus=gpus_per_worker, log_level="WARNING"),
+        checkpoint_dir,
+    )
     echo = start_service_process("echo", [], module="moe_serve.bench.echo")
     options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
-    blocks = {name: reference_block(checkpoint, 0, name, dtype) for name in REFERENCE_IMPLEMENTATIONS}
+    blocks = {name: reference_block(checkpoint, 0, name, dtype).to(device) for name in REFERENCE_IMPLEMENTATIONS}
+    # the in-process reference gets its input where it computes, as a model running the block locally would
+    reference_inputs = {tokens: hidden.to(device) for tokens, hidden in inputs.items()}
     try:
         with (
             grpc.insecure_channel(stack.address, options=options) as served_channel,
             grpc.insecure_channel(echo.address) as echo_channel,
         ):
             subjects = [
-                *reference_subjects(blocks, config, inputs),
+                *reference_subjects(blocks, config, reference_inputs),
                 served_subject(stack, served_channel, config, inputs),
                 echo_subject(echo.address, echo_channel),
             ]
@@ -395,14 +429,14 @@ def run_bench(config: BenchConfig) -> BenchResult:
                     result.t1_samples_ms.update(samples)
                 if "sweep" in config.sections:
                     result.throughput_sweep = throughput_sweep(
-                        sweep_subjects(stack, served_channel, blocks, layer),
+                        sweep_subjects(stack, served_channel, blocks, layer, device),
                         config.hidden_size,
                         dtype,
                         min(config.rounds, config.sweep_rounds),
                         config.sweep_tokens,
                     )
         if "concurrency" in config.sections:
-            result.concurrency = concurrency_sweep(stack, make_request, config.hidden_size)
+            result.concurrency = concurrency_sweep(stack, make_request, config.hidden_size, dtype)
         if "capacity" in config.sections:
             gate = Checkpoint(checkpoint_dir).router_weights(0).gate
             result.capacity = drop_rates(stack, make_request, gate, config.top_k)
@@ -430,6 +464,15 @@ def run_bench(config: BenchConfig) -> BenchResult:
         REFERENCE_IMPLEMENTATIONS, key=lambda name: result.reference[name]["t1_latency_ms"]["p50"]
     )
     result.ratios = compute_ratios(result, config, checkpoint)
+    if device.type == "cuda":
+        from moe_serve.bench.gpu import gpu_figures, matmul_peak_tflops
+
+        best = result.reference[result.reference["best_throughput"]]["tokens_per_s"]
+        peak = matmul_peak_tflops(dtype, device)
+        name = torch.cuda.get_device_name(device)
+        result.gpu = gpu_figures(
+            result.served["tokens_per_s"], best, result.throughput_sweep, config, peak, name, dtype
+        )
     return result
 
 

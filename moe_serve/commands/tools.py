@@ -46,6 +46,17 @@ def init_demo(
     )
 
 
+def parse_tokens(text: str) -> tuple[int, ...]:
+    """Parse "1,16,256" into (1, 16, 256); anything but positive whole numbers is a ValueError."""
+    try:
+        tokens = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        tokens = ()
+    if not tokens or min(tokens) < 1:
+        raise ValueError(f"--sweep-tokens takes positive whole numbers separated by commas, not {text!r}")
+    return tokens
+
+
 @app.command(rich_help_panel="Tools")
 def bench(
     hidden_size: int = 1024,
@@ -54,10 +65,19 @@ def bench(
     top_k: int = 2,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     workers: Annotated[int, typer.Option(help="Expert workers of the served stack.")] = 2,
+    device: Annotated[
+        str, typer.Option(help="cpu, or cuda: workers share the GPU and the in-process reference runs on it.")
+    ] = "cpu",
     latency_requests: Annotated[int, typer.Option(help="Requests timed at T=1.")] = 200,
     throughput_tokens: Annotated[int, typer.Option(help="T of the throughput requests.")] = 2048,
     throughput_requests: Annotated[int, typer.Option(help="Requests timed for throughput.")] = 10,
     rounds: Annotated[int, typer.Option(help="Alternating measurement rounds.")] = 5,
+    sweep_tokens: Annotated[
+        str | None,
+        typer.Option(
+            help="T values of the throughput sweep, comma-separated (default 1 to 2048; a GPU fills at larger T)."
+        ),
+    ] = None,
     sections: Annotated[
         str,
         typer.Option(
@@ -83,20 +103,26 @@ def bench(
     from moe_serve.bench.runner import BenchConfig, run_bench, write_result
 
     configure_logging("WARNING")
-    config = BenchConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_experts=num_experts,
-        top_k=top_k,
-        dtype=dtype,
-        workers=workers,
-        latency_requests=latency_requests,
-        throughput_tokens=throughput_tokens,
-        throughput_requests=throughput_requests,
-        rounds=rounds,
-        sections=tuple(filter(None, (part.strip() for part in sections.split(",")))),
-        output_dir=output_dir,
-    )
+    try:
+        config = BenchConfig(
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_experts=num_experts,
+            top_k=top_k,
+            dtype=dtype,
+            workers=workers,
+            latency_requests=latency_requests,
+            throughput_tokens=throughput_tokens,
+            throughput_requests=throughput_requests,
+            rounds=rounds,
+            **({"sweep_tokens": parse_tokens(sweep_tokens)} if sweep_tokens else {}),
+            sections=tuple(filter(None, (part.strip() for part in sections.split(",")))),
+            output_dir=output_dir,
+            device=device,
+        )
+    except ValueError as error:
+        console.print(f"[red]error[/red]: {error}")
+        raise typer.Exit(2) from None
     result = run_bench(config)
     bench_report(result, Console())
     for path in write_result(result, output_dir):
