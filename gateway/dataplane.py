@@ -12,6 +12,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import torch
 from grpc import aio
@@ -50,12 +51,14 @@ class DataPlane:
         batch_window_s: float = 0.0,
         max_batch_tokens: int = 8192,
         max_message_bytes: int = 0,
+        pipeline_chunk_tokens: int = 0,
     ) -> None:
         self.model, self.router, self._model_info = model, router, model_info
         self.admission, self.pending, self.delivery_address = admission, pending, delivery_address
         self.policy, self.counters, self.window, self.tracer, self.wire = policy, counters, window, tracer, wire
         self.max_inflight_rows_per_replica = max_inflight_rows_per_replica
         self.max_message_bytes = max_message_bytes  # the hops' limit; 0 = not known here, not checked
+        self.pipeline_chunk_tokens = pipeline_chunk_tokens
         self.draining = False  # set on shutdown: new requests are refused, admitted ones finish
         self.batcher = (
             DynamicBatcher(self.dispatch, batch_window_s, max_batch_tokens, tracer) if batch_window_s > 0 else None
@@ -79,7 +82,39 @@ class DataPlane:
         with self.admission.admit(request.num_tokens):
             if self.batcher is not None:
                 return await self.batcher.submit(request, deadline)
+            chunks = self._pipeline_chunks(request)
+            if len(chunks) > 1:
+                return await self._pipelined(chunks, deadline)
             return (await self.dispatch([request], deadline))[0]
+
+    def _pipeline_chunks(self, request: InferenceRequest) -> list[InferenceRequest]:
+        """`request` as near-equal token chunks of at most pipeline_chunk_tokens, or alone.
+
+        Only where chunks are independent: a capacity limit counts rows over the whole batch, and a
+        sequence's token order (prefetch hints) holds for one request. Near-equal sizes, not a
+        short remainder: CPU BLAS takes another path for one or two rows, whose sums differ.
+        """
+        chunk = self.pipeline_chunk_tokens
+        if not chunk or request.num_tokens <= chunk or not self.policy.dropless or request.sequence_id:
+            return [request]
+        parts = -(-request.num_tokens // chunk)
+        return [replace(request, hidden_states=part) for part in request.hidden_states.tensor_split(parts)]
+
+    async def _pipelined(self, chunks: list[InferenceRequest], deadline: float) -> InferenceResult:
+        """Dispatch the chunks concurrently (each a batch of its own) and join their results in order.
+
+        While the router gates one chunk, the workers compute another and the gateway combines a
+        third. A failing chunk cancels the others (TaskGroup), so the request fails as a whole.
+        """
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(self.dispatch([chunk], deadline)) for chunk in chunks]
+        results = [task.result()[0] for task in tasks]
+        return InferenceResult(
+            tensors={name: torch.cat([r.tensors[name] for r in results]) for name in results[0].tensors},
+            dropped_slots=sum(r.dropped_slots for r in results),
+            rerouted_slots=sum(r.rerouted_slots for r in results),
+            dispatched_at=min(r.dispatched_at for r in results),
+        )
 
     async def dispatch(self, requests: list[InferenceRequest], deadline: float) -> list[InferenceResult]:
         """Route, collect and combine `requests` as one batch; each gets its own rows back."""

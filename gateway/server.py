@@ -137,6 +137,7 @@ class GatewayService:
             max_inflight_rows_per_replica=settings.max_inflight_rows_per_replica,
             batch_window_s=settings.batch_window_ms / 1000,
             max_batch_tokens=settings.max_batch_tokens,
+            pipeline_chunk_tokens=settings.pipeline_chunk_tokens,
             max_message_bytes=settings.max_message_bytes,
         )
         self.public_server, port = create_server(

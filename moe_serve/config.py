@@ -139,6 +139,13 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         "within this window are dispatched together; 0 = off.",
     )
     max_batch_tokens: int = Field(8192, gt=0, description="Most tokens in one cross-request batch.")
+    pipeline_chunk_tokens: int = Field(
+        0,
+        ge=0,
+        description="Pipelining: a request of more than this many tokens is routed as near-equal chunks of at most "
+        "this size, concurrently, so router, workers and combine overlap (dropless capacity only; results "
+        "stay within floating-point tolerance of the whole batch, BF16 bits may differ); 0 = off.",
+    )
     load_window_s: float = Field(
         60.0,
         gt=0,
@@ -262,5 +269,6 @@ class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
     capacity_factor: float | None = Field(None, ge=0.0, description="Expert capacity factor (unset: the model's own).")
     overflow: Literal["drop", "reroute", "dropless"] | None = Field(None, description="Overflow rule over capacity.")
     batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")
+    pipeline_chunk_tokens: int = Field(0, ge=0, description="Gateway pipelining chunk in tokens (0 = off).")
     prefetch: bool = Field(True, description="Router hints offloading workers which experts come next.")
     max_inflight_tokens: int = Field(65536, gt=0, description="Gateway admission bound, in tokens.")

@@ -324,6 +324,8 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
             str(settings.max_inflight_tokens),
             "--batch-window-ms",
             str(settings.batch_window_ms),
+            "--pipeline-chunk-tokens",
+            str(settings.pipeline_chunk_tokens),
             *_common_flags(settings),
             *_metrics_flags(settings.metrics_port),
             *_public_security_flags(settings),

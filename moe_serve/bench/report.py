@@ -171,18 +171,26 @@ def print_rayserve_report(result: BenchResult, console: Console) -> None:
     console.print(table)
 
 
-def print_sweep_report(result: BenchResult, console: Console) -> None:
-    if not result.throughput_sweep:
+def print_tokens_table(title: str, points: dict[str, list[dict]], console: Console) -> None:
+    """One row per T, one column per subject: tokens/s."""
+    if not points:
         return
-    names = list(result.throughput_sweep)
-    table = Table(title="single-client tokens/s against T (alternating rounds)")
+    names = list(points)
+    table = Table(title=title)
     table.add_column("T")
     for name in names:
         table.add_column(name)
-    tokens = [row["tokens"] for row in result.throughput_sweep[names[0]]]
+    tokens = [row["tokens"] for row in points[names[0]]]
     for index, count in enumerate(tokens):
-        table.add_row(str(count), *(f"{result.throughput_sweep[name][index]['tokens_per_s']:.0f}" for name in names))
+        table.add_row(str(count), *(f"{points[name][index]['tokens_per_s']:.0f}" for name in names))
     console.print(table)
+
+
+def print_sweep_report(result: BenchResult, console: Console) -> None:
+    print_tokens_table("single-client tokens/s against T (alternating rounds)", result.throughput_sweep, console)
+    print_tokens_table(
+        "gateway pipelining: single-client tokens/s, whole requests vs chunks", result.pipelining, console
+    )
 
 
 def print_gpu_report(result: BenchResult, console: Console) -> None:

@@ -45,7 +45,7 @@ T1_DISTINCT_TOKENS = 64
 VERIFY_TOKENS = 64
 
 
-GPU_SECTIONS = frozenset({"sweep", "concurrency", "capacity"})
+GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity"})
 
 
 @dataclass
@@ -76,6 +76,8 @@ class BenchConfig:
     output_dir: Path = Path("benchmarks/results")
     # "cuda": the workers and the in-process reference compute on the GPU (one GPU shared by the workers)
     device: str = "cpu"
+    # the served stack's gateway pipelining (0 = off, the default of `moe-serve up`)
+    pipeline_chunk_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -105,6 +107,8 @@ class BenchResult:
     offload: dict[str, Any] = field(default_factory=dict)
     rayserve: dict[str, Any] = field(default_factory=dict)
     throughput_sweep: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # gateway pipelining: single-client tokens/s at large T, whole requests against chunked ones
+    pipelining: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # device cuda only: tokens/s as TFLOP/s and as a fraction of the GPU's measured matmul peak
     gpu: dict[str, Any] = field(default_factory=dict)
     # raw T=1 latencies (ms) per subject, for the latency CDF plot
@@ -400,7 +404,13 @@ def run_bench(config: BenchConfig) -> BenchResult:
     # on a GPU the workers share it: Ray gives each an equal fraction, and each computes on it
     gpus_per_worker = 1.0 / config.workers if device.type == "cuda" else 0.0
     stack = launch_stack(
-        UpSettings(port=0, workers=config.workers, worker_num_gpus=gpus_per_worker, log_level="WARNING"),
+        UpSettings(
+            port=0,
+            workers=config.workers,
+            worker_num_gpus=gpus_per_worker,
+            pipeline_chunk_tokens=config.pipeline_chunk_tokens,
+            log_level="WARNING",
+        ),
         checkpoint_dir,
     )
     echo = start_service_process("echo", [], module="moe_serve.bench.echo")
@@ -435,6 +445,12 @@ def run_bench(config: BenchConfig) -> BenchResult:
                         min(config.rounds, config.sweep_rounds),
                         config.sweep_tokens,
                     )
+        if "pipelining" in config.sections:
+            from moe_serve.bench.pipelining import pipelining_comparison
+
+            result.pipelining = pipelining_comparison(
+                stack, make_request, config.hidden_size, dtype, min(config.rounds, config.sweep_rounds)
+            )
         if "concurrency" in config.sections:
             result.concurrency = concurrency_sweep(stack, make_request, config.hidden_size, dtype)
         if "capacity" in config.sections:
@@ -470,9 +486,8 @@ def run_bench(config: BenchConfig) -> BenchResult:
         best = result.reference[result.reference["best_throughput"]]["tokens_per_s"]
         peak = matmul_peak_tflops(dtype, device)
         name = torch.cuda.get_device_name(device)
-        result.gpu = gpu_figures(
-            result.served["tokens_per_s"], best, result.throughput_sweep, config, peak, name, dtype
-        )
+        curves = {**result.throughput_sweep, **{f"pipelining, {k}": v for k, v in result.pipelining.items()}}
+        result.gpu = gpu_figures(result.served["tokens_per_s"], best, curves, config, peak, name, dtype)
     return result
 
 

@@ -54,6 +54,10 @@ CapacityFactor = Annotated[
 ]
 Overflow = Annotated[str | None, typer.Option(help="Over capacity: drop, reroute or dropless.")]
 BatchWindow = Annotated[float | None, typer.Option(help="Cross-request batching window in ms (0 = off).")]
+PipelineChunk = Annotated[
+    int | None,
+    typer.Option(help="Route requests longer than this as concurrent chunks of at most this many tokens (0 = off)."),
+]
 
 # these three also read their MOE_SERVE_ variables in client commands (health, top), so container
 # health checks of internal services work unchanged when mutual TLS is switched on by environment

@@ -24,6 +24,7 @@ from moe_serve.commands.common import (
     MetricsPort,
     ModelName,
     Overflow,
+    PipelineChunk,
     RedisPrefix,
     RedisUrl,
     RegistryTtl,
@@ -55,6 +56,7 @@ def gateway(
         int | None, typer.Option(help="Bound on rows in flight per expert replica (0 = none).")
     ] = None,
     batch_window_ms: BatchWindow = None,
+    pipeline_chunk_tokens: PipelineChunk = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="Most tokens in one cross-request batch.")] = None,
     request_timeout: Annotated[float | None, typer.Option(help="Deadline (s) when the client sets none.")] = None,
     host: Host = None,
@@ -91,6 +93,7 @@ def gateway(
         max_request_tokens=max_request_tokens,
         max_inflight_rows_per_replica=max_inflight_rows_per_replica,
         batch_window_ms=batch_window_ms,
+        pipeline_chunk_tokens=pipeline_chunk_tokens,
         max_batch_tokens=max_batch_tokens,
         request_timeout_s=request_timeout,
         host=host,

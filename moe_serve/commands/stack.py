@@ -27,6 +27,7 @@ from moe_serve.commands.common import (
     MetricsPort,
     ModelName,
     Overflow,
+    PipelineChunk,
     RedisPrefix,
     RedisUrl,
     RegistryTtl,
@@ -54,6 +55,7 @@ def up(
     capacity_factor: CapacityFactor = None,
     overflow: Overflow = None,
     batch_window_ms: BatchWindow = None,
+    pipeline_chunk_tokens: PipelineChunk = None,
     max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
     rebalance: Annotated[
         float | None, typer.Option(help="Hot-expert replication: run the EPLB balancer every this many seconds.")
@@ -92,6 +94,7 @@ def up(
         capacity_factor=capacity_factor,
         overflow=overflow,
         batch_window_ms=batch_window_ms,
+        pipeline_chunk_tokens=pipeline_chunk_tokens,
         max_inflight_tokens=max_inflight_tokens,
         rebalance_interval_s=rebalance,
         autoscale_max_workers=autoscale_max_workers,

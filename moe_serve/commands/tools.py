@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moe_serve.commands.common import CheckpointDir, app, console
+from moe_serve.commands.common import CheckpointDir, PipelineChunk, app, console
 from moe_serve.grpc_utils import configure_logging
 
 
@@ -68,6 +68,7 @@ def bench(
     device: Annotated[
         str, typer.Option(help="cpu, or cuda: workers share the GPU and the in-process reference runs on it.")
     ] = "cpu",
+    pipeline_chunk_tokens: PipelineChunk = 0,
     latency_requests: Annotated[int, typer.Option(help="Requests timed at T=1.")] = 200,
     throughput_tokens: Annotated[int, typer.Option(help="T of the throughput requests.")] = 2048,
     throughput_requests: Annotated[int, typer.Option(help="Requests timed for throughput.")] = 10,
@@ -81,7 +82,8 @@ def bench(
     sections: Annotated[
         str,
         typer.Option(
-            help="Extra sections, comma-separated: rayserve, sweep, concurrency, capacity, replication, offload "
+            help="Extra sections, comma-separated: rayserve, sweep, concurrency, capacity, replication, offload, "
+            "pipelining "
             "('' for none)."
         ),
     ] = "rayserve,sweep,concurrency,capacity,replication,offload",
@@ -119,6 +121,7 @@ def bench(
             sections=tuple(filter(None, (part.strip() for part in sections.split(",")))),
             output_dir=output_dir,
             device=device,
+            pipeline_chunk_tokens=pipeline_chunk_tokens or 0,
         )
     except ValueError as error:
         console.print(f"[red]error[/red]: {error}")
