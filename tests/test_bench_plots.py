@@ -129,3 +129,12 @@ def test_plot_only_redraws_plots_beside_the_json(tmp_path: Path) -> None:
         tmp_path / "bench-20260101-000000-throughput.png",
         tmp_path / "bench-20260101-000000-latency-cdf.png",
     ]
+
+
+def test_large_token_counts_get_short_tick_labels() -> None:
+    result = synthetic_result()
+    for points in result["throughput_sweep"].values():
+        points += [{"tokens": t, "tokens_per_s": 3000.0, "requests": 1} for t in (8192, 16384)]
+    figure = throughput_figure(result)
+    labels = [label.get_text() for label in figure.axes[0].get_xticklabels()]
+    assert labels == ["1", "16", "64", "256", "1K", "2K", "8K", "16K"]
