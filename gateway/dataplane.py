@@ -104,10 +104,14 @@ class DataPlane:
         """Dispatch the chunks concurrently (each a batch of its own) and join their results in order.
 
         While the router gates one chunk, the workers compute another and the gateway combines a
-        third. A failing chunk cancels the others (TaskGroup), so the request fails as a whole.
+        third. A failing chunk cancels the others (TaskGroup), so the request fails as a whole,
+        with that chunk's error (and so its gRPC status), not the TaskGroup's exception group.
         """
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(self.dispatch([chunk], deadline)) for chunk in chunks]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self.dispatch([chunk], deadline)) for chunk in chunks]
+        except BaseExceptionGroup as failures:
+            raise failures.exceptions[0] from None
         results = [task.result()[0] for task in tasks]
         return InferenceResult(
             tensors={name: torch.cat([r.tensors[name] for r in results]) for name in results[0].tensors},

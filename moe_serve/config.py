@@ -143,7 +143,7 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         0,
         ge=0,
         description="Pipelining: a request of more than this many tokens is routed as near-equal chunks of at most "
-        "this size, concurrently, so router, workers and combine overlap (dropless capacity only; results "
+        "this size, concurrently, so router, workers and combine overlap (dropless capacity, batching off; results "
         "stay within floating-point tolerance of the whole batch, BF16 bits may differ); 0 = off.",
     )
     load_window_s: float = Field(

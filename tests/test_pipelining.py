@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+import grpc
 import pytest
 import torch
 
@@ -116,3 +117,17 @@ def test_a_capacity_limit_keeps_the_request_whole(stacks, gateway_for) -> None:
     assert int(whole["dropped_mask"].sum()) > 0  # the limit bites on this batch
     for name in OUTPUTS:
         assert torch.equal(result[name], whole[name]), name
+
+
+def test_a_failing_chunk_fails_the_request_with_its_own_status(stacks, gateway_for) -> None:
+    # the gateway's default deadline (no client deadline) passes while the chunks are in flight
+    stack = stacks(torch.float32)
+    hurried = gateway_for(torch.float32, "--pipeline-chunk-tokens", str(CHUNK), "--request-timeout", "0.001")
+    hidden = torch.randn(TOKENS, 64, generator=torch.Generator().manual_seed(70))
+    channel, stub = kserve_stub(hurried.address)
+    with channel, pytest.raises(grpc.RpcError) as failure:
+        stub.ModelInfer(infer_request(stack.model_name, hidden), timeout=None)
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, failure.value.details()
+    assert "deadline" in failure.value.details()
+    wait_until(lambda: gateway_stats(hurried.ready["delivery_address"]).pending_dispatches == 0, 5, "chunks closed")
+    assert gateway_stats(hurried.ready["delivery_address"]).inflight_requests == 0
