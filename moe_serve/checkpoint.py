@@ -4,7 +4,8 @@ A worker materialises only its own experts and the router only the router weight
 weights (attention, embeddings) are never read. Read layouts:
 - decoder MoE blocks `model.layers.N.{block_sparse_moe|mlp}` (Mixtral, Qwen-MoE, DeepSeek-V3), with
   per-expert files (`experts.M.w1/w3/w2` or `experts.M.gate_proj/up_proj/down_proj`) or the fused
-  `experts.gate_up_proj` [E, 2*d_ff, d] / `experts.down_proj` [E, d, d_ff]; shared experts
+  `experts.gate_up_proj` [E, 2*d_ff, d] / `experts.down_proj` [E, d, d_ff]; Granite-MoE's
+  `block_sparse_moe.router.layer` with fused `input_linear` / `output_linear`; shared experts
   (`shared_expert`, `shared_experts`), the shared-expert gate and DeepSeek's selection bias;
 - Switch Transformers' `{encoder|decoder}.block.N.layer.M.mlp` with `router.classifier` and
   `experts.expert_J.wi/wo`.
@@ -28,10 +29,13 @@ from moe_serve.model_spec import ExpertKind, MoEModelSpec, load_config, spec_fro
 
 INDEX_FILE = "model.safetensors.index.json"
 _DECODER_GATE = re.compile(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.gate\.weight$")
+_GRANITE_ROUTER = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.router\.layer\.weight$")
 _SWITCH_ROUTER = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.mlp\.router\.classifier\.weight$")
 # per-expert projection names, (gate, up, down) for SwiGLU experts and (wi, wo) for dense ones
 _SWIGLU_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 _SHARED_PREFIXES = ("shared_expert", "shared_experts")
+# fused [E, 2*d_ff, d] ([gate; up]) and [E, d, d_ff] tensors, relative to the block's prefix
+_FUSED_NAMES = (("experts.gate_up_proj", "experts.down_proj"), ("input_linear.weight", "output_linear.weight"))
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,8 @@ class RouterWeights:
 @dataclass(frozen=True)
 class _LayerLayout:
     prefix: str  # e.g. "model.layers.3.mlp" or "encoder.block.1.layer.1.mlp"
-    router_prefix: str  # "<prefix>.gate" or "<prefix>.router.classifier"
-    fused: bool
+    router_prefix: str  # "<prefix>.gate", "<prefix>.router.layer" or "<prefix>.router.classifier"
+    fused_names: tuple[str, str] | None  # full names of the fused (gate_up, down) tensors, when fused
     expert_names: tuple[str, ...]  # per-expert name patterns with {e}, when not fused
     shared_names: tuple[str, ...] | None
 
@@ -117,13 +121,14 @@ class Checkpoint:
         if expert == spec.shared_expert_id:
             assert layout.shared_names is not None
             names = layout.shared_names
-        elif layout.fused:
+        elif layout.fused_names is not None:
             names = ()
         else:
             names = tuple(pattern.format(e=expert) for pattern in layout.expert_names)
         if not names:
-            up = self._read_slice(f"{layout.prefix}.experts.gate_up_proj", expert)
-            down = self._read_slice(f"{layout.prefix}.experts.down_proj", expert)
+            assert layout.fused_names is not None
+            up = self._read_slice(layout.fused_names[0], expert)
+            down = self._read_slice(layout.fused_names[1], expert)
         elif shape.kind == "swiglu":
             up = torch.cat([self._read(names[0]), self._read(names[1])], dim=0)
             # safetensors hands out views of its memory map; own the bytes so close() can unmap them
@@ -176,6 +181,9 @@ class Checkpoint:
             if match := _DECODER_GATE.match(name):
                 prefix = name.removesuffix(".gate.weight")
                 layouts[int(match.group(1))] = self._layer_layout(spec, prefix, f"{prefix}.gate")
+            elif match := _GRANITE_ROUTER.match(name):
+                prefix = name.removesuffix(".router.layer.weight")
+                layouts[int(match.group(1))] = self._layer_layout(spec, prefix, f"{prefix}.router.layer")
             elif match := _SWITCH_ROUTER.match(name):
                 prefix = name.removesuffix(".router.classifier.weight")
                 block = int(match.group(2))
@@ -187,9 +195,10 @@ class Checkpoint:
 
     def _layer_layout(self, spec: MoEModelSpec, prefix: str, router_prefix: str) -> _LayerLayout:
         shared = self._shared_names(spec, prefix)
-        fused = f"{prefix}.experts.gate_up_proj" in self._file_of and f"{prefix}.experts.down_proj" in self._file_of
-        if fused:
-            return _LayerLayout(prefix, router_prefix, fused=True, expert_names=(), shared_names=shared)
+        for gate_up, down in _FUSED_NAMES:
+            fused = (f"{prefix}.{gate_up}", f"{prefix}.{down}")
+            if all(name in self._file_of for name in fused):
+                return _LayerLayout(prefix, router_prefix, fused_names=fused, expert_names=(), shared_names=shared)
         candidates = (
             [tuple(f"{prefix}.experts.{{e}}.{n}.weight" for n in names) for names in _SWIGLU_NAMES]
             if spec.expert.kind == "swiglu"
@@ -198,7 +207,7 @@ class Checkpoint:
         for patterns in candidates:
             wanted = [pattern.format(e=e) for e in range(spec.num_experts) for pattern in patterns]
             if all(name in self._file_of for name in wanted):
-                return _LayerLayout(prefix, router_prefix, fused=False, expert_names=patterns, shared_names=shared)
+                return _LayerLayout(prefix, router_prefix, fused_names=None, expert_names=patterns, shared_names=shared)
         raise ConfigurationError(
             f"{self.directory}: {prefix} has a router but not all {spec.num_experts} experts' weights"
         )

@@ -115,6 +115,16 @@ def _softmax_top_k(
     return logits, probabilities, top_ids, top_weights, probabilities
 
 
+def _logit_top_k(
+    hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
+) -> Rule:
+    # GraniteMoeTopKRouter: top-k of the logits (not of probabilities), softmax over the k kept
+    logits = F.linear(hidden, router.gate.to(hidden.dtype)).float()
+    top_logits, top_ids = torch.topk(logits, routing.top_k, dim=-1)
+    probabilities = torch.softmax(logits, dim=-1)  # what rerouting renormalises over the kept slots
+    return logits, logits, top_ids, torch.softmax(top_logits, dim=-1), probabilities
+
+
 def _noisy_top_k(logits: torch.Tensor, routing: RoutingConfig, noise: torch.Generator | None) -> Rule:
     """Noisy top-k gating (Shazeer et al. 2017): top-k of logits + N(0, std), softmax over the kept ones."""
     noisy = logits + torch.randn(logits.shape, generator=noise) * routing.noise_std
@@ -194,5 +204,6 @@ _RULES = {
     "qwen_moe": _softmax_top_k,
     "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
+    "granitemoe": _logit_top_k,
     "switch": _switch_top_1,
 }

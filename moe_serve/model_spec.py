@@ -13,6 +13,7 @@ into `MoEModelSpec`, so nothing downstream reads raw config dictionaries.
 |             |                             | x routed_scaling_factor; shared experts                     |
 | deepseek_v3 | deepseek_v3, glm4_moe,      | sigmoid, bias for selection, group-limited top-k,           |
 |             | dots1                       | renormalise, x routed_scaling_factor; shared experts        |
+| granitemoe  | granitemoe                  | top-k of the logits -> softmax over the k kept             |
 | switch      | switch_transformers         | float32 router, top-1, expert capacity from the config      |
 """
 
@@ -43,7 +44,7 @@ SUPPORTED_ACTIVATIONS = ("silu", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh"
 class RoutingConfig:
     """How the router turns hidden states into (expert ids, combine weights) for one family.
 
-    family: "mixtral", "qwen_moe", "deepseek_v2", "deepseek_v3" or "switch".
+    family: "mixtral", "qwen_moe", "deepseek_v2", "deepseek_v3", "granitemoe" or "switch".
     top_k: experts per token.
     normalize_top_k: renormalise the kept top-k weights (Mixtral always; Qwen/DeepSeek per config).
     routed_scaling_factor, num_groups, top_k_groups: DeepSeek-V2/V3 group-limited selection.
@@ -225,6 +226,17 @@ def _deepseek_v2(config: dict[str, Any], path: Path) -> dict[str, Any]:
     return fields
 
 
+def _granitemoe(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    # GraniteMoeTopKRouter: top-k of the float32 logits, softmax over the kept k, cast to the activation dtype
+    return {
+        "num_experts": int(_get(config, path, "num_local_experts")),
+        "routing": RoutingConfig(
+            family="granitemoe", top_k=int(_get(config, path, "num_experts_per_tok")), weights_in_activation_dtype=True
+        ),
+        "expert": ExpertShape("swiglu", int(_get(config, path, "intermediate_size")), _activation(config, path)),
+    }
+
+
 def _switch(config: dict[str, Any], path: Path) -> dict[str, Any]:
     if config.get("router_dtype", "float32") != "float32":
         raise ConfigurationError(f"{path}: only router_dtype float32 is supported")
@@ -250,6 +262,7 @@ FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     # GLM-4.5's MoE block and router are DeepSeek-V3's (transformers generates one from the other)
     "glm4_moe": _deepseek_v3,
     "dots1": _deepseek_v3,  # dots.llm1: DeepSeek-V3's router, shared experts and dense first layers
+    "granitemoe": _granitemoe,
     "switch_transformers": _switch,
 }
 

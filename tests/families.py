@@ -25,6 +25,8 @@ from transformers import (
     FlexOlmoForCausalLM,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
+    GraniteMoeConfig,
+    GraniteMoeForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -50,6 +52,15 @@ DECODER = {
 
 def _decoder_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     return model.model.layers[layer].mlp
+
+
+def _granite_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    return model.model.layers[layer].block_sparse_moe
+
+
+def _granite_router(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, _, ids = block.router(hidden)
+    return logits.float(), ids
 
 
 def _switch_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
@@ -236,6 +247,14 @@ FAMILIES: dict[str, Family] = {
         _topk_router,
         (0, 1, 2),
     ),
+    # Granite-MoE: top-3 of the logits, softmax over the three kept, block at block_sparse_moe
+    "granitemoe": Family(
+        GraniteMoeForCausalLM,
+        lambda: GraniteMoeConfig(**DECODER, intermediate_size=40, num_local_experts=8, num_experts_per_tok=3),
+        _granite_block,
+        _granite_router,
+        (0, 1, 2),
+    ),
     # top-1, float32 router, capacity 3 per batch from the config; sparse blocks 1 and 3 of 4
     "switch": Family(
         SwitchTransformersForConditionalGeneration,
@@ -267,7 +286,7 @@ def rescale_moe_weights(model: torch.nn.Module, seed: int) -> None:
     moe_markers = (".experts.", ".shared_expert", "router.classifier")
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if any(marker in f".{name}" for marker in moe_markers) or name.endswith("gate.weight"):
+            if any(marker in f".{name}" for marker in moe_markers) or name.endswith(("gate.weight", "router.weight")):
                 values = torch.randn(parameter.shape, generator=generator) / math.sqrt(parameter.shape[-1])
                 parameter.copy_(values.to(parameter.dtype))
         for name, buffer in model.named_buffers():

@@ -20,6 +20,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve.client import AsyncMoEClient, GatewayError, ModelMismatch, MoEClient, RemoteMoE, patch_model
+from moe_serve.client.patching import block_attribute, router_recorder
 from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, launch_stack
 from tests.families import DECODER, FAMILIES, load_reference, save_family
@@ -39,7 +40,9 @@ class ServedFamily:
     moe_layers: tuple[int, ...]
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1"])
+@pytest.fixture(
+    scope="module", params=["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "granitemoe"]
+)
 def served(
     request: pytest.FixtureRequest,
     ray_cluster: str,
@@ -73,16 +76,19 @@ def test_patch_model_replaces_exactly_the_moe_blocks(served: ServedFamily) -> No
     reference, model = load(served), load(served)
     patched = patch_model(model, served.stack.address)  # default model name: the checkpoint directory's
     assert patched == list(served.moe_layers)
+    attribute, (router_class, _) = block_attribute(model), router_recorder(model)
     for index, (local_layer, patched_layer) in enumerate(zip(reference.model.layers, model.model.layers, strict=True)):
+        local_block, patched_block = getattr(local_layer, attribute), getattr(patched_layer, attribute)
         if index in served.moe_layers:
-            block = patched_layer.mlp
-            assert isinstance(block, RemoteMoE)
-            assert (block.layer_idx, block.model_name) == (index, served.stack.model_name)
+            assert isinstance(patched_block, RemoteMoE)
+            assert (patched_block.layer_idx, patched_block.model_name) == (index, served.stack.model_name)
             # transformers records router logits from the family's router class, found under the same name
-            assert isinstance(block.gate, type(local_layer.mlp.gate))
+            router_name = next(n for n, child in local_block.named_children() if isinstance(child, router_class))
+            assert isinstance(getattr(patched_block, router_name), type(getattr(local_block, router_name)))
+            assert getattr(patched_block, router_name) is patched_block.served_router
         else:  # a dense layer stays the local module
-            assert type(patched_layer.mlp) is type(local_layer.mlp)
-            assert not isinstance(patched_layer.mlp, RemoteMoE)
+            assert type(patched_block) is type(local_block)
+            assert not isinstance(patched_block, RemoteMoE)
     # the block attributes model code reads are kept
     if served.family == "mixtral":
         assert model.model.layers[0].mlp.top_k == reference.model.layers[0].mlp.top_k
@@ -91,7 +97,7 @@ def test_patch_model_replaces_exactly_the_moe_blocks(served: ServedFamily) -> No
     # the experts are no longer held locally: what follows is computed by the gateway
     assert not any(".experts." in name or "shared_expert" in name for name, _ in model.named_parameters())
     empty = torch.zeros(1, 0, model.config.hidden_size)
-    assert model.model.layers[served.moe_layers[0]].mlp(empty).shape == empty.shape
+    assert getattr(model.model.layers[served.moe_layers[0]], attribute)(empty).shape == empty.shape
 
 
 def test_patched_logits_equal_the_local_model(served: ServedFamily) -> None:

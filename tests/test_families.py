@@ -35,6 +35,7 @@ CASES = [
     pytest.param("glm4_moe", torch.bfloat16, id="glm4_moe-bf16"),
     pytest.param("dots1", torch.bfloat16, id="dots1-bf16"),
     pytest.param("flex_olmo", torch.float32, id="flex_olmo-fp32"),
+    pytest.param("granitemoe", torch.bfloat16, id="granitemoe-bf16"),
 ]
 
 

@@ -71,7 +71,7 @@ def reference_layers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[int, Re
 def _loaded_model_layers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[int, ReferenceLayer]:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from moe_serve.client.patching import decoder_layers, router_recorder
+    from moe_serve.client.patching import block_attribute, decoder_layers, router_recorder
 
     spec = checkpoint.spec
     encoder_decoder = spec.routing.family == "switch"
@@ -86,7 +86,8 @@ def _loaded_model_layers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[int
         blocks = {i: block.layer[1].mlp for i, block in enumerate(model.encoder.block)}
         blocks |= {encoder_layers + i: block.layer[2].mlp for i, block in enumerate(model.decoder.block)}
     else:
-        blocks = {i: layer.mlp for i, layer in enumerate(decoder_layers(model))}
+        attribute = block_attribute(model)
+        blocks = {i: getattr(layer, attribute) for i, layer in enumerate(decoder_layers(model))}
     references = {}
     for layer in spec.moe_layers:
         routers = [child for child in blocks[layer].children() if isinstance(child, router_class)]

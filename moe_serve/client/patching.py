@@ -1,8 +1,8 @@
 """`patch_model`: swap every MoE block of a loaded transformers model for a `RemoteMoE` served by a gateway.
 
 Supported: the causal LMs (or their base models) of SUPPORTED_MODEL_TYPES (Mixtral, Qwen2/3-MoE, OLMoE,
-FlexOlmo, DeepSeek-V2/V3, GLM-4.5, dots.llm1), whose
-decoder layer i keeps its MoE block at `layers[i].mlp`. A layer is an MoE layer when that block has
+FlexOlmo, DeepSeek-V2/V3, GLM-4.5, dots.llm1, Granite-MoE), whose decoder layer i keeps its MoE block
+at `layers[i].mlp` (`layers[i].block_sparse_moe` in Granite-MoE). A layer is an MoE layer when that block has
 a child of the family's router class (the class transformers records router logits from); dense
 layers (`mlp_only_layers`, `decoder_sparse_step`, `first_k_dense_replace`) are left alone.
 """
@@ -35,6 +35,7 @@ class FamilySupport:
 
     served_family: str
     router_logits_in_float32: bool = False
+    block_attribute: str = "mlp"  # where a decoder layer keeps its MoE block
 
 
 SUPPORTED_MODEL_TYPES: dict[str, FamilySupport] = {
@@ -49,6 +50,8 @@ SUPPORTED_MODEL_TYPES: dict[str, FamilySupport] = {
     "deepseek_v3": FamilySupport("deepseek_v3", router_logits_in_float32=True),
     "glm4_moe": FamilySupport("deepseek_v3", router_logits_in_float32=True),
     "dots1": FamilySupport("deepseek_v3", router_logits_in_float32=True),
+    # GraniteMoeTopKRouter returns F.linear(...).float(): logits in the activation dtype, cast to float32
+    "granitemoe": FamilySupport("granitemoe", router_logits_in_float32=True, block_attribute="block_sparse_moe"),
 }
 
 
@@ -70,13 +73,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def block_attribute(model: nn.Module) -> str:
+    """The attribute of a decoder layer that holds its MoE (or dense) feed-forward block."""
+    support = SUPPORTED_MODEL_TYPES.get(model.config.model_type)
+    return support.block_attribute if support is not None else "mlp"
+
+
 def moe_layer_indices(model: nn.Module) -> list[int]:
-    """Indices of the decoder layers whose `mlp` is an MoE block (holds a router)."""
+    """Indices of the decoder layers whose feed-forward block is an MoE block (holds a router)."""
     router_class, _ = router_recorder(model)
+    attribute = block_attribute(model)
     return [
         index
         for index, layer in enumerate(decoder_layers(model))
-        if any(isinstance(child, router_class) for child in layer.mlp.children())
+        if any(isinstance(child, router_class) for child in getattr(layer, attribute).children())
     ]
 
 
@@ -123,7 +133,10 @@ def patch_model(
     moe_layers = moe_layer_indices(model)
     if not moe_layers:
         raise ValueError(f"{type(model).__name__} has no MoE layers (none of its layers' mlp holds a router)")
-    routers = [child for child in layers[moe_layers[0]].mlp.children() if isinstance(child, router_class)]
+    attribute = support.block_attribute
+    routers = [
+        child for child in getattr(layers[moe_layers[0]], attribute).children() if isinstance(child, router_class)
+    ]
     name = model_name or default_model_name(model)
     client = url if isinstance(url, MoEClient) else MoEClient(url, max_message_bytes)
     try:
@@ -142,8 +155,8 @@ def patch_model(
             client.close()
         raise
     for index in moe_layers:
-        layers[index].mlp = RemoteMoE(
-            layers[index].mlp,
+        remote = RemoteMoE(
+            getattr(layers[index], attribute),
             layer_idx=index,
             client=client,
             model_name=metadata.name,
@@ -152,6 +165,7 @@ def patch_model(
             router_logits_in_float32=support.router_logits_in_float32,
             timeout=timeout,
         )
+        setattr(layers[index], attribute, remote)
     return moe_layers
 
 

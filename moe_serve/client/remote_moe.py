@@ -127,16 +127,16 @@ class RemoteMoE(nn.Module):
         self.timeout = timeout
 
     @property
-    def router(self) -> ServedRouterLogits:
-        """The router stand-in (also reachable under the original router's attribute name)."""
+    def served_router(self) -> ServedRouterLogits:
+        """The router stand-in, under the original router's attribute name (`gate`, or `router` in Granite-MoE)."""
         return getattr(self, self._router_name)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         logits_dtype = torch.float32 if self.router_logits_in_float32 else hidden_states.dtype
         tokens = hidden_states.numel() // hidden_states.shape[-1]
         if tokens == 0:  # the gateway refuses empty requests; an empty block output needs no experts
-            router_logits = hidden_states.new_zeros((0, self.router.num_experts), dtype=logits_dtype)
-            self.router(router_logits)
+            router_logits = hidden_states.new_zeros((0, self.served_router.num_experts), dtype=logits_dtype)
+            self.served_router(router_logits)
             return torch.zeros_like(hidden_states)
         served = self.client.infer(
             self.model_name,
@@ -148,7 +148,7 @@ class RemoteMoE(nn.Module):
         # copy=True: the served tensors view immutable response bytes; the model may write to its tensors
         output = served["output"].to(device=hidden_states.device, dtype=hidden_states.dtype, copy=True)
         router_logits = served["router_logits"].to(device=hidden_states.device, dtype=logits_dtype, copy=True)
-        self.router(router_logits)  # runs transformers' recording hooks, in the order the original block did
+        self.served_router(router_logits)  # runs transformers' recording hooks, in the order the original block did
         return output
 
     def extra_repr(self) -> str:
