@@ -121,14 +121,10 @@ class Checkpoint:
         if expert == spec.shared_expert_id:
             assert layout.shared_names is not None
             names = layout.shared_names
-        elif layout.fused_names is not None:
-            names = ()
         else:
             names = tuple(pattern.format(e=expert) for pattern in layout.expert_names)
-        if not names:
-            assert layout.fused_names is not None
-            up = self._read_slice(layout.fused_names[0], expert)
-            down = self._read_slice(layout.fused_names[1], expert)
+        if expert != spec.shared_expert_id and layout.fused_names is not None:
+            up, down = (self._read_slice(name, expert) for name in layout.fused_names)
         elif shape.kind == "swiglu":
             up = torch.cat([self._read(names[0]), self._read(names[1])], dim=0)
             # safetensors hands out views of its memory map; own the bytes so close() can unmap them

@@ -204,25 +204,16 @@ def print_gpu_report(result: BenchResult, console: Console) -> None:
     )
     for column in ("subject", "T", "tokens/s", "TFLOP/s", "of peak"):
         table.add_column(column)
-    t = result.config["throughput_tokens"]
+
+    def add(subject: str, tokens: int, figures: dict) -> None:
+        rate, tflops, share = figures["tokens_per_s"], figures["tflops"], figures["fraction_of_peak"]
+        table.add_row(subject, str(tokens), f"{rate:.0f}", f"{tflops:.2f}", f"{share:.2%}")
+
     for name in ("served", "reference"):
-        figures = gpu[name]
-        table.add_row(
-            name,
-            str(t),
-            f"{figures['tokens_per_s']:.0f}",
-            f"{figures['tflops']:.2f}",
-            f"{figures['fraction_of_peak']:.2%}",
-        )
+        add(name, result.config["throughput_tokens"], gpu[name])
     for name, points in gpu["sweep"].items():
         best = max(points, key=lambda point: point["tokens_per_s"])
-        table.add_row(
-            f"{name} (sweep, best T)",
-            str(best["tokens"]),
-            f"{best['tokens_per_s']:.0f}",
-            f"{best['tflops']:.2f}",
-            f"{best['fraction_of_peak']:.2%}",
-        )
+        add(f"{name} (sweep, best T)", best["tokens"], best)
     console.print(table)
 
 

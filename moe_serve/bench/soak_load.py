@@ -138,10 +138,10 @@ def check_answer(
         output.name: codec.tensor_from_bytes(raw, output.datatype, list(output.shape))
         for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     }
-    reference = target.references[layer]
-    expected = {"output": reference.output(hidden)}
+    layer_reference = target.references[layer]
+    expected = {"output": layer_reference.output(hidden)}
     if logits:
-        expected["router_logits"] = reference.router_logits(hidden)
+        expected["router_logits"] = layer_reference.router_logits(hidden)
     for name, reference in expected.items():
         served = tensors.get(name)
         if served is None or served.shape != reference.shape:

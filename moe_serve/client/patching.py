@@ -131,9 +131,9 @@ def patch_model(
     router_class, router_index = router_recorder(model)
     layers = decoder_layers(model)
     moe_layers = moe_layer_indices(model)
-    if not moe_layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layers (none of its layers' mlp holds a router)")
     attribute = support.block_attribute
+    if not moe_layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layers (none of its layers' {attribute} holds a router)")
     routers = [
         child for child in getattr(layers[moe_layers[0]], attribute).children() if isinstance(child, router_class)
     ]
