@@ -103,13 +103,14 @@ class Checkpoint:
         """The router of one MoE layer (read now)."""
         layout = self._layout(layer)
         optional = {
-            "gate_bias": f"{layout.router_prefix}.bias",
-            "selection_bias": f"{layout.router_prefix}.e_score_correction_bias",
-            "shared_gate": f"{layout.prefix}.shared_expert_gate.weight",
+            "gate_bias": (f"{layout.router_prefix}.bias",),
+            # DeepSeek-V3 keeps the selection bias on its router, MiniMax-M2 on the block
+            "selection_bias": tuple(f"{p}.e_score_correction_bias" for p in (layout.router_prefix, layout.prefix)),
+            "shared_gate": (f"{layout.prefix}.shared_expert_gate.weight",),
         }
         return RouterWeights(
             gate=self._read(f"{layout.router_prefix}.weight"),
-            **{field: self._read(name) if name in self._file_of else None for field, name in optional.items()},
+            **{field: self._read_first(names) for field, names in optional.items()},
         )
 
     def expert_weights(self, layer: int, expert: int) -> ExpertWeights:
@@ -235,6 +236,11 @@ class Checkpoint:
         if name not in self._file_of:
             raise ConfigurationError(f"{self.directory}: tensor {name!r} not found")
         return self._handle(name).get_tensor(name)
+
+    def _read_first(self, names: tuple[str, ...]) -> torch.Tensor | None:
+        """The first of `names` the checkpoint has, or None when it has none of them."""
+        name = next((name for name in names if name in self._file_of), None)
+        return None if name is None else self._read(name)
 
     def _read_slice(self, name: str, index: int) -> torch.Tensor:
         # get_slice reads only the requested expert's rows from the file; clone() owns them

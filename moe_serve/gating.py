@@ -137,7 +137,11 @@ def _deepseek_v3(
     hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
 ) -> Rule:
     # DeepseekV3TopkRouter: float32 logits, sigmoid scores, bias only for choosing
-    logits = F.linear(hidden.float(), router.gate.float())
+    # (MiniMaxM2TopKRouter: the same on logits in the activation dtype, one group)
+    if routing.logits_in_activation_dtype:
+        logits = F.linear(hidden, router.gate.to(hidden.dtype)).float()
+    else:
+        logits = F.linear(hidden.float(), router.gate.float())
     scores = logits.sigmoid()
     bias = router.selection_bias.float() if router.selection_bias is not None else torch.zeros(scores.shape[-1])
     choice = scores + bias

@@ -5,14 +5,16 @@ into `MoEModelSpec`, so nothing downstream reads raw config dictionaries.
 
 | family      | model_type                  | routing                                                    |
 | ----------- | --------------------------- | ---------------------------------------------------------- |
-| mixtral     | mixtral                     | softmax -> top-k -> renormalise                            |
+| mixtral     | mixtral, minimax            | softmax -> top-k -> renormalise                            |
 | qwen_moe    | qwen2_moe, qwen3_moe,       | softmax -> top-k (-> renormalise if norm_topk_prob);        |
-|             | olmoe, flex_olmo            |                                                            |
-|             |                             | Qwen2: a shared expert scaled by sigmoid(shared_gate(x))   |
+|             | qwen3_next, olmoe,          |                                                            |
+|             | flex_olmo                   | Qwen2/3-Next: a shared expert x sigmoid(shared_gate(x))    |
 | deepseek_v2 | deepseek_v2                 | softmax, group-limited top-k (group_limited_greedy),        |
 |             |                             | x routed_scaling_factor; shared experts                     |
 | deepseek_v3 | deepseek_v3, glm4_moe,      | sigmoid, bias for selection, group-limited top-k,           |
-|             | dots1                       | renormalise, x routed_scaling_factor; shared experts        |
+|             | glm4_moe_lite, dots1,       | renormalise, x routed_scaling_factor; shared experts        |
+|             | solar_open, exaone_moe,     |                                                            |
+|             | minimax_m2                  | MiniMax-M2: logits in the activation dtype, one group      |
 | granitemoe  | granitemoe                  | top-k of the logits -> softmax over the k kept             |
 | switch      | switch_transformers         | float32 router, top-1, expert capacity from the config      |
 """
@@ -50,6 +52,8 @@ class RoutingConfig:
     routed_scaling_factor, num_groups, top_k_groups: DeepSeek-V2/V3 group-limited selection.
     weights_in_activation_dtype: the model casts combine weights to the activation dtype before
         scaling the expert outputs (Qwen, Switch); otherwise they stay float32 (Mixtral, DeepSeek).
+    logits_in_activation_dtype: DeepSeek-V3's sigmoid routing on logits computed in the activation
+        dtype (MiniMax-M2) rather than in float32.
     noise_std: noisy top-k gating (Shazeer et al. 2017) for experiments; 0 (the default) is off.
     """
 
@@ -60,6 +64,7 @@ class RoutingConfig:
     num_groups: int = 1
     top_k_groups: int = 1
     weights_in_activation_dtype: bool = False
+    logits_in_activation_dtype: bool = False
     noise_std: float = 0.0
 
 
@@ -183,9 +188,10 @@ def _olmoe(config: dict[str, Any], path: Path) -> dict[str, Any]:
 
 def _deepseek_v3(config: dict[str, Any], path: Path) -> dict[str, Any]:
     expert_size = int(_get(config, path, "moe_intermediate_size"))
-    shared_count = int(config.get("n_shared_experts") or 0)
+    # EXAONE-MoE names its counts num_experts and num_shared_experts
+    shared_count = int(config.get("n_shared_experts") or config.get("num_shared_experts") or 0)
     activation = _activation(config, path)
-    num_experts = int(_get(config, path, "n_routed_experts", "num_local_experts"))
+    num_experts = int(_get(config, path, "n_routed_experts", "num_local_experts", "num_experts"))
     routing = RoutingConfig(
         family="deepseek_v3",
         top_k=int(_get(config, path, "num_experts_per_tok")),
@@ -226,6 +232,18 @@ def _deepseek_v2(config: dict[str, Any], path: Path) -> dict[str, Any]:
     return fields
 
 
+def _minimax_m2(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """MiniMax-M2: DeepSeek-V3's sigmoid scores with a selection bias, renormalised, on logits in the
+    activation dtype; no groups, no scaling, no shared expert; experts `intermediate_size` wide."""
+    return {
+        "num_experts": int(_get(config, path, "num_local_experts")),
+        "routing": RoutingConfig(
+            family="deepseek_v3", top_k=int(_get(config, path, "num_experts_per_tok")), logits_in_activation_dtype=True
+        ),
+        "expert": ExpertShape("swiglu", int(_get(config, path, "intermediate_size")), _activation(config, path)),
+    }
+
+
 def _granitemoe(config: dict[str, Any], path: Path) -> dict[str, Any]:
     # GraniteMoeTopKRouter: top-k of the float32 logits, softmax over the kept k, cast to the activation dtype
     return {
@@ -255,12 +273,19 @@ FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen_moe,
     "qwen3_moe": _qwen_moe,
+    "qwen3_next": _qwen_moe,  # Qwen3-Next's MoE block and router are Qwen2-MoE's (renormalised)
+    "minimax": _mixtral,  # MiniMax-Text-01's router and experts are Mixtral's
     "olmoe": _olmoe,
     "flex_olmo": _olmoe,  # FlexOlmo's router and experts are OLMoE's
     "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
     # GLM-4.5's MoE block and router are DeepSeek-V3's (transformers generates one from the other)
     "glm4_moe": _deepseek_v3,
+    # GLM-4.7-Flash, Solar Open and EXAONE-MoE: DeepSeek-V3's router, experts and shared experts again
+    "glm4_moe_lite": _deepseek_v3,
+    "solar_open": _deepseek_v3,
+    "exaone_moe": _deepseek_v3,
+    "minimax_m2": _minimax_m2,
     "dots1": _deepseek_v3,  # dots.llm1: DeepSeek-V3's router, shared experts and dense first layers
     "granitemoe": _granitemoe,
     "switch_transformers": _switch,

@@ -21,12 +21,20 @@ from transformers import (
     DeepseekV3ForCausalLM,
     Dots1Config,
     Dots1ForCausalLM,
+    ExaoneMoeConfig,
+    ExaoneMoeForCausalLM,
     FlexOlmoConfig,
     FlexOlmoForCausalLM,
     Glm4MoeConfig,
     Glm4MoeForCausalLM,
+    Glm4MoeLiteConfig,
+    Glm4MoeLiteForCausalLM,
     GraniteMoeConfig,
     GraniteMoeForCausalLM,
+    MiniMaxConfig,
+    MiniMaxForCausalLM,
+    MiniMaxM2Config,
+    MiniMaxM2ForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -35,6 +43,10 @@ from transformers import (
     Qwen2MoeForCausalLM,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
+    Qwen3NextConfig,
+    Qwen3NextForCausalLM,
+    SolarOpenConfig,
+    SolarOpenForCausalLM,
     SwitchTransformersConfig,
     SwitchTransformersForConditionalGeneration,
 )
@@ -60,6 +72,11 @@ def _granite_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
 
 def _granite_router(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits, _, ids = block.router(hidden)
+    return logits.float(), ids
+
+
+def _minimax_m2_router(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, _, ids = block.gate(hidden, block.e_score_correction_bias)
     return logits.float(), ids
 
 
@@ -131,6 +148,45 @@ FAMILIES: dict[str, Family] = {
         _decoder_block,
         _topk_router,
         (1,),
+    ),
+    # Qwen3-Next: Qwen-MoE routing (renormalised) with the gated shared expert, beside linear-attention
+    # (Gated DeltaNet) layers; layer 1 dense (mlp_only_layers)
+    "qwen3_next": Family(
+        Qwen3NextForCausalLM,
+        lambda: Qwen3NextConfig(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=3,
+            shared_expert_intermediate_size=48,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            head_dim=16,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+        ),
+        _decoder_block,
+        _topk_router,
+        (0, 2),
+    ),
+    # MiniMax-Text-01: Mixtral's router and experts, beside lightning (linear) attention layers
+    "minimax": Family(
+        MiniMaxForCausalLM,
+        lambda: MiniMaxConfig(
+            **DECODER,
+            intermediate_size=64,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+        ),
+        _decoder_block,
+        _topk_router,
+        (0, 1, 2),
     ),
     # sigmoid scores, selection bias, 4 groups choose 2, scaling, two shared experts, first layer dense
     "deepseek_v3": Family(
@@ -211,6 +267,74 @@ FAMILIES: dict[str, Family] = {
         _topk_router,
         (1, 2),
     ),
+    # GLM-4.7-Flash: DeepSeek-V3 routing and multi-head latent attention; 2 groups choose 1, dense first layer
+    "glm4_moe_lite": Family(
+        Glm4MoeLiteForCausalLM,
+        lambda: Glm4MoeLiteConfig(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            n_shared_experts=1,
+            n_group=2,
+            topk_group=1,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            routed_scaling_factor=1.8,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            pad_token_id=1,  # its defaults name GLM's 150k vocabulary
+            eos_token_id=2,
+        ),
+        _decoder_block,
+        _topk_router,
+        (1, 2),
+    ),
+    # Solar Open: DeepSeek-V3 routing in every layer, one group, no scaling
+    "solar_open": Family(
+        SolarOpenForCausalLM,
+        lambda: SolarOpenConfig(
+            **DECODER,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            head_dim=16,
+            pad_token_id=1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        _decoder_block,
+        _topk_router,
+        (0, 1, 2),
+    ),
+    # EXAONE-MoE: DeepSeek-V3 routing under its own config names (num_experts, num_shared_experts);
+    # 4 groups choose 2, dense first layer
+    "exaone_moe": Family(
+        ExaoneMoeForCausalLM,
+        lambda: ExaoneMoeConfig(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            head_dim=16,
+            pad_token_id=1,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        _decoder_block,
+        _topk_router,
+        (1, 2),
+    ),
     # dots.llm1: DeepSeek-V3 routing with no renormalisation (its default), 2 groups choose 1, dense first layer
     "dots1": Family(
         Dots1ForCausalLM,
@@ -245,6 +369,23 @@ FAMILIES: dict[str, Family] = {
         ),
         _decoder_block,
         _topk_router,
+        (0, 1, 2),
+    ),
+    # MiniMax-M2: sigmoid scores with a selection bias kept on the block, top-3 renormalised, logits in
+    # the activation dtype
+    "minimax_m2": Family(
+        MiniMaxM2ForCausalLM,
+        lambda: MiniMaxM2Config(
+            **DECODER,
+            intermediate_size=32,
+            num_local_experts=8,
+            num_experts_per_tok=3,
+            head_dim=16,
+            bos_token_id=1,  # its defaults name MiniMax's 200k vocabulary
+            eos_token_id=2,
+        ),
+        _decoder_block,
+        _minimax_m2_router,
         (0, 1, 2),
     ),
     # Granite-MoE: top-3 of the logits, softmax over the three kept, block at block_sparse_moe

@@ -41,7 +41,22 @@ class ServedFamily:
 
 
 @pytest.fixture(
-    scope="module", params=["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "granitemoe"]
+    scope="module",
+    params=[
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_next",
+        "minimax",
+        "minimax_m2",
+        "deepseek_v2",
+        "deepseek_v3",
+        "glm4_moe",
+        "dots1",
+        "glm4_moe_lite",
+        "solar_open",
+        "exaone_moe",
+        "granitemoe",
+    ],
 )
 def served(
     request: pytest.FixtureRequest,

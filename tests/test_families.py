@@ -1,8 +1,8 @@
 """Every routing family through the full stack (gateway, router, 2 Ray workers) equals transformers.
 
 Mixtral is covered in depth by tests/test_exactness.py; here each other family is served from the
-files save_pretrained wrote, in FP32 and BF16 (OLMoE, GLM-4.5 and DeepSeek-V2 in one dtype each;
-all of them in both in tests/test_families_local.py), including its dense layers (refused with
+files save_pretrained wrote: Qwen2/3-MoE, DeepSeek-V3 and Switch in FP32 and BF16, the rest in one
+dtype each (all of them in both in tests/test_families_local.py), including its dense layers (refused with
 INVALID_ARGUMENT), its shared expert (placed and served like any expert) and, for Switch, the
 capacity its config declares (the gateway's default policy for that family).
 """
@@ -23,7 +23,7 @@ from tests.helpers import infer_request, kserve_stub, response_tensors
 OUTPUTS = ("output", "router_logits", "expert_ids", "dropped_mask")
 
 
-# OLMoE and GLM-4.5 (Qwen-MoE's and DeepSeek-V3's routers) and DeepSeek-V2 in one dtype each
+# the families that reuse another's router, and DeepSeek-V2, in one dtype each
 CASES = [
     *(
         pytest.param(family, dtype, id=f"{family}-{name}")
@@ -36,6 +36,8 @@ CASES = [
     pytest.param("dots1", torch.bfloat16, id="dots1-bf16"),
     pytest.param("flex_olmo", torch.float32, id="flex_olmo-fp32"),
     pytest.param("granitemoe", torch.bfloat16, id="granitemoe-bf16"),
+    pytest.param("qwen3_next", torch.bfloat16, id="qwen3_next-bf16"),
+    pytest.param("minimax_m2", torch.bfloat16, id="minimax_m2-bf16"),
 ]
 
 

@@ -1,7 +1,8 @@
 """`patch_model`: swap every MoE block of a loaded transformers model for a `RemoteMoE` served by a gateway.
 
-Supported: the causal LMs (or their base models) of SUPPORTED_MODEL_TYPES (Mixtral, Qwen2/3-MoE, OLMoE,
-FlexOlmo, DeepSeek-V2/V3, GLM-4.5, dots.llm1, Granite-MoE), whose decoder layer i keeps its MoE block
+Supported: the causal LMs (or their base models) of SUPPORTED_MODEL_TYPES (Mixtral, MiniMax-Text-01, MiniMax-M2,
+Qwen2/3-MoE, Qwen3-Next, OLMoE, FlexOlmo, DeepSeek-V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, Solar Open,
+EXAONE-MoE, Granite-MoE), whose decoder layer i keeps its MoE block
 at `layers[i].mlp` (`layers[i].block_sparse_moe` in Granite-MoE). A layer is an MoE layer when that block has
 a child of the family's router class (the class transformers records router logits from); dense
 layers (`mlp_only_layers`, `decoder_sparse_step`, `first_k_dense_replace`) are left alone.
@@ -42,6 +43,8 @@ SUPPORTED_MODEL_TYPES: dict[str, FamilySupport] = {
     "mixtral": FamilySupport("mixtral"),
     "qwen2_moe": FamilySupport("qwen_moe"),
     "qwen3_moe": FamilySupport("qwen_moe"),
+    "qwen3_next": FamilySupport("qwen_moe"),
+    "minimax": FamilySupport("mixtral"),
     "olmoe": FamilySupport("qwen_moe"),
     "flex_olmo": FamilySupport("qwen_moe"),
     # DeepSeek-V2/V3's routers (copied by GLM-4.5 and dots.llm1):
@@ -50,6 +53,11 @@ SUPPORTED_MODEL_TYPES: dict[str, FamilySupport] = {
     "deepseek_v3": FamilySupport("deepseek_v3", router_logits_in_float32=True),
     "glm4_moe": FamilySupport("deepseek_v3", router_logits_in_float32=True),
     "dots1": FamilySupport("deepseek_v3", router_logits_in_float32=True),
+    "glm4_moe_lite": FamilySupport("deepseek_v3", router_logits_in_float32=True),
+    "solar_open": FamilySupport("deepseek_v3", router_logits_in_float32=True),
+    "exaone_moe": FamilySupport("deepseek_v3", router_logits_in_float32=True),
+    # MiniMaxM2TopKRouter: DeepSeek-V3's routing on logits in the activation dtype
+    "minimax_m2": FamilySupport("deepseek_v3"),
     # GraniteMoeTopKRouter returns F.linear(...).float(): logits in the activation dtype, cast to float32
     "granitemoe": FamilySupport("granitemoe", router_logits_in_float32=True, block_attribute="block_sparse_moe"),
 }
