@@ -57,13 +57,17 @@ def compute_gating(
         raise ValueError(f"no gating rule for routing family {routing.family!r}")
     hidden_states = aligned_for_blas(hidden_states)
     logits, selection, ids, weights, weight_scores = rule(hidden_states, router, routing, noise)
+    shared_weights = _shared_weights(hidden_states, router, num_shared_slots)
+    if routing.output_scale != 1.0:
+        # a power of two (Cohere2-MoE's average: 0.5) scales every product and sum exactly
+        weights, shared_weights = weights * routing.output_scale, shared_weights * routing.output_scale
     return GatingResult(
         router_logits=logits,
         selection_scores=selection,
         expert_ids=ids,
         expert_weights=weights,
         weight_scores=weight_scores,
-        shared_weights=_shared_weights(hidden_states, router, num_shared_slots),
+        shared_weights=shared_weights,
     )
 
 
@@ -121,6 +125,12 @@ def _logit_top_k(
     # GraniteMoeTopKRouter: top-k of the logits (not of probabilities), softmax over the k kept
     logits = F.linear(hidden, router.gate.to(hidden.dtype)).float()
     top_logits, top_ids = torch.topk(logits, routing.top_k, dim=-1)
+    if routing.sigmoid_top_k:
+        # Cohere2MoeTopKRouter's sigmoid variant runs on the kept logits in the activation dtype
+        top_weights = top_logits.to(hidden.dtype).sigmoid()
+        if routing.normalize_top_k:
+            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        return logits, logits, top_ids, top_weights.float(), logits.sigmoid()
     probabilities = torch.softmax(logits, dim=-1)  # what rerouting renormalises over the kept slots
     return logits, logits, top_ids, torch.softmax(top_logits, dim=-1), probabilities
 

@@ -15,7 +15,8 @@ into `MoEModelSpec`, so nothing downstream reads raw config dictionaries.
 |             | glm4_moe_lite, dots1,       | renormalise, x routed_scaling_factor; shared experts        |
 |             | solar_open, exaone_moe,     |                                                            |
 |             | minimax_m2                  | MiniMax-M2: logits in the activation dtype, one group      |
-| granitemoe  | granitemoe                  | top-k of the logits -> softmax over the k kept             |
+| granitemoe  | granitemoe, cohere2_moe     | top-k of the logits -> softmax over the k kept             |
+|             |                             | (Cohere2-MoE: or sigmoid; shared experts summed/averaged)   |
 | switch      | switch_transformers         | float32 router, top-1, expert capacity from the config      |
 """
 
@@ -54,6 +55,11 @@ class RoutingConfig:
         scaling the expert outputs (Qwen, Switch); otherwise they stay float32 (Mixtral, DeepSeek).
     logits_in_activation_dtype: DeepSeek-V3's sigmoid routing on logits computed in the activation
         dtype (MiniMax-M2) rather than in float32.
+    sigmoid_top_k: the "granitemoe" rule turns the k kept logits into weights by sigmoid (in the
+        activation dtype, renormalised when normalize_top_k) rather than softmax (Cohere2-MoE's
+        expert_selection_fn "sigmoid").
+    output_scale: multiplies every combine weight, the shared expert's included: 0.5 is Cohere2-MoE's
+        "average" of the routed and shared outputs, (routed + shared) / 2.
     noise_std: noisy top-k gating (Shazeer et al. 2017) for experiments; 0 (the default) is off.
     """
 
@@ -65,6 +71,8 @@ class RoutingConfig:
     top_k_groups: int = 1
     weights_in_activation_dtype: bool = False
     logits_in_activation_dtype: bool = False
+    sigmoid_top_k: bool = False
+    output_scale: float = 1.0
     noise_std: float = 0.0
 
 
@@ -255,6 +263,35 @@ def _granitemoe(config: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
+def _cohere2_moe(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Cohere2-MoE: top-k of the logits, then softmax over the kept k (Granite-MoE's rule) or, with
+    expert_selection_fn "sigmoid", their sigmoids renormalised when norm_topk_prob; num_shared_experts
+    shared experts (one MLP that many experts wide) added to the routed output ("sum") or averaged with it."""
+    selection = config.get("expert_selection_fn", "softmax")
+    if selection not in ("softmax", "sigmoid"):
+        raise ConfigurationError(f"{path}: expert_selection_fn {selection!r} is not softmax or sigmoid")
+    shared_count = int(config.get("num_shared_experts") or 0)
+    strategy = config.get("shared_expert_combination_strategy", "average")
+    if shared_count and strategy not in ("sum", "average"):
+        raise ConfigurationError(f"{path}: shared_expert_combination_strategy {strategy!r} is not sum or average")
+    expert_size = int(_get(config, path, "intermediate_size"))
+    activation = _activation(config, path)
+    routing = RoutingConfig(
+        family="granitemoe",
+        top_k=int(_get(config, path, "num_experts_per_tok")),
+        normalize_top_k=selection == "sigmoid" and bool(config.get("norm_topk_prob", True)),
+        weights_in_activation_dtype=True,
+        sigmoid_top_k=selection == "sigmoid",
+        output_scale=0.5 if shared_count and strategy == "average" else 1.0,
+    )
+    return {
+        "num_experts": int(_get(config, path, "num_experts")),
+        "routing": routing,
+        "expert": ExpertShape("swiglu", expert_size, activation),
+        "shared_expert": ExpertShape("swiglu", expert_size * shared_count, activation) if shared_count else None,
+    }
+
+
 def _switch(config: dict[str, Any], path: Path) -> dict[str, Any]:
     if config.get("router_dtype", "float32") != "float32":
         raise ConfigurationError(f"{path}: only router_dtype float32 is supported")
@@ -288,6 +325,7 @@ FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     "minimax_m2": _minimax_m2,
     "dots1": _deepseek_v3,  # dots.llm1: DeepSeek-V3's router, shared experts and dense first layers
     "granitemoe": _granitemoe,
+    "cohere2_moe": _cohere2_moe,
     "switch_transformers": _switch,
 }
 

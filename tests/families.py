@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 from transformers import (
+    Cohere2MoeConfig,
+    Cohere2MoeForCausalLM,
     DeepseekV2Config,
     DeepseekV2ForCausalLM,
     DeepseekV3Config,
@@ -334,6 +336,50 @@ FAMILIES: dict[str, Family] = {
         _decoder_block,
         _topk_router,
         (1, 2),
+    ),
+    # Cohere2-MoE: top-k of the logits, softmax over the kept k (Granite-MoE's rule), one shared expert
+    # averaged with the routed output (its default strategy), dense first layer
+    "cohere2_moe": Family(
+        Cohere2MoeForCausalLM,
+        lambda: Cohere2MoeConfig(
+            **DECODER,
+            intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_shared_experts=2,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            prefix_dense_intermediate_size=80,
+            head_dim=16,
+            sliding_window=8,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        _decoder_block,
+        _topk_router,
+        (1, 2),
+    ),
+    # Cohere2-MoE's other selection: sigmoids of the kept logits, renormalised; shared expert summed
+    "cohere2_moe_sigmoid": Family(
+        Cohere2MoeForCausalLM,
+        lambda: Cohere2MoeConfig(
+            **DECODER,
+            intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=3,
+            num_shared_experts=1,
+            shared_expert_combination_strategy="sum",
+            expert_selection_fn="sigmoid",
+            norm_topk_prob=True,
+            head_dim=16,
+            sliding_window=8,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        _decoder_block,
+        _topk_router,
+        (0, 1, 2),
     ),
     # dots.llm1: DeepSeek-V3 routing with no renormalisation (its default), 2 groups choose 1, dense first layer
     "dots1": Family(

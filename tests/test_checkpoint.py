@@ -95,6 +95,16 @@ def test_demo_checkpoint_is_deterministic_and_loads_in_transformers(tmp_path: Pa
         (lambda d: (d / "config.json").write_text("{"), "not valid JSON"),
         (lambda d: (d / "config.json").write_text('{"model_type": "llama"}'), "not a supported MoE family"),
         (lambda d: (d / "model.safetensors").unlink(), "no *.safetensors"),
+        (
+            lambda d: (d / "config.json").write_text('{"model_type": "cohere2_moe", "expert_selection_fn": "relu"}'),
+            "expert_selection_fn 'relu' is not softmax or sigmoid",
+        ),
+        (
+            lambda d: (d / "config.json").write_text(
+                '{"model_type": "cohere2_moe", "num_shared_experts": 1, "shared_expert_combination_strategy": "max"}'
+            ),
+            "shared_expert_combination_strategy 'max' is not sum or average",
+        ),
     ],
 )
 def test_bad_checkpoints_fail_at_start_with_a_clear_message(tmp_path: Path, mutate, message: str) -> None:

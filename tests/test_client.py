@@ -56,6 +56,7 @@ class ServedFamily:
         "solar_open",
         "exaone_moe",
         "granitemoe",
+        "cohere2_moe_sigmoid",
     ],
 )
 def served(

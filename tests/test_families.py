@@ -38,6 +38,7 @@ CASES = [
     pytest.param("granitemoe", torch.bfloat16, id="granitemoe-bf16"),
     pytest.param("qwen3_next", torch.bfloat16, id="qwen3_next-bf16"),
     pytest.param("minimax_m2", torch.bfloat16, id="minimax_m2-bf16"),
+    pytest.param("cohere2_moe", torch.bfloat16, id="cohere2_moe-bf16"),
 ]
 
 
