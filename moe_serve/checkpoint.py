@@ -61,8 +61,8 @@ class ExpertWeights:
 class RouterWeights:
     """Everything the router of one MoE layer needs.
 
-    gate: [E, d]; gate_bias: [E] (Switch with router_bias); selection_bias: [E] (DeepSeek's
-    e_score_correction_bias, used to pick experts only); shared_gate: [1, d] (Qwen2's
+    gate: [E, d]; gate_bias: [E] (Switch with router_bias); selection_bias: [E] (DeepSeek's and
+    ERNIE-4.5's e_score_correction_bias, used to pick experts only); shared_gate: [1, d] (Qwen2's
     shared_expert_gate).
     """
 
@@ -104,14 +104,23 @@ class Checkpoint:
         layout = self._layout(layer)
         optional = {
             "gate_bias": (f"{layout.router_prefix}.bias",),
-            # DeepSeek-V3 keeps the selection bias on its router, MiniMax-M2 on the block
-            "selection_bias": tuple(f"{p}.e_score_correction_bias" for p in (layout.router_prefix, layout.prefix)),
+            # DeepSeek-V3 keeps the selection bias on its router, MiniMax-M2 on the block, ERNIE-4.5 in
+            # moe_statics ([1, E]) on the router (transformers) or the block (Baidu's files)
+            "selection_bias": tuple(
+                f"{p}.e_score_correction_bias"
+                for p in (
+                    layout.router_prefix,
+                    layout.prefix,
+                    f"{layout.router_prefix}.moe_statics",
+                    f"{layout.prefix}.moe_statics",
+                )
+            ),
             "shared_gate": (f"{layout.prefix}.shared_expert_gate.weight",),
         }
-        return RouterWeights(
-            gate=self._read(f"{layout.router_prefix}.weight"),
-            **{field: self._read_first(names) for field, names in optional.items()},
-        )
+        read = {field: self._read_first(names) for field, names in optional.items()}
+        if read["selection_bias"] is not None:
+            read["selection_bias"] = read["selection_bias"].reshape(-1)
+        return RouterWeights(gate=self._read(f"{layout.router_prefix}.weight"), **read)
 
     def expert_weights(self, layer: int, expert: int) -> ExpertWeights:
         """The weights of one expert (the shared expert is id E), read from disk now."""

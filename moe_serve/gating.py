@@ -169,6 +169,22 @@ def _deepseek_v3(
     return logits, choice, top_ids, top_weights * routing.routed_scaling_factor, scores
 
 
+def _ernie4_5_moe(
+    hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
+) -> Rule:
+    # Ernie4_5_MoeTopKRouter: float32 softmax; top-k of probabilities + bias; the chosen probabilities
+    # renormalised by their sum clamped to moe_norm_min
+    logits = F.linear(hidden.float(), router.gate.float())
+    probabilities = torch.softmax(logits, dim=-1)
+    choice = probabilities
+    if router.selection_bias is not None:
+        choice = probabilities + router.selection_bias.float()
+    top_ids = torch.topk(choice, routing.top_k, dim=-1)[1]
+    top_weights = probabilities.gather(1, top_ids)
+    top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True).clamp(min=routing.norm_min)
+    return logits, choice, top_ids, top_weights, probabilities
+
+
 def _deepseek_v2(
     hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
 ) -> Rule:
@@ -218,6 +234,7 @@ _RULES = {
     "qwen_moe": _softmax_top_k,
     "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
+    "ernie4_5_moe": _ernie4_5_moe,
     "granitemoe": _logit_top_k,
     "switch": _switch_top_1,
 }

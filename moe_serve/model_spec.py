@@ -15,6 +15,8 @@ into `MoEModelSpec`, so nothing downstream reads raw config dictionaries.
 |             | glm4_moe_lite, dots1,       | renormalise, x routed_scaling_factor; shared experts        |
 |             | solar_open, exaone_moe,     |                                                            |
 |             | minimax_m2                  | MiniMax-M2: logits in the activation dtype, one group      |
+| ernie4_5_moe| ernie4_5_moe                | float32 softmax, bias for selection, renormalise            |
+|             |                             | (sum clamped to moe_norm_min); shared experts               |
 | granitemoe  | granitemoe, cohere2_moe     | top-k of the logits -> softmax over the k kept             |
 |             |                             | (Cohere2-MoE: or sigmoid; shared experts summed/averaged)   |
 | switch      | switch_transformers         | float32 router, top-1, expert capacity from the config      |
@@ -47,7 +49,7 @@ SUPPORTED_ACTIVATIONS = ("silu", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh"
 class RoutingConfig:
     """How the router turns hidden states into (expert ids, combine weights) for one family.
 
-    family: "mixtral", "qwen_moe", "deepseek_v2", "deepseek_v3", "granitemoe" or "switch".
+    family: "mixtral", "qwen_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe", "granitemoe" or "switch".
     top_k: experts per token.
     normalize_top_k: renormalise the kept top-k weights (Mixtral always; Qwen/DeepSeek per config).
     routed_scaling_factor, num_groups, top_k_groups: DeepSeek-V2/V3 group-limited selection.
@@ -58,6 +60,7 @@ class RoutingConfig:
     sigmoid_top_k: the "granitemoe" rule turns the k kept logits into weights by sigmoid (in the
         activation dtype, renormalised when normalize_top_k) rather than softmax (Cohere2-MoE's
         expert_selection_fn "sigmoid").
+    norm_min: the renormalising sum is clamped to at least this (ERNIE-4.5's moe_norm_min).
     output_scale: multiplies every combine weight, the shared expert's included: 0.5 is Cohere2-MoE's
         "average" of the routed and shared outputs, (routed + shared) / 2.
     noise_std: noisy top-k gating (Shazeer et al. 2017) for experiments; 0 (the default) is off.
@@ -72,6 +75,7 @@ class RoutingConfig:
     weights_in_activation_dtype: bool = False
     logits_in_activation_dtype: bool = False
     sigmoid_top_k: bool = False
+    norm_min: float = 0.0
     output_scale: float = 1.0
     noise_std: float = 0.0
 
@@ -252,6 +256,29 @@ def _minimax_m2(config: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
+def _ernie4_5_moe(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """ERNIE-4.5-MoE: float32 softmax; top-k of the probabilities plus the selection bias; the chosen
+    probabilities renormalised (sum clamped to moe_norm_min), cast to the activation dtype;
+    moe_num_shared_experts shared experts (one MLP that many experts wide) added."""
+    if config.get("use_bias"):
+        raise ConfigurationError(f"{path}: use_bias=true (biased shared-expert projections) is not supported")
+    expert_size = int(_get(config, path, "moe_intermediate_size"))
+    shared_count = int(config.get("moe_num_shared_experts") or 0)
+    activation = _activation(config, path)
+    routing = RoutingConfig(
+        family="ernie4_5_moe",
+        top_k=int(_get(config, path, "moe_k", "num_experts_per_tok")),
+        weights_in_activation_dtype=True,
+        norm_min=float(config.get("moe_norm_min", 1e-12)),
+    )
+    return {
+        "num_experts": int(_get(config, path, "moe_num_experts", "num_experts")),
+        "routing": routing,
+        "expert": ExpertShape("swiglu", expert_size, activation),
+        "shared_expert": ExpertShape("swiglu", expert_size * shared_count, activation) if shared_count else None,
+    }
+
+
 def _granitemoe(config: dict[str, Any], path: Path) -> dict[str, Any]:
     # GraniteMoeTopKRouter: top-k of the float32 logits, softmax over the kept k, cast to the activation dtype
     return {
@@ -324,6 +351,7 @@ FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     "exaone_moe": _deepseek_v3,
     "minimax_m2": _minimax_m2,
     "dots1": _deepseek_v3,  # dots.llm1: DeepSeek-V3's router, shared experts and dense first layers
+    "ernie4_5_moe": _ernie4_5_moe,
     "granitemoe": _granitemoe,
     "cohere2_moe": _cohere2_moe,
     "switch_transformers": _switch,

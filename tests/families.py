@@ -7,6 +7,7 @@ layer with the module itself.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from transformers import (
     DeepseekV3ForCausalLM,
     Dots1Config,
     Dots1ForCausalLM,
+    Ernie4_5_MoeConfig,
+    Ernie4_5_MoeForCausalLM,
     ExaoneMoeConfig,
     ExaoneMoeForCausalLM,
     FlexOlmoConfig,
@@ -337,6 +340,24 @@ FAMILIES: dict[str, Family] = {
         _topk_router,
         (1, 2),
     ),
+    # ERNIE-4.5-MoE: float32 softmax, selection bias in the router's moe_statics, renormalised;
+    # two shared experts; layer 0 dense (moe_layer_start_index)
+    "ernie4_5_moe": Family(
+        Ernie4_5_MoeForCausalLM,
+        lambda: Ernie4_5_MoeConfig(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=32,
+            moe_num_experts=8,
+            moe_k=3,
+            moe_num_shared_experts=2,
+            moe_layer_start_index=1,
+            head_dim=16,
+        ),
+        _decoder_block,
+        _topk_router,
+        (1, 2),
+    ),
     # Cohere2-MoE: top-k of the logits, softmax over the kept k (Granite-MoE's rule), one shared expert
     # averaged with the routed output (its default strategy), dense first layer
     "cohere2_moe": Family(
@@ -476,7 +497,8 @@ def rescale_moe_weights(model: torch.nn.Module, seed: int) -> None:
             if any(marker in f".{name}" for marker in moe_markers) or name.endswith(("gate.weight", "router.weight")):
                 values = torch.randn(parameter.shape, generator=generator) / math.sqrt(parameter.shape[-1])
                 parameter.copy_(values.to(parameter.dtype))
-        for name, buffer in model.named_buffers():
+        # a buffer in DeepSeek-V3, a parameter in ERNIE-4.5's moe_statics
+        for name, buffer in itertools.chain(model.named_buffers(), model.named_parameters()):
             if name.endswith("e_score_correction_bias"):
                 buffer.copy_((torch.randn(buffer.shape, generator=generator) * 0.1).to(buffer.dtype))
 

@@ -105,6 +105,10 @@ def test_demo_checkpoint_is_deterministic_and_loads_in_transformers(tmp_path: Pa
             ),
             "shared_expert_combination_strategy 'max' is not sum or average",
         ),
+        (
+            lambda d: (d / "config.json").write_text('{"model_type": "ernie4_5_moe", "use_bias": true}'),
+            "use_bias=true",
+        ),
     ],
 )
 def test_bad_checkpoints_fail_at_start_with_a_clear_message(tmp_path: Path, mutate, message: str) -> None:

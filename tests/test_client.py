@@ -57,6 +57,7 @@ class ServedFamily:
         "exaone_moe",
         "granitemoe",
         "cohere2_moe_sigmoid",
+        "ernie4_5_moe",
     ],
 )
 def served(
