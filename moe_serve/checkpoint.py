@@ -6,7 +6,8 @@ weights (attention, embeddings) are never read. Read layouts:
   per-expert files (`experts.M.w1/w3/w2` or `experts.M.gate_proj/up_proj/down_proj`) or the fused
   `experts.gate_up_proj` [E, 2*d_ff, d] / `experts.down_proj` [E, d, d_ff]; Granite-MoE's
   `block_sparse_moe.router.layer` with fused `input_linear` / `output_linear`; shared experts
-  (`shared_expert`, `shared_experts`), the shared-expert gate and DeepSeek's selection bias;
+  (`shared_expert`, `shared_experts`), the shared-expert gate and DeepSeek's selection bias; Jamba's
+  `feed_forward` blocks with their router at `feed_forward.router`;
 - Switch Transformers' `{encoder|decoder}.block.N.layer.M.mlp` with `router.classifier` and
   `experts.expert_J.wi/wo`.
 Sharded checkpoints are found through `model.safetensors.index.json`.
@@ -30,6 +31,7 @@ from moe_serve.model_spec import ExpertKind, MoEModelSpec, load_config, spec_fro
 INDEX_FILE = "model.safetensors.index.json"
 _DECODER_GATE = re.compile(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.gate\.weight$")
 _GRANITE_ROUTER = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.router\.layer\.weight$")
+_JAMBA_ROUTER = re.compile(r"^model\.layers\.(\d+)\.feed_forward\.router\.weight$")
 _SWITCH_ROUTER = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.mlp\.router\.classifier\.weight$")
 # per-expert projection names, (gate, up, down) for SwiGLU experts and (wi, wo) for dense ones
 _SWIGLU_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
@@ -190,6 +192,9 @@ class Checkpoint:
             elif match := _GRANITE_ROUTER.match(name):
                 prefix = name.removesuffix(".router.layer.weight")
                 layouts[int(match.group(1))] = self._layer_layout(spec, prefix, f"{prefix}.router.layer")
+            elif match := _JAMBA_ROUTER.match(name):
+                prefix = name.removesuffix(".router.weight")
+                layouts[int(match.group(1))] = self._layer_layout(spec, prefix, f"{prefix}.router")
             elif match := _SWITCH_ROUTER.match(name):
                 prefix = name.removesuffix(".router.classifier.weight")
                 block = int(match.group(2))

@@ -8,7 +8,7 @@ into `MoEModelSpec`, so nothing downstream reads raw config dictionaries.
 | mixtral     | mixtral, minimax            | softmax -> top-k -> renormalise                            |
 | qwen_moe    | qwen2_moe, qwen3_moe,       | softmax -> top-k (-> renormalise if norm_topk_prob);        |
 |             | qwen3_next, olmoe,          |                                                            |
-|             | flex_olmo                   | Qwen2/3-Next: a shared expert x sigmoid(shared_gate(x))    |
+|             | flex_olmo, jamba            | Qwen2/3-Next: a shared expert x sigmoid(shared_gate(x))    |
 | deepseek_v2 | deepseek_v2                 | softmax, group-limited top-k (group_limited_greedy),        |
 |             |                             | x routed_scaling_factor; shared experts                     |
 | deepseek_v3 | deepseek_v3, glm4_moe,      | sigmoid, bias for selection, group-limited top-k,           |
@@ -188,6 +188,22 @@ def _qwen_moe(config: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
+def _jamba(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Jamba: Qwen-MoE's rule without renormalisation (JambaTopKRouter keeps the top-k probabilities
+    as they are), experts `intermediate_size` wide, no shared expert; its Mamba and attention layers
+    are not the service's concern."""
+    return {
+        "num_experts": int(_get(config, path, "num_experts")),
+        "routing": RoutingConfig(
+            family="qwen_moe",
+            top_k=int(_get(config, path, "num_experts_per_tok")),
+            normalize_top_k=False,
+            weights_in_activation_dtype=True,
+        ),
+        "expert": ExpertShape("swiglu", int(_get(config, path, "intermediate_size")), _activation(config, path)),
+    }
+
+
 def _olmoe(config: dict[str, Any], path: Path) -> dict[str, Any]:
     """OLMoE routes as Qwen-MoE does (its router is the same code in transformers), has no shared
     expert, and its experts' width is `intermediate_size`."""
@@ -337,7 +353,8 @@ FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     "mixtral": _mixtral,
     "qwen2_moe": _qwen_moe,
     "qwen3_moe": _qwen_moe,
-    "qwen3_next": _qwen_moe,  # Qwen3-Next's MoE block and router are Qwen2-MoE's (renormalised)
+    "qwen3_next": _qwen_moe,
+    "jamba": _jamba,  # Qwen3-Next's MoE block and router are Qwen2-MoE's (renormalised)
     "minimax": _mixtral,  # MiniMax-Text-01's router and experts are Mixtral's
     "olmoe": _olmoe,
     "flex_olmo": _olmoe,  # FlexOlmo's router and experts are OLMoE's

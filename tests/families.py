@@ -36,6 +36,8 @@ from transformers import (
     Glm4MoeLiteForCausalLM,
     GraniteMoeConfig,
     GraniteMoeForCausalLM,
+    JambaConfig,
+    JambaForCausalLM,
     MiniMaxConfig,
     MiniMaxForCausalLM,
     MiniMaxM2Config,
@@ -75,7 +77,12 @@ def _granite_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     return model.model.layers[layer].block_sparse_moe
 
 
-def _granite_router(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _jamba_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    return model.model.layers[layer].feed_forward
+
+
+def _router_router(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Granite-MoE and Jamba name the router `router`."""
     logits, _, ids = block.router(hidden)
     return logits.float(), ids
 
@@ -176,6 +183,27 @@ FAMILIES: dict[str, Family] = {
         ),
         _decoder_block,
         _topk_router,
+        (0, 2),
+    ),
+    # Jamba: softmax top-k kept unnormalised, MoE in every other layer, beside Mamba layers
+    # (the slow path: no mamba kernels on the CPU); attention in layer 1
+    "jamba": Family(
+        JambaForCausalLM,
+        lambda: JambaConfig(
+            **{**DECODER, "num_hidden_layers": 4},
+            intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            expert_layer_period=2,
+            expert_layer_offset=0,
+            attn_layer_period=2,
+            attn_layer_offset=1,
+            use_mamba_kernels=False,
+            mamba_d_state=8,
+            mamba_dt_rank=8,
+        ),
+        _jamba_block,
+        _router_router,
         (0, 2),
     ),
     # MiniMax-Text-01: Mixtral's router and experts, beside lightning (linear) attention layers
@@ -460,7 +488,7 @@ FAMILIES: dict[str, Family] = {
         GraniteMoeForCausalLM,
         lambda: GraniteMoeConfig(**DECODER, intermediate_size=40, num_local_experts=8, num_experts_per_tok=3),
         _granite_block,
-        _granite_router,
+        _router_router,
         (0, 1, 2),
     ),
     # top-1, float32 router, capacity 3 per batch from the config; sparse blocks 1 and 3 of 4

@@ -46,6 +46,7 @@ class ServedFamily:
         "mixtral",
         "qwen2_moe",
         "qwen3_next",
+        "jamba",
         "minimax",
         "minimax_m2",
         "deepseek_v2",

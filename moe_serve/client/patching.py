@@ -1,11 +1,11 @@
 """`patch_model`: swap every MoE block of a loaded transformers model for a `RemoteMoE` served by a gateway.
 
 Supported: the causal LMs (or their base models) of SUPPORTED_MODEL_TYPES (Mixtral, MiniMax-Text-01, MiniMax-M2,
-Qwen2/3-MoE, Qwen3-Next, OLMoE, FlexOlmo, DeepSeek-V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, Solar Open,
-EXAONE-MoE, ERNIE-4.5-MoE, Granite-MoE, Cohere2-MoE), whose decoder layer i keeps its MoE block
-at `layers[i].mlp` (`layers[i].block_sparse_moe` in Granite-MoE). A layer is an MoE layer when that block has
-a child of the family's router class (the class transformers records router logits from); dense
-layers (`mlp_only_layers`, `decoder_sparse_step`, `first_k_dense_replace`) are left alone.
+Qwen2/3-MoE, Qwen3-Next, Jamba, OLMoE, FlexOlmo, DeepSeek-V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, Solar Open,
+EXAONE-MoE, ERNIE-4.5-MoE, Granite-MoE, Cohere2-MoE), whose decoder layer i keeps its MoE block at
+`layers[i].mlp` (`block_sparse_moe` in Granite-MoE, `feed_forward` in Jamba). A layer is an MoE layer when
+that block has a child of the family's router class (the class transformers records router logits from);
+dense layers (`mlp_only_layers`, `decoder_sparse_step`, `first_k_dense_replace`) are left alone.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ SUPPORTED_MODEL_TYPES: dict[str, FamilySupport] = {
     "minimax": FamilySupport("mixtral"),
     "olmoe": FamilySupport("qwen_moe"),
     "flex_olmo": FamilySupport("qwen_moe"),
+    "jamba": FamilySupport("qwen_moe", block_attribute="feed_forward"),
     # DeepSeek-V2/V3's routers (copied by GLM-4.5 and dots.llm1):
     # F.linear(hidden.type(torch.float32), weight.type(torch.float32))
     "deepseek_v2": FamilySupport("deepseek_v2", router_logits_in_float32=True),
