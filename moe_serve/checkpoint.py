@@ -2,12 +2,13 @@
 
 A worker materialises only its own experts and the router only the router weights; other
 weights (attention, embeddings) are never read. Read layouts:
-- decoder MoE blocks `model.layers.N.{block_sparse_moe|mlp}` (Mixtral, Qwen-MoE, DeepSeek-V3), with
-  per-expert files (`experts.M.w1/w3/w2` or `experts.M.gate_proj/up_proj/down_proj`) or the fused
-  `experts.gate_up_proj` [E, 2*d_ff, d] / `experts.down_proj` [E, d, d_ff]; Granite-MoE's
-  `block_sparse_moe.router.layer` with fused `input_linear` / `output_linear`; shared experts
-  (`shared_expert`, `shared_experts`), the shared-expert gate and DeepSeek's selection bias; Jamba's
-  `feed_forward` blocks with their router at `feed_forward.router`;
+- decoder MoE blocks `model.layers.N.{block_sparse_moe|mlp|feed_forward}` (Mixtral, Qwen-MoE,
+  DeepSeek-V3, LFM2-MoE), with per-expert files (`experts.M.w1/w3/w2` or
+  `experts.M.gate_proj/up_proj/down_proj`) or the fused `experts.gate_up_proj` [E, 2*d_ff, d] /
+  `experts.down_proj` [E, d, d_ff]; Granite-MoE's `block_sparse_moe.router.layer` with fused
+  `input_linear` / `output_linear`; shared experts (`shared_expert`, `shared_experts`), the
+  shared-expert gate and the selection bias (DeepSeek's, ERNIE's, LFM2's); Jamba's `feed_forward`
+  blocks with their router at `feed_forward.router`;
 - Switch Transformers' `{encoder|decoder}.block.N.layer.M.mlp` with `router.classifier` and
   `experts.expert_J.wi/wo`.
 Sharded checkpoints are found through `model.safetensors.index.json`.
@@ -29,7 +30,7 @@ from moe_serve.errors import ConfigurationError
 from moe_serve.model_spec import ExpertKind, MoEModelSpec, load_config, spec_from_config
 
 INDEX_FILE = "model.safetensors.index.json"
-_DECODER_GATE = re.compile(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp)\.gate\.weight$")
+_DECODER_GATE = re.compile(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp|feed_forward)\.gate\.weight$")
 _GRANITE_ROUTER = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.router\.layer\.weight$")
 _JAMBA_ROUTER = re.compile(r"^model\.layers\.(\d+)\.feed_forward\.router\.weight$")
 _SWITCH_ROUTER = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.mlp\.router\.classifier\.weight$")
@@ -107,15 +108,19 @@ class Checkpoint:
         optional = {
             "gate_bias": (f"{layout.router_prefix}.bias",),
             # DeepSeek-V3 keeps the selection bias on its router, MiniMax-M2 on the block, ERNIE-4.5 in
-            # moe_statics ([1, E]) on the router (transformers) or the block (Baidu's files)
-            "selection_bias": tuple(
-                f"{p}.e_score_correction_bias"
-                for p in (
-                    layout.router_prefix,
-                    layout.prefix,
-                    f"{layout.router_prefix}.moe_statics",
-                    f"{layout.prefix}.moe_statics",
-                )
+            # moe_statics ([1, E]) on the router (transformers) or the block (Baidu's files), LFM2-MoE
+            # on the block as expert_bias
+            "selection_bias": (
+                *(
+                    f"{p}.e_score_correction_bias"
+                    for p in (
+                        layout.router_prefix,
+                        layout.prefix,
+                        f"{layout.router_prefix}.moe_statics",
+                        f"{layout.prefix}.moe_statics",
+                    )
+                ),
+                f"{layout.prefix}.expert_bias",
             ),
             "shared_gate": (f"{layout.prefix}.shared_expert_gate.weight",),
         }

@@ -185,6 +185,24 @@ def _ernie4_5_moe(
     return logits, choice, top_ids, top_weights, probabilities
 
 
+def _lfm2_moe(
+    hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
+) -> Rule:
+    # Lfm2MoeTopKRouter: sigmoid scores, gathering, renormalising and scaling all in the activation
+    # dtype; only the choice (scores + expert_bias) is float32
+    logits = F.linear(hidden, router.gate.to(hidden.dtype))
+    scores = logits.sigmoid()
+    choice = scores.float()
+    if router.selection_bias is not None:
+        choice = scores + router.selection_bias.float()
+    top_ids = torch.topk(choice, routing.top_k, dim=-1)[1]
+    top_weights = scores.gather(1, top_ids)
+    if routing.normalize_top_k:
+        top_weights = top_weights / (top_weights.sum(dim=-1, keepdim=True) + 1e-6)
+    top_weights = top_weights * routing.routed_scaling_factor
+    return logits.float(), choice, top_ids, top_weights.float(), scores.float()
+
+
 def _deepseek_v2(
     hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
 ) -> Rule:
@@ -235,6 +253,7 @@ _RULES = {
     "deepseek_v2": _deepseek_v2,
     "deepseek_v3": _deepseek_v3,
     "ernie4_5_moe": _ernie4_5_moe,
+    "lfm2_moe": _lfm2_moe,
     "granitemoe": _logit_top_k,
     "switch": _switch_top_1,
 }

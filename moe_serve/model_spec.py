@@ -17,6 +17,8 @@ into `MoEModelSpec`, so nothing downstream reads raw config dictionaries.
 |             | minimax_m2                  | MiniMax-M2: logits in the activation dtype, one group      |
 | ernie4_5_moe| ernie4_5_moe                | float32 softmax, bias for selection, renormalise            |
 |             |                             | (sum clamped to moe_norm_min); shared experts               |
+| lfm2_moe    | lfm2_moe                    | sigmoid in the activation dtype, bias for selection,        |
+|             |                             | renormalise (sum + 1e-6), x routed_scaling_factor           |
 | granitemoe  | granitemoe, cohere2_moe     | top-k of the logits -> softmax over the k kept             |
 |             |                             | (Cohere2-MoE: or sigmoid; shared experts summed/averaged)   |
 | switch      | switch_transformers         | float32 router, top-1, expert capacity from the config      |
@@ -49,7 +51,8 @@ SUPPORTED_ACTIVATIONS = ("silu", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh"
 class RoutingConfig:
     """How the router turns hidden states into (expert ids, combine weights) for one family.
 
-    family: "mixtral", "qwen_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe", "granitemoe" or "switch".
+    family: "mixtral", "qwen_moe", "deepseek_v2", "deepseek_v3", "ernie4_5_moe", "lfm2_moe", "granitemoe"
+        or "switch".
     top_k: experts per token.
     normalize_top_k: renormalise the kept top-k weights (Mixtral always; Qwen/DeepSeek per config).
     routed_scaling_factor, num_groups, top_k_groups: DeepSeek-V2/V3 group-limited selection.
@@ -295,6 +298,24 @@ def _ernie4_5_moe(config: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
+def _lfm2_moe(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """LFM2-MoE: sigmoid scores in the activation dtype, expert_bias for choice only (use_expert_bias),
+    renormalised (sum + 1e-6) when norm_topk_prob, x routed_scaling_factor; SiLU experts, no shared one."""
+    routing = RoutingConfig(
+        family="lfm2_moe",
+        top_k=int(_get(config, path, "num_experts_per_tok")),
+        normalize_top_k=bool(config.get("norm_topk_prob", True)),
+        routed_scaling_factor=float(config.get("routed_scaling_factor") or 1.0),
+        weights_in_activation_dtype=True,
+    )
+    return {
+        "num_experts": int(_get(config, path, "num_experts")),
+        "routing": routing,
+        # Lfm2MoeExperts applies F.silu whatever the config names
+        "expert": ExpertShape("swiglu", int(_get(config, path, "moe_intermediate_size")), "silu"),
+    }
+
+
 def _granitemoe(config: dict[str, Any], path: Path) -> dict[str, Any]:
     # GraniteMoeTopKRouter: top-k of the float32 logits, softmax over the kept k, cast to the activation dtype
     return {
@@ -369,6 +390,7 @@ FAMILY_PARSERS: dict[str, Callable[[dict[str, Any], Path], dict[str, Any]]] = {
     "minimax_m2": _minimax_m2,
     "dots1": _deepseek_v3,  # dots.llm1: DeepSeek-V3's router, shared experts and dense first layers
     "ernie4_5_moe": _ernie4_5_moe,
+    "lfm2_moe": _lfm2_moe,
     "granitemoe": _granitemoe,
     "cohere2_moe": _cohere2_moe,
     "switch_transformers": _switch,

@@ -38,6 +38,8 @@ from transformers import (
     GraniteMoeForCausalLM,
     JambaConfig,
     JambaForCausalLM,
+    Lfm2MoeConfig,
+    Lfm2MoeForCausalLM,
     MiniMaxConfig,
     MiniMaxForCausalLM,
     MiniMaxM2Config,
@@ -77,7 +79,7 @@ def _granite_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     return model.model.layers[layer].block_sparse_moe
 
 
-def _jamba_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+def _feed_forward_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     return model.model.layers[layer].feed_forward
 
 
@@ -89,6 +91,11 @@ def _router_router(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.
 
 def _minimax_m2_router(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits, _, ids = block.gate(hidden, block.e_score_correction_bias)
+    return logits.float(), ids
+
+
+def _lfm2_router(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, _, ids = block.gate(hidden, block.expert_bias)
     return logits.float(), ids
 
 
@@ -202,9 +209,27 @@ FAMILIES: dict[str, Family] = {
             mamba_d_state=8,
             mamba_dt_rank=8,
         ),
-        _jamba_block,
+        _feed_forward_block,
         _router_router,
         (0, 2),
+    ),
+    # LFM2-MoE: sigmoid routing in the activation dtype with an expert bias, renormalised, scaled; a dense
+    # first layer (num_dense_layers), short-convolution and attention layers
+    "lfm2_moe": Family(
+        Lfm2MoeForCausalLM,
+        lambda: Lfm2MoeConfig(
+            **DECODER,
+            intermediate_size=80,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=3,
+            num_dense_layers=1,
+            routed_scaling_factor=1.5,
+            layer_types=["conv", "full_attention", "conv"],
+        ),
+        _feed_forward_block,
+        _lfm2_router,
+        (1, 2),
     ),
     # MiniMax-Text-01: Mixtral's router and experts, beside lightning (linear) attention layers
     "minimax": Family(
@@ -525,9 +550,9 @@ def rescale_moe_weights(model: torch.nn.Module, seed: int) -> None:
             if any(marker in f".{name}" for marker in moe_markers) or name.endswith(("gate.weight", "router.weight")):
                 values = torch.randn(parameter.shape, generator=generator) / math.sqrt(parameter.shape[-1])
                 parameter.copy_(values.to(parameter.dtype))
-        # a buffer in DeepSeek-V3, a parameter in ERNIE-4.5's moe_statics
+        # a buffer in DeepSeek-V3 (LFM2-MoE: expert_bias), a parameter in ERNIE-4.5's moe_statics
         for name, buffer in itertools.chain(model.named_buffers(), model.named_parameters()):
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 buffer.copy_((torch.randn(buffer.shape, generator=generator) * 0.1).to(buffer.dtype))
 
 

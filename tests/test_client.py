@@ -59,6 +59,7 @@ class ServedFamily:
         "granitemoe",
         "cohere2_moe_sigmoid",
         "ernie4_5_moe",
+        "lfm2_moe",
     ],
 )
 def served(

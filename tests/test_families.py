@@ -40,6 +40,7 @@ CASES = [
     pytest.param("minimax_m2", torch.bfloat16, id="minimax_m2-bf16"),
     pytest.param("cohere2_moe", torch.bfloat16, id="cohere2_moe-bf16"),
     pytest.param("ernie4_5_moe", torch.bfloat16, id="ernie4_5_moe-bf16"),
+    pytest.param("lfm2_moe", torch.bfloat16, id="lfm2_moe-bf16"),
 ]
 
 

@@ -2,10 +2,11 @@
 
 Supported: the causal LMs (or their base models) of SUPPORTED_MODEL_TYPES (Mixtral, MiniMax-Text-01, MiniMax-M2,
 Qwen2/3-MoE, Qwen3-Next, Jamba, OLMoE, FlexOlmo, DeepSeek-V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, Solar Open,
-EXAONE-MoE, ERNIE-4.5-MoE, Granite-MoE, Cohere2-MoE), whose decoder layer i keeps its MoE block at
-`layers[i].mlp` (`block_sparse_moe` in Granite-MoE, `feed_forward` in Jamba). A layer is an MoE layer when
-that block has a child of the family's router class (the class transformers records router logits from);
-dense layers (`mlp_only_layers`, `decoder_sparse_step`, `first_k_dense_replace`) are left alone.
+EXAONE-MoE, ERNIE-4.5-MoE, LFM2-MoE, Granite-MoE, Cohere2-MoE), whose decoder layer i keeps its MoE
+block at `layers[i].mlp` (`block_sparse_moe` in Granite-MoE, `feed_forward` in Jamba and LFM2-MoE). A layer
+is an MoE layer when that block has a child of the family's router class (the class transformers records
+router logits from); dense layers (`mlp_only_layers`, `decoder_sparse_step`, `first_k_dense_replace`) are
+left alone.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ SUPPORTED_MODEL_TYPES: dict[str, FamilySupport] = {
     "minimax_m2": FamilySupport("deepseek_v3"),
     # Ernie4_5_MoeTopKRouter: F.linear(hidden_states.float(), self.weight.float())
     "ernie4_5_moe": FamilySupport("ernie4_5_moe", router_logits_in_float32=True),
+    "lfm2_moe": FamilySupport("lfm2_moe", block_attribute="feed_forward"),
     # GraniteMoeTopKRouter returns F.linear(...).float(): logits in the activation dtype, cast to float32
     "granitemoe": FamilySupport("granitemoe", router_logits_in_float32=True, block_attribute="block_sparse_moe"),
     # Cohere2MoeTopKRouter: Granite-MoE's rule (or its sigmoid variant), logits left in the activation dtype
