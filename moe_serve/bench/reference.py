@@ -53,11 +53,22 @@ class ReferenceLayer:
         return run_block(self.block, hidden)
 
     def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The router's logits [T, E] for hidden [T, d], in float32."""
-        with torch.inference_mode():
-            routed = self.router(hidden.unsqueeze(0))
-        logits = routed[self.router_output_index] if isinstance(routed, tuple) else routed
-        return logits.reshape(hidden.shape[0], -1).float()
+        """The router's logits [T, E] for hidden [T, d], in float32.
+
+        Recorded from the router while the block runs, as transformers records them: some routers take
+        more than the hidden states (MiniMax-M2's and LFM2-MoE's get the block's selection bias).
+        """
+        recorded: list[torch.Tensor] = []
+
+        def record(_module: torch.nn.Module, _inputs: object, routed: object) -> None:
+            recorded.append(routed[self.router_output_index] if isinstance(routed, tuple) else routed)
+
+        handle = self.router.register_forward_hook(record)
+        try:
+            run_block(self.block, hidden)
+        finally:
+            handle.remove()
+        return recorded[-1].reshape(hidden.shape[0], -1).float()
 
 
 def reference_layers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[int, ReferenceLayer]:
