@@ -39,10 +39,22 @@ class ServiceProcess:
     process: subprocess.Popen[str]
     ready: dict[str, Any]
     recent_output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
+    announced: threading.Event = field(default_factory=threading.Event)  # set on the ready line or exit
 
     @property
     def address(self) -> str:
         return str(self.ready["address"])
+
+    def wait_ready(self, timeout_s: float = 120.0) -> ServiceProcess:
+        """Block until the process printed its ready line; stop it and raise if it did not in time."""
+        if not self.announced.wait(timeout_s) or not self.ready:
+            self.stop(grace_s=2)
+            tail = "\n".join(self.recent_output)
+            raise RuntimeError(
+                f"{self.name} did not become ready within {timeout_s:.0f} s "
+                f"(exit code {self.process.poll()}); its last output:\n{tail}"
+            )
+        return self
 
     def stop(self, grace_s: float = 10.0) -> int:
         """SIGTERM, then SIGKILL after `grace_s`; returns the exit code."""
@@ -64,6 +76,13 @@ def start_service_process(
     module: str = "moe_serve",
 ) -> ServiceProcess:
     """Run `python -m <module> <args>` and wait for its ready line (its stdout is then relayed)."""
+    return spawn_service_process(name, args, env, module).wait_ready(timeout_s)
+
+
+def spawn_service_process(
+    name: str, args: list[str], env: dict[str, str] | None = None, module: str = "moe_serve"
+) -> ServiceProcess:
+    """Run `python -m <module> <args>` without waiting: `wait_ready()` on the result waits for its ready line."""
     process = subprocess.Popen(
         [sys.executable, "-m", module, *args],
         stdout=subprocess.PIPE,
@@ -73,27 +92,19 @@ def start_service_process(
         env={**os.environ, **(env or {})},
     )
     service = ServiceProcess(name=name, process=process, ready={})
-    ready = threading.Event()
 
     def relay() -> None:
         assert process.stdout is not None
         for line in process.stdout:
             service.recent_output.append(line.rstrip())
-            if line.startswith(READY_MARKER) and not ready.is_set():
+            if line.startswith(READY_MARKER) and not service.announced.is_set():
                 service.ready = json.loads(line[len(READY_MARKER) :])
-                ready.set()
+                service.announced.set()
             else:
                 sys.stderr.write(f"[{name}] {line}")
-        ready.set()  # the process ended: wake the waiter
+        service.announced.set()  # the process ended: wake the waiter
 
     threading.Thread(target=relay, name=f"relay-{name}", daemon=True).start()
-    if not ready.wait(timeout_s) or not service.ready:
-        service.stop(grace_s=2)
-        tail = "\n".join(service.recent_output)
-        raise RuntimeError(
-            f"{name} did not become ready within {timeout_s:.0f} s "
-            f"(exit code {process.poll()}); its last output:\n{tail}"
-        )
     return service
 
 
@@ -284,8 +295,12 @@ def autoscale_policy(settings: WorkerPoolSettings) -> dict[str, float] | None:
 
 
 def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -> Stack:
-    """Start the router (it hosts the registry unless Redis does), the worker actors through a
-    deployment controller (Ray must be initialised), then the gateway once every expert has a replica."""
+    """Start the router (it hosts the registry unless Redis does), then the gateway and the worker
+    actors (through a deployment controller; Ray must be initialised) side by side; return once every
+    expert has a replica and the gateway listens.
+
+    The gateway may start before the workers: it reports not ready until the router does, and
+    starting it meanwhile hides its start-up (imports) behind theirs."""
     import ray
 
     spec = Checkpoint(checkpoint).spec
@@ -310,34 +325,16 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
             *_metrics_flags(None if settings.metrics_port is None else 0),
         ],
     )
-    controller = None
+    controller: Any = None
+    gateway: ServiceProcess | None = None
     try:
+        gateway = spawn_service_process("gateway", _gateway_args(settings, router.address))
         controller, name = start_controller(settings, checkpoint, model_name, router.address)
         wait_until_ready(router.address, tls=InternalTLS.from_settings(settings))
-        gateway_args = [
-            "gateway",
-            "--router-address",
-            router.address,
-            "--port",
-            str(settings.port),
-            "--max-inflight-tokens",
-            str(settings.max_inflight_tokens),
-            "--batch-window-ms",
-            str(settings.batch_window_ms),
-            "--pipeline-chunk-tokens",
-            str(settings.pipeline_chunk_tokens),
-            *_common_flags(settings),
-            *_metrics_flags(settings.metrics_port),
-            *_public_security_flags(settings),
-        ]
-        if settings.redis_url:  # the gateway writes its live state there
-            gateway_args += ["--redis-url", settings.redis_url, "--redis-prefix", settings.redis_prefix]
-        if settings.capacity_factor is not None:
-            gateway_args += ["--capacity-factor", str(settings.capacity_factor)]
-        if settings.overflow is not None:
-            gateway_args += ["--overflow", settings.overflow]
-        gateway = start_service_process("gateway", gateway_args)
+        gateway.wait_ready()
     except BaseException:
+        if gateway is not None:
+            gateway.stop(grace_s=2)
         if controller is not None:
             with contextlib.suppress(Exception):
                 ray.get(controller.stop_all.remote(), timeout=60)
@@ -359,6 +356,32 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
         controller=controller,
         controller_name=name,
     )
+
+
+def _gateway_args(settings: UpSettings, router_address: str) -> list[str]:
+    args = [
+        "gateway",
+        "--router-address",
+        router_address,
+        "--port",
+        str(settings.port),
+        "--max-inflight-tokens",
+        str(settings.max_inflight_tokens),
+        "--batch-window-ms",
+        str(settings.batch_window_ms),
+        "--pipeline-chunk-tokens",
+        str(settings.pipeline_chunk_tokens),
+        *_common_flags(settings),
+        *_metrics_flags(settings.metrics_port),
+        *_public_security_flags(settings),
+    ]
+    if settings.redis_url:  # the gateway writes its live state there
+        args += ["--redis-url", settings.redis_url, "--redis-prefix", settings.redis_prefix]
+    if settings.capacity_factor is not None:
+        args += ["--capacity-factor", str(settings.capacity_factor)]
+    if settings.overflow is not None:
+        args += ["--overflow", settings.overflow]
+    return args
 
 
 def wait_until_ready(router_address: str, timeout_s: float = 60.0, tls: InternalTLS | None = None) -> None:
