@@ -15,7 +15,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve import codec
-from moe_serve.launcher import ServiceProcess, start_service_process, wait_until_ready
+from moe_serve.launcher import ServiceProcess, spawn_service_process, start_service_process, wait_until_ready
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
@@ -169,14 +169,18 @@ def start_process_stack(
     common: tuple[str, ...] = (),
     router_args: tuple[str, ...] = (),
 ) -> ProcessStack:
-    """Start a router, one worker per entry of `worker_args` (its extra flags) in parallel, then a gateway.
+    """Start a router, then a gateway and one worker per entry of `worker_args` (its extra flags) side
+    by side (as launch_stack does); return once every expert has a replica and the gateway listens.
 
     `common` flags go to every service (e.g. --max-message-bytes).
     """
     router = start_service_process(
         "router", ["router", "--checkpoint", str(checkpoint), "--port", "0", *common, *router_args]
     )
-    stack = ProcessStack(checkpoint, router, [], router, list(common))
+    gateway = spawn_service_process(
+        "gateway", ["gateway", "--router-address", router.address, "--port", "0", *common, *gateway_args]
+    )
+    stack = ProcessStack(checkpoint, router, [], gateway, list(common))
     try:
         names = [f"worker-{index}" for index in range(len(worker_args))]
         with ThreadPoolExecutor(max(1, len(worker_args))) as pool:
@@ -184,11 +188,9 @@ def start_process_stack(
                 pool.map(lambda item: stack.start_worker(item[0], *item[1]), zip(names, worker_args, strict=True))
             )
         wait_until_ready(router.address)
-        stack.gateway = start_service_process(
-            "gateway", ["gateway", "--router-address", router.address, "--port", "0", *common, *gateway_args]
-        )
+        gateway.wait_ready()
     except BaseException:
-        for process in (*stack.workers, router):
+        for process in (gateway, *stack.workers, router):
             process.stop()
         raise
     return stack
