@@ -9,7 +9,8 @@ checkpoints a soak runs on, and independent of moe-serve's own checkpoint reader
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,15 +43,21 @@ def run_block(block: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ReferenceLayer:
-    """One served MoE layer as transformers computes it: its block's output and its router's logits."""
+    """One served MoE layer as transformers computes it: its block's output and its router's logits.
+
+    Safe to call from several threads (the soak's clients check answers concurrently).
+    """
 
     block: torch.nn.Module
     router: torch.nn.Module
     router_output_index: int  # where the router's output holds the logits (transformers' OutputRecorder)
+    # router_logits hooks the shared router for one block run: no other run may overlap it
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block's output for hidden [T, d]."""
-        return run_block(self.block, hidden)
+        with self._lock:
+            return run_block(self.block, hidden)
 
     def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The router's logits [T, E] for hidden [T, d], in float32.
@@ -63,11 +70,12 @@ class ReferenceLayer:
         def record(_module: torch.nn.Module, _inputs: object, routed: object) -> None:
             recorded.append(routed[self.router_output_index] if isinstance(routed, tuple) else routed)
 
-        handle = self.router.register_forward_hook(record)
-        try:
-            run_block(self.block, hidden)
-        finally:
-            handle.remove()
+        with self._lock:
+            handle = self.router.register_forward_hook(record)
+            try:
+                run_block(self.block, hidden)
+            finally:
+                handle.remove()
         return recorded[-1].reshape(hidden.shape[0], -1).float()
 
 
