@@ -9,8 +9,11 @@ checkpoints a soak runs on, and independent of moe-serve's own checkpoint reader
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,32 +54,39 @@ class ReferenceLayer:
     block: torch.nn.Module
     router: torch.nn.Module
     router_output_index: int  # where the router's output holds the logits (transformers' OutputRecorder)
-    # router_logits hooks the shared router for one block run: no other run may overlap it
+    # a recording hook on the shared router must see only its own block run
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @functools.cached_property
+    def _router_needs_block(self) -> bool:
+        """The router takes more than the hidden states (MiniMax-M2's and LFM2-MoE's get the block's
+        selection bias), so its logits are recorded while the block runs, as transformers records them."""
+        return len(inspect.signature(self.router.forward).parameters) > 1
 
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
         """The block's output for hidden [T, d]."""
+        if not self._router_needs_block:
+            return run_block(self.block, hidden)
         with self._lock:
             return run_block(self.block, hidden)
 
     def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The router's logits [T, E] for hidden [T, d], in float32.
-
-        Recorded from the router while the block runs, as transformers records them: some routers take
-        more than the hidden states (MiniMax-M2's and LFM2-MoE's get the block's selection bias).
-        """
-        recorded: list[torch.Tensor] = []
-
-        def record(_module: torch.nn.Module, _inputs: object, routed: object) -> None:
-            recorded.append(routed[self.router_output_index] if isinstance(routed, tuple) else routed)
-
+        """The router's logits [T, E] for hidden [T, d], in float32."""
+        if not self._router_needs_block:
+            with torch.inference_mode():
+                return self._logits(self.router(hidden.unsqueeze(0)), hidden)
+        recorded: list[Any] = []
         with self._lock:
-            handle = self.router.register_forward_hook(record)
+            handle = self.router.register_forward_hook(lambda _module, _inputs, routed: recorded.append(routed))
             try:
                 run_block(self.block, hidden)
             finally:
                 handle.remove()
-        return recorded[-1].reshape(hidden.shape[0], -1).float()
+        return self._logits(recorded[-1], hidden)
+
+    def _logits(self, routed: Any, hidden: torch.Tensor) -> torch.Tensor:
+        logits = routed[self.router_output_index] if isinstance(routed, tuple) else routed
+        return logits.reshape(hidden.shape[0], -1).float()
 
 
 def reference_layers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[int, ReferenceLayer]:
