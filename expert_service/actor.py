@@ -3,6 +3,10 @@
 The actor runs the same WorkerService as `moe-serve worker`, on an event loop of its own thread,
 so gRPC traffic never waits on Ray's method-call machinery; Ray is used for placement and
 lifetime only, never on the data path.
+
+This module imports only what Ray needs to create the actor: the deployment controller imports it
+to name the actor class, and the controller itself never computes, so torch and the worker's
+service modules are imported in the actor's own process, in `__init__`.
 """
 
 from __future__ import annotations
@@ -11,15 +15,12 @@ import asyncio
 import logging
 import os
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from expert_service.server import WorkerService
-from moe_serve.allocator import tune_allocator
-from moe_serve.config import WorkerSettings
-from moe_serve.eventloop import new_event_loop
-from moe_serve.grpc_utils import configure_logging
+if TYPE_CHECKING:
+    from expert_service.server import WorkerService
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,12 @@ class ExpertWorkerActor:
     """Hosts one expert worker. Construct with WorkerSettings fields as keyword values."""
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        from expert_service.server import WorkerService
+        from moe_serve.allocator import tune_allocator
+        from moe_serve.config import WorkerSettings
+        from moe_serve.eventloop import new_event_loop
+        from moe_serve.grpc_utils import configure_logging
+
         tune_allocator()
         worker_settings = WorkerSettings(**settings)
         configure_logging(worker_settings.log_level)
@@ -53,7 +60,7 @@ class ExpertWorkerActor:
         self._loop = new_event_loop(worker_settings.event_loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="worker-grpc-loop", daemon=True)
         self._thread.start()
-        self._service = WorkerService(
+        self._service: WorkerService = WorkerService(
             worker_settings, node_id=context.get_node_id(), gpu_id=int(gpu_ids[0]) if gpu_ids else None
         )
         self._record = asyncio.run_coroutine_threadsafe(self._service.start(), self._loop).result()

@@ -22,7 +22,6 @@ from typing import Any
 import ray
 
 from moe_serve.balancer import AutoscalePolicy, plan_rebalance, should_apply
-from moe_serve.checkpoint import Checkpoint
 from moe_serve.placement import ExpertKey, plan_placement
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
@@ -61,6 +60,18 @@ class ManagedWorker:
     dedicated_to: frozenset[ExpertKey] | None = None
 
 
+@dataclass(frozen=True)
+class PlacementShape:
+    """What placement needs of the model: its MoE layers and experts placed per layer (shared included).
+
+    Passed in rather than read from the checkpoint here: reading it imports torch, which would
+    add two seconds to the controller's start and so to every stack's (the controller computes nothing).
+    """
+
+    moe_layers: tuple[int, ...]
+    num_placed_experts: int
+
+
 class DeploymentController:
     """Owns the worker actors; all mutating methods hold one lock, so changes never interleave."""
 
@@ -68,6 +79,7 @@ class DeploymentController:
         self,
         model_name: str,
         checkpoint: str,
+        shape: PlacementShape,
         worker_settings: dict[str, Any],
         router_address: str,
         num_gpus: float = 0.0,
@@ -75,7 +87,7 @@ class DeploymentController:
         actor_env: dict[str, str] | None = None,
     ) -> None:
         self.model_name, self.checkpoint = model_name, Path(checkpoint)
-        self.spec = Checkpoint(self.checkpoint).spec
+        self.spec = shape
         self.worker_settings, self.router_address = worker_settings, router_address
         self.num_gpus, self.num_cpus = num_gpus, num_cpus
         # worker processes start from the raylet's environment, not the launcher's: hand them the

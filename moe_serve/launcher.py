@@ -228,7 +228,7 @@ def start_controller(
     """
     import ray
 
-    from moe_serve.controller import NAMESPACE, DeploymentController, controller_name
+    from moe_serve.controller import NAMESPACE, DeploymentController, PlacementShape, controller_name
 
     worker_settings: dict[str, Any] = {
         "host": settings.host,
@@ -255,6 +255,7 @@ def start_controller(
         },
         "internal_tls_server_name": settings.internal_tls_server_name,
     }
+    spec = Checkpoint(checkpoint).spec
     name = controller_name(model_name, router_address)
     controller = (
         ray.remote(DeploymentController)
@@ -262,6 +263,7 @@ def start_controller(
         .remote(
             model_name,
             str(checkpoint),
+            PlacementShape(tuple(spec.moe_layers), spec.num_placed_experts),
             worker_settings,
             router_address,
             settings.worker_num_gpus,
