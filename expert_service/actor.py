@@ -15,12 +15,9 @@ import asyncio
 import logging
 import os
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
-
-if TYPE_CHECKING:
-    from expert_service.server import WorkerService
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +57,7 @@ class ExpertWorkerActor:
         self._loop = new_event_loop(worker_settings.event_loop)
         self._thread = threading.Thread(target=self._loop.run_forever, name="worker-grpc-loop", daemon=True)
         self._thread.start()
-        self._service: WorkerService = WorkerService(
+        self._service = WorkerService(
             worker_settings, node_id=context.get_node_id(), gpu_id=int(gpu_ids[0]) if gpu_ids else None
         )
         self._record = asyncio.run_coroutine_threadsafe(self._service.start(), self._loop).result()

@@ -87,7 +87,7 @@ class DeploymentController:
         actor_env: dict[str, str] | None = None,
     ) -> None:
         self.model_name, self.checkpoint = model_name, Path(checkpoint)
-        self.spec = shape
+        self.shape = shape
         self.worker_settings, self.router_address = worker_settings, router_address
         self.num_gpus, self.num_cpus = num_gpus, num_cpus
         # worker processes start from the raylet's environment, not the launcher's: hand them the
@@ -136,7 +136,7 @@ class DeploymentController:
     def start(self, workers: int) -> list[str]:
         """Start `workers` workers with the standard placement plan; return their records."""
         with self._lock:
-            for assignment in plan_placement(self.spec.moe_layers, self.spec.num_placed_experts, workers):
+            for assignment in plan_placement(self.shape.moe_layers, self.shape.num_placed_experts, workers):
                 self._add_worker(set(assignment.experts))
             self._await_registered(set(self._workers))
             return self.records()
@@ -149,7 +149,7 @@ class DeploymentController:
             old = list(self._workers)
             new = [
                 self._add_worker(set(a.experts))
-                for a in plan_placement(self.spec.moe_layers, self.spec.num_placed_experts, workers)
+                for a in plan_placement(self.shape.moe_layers, self.shape.num_placed_experts, workers)
             ]
             self._await_registered(set(new))
             for worker_id in old:
@@ -161,8 +161,8 @@ class DeploymentController:
         """Give expert `expert` (of `layer`, or of every MoE layer) exactly `replicas` replicas."""
         if replicas < 1:
             raise ValueError("an expert needs at least one replica")
-        layers = [layer] if layer is not None else list(self.spec.moe_layers)
-        if not 0 <= expert < self.spec.num_placed_experts or any(lay not in self.spec.moe_layers for lay in layers):
+        layers = [layer] if layer is not None else list(self.shape.moe_layers)
+        if not 0 <= expert < self.shape.num_placed_experts or any(lay not in self.shape.moe_layers for lay in layers):
             raise ValueError(f"no expert {expert} in layer(s) {layers}")
         keys = frozenset(ExpertKey(lay, expert) for lay in layers)
         with self._lock:
@@ -194,10 +194,10 @@ class DeploymentController:
             if not loads or sum(loads.values()) == 0 or len(worker_ids) < 2:
                 return report
             target = {w: set(self._workers[w].experts) for w in worker_ids}
-            for layer in self.spec.moe_layers:
+            for layer in self.shape.moe_layers:
                 layer_loads = {k: float(v) for k, v in loads.items() if k.layer == layer}
                 current = [{k for k in self._workers[w].experts if k.layer == layer} for w in worker_ids]
-                slots = slots_per_worker or -(-self.spec.num_placed_experts // len(worker_ids)) + 1
+                slots = slots_per_worker or -(-self.shape.num_placed_experts // len(worker_ids)) + 1
                 plan = plan_rebalance(layer_loads, current, slots)
                 report["layers"][layer] = {"imbalance": plan.current_imbalance, "planned": plan.new_imbalance}
                 if should_apply(plan, min_gain):
