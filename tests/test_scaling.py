@@ -15,10 +15,18 @@ import ray
 import torch
 
 from moe_serve.config import UpSettings
+from moe_serve.controller import REGISTRATION_TIMEOUT_S
 from moe_serve.launcher import launch_stack
 from moe_serve.placement import ExpertKey
 from moe_serve.registry import WorkerRecord
-from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
+from tests.helpers import (
+    infer_request,
+    kserve_stub,
+    reference_blocks,
+    reference_forward,
+    response_tensors,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -144,14 +152,18 @@ def test_autoscaling_policy_adds_a_worker_under_sustained_queueing(scaling_stack
     # any queued row counts as busy; decide every 0.5 s after 2 busy checks in a row; at most 3 workers
     policy = {"target_queued_rows": 0, "window": 2, "minimum": 2, "maximum": 3}
     stack.controller.run_policies.remote(0.0, policy, 0.5)
+
+    def decided() -> bool:
+        return any("autoscale: 2 -> 3" in event for event in ray.get(stack.controller.status.remote())["events"])
+
     # four clients at once keep batches waiting for a compute thread; the policy samples queued
     # rows at heartbeats, and one client's batches start computing as soon as they arrive
-    with contextlib.ExitStack() as clients:
-        outcomes = [clients.enter_context(steady_load(stack, block, tokens=400)) for _ in range(4)]
-        deadline = time.monotonic() + 60
-        while len(stack.workers) < 3:
-            assert time.monotonic() < deadline, "the policy did not scale up under load"
-            time.sleep(0.5)
-    assert all(outcome["failures"] == [] for outcome in outcomes)
-    status = ray.get(stack.controller.status.remote())
-    assert any("autoscale: 2 -> 3" in event for event in status["events"])
+    with steady_load(stack, block, tokens=400) as steady:
+        with contextlib.ExitStack() as extra:
+            outcomes = [extra.enter_context(steady_load(stack, block, tokens=400)) for _ in range(3)]
+            wait_until(decided, 120, "the policy's decision to scale up under load", poll_s=0.5)
+        # the new workers import torch and load their experts: on 2 busy cores that can take a minute,
+        # so they start under one client's load (which also keeps the policy from scaling back down)
+        wait_until(lambda: len(stack.workers) >= 3, REGISTRATION_TIMEOUT_S, "the third worker", poll_s=0.5)
+    assert all(outcome["failures"] == [] for outcome in [steady, *outcomes])
+    assert steady["answered"] > 0

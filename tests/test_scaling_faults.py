@@ -20,16 +20,8 @@ from moe_serve.launcher import launch_stack
 from moe_serve.placement import ExpertKey
 from moe_serve.redis_registry import RedisRegistration, RedisRegistry
 from moe_serve.registry import WorkerRecord
-from tests.helpers import reference_blocks, save_tiny_mixtral
+from tests.helpers import reference_blocks, save_tiny_mixtral, wait_until
 from tests.test_scaling import steady_load
-
-
-def wait_for(condition, timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"{what} not within {timeout_s} s"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def test_killed_worker_actor_under_load_loses_no_request_and_comes_back(ray_cluster, tmp_path: Path) -> None:
@@ -46,10 +38,11 @@ def test_killed_worker_actor_under_load_loses_no_request_and_comes_back(ray_clus
             time.sleep(1.0)
             os.kill(pid, signal.SIGKILL)
             # Ray restarts the actor; it registers again under the same id at a new address
-            restarted = wait_for(
+            restarted = wait_until(
                 lambda: any(r.worker_id == victim.worker_id and r.address != victim.address for r in stack.workers),
                 timeout_s=60,
                 what="restarted worker registered",
+                poll_s=0.1,
             )
             time.sleep(1.0)
         assert outcome["answered"] > 20
@@ -72,7 +65,7 @@ def start_redis(port: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port)
-    wait_for(lambda: _pings(client), 10, "redis-server up")
+    wait_until(lambda: _pings(client), 10, "redis-server up")
     return process
 
 
@@ -102,8 +95,8 @@ def test_redis_restart_keeps_serving_and_workers_register_again(ray_cluster, che
             answered_while_down = outcome["answered"] - answered_before
             server = start_redis(port)  # back, empty
             down_s = time.monotonic() - down_at
-            registered_again_s = wait_for(
-                lambda: len(list(client.scan_iter("moe-serve:workers:*"))) == 2, 10, "workers re-registered"
+            registered_again_s = wait_until(
+                lambda: len(list(client.scan_iter("moe-serve:workers:*"))) == 2, 10, "workers re-registered", poll_s=0.1
             )
             time.sleep(0.5)
         assert outcome["failures"] == []
