@@ -30,7 +30,7 @@ from moe_serve.placement import ExpertKey, expert_blocks, parse_expert_keys
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistration
 from moe_serve.registry import Registration, RouterRegistration, WorkerRecord
-from moe_serve.security import InternalTLS
+from moe_serve.security import ClusterCredentials
 from moe_serve.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class WorkerService:
         settings = self.settings
         torch.set_num_threads(settings.torch_threads)
         try:
-            self.tls = tls = InternalTLS.from_settings(settings)
+            self.credentials = credentials = ClusterCredentials.from_settings(settings)
         except ValueError as error:
             raise ConfigurationError(str(error)) from None
         checkpoint = Checkpoint(settings.checkpoint)
@@ -100,7 +100,11 @@ class WorkerService:
         weights_version = checkpoint.fingerprint()
         checkpoint.close()
         server, port = create_server(
-            settings.host, settings.port, settings.max_message_bytes, tls.server_credentials() if tls else None
+            settings.host,
+            settings.port,
+            settings.max_message_bytes,
+            credentials.server_credentials(),
+            credentials.server_interceptors(),
         )
         host = advertised_host(settings.host, settings.advertise_host)
         address = f"{host}:{port}"
@@ -125,7 +129,7 @@ class WorkerService:
             settings.max_message_bytes,
             publish=self._publish,
             telemetry=self.telemetry,
-            tls=tls,
+            credentials=credentials,
         )
         moe_grpc.add_ExpertWorkerServicer_to_server(self.servicer, server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
@@ -142,9 +146,15 @@ class WorkerService:
     def _make_registration(self) -> Registration | None:
         settings, snapshot = self.settings, self.servicer.record
         if settings.redis_url:
-            return RedisRegistration(settings.redis_url, settings.redis_prefix, snapshot, settings.registry_ttl_s)
+            return RedisRegistration(
+                settings.redis_url,
+                settings.redis_prefix,
+                snapshot,
+                settings.registry_ttl_s,
+                self.credentials.record_key,
+            )
         if settings.router_address:
-            return RouterRegistration(settings.router_address, snapshot, settings.registry_ttl_s, self.tls)
+            return RouterRegistration(settings.router_address, snapshot, settings.registry_ttl_s, self.credentials)
         return None
 
     async def _publish(self) -> None:

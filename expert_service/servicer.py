@@ -35,7 +35,7 @@ from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import InternalTLS
+from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials
 from moe_serve.streams import StreamClientPool, serve_stream
 from moe_serve.telemetry import Telemetry, extract_context, inject_context
 
@@ -59,7 +59,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         max_message_bytes: int,
         publish: Callable[[], Awaitable[object]] | None = None,
         telemetry: Telemetry | None = None,
-        tls: InternalTLS | None = None,
+        credentials: ClusterCredentials = INSECURE_INTERNAL,
     ) -> None:
         self.store, self.identity, self.checkpoint_dir = store, identity, checkpoint_dir
         self.telemetry = telemetry or Telemetry("moe-serve-worker")
@@ -71,7 +71,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         # worker; one thread per concurrently computed expert (torch releases the GIL)
         self._executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="expert-compute")
         self._deliveries: StreamClientPool[moe_pb2.Delivery, moe_pb2.DeliveryAck] = StreamClientPool(
-            lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes, tls
+            lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes, credentials
         )
         self._inflight_by_expert: Counter[ExpertKey] = Counter()
         self._computing = 0  # batches between arrival and computed outputs

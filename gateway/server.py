@@ -37,7 +37,7 @@ from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import InternalTLS, PublicTLS
+from moe_serve.security import ClusterCredentials, PublicTLS
 from moe_serve.streams import StreamClient
 from moe_serve.telemetry import Telemetry
 
@@ -68,6 +68,12 @@ async def fetch_model_info(router: moe_grpc.RouterStub, address: str, timeout_s:
             await asyncio.sleep(0.2)
 
 
+def _internal_security(credentials: ClusterCredentials) -> str:
+    """How the internal port is protected, for the start-up log line."""
+    parts = ["INSECURE" if credentials.insecure else "cluster secret"]
+    return ", " + " + ".join([*parts, *(["mutual TLS"] if credentials.tls else [])])
+
+
 class GatewayService:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
@@ -79,18 +85,18 @@ class GatewayService:
         settings = self.settings
         torch.set_num_threads(settings.torch_threads)
         try:
-            internal_tls, public_tls = InternalTLS.from_settings(settings), PublicTLS.from_settings(settings)
+            internal, public_tls = ClusterCredentials.from_settings(settings), PublicTLS.from_settings(settings)
             tokens = TokenTable.load(settings.auth_tokens_file) if settings.auth_tokens_file else None
         except ValueError as error:
             raise ConfigurationError(str(error)) from None
-        self._routers = StubPool(moe_grpc.RouterStub, settings.max_message_bytes, internal_tls)
+        self._routers = StubPool(moe_grpc.RouterStub, settings.max_message_bytes, internal)
         router = self._routers.get(settings.router_address)
         info = await fetch_model_info(router, settings.router_address, settings.startup_timeout_s)
         self._route_stream: StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan] = StreamClient(
             settings.router_address,
             lambda channel: moe_grpc.RouterStub(channel).RouteStream,
             settings.max_message_bytes,
-            internal_tls,
+            internal,
         )
         model = ServedModel.from_info(info, settings.model_name)
         host = advertised_host(settings.host, settings.advertise_host)
@@ -102,7 +108,8 @@ class GatewayService:
             settings.host,
             settings.delivery_port,
             settings.max_message_bytes,
-            internal_tls.server_credentials() if internal_tls else None,
+            internal.server_credentials(),
+            internal.server_interceptors(),
         )
         moe_grpc.add_DeliveryServiceServicer_to_server(DeliveryServicer(self.pending, tracer), self.delivery_server)
         self.delivery_address = f"{host}:{delivery_port}"
@@ -170,7 +177,7 @@ class GatewayService:
             self.address,
             ("TLS" if public_tls else "plaintext") + (f", {len(tokens)} bearer token(s)" if tokens else ""),
             self.delivery_address,
-            ", mutual TLS" if internal_tls else "",
+            _internal_security(internal),
         )
         return self.address
 

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
+from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME, new_cluster_secret, write_secret_file
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -123,7 +123,8 @@ def write_dev_certificates(
     internal_server_name: str = DEFAULT_INTERNAL_SERVER_NAME,
     days: int = 365,
 ) -> dict[str, Path]:
-    """Write the public and internal CA, the gateway, client and internal certificates, and a token file."""
+    """Write the public and internal CA, the gateway, client and internal certificates, a token file and a
+    cluster secret."""
     directory.mkdir(parents=True, exist_ok=True)
     public_ca, internal_ca = make_ca("moe-serve public CA", days), make_ca("moe-serve internal CA", days)
     server_hosts = [*DEFAULT_HOSTS, *hosts]
@@ -139,6 +140,9 @@ def write_dev_certificates(
     _write(
         directory, "internal", issue(internal_ca, internal_server_name, [internal_server_name], internal_usages, days)
     )
+    secret = directory / "cluster.secret"
+    if not secret.exists():  # like tokens: a running stack may use it
+        write_secret_file(secret, new_cluster_secret())
     tokens = directory / "tokens.json"
     if not tokens.exists():  # keep tokens already handed out
         document = {"tokens": [{"name": "dev", "token": secrets.token_urlsafe(32), "models": ["*"]}]}
@@ -152,4 +156,5 @@ def write_dev_certificates(
         "internal CA": directory / "internal-ca.pem",
         "internal certificate": directory / "internal.pem",
         "bearer tokens": tokens,
+        "cluster secret": secret,
     }

@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 from grpc import aio
 
 from moe_serve.grpc_utils import channel_options
-from moe_serve.security import InternalTLS, open_aio_channel
+from moe_serve.security import ClusterCredentials, open_aio_channel
 
 StubT = TypeVar("StubT")
 
@@ -18,9 +18,9 @@ class StubPool(Generic[StubT]):
     """Caches one channel and one stub per address."""
 
     def __init__(
-        self, stub_class: Callable[[aio.Channel], StubT], max_message_bytes: int, tls: InternalTLS | None = None
+        self, stub_class: Callable[[aio.Channel], StubT], max_message_bytes: int, credentials: ClusterCredentials
     ) -> None:
-        self._stub_class, self._tls = stub_class, tls
+        self._stub_class, self._credentials = stub_class, credentials
         self._options = channel_options(max_message_bytes)
         self._channels: dict[str, aio.Channel] = {}
         self._stubs: dict[str, StubT] = {}
@@ -28,7 +28,7 @@ class StubPool(Generic[StubT]):
     def get(self, address: str) -> StubT:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = open_aio_channel(address, self._options, self._tls)
+            channel = open_aio_channel(address, self._options, self._credentials)
             self._channels[address] = channel
             stub = self._stubs[address] = self._stub_class(channel)
         return stub

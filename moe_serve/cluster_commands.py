@@ -28,6 +28,8 @@ class ClusterInfo:
     gateway: str
     router: str
     model: str
+    # the 0600 file holding the stack's cluster secret, for tools that call its internal services
+    secret_file: str = ""
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moe_serve.eventloop import EventLoopName
@@ -51,6 +51,19 @@ class CommonSettings(BaseSettings):
         le=65535,
         description="Serve Prometheus metrics at http://host:PORT/metrics (0 = any free port; "
         "unset = no endpoint). OTLP export is on when OTEL_EXPORTER_OTLP_ENDPOINT is set.",
+    )
+    cluster_secret: SecretStr | None = Field(
+        None,
+        description="The stack's cluster secret (environment only: MOE_SERVE_CLUSTER_SECRET, never a flag). Every "
+        "internal call carries a token derived from it and registry records are signed with it; the same value "
+        "on every service of a stack. `moe-serve up` makes one.",
+    )
+    cluster_secret_file: Path | None = Field(
+        None, description="A file (mode 0600, e.g. a Compose or Kubernetes secret) holding the cluster secret."
+    )
+    insecure_internal: bool = Field(
+        False,
+        description="Debugging only: internal RPCs accept any caller and registry records are not authenticated.",
     )
     internal_tls_ca: Path | None = Field(
         None,

@@ -22,11 +22,12 @@ from typing import Any
 import ray
 
 from moe_serve.balancer import AutoscalePolicy, plan_rebalance, should_apply
+from moe_serve.config import CommonSettings
 from moe_serve.placement import ExpertKey, plan_placement
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME, InternalTLS, open_channel
+from moe_serve.security import ClusterCredentials, open_channel
 
 logger = logging.getLogger(__name__)
 NAMESPACE = "moe-serve"
@@ -40,16 +41,6 @@ def controller_name(model_name: str, router_address: str) -> str:
 def format_keys(keys: set[ExpertKey] | list[ExpertKey]) -> str:
     """Keys as a worker's --experts value: "layer:expert,..."."""
     return ",".join(f"{key.layer}:{key.expert}" for key in sorted(keys))
-
-
-class _TLSPaths:
-    """The internal_tls_* entries of the worker settings, as attributes."""
-
-    def __init__(self, worker_settings: dict[str, Any]) -> None:
-        self.internal_tls_ca = worker_settings.get("internal_tls_ca")
-        self.internal_tls_cert = worker_settings.get("internal_tls_cert")
-        self.internal_tls_key = worker_settings.get("internal_tls_key")
-        self.internal_tls_server_name = worker_settings.get("internal_tls_server_name", DEFAULT_INTERNAL_SERVER_NAME)
 
 
 @dataclass
@@ -98,8 +89,9 @@ class DeploymentController:
         self._workers: dict[str, ManagedWorker] = {}
         self._next_index = 0
         self._lock = threading.RLock()
-        self._tls = InternalTLS.from_settings(_TLSPaths(worker_settings))
-        self._channel = open_channel(router_address, [], self._tls)
+        # the workers' own credentials (cluster secret, internal TLS): the controller calls the same services
+        self._credentials = ClusterCredentials.from_settings(CommonSettings(**worker_settings))
+        self._channel = open_channel(router_address, [], self._credentials)
         self._router = moe_grpc.RouterStub(self._channel)
         self._last_load: dict[ExpertKey, int] = {}
         self._policy_stop = threading.Event()
@@ -312,7 +304,7 @@ class DeploymentController:
     def _worker_stub(self, worker_id: str) -> moe_grpc.ExpertWorkerStub:
         address = next(r.address for r in self._registered() if r.worker_id == worker_id)
         if address not in self._stubs:
-            self._stubs[address] = moe_grpc.ExpertWorkerStub(open_channel(address, [], self._tls))
+            self._stubs[address] = moe_grpc.ExpertWorkerStub(open_channel(address, [], self._credentials))
         return self._stubs[address]
 
     def _registered(self) -> list[WorkerRecord]:

@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from moe_serve.allocator import ray_worker_environment
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings, WorkerPoolSettings
 from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import InternalTLS, open_channel
+from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, new_cluster_secret, open_channel
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +141,7 @@ class Stack:
     router: ServiceProcess
     controller: Any  # a DeploymentController actor handle
     controller_name: str
+    credentials: ClusterCredentials  # what internal calls to this stack need (tests, tools)
 
     @property
     def address(self) -> str:
@@ -161,6 +164,21 @@ class Stack:
         self.router.stop()
 
 
+def with_cluster_secret(settings: UpSettings) -> UpSettings:
+    """`settings` with a fresh cluster secret, unless one is given or internal security is off:
+    every `moe-serve up` authenticates its internal hops with credentials of its own."""
+    given = settings.cluster_secret is not None and settings.cluster_secret.get_secret_value()
+    if given or settings.cluster_secret_file or settings.insecure_internal:
+        return settings
+    return settings.model_copy(update={"cluster_secret": SecretStr(new_cluster_secret())})
+
+
+def secret_environment(credentials: ClusterCredentials) -> dict[str, str]:
+    """How children get the cluster secret: by environment, never on a command line (which any
+    local user can read in the process list)."""
+    return {} if credentials.secret is None else {CLUSTER_SECRET_ENV: credentials.secret.decode()}
+
+
 def _common_flags(settings: UpSettings) -> list[str]:
     flags = [
         "--host",
@@ -172,6 +190,8 @@ def _common_flags(settings: UpSettings) -> list[str]:
     ]
     if settings.advertise_host:
         flags += ["--advertise-host", settings.advertise_host]
+    if settings.insecure_internal:
+        flags.append("--insecure-internal")
     return flags + _internal_tls_flags(settings)
 
 
@@ -219,7 +239,11 @@ def _registry_flags(settings: UpSettings) -> list[str]:
 
 
 def start_controller(
-    settings: WorkerPoolSettings, checkpoint: Path, model_name: str, router_address: str
+    settings: WorkerPoolSettings,
+    checkpoint: Path,
+    model_name: str,
+    router_address: str,
+    credentials: ClusterCredentials,
 ) -> tuple[Any, str]:
     """Create the deployment controller (a named Ray actor; Ray must be initialised) and its workers.
 
@@ -254,6 +278,10 @@ def start_controller(
             )
         },
         "internal_tls_server_name": settings.internal_tls_server_name,
+        # Ray keeps actor arguments in its control store, inside the cluster's trust boundary (a
+        # process that can reach Ray can run code in any actor); never on a command line
+        "cluster_secret": None if credentials.secret is None else credentials.secret.decode(),
+        "insecure_internal": credentials.insecure,
     }
     spec = Checkpoint(checkpoint).spec
     name = controller_name(model_name, router_address)
@@ -308,6 +336,9 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
     spec = Checkpoint(checkpoint).spec
     model_name = settings.model_name or checkpoint.resolve().name
     started = time.monotonic()
+    settings = with_cluster_secret(settings)
+    credentials = ClusterCredentials.from_settings(settings)  # ValueError: a secret too short, an unreadable file
+    environment = secret_environment(credentials)
     router = start_service_process(
         "router",
         [
@@ -326,13 +357,14 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
             # the gateway takes the configured metrics port; the router any free one
             *_metrics_flags(None if settings.metrics_port is None else 0),
         ],
+        env=environment,
     )
     controller: Any = None
     gateway: ServiceProcess | None = None
     try:
-        gateway = spawn_service_process("gateway", _gateway_args(settings, router.address))
-        controller, name = start_controller(settings, checkpoint, model_name, router.address)
-        wait_until_ready(router.address, tls=InternalTLS.from_settings(settings))
+        gateway = spawn_service_process("gateway", _gateway_args(settings, router.address), environment)
+        controller, name = start_controller(settings, checkpoint, model_name, router.address, credentials)
+        wait_until_ready(router.address, credentials)
         gateway.wait_ready()
     except BaseException:
         if gateway is not None:
@@ -357,6 +389,7 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
         router=router,
         controller=controller,
         controller_name=name,
+        credentials=credentials,
     )
 
 
@@ -386,13 +419,13 @@ def _gateway_args(settings: UpSettings, router_address: str) -> list[str]:
     return args
 
 
-def wait_until_ready(router_address: str, timeout_s: float = 60.0, tls: InternalTLS | None = None) -> None:
+def wait_until_ready(router_address: str, credentials: ClusterCredentials, timeout_s: float = 60.0) -> None:
     """Block until the router reports a live replica for every expert."""
     from moe_serve.protos import moe_serve_pb2 as moe_pb2
     from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 
     deadline = time.monotonic() + timeout_s
-    with open_channel(router_address, [], tls) as channel:
+    with open_channel(router_address, [], credentials) as channel:
         stub = moe_grpc.RouterStub(channel)
         while not stub.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=5).ready:
             if time.monotonic() > deadline:

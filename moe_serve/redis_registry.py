@@ -8,6 +8,11 @@ When Redis is unreachable both sides keep their last state and retry (routers wi
 workers on their heartbeat); a worker re-registers by itself once Redis is back. Redis may come
 back empty (restarted without persistence): the workers a router knew are then kept for one TTL,
 as their entries would have lived, so it keeps serving until they have re-registered.
+
+Entries are signed with the cluster secret (moe_serve.registry_trust) and checked like registrations
+through the RPC: an entry that fails is ignored, never routed to. When an entry a router trusted is
+overwritten with one that fails, the router keeps the last good record until that record's own
+signed expiry, so a forged write cannot take a live worker out of service.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from redis.exceptions import RedisError
 from moe_serve.outage import OutageLog
 from moe_serve.placement import ExpertKey
 from moe_serve.registry import Registration, Registry, WorkerRecord
+from moe_serve.registry_trust import RecordPolicy, RejectedRecord, signed_entry
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +47,8 @@ def events_channel(prefix: str) -> str:
 class RedisRegistry(Registry):
     """Router-side view of the workers registered in Redis."""
 
-    def __init__(self, url: str, prefix: str, ttl_s: float = DEFAULT_TTL_S) -> None:
-        super().__init__()
+    def __init__(self, url: str, prefix: str, ttl_s: float = DEFAULT_TTL_S, policy: RecordPolicy | None = None) -> None:
+        super().__init__(policy)
         self.url, self.prefix, self.ttl_s = url, prefix, ttl_s
         self._client = aioredis.Redis.from_url(url)
         self._task: asyncio.Task[None] | None = None
@@ -50,6 +56,7 @@ class RedisRegistry(Registry):
         # after an outage: the workers known before it and not seen in Redis since, kept until then
         self._carried: set[str] = set()
         self._carry_until = 0.0
+        self._trusted: dict[str, tuple[WorkerRecord, float]] = {}  # worker id -> last good record, its expiry
 
     async def start(self) -> None:
         await self.refresh()
@@ -73,19 +80,33 @@ class RedisRegistry(Registry):
         if self._outage.down:
             self._carried, self._carry_until = set(self._workers), time.monotonic() + self.ttl_s
         self._outage.recovered()
-        records = []
-        for value in values:
-            if value is None:  # expired between SCAN and MGET
-                continue
-            try:
-                records.append(WorkerRecord.from_json(value))
-            except (ValueError, KeyError, TypeError) as error:
-                logger.warning("registry: ignoring a malformed worker entry: %s", error)
+        records = self._accepted(keys, values, time.time())
         self._carried -= {record.worker_id for record in records}
         if self._carried and time.monotonic() < self._carry_until:
             records += [self._workers[worker_id] for worker_id in self._carried if worker_id in self._workers]
         self._replace_all(records)
         return True
+
+    def _accepted(self, keys: list[bytes], values: list[bytes | None], now: float) -> list[WorkerRecord]:
+        """The records of the entries that pass the policy; for one that fails, the last good record
+        of that worker while its signed expiry has not passed."""
+        records, trusted = [], {}
+        id_offset = len(worker_key(self.prefix, ""))
+        for key, value in zip(keys, values, strict=True):
+            if value is None:  # expired between SCAN and MGET
+                continue
+            worker_id = key.decode(errors="replace")[id_offset:]
+            try:
+                record, expires_at = self.policy.verify(value, worker_id, now)
+            except RejectedRecord as rejection:
+                self.refused(f"Redis entry {key.decode(errors='replace')[:120]!r}", rejection)
+                record, expires_at = self._trusted.get(worker_id, (None, 0.0))
+                if record is None or expires_at < now:
+                    continue
+            trusted[worker_id] = (record, expires_at)
+            records.append(record)
+        self._trusted = trusted
+        return records
 
     async def _follow(self) -> None:
         backoff = 0.1
@@ -117,10 +138,15 @@ class RedisRegistration(Registration):
     transport_errors = (RedisError, OSError)
 
     def __init__(
-        self, url: str, prefix: str, snapshot: Callable[[], WorkerRecord], ttl_s: float = DEFAULT_TTL_S
+        self,
+        url: str,
+        prefix: str,
+        snapshot: Callable[[], WorkerRecord],
+        ttl_s: float = DEFAULT_TTL_S,
+        record_key: bytes | None = None,
     ) -> None:
         super().__init__(snapshot, ttl_s, f"registration in Redis at {url}")
-        self.prefix = prefix
+        self.prefix, self._record_key = prefix, record_key
         self._client = aioredis.Redis.from_url(url)
         self._announced: tuple[ExpertKey, ...] | None = None
 
@@ -128,7 +154,8 @@ class RedisRegistration(Registration):
         key = worker_key(self.prefix, record.worker_id)
         # SET ... GET tells whether the entry existed: a new entry (first start, or Redis came back
         # empty after a restart) or a changed expert set is announced; a plain heartbeat is not
-        previous = await self._client.set(key, record.to_json(), px=max(100, int(self.ttl_s * 1000)), get=True)
+        entry = signed_entry(record, self._record_key, self.ttl_s)
+        previous = await self._client.set(key, entry, px=max(100, int(self.ttl_s * 1000)), get=True)
         if previous is None or self._announced != record.experts:
             await self._client.publish(events_channel(self.prefix), f"register {record.worker_id}")
             self._announced = record.experts

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from grpc import aio
 
@@ -27,100 +23,22 @@ from moe_serve.outage import OutageLog
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.security import InternalTLS, open_aio_channel
+from moe_serve.registry_trust import RecordPolicy, RejectedRecord
+from moe_serve.security import ClusterCredentials, open_aio_channel
+from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
-LOAD_FIELDS = ("inflight_rows", "queued_rows", "rows_per_s", "compute_p50_ms")
-OFFLOAD_COUNTERS = (
-    "budget_bytes",
-    "resident_bytes",
-    "hits",
-    "misses",
-    "bytes_moved",
-    "load_seconds",
-    "evictions",
-    "prefetched",
-    "unused_prefetches",
-    "peak_bytes",
-)
-
-
-@dataclass(frozen=True)
-class WorkerRecord:
-    """One worker replica as the registry knows it; `load` is its live load at the last heartbeat."""
-
-    worker_id: str
-    address: str
-    experts: tuple[ExpertKey, ...]
-    node_id: str = ""
-    gpu_id: int = -1
-    weights_version: str = ""
-    compute_datatype: str = ""
-    load: dict[str, float] = field(default_factory=dict, compare=False)
-    metrics_address: str = ""
-    # expert offloading: OFFLOAD_COUNTERS plus "resident" ([[layer, expert], ...]); empty when off
-    offload: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["experts"] = [list(key) for key in self.experts]
-        return json.dumps(data, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> WorkerRecord:
-        data = json.loads(text)
-        data["experts"] = tuple(ExpertKey(int(layer), int(expert)) for layer, expert in data["experts"])
-        return cls(**data)
-
-    @property
-    def resident(self) -> frozenset[ExpertKey]:
-        """Experts in the device tier at the last heartbeat (offloading workers only)."""
-        return frozenset(ExpertKey(int(layer), int(expert)) for layer, expert in self.offload.get("resident", ()))
-
-    def to_proto(self) -> moe_pb2.WorkerInfo:
-        return moe_pb2.WorkerInfo(
-            worker_id=self.worker_id,
-            address=self.address,
-            node_id=self.node_id,
-            gpu_id=self.gpu_id,
-            experts=[moe_pb2.ExpertKey(layer=k.layer, expert=k.expert) for k in self.experts],
-            weights_version=self.weights_version,
-            compute_datatype=self.compute_datatype,
-            load=moe_pb2.WorkerLoad(**{name: self.load.get(name, 0) for name in LOAD_FIELDS}),
-            metrics_address=self.metrics_address,
-            offload=moe_pb2.OffloadState(
-                **{name: self.offload[name] for name in OFFLOAD_COUNTERS if name in self.offload},
-                resident=[moe_pb2.ExpertKey(layer=k.layer, expert=k.expert) for k in sorted(self.resident)],
-            )
-            if self.offload
-            else None,
-        )
-
-    @classmethod
-    def from_proto(cls, info: moe_pb2.WorkerInfo) -> WorkerRecord:
-        return cls(
-            worker_id=info.worker_id,
-            address=info.address,
-            experts=tuple(ExpertKey(k.layer, k.expert) for k in info.experts),
-            node_id=info.node_id,
-            gpu_id=info.gpu_id,
-            weights_version=info.weights_version,
-            compute_datatype=info.compute_datatype,
-            load={name: getattr(info.load, name) for name in LOAD_FIELDS},
-            metrics_address=info.metrics_address,
-            offload={
-                **{name: getattr(info.offload, name) for name in OFFLOAD_COUNTERS},
-                "resident": [[k.layer, k.expert] for k in info.offload.resident],
-            }
-            if info.HasField("offload")
-            else {},
-        )
 
 
 class Registry:
-    """Read side: the current replicas of every expert, as a local snapshot."""
+    """Read side: the current replicas of every expert, as a local snapshot.
 
-    def __init__(self) -> None:
+    Only records that pass `policy` (moe_serve.registry_trust) ever enter the snapshot.
+    """
+
+    def __init__(self, policy: RecordPolicy | None = None) -> None:
+        self.policy = policy or RecordPolicy()
+        self._refusals: dict[str, str] = {}  # source -> the last refusal logged for it (one warning per change)
         self._workers: dict[str, WorkerRecord] = {}
         self._replicas: dict[ExpertKey, tuple[WorkerRecord, ...]] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -146,6 +64,13 @@ class Registry:
     async def close(self) -> None:
         """Stop following; the last snapshot stays readable."""
 
+    def refused(self, source: str, rejection: RejectedRecord) -> None:
+        """Count a refused record and warn, once until what `source` holds changes."""
+        self.policy.rejected[rejection.reason] += 1
+        if self._refusals.get(source) != rejection.message:
+            self._refusals[source] = rejection.message
+            logger.warning("registry: ignoring %s: %s", source, rejection.message)
+
     def _replace_all(self, records: Iterable[WorkerRecord]) -> None:
         workers = {record.worker_id: record for record in records}
         # load changes with every heartbeat; only a change of placement is announced
@@ -167,8 +92,8 @@ class Registry:
 class InProcessRegistry(Registry):
     """Single-host registry kept by the router: entries expire `ttl` seconds after their last heartbeat."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, policy: RecordPolicy | None = None) -> None:
+        super().__init__(policy)
         self._expires_at: dict[str, float] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -207,8 +132,15 @@ class RegistryServicer(moe_grpc.WorkerRegistryServicer):
         self.registry = registry
 
     async def Register(self, request: moe_pb2.RegisterRequest, context: aio.ServicerContext) -> moe_pb2.RegistryAck:
-        self._check(request)
-        self.registry.register(WorkerRecord.from_proto(request.worker), request.ttl_s or float("inf"))
+        """Refuse (INVALID_ARGUMENT) a registration routers could not use: it would be chosen as a
+        replica and fail every batch sent to it, or compute other weights, until its TTL expired."""
+        record = WorkerRecord.from_proto(request.worker)
+        try:
+            self.registry.policy.check(record, request.ttl_s)
+        except RejectedRecord as rejection:
+            self.registry.refused(f"the registration of {record.worker_id[:80]!r}", rejection)
+            raise InvalidInput(f"registration refused: {rejection.message}") from None
+        self.registry.register(record, request.ttl_s or float("inf"))
         return moe_pb2.RegistryAck()
 
     async def Deregister(self, request: moe_pb2.DeregisterRequest, context: aio.ServicerContext) -> moe_pb2.RegistryAck:
@@ -216,29 +148,6 @@ class RegistryServicer(moe_grpc.WorkerRegistryServicer):
             raise InvalidInput("deregistration names no worker_id")
         self.registry.deregister(request.worker_id)
         return moe_pb2.RegistryAck()
-
-    @staticmethod
-    def _check(request: moe_pb2.RegisterRequest) -> None:
-        """Refuse (INVALID_ARGUMENT) a registration routers could not use: it would be chosen as a
-        replica and fail every batch sent to it, until its TTL (0: never) expired."""
-        worker = request.worker
-        problems = []
-        if not worker.worker_id or len(worker.worker_id) > 256 or not worker.worker_id.isprintable():
-            problems.append("worker_id must be 1-256 printable characters")
-        for name in ("address", "metrics_address"):
-            value = getattr(worker, name)
-            host, _, port = value.rpartition(":")
-            if (value or name == "address") and not (
-                host and host.isprintable() and " " not in host and port.isdigit() and 0 < int(port) < 65536
-            ):
-                problems.append(f"{name} must be host:port, got {value[:80]!r}")
-        if not worker.experts or any(key.layer < 0 or key.expert < 0 for key in worker.experts):
-            problems.append("experts must name at least one (layer, expert), none negative")
-        loads = [getattr(worker.load, name) for name in LOAD_FIELDS]
-        if not all(math.isfinite(value) and value >= 0 for value in [*loads, request.ttl_s]):
-            problems.append("ttl_s and load figures must be finite and >= 0")
-        if problems:
-            raise InvalidInput(f"registration refused: {'; '.join(problems)}")
 
 
 class Registration:
@@ -303,10 +212,14 @@ class RouterRegistration(Registration):
     transport_errors = (aio.AioRpcError,)
 
     def __init__(
-        self, router_address: str, snapshot: Callable[[], WorkerRecord], ttl_s: float, tls: InternalTLS | None = None
+        self,
+        router_address: str,
+        snapshot: Callable[[], WorkerRecord],
+        ttl_s: float,
+        credentials: ClusterCredentials,
     ) -> None:
         super().__init__(snapshot, ttl_s, f"registration at router {router_address}")
-        self._channel = open_aio_channel(router_address, [], tls)
+        self._channel = open_aio_channel(router_address, [], credentials)
         self._stub = moe_grpc.WorkerRegistryStub(self._channel)
 
     async def _write(self, record: WorkerRecord) -> None:

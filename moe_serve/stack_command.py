@@ -14,8 +14,10 @@ from moe_serve.cluster_commands import ClusterInfo
 from moe_serve.config import UpSettings, WorkersSettings
 from moe_serve.controller import NAMESPACE
 from moe_serve.demo import ensure_demo_checkpoint
+from moe_serve.errors import ConfigurationError
 from moe_serve.grpc_utils import announce_ready
-from moe_serve.launcher import Stack, init_ray, launch_stack, start_controller
+from moe_serve.launcher import Stack, init_ray, launch_stack, start_controller, with_cluster_secret
+from moe_serve.security import ClusterCredentials, write_secret_file
 
 
 def resolve_checkpoint(settings: UpSettings, console: Console) -> Path:
@@ -41,11 +43,14 @@ def describe(stack: Stack) -> Table:
 def run_up(settings: UpSettings, console: Console) -> None:
     import ray
 
+    settings = with_cluster_secret(settings)
+    internal_credentials(settings)  # a bad secret stops here, before Ray starts
     checkpoint = resolve_checkpoint(settings, console)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     init_ray(settings.ray_address)
+    secret_file = ""
     try:
         stack = launch_stack(settings, checkpoint)
         try:
@@ -54,6 +59,7 @@ def run_up(settings: UpSettings, console: Console) -> None:
                 f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}, model "
                 f"{stack.model_name!r} (router {stack.router.address}); Ctrl-C to stop"
             )
+            secret_file = _write_secret(stack.credentials, settings.cluster_file)
             ClusterInfo(
                 ray_address=ray.get_runtime_context().gcs_address,
                 controller=stack.controller_name,
@@ -61,6 +67,7 @@ def run_up(settings: UpSettings, console: Console) -> None:
                 gateway=stack.address,
                 router=stack.router.address,
                 model=stack.model_name,
+                secret_file=secret_file,
             ).write(settings.cluster_file)
             announce_ready(
                 "stack",
@@ -73,21 +80,41 @@ def run_up(settings: UpSettings, console: Console) -> None:
             console.print("stopping ...")
         finally:
             stack.stop()
+            if secret_file:
+                Path(secret_file).unlink(missing_ok=True)
     finally:
         ray.shutdown()
+
+
+def internal_credentials(settings: WorkersSettings | UpSettings) -> ClusterCredentials:
+    try:
+        return ClusterCredentials.from_settings(settings)
+    except ValueError as error:
+        raise ConfigurationError(str(error)) from None
+
+
+def _write_secret(credentials: ClusterCredentials, cluster_file: Path) -> str:
+    """Keep the stack's cluster secret beside its cluster file (mode 0600) for `moe-serve top`;
+    removed when the stack stops."""
+    if credentials.secret is None:
+        return ""
+    return str(write_secret_file(cluster_file.with_suffix(".secret"), credentials.secret.decode()).resolve())
 
 
 def run_workers(settings: WorkersSettings, console: Console) -> None:
     """`moe-serve workers`: the deployment controller and its worker actors, until SIGINT/SIGTERM."""
     import ray
 
+    credentials = internal_credentials(settings)  # the router's stack's secret: it runs elsewhere
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     init_ray(settings.ray_address)
     try:
         model_name = settings.model_name or settings.checkpoint.resolve().name
-        controller, name = start_controller(settings, settings.checkpoint, model_name, settings.router_address)
+        controller, name = start_controller(
+            settings, settings.checkpoint, model_name, settings.router_address, credentials
+        )
         console.print(
             f"[green]ready[/green]: {settings.workers} worker(s) of {model_name!r} registered with "
             f"router {settings.router_address}; controller {name!r}"

@@ -22,7 +22,7 @@ from grpc import aio
 
 from moe_serve.errors import DeadlineExceeded, InvalidInput, MoEServeError, ServiceUnavailable
 from moe_serve.grpc_utils import Undecodable, channel_options
-from moe_serve.security import InternalTLS, open_aio_channel
+from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials, open_aio_channel
 
 logger = logging.getLogger(__name__)
 RequestT = TypeVar("RequestT")
@@ -34,11 +34,17 @@ class StreamClient(Generic[RequestT, ReplyT]):
     """Calls over one stream to one address; safe to use from many coroutines of one event loop."""
 
     def __init__(
-        self, address: str, open_stream: OpenStream, max_message_bytes: int, tls: InternalTLS | None = None
+        self,
+        address: str,
+        open_stream: OpenStream,
+        max_message_bytes: int,
+        credentials: ClusterCredentials = INSECURE_INTERNAL,
     ) -> None:
         self.address = address
-        self._channel = open_aio_channel(address, channel_options(max_message_bytes), tls)
+        self._channel = open_aio_channel(address, channel_options(max_message_bytes), credentials)
         self._method = open_stream(self._channel)
+        # the cluster token goes once per stream, not per message (see moe_serve.security)
+        self._metadata = credentials.call_metadata()
         self._stream: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
@@ -98,7 +104,7 @@ class StreamClient(Generic[RequestT, ReplyT]):
     def _ensure_stream(self) -> Any:
         # a stream that ended is replaced at once, before its reader task has noticed the end
         if self._stream is None or self._stream.done():
-            self._stream = self._method()
+            self._stream = self._method(metadata=self._metadata)
             self._reader = asyncio.create_task(self._read(self._stream), name=f"stream-reader-{self.address}")
         return self._stream
 
@@ -133,15 +139,17 @@ class StreamClient(Generic[RequestT, ReplyT]):
 class StreamClientPool(Generic[RequestT, ReplyT]):
     """One StreamClient per address."""
 
-    def __init__(self, open_stream: OpenStream, max_message_bytes: int, tls: InternalTLS | None = None) -> None:
-        self._open_stream, self._max_message_bytes, self._tls = open_stream, max_message_bytes, tls
+    def __init__(
+        self, open_stream: OpenStream, max_message_bytes: int, credentials: ClusterCredentials = INSECURE_INTERNAL
+    ) -> None:
+        self._open_stream, self._max_message_bytes, self._credentials = open_stream, max_message_bytes, credentials
         self._clients: dict[str, StreamClient[RequestT, ReplyT]] = {}
 
     def get(self, address: str) -> StreamClient[RequestT, ReplyT]:
         client = self._clients.get(address)
         if client is None:
             client = self._clients[address] = StreamClient(
-                address, self._open_stream, self._max_message_bytes, self._tls
+                address, self._open_stream, self._max_message_bytes, self._credentials
             )
         return client
 

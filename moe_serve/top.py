@@ -23,7 +23,7 @@ from moe_serve.cluster_commands import compact_keys
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.security import InternalTLS, open_channel
+from moe_serve.security import ClusterCredentials, open_channel
 
 BAR_WIDTH = 30
 LiveSource = Callable[[], dict[str, Any] | None]
@@ -42,9 +42,9 @@ def redis_source(url: str, prefix: str, model: str) -> LiveSource:
     return read
 
 
-def gateway_source(address: str, tls: InternalTLS | None = None) -> LiveSource:
+def gateway_source(address: str, credentials: ClusterCredentials) -> LiveSource:
     """Live state straight from the gateway's admin service (its internal port: mutual TLS when on)."""
-    stub = moe_grpc.GatewayAdminStub(open_channel(address, [], tls))
+    stub = moe_grpc.GatewayAdminStub(open_channel(address, [], credentials))
 
     def read() -> dict[str, Any] | None:
         return json.loads(stub.GetLiveState(moe_pb2.LiveStateRequest(), timeout=5).json)

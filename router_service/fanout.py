@@ -28,7 +28,7 @@ from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry, WorkerRecord
-from moe_serve.security import InternalTLS
+from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials
 from moe_serve.streams import StreamClientPool
 from moe_serve.telemetry import inject_context
 from router_service.hints import OffloadHints
@@ -80,7 +80,7 @@ class Dispatcher:
         max_message_bytes: int,
         split_min_rows: int = 0,
         metrics: RouterMetrics | None = None,
-        tls: InternalTLS | None = None,
+        credentials: ClusterCredentials = INSECURE_INTERNAL,
         hints: OffloadHints | None = None,
     ) -> None:
         self.registry, self.max_attempts, self.split_min_rows = registry, max_attempts, split_min_rows
@@ -92,10 +92,10 @@ class Dispatcher:
         # rows sent per (layer, expert) since start: the load the balancer measures
         self.expert_rows: Counter[ExpertKey] = Counter()
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
-            lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream, max_message_bytes, tls
+            lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream, max_message_bytes, credentials
         )
         self._gateways: StreamClientPool[moe_pb2.Delivery, moe_pb2.DeliveryAck] = StreamClientPool(
-            lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes, tls
+            lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes, credentials
         )
         self._outstanding_rows: dict[str, int] = defaultdict(int)
         self._quarantined_until: dict[str, float] = {}

@@ -22,7 +22,7 @@ from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry, WorkerRecord
-from moe_serve.security import InternalTLS
+from moe_serve.security import ClusterCredentials
 from router_service.prefetch import ExpertForecast
 
 logger = logging.getLogger(__name__)
@@ -30,11 +30,11 @@ HINT_TIMEOUT_S = 2.0
 
 
 class OffloadHints:
-    def __init__(self, registry: Registry, forecast: ExpertForecast | None, tls: InternalTLS | None = None) -> None:
+    def __init__(self, registry: Registry, forecast: ExpertForecast | None, credentials: ClusterCredentials) -> None:
         self.registry, self.forecast = registry, forecast
         # worker id -> layer -> expert ids resident after its last batch of that layer
         self._resident: dict[str, dict[int, frozenset[int]]] = defaultdict(dict)
-        self._stubs = StubPool(moe_grpc.ExpertWorkerStub, 1 << 20, tls)
+        self._stubs = StubPool(moe_grpc.ExpertWorkerStub, 1 << 20, credentials)
         self._tasks: set[asyncio.Task[None]] = set()
         self.hints_sent = 0
 

@@ -37,6 +37,17 @@ class RouterMetrics:
             description="Worker batch retries refused by the retry budget (the request failed instead)",
         )
         self.wire = WireBytes(meter, "router")
+        meter.create_observable_counter(
+            "moe_serve.registry.rejected_records",
+            [
+                lambda options: [
+                    Observation(count, {"model": model, "reason": reason})
+                    for reason, count in registry.policy.rejected.items()
+                ]
+            ],
+            unit="{record}",
+            description="Registry records refused (invalid, unsigned or wrongly signed, expired) and never routed to",
+        )
 
         def replicas(options: CallbackOptions) -> list[Observation]:
             return [

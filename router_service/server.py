@@ -26,7 +26,8 @@ from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistry
 from moe_serve.registry import InProcessRegistry, Registry, RegistryServicer
-from moe_serve.security import InternalTLS
+from moe_serve.registry_trust import RecordPolicy
+from moe_serve.security import ClusterCredentials
 from moe_serve.telemetry import Telemetry
 from router_service.fanout import Dispatcher
 from router_service.hints import OffloadHints
@@ -50,18 +51,20 @@ class RouterService:
         settings = self.settings
         torch.set_num_threads(settings.torch_threads)
         try:
-            tls = InternalTLS.from_settings(settings)
+            credentials = ClusterCredentials.from_settings(settings)
         except ValueError as error:
             raise ConfigurationError(str(error)) from None
         checkpoint = Checkpoint(settings.checkpoint)
         dtype = checkpoint.spec.dtype if settings.dtype == "auto" else CONFIG_DTYPE_NAMES[settings.dtype]
+        spec = checkpoint.spec
+        keys = [ExpertKey(layer, e) for layer in spec.moe_layers for e in range(spec.num_placed_experts)]
+        # only workers of this model, holding these very weights, signed by this cluster, are routed to
+        policy = RecordPolicy(frozenset(keys), checkpoint.fingerprint(), credentials.record_key)
         planner = RoutingPlanner(checkpoint, dtype, settings.noisy_gating_std, settings.noisy_gating_seed)
-        self.registry = self._make_registry()
+        self.registry = self._make_registry(policy)
         await self.registry.start()
         model_name = settings.model_name or checkpoint.name
-        spec = checkpoint.spec
         self.telemetry = Telemetry("moe-serve-router", settings.metrics_port, settings.host)
-        keys = [ExpertKey(layer, e) for layer in spec.moe_layers for e in range(spec.num_placed_experts)]
         metrics = RouterMetrics(self.telemetry, model_name, self.registry, keys)
         self.dispatcher = Dispatcher(
             self.registry,
@@ -69,18 +72,22 @@ class RouterService:
             settings.max_message_bytes,
             settings.split_min_rows,
             metrics,
-            tls,
+            credentials,
             OffloadHints(
                 self.registry,
                 ExpertForecast(spec.moe_layers, spec.num_experts) if settings.prefetch else None,
-                tls,
+                credentials,
             ),
         )
         self.servicer = RouterServicer(
             planner, self.registry, self.dispatcher, model_name, self.telemetry.tracer, metrics
         )
         server, port = create_server(
-            settings.host, settings.port, settings.max_message_bytes, tls.server_credentials() if tls else None
+            settings.host,
+            settings.port,
+            settings.max_message_bytes,
+            credentials.server_credentials(),
+            credentials.server_interceptors(),
         )
         moe_grpc.add_RouterServicer_to_server(self.servicer, server)
         services = [SERVICE_NAME]
@@ -107,11 +114,11 @@ class RouterService:
         )
         return self.address
 
-    def _make_registry(self) -> Registry:
+    def _make_registry(self, policy: RecordPolicy) -> Registry:
         settings = self.settings
         if settings.redis_url:
-            return RedisRegistry(settings.redis_url, settings.redis_prefix, settings.registry_ttl_s)
-        return InProcessRegistry()
+            return RedisRegistry(settings.redis_url, settings.redis_prefix, settings.registry_ttl_s, policy)
+        return InProcessRegistry(policy)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new routes (UNAVAILABLE), finish dispatching what was routed (up to `grace_s`), then close."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,10 +17,17 @@ import torch
 
 from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, init_ray, launch_stack
+from moe_serve.security import CLUSTER_SECRET_ENV
 from tests.helpers import ProcessStack, kserve_stub, save_tiny_mixtral, start_process_stack
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RELIABILITY_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "reliability"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One cluster secret for every stack this run starts (they inherit it from the environment, as
+    `moe-serve up`'s children do); tests call internal services with it (tests.helpers.internal_channel)."""
+    os.environ.setdefault(CLUSTER_SECRET_ENV, f"moe-serve-tests-{secrets.token_hex(16)}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import torch
@@ -20,6 +22,7 @@ from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
 from tests.families import rescale_moe_weights
 
 TINY_MIXTRAL = {
@@ -97,21 +100,31 @@ def kserve_stub(address: str) -> tuple[grpc.Channel, kserve_grpc.GRPCInferenceSe
     return channel, kserve_grpc.GRPCInferenceServiceStub(channel)
 
 
+def internal_credentials() -> ClusterCredentials:
+    """The cluster secret every stack of this test run is started with (set in tests/conftest.py)."""
+    return ClusterCredentials(os.environ[CLUSTER_SECRET_ENV].encode())
+
+
+def internal_channel(address: str, options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
+    """A channel to an internal service of a test stack, carrying the run's cluster token."""
+    return open_channel(address, options or [], internal_credentials())
+
+
 def gateway_stats(delivery_address: str) -> moe_pb2.GatewayStats:
     """GatewayAdmin.GetStats of the gateway whose internal (delivery) address this is."""
-    with grpc.insecure_channel(delivery_address) as channel:
+    with internal_channel(delivery_address) as channel:
         return moe_grpc.GatewayAdminStub(channel).GetStats(moe_pb2.GatewayStatsRequest(), timeout=10)
 
 
 def router_rows_sent(router_address: str) -> int:
     """Rows the router has sent to expert workers since it started (all layers and experts)."""
-    with grpc.insecure_channel(router_address) as channel:
+    with internal_channel(router_address) as channel:
         reply = moe_grpc.RouterStub(channel).GetExpertLoad(moe_pb2.ExpertLoadRequest(), timeout=10)
     return sum(expert.rows for expert in reply.experts)
 
 
 def registered_worker_ids(router_address: str) -> set[str]:
-    with grpc.insecure_channel(router_address) as channel:
+    with internal_channel(router_address) as channel:
         reply = moe_grpc.RouterStub(channel).ListWorkers(moe_pb2.ListWorkersRequest(), timeout=10)
     return {worker.worker_id for worker in reply.workers}
 
@@ -187,7 +200,7 @@ def start_process_stack(
             stack.workers = list(
                 pool.map(lambda item: stack.start_worker(item[0], *item[1]), zip(names, worker_args, strict=True))
             )
-        wait_until_ready(router.address)
+        wait_until_ready(router.address, internal_credentials())
         gateway.wait_ready()
     except BaseException:
         for process in (gateway, *stack.workers, router):
@@ -198,7 +211,7 @@ def start_process_stack(
 
 def worker_load(worker_address: str) -> moe_pb2.WorkerLoad:
     """A worker's live load (rows in flight and queued) from its Describe RPC."""
-    with grpc.insecure_channel(worker_address) as channel:
+    with internal_channel(worker_address) as channel:
         return moe_grpc.ExpertWorkerStub(channel).Describe(moe_pb2.DescribeWorkerRequest(), timeout=10).load
 
 

@@ -20,7 +20,14 @@ from moe_serve.launcher import ServiceProcess, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from tests.capacity_reference import reference_capacity
-from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
+from tests.helpers import (
+    infer_request,
+    internal_channel,
+    kserve_stub,
+    reference_blocks,
+    reference_forward,
+    response_tensors,
+)
 
 OUTPUTS = ("output", "expert_ids", "dropped_mask")
 
@@ -61,7 +68,7 @@ def gshard_reference(block, hidden: torch.Tensor, capacity_factor: float, rule: 
 
 
 def gateway_stats(gateway: ServiceProcess) -> moe_pb2.GatewayStats:
-    with grpc.insecure_channel(gateway.ready["delivery_address"]) as channel:
+    with internal_channel(gateway.ready["delivery_address"]) as channel:
         return moe_grpc.GatewayAdminStub(channel).GetStats(moe_pb2.GatewayStatsRequest(), timeout=10)
 
 

@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import grpc
 import pytest
 from typer.testing import CliRunner
 
 from moe_serve.cli import app
 from moe_serve.grpc_utils import READY_MARKER
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
 
 COMMANDS = ["up", "gateway", "router", "worker", "infer", "init-demo", "scale", "status", "bench", "soak", "health"]
 
@@ -33,8 +38,10 @@ def test_invalid_setting_is_reported_without_a_trace() -> None:
 
 
 def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
-    """Exactly the README's path: no checkpoint given, a local Ray started by `up` itself."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Exactly the README's path: no checkpoint given, a local Ray started by `up` itself, no cluster
+    secret given (`up` makes one)."""
+    env = {key: value for key, value in os.environ.items() if key != CLUSTER_SECRET_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
     up = subprocess.Popen(
         [sys.executable, "-m", "moe_serve", "up", "--port", "0", "--workers", "2"],
         cwd=tmp_path,
@@ -61,6 +68,7 @@ def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
         assert found.wait(180) and ready, "".join(output[-40:])
         assert ready["model"] == "mixtral-demo"
         assert (tmp_path / ".moe-serve" / "mixtral-demo" / "config.json").is_file()
+        assert_internal_hops_authenticated(tmp_path / ".moe-serve" / "cluster.json", up.pid)
         infer = subprocess.run(
             [sys.executable, "-m", "moe_serve", "infer", "--url", ready["address"], "--tokens", "5", "--repeat", "3"],
             capture_output=True,
@@ -105,6 +113,27 @@ def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
         up.send_signal(signal.SIGINT)
         code = up.wait(60)
     assert code == 0, "".join(output[-40:])
+    assert not (tmp_path / ".moe-serve" / "cluster.secret").exists()  # the stack's secret goes with it
+
+
+def assert_internal_hops_authenticated(cluster_file: Path, up_pid: int) -> None:
+    """`up` made a cluster secret: kept 0600 for tools, on no command line, refused without."""
+    info = json.loads(cluster_file.read_text())
+    secret_file = Path(info["secret_file"])
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    secret = secret_file.read_text().strip()
+    assert len(secret) >= 32
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            assert secret.encode() not in cmdline.read_bytes(), cmdline
+        except OSError:  # the process ended meanwhile
+            continue
+    with grpc.insecure_channel(info["router"]) as channel, pytest.raises(grpc.RpcError) as refused:
+        moe_grpc.RouterStub(channel).ListWorkers(moe_pb2.ListWorkersRequest(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    credentials = ClusterCredentials(secret.encode())
+    with open_channel(info["router"], [], credentials) as channel:
+        assert len(moe_grpc.RouterStub(channel).ListWorkers(moe_pb2.ListWorkersRequest(), timeout=10).workers) == 2
 
 
 def test_health_command_reports_serving(fp32_stack) -> None:

@@ -9,13 +9,15 @@ already is one.
 
 from __future__ import annotations
 
+import functools
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
 import pytest
 import ray
 import torch
@@ -24,9 +26,18 @@ from moe_serve.controller import NAMESPACE
 from moe_serve.launcher import ServiceProcess, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.security import ClusterCredentials, open_channel
 from tests.conftest import REDIS_URL
 from tests.deploy_config import MOE_SERVE, SERVICES, environment, flag
-from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
+from tests.helpers import (
+    infer_request,
+    kserve_stub,
+    reference_blocks,
+    reference_forward,
+    response_tensors,
+)
+
+SECRET_PATH = "/var/lib/moe-serve/secret/cluster.secret"
 
 
 def free_port() -> int:
@@ -36,7 +47,7 @@ def free_port() -> int:
 
 
 def local_service(
-    name: str, replace: dict[str, str], checkpoint: Path, redis_prefix: str
+    name: str, replace: dict[str, str], checkpoint: Path, redis_prefix: str, secret_file: Path
 ) -> tuple[list[str], dict[str, str], int | None]:
     """(args, environment, metrics port) of compose service `name` as a local process."""
     args = []
@@ -51,6 +62,9 @@ def local_service(
     env["MOE_SERVE_REDIS_URL"] = REDIS_URL
     if "MOE_SERVE_CHECKPOINT" in env:
         env["MOE_SERVE_CHECKPOINT"] = str(checkpoint)
+    # the secret the `cluster-secret` service wrote into its volume; no secret of the test run's
+    assert env.pop("MOE_SERVE_CLUSTER_SECRET_FILE") == SECRET_PATH and env["MOE_SERVE_CLUSTER_SECRET"] == ""
+    env["MOE_SERVE_CLUSTER_SECRET_FILE"] = str(secret_file)
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = ""
     # the session's Ray cluster has its own authentication mode, which this process's environment carries
@@ -63,8 +77,8 @@ def local_service(
     return [*args, "--redis-prefix", redis_prefix], env, metrics_port
 
 
-def registered_workers(router_address: str) -> list[str]:
-    with grpc.insecure_channel(router_address) as channel:
+def registered_workers(router_address: str, credentials: ClusterCredentials) -> list[str]:
+    with open_channel(router_address, [], credentials) as channel:
         reply = moe_grpc.RouterStub(channel).ListWorkers(moe_pb2.ListWorkersRequest(), timeout=5)
     return sorted(worker.worker_id for worker in reply.workers)
 
@@ -83,27 +97,37 @@ def assert_prometheus_text(port: int) -> None:
 
 
 def test_compose_topology_serves_exact_results_and_stops_cleanly(
-    ray_cluster: str, checkpoints: Callable[[torch.dtype], Path], redis_prefix: str
+    ray_cluster: str, checkpoints: Callable[[torch.dtype], Path], redis_prefix: str, tmp_path: Path
 ) -> None:
     checkpoint = checkpoints(torch.float32)
     replace = {flag(MOE_SERVE["workers"], "--ray-address"): ray_cluster}
     assert replace == {"ray-head:6379": ray_cluster}
+    # the one-shot `cluster-secret` service first, its volume a local directory
+    secret_file = tmp_path / "secret" / Path(SECRET_PATH).name
+    command = [
+        arg.replace(str(Path(SECRET_PATH).parent), str(secret_file.parent)) for arg in MOE_SERVE["cluster-secret"]
+    ]
+    subprocess.run([sys.executable, "-m", "moe_serve", *command], check=True, timeout=60)
+    credentials = ClusterCredentials(secret_file.read_text().strip().encode())
+    service = functools.partial(
+        local_service, checkpoint=checkpoint, redis_prefix=redis_prefix, secret_file=secret_file
+    )
     started: list[ServiceProcess] = []
     try:
-        args, env, router_metrics = local_service("router", replace, checkpoint, redis_prefix)
+        args, env, router_metrics = service("router", replace)
         router = start_service_process("router", args, env=env)
         started.append(router)
         replace[flag(MOE_SERVE["gateway"], "--router-address")] = router.address
 
-        args, env, _ = local_service("workers", replace, checkpoint, redis_prefix)
+        args, env, _ = service("workers", replace)
         assert flag(args, "--ray-address") == ray_cluster and flag(args, "--router-address") == router.address
         workers = start_service_process("workers", args, env=env, timeout_s=180)
         started.append(workers)
         # ready means every worker registered (in Redis, which the router follows)
         expected = int(flag(args, "--workers"))
-        assert len(registered_workers(router.address)) == expected
+        assert len(registered_workers(router.address, credentials)) == expected
 
-        args, env, gateway_metrics = local_service("gateway", replace, checkpoint, redis_prefix)
+        args, env, gateway_metrics = service("gateway", replace)
         gateway = start_service_process("gateway", args, env=env)
         started.append(gateway)
         model = gateway.ready["model"]
@@ -129,7 +153,7 @@ def test_compose_topology_serves_exact_results_and_stops_cleanly(
         # their controller leaves the Ray cluster
         assert gateway.stop() == 0
         assert workers.stop(grace_s=90) == 0
-        wait_for(lambda: registered_workers(router.address) == [], "the workers to leave the registry")
+        wait_for(lambda: registered_workers(router.address, credentials) == [], "the workers to leave the registry")
         with pytest.raises(ValueError):
             ray.get_actor(workers.ready["controller"], namespace=NAMESPACE)
         assert router.stop() == 0

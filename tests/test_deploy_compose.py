@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import BaseModel
+from typer.testing import CliRunner
 
+from moe_serve import cli
 from moe_serve.config import GatewaySettings, RouterSettings, WorkersSettings
 from router_service.server import SERVICE_NAME as ROUTER_SERVICE
 from tests.deploy_config import (
@@ -44,12 +46,13 @@ def test_services_of_the_topology_are_all_there() -> None:
         "ray-worker",
         "ray-worker-gpu",
         "demo-checkpoint",
+        "cluster-secret",
         "workers",
         "router",
         "gateway",
     } <= set(SERVICES)
     assert {"otel-collector", "prometheus", "grafana"} <= set(SERVICES)
-    assert set(MOE_SERVE) == {"demo-checkpoint", "workers", "router", "gateway"}
+    assert set(MOE_SERVE) == {"demo-checkpoint", "cluster-secret", "workers", "router", "gateway"}
     assert set(RAY_NODES) == {"ray-head", "ray-worker", "ray-worker-gpu"}
     # the image's entrypoint is what services without their own run
     assert 'ENTRYPOINT ["moe-serve"]' in DOCKERFILE
@@ -70,6 +73,40 @@ def test_every_service_runs_a_real_subcommand_whose_settings_validate(
         assert str(settings.checkpoint) == "/models/mixtral-demo"
     if service in ("router", "gateway"):
         assert settings.metrics_port == 9464
+
+
+def test_every_internal_caller_reads_the_secret_the_one_shot_service_writes() -> None:
+    """`docker compose up` with nothing set: one random secret per deployment, in a volume only the
+    services mount, read by every service that serves or calls an internal hop."""
+    writer = MOE_SERVE["cluster-secret"]
+    assert writer[0] == "secret" and SERVICES["cluster-secret"]["restart"] == "no"
+    written = Path(parsed(writer)["path"])
+    assert volume_targets(SERVICES["cluster-secret"])[str(written.parent)] == ("cluster-secret", False)
+    assert "cluster-secret" in COMPOSE["volumes"]
+    for name in ("router", "gateway", "workers"):
+        settings = built_settings(MOE_SERVE[name], environment(SERVICES[name]))
+        assert settings.cluster_secret_file == written and not settings.insecure_internal, name
+        assert not settings.cluster_secret.get_secret_value(), name  # unset: the file is read
+        assert volume_targets(SERVICES[name])[str(written.parent)] == ("cluster-secret", True), name
+        assert SERVICES[name]["depends_on"]["cluster-secret"]["condition"] == "service_completed_successfully"
+    # a secret given in the shell or .env reaches every service instead
+    custom = interpolate(RAW_COMPOSE, {"MOE_SERVE_CLUSTER_SECRET": "from-the-operator-0123456789"})["services"]
+    for name in ("router", "gateway", "workers"):
+        assert custom[name]["environment"]["MOE_SERVE_CLUSTER_SECRET"] == "from-the-operator-0123456789"
+    # the image gives the volume's mount point to the services' user alone
+    assert "chmod 0700 /var/lib/moe-serve/secret" in DOCKERFILE and str(written.parent) == "/var/lib/moe-serve/secret"
+
+
+def test_secret_writer_writes_once_and_keeps_an_existing_secret(tmp_path: Path) -> None:
+    path = tmp_path / "volume" / "cluster.secret"
+    first = CliRunner().invoke(cli.app, ["secret", str(path)])
+    assert first.exit_code == 0, first.output
+    secret = path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(secret.strip()) >= 32
+    again = CliRunner().invoke(cli.app, ["secret", str(path)])
+    assert again.exit_code == 0 and path.read_text() == secret  # a restart keeps the deployment's secret
+    replaced = CliRunner().invoke(cli.app, ["secret", str(path), "--replace"])
+    assert replaced.exit_code == 0 and path.read_text() != secret
 
 
 def test_demo_checkpoint_command_parses() -> None:

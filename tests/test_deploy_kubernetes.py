@@ -172,3 +172,11 @@ def test_kubernetes_pods_that_read_the_checkpoint_mount_it_and_write_the_demo_fi
         mounts = {m["mountPath"]: m for c in pod["containers"] for m in c.get("volumeMounts", [])}
         assert mounts["/models"]["name"] == "models" and mounts["/models"].get("readOnly") is True
         assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_internal_callers_take_the_cluster_secret_from_a_kubernetes_secret() -> None:
+    for deployment in ("moe-serve-router", "moe-serve-gateway", "moe-serve-workers"):
+        (reference,) = [item for item in container(deployment)["env"] if item["name"] == "MOE_SERVE_CLUSTER_SECRET"]
+        assert reference["valueFrom"]["secretKeyRef"] == {"name": "moe-serve-cluster-secret", "key": "secret"}
+    header = (DEPLOY / "kubernetes" / "moe-serve.yaml").read_text()
+    assert "kubectl create secret generic moe-serve-cluster-secret --from-literal=secret=" in header

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from moe_serve.launcher import start_service_process, wait_until_ready
-from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
+from tests.helpers import (
+    infer_request,
+    internal_credentials,
+    kserve_stub,
+    reference_blocks,
+    reference_forward,
+    response_tensors,
+)
 from tests.test_topology import start_all
 
 
@@ -46,7 +53,7 @@ def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints) -> No
             ]
         )
         processes.extend(workers)
-        wait_until_ready(router.address)
+        wait_until_ready(router.address, internal_credentials())
         gateway = start_service_process("gateway", ["gateway", "--router-address", router.address, "--port", "0"])
         processes.append(gateway)
         model = gateway.ready["model"]

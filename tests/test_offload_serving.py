@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 import torch
 from rich.console import Console
 
@@ -25,7 +24,15 @@ from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
 from moe_serve.top import gateway_source, render
-from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
+from tests.helpers import (
+    infer_request,
+    internal_channel,
+    internal_credentials,
+    kserve_stub,
+    reference_blocks,
+    reference_forward,
+    response_tensors,
+)
 from tests.test_topology import start_all
 
 BUDGET = "0.25"  # of the 8 (layer, expert) pairs a worker owns: 2 resident at a time
@@ -65,7 +72,7 @@ def offloading_stack(checkpoint: Path, prefetch: bool) -> Iterator[tuple[Service
             ]
         )
         processes.extend(workers)
-        wait_until_ready(router.address)
+        wait_until_ready(router.address, internal_credentials())
         gateway = start_service_process("gateway", ["gateway", "--router-address", router.address, "--port", "0"])
         processes.append(gateway)
         yield gateway, workers
@@ -76,7 +83,7 @@ def offloading_stack(checkpoint: Path, prefetch: bool) -> Iterator[tuple[Service
 
 def offload_state(worker: ServiceProcess) -> dict:
     """The worker's own accounting, asked directly (fresher than the registry's heartbeat)."""
-    with grpc.insecure_channel(worker.address) as channel:
+    with internal_channel(worker.address) as channel:
         info = moe_grpc.ExpertWorkerStub(channel).Describe(moe_pb2.DescribeWorkerRequest(), timeout=10)
     return WorkerRecord.from_proto(info).offload
 

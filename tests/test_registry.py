@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+from dataclasses import replace
 
+import pytest
+import redis.asyncio as aioredis
+
+from moe_serve.errors import InvalidInput
 from moe_serve.placement import ExpertKey
-from moe_serve.redis_registry import RedisRegistration, RedisRegistry
-from moe_serve.registry import InProcessRegistry, WorkerRecord
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.redis_registry import RedisRegistration, RedisRegistry, events_channel, worker_key
+from moe_serve.registry import InProcessRegistry, RegistryServicer, WorkerRecord
+from moe_serve.registry_trust import RecordPolicy, RejectedRecord, signed_entry
 from tests.conftest import REDIS_URL
 
 
@@ -16,7 +24,8 @@ def record(worker_id: str, experts: list[int]) -> WorkerRecord:
         worker_id=worker_id,
         address=f"127.0.0.1:{1000 + len(worker_id)}",
         experts=tuple(ExpertKey(0, e) for e in experts),
-        weights_version="v1",
+        weights_version="0123456789abcdef",
+        compute_datatype="FP32",
     )
 
 
@@ -99,5 +108,121 @@ def test_redis_registry_follows_registrations_deregistrations_and_expiry(redis_p
         await wait_until(lambda: registry.workers() == [], timeout_s=3.0)
         await second._client.aclose()
         await registry.close()
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------ which records are routed to
+
+KEY = b"record-key-of-this-test-cluster!"
+VERSION = "0123456789abcdef"
+MODEL_EXPERTS = frozenset(ExpertKey(layer, expert) for layer in (0, 1) for expert in range(8))
+
+
+def policy(key: bytes | None = KEY) -> RecordPolicy:
+    return RecordPolicy(MODEL_EXPERTS, VERSION, key)
+
+
+def test_record_validation_names_what_is_wrong() -> None:
+    good = record("a", [0, 1])
+    assert policy().problems(good) == []
+    bad = {
+        "unresolvable address": replace(good, address="999.999.1.1:0"),
+        "port out of range": replace(good, address="127.0.0.1:70000"),
+        "no port": replace(good, address="127.0.0.1"),
+        "spaces in host": replace(good, address="evil host:80"),
+        "negative load": replace(good, load={"inflight_rows": -5.0}),
+        "infinite load": replace(good, load={"queued_rows": math.inf}),
+        "bogus version": replace(good, weights_version="v1"),
+        "other weights": replace(good, weights_version="fedcba9876543210"),
+        "unknown expert": replace(good, experts=(ExpertKey(0, 8),)),
+        "no experts": replace(good, experts=()),
+        "unknown datatype": replace(good, compute_datatype="FP64"),
+        "bad metrics address": replace(good, metrics_address="nowhere"),
+        "wrong field type": replace(good, load="lots"),  # type: ignore[arg-type]
+    }
+    for what, candidate in bad.items():
+        assert policy().problems(candidate), what
+    for host in ("worker-0", "gateway", "10.0.0.7", "[::1]", "::1", "moe_serve_worker_1", "w.cluster.local"):
+        assert policy().problems(replace(good, address=f"{host}:8000")) == [], host
+    # a registry not tied to one model checks the form only
+    assert RecordPolicy().problems(replace(good, experts=(ExpertKey(5, 90),), weights_version="fedcba9876543210")) == []
+
+
+def test_redis_entries_must_be_signed_by_this_cluster_and_fresh() -> None:
+    good = record("a", [0])
+    entry = signed_entry(good, KEY, ttl_s=10)
+    assert policy().verify(entry, "a")[0] == good
+    unsigned = signed_entry(good, None, ttl_s=10)
+    other_cluster = signed_entry(good, b"another-cluster-record-key-here!", ttl_s=10)
+    tampered = entry.replace("127.0.0.1", "127.0.0.2")
+    old = signed_entry(good, KEY, ttl_s=10, now=time.time() - 3600)
+    cases = {
+        "unsigned": (unsigned, "a", "bad_signature"),
+        "another cluster's key": (other_cluster, "a", "bad_signature"),
+        "tampered after signing": (tampered, "a", "bad_signature"),
+        "replayed long after": (old, "a", "expired"),
+        "under another worker's key": (entry, "b", "invalid"),
+        "a plain record (old format)": (good.to_json(), "a", "malformed"),
+        "garbage": ("{not json", "a", "malformed"),
+    }
+    for what, (text, worker_id, reason) in cases.items():
+        with pytest.raises(RejectedRecord) as rejected:
+            policy().verify(text, worker_id)
+        assert rejected.value.reason == reason, what
+    # --insecure-internal: signatures are not checked, validity still is
+    assert policy(key=None).verify(unsigned, "a")[0] == good
+    with pytest.raises(RejectedRecord):
+        policy(key=None).verify(signed_entry(replace(good, address="999.999.1.1:0"), None, 10), "a")
+
+
+def test_router_hosted_registry_refuses_invalid_registrations() -> None:
+    registry = InProcessRegistry(policy())
+    servicer = RegistryServicer(registry)
+
+    async def register(worker: WorkerRecord) -> None:
+        await servicer.Register(moe_pb2.RegisterRequest(worker=worker.to_proto(), ttl_s=10), None)
+
+    asyncio.run(register(record("a", [0])))
+    with pytest.raises(InvalidInput, match="not experts of the served model"):
+        asyncio.run(register(record("b", [9])))
+    assert [r.worker_id for r in registry.workers()] == ["a"]
+    assert registry.policy.rejected == {"invalid": 1}
+
+
+def test_redis_registry_routes_only_to_valid_signed_entries(redis_prefix: str) -> None:
+    """Forged, replayed and invalid entries are never routed to; an overwritten good entry keeps its
+    worker in service until that entry's own signed expiry."""
+
+    async def scenario() -> None:
+        writer = aioredis.Redis.from_url(REDIS_URL)
+        registry = RedisRegistry(REDIS_URL, redis_prefix, ttl_s=2.0, policy=policy())
+        await registry.start()
+        real = RedisRegistration(REDIS_URL, redis_prefix, lambda: record("real", [0, 1]), ttl_s=2.0, record_key=KEY)
+        await real.start()
+        await wait_until(lambda: [r.worker_id for r in registry.workers()] == ["real"], timeout_s=2.0)
+        forged = {
+            "rogue-unsigned": signed_entry(replace(record("rogue-unsigned", [0]), address="127.0.0.1:1"), None, 60),
+            "rogue-address": signed_entry(replace(record("rogue-address", [0]), address="999.999.1.1:0"), KEY, 60),
+            "rogue-load": signed_entry(replace(record("rogue-load", [0]), load={"inflight_rows": -1.0}), KEY, 60),
+            "rogue-version": signed_entry(replace(record("rogue-version", [0]), weights_version="bogus"), KEY, 60),
+            "rogue-garbage": "\x00\xff not a record",
+        }
+        for worker_id, value in forged.items():
+            await writer.set(worker_key(redis_prefix, worker_id), value)
+        # the real worker's own entry overwritten with a record claiming every expert at a dead address
+        hijack = replace(record("real", list(range(8))), address="127.0.0.1:1")
+        real._task.cancel()  # its heartbeat would repair the entry; this tests the router, not the worker
+        await writer.set(worker_key(redis_prefix, "real"), signed_entry(hijack, None, 60))
+        await writer.publish(events_channel(redis_prefix), "register rogue")
+        await wait_until(lambda: sum(registry.policy.rejected.values()) >= len(forged) + 1, timeout_s=2.0)
+        assert [(r.worker_id, r.address) for r in registry.workers()] == [("real", record("real", [0]).address)]
+        assert registry.replicas(ExpertKey(0, 5)) == ()
+        assert set(registry.policy.rejected) == {"bad_signature", "invalid", "malformed"}
+        # past the good record's signed expiry (2 s) the worker is gone: nothing forged took its place
+        await wait_until(lambda: registry.workers() == [], timeout_s=5.0)
+        await real._client.aclose()
+        await registry.close()
+        await writer.aclose()
 
     asyncio.run(scenario())

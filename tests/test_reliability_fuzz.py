@@ -26,6 +26,7 @@ from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from tests.helpers import (
     gateway_stats,
     infer_request,
+    internal_channel,
     kserve_stub,
     reference_blocks,
     reference_forward,
@@ -76,7 +77,11 @@ def channels(limited_stack):
         "router": limited_stack.router.address,
         "worker": limited_stack.workers[0].address,
     }
-    opened = {name: grpc.insecure_channel(address) for name, address in addresses.items()}
+    # the internal services are called with the stack's cluster token, so the fuzz reaches their decoding
+    opened = {
+        name: grpc.insecure_channel(address) if name == "gateway" else internal_channel(address)
+        for name, address in addresses.items()
+    }
     yield opened
     for channel in opened.values():
         channel.close()

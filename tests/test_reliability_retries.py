@@ -27,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moe_serve import codec
+from moe_serve.checkpoint import Checkpoint
 from moe_serve.errors import status_code_from_number
 from moe_serve.launcher import ServiceProcess, start_service_process, wait_until_ready
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
@@ -37,6 +38,8 @@ from tests.helpers import (
     ProcessStack,
     gateway_stats,
     infer_request,
+    internal_channel,
+    internal_credentials,
     kserve_stub,
     paused,
     reference_blocks,
@@ -291,7 +294,7 @@ class DuplicatingRelay(moe_grpc.ExpertWorkerServicer, moe_grpc.DeliveryServiceSe
     garbage rows, the second half, and finally the whole batch again (the request has finished)."""
 
     def __init__(self, worker_address: str) -> None:
-        self.worker_channel = grpc.insecure_channel(worker_address)
+        self.worker_channel = internal_channel(worker_address)
         self.worker = moe_grpc.ExpertWorkerStub(self.worker_channel)
         self.address = ""
         self.captured: dict[str, moe_pb2.Delivery] = {}
@@ -321,7 +324,7 @@ class DuplicatingRelay(moe_grpc.ExpertWorkerServicer, moe_grpc.DeliveryServiceSe
         positions = codec.from_proto(delivery.positions, "positions")
         rows = codec.from_proto(delivery.rows, "rows")
         half = positions.shape[0] // 2
-        with grpc.insecure_channel(request.delivery_address) as channel:
+        with internal_channel(request.delivery_address) as channel:
             accepted = self.deliver_with_duplicates(
                 moe_grpc.DeliveryServiceStub(channel), request.request_id, positions, rows, half
             )
@@ -372,14 +375,18 @@ def relay_stack(checkpoints) -> Iterator[tuple[ProcessStack, DuplicatingRelay]]:
     gateway = None
     try:
         experts = [moe_pb2.ExpertKey(layer=layer, expert=expert) for layer in (0, 1) for expert in range(8)]
-        with grpc.insecure_channel(router.address) as channel:
+        relay_info = moe_pb2.WorkerInfo(
+            worker_id="relay",
+            address=relay.address,
+            experts=experts,
+            weights_version=Checkpoint(checkpoint).fingerprint(),
+            compute_datatype="FP32",
+        )
+        with internal_channel(router.address) as channel:
             moe_grpc.WorkerRegistryStub(channel).Register(
-                moe_pb2.RegisterRequest(
-                    worker=moe_pb2.WorkerInfo(worker_id="relay", address=relay.address, experts=experts), ttl_s=0
-                ),
-                timeout=10,
+                moe_pb2.RegisterRequest(worker=relay_info, ttl_s=0), timeout=10
             )
-        wait_until_ready(router.address)
+        wait_until_ready(router.address, internal_credentials())
         gateway = start_service_process("gateway", ["gateway", "--router-address", router.address, "--port", "0"])
         yield ProcessStack(checkpoint, router, [worker], gateway), relay
     finally:

@@ -23,8 +23,8 @@ from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, launch_stack
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
-from moe_serve.security import InternalTLS, open_channel
-from tests.helpers import infer_request, reference_blocks, reference_forward
+from moe_serve.security import ClusterCredentials, InternalTLS, open_channel
+from tests.helpers import infer_request, internal_credentials, reference_blocks, reference_forward
 from tests.test_triton_client import run_triton_client_check
 
 FULL_TOKEN = "full-access-token-0123456789abcdef"
@@ -169,7 +169,7 @@ def test_internal_services_accept_only_the_internal_certificate(secure_stack: St
     addresses = internal_addresses(secure_stack)
     assert len(addresses) == 4
     for what, address in addresses.items():
-        with open_channel(address, [], internal) as channel:
+        with open_channel(address, [], ClusterCredentials(internal_credentials().secret, internal)) as channel:
             assert health_of(channel) == health_pb2.HealthCheckResponse.SERVING, what
         intruders = {
             "plaintext": grpc.insecure_channel(address),

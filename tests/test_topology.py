@@ -8,14 +8,20 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import torch
 
 from moe_serve.launcher import ServiceProcess, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from tests.conftest import REDIS_URL
-from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
+from tests.helpers import (
+    infer_request,
+    internal_channel,
+    kserve_stub,
+    reference_blocks,
+    reference_forward,
+    response_tensors,
+)
 
 
 def start_all(specs: list[tuple[str, list[str]]]) -> list[ServiceProcess]:
@@ -24,7 +30,7 @@ def start_all(specs: list[tuple[str, list[str]]]) -> list[ServiceProcess]:
 
 
 def registered_workers(router_address: str) -> list[str]:
-    with grpc.insecure_channel(router_address) as channel:
+    with internal_channel(router_address) as channel:
         reply = moe_grpc.RouterStub(channel).ListWorkers(moe_pb2.ListWorkersRequest(), timeout=5)
     return sorted(worker.worker_id for worker in reply.workers)
 

@@ -24,7 +24,7 @@ from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings
 from moe_serve.demo import ensure_demo_checkpoint
 from moe_serve.launcher import Stack, init_ray, launch_stack
-from moe_serve.security import InternalTLS, open_channel
+from moe_serve.security import ClusterCredentials, open_channel
 
 logger = logging.getLogger(__name__)
 
@@ -126,24 +126,24 @@ def service_pids(stack: Stack) -> dict[str, int]:
     return pids
 
 
-def gateway_counters(stack: Stack, tls: InternalTLS | None) -> dict[str, int]:
+def gateway_counters(stack: Stack, credentials: ClusterCredentials) -> dict[str, int]:
     """The gateway's leak counters (GatewayAdmin.GetStats on its internal port)."""
     from moe_serve.protos import moe_serve_pb2 as moe_pb2
     from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 
-    with open_channel(str(stack.gateway.ready["delivery_address"]), [], tls) as channel:
+    with open_channel(str(stack.gateway.ready["delivery_address"]), [], credentials) as channel:
         stats = moe_grpc.GatewayAdminStub(channel).GetStats(moe_pb2.GatewayStatsRequest(), timeout=10)
     return {name: int(getattr(stats, name)) for name in LEAK_FIELDS}
 
 
-def settled_counters(stack: Stack, tls: InternalTLS | None) -> dict[str, int]:
+def settled_counters(stack: Stack, credentials: ClusterCredentials) -> dict[str, int]:
     """The counters once all zero, or as they stand after SETTLE_S (work abandoned by a cancelled
     or expired request may take a moment to unwind at the gateway)."""
     deadline = time.monotonic() + SETTLE_S
-    counters = gateway_counters(stack, tls)
+    counters = gateway_counters(stack, credentials)
     while any(counters.values()) and time.monotonic() < deadline:
         time.sleep(0.1)
-        counters = gateway_counters(stack, tls)
+        counters = gateway_counters(stack, credentials)
     return counters
 
 
@@ -213,7 +213,7 @@ def run_soak(config: SoakConfig, progress: Callable[[str], None] = logger.info) 
             result.model_name = stack.model_name
             target = Target(stack.address, stack.model_name, spec.hidden_size, spec.dtype, references)
             sampler, tally = soak_stack(stack, target, config, result, progress)
-            result.gateway_counters_after = settled_counters(stack, InternalTLS.from_settings(settings))
+            result.gateway_counters_after = settled_counters(stack, stack.credentials)
         finally:
             stack.stop()
     finally:

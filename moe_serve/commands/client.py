@@ -76,13 +76,13 @@ def health(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from moe_serve.security import InternalTLS, open_channel
+    from moe_serve.security import ClusterCredentials, InternalTLS, open_channel
 
-    # the public port (--tls/--tls-ca) wins over the internal certificate, which may come from the environment
+    # the public port (--tls/--tls-ca) wins over the internal certificate, which may come from the environment;
+    # health needs no cluster secret (orchestrators probe it without one)
     if not (tls or tls_ca) and internal_tls_ca and internal_tls_cert and internal_tls_key:
-        channel = open_channel(
-            address, [], InternalTLS.from_files(internal_tls_ca, internal_tls_cert, internal_tls_key)
-        )
+        internal = InternalTLS.from_files(internal_tls_ca, internal_tls_cert, internal_tls_key)
+        channel = open_channel(address, [], ClusterCredentials(None, internal))
     else:
         channel = client_credentials(tls, tls_ca, None).channel(address, [])
     with channel:

@@ -6,6 +6,8 @@ MOE_SERVE_REDIS_URL); a flag given on the command line wins.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -74,6 +76,21 @@ InternalTlsKey = Annotated[
     Path | None,
     typer.Option(envvar="MOE_SERVE_INTERNAL_TLS_KEY", help="Private key of the internal certificate (PEM)."),
 ]
+ClusterSecretFile = Annotated[
+    Path | None,
+    typer.Option(
+        envvar="MOE_SERVE_CLUSTER_SECRET_FILE",
+        help="File (mode 0600) holding the stack's cluster secret, which authenticates every internal call "
+        "(or set MOE_SERVE_CLUSTER_SECRET; `moe-serve up` makes its own).",
+    ),
+]
+InsecureInternal = Annotated[
+    bool | None,
+    typer.Option(
+        "--insecure-internal",
+        help="Debugging only: internal RPCs accept any caller, registry records are not authenticated.",
+    ),
+]
 TlsCert = Annotated[Path | None, typer.Option(help="TLS on the public port: certificate chain (PEM).")]
 TlsKey = Annotated[Path | None, typer.Option(help="TLS on the public port: private key (PEM).")]
 TlsClientCa = Annotated[
@@ -92,8 +109,35 @@ DeviceMemoryBudget = Annotated[
 EvictionPolicy = Annotated[str | None, typer.Option(help="Offloading: lru or lfu (over --lfu-window seconds).")]
 
 
-def internal_tls_flags(ca: Path | None, cert: Path | None, key: Path | None) -> dict[str, Path | None]:
-    return {"internal_tls_ca": ca, "internal_tls_cert": cert, "internal_tls_key": key}
+def internal_security_flags(
+    ca: Path | None, cert: Path | None, key: Path | None, secret_file: Path | None, insecure: bool | None
+) -> dict[str, Any]:
+    return {
+        "internal_tls_ca": ca,
+        "internal_tls_cert": cert,
+        "internal_tls_key": key,
+        "cluster_secret_file": secret_file,
+        "insecure_internal": insecure,
+    }
+
+
+def tool_credentials(
+    ca: Path | None, cert: Path | None, key: Path | None, secret_file: Path | None, cluster_file: Path
+) -> Any:
+    """Credentials of a command-line tool calling internal services: the secret from
+    MOE_SERVE_CLUSTER_SECRET, --cluster-secret-file, or the stack's cluster file (`moe-serve up`)."""
+    from moe_serve.cluster_commands import ClusterInfo
+    from moe_serve.config import CommonSettings
+    from moe_serve.security import ClusterCredentials
+
+    if secret_file is None and cluster_file.is_file():
+        secret_file = Path(ClusterInfo.read(cluster_file).secret_file or "") or None
+    flags = internal_security_flags(ca, cert, key, secret_file, None)
+    try:
+        return ClusterCredentials.from_settings(build_settings(CommonSettings, **flags))
+    except ValueError as error:
+        console.print(f"[red]error[/red]: {error}")
+        raise typer.Exit(2) from None
 
 
 def public_security_flags(
@@ -113,9 +157,16 @@ def build_settings(settings_class: type[SettingsT], **flags: Any) -> SettingsT:
         raise typer.Exit(2) from None
 
 
-def run_service(coroutine: Any, event_loop: EventLoopName = "auto") -> None:
+@contextlib.contextmanager
+def configuration_errors_reported() -> Iterator[None]:
+    """A ConfigurationError becomes its message and exit code 1, never a stack trace."""
     try:
-        eventloop.run(coroutine, event_loop)
+        yield
     except ConfigurationError as error:
         console.print(f"[red]error[/red]: {error}")
         raise typer.Exit(1) from None
+
+
+def run_service(coroutine: Any, event_loop: EventLoopName = "auto") -> None:
+    with configuration_errors_reported():
+        eventloop.run(coroutine, event_loop)

@@ -1,4 +1,5 @@
-"""Security commands: `moe-serve certs` writes a development CA, certificates and a bearer token."""
+"""Security commands: `moe-serve certs` writes a development CA, certificates, a bearer token and a cluster
+secret; `moe-serve secret` writes a cluster secret alone (Compose runs it once per deployment)."""
 
 from __future__ import annotations
 
@@ -34,5 +35,22 @@ def certs(
     console.print(table)
     console.print(
         "gateway: --tls-cert gateway.pem --tls-key gateway.key [--auth-tokens-file tokens.json]; every service: "
-        "--internal-tls-ca internal-ca.pem --internal-tls-cert internal.pem --internal-tls-key internal.key"
+        "--internal-tls-ca internal-ca.pem --internal-tls-cert internal.pem --internal-tls-key internal.key "
+        "--cluster-secret-file cluster.secret"
     )
+
+
+@app.command(rich_help_panel="Tools")
+def secret(
+    path: Annotated[Path, typer.Argument(help="File to hold the cluster secret (written mode 0600).")],
+    replace: Annotated[bool, typer.Option("--replace", help="Write a new secret over an existing one.")] = False,
+) -> None:
+    """Write a new cluster secret to PATH unless one is there: the credential every internal hop of a
+    stack checks (point each service at it with MOE_SERVE_CLUSTER_SECRET_FILE or --cluster-secret-file)."""
+    from moe_serve.security import new_cluster_secret, write_secret_file
+
+    if path.is_file() and path.stat().st_size and not replace:
+        console.print(f"a cluster secret is already at {path}; kept (--replace writes a new one)")
+        return
+    write_secret_file(path, new_cluster_secret())
+    console.print(f"wrote a new cluster secret to {path} (mode 0600)")

@@ -12,10 +12,12 @@ from moe_serve.commands.common import (
     BatchWindow,
     CapacityFactor,
     CheckpointDir,
+    ClusterSecretFile,
     DeviceMemoryBudget,
     Dtype,
     EvictionPolicy,
     Host,
+    InsecureInternal,
     InternalTlsCa,
     InternalTlsCert,
     InternalTlsKey,
@@ -33,7 +35,7 @@ from moe_serve.commands.common import (
     TlsKey,
     app,
     build_settings,
-    internal_tls_flags,
+    internal_security_flags,
     public_security_flags,
     run_service,
 )
@@ -76,6 +78,8 @@ def gateway(
     internal_tls_ca: InternalTlsCa = None,
     internal_tls_cert: InternalTlsCert = None,
     internal_tls_key: InternalTlsKey = None,
+    cluster_secret_file: ClusterSecretFile = None,
+    insecure_internal: InsecureInternal = None,
 ) -> None:
     """Run the gateway: the public KServe v2 endpoint, admission, capacity policy, combine."""
     from gateway.server import serve
@@ -105,7 +109,9 @@ def gateway(
         live_state_interval_s=live_state_interval,
         **public_security_flags(tls_cert, tls_key, tls_client_ca, auth_tokens_file),
         max_message_bytes=max_message_bytes,
-        **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
+        **internal_security_flags(
+            internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
+        ),
     )
     configure_logging(settings.log_level)
     run_service(serve(settings), settings.event_loop)
@@ -140,6 +146,8 @@ def router(
     internal_tls_ca: InternalTlsCa = None,
     internal_tls_cert: InternalTlsCert = None,
     internal_tls_key: InternalTlsKey = None,
+    cluster_secret_file: ClusterSecretFile = None,
+    insecure_internal: InsecureInternal = None,
 ) -> None:
     """Run the router: gating, capacity, replica choice, fan-out to the expert workers."""
     from router_service.server import serve
@@ -162,7 +170,9 @@ def router(
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         registry_ttl_s=registry_ttl,
-        **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
+        **internal_security_flags(
+            internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
+        ),
     )
     configure_logging(settings.log_level)
     run_service(serve(settings), settings.event_loop)
@@ -197,6 +207,8 @@ def worker(
     internal_tls_ca: InternalTlsCa = None,
     internal_tls_cert: InternalTlsCert = None,
     internal_tls_key: InternalTlsKey = None,
+    cluster_secret_file: ClusterSecretFile = None,
+    insecure_internal: InsecureInternal = None,
 ) -> None:
     """Run one expert worker process (no Ray): load its experts, serve them, register in Redis."""
     from expert_service.server import serve
@@ -225,7 +237,9 @@ def worker(
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         registry_ttl_s=registry_ttl,
-        **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
+        **internal_security_flags(
+            internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
+        ),
     )
     configure_logging(settings.log_level)
     run_service(serve(settings), settings.event_loop)

@@ -16,10 +16,12 @@ from moe_serve.commands.common import (
     BatchWindow,
     CapacityFactor,
     CheckpointDir,
+    ClusterSecretFile,
     DeviceMemoryBudget,
     Dtype,
     EvictionPolicy,
     Host,
+    InsecureInternal,
     InternalTlsCa,
     InternalTlsCert,
     InternalTlsKey,
@@ -36,9 +38,11 @@ from moe_serve.commands.common import (
     TlsKey,
     app,
     build_settings,
+    configuration_errors_reported,
     console,
-    internal_tls_flags,
+    internal_security_flags,
     public_security_flags,
+    tool_credentials,
 )
 from moe_serve.config import UpSettings, WorkersSettings
 from moe_serve.grpc_utils import configure_logging
@@ -79,6 +83,8 @@ def up(
     internal_tls_ca: InternalTlsCa = None,
     internal_tls_cert: InternalTlsCert = None,
     internal_tls_key: InternalTlsKey = None,
+    cluster_secret_file: ClusterSecretFile = None,
+    insecure_internal: InsecureInternal = None,
 ) -> None:
     """Start router, expert workers and gateway; block until Ctrl-C or SIGTERM, then stop them all."""
     from moe_serve.stack_command import run_up
@@ -110,10 +116,13 @@ def up(
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         **public_security_flags(tls_cert, tls_key, tls_client_ca, auth_tokens_file),
-        **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
+        **internal_security_flags(
+            internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
+        ),
     )
     configure_logging(settings.log_level)
-    run_up(settings, console)
+    with configuration_errors_reported():
+        run_up(settings, console)
 
 
 @app.command(rich_help_panel="Run and scale a stack")
@@ -141,6 +150,8 @@ def workers(
     internal_tls_ca: InternalTlsCa = None,
     internal_tls_cert: InternalTlsCert = None,
     internal_tls_key: InternalTlsKey = None,
+    cluster_secret_file: ClusterSecretFile = None,
+    insecure_internal: InsecureInternal = None,
 ) -> None:
     """Deploy the expert-worker actors of a stack on a Ray cluster (router and gateway run elsewhere)."""
     from moe_serve.stack_command import run_workers
@@ -167,10 +178,13 @@ def workers(
         redis_url=redis_url,
         redis_prefix=redis_prefix,
         registry_ttl_s=registry_ttl,
-        **internal_tls_flags(internal_tls_ca, internal_tls_cert, internal_tls_key),
+        **internal_security_flags(
+            internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
+        ),
     )
     configure_logging(settings.log_level)
-    run_workers(settings, console)
+    with configuration_errors_reported():
+        run_workers(settings, console)
 
 
 ClusterFile = Annotated[Path, typer.Option(help="Cluster file written by `moe-serve up`.")]
@@ -246,21 +260,34 @@ def top(
     ] = None,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
     once: Annotated[bool, typer.Option("--once", help="Print the view once and exit.")] = False,
+    cluster_file: ClusterFile = Path(".moe-serve/cluster.json"),
     internal_tls_ca: InternalTlsCa = None,
     internal_tls_cert: InternalTlsCert = None,
     internal_tls_key: InternalTlsKey = None,
+    cluster_secret_file: ClusterSecretFile = None,
+    insecure_internal: InsecureInternal = None,
 ) -> None:
-    """Live view of a running stack: latency, throughput, workers and their load, per-expert load bars."""
-    from moe_serve.security import InternalTLS
+    """Live view of a running stack: latency, throughput, workers and their load, per-expert load bars.
+
+    The gateway's internal port needs the stack's cluster secret: MOE_SERVE_CLUSTER_SECRET,
+    --cluster-secret-file, or the file `moe-serve up` names in its cluster file."""
+    from moe_serve.security import INSECURE_INTERNAL
     from moe_serve.top import gateway_source, redis_source, render, run_top
 
     if (redis_url is None) == (gateway_admin is None) or (redis_url is not None and model is None):
         console.print("[red]error[/red]: give either --redis-url URL --model NAME, or --gateway-admin HOST:PORT")
         raise typer.Exit(2)
-    tls = None
-    if internal_tls_ca and internal_tls_cert and internal_tls_key:
-        tls = InternalTLS.from_files(internal_tls_ca, internal_tls_cert, internal_tls_key)
-    source = gateway_source(gateway_admin, tls) if gateway_admin else redis_source(redis_url, redis_prefix, model)
+    if gateway_admin:
+        credentials = (
+            INSECURE_INTERNAL
+            if insecure_internal
+            else tool_credentials(
+                internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, cluster_file
+            )
+        )
+        source = gateway_source(gateway_admin, credentials)
+    else:
+        source = redis_source(redis_url, redis_prefix, model)
     if once:
         Console().print(render(source()))
         return
