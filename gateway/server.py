@@ -68,6 +68,16 @@ async def fetch_model_info(router: moe_grpc.RouterStub, address: str, timeout_s:
             await asyncio.sleep(0.2)
 
 
+REQUEST_FRAMING_BYTES = 1 << 20  # names, shape, parameters and requested outputs beside the tensor
+
+
+def largest_request_bytes(settings: GatewaySettings, model: ServedModel) -> int:
+    """The public port's receive limit: what the largest admissible request can need (FP32, the widest
+    input datatype), so a body admission would refuse is refused by gRPC before it is buffered."""
+    admissible = settings.max_request_tokens * model.hidden_size * 4 + REQUEST_FRAMING_BYTES
+    return min(settings.max_request_bytes or admissible, settings.max_message_bytes)
+
+
 def _internal_security(credentials: ClusterCredentials) -> str:
     """How the internal port is protected, for the start-up log line."""
     parts = ["INSECURE" if credentials.insecure else "cluster secret"]
@@ -147,12 +157,14 @@ class GatewayService:
             pipeline_chunk_tokens=settings.pipeline_chunk_tokens,
             max_message_bytes=settings.max_message_bytes,
         )
+        self.max_request_bytes = largest_request_bytes(settings, model)
         self.public_server, port = create_server(
             settings.host,
             settings.port,
             settings.max_message_bytes,
             public_tls.server_credentials() if public_tls else None,
             [BearerTokenInterceptor(tokens)] if tokens is not None else [],
+            max_receive_bytes=self.max_request_bytes,
         )
         self.servicer = InferenceServicer(self.dataplane, settings.request_timeout_s, metrics, tracer)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.public_server)
@@ -172,10 +184,11 @@ class GatewayService:
         self.address = f"{host}:{port}"
         settle_startup_memory()
         logger.info(
-            "gateway for model %r at %s (%s; deliveries at %s%s)",
+            "gateway for model %r at %s (%s, requests up to %.1f MiB; deliveries at %s%s)",
             model.name,
             self.address,
             ("TLS" if public_tls else "plaintext") + (f", {len(tokens)} bearer token(s)" if tokens else ""),
+            self.max_request_bytes / (1 << 20),
             self.delivery_address,
             _internal_security(internal),
         )

@@ -123,6 +123,13 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         65536, gt=0, description="Tokens admitted at once; more is refused with RESOURCE_EXHAUSTED instead of queueing."
     )
     max_request_tokens: int = Field(16384, gt=0, description="Largest T one request may carry.")
+    max_request_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Largest request message the public port receives; a larger one is refused (RESOURCE_EXHAUSTED) "
+        "by gRPC before it is buffered. Unset: the largest admissible request, max_request_tokens x hidden size x "
+        "4 bytes (FP32) plus 1 MiB of framing; never more than max_message_bytes.",
+    )
     capacity_factor: float | None = Field(
         None,
         ge=0.0,

@@ -46,11 +46,12 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Options for every server: the same size limit, and acceptance of our clients' keepalive pings."""
+def server_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, Any]]:
+    """Options for every server: the size limits (received messages may be held to a tighter one than
+    sent ones), and acceptance of our clients' keepalive pings."""
     return [
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_receive_bytes or max_message_bytes),
         ("grpc.keepalive_permit_without_calls", 1),
         # GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS; left at its 5-minute default, an
         # idle channel's 30 s pings count as abuse and the server sends GOAWAY(too_many_pings)
@@ -157,14 +158,17 @@ def create_server(
     max_message_bytes: int,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: Sequence[aio.ServerInterceptor] = (),
+    max_receive_bytes: int | None = None,
 ) -> tuple[aio.Server, int]:
     """An aio server bound to host:port (port 0 picks a free one); returns it and the real port.
 
     With `credentials` the port speaks TLS only. `interceptors` run before error mapping (so an
-    authentication failure is reported before the request bytes are even decoded).
+    authentication failure is reported before the request bytes are even decoded). A message over
+    `max_receive_bytes` (default `max_message_bytes`) is refused by gRPC itself, RESOURCE_EXHAUSTED.
     """
     server = aio.server(
-        interceptors=[*interceptors, ErrorMappingInterceptor()], options=server_options(max_message_bytes)
+        interceptors=[*interceptors, ErrorMappingInterceptor()],
+        options=server_options(max_message_bytes, max_receive_bytes),
     )
     address = f"{host}:{port}"
     bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
