@@ -30,6 +30,7 @@ from moe_serve.errors import (
     ServiceUnavailable,
     error_of,
     failure_of,
+    listed,
 )
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
@@ -260,7 +261,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self.store.load, keys)
             except ConfigurationError as error:
-                raise InvalidInput(f"cannot load {[tuple(k) for k in keys]}: {error}") from None
+                raise InvalidInput(f"cannot load {listed(tuple(k) for k in keys)}: {error}") from None
         self.announced.update(ExpertKey(k.layer, k.expert) for k in request.experts)
         await self._announce()
         logger.info("worker %s now serves %d expert(s) (+%d)", self.identity.worker_id, len(self.announced), len(keys))

@@ -21,6 +21,8 @@ class AdmissionController:
         self.inflight_tokens = 0
         self.inflight_requests = 0
         self.admitted = 0
+        # requests refused with RESOURCE_EXHAUSTED by any bound, this one or the router's: counted
+        # by the data plane, where every refusal passes
         self.rejected = 0
         # set by the data plane when cross-request batching is on: (requests waiting in open
         # batches, batches running), read by GatewayAdmin.GetStats for leak checks
@@ -35,7 +37,6 @@ class AdmissionController:
                 f"{self.max_request_tokens}; split it into smaller requests"
             )
         if self.inflight_tokens + num_tokens > self.max_inflight_tokens:
-            self.rejected += 1
             raise Overloaded(
                 f"gateway at capacity: {self.inflight_tokens} tokens in flight + {num_tokens} "
                 f"requested exceeds max_inflight_tokens={self.max_inflight_tokens}; retry with backoff",

@@ -21,6 +21,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from moe_serve.errors import quoted
+
 logger = logging.getLogger(__name__)
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ALL_MODELS = "*"
@@ -140,7 +142,7 @@ async def _check_model(request: Any, grant: Grant, method: str, context: aio.Ser
     if model is None or grant.allows(model):
         return
     logger.info("token %r refused for model %r (%s)", grant.name, model, method)
-    wanted = f"model {model!r}" if model else "every model (name the model)"
+    wanted = f"model {quoted(model)}" if model else "every model (name the model)"
     await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"this token does not grant access to {wanted}")
 
 

@@ -7,6 +7,7 @@ ModelNotFound) with a message that says what to change.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +22,7 @@ from gateway.model import (
     ServedModel,
 )
 from moe_serve import codec
-from moe_serve.errors import InvalidInput
+from moe_serve.errors import InvalidInput, listed, quoted
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 LAYER_PARAMETER = "layer"
@@ -102,19 +103,23 @@ def _requested_outputs(request: kserve_pb2.ModelInferRequest, model: ServedModel
     for output in request.outputs:
         if SHARED_MEMORY_PARAMETER in output.parameters:
             raise InvalidInput(
-                f"output {output.name!r} asks for a shared-memory region; this server offers no shared memory "
+                f"output {quoted(output.name)} asks for a shared-memory region; this server offers no shared memory "
                 "(ServerMetadata lists no shared-memory extension): the output comes back in the response"
             )
         if CLASSIFICATION_PARAMETER in output.parameters:
             raise InvalidInput(
-                f"output {output.name!r} asks for classification; this server returns tensors only, without class_count"
+                f"output {quoted(output.name)} asks for classification; "
+                "this server returns tensors only, without class_count"
             )
     names = [output.name for output in request.outputs]
-    unknown = [name for name in names if name not in model.output_names]
+    unknown = [name for name in dict.fromkeys(names) if name not in model.output_names]
     if unknown:
-        raise InvalidInput(f"unknown requested output(s) {unknown}; this model produces {list(model.output_names)}")
-    if len(set(names)) != len(names):
-        raise InvalidInput(f"requested outputs {names} name the same output twice")
+        raise InvalidInput(
+            f"unknown requested output(s) {listed(unknown)}; this model produces {list(model.output_names)}"
+        )
+    repeated = [name for name, count in Counter(names).items() if count > 1]
+    if repeated:
+        raise InvalidInput(f"requested output(s) {listed(repeated)} named more than once; name each output once")
     return tuple(names)
 
 
@@ -126,8 +131,10 @@ def _input_tensor(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> 
             f"[T, {model.hidden_size}] or [B, S, {model.hidden_size}]"
         )
     if len(names) != 1:
-        extra = [name for name in names if name != INPUT_NAME] or names[1:]
-        raise InvalidInput(f"unexpected input(s) {extra}; the model takes exactly one input, {INPUT_NAME!r}")
+        extra = [name for name in dict.fromkeys(names) if name != INPUT_NAME]
+        if not extra:
+            raise InvalidInput(f"input {INPUT_NAME!r} sent {len(names)} times; send it once")
+        raise InvalidInput(f"unexpected input(s) {listed(extra)}; the model takes exactly one input, {INPUT_NAME!r}")
     tensor = request.inputs[0]
     if SHARED_MEMORY_PARAMETER in tensor.parameters:
         raise InvalidInput(
@@ -141,7 +148,7 @@ def _input_tensor(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> 
     shape = tuple(int(dim) for dim in tensor.shape)
     if len(shape) not in (2, 3):
         raise InvalidInput(
-            f"input {INPUT_NAME!r} has rank {len(shape)} (shape {list(shape)}); "
+            f"input {INPUT_NAME!r} has rank {len(shape)} (shape {listed(shape)}); "
             f"expected [T, {model.hidden_size}] or [B, S, {model.hidden_size}]"
         )
     if any(dim < 0 for dim in shape):

@@ -79,13 +79,19 @@ class DataPlane:
         if self.draining:
             raise ServiceUnavailable("this gateway is shutting down; send the request to another replica")
         deadline = time.monotonic() + timeout_s
-        with self.admission.admit(request.num_tokens):
-            if self.batcher is not None:
-                return await self.batcher.submit(request, deadline)
-            chunks = self._pipeline_chunks(request)
-            if len(chunks) > 1:
-                return await self._pipelined(chunks, deadline)
-            return (await self.dispatch([request], deadline))[0]
+        try:
+            with self.admission.admit(request.num_tokens):
+                if self.batcher is not None:
+                    return await self.batcher.submit(request, deadline)
+                chunks = self._pipeline_chunks(request)
+                if len(chunks) > 1:
+                    return await self._pipelined(chunks, deadline)
+                return (await self.dispatch([request], deadline))[0]
+        except Overloaded:
+            # counted here, once per request, whichever bound refused it: the gateway's tokens in
+            # flight, the message size to the router, or the router's rows in flight per replica
+            self.admission.rejected += 1
+            raise
 
     def _pipeline_chunks(self, request: InferenceRequest) -> list[InferenceRequest]:
         """`request` as near-equal token chunks of at most pipeline_chunk_tokens, or alone.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_serve import codec
-from moe_serve.errors import ModelNotFound
+from moe_serve.errors import ModelNotFound, quoted
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 
 MODEL_VERSION = "1"
@@ -67,9 +67,11 @@ class ServedModel:
     def check_name(self, name: str, version: str) -> None:
         """Raise ModelNotFound unless `name`/`version` address this model."""
         if name != self.name:
-            raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.name!r}")
+            raise ModelNotFound(f"model {quoted(name)} is not served here; this server serves {self.name!r}")
         if version not in ("", MODEL_VERSION):
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; available versions: [{MODEL_VERSION!r}]")
+            raise ModelNotFound(
+                f"model {quoted(name)} has no version {quoted(version)}; available versions: [{MODEL_VERSION!r}]"
+            )
 
     def output_width(self, name: str) -> int:
         return {OUTPUT_NAME: self.hidden_size, "router_logits": self.num_experts}.get(name, self.top_k)

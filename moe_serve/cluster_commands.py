@@ -2,15 +2,21 @@
 
 `moe-serve up` writes the cluster file (Ray address, controller name); these commands read it,
 or take --ray-address and --controller explicitly (e.g. on another machine of the Ray cluster).
+Every Ray call is bounded: when nothing listens at the cluster's address, or its raylet is dead,
+Ray itself keeps retrying for minutes.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -18,6 +24,14 @@ from rich.table import Table
 from moe_serve.registry import WorkerRecord
 
 DEFAULT_CLUSTER_FILE = Path(".moe-serve/cluster.json")
+DEFAULT_TIMEOUT_S = 10.0
+# a change starts workers and loads experts: each load may take the controller up to 120 s
+DEFAULT_SCALE_TIMEOUT_S = 600.0
+T = TypeVar("T")
+
+
+class NoAnswer(Exception):
+    """The Ray cluster or the controller did not answer in time; the message says what to check."""
 
 
 @dataclass(frozen=True)
@@ -45,8 +59,36 @@ class ClusterInfo:
         return cls(**json.loads(path.read_text()))
 
 
-def connect(cluster_file: Path, ray_address: str | None, controller: str | None) -> Any:
-    """The controller actor of the running stack."""
+@dataclass(frozen=True)
+class Controller:
+    """The controller actor of a running stack, with the bound on each call to it."""
+
+    handle: Any
+    name: str
+    ray_address: str
+    timeout_s: float
+
+    def ask(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """`method(*args)` on the controller, within `timeout_s` (default: the connection's bound)."""
+        import ray
+
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return ray.get(getattr(self.handle, method).remote(*args), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise NoAnswer(
+                f"the controller {self.name!r} did not answer {method} within {timeout_s:g} s; is the Ray cluster "
+                f"at {self.ray_address} healthy and the stack running? (`ray status --address {self.ray_address}`)"
+            ) from None
+        except ray.exceptions.RayActorError:
+            raise NoAnswer(
+                f"the controller {self.name!r} died during {method}; is the stack running? "
+                f"(`ray list actors --address {self.ray_address}`)"
+            ) from None
+
+
+def connect(cluster_file: Path, ray_address: str | None, controller: str | None, timeout_s: float) -> Controller:
+    """The controller actor of the running stack; NoAnswer when Ray does not answer within `timeout_s`."""
     if ray_address is None or controller is None:
         info = ClusterInfo.read(cluster_file)
         ray_address, controller = ray_address or info.ray_address, controller or info.controller
@@ -55,9 +97,44 @@ def connect(cluster_file: Path, ray_address: str | None, controller: str | None)
 
     from moe_serve.controller import NAMESPACE
 
-    if not ray.is_initialized():
-        ray.init(address=ray_address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
-    return ray.get_actor(controller, namespace=NAMESPACE)
+    def join() -> Any:
+        logging.getLogger("ray._private.worker").addFilter(_no_sigterm_handler_warning)
+        if not ray.is_initialized():
+            ray.init(address=ray_address, namespace=NAMESPACE, logging_level="WARNING", log_to_driver=False)
+        return ray.get_actor(controller, namespace=NAMESPACE)
+
+    try:
+        handle = _within(timeout_s, join)
+    except TimeoutError:
+        raise NoAnswer(
+            f"the Ray cluster at {ray_address} did not answer within {timeout_s:g} s; is it running? "
+            f"(`ray status --address {ray_address}`)"
+        ) from None
+    return Controller(handle, controller, ray_address, timeout_s)
+
+
+def _no_sigterm_handler_warning(record: logging.LogRecord) -> bool:
+    """Drop Ray's warning that ray.init off the main thread installs no SIGTERM handler: these
+    short-lived commands need none, and the warning would precede every answer."""
+    return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def _within(timeout_s: float, call: Callable[[], T]) -> T:
+    """`call()`'s result, or TimeoutError after `timeout_s` seconds.
+
+    ray.init has no timeout and its connection retries run in C++, where no signal interrupts them:
+    the call runs in a daemon thread that the process may leave behind when it exits.
+    """
+    outcome: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            outcome.set_result(call())
+        except BaseException as error:
+            outcome.set_exception(error)
+
+    threading.Thread(target=run, name="ray-connect", daemon=True).start()
+    return outcome.result(timeout=timeout_s)
 
 
 def use_ray_token_if_present() -> None:

@@ -7,9 +7,34 @@ say what was wrong and what to do, and never contain a stack trace.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
+
+# Status messages travel in gRPC metadata, whose size stock clients cap (8 KiB by default): a message
+# naming everything a request got wrong (1,000 unknown output names) would reach the client as a
+# metadata overflow instead of the error. Messages name the first few offenders, each cut short.
+MAX_LISTED = 5
+MAX_QUOTED_CHARS = 64
+
+
+def quoted(value: str, max_chars: int = MAX_QUOTED_CHARS) -> str:
+    """`repr(value)`, cut to its first `max_chars` characters when longer (saying how long it was)."""
+    if len(value) <= max_chars:
+        return repr(value)
+    return f"{value[:max_chars]!r}... ({len(value)} characters)"
+
+
+def listed(items: Iterable[object], max_items: int = MAX_LISTED) -> str:
+    """A list for an error message: the first `max_items` items (strings quoted and cut short by
+    `quoted`), then how many more there are, e.g. `['a', 'b', 'c', 'd', 'e', ... and 995 more]`."""
+    every = list(items)
+    shown = [quoted(item) if isinstance(item, str) else repr(item) for item in every[:max_items]]
+    if len(every) > max_items:
+        shown.append(f"... and {len(every) - max_items} more")
+    return f"[{', '.join(shown)}]"
 
 
 class MoEServeError(Exception):

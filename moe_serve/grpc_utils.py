@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import signal
@@ -80,10 +81,10 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 
 
 class ErrorMappingInterceptor(aio.ServerInterceptor):
-    """Maps exceptions raised by handlers to gRPC statuses (the only place that does).
+    """Maps exceptions raised by handlers of every shape to gRPC statuses (the only place that does).
 
-    Undecodable request bytes reach unary handlers as INVALID_ARGUMENT instead of gRPC's
-    generic INTERNAL; stream handlers see an `Undecodable` message and raise.
+    An undecodable single request is answered INVALID_ARGUMENT instead of gRPC's generic
+    INTERNAL; handlers of a request stream see an `Undecodable` message and raise.
     """
 
     async def intercept_service(
@@ -96,29 +97,77 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         deserializer = _tolerant(handler.request_deserializer)
+        serializer = handler.response_serializer
         if handler.unary_unary is not None:
-            unary = handler.unary_unary
-
-            async def guarded_unary(request: Any, context: aio.ServicerContext) -> Any:
-                async with _mapped_errors(method, context):
-                    if isinstance(request, Undecodable):
-                        raise InvalidInput(f"request bytes are not a valid {method} message")
-                    return await unary(request, context)
-
             return grpc.unary_unary_rpc_method_handler(
-                guarded_unary, request_deserializer=deserializer, response_serializer=handler.response_serializer
+                _guard_unary_response(method, handler.unary_unary, check_request=True),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _guard_unary_response(method, handler.stream_unary, check_request=False),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _guard_streamed_responses(method, handler.unary_stream, check_request=True),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
             )
         if handler.stream_stream is not None:
-            streaming = handler.stream_stream
-
-            async def guarded_stream(requests: Any, context: aio.ServicerContext) -> None:
-                async with _mapped_errors(method, context):
-                    await streaming(requests, context)
-
             return grpc.stream_stream_rpc_method_handler(
-                guarded_stream, request_deserializer=deserializer, response_serializer=handler.response_serializer
+                _guard_streamed_responses(method, handler.stream_stream, check_request=False),
+                request_deserializer=deserializer,
+                response_serializer=serializer,
             )
         return handler
+
+
+def _reject_undecodable(method: str, request: Any) -> None:
+    if isinstance(request, Undecodable):
+        raise InvalidInput(f"request bytes are not a valid {method} message")
+
+
+def _guard_unary_response(
+    method: str, behavior: Callable[..., Awaitable[Any]], check_request: bool
+) -> Callable[[Any, aio.ServicerContext], Awaitable[Any]]:
+    """Wrap a handler that returns one response (unary or streamed request)."""
+
+    async def guarded(request: Any, context: aio.ServicerContext) -> Any:
+        async with _mapped_errors(method, context):
+            if check_request:
+                _reject_undecodable(method, request)
+            return await behavior(request, context)
+
+    return guarded
+
+
+def _guard_streamed_responses(method: str, behavior: Callable[..., Any], check_request: bool) -> Callable[..., Any]:
+    """Wrap a handler that streams responses, keeping its shape: grpc.aio tells a handler that
+    writes with `context.write` (a coroutine function) from one that yields (an async generator
+    function, e.g. grpc-reflection's servicer) by inspecting it, so the wrapper must be the same kind."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def guarded_generator(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            async with _mapped_errors(method, context):
+                if check_request:
+                    _reject_undecodable(method, request)
+                # aclosing: a cancelled call finalises the handler's generator now, not at garbage collection
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+
+        return guarded_generator
+
+    async def guarded_writer(request: Any, context: aio.ServicerContext) -> None:
+        async with _mapped_errors(method, context):
+            if check_request:
+                _reject_undecodable(method, request)
+            await behavior(request, context)
+
+    return guarded_writer
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,7 @@ from grpc import aio
 from opentelemetry.trace import SpanKind, Tracer
 
 from moe_serve import codec
-from moe_serve.errors import InvalidInput, Overloaded, ServiceUnavailable, failure_of
+from moe_serve.errors import InvalidInput, Overloaded, ServiceUnavailable, failure_of, quoted
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
@@ -84,7 +84,7 @@ class RouterServicer(moe_grpc.RouterServicer):
         if not request.delivery_address:
             raise InvalidInput("delivery_address is required: workers deliver the expert outputs there")
         if request.overflow not in ("", "drop", "reroute"):
-            raise InvalidInput(f"overflow must be 'drop' or 'reroute', got {request.overflow!r}")
+            raise InvalidInput(f"overflow must be 'drop' or 'reroute', got {quoted(request.overflow)}")
         started = time.perf_counter()
         with self.tracer.start_as_current_span("router.gating"):
             decision = self.planner.decide(hidden, request.layer, request.expert_capacity, request.overflow or "drop")

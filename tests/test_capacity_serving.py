@@ -165,5 +165,8 @@ def test_per_replica_inflight_bound_refuses_before_dispatch(fp32_stack, checkpoi
         for error in refused:
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "max_inflight_rows_per_replica=96" in error.details()
+        # the router's refusals count in the gateway's statistics like its own admission refusals
+        stats = gateway_stats(gateway)
+        assert (stats.requests, stats.rejected_requests) == (len(inputs), len(refused))
     finally:
         gateway.stop()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -16,6 +18,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moe_serve.cli import app
+from moe_serve.cluster_commands import ClusterInfo
 from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
@@ -134,6 +137,27 @@ def assert_internal_hops_authenticated(cluster_file: Path, up_pid: int) -> None:
     credentials = ClusterCredentials(secret.encode())
     with open_channel(info["router"], [], credentials) as channel:
         assert len(moe_grpc.RouterStub(channel).ListWorkers(moe_pb2.ListWorkersRequest(), timeout=10).workers) == 2
+
+
+def test_status_of_a_cluster_that_does_not_answer_fails_within_its_timeout(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    cluster_file = tmp_path / "cluster.json"
+    ClusterInfo(address, "no-controller", "moe-serve", "gateway:1", "router:1", "m").write(cluster_file)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "moe_serve", "status", "--cluster-file", str(cluster_file), "--timeout", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,  # Ray on its own retries for minutes
+    )
+    # 2 s of waiting plus the interpreter's and Ray's imports
+    assert time.monotonic() - started < 20
+    assert result.returncode == 1, result.stdout + result.stderr
+    message = " ".join(result.stderr.split())  # rich wraps long lines
+    assert f"the Ray cluster at {address} did not answer within 2 s" in message and "ray status" in message
+    assert "Traceback" not in result.stderr
 
 
 def test_health_command_reports_serving(fp32_stack) -> None:

@@ -151,6 +151,40 @@ def test_bad_input_is_invalid_argument_with_an_actionable_message(fp32_stack, fp
     assert "Traceback" not in raised.value.details() and 'File "' not in raised.value.details()
 
 
+def _requests_with_many_offenders(model: str) -> dict[str, tuple[kserve_pb2.ModelInferRequest, grpc.StatusCode, str]]:
+    """name -> (request, status code, a phrase the message must contain): 1,000 of one mistake each."""
+    good = torch.randn(4, 64)
+    cases: dict[str, tuple[kserve_pb2.ModelInferRequest, grpc.StatusCode, str]] = {}
+    outputs = ("output",) * 1000
+    cases["one output named 1,000 times"] = (infer_request(model, good, outputs=outputs), INVALID, "['output']")
+    outputs = tuple(f"unknown-{i}" for i in range(1000))
+    cases["1,000 unknown outputs"] = (infer_request(model, good, outputs=outputs), INVALID, "... and 995 more")
+    request = infer_request(model, good)
+    for i in range(1000):
+        request.inputs.add(name=f"extra-{i}", datatype="FP32", shape=[1])
+    cases["1,000 unknown inputs"] = (request, INVALID, "['extra-0', 'extra-1'")
+    request = infer_request(model, good)
+    request.inputs.extend([request.inputs[0]] * 999)
+    cases["the input sent 1,000 times"] = (request, INVALID, "sent 1000 times")
+    cases["rank 1,000"] = (infer_request(model, good, shape=[1] * 998 + [4, 64]), INVALID, "rank 1000")
+    request = infer_request(model, good, outputs=("x" * 10_000,))
+    cases["a 10,000-character output name"] = (request, INVALID, "(10000 characters)")
+    cases["a 10,000-character model name"] = (infer_request("m" * 10_000, good), grpc.StatusCode.NOT_FOUND, "mmm")
+    return cases
+
+
+@pytest.mark.parametrize("case", list(_requests_with_many_offenders("m")))
+def test_error_messages_stay_short_however_many_offenders(fp32_stack, fp32_client, case: str) -> None:
+    # stock clients reject a status message over their metadata limit (8 KiB): a long one would
+    # reach the caller as a transport error instead of the reason
+    request, code, phrase = _requests_with_many_offenders(fp32_stack.model_name)[case]
+    with pytest.raises(grpc.RpcError) as raised:
+        fp32_client.ModelInfer(request, timeout=10)
+    assert raised.value.code() == code, raised.value.details()
+    assert phrase in raised.value.details()
+    assert len(raised.value.details().encode()) < 1024, raised.value.details()
+
+
 def test_undecodable_request_bytes_are_invalid_argument(fp32_stack) -> None:
     with grpc.insecure_channel(fp32_stack.address) as channel:
         call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from moe_serve.cluster_commands import DEFAULT_SCALE_TIMEOUT_S, DEFAULT_TIMEOUT_S, NoAnswer, connect, print_status
 from moe_serve.commands.common import (
     AdvertiseHost,
     AuthTokensFile,
@@ -190,6 +192,9 @@ def workers(
 ClusterFile = Annotated[Path, typer.Option(help="Cluster file written by `moe-serve up`.")]
 ControllerName = Annotated[str | None, typer.Option(help="Controller actor name (default: from the cluster file).")]
 RayAddress = Annotated[str | None, typer.Option(help="Ray cluster address (default: from the cluster file).")]
+RayTimeout = Annotated[
+    float, typer.Option("--timeout", help="Seconds to wait for the Ray cluster and for each answer of the controller.")
+]
 
 
 @app.command(rich_help_panel="Run and scale a stack")
@@ -201,25 +206,31 @@ def scale(
     cluster_file: ClusterFile = Path(".moe-serve/cluster.json"),
     ray_address: RayAddress = None,
     controller: ControllerName = None,
+    timeout: RayTimeout = DEFAULT_TIMEOUT_S,
+    scale_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the change itself (new workers start and load experts).")
+    ] = DEFAULT_SCALE_TIMEOUT_S,
 ) -> None:
     """Scale the running stack: one expert's replicas, or the number of workers (never failing a request)."""
-    from moe_serve.cluster_commands import connect, print_status
-
     if (expert is None) == (workers is None) or (expert is not None and replicas is None):
         console.print("[red]error[/red]: give either --expert E --replicas N [--layer L], or --workers N")
         raise typer.Exit(2)
-    handle = _controller(connect, cluster_file, ray_address, controller)
-    import ray  # after connect(), which sets up Ray's authentication mode first
+    with _reported_failures():
+        handle = connect(cluster_file, ray_address, controller, timeout)
+        import ray  # after connect(), which sets up Ray's authentication mode first
 
-    try:
-        if workers is not None:
-            ray.get(handle.scale_workers.remote(workers))
-        else:
-            ray.get(handle.scale_expert.remote(expert, replicas, layer))
-    except ray.exceptions.RayTaskError as error:
-        console.print(f"[red]error[/red]: {error.cause}")
-        raise typer.Exit(1) from None
-    print_status(Console(), ray.get(handle.status.remote()))
+        try:
+            if workers is not None:
+                handle.ask("scale_workers", workers, timeout_s=scale_timeout)
+            else:
+                handle.ask("scale_expert", expert, replicas, layer, timeout_s=scale_timeout)
+        except ray.exceptions.RayTaskError as error:
+            console.print(f"[red]error[/red]: {error.cause}")
+            raise typer.Exit(1) from None
+        except NoAnswer as error:
+            raise NoAnswer(f"{error} The change may still be under way: see `moe-serve status`.") from None
+        current = handle.ask("status")
+    print_status(Console(), current)
 
 
 @app.command(rich_help_panel="Run and scale a stack")
@@ -228,24 +239,24 @@ def status(
     ray_address: RayAddress = None,
     controller: ControllerName = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON (for scripts).")] = False,
+    timeout: RayTimeout = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Print the placement table of the running stack: workers, nodes, GPUs, experts, replicas, live load."""
-    from moe_serve.cluster_commands import connect, print_status
-
-    handle = _controller(connect, cluster_file, ray_address, controller)
-    import ray  # after connect(), which sets up Ray's authentication mode first
-
-    current = ray.get(handle.status.remote())
+    with _reported_failures():
+        current = connect(cluster_file, ray_address, controller, timeout).ask("status")
     if as_json:
         print(json.dumps({**current, "workers": [json.loads(w) for w in current["workers"]]}, indent=2))
     else:
         print_status(Console(), current)
 
 
-def _controller(connect: Any, cluster_file: Path, ray_address: str | None, controller: str | None) -> Any:
+@contextlib.contextmanager
+def _reported_failures() -> Iterator[None]:
+    """A missing cluster file, an unknown controller, a cluster that does not answer: a message and
+    exit status 1, not a stack trace."""
     try:
-        return connect(cluster_file, ray_address, controller)
-    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        yield
+    except (FileNotFoundError, ValueError, ConnectionError, NoAnswer) as error:
         console.print(f"[red]error[/red]: {error}")
         raise typer.Exit(1) from None
 
