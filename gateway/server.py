@@ -9,6 +9,7 @@ import time
 
 import torch
 from grpc import aio
+from grpc_health.v1 import health_pb2
 
 from gateway.admission import AdmissionController
 from gateway.auth import BearerTokenInterceptor, TokenTable
@@ -18,6 +19,7 @@ from gateway.deliveries import DeliveryServicer, PendingRequests
 from gateway.live_state import LiveState, LiveStatePublisher, LoadWindow
 from gateway.metrics import GatewayMetrics
 from gateway.model import ServedModel
+from gateway.readiness import LIVENESS_SERVICE, ReadinessHealthServicer, ReadinessMonitor
 from gateway.servicer import InferenceServicer
 from gateway.stats import ExpertCounters, GatewayAdminServicer
 from moe_serve.allocator import settle_startup_memory, tune_allocator
@@ -68,6 +70,7 @@ async def fetch_model_info(router: moe_grpc.RouterStub, address: str, timeout_s:
             await asyncio.sleep(0.2)
 
 
+READINESS_PROBE_TIMEOUT_S = 0.5  # a probe waits at most this for the router (orchestrators give up at 1 s)
 REQUEST_FRAMING_BYTES = 1 << 20  # names, shape, parameters and requested outputs beside the tensor
 
 
@@ -174,13 +177,22 @@ class GatewayService:
                 live_state, settings.redis_url, settings.redis_prefix, settings.live_state_interval_s
             )
             self.publisher.start()
-        self.health = health = add_health_and_reflection(self.public_server, [PUBLIC_SERVICE])
+        health = ReadinessHealthServicer()
+        self.health = add_health_and_reflection(self.public_server, [PUBLIC_SERVICE], health)
         # the internal port answers health probes too (they need the internal certificate under mTLS)
         delivery_health = add_health_and_reflection(self.delivery_server, [DELIVERY_SERVICE, ADMIN_SERVICE])
         await self.delivery_server.start()
         await self.public_server.start()
         await set_serving(delivery_health, [DELIVERY_SERVICE, ADMIN_SERVICE], True)
-        await set_serving(health, [PUBLIC_SERVICE], True)
+        await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self.readiness = health.monitor = ReadinessMonitor(
+            lambda: router.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=READINESS_PROBE_TIMEOUT_S),
+            lambda ready: set_serving(health, [PUBLIC_SERVICE], ready),
+            lambda: self.dataplane.draining,
+            settings.readiness_interval_s,
+        )
+        await self.readiness.check()
+        self.readiness.start()
         self.address = f"{host}:{port}"
         settle_startup_memory()
         logger.info(
@@ -203,6 +215,7 @@ class GatewayService:
         then close both servers; deliveries keep flowing until the last admitted request is answered."""
         if self.public_server is not None:
             self.dataplane.draining = True
+            await self.readiness.stop()
             await set_serving(self.health, [PUBLIC_SERVICE], False)
             drained = await drain(self._idle, grace_s)
             if not drained:

@@ -175,6 +175,12 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         1.0, gt=0, description="How often the live state is written to Redis (when redis_url is set)."
     )
     request_timeout_s: float = Field(60.0, gt=0, description="Deadline applied when the client sets none.")
+    readiness_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often readiness (grpc.health.v1) is re-checked against the router between probes; "
+        "a probe itself always gets a fresh answer.",
+    )
     startup_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the router at start-up.")
 
 

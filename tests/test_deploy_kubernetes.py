@@ -9,6 +9,7 @@ from typing import Any
 import ray
 import yaml
 
+from gateway.readiness import LIVENESS_SERVICE
 from moe_serve.config import GatewaySettings, RouterSettings, WorkersSettings
 from tests.deploy_config import (
     DEPLOY,
@@ -180,3 +181,9 @@ def test_internal_callers_take_the_cluster_secret_from_a_kubernetes_secret() -> 
         assert reference["valueFrom"]["secretKeyRef"] == {"name": "moe-serve-cluster-secret", "key": "secret"}
     header = (DEPLOY / "kubernetes" / "moe-serve.yaml").read_text()
     assert "kubectl create secret generic moe-serve-cluster-secret --from-literal=secret=" in header
+
+
+def test_gateway_probes_ask_readiness_and_liveness_apart() -> None:
+    gateway = container("moe-serve-gateway")
+    assert gateway["readinessProbe"]["grpc"] == {"port": 8001}  # "": readiness (the router and every expert)
+    assert gateway["livenessProbe"]["grpc"] == {"port": 8001, "service": LIVENESS_SERVICE}
