@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -124,6 +124,9 @@ class Registry:
         self._workers: dict[str, WorkerRecord] = {}
         self._replicas: dict[ExpertKey, tuple[WorkerRecord, ...]] = {}
         self._listeners: list[Callable[[], None]] = []
+        # the workers the latest change dropped because their heartbeats stopped (not deregistered):
+        # a listener fails at once what still waits on them, while a deregistered worker finishes its batches
+        self.expired: tuple[WorkerRecord, ...] = ()
 
     def replicas(self, key: ExpertKey) -> tuple[WorkerRecord, ...]:
         """Live replicas serving `key` (empty when none)."""
@@ -146,8 +149,10 @@ class Registry:
     async def close(self) -> None:
         """Stop following; the last snapshot stays readable."""
 
-    def _replace_all(self, records: Iterable[WorkerRecord]) -> None:
+    def _replace_all(self, records: Iterable[WorkerRecord], expired: Collection[str] = ()) -> None:
+        """Make `records` the current workers; `expired` names those dropped for missing heartbeats."""
         workers = {record.worker_id: record for record in records}
+        self.expired = tuple(self._workers[w] for w in expired if w in self._workers and w not in workers)
         # load changes with every heartbeat; only a change of placement is announced
         placement_changed = {k: (r.address, r.experts) for k, r in workers.items()} != {
             k: (r.address, r.experts) for k, r in self._workers.items()
@@ -177,9 +182,12 @@ class InProcessRegistry(Registry):
         self._expires_at[record.worker_id] = time.monotonic() + ttl_s
         self._replace_all([*(r for r in self._workers.values() if r.worker_id != record.worker_id), record])
 
-    def deregister(self, worker_id: str) -> None:
+    def deregister(self, worker_id: str, expired: bool = False) -> None:
+        """Drop a worker: it said goodbye, or (`expired`) it missed its heartbeats."""
         self._expires_at.pop(worker_id, None)
-        self._replace_all(r for r in self._workers.values() if r.worker_id != worker_id)
+        self._replace_all(
+            (r for r in self._workers.values() if r.worker_id != worker_id), (worker_id,) if expired else ()
+        )
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="registry-expiry")
@@ -197,7 +205,7 @@ class InProcessRegistry(Registry):
             expired = [worker_id for worker_id, deadline in self._expires_at.items() if deadline <= now]
             for worker_id in expired:
                 logger.warning("registry: worker %s missed its heartbeats; dropping it", worker_id)
-                self.deregister(worker_id)
+                self.deregister(worker_id, expired=True)
 
 
 class RegistryServicer(moe_grpc.WorkerRegistryServicer):
