@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -69,8 +70,11 @@ class RedisRegistry(Registry):
                 await self._task
         await self._client.aclose()
 
-    async def refresh(self) -> bool:
-        """Re-read every registered worker; False (state kept) when Redis is unreachable."""
+    async def refresh(self, deregistered: frozenset[str] = frozenset()) -> bool:
+        """Re-read every registered worker; False (state kept) when Redis is unreachable.
+
+        A worker gone from Redis expired (missed its heartbeats) unless `deregistered` names it.
+        """
         try:
             keys = [key async for key in self._client.scan_iter(match=worker_key(self.prefix, "*"), count=500)]
             values = await self._client.mget(keys) if keys else []
@@ -84,7 +88,8 @@ class RedisRegistry(Registry):
         self._carried -= {record.worker_id for record in records}
         if self._carried and time.monotonic() < self._carry_until:
             records += [self._workers[worker_id] for worker_id in self._carried if worker_id in self._workers]
-        self._replace_all(records)
+        gone = self._workers.keys() - {record.worker_id for record in records}
+        self._replace_all(records, expired=gone - deregistered)
         return True
 
     def _accepted(self, keys: list[bytes], values: list[bytes | None], now: float) -> list[WorkerRecord]:
@@ -118,9 +123,7 @@ class RedisRegistry(Registry):
                 backoff = 0.1
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.ttl_s / 2)
-                    await self.refresh()
-                    if message is None:
-                        continue
+                    await self.refresh(_deregistered(message))
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:
@@ -130,6 +133,13 @@ class RedisRegistry(Registry):
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()
+
+
+def _deregistered(message: dict[str, Any] | None) -> frozenset[str]:
+    """The worker a `deregister <id>` announcement names (none for other messages)."""
+    data = message["data"] if message is not None else b""
+    verb, _, worker_id = (data.decode() if isinstance(data, bytes) else str(data)).partition(" ")
+    return frozenset({worker_id}) if verb == "deregister" else frozenset()
 
 
 class RedisRegistration(Registration):

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from grpc import aio
 
@@ -42,6 +42,9 @@ class Registry:
         self._workers: dict[str, WorkerRecord] = {}
         self._replicas: dict[ExpertKey, tuple[WorkerRecord, ...]] = {}
         self._listeners: list[Callable[[], None]] = []
+        # the workers the latest change dropped because their heartbeats stopped (not deregistered):
+        # a listener fails at once what still waits on them, while a deregistered worker finishes its batches
+        self.expired: tuple[WorkerRecord, ...] = ()
 
     def replicas(self, key: ExpertKey) -> tuple[WorkerRecord, ...]:
         """Live replicas serving `key` (empty when none)."""
@@ -71,8 +74,10 @@ class Registry:
             self._refusals[source] = rejection.message
             logger.warning("registry: ignoring %s: %s", source, rejection.message)
 
-    def _replace_all(self, records: Iterable[WorkerRecord]) -> None:
+    def _replace_all(self, records: Iterable[WorkerRecord], expired: Collection[str] = ()) -> None:
+        """Make `records` the current workers; `expired` names those dropped for missing heartbeats."""
         workers = {record.worker_id: record for record in records}
+        self.expired = tuple(self._workers[w] for w in expired if w in self._workers and w not in workers)
         # load changes with every heartbeat; only a change of placement is announced
         placement_changed = {k: (r.address, r.experts) for k, r in workers.items()} != {
             k: (r.address, r.experts) for k, r in self._workers.items()
@@ -102,9 +107,12 @@ class InProcessRegistry(Registry):
         self._expires_at[record.worker_id] = time.monotonic() + ttl_s
         self._replace_all([*(r for r in self._workers.values() if r.worker_id != record.worker_id), record])
 
-    def deregister(self, worker_id: str) -> None:
+    def deregister(self, worker_id: str, expired: bool = False) -> None:
+        """Drop a worker: it said goodbye, or (`expired`) it missed its heartbeats."""
         self._expires_at.pop(worker_id, None)
-        self._replace_all(r for r in self._workers.values() if r.worker_id != worker_id)
+        self._replace_all(
+            (r for r in self._workers.values() if r.worker_id != worker_id), (worker_id,) if expired else ()
+        )
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep(), name="registry-expiry")
@@ -122,7 +130,7 @@ class InProcessRegistry(Registry):
             expired = [worker_id for worker_id, deadline in self._expires_at.items() if deadline <= now]
             for worker_id in expired:
                 logger.warning("registry: worker %s missed its heartbeats; dropping it", worker_id)
-                self.deregister(worker_id)
+                self.deregister(worker_id, expired=True)
 
 
 class RegistryServicer(moe_grpc.WorkerRegistryServicer):

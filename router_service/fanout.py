@@ -5,6 +5,10 @@ batches then complete in the background. Every batch ends in exactly one of: del
 worker (a worker answers only after the gateway acknowledged the rows), retried on another
 replica of the same experts, or reported to the gateway as a failure delivery, so the gateway
 never waits for rows that will not come.
+
+A batch a replica sits on far longer than its recent calls took is hedged: sent to another replica
+too, the first delivery winning (router_service/stragglers.py). A batch waiting on a worker that the
+registry drops for missed heartbeats fails at once, and is retried like any failure.
 """
 
 from __future__ import annotations
@@ -16,14 +20,15 @@ import math
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import torch
 
 from moe_serve import codec
-from moe_serve.errors import ExpertUnavailable, MoEServeError, error_of, failure_of
+from moe_serve.errors import ExpertUnavailable, MoEServeError, ServiceUnavailable, error_of, failure_of
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
@@ -35,6 +40,7 @@ from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
 from router_service.planner import WorkerBatch, assign_workers, gather_rows, split_batch
 from router_service.retries import RetryBudget, backoff_s
+from router_service.stragglers import StragglerWatch
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +78,24 @@ class DispatchJob:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
 
+@dataclass(eq=False, slots=True)
+class _Flight:
+    """One call of a batch to one replica, and the hedge started if it ran late."""
+
+    worker_id: str
+    waiting: bool = True  # the call has not returned
+    settled: bool = False  # the rows were delivered, by this call or by its hedge
+    hedge: asyncio.Task[None] | None = None
+    interrupt: asyncio.Timeout | None = None  # rescheduled to now to stop waiting (the worker left)
+    interrupted_by: MoEServeError | None = None
+
+    def fail(self, error: MoEServeError) -> None:
+        """Stop waiting for the worker's answer: the call fails with `error`."""
+        if self.waiting and self.interrupt is not None and self.interrupted_by is None:
+            self.interrupted_by = error
+            self.interrupt.reschedule(asyncio.get_running_loop().time())
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -99,17 +123,21 @@ class Dispatcher:
         )
         self._outstanding_rows: dict[str, int] = defaultdict(int)
         self._quarantined_until: dict[str, float] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.stragglers = StragglerWatch()
+        self._flights: set[_Flight] = set()  # calls waiting for a worker's answer
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.rng = random.Random()
+        registry.add_listener(self._placement_changed)
 
     def outstanding_rows(self, worker: WorkerRecord) -> int:
         return self._outstanding_rows[worker.worker_id]
 
     def load(self, worker: WorkerRecord) -> float:
-        """Outstanding rows on a replica, as this router sees them (infinite while quarantined)."""
-        if self._quarantined_until.get(worker.worker_id, 0.0) > time.monotonic():
+        """Outstanding rows on a replica, as this router sees them (infinite while quarantined or suspect)."""
+        worker_id = worker.worker_id
+        if self._quarantined_until.get(worker_id, 0.0) > time.monotonic() or self.stragglers.is_suspect(worker_id):
             return math.inf
-        return self._outstanding_rows[worker.worker_id]
+        return self._outstanding_rows[worker_id]
 
     def idle(self) -> bool:
         """True when no routed request still has batches in flight."""
@@ -133,11 +161,15 @@ class Dispatcher:
         """
         self.retry_budget.earn()
         handed_off: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(self._send_all(job, batches, attempt=1, excluded=frozenset(), handed_off=handed_off))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = self._track(self._send_all(job, batches, attempt=1, excluded=frozenset(), handed_off=handed_off))
         task.add_done_callback(lambda _: _resolve(handed_off))
         return handed_off
+
+    def _track(self, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -167,7 +199,9 @@ class Dispatcher:
         attempt: int,
         excluded: frozenset[str],
         handed_off: asyncio.Future[None] | None = None,
-    ) -> None:
+        hedge_of: _Flight | None = None,
+    ) -> bool:
+        """Send every batch (in pieces within the message-size limit); True when all their rows are settled."""
         pieces = [piece for batch in batches for piece in split_batch(batch, self.max_rows_per_message(job, batch))]
         unwritten = len(pieces)
 
@@ -178,9 +212,9 @@ class Dispatcher:
                 _resolve(handed_off)
 
         if len(pieces) == 1:  # the common case at small T: no gather task between the rows and the wire
-            await self._send(job, pieces[0], attempt, excluded, written)
-        else:
-            await asyncio.gather(*(self._send(job, piece, attempt, excluded, written) for piece in pieces))
+            return await self._send(job, pieces[0], attempt, excluded, written, hedge_of)
+        sends = (self._send(job, piece, attempt, excluded, written, hedge_of) for piece in pieces)
+        return all(await asyncio.gather(*sends))
 
     async def _send(
         self,
@@ -189,12 +223,18 @@ class Dispatcher:
         attempt: int,
         excluded: frozenset[str],
         written: Callable[[], None] | None = None,
-    ) -> None:
+        hedge_of: _Flight | None = None,
+    ) -> bool:
+        """Have `batch.worker` compute and deliver `batch`: hedged if late, retried if it fails.
+
+        Returns True once nothing more is owed for these rows (delivered, here or by the hedge, or the
+        gateway no longer waits for them), False when they failed (see _give_up).
+        """
         timeout = job.remaining()
         if job.failed or (timeout is not None and timeout <= 0):
             if written is not None:
                 written()
-            return  # the gateway has already answered this request
+            return True  # the gateway has already answered this request
         worker_id = batch.worker.worker_id
         request = moe_pb2.ComputeRequest(
             request_id=job.request_id,
@@ -214,41 +254,126 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.wire("router_to_worker", "sent", payload)
         self._outstanding_rows[worker_id] += batch.num_rows
+        flight = _Flight(worker_id)
+        self._flights.add(flight)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        overdue_s = self.stragglers.overdue_after_s(worker_id, batch.num_rows)
+        watch = None  # no timer when the deadline comes first: a hedge could not beat it
+        if timeout is None or overdue_s < timeout:
+            watch = loop.call_at(started + overdue_s, self._overdue, job, batch, attempt, excluded, flight, overdue_s)
         try:
-            result = await self._workers.get(batch.worker.address).call(request, timeout, written)
+            async with asyncio.timeout(None) as flight.interrupt:
+                result = await self._workers.get(batch.worker.address).call(request, timeout, written)
             error = error_of(result.failure) if result.HasField("failure") else None
-            if error is None and self.hints is not None:
-                self.hints.record(batch.worker, job.layer, result)
+            if error is None:
+                self.stragglers.record(worker_id, loop.time() - started, batch.num_rows)
+                if self.hints is not None:
+                    self.hints.record(batch.worker, job.layer, result)
+            else:
+                self.stragglers.answered(worker_id)
         except MoEServeError as call_error:
             error = call_error
+        except TimeoutError:
+            if flight.interrupted_by is None:  # only flight.fail fires the interrupt
+                raise
+            error = flight.interrupted_by
         finally:
+            flight.waiting = False
+            self._flights.discard(flight)
+            if watch is not None:
+                watch.cancel()
             self._outstanding_rows[worker_id] -= batch.num_rows
         if error is None or error.status_code in ABANDON_CODES:
-            return
+            flight.settled = True  # delivered, or the gateway no longer waits: a failing hedge fails nothing
+        if flight.settled:
+            return True
+        if flight.hedge is not None and not flight.hedge.done():  # the hedge carries these rows on
+            await flight.hedge
+            return flight.settled
         if error.status_code in RETRYABLE_CODES:
             self._quarantined_until[worker_id] = time.monotonic() + QUARANTINE_S
             delay = backoff_s(attempt, self.rng)
             remaining = job.remaining()
             if attempt < self.max_attempts and (remaining is None or remaining > delay) and self.retry_budget.spend():
                 await asyncio.sleep(delay)
-                await self._retry(job, batch, attempt, excluded | {worker_id}, f"{error.status_code.name}: {error}")
-                return
+                reason = f"{error.status_code.name}: {error}"
+                return await self._retry(job, batch, attempt, excluded | {worker_id}, reason, hedge_of)
         error.message = (
             f"experts {list(batch.experts)} of layer {job.layer} failed on worker {worker_id} "
             f"after {attempt} attempt(s): {error.status_code.name}: {error.message}"
         )
-        await self._fail(job, error)
+        await self._give_up(job, error, hedge_of)
+        return False
+
+    def _overdue(
+        self,
+        job: DispatchJob,
+        batch: WorkerBatch,
+        attempt: int,
+        excluded: frozenset[str],
+        flight: _Flight,
+        overdue_s: float,
+    ) -> None:
+        """Timer: `batch` has waited `overdue_s` on its replica. Suspect the replica, hedge on another one."""
+        worker_id = batch.worker.worker_id
+        self.stragglers.suspect(worker_id)
+        remaining = job.remaining()
+        if job.failed or flight.settled or (remaining is not None and remaining <= 0):
+            return
+        segments = dict(zip(batch.experts, torch.split(batch.positions, list(batch.counts)), strict=True))
+        try:
+            hedges = self.assign(job.layer, segments, excluded | {worker_id})
+        except ExpertUnavailable:
+            return  # no other replica: the batch waits for this one, or for the registry to drop it
+        if not self.retry_budget.spend(counted=False):
+            return
+        logger.warning(
+            "request %s: worker %s has not answered within %.3f s (its bound for %d rows); hedging experts %s on %s",
+            job.request_id,
+            worker_id,
+            overdue_s,
+            batch.num_rows,
+            list(batch.experts),
+            ", ".join(b.worker.worker_id for b in hedges),
+        )
+        if self.metrics is not None:
+            self.metrics.hedged()
+        flight.hedge = self._track(self._hedge(job, hedges, attempt, excluded | {worker_id}, flight))
+
+    async def _hedge(
+        self, job: DispatchJob, batches: list[WorkerBatch], attempt: int, excluded: frozenset[str], late: _Flight
+    ) -> None:
+        if await self._send_all(job, batches, attempt + 1, excluded, hedge_of=late):
+            late.settled = True
+
+    def _placement_changed(self) -> None:
+        """Registry listener: what still waits on a worker that missed its heartbeats fails at once."""
+        self.stragglers.keep_only({record.worker_id for record in self.registry.workers()})
+        for record in self.registry.expired:
+            for flight in [f for f in self._flights if f.worker_id == record.worker_id]:
+                flight.fail(
+                    ServiceUnavailable(
+                        f"worker {record.worker_id} left the registry (missed heartbeats) with this batch outstanding"
+                    )
+                )
 
     async def _retry(
-        self, job: DispatchJob, batch: WorkerBatch, attempt: int, excluded: frozenset[str], reason: str
-    ) -> None:
+        self,
+        job: DispatchJob,
+        batch: WorkerBatch,
+        attempt: int,
+        excluded: frozenset[str],
+        reason: str,
+        hedge_of: _Flight | None,
+    ) -> bool:
         segments = dict(zip(batch.experts, torch.split(batch.positions, list(batch.counts)), strict=True))
         try:
             retry_batches = self.assign(job.layer, segments, excluded)
         except ExpertUnavailable as error:
             error.message = f"{error.message} (last failure: {reason})"
-            await self._fail(job, error)
-            return
+            await self._give_up(job, error, hedge_of)
+            return False
         logger.warning(
             "request %s: worker %s failed (%s); retrying experts %s on %s",
             job.request_id,
@@ -259,7 +384,17 @@ class Dispatcher:
         )
         if self.metrics is not None:
             self.metrics.retried()
-        await self._send_all(job, retry_batches, attempt + 1, excluded)
+        return await self._send_all(job, retry_batches, attempt + 1, excluded, hedge_of=hedge_of)
+
+    async def _give_up(self, job: DispatchJob, error: MoEServeError, hedge_of: _Flight | None) -> None:
+        """These rows cannot be delivered: the request fails, unless they hedge a late call that has
+        delivered them or may still."""
+        if hedge_of is not None and hedge_of.settled:
+            return
+        if hedge_of is not None and hedge_of.waiting:
+            logger.warning("request %s: a hedge failed (%s); the late call may still deliver", job.request_id, error)
+            return
+        await self._fail(job, error)
 
     async def _fail(self, job: DispatchJob, error: MoEServeError) -> None:
         """Tell the gateway the request cannot complete (at most once per request)."""

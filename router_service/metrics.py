@@ -1,5 +1,5 @@
 """The router's metrics: gating time, replicas per (layer, expert), dispatch retries (made and refused by the
-retry budget), bytes on the wire."""
+retry budget), hedges of late batches, bytes on the wire."""
 
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ class RouterMetrics:
             [lambda options: [Observation(self.retries, {"model": model})]],
             unit="{batch}",
             description="Worker batches retried on another replica",
+        )
+        # a batch late on its replica, sent to another one too (router_service/stragglers.py)
+        self.hedges = 0
+        meter.create_observable_counter(
+            "moe_serve.dispatch.hedges",
+            [lambda options: [Observation(self.hedges, {"model": model})]],
+            unit="{batch}",
+            description="Worker batches overdue on their replica and hedged on another one",
         )
         # a retryable failure the retry budget refused: the request failed at once instead
         self.retry_budget: RetryBudget | None = None
@@ -69,3 +77,6 @@ class RouterMetrics:
 
     def retried(self) -> None:
         self.retries += 1
+
+    def hedged(self) -> None:
+        self.hedges += 1

@@ -26,15 +26,16 @@ class RetryBudget:
     def earn(self) -> None:
         self.tokens = min(self.cap, self.tokens + self.ratio)
 
-    def spend(self) -> bool:
-        """Take one retry from the budget; False (and counted) when it is empty."""
+    def spend(self, counted: bool = True) -> bool:
+        """Take one retry (or hedge) from the budget; False when it is empty, counted in `denied` unless
+        not `counted` (a refused hedge fails nothing: the batch still waits on its first replica)."""
         now = time.monotonic()
         self.tokens = min(self.cap, self.tokens + (now - self._refilled_at) * self.floor_per_s)
         self._refilled_at = now
         if self.tokens >= 1:
             self.tokens -= 1
             return True
-        self.denied += 1
+        self.denied += counted
         return False
 
 

@@ -226,3 +226,43 @@ def test_redis_registry_routes_only_to_valid_signed_entries(redis_prefix: str) -
         await writer.aclose()
 
     asyncio.run(scenario())
+
+
+def test_in_process_registry_tells_expiry_from_deregistration() -> None:
+    async def scenario() -> None:
+        registry = InProcessRegistry()
+        seen: list[list[str]] = []
+        registry.add_listener(lambda: seen.append([r.worker_id for r in registry.expired]))
+        await registry.start()
+        registry.register(record("a", [0]), ttl_s=0.3)
+        registry.register(record("b", [1]), ttl_s=60)
+        registry.deregister("b")
+        await wait_until(lambda: not registry.workers(), timeout_s=2.0)
+        assert seen == [[], [], [], ["a"]]
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_redis_registry_tells_expiry_from_deregistration(redis_prefix: str) -> None:
+    async def scenario() -> None:
+        registry = RedisRegistry(REDIS_URL, redis_prefix, ttl_s=1.0)
+        seen: list[list[str]] = []
+        registry.add_listener(lambda: seen.append([r.worker_id for r in registry.expired]))
+        await registry.start()
+        leaving = RedisRegistration(REDIS_URL, redis_prefix, lambda: record("a", [0]), ttl_s=1.0)
+        crashing = RedisRegistration(REDIS_URL, redis_prefix, lambda: record("b", [1]), ttl_s=1.0)
+        await leaving.start()
+        await crashing.start()
+        await wait_until(lambda: len(registry.workers()) == 2, timeout_s=2.0)
+        await leaving.stop()
+        await wait_until(lambda: [r.worker_id for r in registry.workers()] == ["b"], timeout_s=2.0)
+        assert registry.expired == ()
+        assert crashing._task is not None
+        crashing._task.cancel()  # heartbeats stop; the entry expires
+        await wait_until(lambda: registry.workers() == [], timeout_s=3.0)
+        assert seen[-1] == ["b"] and all(not ids for ids in seen[:-1])
+        await crashing._client.aclose()
+        await registry.close()
+
+    asyncio.run(scenario())

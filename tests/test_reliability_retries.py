@@ -175,8 +175,9 @@ def two_replicas(checkpoints) -> Iterator[Callable[[float], ProcessStack]]:
 def test_replica_killed_under_load_is_retried_on_the_other_and_no_request_fails(
     two_replicas, checkpoints, reliability_record
 ) -> None:
-    """The victim is paused a moment (batches pile up on it), then SIGKILLed: its batches fail with
-    UNAVAILABLE and are retried on the survivor; its registration expires; no client sees an error."""
+    """The victim is paused a moment (batches pile up on it), then SIGKILLed: its batches, hedged on the
+    survivor once overdue or failing with UNAVAILABLE, are delivered by the survivor; its registration
+    expires; no client sees an error."""
     stack = two_replicas(victim_ttl_s=2.0)
     victim = next(w for w in stack.workers if w.ready["worker_id"] == "victim")
     blocks = reference_blocks(checkpoints(torch.float32), torch.float32)
@@ -194,14 +195,15 @@ def test_replica_killed_under_load_is_retried_on_the_other_and_no_request_fails(
         answered = outcome.answered
         wait_until(lambda: outcome.answered >= answered + 30, 30, "serving on the survivor")
     retried, denied = retry_counters(stack.router)
+    hedged = int(total(scrape(stack.router.ready["metrics_address"]), "moe_serve_dispatch_hedges_total"))
     elapsed_s = time.monotonic() - killed_at
 
     assert outcome.failures == []
     assert outcome.wrong == 0
-    assert retried >= 1  # the batches stuck on the victim were retried, not lost
+    assert retried + hedged >= 1  # the batches stuck on the victim were hedged or retried, not lost
     assert denied == 0
-    budget = RetryBudget()
-    assert retried <= budget.cap + budget.floor_per_s * elapsed_s
+    budget = RetryBudget()  # hedges and retries spend from the same budget (the pause came 0.5 s before the kill)
+    assert retried + hedged <= budget.cap + budget.floor_per_s * (elapsed_s + 0.5)
     recover_s = min(t for t in outcome.answered_at if t > killed_at) - killed_at
     reliability_record(
         "worker-killed",
@@ -213,6 +215,7 @@ def test_replica_killed_under_load_is_retried_on_the_other_and_no_request_fails(
         wrong_answers=outcome.wrong,
         recover_s=recover_s,
         batches_retried=retried,
+        batches_hedged=hedged,
         retries_denied=denied,
         registration_expired_after_s=expired_s,
         slowest_request_s=outcome.slowest_s,
