@@ -136,6 +136,22 @@ def print_offload_report(result: BenchResult, console: Console) -> None:
     console.print(table)
 
 
+def print_internal_auth_report(result: BenchResult, console: Console) -> None:
+    r = result.internal_auth
+    if not r:
+        return
+    table = Table(
+        title="authenticated internal hops: p50 round trip (µs) against an echo process, and cost over plaintext"
+    )
+    shapes = list(r["p50_us"]["plaintext"])
+    for column in ("mode", *shapes):
+        table.add_column(column.replace("_", " ") + " B")
+    for mode, figures in r["p50_us"].items():
+        extra = r["cost_over_plaintext_us"].get(mode, {})
+        table.add_row(mode, *(f"{figures[s]:.0f}" + (f" ({extra[s]:+.0f})" if s in extra else "") for s in shapes))
+    console.print(table)
+
+
 def print_rayserve_report(result: BenchResult, console: Console) -> None:
     r, ratios = result.rayserve, result.ratios
     if not r:
@@ -226,3 +242,4 @@ def bench_report(result: BenchResult, console: Console) -> None:
     print_routing_report(result, console)
     print_replication_report(result, console)
     print_offload_report(result, console)
+    print_internal_auth_report(result, console)

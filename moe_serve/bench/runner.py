@@ -45,7 +45,8 @@ T1_DISTINCT_TOKENS = 64
 VERIFY_TOKENS = 64
 
 
-GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity"})
+# sections that run with device cuda (auth times gRPC hops alone, on any machine)
+GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity", "auth"})
 
 
 @dataclass
@@ -64,7 +65,7 @@ class BenchConfig:
     # measurements alternate between reference, served and echo in this many rounds
     rounds: int = 5
     # optional sections after the core comparison
-    sections: tuple[str, ...] = ("rayserve", "sweep", "concurrency", "capacity", "replication", "offload")
+    sections: tuple[str, ...] = ("rayserve", "sweep", "concurrency", "capacity", "replication", "offload", "auth")
     # rayserve: concurrent callers at this T, each sending this many requests over all rounds
     rayserve_tokens: int = 256
     rayserve_clients: int = 4
@@ -111,6 +112,8 @@ class BenchResult:
     pipelining: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     # device cuda only: tokens/s as TFLOP/s and as a fraction of the GPU's measured matmul peak
     gpu: dict[str, Any] = field(default_factory=dict)
+    # what authenticating internal hops costs per message: cluster token against mutual TLS (bench.auth_cost)
+    internal_auth: dict[str, Any] = field(default_factory=dict)
     # raw T=1 latencies (ms) per subject, for the latency CDF plot
     t1_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
@@ -460,6 +463,10 @@ def run_bench(config: BenchConfig) -> BenchResult:
         echo.stop()
         stack.stop()
         ray.shutdown()
+    if "auth" in config.sections:
+        from moe_serve.bench.auth_cost import measure as measure_auth_cost
+
+        result.internal_auth = measure_auth_cost(rounds=config.rounds)
     if {"replication", "offload"} & set(config.sections):
         init_ray(log_to_driver=False)  # a fresh local Ray: these sections start stacks of their own
         try:

@@ -83,10 +83,9 @@ def bench(
         str,
         typer.Option(
             help="Extra sections, comma-separated: rayserve, sweep, concurrency, capacity, replication, offload, "
-            "pipelining "
-            "('' for none)."
+            "auth (cluster token against mutual TLS per internal message), pipelining ('' for none)."
         ),
-    ] = "rayserve,sweep,concurrency,capacity,replication,offload",
+    ] = "rayserve,sweep,concurrency,capacity,replication,offload,auth",
     output_dir: Annotated[Path, typer.Option(help="Where the JSON results and PNG plots go.")] = Path(
         "benchmarks/results"
     ),
