@@ -130,7 +130,7 @@ def test_offloaded_experts_give_exact_answers_within_the_budget(checkpoints) -> 
                 assert name in metrics, name
         # and shown by `moe-serve top`, read from the gateway's live state
         console = Console(record=True, width=200)
-        console.print(render(gateway_source(gateway.ready["delivery_address"])()))
+        console.print(render(gateway_source(gateway.ready["delivery_address"], internal_credentials())()))
         view = console.export_text()
         assert "expert offloading" in view and all(w.ready["worker_id"] in view for w in workers)
 

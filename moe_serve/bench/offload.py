@@ -30,6 +30,7 @@ from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
+from moe_serve.security import open_channel
 
 COUNTERS = ("hits", "misses", "bytes_moved", "load_seconds", "evictions", "prefetched")
 
@@ -63,7 +64,7 @@ def trace(checkpoint: Checkpoint, kind: str, passes: int, tokens: int, seed: int
 def worker_counters(stack: Stack) -> dict[str, float]:
     totals = dict.fromkeys(COUNTERS, 0.0)
     for record in stack.workers:
-        with grpc.insecure_channel(record.address) as channel:
+        with open_channel(record.address, [], stack.credentials) as channel:
             info = moe_grpc.ExpertWorkerStub(channel).Describe(moe_pb2.DescribeWorkerRequest(), timeout=10)
         state = WorkerRecord.from_proto(info).offload
         for name in COUNTERS:
