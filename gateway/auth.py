@@ -22,9 +22,9 @@ import grpc
 from grpc import aio
 
 from moe_serve.errors import quoted
+from moe_serve.security import OPEN_SERVICES, refusal_handler
 
 logger = logging.getLogger(__name__)
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ALL_MODELS = "*"
 
 
@@ -107,8 +107,7 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
         grant = self.tokens.grant_for(token) if token else None
         if grant is None:
             reason = "an unknown bearer token" if token else "no 'authorization: Bearer <token>' metadata"
-            return _refusal(
-                handler,
+            return refusal_handler(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{details.method} needs a valid bearer token; the call had {reason}",
             )
@@ -161,22 +160,3 @@ def _authorized_stream(
         await streaming(checked(), context)
 
     return call
-
-
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that answers `code` without reading the request."""
-
-    async def refuse_unary(_request: Any, context: aio.ServicerContext) -> Any:
-        await context.abort(code, message)
-
-    async def refuse_stream(_requests: Any, context: aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    # raw bytes are never decoded: a refusal does not depend on what the caller sent
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(refuse_unary, response_serializer=handler.response_serializer)
-    if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(refuse_stream, response_serializer=handler.response_serializer)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(refuse_stream, response_serializer=handler.response_serializer)
-    return grpc.stream_unary_rpc_method_handler(refuse_stream, response_serializer=handler.response_serializer)

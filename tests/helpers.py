@@ -215,6 +215,16 @@ def worker_load(worker_address: str) -> moe_pb2.WorkerLoad:
         return moe_grpc.ExpertWorkerStub(channel).Describe(moe_pb2.DescribeWorkerRequest(), timeout=10).load
 
 
+class FakeClock:
+    """Stands in for the `time` module of code under test (monkeypatched): `monotonic()` is `now`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
 def wait_until(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.02) -> float:
     """Poll `condition` until true; returns the seconds it took, fails the test after `timeout_s`."""
     started = time.monotonic()

@@ -35,6 +35,7 @@ from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from router_service import retries
 from router_service.retries import RetryBudget, backoff_s
 from tests.helpers import (
+    FakeClock,
     ProcessStack,
     gateway_stats,
     infer_request,
@@ -54,14 +55,6 @@ from tests.test_reliability_shutdown import client_load, exact
 from tests.test_telemetry import scrape, total
 
 # ------------------------------------------------------------------ the policy, with a fake clock
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -15,15 +15,8 @@ from router_service import stragglers
 from router_service.fanout import Dispatcher
 from router_service.planner import choose_replica
 from router_service.stragglers import FLOOR_S, MIN_SAMPLES, MULTIPLE, REFRESH_EVERY, WINDOW, StragglerWatch
+from tests.helpers import FakeClock
 from tests.test_registry import record
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 @pytest.fixture
