@@ -132,7 +132,13 @@ def test_router_registry_keeps_known_workers_for_a_ttl_when_redis_comes_back_emp
     url = f"redis://127.0.0.1:{port}/0"
 
     def record(worker_id: str) -> WorkerRecord:
-        return WorkerRecord(worker_id=worker_id, address=f"127.0.0.1:{port + 1}", experts=(ExpertKey(0, 0),))
+        return WorkerRecord(
+            worker_id=worker_id,
+            address=f"127.0.0.1:{port + 1}",
+            experts=(ExpertKey(0, 0),),
+            weights_version="0123456789abcdef",
+            compute_datatype="FP32",
+        )
 
     async def until_true(action) -> None:
         # the first command on a connection that Redis dropped fails; the next one reconnects
