@@ -49,8 +49,6 @@ def worker_addresses(router_address: str) -> dict[str, str]:
 
 
 def wait_for_workers(router_address: str, expected: list[str], timeout_s: float = 3.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while registered_workers(router_address) != expected:
         assert time.monotonic() < deadline, f"router sees {registered_workers(router_address)}, want {expected}"
