@@ -22,7 +22,7 @@ import grpc
 from grpc import aio
 
 from moe_serve.errors import quoted
-from moe_serve.security import OPEN_SERVICES, refusal_handler
+from moe_serve.security import CallerCheck, refusal_handler
 
 logger = logging.getLogger(__name__)
 ALL_MODELS = "*"
@@ -89,20 +89,13 @@ def requested_model(request: Any) -> str | None:
     return None
 
 
-class BearerTokenInterceptor(aio.ServerInterceptor):
+class BearerTokenInterceptor(CallerCheck):
     """Checks the bearer token of every call (but health and reflection), then the model it names."""
 
     def __init__(self, tokens: TokenTable) -> None:
         self.tokens = tokens
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_SERVICES):
-            return handler
+    def check(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         token = bearer_token(details.invocation_metadata)
         grant = self.tokens.grant_for(token) if token else None
         if grant is None:

@@ -205,12 +205,9 @@ class ClusterCredentials:
 INSECURE_INTERNAL = ClusterCredentials()
 
 
-class ClusterTokenInterceptor(aio.ServerInterceptor):
-    """Refuses (UNAUTHENTICATED) every call but health and reflection that lacks the cluster token,
-    before its request is read."""
-
-    def __init__(self, token: str) -> None:
-        self._token = token.encode()
+class CallerCheck(aio.ServerInterceptor):
+    """Base of the interceptors that decide who may call: every call but health and reflection (and
+    unknown methods, which gRPC answers UNIMPLEMENTED) goes through `check`."""
 
     async def intercept_service(
         self,
@@ -220,6 +217,21 @@ class ClusterTokenInterceptor(aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(OPEN_SERVICES):
             return handler
+        return self.check(handler, details)
+
+    def check(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        """`handler` when the caller may call it, else a refusal (see refusal_handler)."""
+        raise NotImplementedError
+
+
+class ClusterTokenInterceptor(CallerCheck):
+    """Refuses (UNAUTHENTICATED) every call but health and reflection that lacks the cluster token,
+    before its request is read."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def check(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         offered = next((v for k, v in details.invocation_metadata or () if k == CLUSTER_TOKEN_METADATA), None)
         if isinstance(offered, str) and hmac.compare_digest(offered.encode(), self._token):
             return handler
