@@ -28,7 +28,13 @@ from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings, WorkerPoolSettings
 from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, new_cluster_secret, open_channel
+from moe_serve.security import (
+    CLUSTER_SECRET_ENV,
+    ClusterCredentials,
+    given_secret,
+    new_cluster_secret,
+    open_channel,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +173,7 @@ class Stack:
 def with_cluster_secret(settings: UpSettings) -> UpSettings:
     """`settings` with a fresh cluster secret, unless one is given or internal security is off:
     every `moe-serve up` authenticates its internal hops with credentials of its own."""
-    given = settings.cluster_secret is not None and settings.cluster_secret.get_secret_value()
-    if given or settings.cluster_secret_file or settings.insecure_internal:
+    if given_secret(settings) or settings.cluster_secret_file or settings.insecure_internal:
         return settings
     return settings.model_copy(update={"cluster_secret": SecretStr(new_cluster_secret())})
 

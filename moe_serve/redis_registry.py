@@ -95,7 +95,7 @@ class RedisRegistry(Registry):
     def _accepted(self, keys: list[bytes], values: list[bytes | None], now: float) -> list[WorkerRecord]:
         """The records of the entries that pass the policy; for one that fails, the last good record
         of that worker while its signed expiry has not passed."""
-        records, trusted = [], {}
+        records, trusted, refused = [], {}, set()
         id_offset = len(worker_key(self.prefix, ""))
         for key, value in zip(keys, values, strict=True):
             if value is None:  # expired between SCAN and MGET
@@ -104,13 +104,16 @@ class RedisRegistry(Registry):
             try:
                 record, expires_at = self.policy.verify(value, worker_id, now)
             except RejectedRecord as rejection:
-                self.refused(f"Redis entry {key.decode(errors='replace')[:120]!r}", rejection)
+                source = f"Redis entry {key.decode(errors='replace')[:120]!r}"
+                self.refused(source, rejection)
+                refused.add(source)
                 record, expires_at = self._trusted.get(worker_id, (None, 0.0))
                 if record is None or expires_at < now:
                     continue
             trusted[worker_id] = (record, expires_at)
             records.append(record)
         self._trusted = trusted
+        self.forget_refusals(refused)
         return records
 
     async def _follow(self) -> None:

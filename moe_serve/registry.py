@@ -68,11 +68,17 @@ class Registry:
         """Stop following; the last snapshot stays readable."""
 
     def refused(self, source: str, rejection: RejectedRecord) -> None:
-        """Count a refused record and warn, once until what `source` holds changes."""
+        """Count a refused record and warn, once until what `source` holds changes (`forget_refusals`
+        keeps that memory to the sources still refused)."""
         self.policy.rejected[rejection.reason] += 1
         if self._refusals.get(source) != rejection.message:
             self._refusals[source] = rejection.message
             logger.warning("registry: ignoring %s: %s", source, rejection.message)
+
+    def forget_refusals(self, keep: set[str]) -> None:
+        """Forget the refusals of sources not in `keep` (entries gone from Redis): a stranger writing
+        ever new keys must not grow this memory without bound."""
+        self._refusals = {source: message for source, message in self._refusals.items() if source in keep}
 
     def _replace_all(self, records: Iterable[WorkerRecord], expired: Collection[str] = ()) -> None:
         """Make `records` the current workers; `expired` names those dropped for missing heartbeats."""

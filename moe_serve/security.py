@@ -134,6 +134,12 @@ def read_secret_file(path: Path) -> str:
     return text
 
 
+def given_secret(settings: Any) -> str:
+    """The secret set directly (MOE_SERVE_CLUSTER_SECRET), "" when none: an empty value counts as
+    unset (Compose passes MOE_SERVE_CLUSTER_SECRET= when the shell has none)."""
+    return settings.cluster_secret.get_secret_value() if settings.cluster_secret is not None else ""
+
+
 def _derive(secret: bytes, purpose: str) -> bytes:
     """One key per use, so a token seen on the wire cannot sign registry records."""
     return hmac.new(secret, f"moe-serve/{purpose}/v1".encode(), hashlib.sha256).digest()
@@ -157,8 +163,7 @@ class ClusterCredentials:
         Raises ValueError, with what to set, when there is no secret and insecure_internal is off.
         """
         tls = InternalTLS.from_settings(settings)
-        # an empty value counts as unset (Compose passes MOE_SERVE_CLUSTER_SECRET= when the shell has none)
-        secret = settings.cluster_secret.get_secret_value() if settings.cluster_secret is not None else ""
+        secret = given_secret(settings)
         if not secret and settings.cluster_secret_file is not None:
             secret = read_secret_file(settings.cluster_secret_file)
         if settings.insecure_internal:

@@ -221,6 +221,10 @@ def test_redis_registry_routes_only_to_valid_signed_entries(redis_prefix: str) -
         assert set(registry.policy.rejected) == {"bad_signature", "invalid", "malformed"}
         # past the good record's signed expiry (2 s) the worker is gone: nothing forged took its place
         await wait_until(lambda: registry.workers() == [], timeout_s=5.0)
+        # the forged entries removed: nothing of them is remembered (a stranger's keys cannot grow it)
+        await writer.delete(*(worker_key(redis_prefix, worker_id) for worker_id in [*forged, "real"]))
+        await registry.refresh()
+        assert registry._refusals == {}
         await real._client.aclose()
         await registry.close()
         await writer.aclose()
