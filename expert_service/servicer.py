@@ -141,12 +141,14 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
                 outputs = await self._compute_segments(segments, rows, deadline)
             if outputs is None:  # expired while queued behind other work: nothing was computed
                 self._abandon(request)
-            accepted = await self._deliver(request, outputs, deadline)
+            if request.reply_with_rows:  # the router is in the gateway's process: the rows ride the reply
+                result = self._reply_with_rows(request, outputs)
+            else:
+                result = moe_pb2.ComputeResult(rows_delivered=await self._deliver(request, outputs, deadline))
         finally:
             self.load.finished(rows.shape[0])
             for key, count in segments:
                 self._inflight_by_expert[key] -= count
-        result = moe_pb2.ComputeResult(rows_delivered=accepted)
         if self.store.offloading:
             result.resident_experts.extend(k.expert for k in self.store.tier.resident() if k.layer == request.layer)
         return result
@@ -229,6 +231,12 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             f"request {request.request_id} expired before worker {self.identity.worker_id} "
             "got to it; its rows were abandoned"
         )
+
+    def _reply_with_rows(self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor) -> moe_pb2.ComputeResult:
+        result = moe_pb2.ComputeResult(rows_delivered=outputs.shape[0], positions=request.positions)
+        payload = codec.fill_proto(result.rows, outputs) + codec.payload_bytes(request.positions)
+        self.metrics.wire("worker_to_gateway", "sent", payload)
+        return result
 
     async def _deliver(self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, deadline: float | None) -> int:
         self._abandon_if_expired(request, deadline)

@@ -1,9 +1,10 @@
 """The gateway's request path, free of KServe protobuf: admit, batch, route, collect, combine.
 
 One dispatch batch (one request, or several concurrent ones when cross-request batching is on):
-the capacity policy turns into a per-expert limit over the batch; the router gets the hidden
-states and answers with the routing plan while it fans the rows out; workers deliver expert
-outputs straight here; the combine step reduces them, and each request gets its own rows back.
+the capacity policy turns into a per-expert limit over the batch; the router (a service, or inside
+this process: gateway/routing.py) gets the hidden states and answers with the routing plan while it
+fans the rows out; workers deliver expert outputs straight here; the combine step reduces them, and
+each request gets its own rows back.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ from gateway.converters import OUTPUT_NAME, InferenceRequest, InferenceResult
 from gateway.deliveries import PendingRequest, PendingRequests
 from gateway.live_state import LoadWindow
 from gateway.model import ServedModel
+from gateway.routing import Plan, Router
 from gateway.stats import ExpertCounters
-from moe_serve import codec
-from moe_serve.errors import DeadlineExceeded, Overloaded, ServiceUnavailable, error_of
+from moe_serve.errors import DeadlineExceeded, Overloaded, ServiceUnavailable
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
-from moe_serve.streams import StreamClient
 from moe_serve.telemetry import inject_context
 
 
@@ -37,7 +37,7 @@ class DataPlane:
     def __init__(
         self,
         model: ServedModel,
-        router: StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan],
+        router: Router,
         model_info: Callable[[], Awaitable[moe_pb2.ModelInfo]],
         admission: AdmissionController,
         pending: PendingRequests,
@@ -50,14 +50,12 @@ class DataPlane:
         max_inflight_rows_per_replica: int = 0,
         batch_window_s: float = 0.0,
         max_batch_tokens: int = 8192,
-        max_message_bytes: int = 0,
         pipeline_chunk_tokens: int = 0,
     ) -> None:
         self.model, self.router, self._model_info = model, router, model_info
         self.admission, self.pending, self.delivery_address = admission, pending, delivery_address
         self.policy, self.counters, self.window, self.tracer, self.wire = policy, counters, window, tracer, wire
         self.max_inflight_rows_per_replica = max_inflight_rows_per_replica
-        self.max_message_bytes = max_message_bytes  # the hops' limit; 0 = not known here, not checked
         self.pipeline_chunk_tokens = pipeline_chunk_tokens
         self.draining = False  # set on shutdown: new requests are refused, admitted ones finish
         self.batcher = (
@@ -145,16 +143,13 @@ class DataPlane:
                 plan = await self._route(
                     batch_id, requests[0].layer, hidden, "router_logits" in wanted, deadline, sequence_id
                 )
-            pending.expect(int(plan.expected_rows))
+            pending.expect(plan.expected_rows)
             with self.tracer.start_as_current_span("gateway.collect"):
                 await self._wait(pending, deadline)
         finally:
             self.pending.close(batch_id)
         with self.tracer.start_as_current_span("gateway.combine"):
-            weights = codec.from_proto(plan.expert_weights, "expert_weights")
-            output = pending.buffer.combine(
-                weights, codec.from_proto(plan.shared_weights, "shared_weights"), model.weights_in_activation_dtype
-            )
+            output = pending.buffer.combine(plan.expert_weights, plan.shared_weights, model.weights_in_activation_dtype)
         # statistics wait until the answer is on its way: they are not on the request's critical path
         asyncio.get_running_loop().call_soon(self._count, requests[0].layer, plan, hidden.shape[0])
         return self._split(requests, output, plan, dispatched_at)
@@ -167,7 +162,7 @@ class DataPlane:
         with_logits: bool,
         deadline: float,
         sequence_id: str = "",
-    ) -> moe_pb2.RoutePlan:
+    ) -> Plan:
         model = self.model
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -185,37 +180,7 @@ class DataPlane:
             sequence_id=sequence_id,
         )
         inject_context(route_request.trace_context)
-        self._check_message_size(route_request, hidden)
-        self.wire("gateway_to_router", "sent", codec.fill_proto(route_request.hidden_states, hidden))
-        try:
-            plan = await self.router.call(route_request, remaining)
-        except ServiceUnavailable as error:
-            raise ServiceUnavailable(f"router unreachable: {error.message}") from None
-        if plan.HasField("failure"):
-            raise error_of(plan.failure)
-        return plan
-
-    def _check_message_size(self, request: moe_pb2.RouteRequest, hidden: torch.Tensor) -> None:
-        """Refuse a batch whose message to the router would exceed the hops' limit.
-
-        Refused here, before writing: an oversized message would break the router stream that
-        every concurrent request shares. A 16-bit input computed in FP32 doubles in size on this hop.
-        `request` has every field but the hidden states, whose encoded size is added exactly
-        (the size of the whole message would cost a serialization: 1 ms per 8 MiB).
-        """
-        if not self.max_message_bytes:
-            return
-        size = request.ByteSize() + codec.embedded_size(hidden)
-        if size <= self.max_message_bytes:
-            return
-        per_token = hidden.shape[1] * hidden.element_size()
-        fits = max(1, (self.max_message_bytes - (size - hidden.shape[0] * per_token)) // per_token)
-        raise Overloaded(
-            f"{hidden.shape[0]} tokens need a {size}-byte message to the router (hidden states in "
-            f"{codec.datatype_name(hidden.dtype)}), more than max_message_bytes={self.max_message_bytes}; "
-            f"send at most {fits} tokens per request",
-            reason="message_size",
-        )
+        return await self.router.route(route_request, hidden, remaining)
 
     @staticmethod
     async def _wait(pending: PendingRequest, deadline: float) -> None:
@@ -228,21 +193,21 @@ class DataPlane:
                 f"deadline passed with {received} of {pending.expected_rows} expert rows delivered"
             ) from None
 
-    def _count(self, layer: int, plan: moe_pb2.RoutePlan, num_tokens: int) -> None:
-        expert_ids = codec.from_proto(plan.expert_ids, "expert_ids")
-        kept = ~codec.from_proto(plan.dropped, "dropped")
+    def _count(self, layer: int, plan: Plan, num_tokens: int) -> None:
+        kept = ~plan.dropped
+        dropped_per_expert, rerouted_per_expert = plan.overflow_counts()
         routed = self.counters.record(
             layer,
-            expert_ids,
+            plan.expert_ids,
             kept,
             num_tokens * self.model.num_shared_slots,
-            codec.from_proto(plan.dropped_per_expert, "dropped_per_expert"),
-            codec.from_proto(plan.rerouted_per_expert, "rerouted_per_expert"),
+            dropped_per_expert,
+            rerouted_per_expert,
         )
-        self.window.record_dispatch(layer, routed, int((~kept).sum()), kept.numel())
+        self.window.record_dispatch(layer, routed, int(plan.dropped.sum()), kept.numel())
 
     def _split(
-        self, requests: list[InferenceRequest], output: torch.Tensor, plan: moe_pb2.RoutePlan, dispatched_at: float
+        self, requests: list[InferenceRequest], output: torch.Tensor, plan: Plan, dispatched_at: float
     ) -> list[InferenceResult]:
         """Each request's rows of the batch outputs, by its token range."""
         batch_tensors = {
@@ -251,8 +216,7 @@ class DataPlane:
             "expert_weights": plan.expert_weights,
             "dropped_mask": plan.dropped,
         }
-        dropped = codec.from_proto(plan.dropped, "dropped")
-        rerouted = codec.from_proto(plan.rerouted, "rerouted")
+        dropped, rerouted = plan.dropped, plan.rerouted
         results, start = [], 0
         for request in requests:
             rows = slice(start, start + request.num_tokens)
@@ -262,7 +226,7 @@ class DataPlane:
                 if name == OUTPUT_NAME:
                     tensors[name] = output[rows].to(request.hidden_states.dtype)
                 else:
-                    tensors[name] = codec.from_proto(batch_tensors[name], name)[rows]
+                    tensors[name] = batch_tensors[name][rows]
             results.append(
                 InferenceResult(
                     tensors=tensors,

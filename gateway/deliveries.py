@@ -73,6 +73,15 @@ class PendingRequests:
             raise RequestNotFound(f"request {request_id!r} is not pending here (finished, cancelled or expired)")
         return pending
 
+    # the embedded router hands rows and failures over here, with no delivery message (fanout.LocalDelivery)
+    def deliver(self, request_id: str, positions: torch.Tensor, rows: torch.Tensor) -> int:
+        return self.get(request_id).add_rows(positions, rows)
+
+    def fail(self, request_id: str, error: MoEServeError) -> None:
+        pending = self._requests.get(request_id)
+        if pending is not None:
+            pending.fail(error)
+
 
 class DeliveryServicer(moe_grpc.DeliveryServiceServicer):
     """Internal endpoint where workers (and the router, for failures) deliver to this gateway."""

@@ -20,11 +20,12 @@ from gateway.live_state import LiveState, LiveStatePublisher, LoadWindow
 from gateway.metrics import GatewayMetrics
 from gateway.model import ServedModel
 from gateway.readiness import LIVENESS_SERVICE, ReadinessHealthServicer, ReadinessMonitor
+from gateway.routing import EmbeddedRouter, RemoteRouter
 from gateway.servicer import InferenceServicer
 from gateway.stats import ExpertCounters, GatewayAdminServicer
 from moe_serve.allocator import settle_startup_memory, tune_allocator
 from moe_serve.channels import StubPool
-from moe_serve.config import GatewaySettings
+from moe_serve.config import GatewaySettings, embedded_router_settings
 from moe_serve.errors import ConfigurationError
 from moe_serve.grpc_utils import (
     add_health_and_reflection,
@@ -42,6 +43,7 @@ from moe_serve.registry import WorkerRecord
 from moe_serve.security import ClusterCredentials, PublicTLS
 from moe_serve.streams import StreamClient
 from moe_serve.telemetry import Telemetry
+from router_service.server import RouterService
 
 logger = logging.getLogger(__name__)
 PUBLIC_SERVICE = "inference.GRPCInferenceService"
@@ -92,7 +94,8 @@ class GatewayService:
         self.settings = settings
         self.public_server: aio.Server | None = None
         self.delivery_server: aio.Server | None = None
-        self.address = self.delivery_address = ""
+        self.address = self.delivery_address = self.router_address = ""
+        self.embedded: RouterService | None = None  # the router, when it runs in this process
 
     async def start(self) -> str:
         settings = self.settings
@@ -102,21 +105,18 @@ class GatewayService:
             tokens = TokenTable.load(settings.auth_tokens_file) if settings.auth_tokens_file else None
         except ValueError as error:
             raise ConfigurationError(str(error)) from None
-        self._routers = StubPool(moe_grpc.RouterStub, settings.max_message_bytes, internal)
-        router = self._routers.get(settings.router_address)
-        info = await fetch_model_info(router, settings.router_address, settings.startup_timeout_s)
-        self._route_stream: StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan] = StreamClient(
-            settings.router_address,
-            lambda channel: moe_grpc.RouterStub(channel).RouteStream,
-            settings.max_message_bytes,
-            internal,
-        )
-        model = ServedModel.from_info(info, settings.model_name)
-        host = advertised_host(settings.host, settings.advertise_host)
-
         self.telemetry = Telemetry("moe-serve-gateway", settings.metrics_port, settings.host)
         tracer = self.telemetry.tracer
         self.pending = PendingRequests()
+        self.router_address = settings.router_address
+        if settings.embedded_router:
+            self.embedded = RouterService(embedded_router_settings(settings), self.telemetry)
+            self.router_address = await self.embedded.start()
+        self._routers = StubPool(moe_grpc.RouterStub, settings.max_message_bytes, internal)
+        router = self._routers.get(self.router_address)
+        info = await fetch_model_info(router, self.router_address, settings.startup_timeout_s)
+        model = ServedModel.from_info(info, settings.model_name)
+        host = advertised_host(settings.host, settings.advertise_host)
         self.delivery_server, delivery_port = create_server(
             settings.host,
             settings.delivery_port,
@@ -139,12 +139,23 @@ class GatewayService:
         metrics = GatewayMetrics(
             self.telemetry, model.name, self.counters, window, lambda: self.admission.inflight_tokens
         )
+        self.router: RemoteRouter | EmbeddedRouter
+        if self.embedded is not None:
+            self.router = EmbeddedRouter(self.embedded.servicer, self.pending)
+        else:
+            stream: StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan] = StreamClient(
+                settings.router_address,
+                lambda channel: moe_grpc.RouterStub(channel).RouteStream,
+                settings.max_message_bytes,
+                internal,
+            )
+            self.router = RemoteRouter(stream, settings.max_message_bytes, metrics.wire)
         policy = CapacityPolicy.resolve(
             settings.capacity_factor, settings.expert_capacity, settings.overflow, model.default_expert_capacity
         )
         self.dataplane = DataPlane(
             model,
-            self._route_stream,
+            self.router,
             lambda: router.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=2.0),
             self.admission,
             self.pending,
@@ -158,7 +169,6 @@ class GatewayService:
             batch_window_s=settings.batch_window_ms / 1000,
             max_batch_tokens=settings.max_batch_tokens,
             pipeline_chunk_tokens=settings.pipeline_chunk_tokens,
-            max_message_bytes=settings.max_message_bytes,
         )
         self.max_request_bytes = largest_request_bytes(settings, model)
         self.public_server, port = create_server(
@@ -227,10 +237,12 @@ class GatewayService:
             await self.public_server.stop(0)
         if self.delivery_server is not None:
             await self.delivery_server.stop(0)
+        if self.embedded is not None:  # after the gateway: its last requests' batches finish first
+            await self.embedded.stop(grace_s)
         if self.publisher is not None:
             await self.publisher.stop()
         self.telemetry.shutdown()
-        await self._route_stream.close()
+        await self.router.close()
         await self._routers.close()
 
 
@@ -243,6 +255,8 @@ async def serve(settings: GatewaySettings) -> None:
         "gateway",
         address=address,
         delivery_address=service.delivery_address,
+        # workers register here, and tools find the router here, when it runs in the gateway
+        **({"router_address": service.router_address} if service.embedded is not None else {}),
         model=service.dataplane.model.name,
         metrics_address=service.telemetry.metrics_address,
     )

@@ -15,6 +15,9 @@ import torch
 
 from moe_serve.errors import InvalidInput
 
+# a delivery of at most this many rows is placed row by row (T=1 decode: one row per expert)
+FEW_ROWS = 8
+
 
 class CombineBuffer:
     """Receives expert rows for one request, in any order, each slot at most once.
@@ -26,7 +29,9 @@ class CombineBuffer:
     def __init__(self, num_tokens: int, slots_per_token: int, hidden_size: int, dtype: torch.dtype) -> None:
         self.num_tokens, self.slots_per_token, self.hidden_size = num_tokens, slots_per_token, hidden_size
         self.contributions = torch.zeros(num_tokens * slots_per_token, hidden_size, dtype=dtype)
-        self._filled = torch.zeros(num_tokens * slots_per_token, dtype=torch.bool)
+        # one flag per slot, read by Python for a few rows and through a tensor view for many
+        self._filled_flags = bytearray(num_tokens * slots_per_token)
+        self._filled = torch.frombuffer(self._filled_flags, dtype=torch.bool)
         self.rows_filled = 0
 
     def add(self, positions: torch.Tensor, rows: torch.Tensor) -> int:
@@ -42,6 +47,8 @@ class CombineBuffer:
                 f"delivery rows are {rows.dtype} [*, {rows.shape[1]}], expected "
                 f"{self.contributions.dtype} [*, {self.hidden_size}]"
             )
+        if positions.numel() <= FEW_ROWS:
+            return self._add_few(positions.tolist(), rows)
         positions = positions.long()
         if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self._filled.numel()):
             raise InvalidInput(f"delivery positions outside [0, {self._filled.numel()})")
@@ -54,6 +61,22 @@ class CombineBuffer:
         self._filled[positions] = True
         self.rows_filled += int(positions.numel())
         return int(positions.numel())
+
+    def _add_few(self, slots: list[int], rows: torch.Tensor) -> int:
+        """`add` for a decode step's few rows: Python checks instead of a dozen small tensor ops."""
+        flags = self._filled_flags
+        if any(slot < 0 or slot >= len(flags) for slot in slots):
+            raise InvalidInput(f"delivery positions outside [0, {len(flags)})")
+        if len(set(slots)) != len(slots):
+            raise InvalidInput("delivery names the same slot twice")
+        added = 0
+        for index, slot in enumerate(slots):
+            if not flags[slot]:
+                self.contributions[slot] = rows[index]
+                flags[slot] = 1
+                added += 1
+        self.rows_filled += added
+        return added
 
     def combine(
         self,

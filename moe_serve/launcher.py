@@ -330,9 +330,10 @@ def autoscale_policy(settings: WorkerPoolSettings) -> dict[str, float] | None:
 
 
 def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -> Stack:
-    """Start the router (it hosts the registry unless Redis does), then the gateway and the worker
-    actors (through a deployment controller; Ray must be initialised) side by side; return once every
-    expert has a replica and the gateway listens.
+    """Start the router (it hosts the registry unless Redis does; with settings.router "embedded" it
+    runs inside the gateway), then the gateway and the worker actors (through a deployment
+    controller; Ray must be initialised) side by side; return once every expert has a replica and
+    the gateway listens.
 
     The gateway may start before the workers: it reports not ready until the router does, and
     starting it meanwhile hides its start-up (imports) behind theirs."""
@@ -344,6 +345,8 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
     settings = with_cluster_secret(settings)
     credentials = ClusterCredentials.from_settings(settings)  # ValueError: a secret too short, an unreadable file
     environment = secret_environment(credentials)
+    if settings.router == "embedded":
+        return _launch_embedded(settings, checkpoint, model_name, credentials, environment, router_port, started)
     router = start_service_process(
         "router",
         [
@@ -398,11 +401,71 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
     )
 
 
-def _gateway_args(settings: UpSettings, router_address: str) -> list[str]:
+def _launch_embedded(
+    settings: UpSettings,
+    checkpoint: Path,
+    model_name: str,
+    credentials: ClusterCredentials,
+    environment: dict[str, str],
+    router_port: int,
+    started: float,
+) -> Stack:
+    """The gateway with the router in its process first (workers register with it), then the workers."""
+    import ray
+
+    embedded = [
+        "--embedded-router",
+        "--checkpoint",
+        str(checkpoint),
+        "--router-port",
+        str(router_port),
+        "--dtype",
+        settings.dtype,
+        "--model-name",
+        model_name,
+        "--prefetch" if settings.prefetch else "--no-prefetch",
+    ]
+    arguments = [*_gateway_args(settings, "", registry=True), *embedded]
+    gateway = start_service_process("gateway", arguments, env=environment)
+    router = embedded_router_of(gateway)
+    controller: Any = None
+    try:
+        controller, name = start_controller(settings, checkpoint, model_name, router.address, credentials)
+        wait_until_ready(router.address, credentials)
+    except BaseException:
+        gateway.stop(grace_s=2)
+        if controller is not None:
+            with contextlib.suppress(Exception):
+                ray.get(controller.stop_all.remote(), timeout=60)
+            ray.kill(controller)
+        raise
+    logger.info("stack for %s (router in the gateway) up in %.1f s", model_name, time.monotonic() - started)
+    return Stack(
+        model_name=model_name,
+        checkpoint=checkpoint,
+        gateway=gateway,
+        router=router,
+        controller=controller,
+        controller_name=name,
+        credentials=credentials,
+    )
+
+
+def embedded_router_of(gateway: ServiceProcess) -> ServiceProcess:
+    """The router running inside `gateway`, as a service of its own: same process, the router's address."""
+    return ServiceProcess(
+        name="router (in the gateway)",
+        process=gateway.process,
+        ready={**gateway.ready, "address": gateway.ready["router_address"]},
+        recent_output=gateway.recent_output,
+        announced=gateway.announced,
+    )
+
+
+def _gateway_args(settings: UpSettings, router_address: str, registry: bool = False) -> list[str]:
     args = [
         "gateway",
-        "--router-address",
-        router_address,
+        *(["--router-address", router_address] if router_address else []),
         "--port",
         str(settings.port),
         "--max-inflight-tokens",
@@ -415,7 +478,9 @@ def _gateway_args(settings: UpSettings, router_address: str) -> list[str]:
         *_metrics_flags(settings.metrics_port),
         *_public_security_flags(settings),
     ]
-    if settings.redis_url:  # the gateway writes its live state there
+    if registry:  # the registry of an embedded router (Redis, when set, also gets the live state)
+        args += _registry_flags(settings)
+    elif settings.redis_url:  # the gateway writes its live state there
         args += ["--redis-url", settings.redis_url, "--redis-prefix", settings.redis_prefix]
     if settings.capacity_factor is not None:
         args += ["--capacity-factor", str(settings.capacity_factor)]

@@ -22,7 +22,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import torch
@@ -62,9 +62,23 @@ MESSAGE_OVERHEAD_BYTES = 4096
 SEGMENT_OVERHEAD_BYTES = 24
 
 
+class LocalDelivery(Protocol):
+    """The gateway's pending requests, when this router runs inside the gateway's process."""
+
+    def deliver(self, request_id: str, positions: torch.Tensor, rows: torch.Tensor) -> int:
+        """Place expert output rows; the number accepted. RequestNotFound when no longer awaited."""
+        ...
+
+    def fail(self, request_id: str, error: MoEServeError) -> None: ...
+
+
 @dataclass
 class DispatchJob:
-    """One routed request whose batches are in flight."""
+    """One routed request whose batches are in flight.
+
+    Workers deliver to `delivery_address` (a gateway's DeliveryService), or, with `local` set (the
+    embedded router), answer with the rows themselves, which go to `local` without another hop.
+    """
 
     request_id: str
     layer: int
@@ -73,6 +87,7 @@ class DispatchJob:
     delivery_address: str
     deadline: float | None  # time.monotonic() value, or None for no deadline
     failed: bool = field(default=False)
+    local: LocalDelivery | None = None
 
     def remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
@@ -244,6 +259,7 @@ class Dispatcher:
                 moe_pb2.ExpertSegment(expert=e, num_rows=n) for e, n in zip(batch.experts, batch.counts, strict=True)
             ],
             delivery_address=job.delivery_address,
+            reply_with_rows=job.local is not None,
         )
         payload = codec.fill_proto(request.rows, gather_rows(job.hidden_states, batch.positions, job.slots_per_token))
         payload += codec.fill_proto(request.positions, batch.positions.to(torch.int32))
@@ -266,6 +282,8 @@ class Dispatcher:
             async with asyncio.timeout(None) as flight.interrupt:
                 result = await self._workers.get(batch.worker.address).call(request, timeout, written)
             error = error_of(result.failure) if result.HasField("failure") else None
+            if error is None and job.local is not None:
+                error = _accept_rows(job, job.local, result)
             if error is None:
                 self.stragglers.record(worker_id, loop.time() - started, batch.num_rows)
                 if self.hints is not None:
@@ -402,12 +420,25 @@ class Dispatcher:
             return
         job.failed = True
         logger.warning("request %s failed: %s", job.request_id, error.message)
+        if job.local is not None:
+            job.local.fail(job.request_id, error)
+            return
         remaining = job.remaining()
         timeout = None if remaining is None else max(remaining, 0.5)
         failure = moe_pb2.Delivery(request_id=job.request_id, failure=failure_of(error), timeout_s=timeout or 0.0)
         inject_context(failure.trace_context)
         with contextlib.suppress(MoEServeError):
             await self._gateways.get(job.delivery_address).call(failure, timeout)
+
+
+def _accept_rows(job: DispatchJob, local: LocalDelivery, result: moe_pb2.ComputeResult) -> MoEServeError | None:
+    """Hand the rows a worker answered with to the gateway in this process; the error if refused."""
+    try:
+        positions = codec.from_proto(result.positions, "positions")
+        local.deliver(job.request_id, positions, codec.from_proto(result.rows, "rows"))
+    except MoEServeError as error:  # NOT_FOUND: the gateway answered already; INVALID_ARGUMENT: bad rows
+        return error
+    return None
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -42,10 +42,12 @@ REGISTRY_SERVICE = "moe_serve.v1.WorkerRegistry"
 
 
 class RouterService:
-    def __init__(self, settings: RouterSettings) -> None:
+    def __init__(self, settings: RouterSettings, telemetry: Telemetry | None = None) -> None:
+        """`telemetry`: the owning process's, when the router runs inside a gateway (embedded)."""
         self.settings = settings
         self.server: aio.Server | None = None
         self.address = ""
+        self._shared_telemetry = telemetry
 
     async def start(self) -> str:
         settings = self.settings
@@ -64,7 +66,7 @@ class RouterService:
         self.registry = self._make_registry(policy)
         await self.registry.start()
         model_name = settings.model_name or checkpoint.name
-        self.telemetry = Telemetry("moe-serve-router", settings.metrics_port, settings.host)
+        self.telemetry = self._shared_telemetry or Telemetry("moe-serve-router", settings.metrics_port, settings.host)
         metrics = RouterMetrics(self.telemetry, model_name, self.registry, keys)
         self.dispatcher = Dispatcher(
             self.registry,
@@ -129,7 +131,8 @@ class RouterService:
             await self.server.stop(0)
         await self.dispatcher.close()
         await self.registry.close()
-        self.telemetry.shutdown()
+        if self._shared_telemetry is None:
+            self.telemetry.shutdown()
 
 
 async def serve(settings: RouterSettings) -> None:

@@ -17,7 +17,7 @@ from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry
 from moe_serve.streams import serve_stream
 from moe_serve.telemetry import extract_context
-from router_service.fanout import Dispatcher, DispatchJob
+from router_service.fanout import Dispatcher, DispatchJob, LocalDelivery
 from router_service.metrics import RouterMetrics
 from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, segments_of
 
@@ -66,23 +66,43 @@ class RouterServicer(moe_grpc.RouterServicer):
         with self.tracer.start_as_current_span(
             "router.route", context=extract_context(request.trace_context), kind=SpanKind.SERVER
         ):
-            decision, rows_written = self._route(request)
-            await rows_written  # the rows first: the plan is needed only when they come back
-            return self._plan(decision, request.return_router_logits)
+            spec = self.planner.spec
+            hidden = codec.from_proto(request.hidden_states, "hidden_states")
+            if hidden.dim() != 2 or hidden.shape[1] != spec.hidden_size or hidden.dtype != self.planner.dtype:
+                raise InvalidInput(
+                    f"hidden_states must be {codec.datatype_name(self.planner.dtype)} "
+                    f"[T, {spec.hidden_size}], got {request.hidden_states.datatype} "
+                    f"{list(request.hidden_states.shape)}"
+                )
+            if not request.delivery_address:
+                raise InvalidInput("delivery_address is required: workers deliver the expert outputs there")
+            return await self._route_and_plan(request, hidden, None)
 
-    def _route(self, request: moe_pb2.RouteRequest) -> tuple[RoutingDecision, asyncio.Future[None]]:
+    async def route_local(
+        self, request: moe_pb2.RouteRequest, hidden: torch.Tensor, local: LocalDelivery
+    ) -> RoutingDecision:
+        """The embedded router: the gateway's own call, in its process. `hidden` [T, d] is already in
+        the compute dtype (`request.hidden_states` stays empty), and the rows go to `local`.
+
+        Returns the decision as soon as the sends have started: no plan message has to wait for
+        the rows here, and the gateway reads the decision while the rows are on their way."""
+        with self.tracer.start_as_current_span("router.route"):
+            decision, _ = self._route(request, hidden, local)
+            await asyncio.sleep(0)  # the sends run up to their writes before the caller goes on
+            return decision
+
+    async def _route_and_plan(
+        self, request: moe_pb2.RouteRequest, hidden: torch.Tensor, local: LocalDelivery | None
+    ) -> moe_pb2.RoutePlan:
+        decision, rows_written = self._route(request, hidden, local)
+        await rows_written  # the rows first: the plan is needed only when they come back
+        return self._plan(decision, request.return_router_logits)
+
+    def _route(
+        self, request: moe_pb2.RouteRequest, hidden: torch.Tensor, local: LocalDelivery | None
+    ) -> tuple[RoutingDecision, asyncio.Future[None]]:
         if self.draining:
             raise ServiceUnavailable("this router is shutting down")
-        spec = self.planner.spec
-        hidden = codec.from_proto(request.hidden_states, "hidden_states")
-        if hidden.dim() != 2 or hidden.shape[1] != spec.hidden_size or hidden.dtype != self.planner.dtype:
-            raise InvalidInput(
-                f"hidden_states must be {codec.datatype_name(self.planner.dtype)} "
-                f"[T, {spec.hidden_size}], got {request.hidden_states.datatype} "
-                f"{list(request.hidden_states.shape)}"
-            )
-        if not request.delivery_address:
-            raise InvalidInput("delivery_address is required: workers deliver the expert outputs there")
         if request.overflow not in ("", "drop", "reroute"):
             raise InvalidInput(f"overflow must be 'drop' or 'reroute', got {quoted(request.overflow)}")
         started = time.perf_counter()
@@ -102,6 +122,7 @@ class RouterServicer(moe_grpc.RouterServicer):
                     slots_per_token=decision.slots_per_token,
                     delivery_address=request.delivery_address,
                     deadline=time.monotonic() + request.timeout_s if request.timeout_s > 0 else None,
+                    local=local,
                 ),
                 batches,
             )

@@ -10,14 +10,20 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve import codec
-from moe_serve.launcher import ServiceProcess, spawn_service_process, start_service_process, wait_until_ready
+from moe_serve.launcher import (
+    ServiceProcess,
+    embedded_router_of,
+    spawn_service_process,
+    start_service_process,
+    wait_until_ready,
+)
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
@@ -129,6 +135,10 @@ def registered_worker_ids(router_address: str) -> set[str]:
     return {worker.worker_id for worker in reply.workers}
 
 
+RouterMode = Literal["service", "embedded"]
+ROUTER_MODES: tuple[RouterMode, ...] = ("embedded", "service")
+
+
 @dataclass
 class ProcessStack:
     """Router, `moe-serve worker` processes and a gateway, each its own process (no Ray)."""
@@ -138,6 +148,14 @@ class ProcessStack:
     workers: list[ServiceProcess]
     gateway: ServiceProcess
     common: list[str] = field(default_factory=list)
+    router_mode: RouterMode = "service"
+
+    def scenario(self, name: str) -> str:
+        """A reliability record's name for this stack: the default (embedded) mode keeps `name`."""
+        return name if self.router_mode == "embedded" else f"{name}-router-service"
+
+    def titled(self, title: str) -> str:
+        return title if self.router_mode == "embedded" else f"{title} (router as its own service)"
 
     @property
     def address(self) -> str:
@@ -181,19 +199,26 @@ def start_process_stack(
     gateway_args: tuple[str, ...] = (),
     common: tuple[str, ...] = (),
     router_args: tuple[str, ...] = (),
+    router_mode: RouterMode = "service",
 ) -> ProcessStack:
     """Start a router, then a gateway and one worker per entry of `worker_args` (its extra flags) side
     by side (as launch_stack does); return once every expert has a replica and the gateway listens.
 
-    `common` flags go to every service (e.g. --max-message-bytes).
+    `common` flags go to every service (e.g. --max-message-bytes). `router_mode` "embedded": the
+    router runs inside the gateway (started first; `router_args` go to it), as `moe-serve up` runs it.
     """
-    router = start_service_process(
-        "router", ["router", "--checkpoint", str(checkpoint), "--port", "0", *common, *router_args]
-    )
-    gateway = spawn_service_process(
-        "gateway", ["gateway", "--router-address", router.address, "--port", "0", *common, *gateway_args]
-    )
-    stack = ProcessStack(checkpoint, router, [], gateway, list(common))
+    if router_mode == "embedded":
+        arguments = ["gateway", "--embedded-router", "--checkpoint", str(checkpoint), "--router-port", "0"]
+        gateway = start_service_process("gateway", [*arguments, "--port", "0", *common, *router_args, *gateway_args])
+        router = embedded_router_of(gateway)
+    else:
+        router = start_service_process(
+            "router", ["router", "--checkpoint", str(checkpoint), "--port", "0", *common, *router_args]
+        )
+        gateway = spawn_service_process(
+            "gateway", ["gateway", "--router-address", router.address, "--port", "0", *common, *gateway_args]
+        )
+    stack = ProcessStack(checkpoint, router, [], gateway, list(common), router_mode)
     try:
         names = [f"worker-{index}" for index in range(len(worker_args))]
         with ThreadPoolExecutor(max(1, len(worker_args))) as pool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import MixtralConfig
@@ -9,8 +10,9 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moe_serve.capacity import keep_within_capacity
 from moe_serve.checkpoint import RouterWeights
-from moe_serve.combine import CombineBuffer
+from moe_serve.combine import FEW_ROWS, CombineBuffer
 from moe_serve.dispatch import group_by_expert, token_indices
+from moe_serve.errors import InvalidInput
 from moe_serve.gating import compute_gating
 from moe_serve.model_spec import RoutingConfig
 from tests.families import rescale_moe_weights
@@ -78,3 +80,24 @@ def test_grouping_orders_rows_by_expert() -> None:
     assert groups.counts.tolist() == [2, 2, 2, 0]
     assert groups.segment(0).tolist() == [1, 2] and groups.segment(2).tolist() == [0, 4]
     assert groups.active_experts() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, FEW_ROWS + 4], ids=["one row", "few rows", "many rows"])
+def test_bad_deliveries_are_refused_whether_placed_row_by_row_or_at_once(num_rows: int) -> None:
+    """The few-rows path (Python checks) and the vectorised one refuse and accept exactly the same."""
+    buffer = CombineBuffer(num_tokens=num_rows, slots_per_token=2, hidden_size=4, dtype=torch.float32)
+    rows = torch.randn(num_rows, 4)
+    with pytest.raises(InvalidInput, match="outside"):
+        buffer.add(torch.tensor([2 * num_rows] + [0] * (num_rows - 1)), rows)
+    with pytest.raises(InvalidInput, match="outside"):
+        buffer.add(torch.full((num_rows,), -1), rows)
+    if num_rows > 1:
+        with pytest.raises(InvalidInput, match="twice"):
+            buffer.add(torch.zeros(num_rows, dtype=torch.int32), rows)
+    assert buffer.rows_filled == 0 and not buffer.contributions.any()
+    even = torch.arange(0, 2 * num_rows, 2, dtype=torch.int32)
+    assert buffer.add(even, rows) == num_rows
+    assert buffer.add(even, rows + 1) == 0  # a hedge's or retry's duplicate: the first rows stay
+    assert torch.equal(buffer.contributions[0::2], rows) and not buffer.contributions[1::2].any()
+    assert buffer.add(even + 1, -rows) == num_rows and buffer.rows_filled == 2 * num_rows
+    assert torch.equal(buffer.contributions[1::2], -rows)

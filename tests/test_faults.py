@@ -11,8 +11,10 @@ import grpc
 import pytest
 import torch
 
-from moe_serve.launcher import start_service_process, wait_until_ready
+from moe_serve.launcher import embedded_router_of, start_service_process, wait_until_ready
 from tests.helpers import (
+    ROUTER_MODES,
+    RouterMode,
     infer_request,
     internal_credentials,
     kserve_stub,
@@ -23,10 +25,17 @@ from tests.helpers import (
 from tests.test_topology import start_all
 
 
-def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints) -> None:
-    """Workers: A holds all 8 experts, B holds 0-3, C holds 4-7, so every expert has two replicas."""
+@pytest.mark.parametrize("router_mode", ROUTER_MODES)
+def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints, router_mode: RouterMode) -> None:
+    """Workers: A holds all 8 experts, B holds 0-3, C holds 4-7, so every expert has two replicas.
+    With the router in the gateway the rows come back on the compute stream the kill breaks."""
     checkpoint: Path = checkpoints(torch.float32)
-    router = start_service_process("router", ["router", "--checkpoint", str(checkpoint), "--port", "0"])
+    if router_mode == "embedded":
+        embedded = ["--embedded-router", "--checkpoint", str(checkpoint), "--router-port", "0"]
+        gateway = start_service_process("gateway", ["gateway", *embedded, "--port", "0"])
+        router = embedded_router_of(gateway)
+    else:
+        router = start_service_process("router", ["router", "--checkpoint", str(checkpoint), "--port", "0"])
     processes = [router]
     try:
         workers = start_all(
@@ -54,7 +63,8 @@ def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints) -> No
         )
         processes.extend(workers)
         wait_until_ready(router.address, internal_credentials())
-        gateway = start_service_process("gateway", ["gateway", "--router-address", router.address, "--port", "0"])
+        if router_mode == "service":
+            gateway = start_service_process("gateway", ["gateway", "--router-address", router.address, "--port", "0"])
         processes.append(gateway)
         model = gateway.ready["model"]
         block = reference_blocks(checkpoint, torch.float32)[0]

@@ -35,6 +35,7 @@ from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from router_service import retries
 from router_service.retries import RetryBudget, backoff_s
 from tests.helpers import (
+    ROUTER_MODES,
     FakeClock,
     ProcessStack,
     gateway_stats,
@@ -141,11 +142,11 @@ def retry_counters(router: ServiceProcess) -> tuple[int, int]:
     )
 
 
-@pytest.fixture
-def two_replicas(checkpoints) -> Iterator[Callable[[float], ProcessStack]]:
-    """Starts a router (metrics on), workers "victim" (its registration living `victim_ttl_s` without a
-    heartbeat) and "survivor" (30 s: it may be paused a while), each holding every expert, and a
-    gateway; tiny FP32 model."""
+@pytest.fixture(params=ROUTER_MODES)
+def two_replicas(checkpoints, request: pytest.FixtureRequest) -> Iterator[Callable[[float], ProcessStack]]:
+    """Starts a router (metrics on; its own process, or in the gateway's), workers "victim" (its
+    registration living `victim_ttl_s` without a heartbeat) and "survivor" (30 s: it may be paused a
+    while), each holding every expert, and a gateway; tiny FP32 model."""
     started: list[ProcessStack] = []
 
     def start(victim_ttl_s: float) -> ProcessStack:
@@ -156,6 +157,7 @@ def two_replicas(checkpoints) -> Iterator[Callable[[float], ProcessStack]]:
                 ["--worker-id", "survivor", "--registry-ttl", "30"],
             ],
             router_args=("--metrics-port", "0"),
+            router_mode=request.param,
         )
         started.append(stack)
         return stack
@@ -199,8 +201,8 @@ def test_replica_killed_under_load_is_retried_on_the_other_and_no_request_fails(
     assert retried + hedged <= budget.cap + budget.floor_per_s * (elapsed_s + 0.5)
     recover_s = min(t for t in outcome.answered_at if t > killed_at) - killed_at
     reliability_record(
-        "worker-killed",
-        title="One of two replicas killed under load",
+        stack.scenario("worker-killed"),
+        title=stack.titled("One of two replicas killed under load"),
         load=f"{clients} clients back to back, T={tokens}, both MoE layers; 2 workers, each every expert",
         faults="SIGKILL to one worker after a 0.5 s pause (batches in flight on it)",
         succeeded=outcome.answered,
@@ -215,6 +217,7 @@ def test_replica_killed_under_load_is_retried_on_the_other_and_no_request_fails(
     )
 
 
+@pytest.mark.parametrize("two_replicas", ["embedded"], indirect=True)  # the budget is the same code in both modes
 def test_retry_budget_caps_retries_when_a_replica_fails_hundreds_of_batches(
     two_replicas, checkpoints, reliability_record
 ) -> None:
@@ -265,8 +268,8 @@ def test_retry_budget_caps_retries_when_a_replica_fails_hundreds_of_batches(
     assert failed_within_s < 5.0  # ... at once, not at their 60 s deadline
     assert len(answered) + len(failed) == burst
     reliability_record(
-        "retry-budget",
-        title="Replica killed with hundreds of batches on it",
+        stack.scenario("retry-budget"),
+        title=stack.titled("Replica killed with hundreds of batches on it"),
         load=f"{burst} concurrent requests (T={tokens}) routed over 2 paused replicas",
         faults="SIGKILL to one replica with ~half the batches on it",
         succeeded=len(answered),

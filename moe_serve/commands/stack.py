@@ -62,6 +62,13 @@ def up(
     overflow: Overflow = None,
     batch_window_ms: BatchWindow = None,
     pipeline_chunk_tokens: PipelineChunk = None,
+    router: Annotated[
+        str | None,
+        typer.Option(
+            help="embedded (default): the router runs inside the gateway's process, the faster on one host; "
+            "service: its own process."
+        ),
+    ] = None,
     max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
     rebalance: Annotated[
         float | None, typer.Option(help="Hot-expert replication: run the EPLB balancer every this many seconds.")
@@ -88,7 +95,8 @@ def up(
     cluster_secret_file: ClusterSecretFile = None,
     insecure_internal: InsecureInternal = None,
 ) -> None:
-    """Start router, expert workers and gateway; block until Ctrl-C or SIGTERM, then stop them all."""
+    """Start router (inside the gateway unless --router service), expert workers and gateway; block until
+    Ctrl-C or SIGTERM, then stop them all."""
     from moe_serve.stack_command import run_up
 
     settings = build_settings(
@@ -103,6 +111,7 @@ def up(
         overflow=overflow,
         batch_window_ms=batch_window_ms,
         pipeline_chunk_tokens=pipeline_chunk_tokens,
+        router=router,
         max_inflight_tokens=max_inflight_tokens,
         rebalance_interval_s=rebalance,
         autoscale_max_workers=autoscale_max_workers,

@@ -248,7 +248,7 @@ class ExpertSegment(_message.Message):
     def __init__(self, expert: _Optional[int] = ..., num_rows: _Optional[int] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("call_id", "timeout_s", "request_id", "layer", "segments", "rows", "positions", "delivery_address", "trace_context")
+    __slots__ = ("call_id", "timeout_s", "request_id", "layer", "segments", "rows", "positions", "delivery_address", "trace_context", "reply_with_rows")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -265,6 +265,7 @@ class ComputeRequest(_message.Message):
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    REPLY_WITH_ROWS_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     timeout_s: float
     request_id: str
@@ -274,19 +275,24 @@ class ComputeRequest(_message.Message):
     positions: Tensor
     delivery_address: str
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[ExpertSegment, _Mapping]]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., delivery_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    reply_with_rows: bool
+    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[ExpertSegment, _Mapping]]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., delivery_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., reply_with_rows: _Optional[bool] = ...) -> None: ...
 
 class ComputeResult(_message.Message):
-    __slots__ = ("call_id", "rows_delivered", "failure", "resident_experts")
+    __slots__ = ("call_id", "rows_delivered", "failure", "resident_experts", "rows", "positions")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_DELIVERED_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     rows_delivered: int
     failure: Failure
     resident_experts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, call_id: _Optional[int] = ..., rows_delivered: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., resident_experts: _Optional[_Iterable[int]] = ...) -> None: ...
+    rows: Tensor
+    positions: Tensor
+    def __init__(self, call_id: _Optional[int] = ..., rows_delivered: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., resident_experts: _Optional[_Iterable[int]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class PrefetchReply(_message.Message):
     __slots__ = ("loads_started",)
