@@ -48,6 +48,8 @@ ALLOWED_LABELS = {
     "service",
     "hop",
     "worker",
+    "stage",  # gateway stages: decode, route, collect, combine, encode, total
+    "message",  # internal stream message types (RouteRequest, Delivery, ...)
     "le",
     "otel_scope_name",
     "otel_scope_version",
@@ -132,6 +134,10 @@ def test_every_service_exports_its_metrics_with_bounded_labels(observed_stack, c
     assert total(gateway, "moe_serve_expert_imbalance", layer="0") >= 1.0
     assert "moe_serve_capacity_drop_rate" in gateway and "moe_serve_inflight_tokens" in gateway
     assert total(gateway, "moe_serve_wire_bytes_total", hop="gateway_to_router") > 100 * 64 * 4
+    # every answered request went through each gateway stage; its route request was counted as sent
+    assert total(gateway, "moe_serve_gateway_stage_duration_seconds_count", stage="total") >= 5
+    assert total(gateway, "moe_serve_gateway_stage_duration_seconds_count", stage="collect") >= 5
+    assert total(gateway, "moe_serve_stream_messages_total", message="RouteRequest", direction="sent") >= 5
 
     router = scrape(stack.router.ready["metrics_address"])
     assert total(router, "moe_serve_router_gating_duration_seconds_count") >= 5
