@@ -101,13 +101,22 @@ class StreamMessages:
     message type (RouteRequest, RoutePlan, ComputeRequest, ...) and direction ("sent", "received").
 
     A locked dict increment per message (well under a microsecond), not an OpenTelemetry counter
-    call (several microseconds, on every hop of every request); every Telemetry of the process
-    reports it as the observable counter `moe_serve.stream.messages`.
+    call (several microseconds, on every hop of every request); the first Telemetry of the process
+    with an exporter reports it as the observable counter `moe_serve.stream.messages`.
     """
 
     def __init__(self) -> None:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._lock = threading.Lock()  # the exporters read from their own threads
+        self._exported = False
+
+    def claim_export(self) -> bool:
+        """True once per process: the counts are process-wide, and two Telemetry objects in one
+        process (an embedded service) share the Prometheus registry, so a second export would
+        count every message twice."""
+        with self._lock:
+            claimed, self._exported = not self._exported, True
+            return claimed
 
     def count(self, message: object, direction: str) -> None:
         key = (type(message).__name__, direction)
@@ -145,12 +154,13 @@ class Telemetry:
             self._add_otlp_spans(endpoint)
         self.meter: Meter = self.meter_provider.get_meter("moe_serve")
         self.tracer: Tracer = self.tracer_provider.get_tracer("moe_serve")
-        self.meter.create_observable_counter(
-            "moe_serve.stream.messages",
-            [self._observe_stream_messages],
-            unit="{message}",
-            description="Messages on the internal streams, by message type and direction (sent / received)",
-        )
+        if readers and STREAM_MESSAGES.claim_export():
+            self.meter.create_observable_counter(
+                "moe_serve.stream.messages",
+                [self._observe_stream_messages],
+                unit="{message}",
+                description="Messages on the internal streams, by message type and direction (sent / received)",
+            )
 
     def _observe_stream_messages(self, options: CallbackOptions) -> list[Observation]:
         return [

@@ -37,6 +37,8 @@ def test_stream_messages_count_by_type_and_direction() -> None:
         counts.count(RouteRequest(), "sent")
     counts.count(Delivery(), "received")
     assert counts.snapshot() == {("RouteRequest", "sent"): 3, ("Delivery", "received"): 1}
+    # process-wide counts are exported by one Telemetry only, or an embedded service would double them
+    assert counts.claim_export() and not counts.claim_export()
 
 
 def test_stream_client_and_server_count_every_message_once_per_end() -> None:
