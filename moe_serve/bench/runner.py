@@ -309,8 +309,9 @@ def served_subject(
 
 
 def stack_metrics_addresses(stack: Stack) -> list[str]:
-    """The /metrics addresses of the stack's gateway, router and workers (metrics must be on)."""
-    services = [stack.gateway, stack.router]
+    """The /metrics addresses of the stack's gateway, router (when it is a process of its own) and
+    workers (metrics must be on); the fast-path figures add up whatever they expose."""
+    services = [service for service in (stack.gateway, stack.router) if service is not None]
     addresses = [str(service.ready.get("metrics_address") or "") for service in services]
     return [*addresses, *(record.metrics_address for record in stack.workers)]
 
