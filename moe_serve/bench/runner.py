@@ -291,14 +291,16 @@ def kserve_subject(
     subject = Subject(name=name, single=lambda: stub.ModelInfer(next(small), timeout=30))
 
     def large() -> None:
+        stub.ModelInfer(large_request, timeout=120)
+
+    def large_counting_bytes() -> None:
         before = loopback_tx_bytes()
         response = stub.ModelInfer(large_request, timeout=120)
         wire = loopback_tx_bytes() - before
         # loopback carries the client's own request/response too; the layer's hops are the rest
-        if count_internal_bytes:
-            subject.internal_bytes += wire - large_request.ByteSize() - response.ByteSize()
+        subject.internal_bytes += wire - large_request.ByteSize() - response.ByteSize()
 
-    subject.large = large
+    subject.large = large_counting_bytes if count_internal_bytes else large
     return subject
 
 
