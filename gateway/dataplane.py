@@ -57,6 +57,8 @@ class DataPlane:
         self.policy, self.counters, self.window, self.tracer, self.wire = policy, counters, window, tracer, wire
         self.max_inflight_rows_per_replica = max_inflight_rows_per_replica
         self.pipeline_chunk_tokens = pipeline_chunk_tokens
+        # (route, collect, combine seconds) of each dispatch batch; the servicer records them
+        self.record_stages: Callable[[float, float, float], None] = lambda route, collect, combine: None
         self.draining = False  # set on shutdown: new requests are refused, admitted ones finish
         self.batcher = (
             DynamicBatcher(self.dispatch, batch_window_s, max_batch_tokens, tracer) if batch_window_s > 0 else None
@@ -137,19 +139,23 @@ class DataPlane:
         self.pending.open(batch_id, pending)
         try:
             wanted = {name for r in requests for name in r.requested_outputs}
+            routing = time.perf_counter()
             with self.tracer.start_as_current_span("gateway.route"):
                 # a sequence's token order holds for one request only, not for a batch of several
                 sequence_id = requests[0].sequence_id if len(requests) == 1 else ""
                 plan = await self._route(
                     batch_id, requests[0].layer, hidden, "router_logits" in wanted, deadline, sequence_id
                 )
+            planned = time.perf_counter()
             pending.expect(plan.expected_rows)
             with self.tracer.start_as_current_span("gateway.collect"):
                 await self._wait(pending, deadline)
+            collected = time.perf_counter()
         finally:
             self.pending.close(batch_id)
         with self.tracer.start_as_current_span("gateway.combine"):
             output = pending.buffer.combine(plan.expert_weights, plan.shared_weights, model.weights_in_activation_dtype)
+        self.record_stages(planned - routing, collected - planned, time.perf_counter() - collected)
         # statistics wait until the answer is on its way: they are not on the request's critical path
         asyncio.get_running_loop().call_soon(self._count, requests[0].layer, plan, hidden.shape[0])
         return self._split(requests, output, plan, dispatched_at)

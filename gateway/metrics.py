@@ -15,6 +15,9 @@ from gateway.live_state import LoadWindow
 from gateway.stats import ExpertCounters
 from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
 
+# seconds: a T=1 request's stages take tens of microseconds to a few milliseconds
+STAGE_BUCKETS_S = (0.00002, 0.00005, 0.0001, 0.0002, *LATENCY_BUCKETS_S)
+
 
 class GatewayMetrics:
     def __init__(
@@ -42,6 +45,13 @@ class GatewayMetrics:
             "moe_serve.admission.rejections",
             unit="{request}",
             description="Requests refused by a capacity bound, by bound",
+        )
+        self._stages = meter.create_histogram(
+            "moe_serve.gateway.stage.duration",
+            unit="s",
+            description="Time one request spent in each gateway stage: decode, route (until the plan is "
+            "back), collect (the last delivery after the plan), combine, encode; total is the whole request",
+            explicit_bucket_boundaries_advisory=list(STAGE_BUCKETS_S),
         )
         self.wire = WireBytes(meter, "gateway")
         meter.create_observable_gauge(
@@ -113,6 +123,10 @@ class GatewayMetrics:
         self._tokens.add(tokens_in, {"model": self.model, "direction": "in"})
         if tokens_out:
             self._tokens.add(tokens_out, {"model": self.model, "direction": "out"})
+
+    def stage(self, stage: str, seconds: float) -> None:
+        """One request's (or dispatch batch's) time in a gateway stage."""
+        self._stages.record(seconds, {"model": self.model, "stage": stage})
 
     def rejected(self, reason: str) -> None:
         self._rejections.add(1, {"model": self.model, "reason": reason})

@@ -38,6 +38,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
             tracer,
         )
         self.statistics = InferenceStatistics()
+        dataplane.record_stages = self._record_dispatch_stages
         self.unwritten_stream_answers = UnwrittenAnswers()
 
     async def ServerLive(
@@ -102,6 +103,16 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
     ) -> kserve_pb2.RepositoryIndexResponse:
         return repository_index(self.dataplane.model, await self.dataplane.ready(), request.ready)
 
+    def _record_dispatch_stages(self, route_s: float, collect_s: float, combine_s: float) -> None:
+        for stage, seconds in (("route", route_s), ("collect", collect_s), ("combine", combine_s)):
+            self.metrics.stage(stage, seconds)
+
+    def _record_request_stages(self, arrived: float, decoded: float, inferred: float, encoded: float) -> None:
+        """decode: protobuf to tensors; encode: tensors to protobuf; total: the whole request here."""
+        self.metrics.stage("decode", decoded - arrived)
+        self.metrics.stage("encode", encoded - inferred)
+        self.metrics.stage("total", encoded - arrived)
+
     async def _infer(
         self, request: kserve_pb2.ModelInferRequest, context: aio.ServicerContext, method: str
     ) -> kserve_pb2.ModelInferResponse:
@@ -124,6 +135,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 result = await self.dataplane.infer(inference, timeout)
                 inferred = time.monotonic()
                 response = build_infer_response(request, inference, result, model)
+                self._record_request_stages(arrived, decoded, inferred, time.monotonic())
                 self.metrics.wire("gateway_to_client", "sent", sum(t.nbytes for t in result.tensors.values()))
                 self.statistics.record_success(arrived, decoded, result.dispatched_at, inferred, time.monotonic())
                 return response

@@ -6,6 +6,9 @@ A message on an open stream costs about half a unary call on loopback (0.31 ms a
 `serve_stream` is the server side: each incoming message is handled concurrently and answered
 on the same stream with the same `call_id`. A broken stream fails every call still waiting on it
 with ServiceUnavailable; the next call opens a new stream.
+
+Every message written or read on these streams is counted, at both ends, by message type and
+direction (`moe_serve.telemetry.STREAM_MESSAGES`, exported as `moe_serve.stream.messages`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from grpc import aio
 from moe_serve.errors import DeadlineExceeded, InvalidInput, MoEServeError, ServiceUnavailable
 from moe_serve.grpc_utils import Undecodable, channel_options
 from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials, open_aio_channel
+from moe_serve.telemetry import STREAM_MESSAGES
 
 logger = logging.getLogger(__name__)
 RequestT = TypeVar("RequestT")
@@ -92,6 +96,7 @@ class StreamClient(Generic[RequestT, ReplyT]):
                 self._pending[call_id] = (future, stream)
                 try:
                     await stream.write(message)
+                    STREAM_MESSAGES.count(message, "sent")
                 except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError) as error:
                     if not future.done():
                         future.set_exception(ServiceUnavailable(f"stream to {self.address} broke: {_describe(error)}"))
@@ -112,6 +117,7 @@ class StreamClient(Generic[RequestT, ReplyT]):
         error: MoEServeError = ServiceUnavailable(f"{self.address} closed the stream")
         try:
             while (reply := await stream.read()) is not aio.EOF:
+                STREAM_MESSAGES.count(reply, "received")
                 entry = self._pending.get(reply.call_id)
                 if entry is not None and not entry[0].done():
                     entry[0].set_result(reply)
@@ -184,9 +190,11 @@ async def serve_stream(
         reply.call_id = message.call_id  # type: ignore[attr-defined]
         async with write_lock:
             await context.write(reply)
+        STREAM_MESSAGES.count(reply, "sent")
 
     try:
         while (message := await context.read()) is not aio.EOF:
+            STREAM_MESSAGES.count(message, "received")
             if isinstance(message, Undecodable):
                 # a broken peer: end the stream, but only after the answers already under way are
                 # written (aborting during a write fails inside gRPC and loses them)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections import Counter
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.environment_variables import OTEL_TRACES_SAMPLER
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
@@ -94,6 +96,42 @@ class WireBytes:
         self._counter.add(size, {"service": self.service, "hop": hop, "direction": direction})
 
 
+class StreamMessages:
+    """Messages this process wrote to and read from its internal streams (`moe_serve.streams`), by
+    message type (RouteRequest, RoutePlan, ComputeRequest, ...) and direction ("sent", "received").
+
+    A locked dict increment per message (well under a microsecond), not an OpenTelemetry counter
+    call (several microseconds, on every hop of every request); the first Telemetry of the process
+    with an exporter reports it as the observable counter `moe_serve.stream.messages`.
+    """
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()  # the exporters read from their own threads
+        self._exported = False
+
+    def claim_export(self) -> bool:
+        """True once per process: the counts are process-wide, and two Telemetry objects in one
+        process (an embedded service) share the Prometheus registry, so a second export would
+        count every message twice."""
+        with self._lock:
+            claimed, self._exported = not self._exported, True
+            return claimed
+
+    def count(self, message: object, direction: str) -> None:
+        key = (type(message).__name__, direction)
+        with self._lock:
+            self._counts[key] += 1
+
+    def snapshot(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+# one per process: the streams count into it wherever they are opened
+STREAM_MESSAGES = StreamMessages()
+
+
 class Telemetry:
     """The meter and tracer of one service process.
 
@@ -116,6 +154,19 @@ class Telemetry:
             self._add_otlp_spans(endpoint)
         self.meter: Meter = self.meter_provider.get_meter("moe_serve")
         self.tracer: Tracer = self.tracer_provider.get_tracer("moe_serve")
+        if readers and STREAM_MESSAGES.claim_export():
+            self.meter.create_observable_counter(
+                "moe_serve.stream.messages",
+                [self._observe_stream_messages],
+                unit="{message}",
+                description="Messages on the internal streams, by message type and direction (sent / received)",
+            )
+
+    def _observe_stream_messages(self, options: CallbackOptions) -> list[Observation]:
+        return [
+            Observation(count, {"service": self.service_name, "message": message, "direction": direction})
+            for (message, direction), count in STREAM_MESSAGES.snapshot().items()
+        ]
 
     def _prometheus_reader(self, host: str, port: int) -> Any:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader

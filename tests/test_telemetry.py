@@ -48,6 +48,8 @@ ALLOWED_LABELS = {
     "service",
     "hop",
     "worker",
+    "stage",  # gateway stages: decode, route, collect, combine, encode, total
+    "message",  # internal stream message types (RouteRequest, Delivery, ...)
     "le",
     "otel_scope_name",
     "otel_scope_version",
@@ -141,6 +143,12 @@ def test_every_service_exports_its_metrics_with_bounded_labels(observed_stack, c
     # the router in the gateway's process gets the hidden states as a tensor: no bytes on that hop
     to_router = total(gateway, "moe_serve_wire_bytes_total", hop="gateway_to_router")
     assert to_router == 0 if embedded else to_router > 100 * 64 * 4
+    # every answered request went through each gateway stage; its route request (or, embedded, its
+    # compute requests) counted as sent
+    assert total(gateway, "moe_serve_gateway_stage_duration_seconds_count", stage="total") >= 5
+    assert total(gateway, "moe_serve_gateway_stage_duration_seconds_count", stage="collect") >= 5
+    first_message = "ComputeRequest" if embedded else "RouteRequest"
+    assert total(gateway, "moe_serve_stream_messages_total", message=first_message, direction="sent") >= 5
 
     router = scrape(stack.router.ready["metrics_address"])  # the gateway's endpoint when embedded
     assert total(router, "moe_serve_router_gating_duration_seconds_count") >= 5

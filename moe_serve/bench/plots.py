@@ -21,6 +21,7 @@ LABELS = {
     "reference-grouped_mm": "transformers in-process (grouped_mm)",
     "rayserve": "Ray Serve (handles)",
     "echo": "bare gRPC echo",
+    "monolithic": "monolithic KServe peer (one process)",
 }
 STYLES = {
     "served": {"color": "tab:blue", "marker": "o"},
@@ -28,9 +29,10 @@ STYLES = {
     "reference-grouped_mm": {"color": "tab:olive", "marker": "^", "linestyle": "--"},
     "rayserve": {"color": "tab:red", "marker": "D"},
     "echo": {"color": "tab:gray", "linestyle": ":"},
+    "monolithic": {"color": "tab:purple", "marker": "v", "linestyle": "-."},
 }
 # the CDF shows the core run's samples; the served samples taken beside Ray Serve repeat "served"
-CDF_SUBJECTS = ("served", "reference-eager", "reference-grouped_mm", "rayserve", "echo")
+CDF_SUBJECTS = ("served", "monolithic", "reference-eager", "reference-grouped_mm", "rayserve", "echo")
 
 
 def shape_line(result: dict[str, Any]) -> str:

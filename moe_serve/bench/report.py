@@ -233,9 +233,123 @@ def print_gpu_report(result: BenchResult, console: Console) -> None:
     console.print(table)
 
 
+def _served_columns(fast_path: dict[str, dict]) -> list[tuple[str, str]]:
+    """(section, served subject) pairs, in order: standard then thin; served then served-embedded."""
+    return [(section, name) for section, figures in fast_path.items() for name in figures["ratios"]]
+
+
+def print_fast_path_report(result: BenchResult, console: Console) -> None:
+    """Issue 22: served against the monolithic KServe peer, messages per T=1 request, hop breakdown."""
+    fast_path = result.fast_path
+    if not fast_path:
+        return
+    t = result.config["throughput_tokens"]
+    table = Table(
+        title="Fast path (issue 22): served vs the monolithic KServe v2 peer (one process, sync gRPC, the "
+        "transformers block), same client, interleaved"
+    )
+    for column in ("checkpoint", "subject", "T=1 p50 / p99 ms", f"tok/s T={t}", "p50 x peer", "tok/s x peer"):
+        table.add_column(column)
+    table.add_column("p50 gap (echoes)")
+    for section, figures in fast_path.items():
+        label = f"{section} ({figures['checkpoint']})"
+        for name, latency in figures["t1_latency_ms"].items():
+            ratios = figures["ratios"].get(name, {})
+            rate = figures["tokens_per_s"].get(name)
+            table.add_row(
+                label,
+                name,
+                f"{latency['p50']:.2f} / {latency['p99']:.2f}",
+                "" if rate is None else f"{rate:.0f}",
+                f"{ratios['t1_p50_over_monolithic']:.2f}x" if ratios else "",
+                f"{ratios['tokens_per_s_over_monolithic']:.2f}x" if "tokens_per_s_over_monolithic" in ratios else "",
+                f"{ratios['t1_gap_ms']:+.2f} ms = {ratios['t1_gap_in_echoes']:.1f}" if ratios else "",
+            )
+            label = ""
+        table.add_row("", "echo", f"{figures['echo_p50_ms']:.3f}", "", "", "", "1 echo")
+    console.print(table)
+    print_messages_table(fast_path, console)
+    print_hops_table(fast_path, console)
+
+
+def print_messages_table(fast_path: dict[str, dict], console: Console) -> None:
+    columns = _served_columns(fast_path)
+    table = Table(title="messages per T=1 request (internal streams counted at their sender, from /metrics)")
+    table.add_column("message")
+    table.add_column("hop")
+    for section, name in columns:
+        table.add_column(f"{section}: {name}")
+    kinds: dict[str, str] = {}
+    for section, name in columns:
+        for kind, entry in fast_path[section]["messages"][name]["by_type"].items():
+            kinds.setdefault(kind, entry["hop"])
+    for kind, hop in kinds.items():
+        cells = [fast_path[s]["messages"][n]["by_type"].get(kind, {}).get("per_request", 0.0) for s, n in columns]
+        table.add_row(kind, hop, *(f"{value:.2f}" for value in cells))
+    totals = [fast_path[s]["messages"][n] for s, n in columns]
+    table.add_row("messages per T=1 request", "", *(f"{m['per_t1_request']:.2f}" for m in totals))
+    table.add_row("sent but not received", "", *(str(m["unmatched"] or "none") for m in totals))
+    console.print(table)
+
+
+def print_hops_table(fast_path: dict[str, dict], console: Console) -> None:
+    """Means over the probed T=1 requests (ms); the monolithic and echo p50s beside, from the interleaved run."""
+    columns = _served_columns(fast_path)
+    table = Table(title="where a T=1 request's time goes (ms; served: means over the probed requests)")
+    table.add_column("hop")
+    for section, name in columns:
+        table.add_column(f"{section}: {name}")
+    for section in fast_path:
+        table.add_column(f"{section}: monolithic")
+    table.add_column("echo p50")
+    hops = [fast_path[s]["hops"][n] for s, n in columns]
+    peers = [fast_path[s]["monolithic"] for s in fast_path]
+
+    def row(label: str, served: list, peer: list | None = None, echo: str = "") -> None:
+        cells = [f"{value:.3f}" if isinstance(value, float) else value for value in served]
+        peer_cells = [f"{value:.3f}" if isinstance(value, float) else value for value in peer or [""] * len(peers)]
+        table.add_row(label, *cells, *peer_cells, echo)
+
+    echo = ", ".join(f"{fast_path[s]['echo_p50_ms']:.3f}" for s in fast_path)
+    row(
+        "client round trip (p50 / mean)",
+        [f"{h['client_ms']['p50']:.3f} / {h['client_ms']['mean']:.3f}" for h in hops],
+        [f"{fast_path[s]['t1_latency_ms']['monolithic']['p50']:.3f} (p50)" for s in fast_path],
+    )
+    row(
+        "client <-> gateway (client - gateway total)",
+        [h.get("client_to_gateway_ms", "") for h in hops],
+        [p["client_hop_ms"] for p in peers],
+        echo,
+    )
+    labels = {
+        "decode": "gateway decode",
+        "route": "route (gateway -> router -> plan)",
+        "collect": "collect (workers, deliveries)",
+        "combine": "combine",
+        "encode": "encode",
+        "total": "gateway total",
+    }
+    for stage, label in labels.items():
+        row(label, [h["gateway_ms"].get(stage, "") for h in hops])
+    row("gateway other (admission, split)", [h.get("gateway_other_ms", "") for h in hops])
+    row(
+        "expert compute per call x calls",
+        [
+            f"{h['expert_compute_ms_per_call']:.3f} x {h['expert_calls_per_request']:.2f}"
+            if "expert_compute_ms_per_call" in h
+            else ""
+            for h in hops
+        ],
+        [f"{p['in_process_block_p50_ms']:.3f} (block p50)" for p in peers],
+    )
+    console.print(table)
+
+
 def bench_report(result: BenchResult, console: Console) -> None:
     """Every table of a benchmark result, core comparison first."""
     print_report(result, console)
+    print_fast_path_report(result, console)
     print_gpu_report(result, console)
     print_rayserve_report(result, console)
     print_sweep_report(result, console)

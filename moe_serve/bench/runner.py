@@ -1,5 +1,6 @@
-"""Runs the benchmark: reference block, bare echo and served stack measured in one process tree,
-then (sections) the Ray Serve composition, the throughput-vs-T sweep and the routing sections."""
+"""Runs the benchmark: reference block, bare echo, monolithic KServe peer and served stack measured in
+one process tree, then (sections) the Ray Serve composition, the throughput-vs-T sweep, the routing
+sections and the thin-expert comparison."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import grpc
 import torch
 
 from moe_serve import codec
+from moe_serve.bench.fastpath import peer_comparison, probe_fast_path
 from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
+from moe_serve.bench.monolithic import start_monolithic
 from moe_serve.bench.offload import offload_comparison
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.bench.replication import replication_comparison
@@ -29,7 +32,7 @@ from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
 from moe_serve.demo import DemoShape, ensure_demo_checkpoint
 from moe_serve.grpc_utils import channel_options
-from moe_serve.launcher import Stack, init_ray, launch_stack, start_service_process
+from moe_serve.launcher import ServiceProcess, Stack, init_ray, launch_stack, start_service_process
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
@@ -45,8 +48,9 @@ T1_DISTINCT_TOKENS = 64
 VERIFY_TOKENS = 64
 
 
-# sections that run with device cuda (auth times gRPC hops alone, on any machine)
-GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity", "auth"})
+# sections that run with device cuda (auth times gRPC hops alone, on any machine; thin places its
+# workers and the monolithic peer on the GPU as the core run does)
+GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity", "auth", "thin"})
 
 
 @dataclass
@@ -65,7 +69,16 @@ class BenchConfig:
     # measurements alternate between reference, served and echo in this many rounds
     rounds: int = 5
     # optional sections after the core comparison
-    sections: tuple[str, ...] = ("rayserve", "sweep", "concurrency", "capacity", "replication", "offload", "auth")
+    sections: tuple[str, ...] = (
+        "rayserve",
+        "sweep",
+        "concurrency",
+        "capacity",
+        "replication",
+        "offload",
+        "auth",
+        "thin",
+    )
     # rayserve: concurrent callers at this T, each sending this many requests over all rounds
     rayserve_tokens: int = 256
     rayserve_clients: int = 4
@@ -79,8 +92,12 @@ class BenchConfig:
     device: str = "cpu"
     # the served stack's gateway pipelining (0 = off, the default of `moe-serve up`)
     pipeline_chunk_tokens: int = 0
+    # fast path: T=1 requests whose messages and gateway stages are counted (scraped from /metrics)
+    fast_path_requests: int = 100
 
     def __post_init__(self) -> None:
+        if self.fast_path_requests < 1:
+            raise ValueError(f"fast_path_requests must be at least 1, not {self.fast_path_requests}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, not {self.device!r}")
         unsupported = set(self.sections) - GPU_SECTIONS
@@ -100,6 +117,8 @@ class BenchResult:
     machine: dict[str, Any]
     reference: dict[str, Any] = field(default_factory=dict)
     served: dict[str, Any] = field(default_factory=dict)
+    # the monolithic KServe peer (bench.monolithic): T=1 latency and tokens/s, same client as served
+    monolithic: dict[str, Any] = field(default_factory=dict)
     echo: dict[str, Any] = field(default_factory=dict)
     memory_mib: dict[str, dict[str, float]] = field(default_factory=dict)
     concurrency: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -117,6 +136,9 @@ class BenchResult:
     # raw T=1 latencies (ms) per subject, for the latency CDF plot
     t1_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
+    # issue 22: served against the monolithic KServe peer, messages per T=1 request and where its time
+    # goes, on the standard checkpoint ("standard", from the core run) and on thin experts ("thin")
+    fast_path: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def machine_info() -> dict[str, Any]:
@@ -253,23 +275,79 @@ def echo_subject(address: str, channel: grpc.Channel) -> Subject:
     return Subject(name="echo", single=lambda: echo(payload, timeout=10))
 
 
-def served_subject(
-    stack: Stack, channel: grpc.Channel, config: BenchConfig, inputs: dict[int, torch.Tensor]
+def kserve_subject(
+    name: str,
+    model_name: str,
+    channel: grpc.Channel,
+    config: BenchConfig,
+    inputs: dict[int, torch.Tensor],
+    count_internal_bytes: bool = False,
 ) -> Subject:
+    """A KServe v2 endpoint timed with the same requests and client as every other: the served stack
+    (with `count_internal_bytes`, its hops' loopback bytes) or the monolithic peer."""
     stub = kserve_grpc.GRPCInferenceServiceStub(channel)
-    small = itertools.cycle([make_request(stack.model_name, token) for token in inputs[1].split(1)])
-    large_request = make_request(stack.model_name, inputs[config.throughput_tokens])
-    subject = Subject(name="served", single=lambda: stub.ModelInfer(next(small), timeout=30))
+    small = itertools.cycle([make_request(model_name, token) for token in inputs[1].split(1)])
+    large_request = make_request(model_name, inputs[config.throughput_tokens])
+    subject = Subject(name=name, single=lambda: stub.ModelInfer(next(small), timeout=30))
 
     def large() -> None:
+        stub.ModelInfer(large_request, timeout=120)
+
+    def large_counting_bytes() -> None:
         before = loopback_tx_bytes()
         response = stub.ModelInfer(large_request, timeout=120)
         wire = loopback_tx_bytes() - before
         # loopback carries the client's own request/response too; the layer's hops are the rest
         subject.internal_bytes += wire - large_request.ByteSize() - response.ByteSize()
 
-    subject.large = large
+    subject.large = large_counting_bytes if count_internal_bytes else large
     return subject
+
+
+def served_subject(
+    stack: Stack, channel: grpc.Channel, config: BenchConfig, inputs: dict[int, torch.Tensor], name: str = "served"
+) -> Subject:
+    return kserve_subject(name, stack.model_name, channel, config, inputs, count_internal_bytes=True)
+
+
+def stack_metrics_addresses(stack: Stack) -> list[str]:
+    """The /metrics addresses of the stack's gateway, router (when it is a process of its own) and
+    workers (metrics must be on); the fast-path figures add up whatever they expose."""
+    services = [service for service in (stack.gateway, stack.router) if service is not None]
+    addresses = [str(service.ready.get("metrics_address") or "") for service in services]
+    return [*addresses, *(record.metrics_address for record in stack.workers)]
+
+
+def launch_bench_stack(config: BenchConfig, checkpoint_dir: Path) -> Stack:
+    """`moe-serve up` for the bench, every service with a /metrics port (the fast-path figures read them)."""
+    # on a GPU the workers share it: Ray gives each an equal fraction, and each computes on it
+    gpus_per_worker = 1.0 / config.workers if config.device == "cuda" else 0.0
+    return launch_stack(
+        UpSettings(
+            port=0,
+            workers=config.workers,
+            worker_num_gpus=gpus_per_worker,
+            pipeline_chunk_tokens=config.pipeline_chunk_tokens,
+            log_level="WARNING",
+            metrics_port=0,
+        ),
+        checkpoint_dir,
+    )
+
+
+def fast_path_section(
+    measured: dict[str, dict[str, Any]],
+    served: list[tuple[Subject, Stack]],
+    config: BenchConfig,
+    checkpoint_dir: Path,
+) -> dict[str, Any]:
+    """Peer ratios of each served subject, with its messages per T=1 request and hop breakdown."""
+    probes = {
+        subject.name: probe_fast_path(subject.single, stack_metrics_addresses(stack), config.fast_path_requests)
+        for subject, stack in served
+    }
+    echo_p50 = measured["echo"]["t1_latency_ms"]["p50"]
+    return peer_comparison(measured, [s.name for s, _ in served], echo_p50, probes, checkpoint_dir.name)
 
 
 WORKER_OVERHEAD_TARGET_MIB = 400  # a worker may use its experts' weights plus this much
@@ -404,19 +482,9 @@ def run_bench(config: BenchConfig) -> BenchResult:
     )
     device = torch.device(config.device)
     init_ray(log_to_driver=False)
-    # on a GPU the workers share it: Ray gives each an equal fraction, and each computes on it
-    gpus_per_worker = 1.0 / config.workers if device.type == "cuda" else 0.0
-    stack = launch_stack(
-        UpSettings(
-            port=0,
-            workers=config.workers,
-            worker_num_gpus=gpus_per_worker,
-            pipeline_chunk_tokens=config.pipeline_chunk_tokens,
-            log_level="WARNING",
-        ),
-        checkpoint_dir,
-    )
+    stack = launch_bench_stack(config, checkpoint_dir)
     echo = start_service_process("echo", [], module="moe_serve.bench.echo")
+    monolithic: ServiceProcess = start_monolithic(checkpoint_dir, config.device)
     options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
     blocks = {name: reference_block(checkpoint, 0, name, dtype).to(device) for name in REFERENCE_IMPLEMENTATIONS}
     # the in-process reference gets its input where it computes, as a model running the block locally would
@@ -425,13 +493,17 @@ def run_bench(config: BenchConfig) -> BenchResult:
         with (
             grpc.insecure_channel(stack.address, options=options) as served_channel,
             grpc.insecure_channel(echo.address) as echo_channel,
+            grpc.insecure_channel(monolithic.address, options=options) as monolithic_channel,
         ):
+            served = served_subject(stack, served_channel, config, inputs)
             subjects = [
                 *reference_subjects(blocks, config, reference_inputs),
-                served_subject(stack, served_channel, config, inputs),
+                served,
+                kserve_subject("monolithic", stack.model_name, monolithic_channel, config, inputs),
                 echo_subject(echo.address, echo_channel),
             ]
             measured = measure_interleaved(subjects, config)
+            result.fast_path["standard"] = fast_path_section(measured, [(served, stack)], config, checkpoint_dir)
             result.memory_mib = measure_memory(stack, checkpoint)
             # Ray Serve starts only now, so its controller's idle loops cannot disturb the core comparison
             with rayserve_if_asked(config, checkpoint_dir) as layer:
@@ -460,9 +532,14 @@ def run_bench(config: BenchConfig) -> BenchResult:
             gate = Checkpoint(checkpoint_dir).router_weights(0).gate
             result.capacity = drop_rates(stack, make_request, gate, config.top_k)
     finally:
+        monolithic.stop()
         echo.stop()
         stack.stop()
         ray.shutdown()
+    if "thin" in config.sections:
+        from moe_serve.bench.thin import thin_section
+
+        result.fast_path["thin"] = thin_section(config, inputs)
     if "auth" in config.sections:
         from moe_serve.bench.auth_cost import measure as measure_auth_cost
 
@@ -478,6 +555,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
             ray.shutdown()
     result.t1_samples_ms.update({name: values.pop("t1_samples_ms") for name, values in measured.items()})
     result.served = measured.pop("served")
+    result.monolithic = measured.pop("monolithic")
     result.echo = {"payload_bytes": ECHO_PAYLOAD_BYTES, "latency_ms": measured.pop("echo")["t1_latency_ms"]}
     result.reference = {name.removeprefix("reference-"): values for name, values in measured.items()}
     result.reference["best_throughput"] = max(
@@ -512,6 +590,8 @@ def compute_ratios(result: BenchResult, config: BenchConfig, checkpoint: Checkpo
         "t1_hop_cost_in_echoes": hop_cost / echo_p50,
         "wire_bytes_over_ideal": result.served["internal_wire_bytes_per_token"] / ideal_bytes,
     }
+    for key, value in result.fast_path.get("standard", {}).get("ratios", {}).get("served", {}).items():
+        ratios[f"served_{key}"] = value
     if result.rayserve:
         concurrent, t1 = result.rayserve["concurrent"], result.rayserve["t1_latency_ms"]
         # targets: >= 1.5 and <= 0.5

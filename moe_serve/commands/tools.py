@@ -72,6 +72,9 @@ def bench(
     latency_requests: Annotated[int, typer.Option(help="Requests timed at T=1.")] = 200,
     throughput_tokens: Annotated[int, typer.Option(help="T of the throughput requests.")] = 2048,
     throughput_requests: Annotated[int, typer.Option(help="Requests timed for throughput.")] = 10,
+    fast_path_requests: Annotated[
+        int, typer.Option(help="T=1 requests whose messages and gateway stages are counted (from /metrics).")
+    ] = 100,
     rounds: Annotated[int, typer.Option(help="Alternating measurement rounds.")] = 5,
     sweep_tokens: Annotated[
         str | None,
@@ -83,9 +86,10 @@ def bench(
         str,
         typer.Option(
             help="Extra sections, comma-separated: rayserve, sweep, concurrency, capacity, replication, offload, "
-            "auth (cluster token against mutual TLS per internal message), pipelining ('' for none)."
+            "auth (cluster token against mutual TLS per internal message), thin (served vs the monolithic peer "
+            "with experts of width 8: the data path alone), pipelining ('' for none)."
         ),
-    ] = "rayserve,sweep,concurrency,capacity,replication,offload,auth",
+    ] = "rayserve,sweep,concurrency,capacity,replication,offload,auth,thin",
     output_dir: Annotated[Path, typer.Option(help="Where the JSON results and PNG plots go.")] = Path(
         "benchmarks/results"
     ),
@@ -115,6 +119,7 @@ def bench(
             latency_requests=latency_requests,
             throughput_tokens=throughput_tokens,
             throughput_requests=throughput_requests,
+            fast_path_requests=fast_path_requests,
             rounds=rounds,
             **({"sweep_tokens": parse_tokens(sweep_tokens)} if sweep_tokens else {}),
             sections=tuple(filter(None, (part.strip() for part in sections.split(",")))),
