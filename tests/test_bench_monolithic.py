@@ -100,17 +100,27 @@ def test_short_bench_reports_the_fast_path(tmp_path: Path) -> None:
     assert set(result["fast_path"]) == {"standard", "thin"}
     assert "ff8" in result["fast_path"]["thin"]["checkpoint"]
     for name, figures in result["fast_path"].items():
-        messages = figures["messages"]["served"]
-        per_type = {kind: entry["per_request"] for kind, entry in messages["by_type"].items()}
-        # k=2 on 2 workers: a token's experts sit on one worker or on both; each worker touched costs
-        # a compute request, a delivery, its ack and a compute result
+        assert set(figures["messages"]) == {"served", "served-service"}
+        # k=2 on 2 workers: a token's experts sit on one worker or on both. With the router in its
+        # own process each worker touched costs a compute request, a delivery, its ack and a compute
+        # result; with the router in the gateway, a compute request and a compute result with the rows
+        service = figures["messages"]["served-service"]
+        per_type = {kind: entry["per_request"] for kind, entry in service["by_type"].items()}
         workers_touched = per_type["ComputeRequest"]
         assert 1.0 <= workers_touched <= 2.0, (name, per_type)
         for kind in ("Delivery", "DeliveryAck", "ComputeResult"):
             assert per_type[kind] == pytest.approx(workers_touched), (name, per_type)
         assert per_type["RouteRequest"] == per_type["RoutePlan"] == 1.0
-        assert messages["per_t1_request"] == pytest.approx(4 + 4 * workers_touched)
-        assert messages["unmatched"] == {}, name
+        assert service["per_t1_request"] == pytest.approx(4 + 4 * workers_touched)
+        embedded = figures["messages"]["served"]
+        per_type = {kind: entry["per_request"] for kind, entry in embedded["by_type"].items()}
+        workers_touched = per_type["ComputeRequest"]
+        assert 1.0 <= workers_touched <= 2.0, (name, per_type)
+        assert per_type["ComputeResult"] == pytest.approx(workers_touched), (name, per_type)
+        assert set(per_type) == {"ModelInferRequest", "ModelInferResponse", "ComputeRequest", "ComputeResult"}
+        assert embedded["per_t1_request"] == pytest.approx(2 + 2 * workers_touched)
+        for messages in (service, embedded):
+            assert messages["unmatched"] == {}, name
         hops = figures["hops"]["served"]
         stages = hops["gateway_ms"]
         assert set(stages) == {"decode", "route", "collect", "combine", "encode", "total"}

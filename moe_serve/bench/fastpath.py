@@ -35,6 +35,7 @@ HOPS = {
     "ComputeRequest": "router -> worker",
     "Delivery": "worker -> gateway",
     "DeliveryAck": "gateway -> worker",
+    # with the router in the gateway (embedded), this answer carries the rows: worker -> gateway
     "ComputeResult": "worker -> router",
 }
 # unary calls outside the internal streams: one message each way per request

@@ -318,7 +318,12 @@ def stack_metrics_addresses(stack: Stack) -> list[str]:
     return [*addresses, *(record.metrics_address for record in stack.workers)]
 
 
-def launch_bench_stack(config: BenchConfig, checkpoint_dir: Path) -> Stack:
+# the served stack as `moe-serve up` runs it (the router in the gateway), and with the router as
+# its own process (compose, Kubernetes): each is a subject of the core run and of the thin section
+SERVED_MODES = {"served": "embedded", "served-service": "service"}
+
+
+def launch_bench_stack(config: BenchConfig, checkpoint_dir: Path, router: str = "embedded") -> Stack:
     """`moe-serve up` for the bench, every service with a /metrics port (the fast-path figures read them)."""
     # on a GPU the workers share it: Ray gives each an equal fraction, and each computes on it
     gpus_per_worker = 1.0 / config.workers if config.device == "cuda" else 0.0
@@ -330,9 +335,26 @@ def launch_bench_stack(config: BenchConfig, checkpoint_dir: Path) -> Stack:
             pipeline_chunk_tokens=config.pipeline_chunk_tokens,
             log_level="WARNING",
             metrics_port=0,
+            router=router,
         ),
         checkpoint_dir,
     )
+
+
+@contextmanager
+def served_stacks(config: BenchConfig, checkpoint_dir: Path) -> Iterator[dict[str, tuple[Stack, grpc.Channel]]]:
+    """One stack per SERVED_MODES entry, with a client channel each; stopped on exit."""
+    options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
+    running: dict[str, tuple[Stack, grpc.Channel]] = {}
+    try:
+        for name, router in SERVED_MODES.items():
+            stack = launch_bench_stack(config, checkpoint_dir, router)
+            running[name] = (stack, grpc.insecure_channel(stack.address, options=options))
+        yield running
+    finally:
+        for stack, channel in running.values():
+            channel.close()
+            stack.stop()
 
 
 def fast_path_section(
@@ -363,6 +385,7 @@ def measure_memory(stack: Stack, checkpoint: Checkpoint) -> dict[str, dict[str, 
     memory = {
         name: {"rss": rss_mib(process.process.pid), "target": SERVICE_TARGET_MIB}
         for name, process in (("gateway", stack.gateway), ("router", stack.router))
+        if name == "gateway" or process.process is not stack.gateway.process  # embedded: one process
     }
     pids = ray.get(stack.controller.worker_pids.remote())
     for record in stack.workers:
@@ -483,6 +506,8 @@ def run_bench(config: BenchConfig) -> BenchResult:
     device = torch.device(config.device)
     init_ray(log_to_driver=False)
     stack = launch_bench_stack(config, checkpoint_dir)
+    # the router as its own process: in the core comparison only, then stopped
+    service_stack: Stack | None = launch_bench_stack(config, checkpoint_dir, SERVED_MODES["served-service"])
     echo = start_service_process("echo", [], module="moe_serve.bench.echo")
     monolithic: ServiceProcess = start_monolithic(checkpoint_dir, config.device)
     options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
@@ -492,18 +517,26 @@ def run_bench(config: BenchConfig) -> BenchResult:
     try:
         with (
             grpc.insecure_channel(stack.address, options=options) as served_channel,
+            grpc.insecure_channel(service_stack.address, options=options) as service_channel,
             grpc.insecure_channel(echo.address) as echo_channel,
             grpc.insecure_channel(monolithic.address, options=options) as monolithic_channel,
         ):
             served = served_subject(stack, served_channel, config, inputs)
+            served_service = served_subject(service_stack, service_channel, config, inputs, name="served-service")
             subjects = [
                 *reference_subjects(blocks, config, reference_inputs),
                 served,
+                served_service,
                 kserve_subject("monolithic", stack.model_name, monolithic_channel, config, inputs),
                 echo_subject(echo.address, echo_channel),
             ]
             measured = measure_interleaved(subjects, config)
-            result.fast_path["standard"] = fast_path_section(measured, [(served, stack)], config, checkpoint_dir)
+            result.fast_path["standard"] = fast_path_section(
+                measured, [(served, stack), (served_service, service_stack)], config, checkpoint_dir
+            )
+            result.fast_path["standard"]["served_service"] = measured.pop("served-service")
+            service_stack.stop()
+            service_stack = None
             result.memory_mib = measure_memory(stack, checkpoint)
             # Ray Serve starts only now, so its controller's idle loops cannot disturb the core comparison
             with rayserve_if_asked(config, checkpoint_dir) as layer:
@@ -534,6 +567,8 @@ def run_bench(config: BenchConfig) -> BenchResult:
     finally:
         monolithic.stop()
         echo.stop()
+        if service_stack is not None:
+            service_stack.stop()
         stack.stop()
         ray.shutdown()
     if "thin" in config.sections:

@@ -22,9 +22,9 @@ from moe_serve.bench.runner import (
     echo_subject,
     fast_path_section,
     kserve_subject,
-    launch_bench_stack,
     measure_interleaved,
     reference_subjects,
+    served_stacks,
     served_subject,
 )
 from moe_serve.checkpoint import Checkpoint
@@ -50,30 +50,32 @@ def thin_section(config: BenchConfig, inputs: dict[int, torch.Tensor]) -> dict[s
     reference_inputs = {tokens: hidden.to(device) for tokens, hidden in inputs.items()}
     init_ray(log_to_driver=False)
     try:
-        stack = launch_bench_stack(thin, checkpoint_dir)
-        echo = monolithic = None
-        try:
-            echo = start_service_process("echo", [], module="moe_serve.bench.echo")
-            monolithic = start_monolithic(checkpoint_dir, config.device)
-            with (
-                grpc.insecure_channel(stack.address, options=options) as served_channel,
-                grpc.insecure_channel(echo.address) as echo_channel,
-                grpc.insecure_channel(monolithic.address, options=options) as monolithic_channel,
-            ):
-                served = served_subject(stack, served_channel, thin, inputs)
-                subjects = [
-                    *reference_subjects({"eager": block}, thin, reference_inputs),
-                    served,
-                    kserve_subject("monolithic", stack.model_name, monolithic_channel, thin, inputs),
-                    echo_subject(echo.address, echo_channel),
-                ]
-                measured = measure_interleaved(subjects, thin)
-                section = fast_path_section(measured, [(served, stack)], thin, checkpoint_dir)
-        finally:
-            for process in (monolithic, echo):
-                if process is not None:
-                    process.stop()
-            stack.stop()
+        with served_stacks(thin, checkpoint_dir) as stacks:
+            echo = monolithic = None
+            try:
+                echo = start_service_process("echo", [], module="moe_serve.bench.echo")
+                monolithic = start_monolithic(checkpoint_dir, config.device)
+                with (
+                    grpc.insecure_channel(echo.address) as echo_channel,
+                    grpc.insecure_channel(monolithic.address, options=options) as monolithic_channel,
+                ):
+                    served = [
+                        (served_subject(stack, channel, thin, inputs, name=name), stack)
+                        for name, (stack, channel) in stacks.items()
+                    ]
+                    model_name = stacks["served"][0].model_name
+                    subjects = [
+                        *reference_subjects({"eager": block}, thin, reference_inputs),
+                        *(subject for subject, _ in served),
+                        kserve_subject("monolithic", model_name, monolithic_channel, thin, inputs),
+                        echo_subject(echo.address, echo_channel),
+                    ]
+                    measured = measure_interleaved(subjects, thin)
+                    section = fast_path_section(measured, served, thin, checkpoint_dir)
+            finally:
+                for process in (monolithic, echo):
+                    if process is not None:
+                        process.stop()
     finally:
         ray.shutdown()
     section["intermediate_size"] = THIN_INTERMEDIATE_SIZE
