@@ -37,6 +37,7 @@ from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
 from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials
+from moe_serve.shared_arena import ACCEPT_KEY, OFFER_KEY, ArenaView
 from moe_serve.streams import StreamClientPool, serve_stream
 from moe_serve.telemetry import Telemetry, extract_context, inject_context
 
@@ -113,10 +114,32 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         return self.record().to_proto()
 
     async def ComputeStream(self, requests: object, context: aio.ServicerContext) -> None:
-        await serve_stream(context, self.compute, lambda _, error: moe_pb2.ComputeResult(failure=failure_of(error)))
+        arena = await self._attach_arena(context)
+        try:
+            await serve_stream(
+                context,
+                lambda request: self.compute(request, arena),
+                lambda _, error: moe_pb2.ComputeResult(failure=failure_of(error)),
+            )
+        finally:
+            if arena is not None:
+                arena.close()
 
-    async def compute(self, request: moe_pb2.ComputeRequest) -> moe_pb2.ComputeResult:
-        """Compute one batch and deliver it; the result says how many rows the gateway accepted."""
+    async def _attach_arena(self, context: aio.ServicerContext) -> ArenaView | None:
+        """Map the sender's shared-memory arena when it offers one and it is reachable from here
+        (moe_serve/shared_arena.py); the answer goes back at once, in the initial metadata."""
+        offer = next((value for key, value in context.invocation_metadata() or () if key == OFFER_KEY), None)
+        if offer is None:
+            return None
+        arena, reason = ArenaView.attach(str(offer))
+        if arena is None:
+            logger.info("worker %s: rows come as bytes on this stream (%s)", self.identity.worker_id, reason)
+        await context.send_initial_metadata(((ACCEPT_KEY, "1" if arena is not None else "0"),))
+        return arena
+
+    async def compute(self, request: moe_pb2.ComputeRequest, arena: ArenaView | None = None) -> moe_pb2.ComputeResult:
+        """Compute one batch and deliver it; the result says how many rows the gateway accepted.
+        `arena`: the stream's shared memory, where the request's rows (and outputs) may be."""
         with self.tracer.start_as_current_span(
             "worker.compute", context=extract_context(request.trace_context), kind=SpanKind.SERVER
         ) as span:
@@ -127,11 +150,11 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
                     "moe_serve.rows": request.rows.shape[0] if request.rows.shape else 0,
                 }
             )
-            return await self._compute(request)
+            return await self._compute(request, arena)
 
-    async def _compute(self, request: moe_pb2.ComputeRequest) -> moe_pb2.ComputeResult:
+    async def _compute(self, request: moe_pb2.ComputeRequest, arena: ArenaView | None) -> moe_pb2.ComputeResult:
         deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
-        rows, segments = self._validate(request)
+        rows, segments = self._validate(request, arena)
         self._abandon_if_expired(request, deadline)
         self.load.received(rows.shape[0])
         for key, count in segments:
@@ -142,7 +165,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             if outputs is None:  # expired while queued behind other work: nothing was computed
                 self._abandon(request)
             if request.reply_with_rows:  # the router is in the gateway's process: the rows ride the reply
-                result = self._reply_with_rows(request, outputs)
+                result = self._reply_with_rows(request, outputs, arena)
             else:
                 result = moe_pb2.ComputeResult(rows_delivered=await self._deliver(request, outputs, deadline))
         finally:
@@ -153,8 +176,15 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             result.resident_experts.extend(k.expert for k in self.store.tier.resident() if k.layer == request.layer)
         return result
 
-    def _validate(self, request: moe_pb2.ComputeRequest) -> tuple[torch.Tensor, list[tuple[ExpertKey, int]]]:
-        rows = codec.from_proto(request.rows, "rows")
+    def _validate(
+        self, request: moe_pb2.ComputeRequest, arena: ArenaView | None
+    ) -> tuple[torch.Tensor, list[tuple[ExpertKey, int]]]:
+        if request.HasField("rows_region"):
+            if arena is None:
+                raise ServiceUnavailable("rows in a shared-memory region, but no arena is mapped on this stream")
+            rows = arena.tensor(request.rows_region, request.rows.datatype, list(request.rows.shape), "rows")
+        else:
+            rows = codec.from_proto(request.rows, "rows")
         if rows.dim() != 2 or rows.shape[1] != self.store.hidden_size or rows.dtype != self.store.dtype:
             raise InvalidInput(
                 f"rows must be {codec.datatype_name(self.store.dtype)} [n, {self.store.hidden_size}], "
@@ -232,9 +262,18 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             "got to it; its rows were abandoned"
         )
 
-    def _reply_with_rows(self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor) -> moe_pb2.ComputeResult:
+    def _reply_with_rows(
+        self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, arena: ArenaView | None
+    ) -> moe_pb2.ComputeResult:
         result = moe_pb2.ComputeResult(rows_delivered=outputs.shape[0], positions=request.positions)
-        payload = codec.fill_proto(result.rows, outputs) + codec.payload_bytes(request.positions)
+        if request.HasField("output_region") and arena is not None:  # same host: into the sender's memory
+            datatype = codec.datatype_name(outputs.dtype)
+            arena.tensor(request.output_region, datatype, list(outputs.shape), "outputs").copy_(outputs)
+            result.rows.datatype, result.rows_in_region = datatype, True
+            result.rows.shape.extend(outputs.shape)
+            payload = codec.payload_bytes(request.positions)
+        else:
+            payload = codec.fill_proto(result.rows, outputs) + codec.payload_bytes(request.positions)
         self.metrics.wire("worker_to_gateway", "sent", payload)
         return result
 

@@ -231,6 +231,13 @@ class RouterSettings(CommonSettings):
         description="Hint offloading workers which experts come next (this batch's and the next layer's likely "
         "ones, learnt from consecutive layers of one sequence), so their loads overlap with compute.",
     )
+    shared_memory_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Same-host zero-copy: each stream to a worker on this host gets a shared-memory arena of this "
+        "many bytes; rows (and, with the router in the gateway, the outputs) pass through it instead of the socket. "
+        "A worker elsewhere declines it; a batch that does not fit goes as bytes. 0 = off.",
+    )
 
 
 def embedded_router_settings(gateway: GatewaySettings) -> RouterSettings:

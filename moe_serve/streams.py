@@ -19,7 +19,7 @@ import itertools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from grpc import aio
 
@@ -34,6 +34,17 @@ ReplyT = TypeVar("ReplyT")
 OpenStream = Callable[[aio.Channel], Any]  # e.g. lambda channel: RouterStub(channel).RouteStream
 
 
+class StreamSession(Protocol):
+    """Something that lives exactly as long as one stream (a shared-memory arena): its metadata
+    goes with the stream's opening, it reads the server's initial metadata, it ends with the stream."""
+
+    def metadata(self) -> tuple[tuple[str, str], ...]: ...
+
+    def opened(self, initial_metadata: Any) -> None: ...
+
+    def closed(self) -> None: ...
+
+
 class StreamClient(Generic[RequestT, ReplyT]):
     """Calls over one stream to one address; safe to use from many coroutines of one event loop."""
 
@@ -43,34 +54,51 @@ class StreamClient(Generic[RequestT, ReplyT]):
         open_stream: OpenStream,
         max_message_bytes: int,
         credentials: ClusterCredentials = INSECURE_INTERNAL,
+        new_session: Callable[[], StreamSession | None] | None = None,
     ) -> None:
         self.address = address
         self._channel = open_aio_channel(address, channel_options(max_message_bytes), credentials)
         self._method = open_stream(self._channel)
         # the cluster token goes once per stream, not per message (see moe_serve.security)
-        self._metadata = credentials.call_metadata()
+        self._metadata = tuple(credentials.call_metadata() or ())
+        self._new_session = new_session
+        self.session: Any = None  # the current stream's session, when sessions are asked for
         self._stream: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._ids = itertools.count(1)
         # call_id -> (future, the stream the call was written on)
         self._pending: dict[int, tuple[asyncio.Future[ReplyT], Any]] = {}
+        # call_id -> (release, stream): calls whose caller left before the reply (see `call`)
+        self._orphans: dict[int, tuple[Callable[[], None], Any]] = {}
 
-    async def call(self, message: RequestT, timeout: float | None, written: Callable[[], None] | None = None) -> ReplyT:
+    async def call(
+        self,
+        message: RequestT,
+        timeout: float | None,
+        written: Callable[[], None] | None = None,
+        release: Callable[[], None] | None = None,
+    ) -> ReplyT:
         """Send `message` (its call_id is set here) and wait up to `timeout` s for its reply.
 
         `written` is called once the message's write is over (done, failed or skipped).
+        `release` frees what the message lent the peer (a shared-memory region): the caller calls it
+        after using a reply it got; when the caller gets none (timeout, cancellation, failure) it is
+        called here, once the peer can no longer touch it: at the late reply or at the stream's end.
         """
         call_id = next(self._ids)
         message.call_id = call_id  # type: ignore[attr-defined]
         future: asyncio.Future[ReplyT] = asyncio.get_running_loop().create_future()
+        answered = False
         try:
             # shielded: grpc.aio cancels the whole stream when a write is interrupted, and every
             # concurrent call shares it; a caller that goes away (its client cancelled, its deadline
             # passed) leaves its write to finish in the background instead
             await asyncio.shield(self._send(call_id, message, future, written))
             async with asyncio.timeout(timeout):
-                return await future
+                reply = await future
+            answered = True
+            return reply
         except TimeoutError:
             raise DeadlineExceeded(f"no answer from {self.address} within {timeout:.3f} s") from None
         finally:
@@ -78,7 +106,12 @@ class StreamClient(Generic[RequestT, ReplyT]):
             # nobody awaited (its caller went away) is marked as seen, so asyncio does not log it
             if not future.cancel() and not future.cancelled():
                 future.exception()
-            self._pending.pop(call_id, None)
+            entry = self._pending.pop(call_id, None)
+            if release is not None and not answered:
+                if entry is not None and not entry[1].done():
+                    self._orphans[call_id] = (release, entry[1])  # in flight: wait for its reply
+                else:
+                    release()  # never written, or its stream is gone
 
     async def _send(
         self,
@@ -109,18 +142,24 @@ class StreamClient(Generic[RequestT, ReplyT]):
     def _ensure_stream(self) -> Any:
         # a stream that ended is replaced at once, before its reader task has noticed the end
         if self._stream is None or self._stream.done():
-            self._stream = self._method(metadata=self._metadata)
-            self._reader = asyncio.create_task(self._read(self._stream), name=f"stream-reader-{self.address}")
+            session = self._new_session() if self._new_session is not None else None
+            metadata = self._metadata + (session.metadata() if session is not None else ())
+            self._stream, self.session = self._method(metadata=metadata or None), session
+            self._reader = asyncio.create_task(self._read(self._stream, session), name=f"stream-reader-{self.address}")
         return self._stream
 
-    async def _read(self, stream: Any) -> None:
+    async def _read(self, stream: Any, session: StreamSession | None) -> None:
         error: MoEServeError = ServiceUnavailable(f"{self.address} closed the stream")
         try:
+            if session is not None:  # the server answers the offer in its initial metadata, at once
+                session.opened(await stream.initial_metadata())
             while (reply := await stream.read()) is not aio.EOF:
                 STREAM_MESSAGES.count(reply, "received")
                 entry = self._pending.get(reply.call_id)
                 if entry is not None and not entry[0].done():
                     entry[0].set_result(reply)
+                elif (orphan := self._orphans.pop(reply.call_id, None)) is not None:
+                    orphan[0]()
         except aio.AioRpcError as rpc_error:
             error = ServiceUnavailable(f"stream to {self.address} broke: {_describe(rpc_error)}")
         except asyncio.CancelledError:
@@ -131,6 +170,12 @@ class StreamClient(Generic[RequestT, ReplyT]):
             for future, on_stream in list(self._pending.values()):
                 if on_stream is stream and not future.done():
                     future.set_exception(error)
+            for call_id, (release, on_stream) in list(self._orphans.items()):
+                if on_stream is stream:
+                    del self._orphans[call_id]
+                    release()
+            if session is not None:
+                session.closed()
 
     async def close(self) -> None:
         if self._stream is not None:
@@ -146,16 +191,21 @@ class StreamClientPool(Generic[RequestT, ReplyT]):
     """One StreamClient per address."""
 
     def __init__(
-        self, open_stream: OpenStream, max_message_bytes: int, credentials: ClusterCredentials = INSECURE_INTERNAL
+        self,
+        open_stream: OpenStream,
+        max_message_bytes: int,
+        credentials: ClusterCredentials = INSECURE_INTERNAL,
+        new_session: Callable[[], StreamSession | None] | None = None,
     ) -> None:
         self._open_stream, self._max_message_bytes, self._credentials = open_stream, max_message_bytes, credentials
+        self._new_session = new_session
         self._clients: dict[str, StreamClient[RequestT, ReplyT]] = {}
 
     def get(self, address: str) -> StreamClient[RequestT, ReplyT]:
         client = self._clients.get(address)
         if client is None:
             client = self._clients[address] = StreamClient(
-                address, self._open_stream, self._max_message_bytes, self._credentials
+                address, self._open_stream, self._max_message_bytes, self._credentials, self._new_session
             )
         return client
 

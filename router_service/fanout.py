@@ -28,12 +28,14 @@ import grpc
 import torch
 
 from moe_serve import codec
-from moe_serve.errors import ExpertUnavailable, MoEServeError, ServiceUnavailable, error_of, failure_of
+from moe_serve.dispatch import token_indices
+from moe_serve.errors import ExpertUnavailable, InvalidInput, MoEServeError, ServiceUnavailable, error_of, failure_of
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry, WorkerRecord
 from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials
+from moe_serve.shared_arena import Arena, aligned, new_arena
 from moe_serve.streams import StreamClientPool
 from moe_serve.telemetry import inject_context
 from router_service.hints import OffloadHints
@@ -121,6 +123,7 @@ class Dispatcher:
         metrics: RouterMetrics | None = None,
         credentials: ClusterCredentials = INSECURE_INTERNAL,
         hints: OffloadHints | None = None,
+        shared_memory_bytes: int = 0,
     ) -> None:
         self.registry, self.max_attempts, self.split_min_rows = registry, max_attempts, split_min_rows
         self.max_message_bytes = max_message_bytes
@@ -130,8 +133,12 @@ class Dispatcher:
             metrics.retry_budget = self.retry_budget
         # rows sent per (layer, expert) since start: the load the balancer measures
         self.expert_rows: Counter[ExpertKey] = Counter()
+        # same host: each worker stream offers a shared-memory arena of this size (moe_serve/shared_arena.py)
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
-            lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream, max_message_bytes, credentials
+            lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream,
+            max_message_bytes,
+            credentials,
+            (lambda: new_arena(shared_memory_bytes)) if shared_memory_bytes > 0 else None,
         )
         self._gateways: StreamClientPool[moe_pb2.Delivery, moe_pb2.DeliveryAck] = StreamClientPool(
             lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes, credentials
@@ -251,6 +258,7 @@ class Dispatcher:
                 written()
             return True  # the gateway has already answered this request
         worker_id = batch.worker.worker_id
+        client = self._workers.get(batch.worker.address)
         request = moe_pb2.ComputeRequest(
             request_id=job.request_id,
             timeout_s=timeout or 0.0,
@@ -261,7 +269,12 @@ class Dispatcher:
             delivery_address=job.delivery_address,
             reply_with_rows=job.local is not None,
         )
-        payload = codec.fill_proto(request.rows, gather_rows(job.hidden_states, batch.positions, job.slots_per_token))
+        lent = _lend_rows(client.session, request, job, batch)
+        payload = (
+            0
+            if lent is not None
+            else codec.fill_proto(request.rows, gather_rows(job.hidden_states, batch.positions, job.slots_per_token))
+        )
         payload += codec.fill_proto(request.positions, batch.positions.to(torch.int32))
         inject_context(request.trace_context)
         if attempt == 1:  # the balancer measures demand: rows sent, retries not counted again
@@ -280,10 +293,12 @@ class Dispatcher:
             watch = loop.call_at(started + overdue_s, self._overdue, job, batch, attempt, excluded, flight, overdue_s)
         try:
             async with asyncio.timeout(None) as flight.interrupt:
-                result = await self._workers.get(batch.worker.address).call(request, timeout, written)
+                result = await client.call(request, timeout, written, lent.release if lent is not None else None)
             error = error_of(result.failure) if result.HasField("failure") else None
             if error is None and job.local is not None:
-                error = _accept_rows(job, job.local, result)
+                error = _accept_rows(job, job.local, result, lent)
+            if lent is not None:  # read (or never written to): the region may serve the next batch
+                lent.release()
             if error is None:
                 self.stragglers.record(worker_id, loop.time() - started, batch.num_rows)
                 if self.hints is not None:
@@ -431,11 +446,66 @@ class Dispatcher:
             await self._gateways.get(job.delivery_address).call(failure, timeout)
 
 
-def _accept_rows(job: DispatchJob, local: LocalDelivery, result: moe_pb2.ComputeResult) -> MoEServeError | None:
+@dataclass(frozen=True)
+class _LentRows:
+    """A batch's region of a worker stream's shared arena: its rows, then room for the outputs."""
+
+    arena: Arena
+    offset: int
+    rows_bytes: int
+    shape: tuple[int, int]
+    dtype: torch.dtype
+
+    @property
+    def output_offset(self) -> int:
+        return self.offset + aligned(self.rows_bytes)
+
+    def release(self) -> None:
+        self.arena.release(self.offset)
+
+    def outputs(self, result: moe_pb2.ComputeResult) -> torch.Tensor:
+        if list(result.rows.shape) != list(self.shape) or result.rows.datatype != codec.datatype_name(self.dtype):
+            raise InvalidInput(f"outputs {result.rows.datatype} {list(result.rows.shape)} for rows {list(self.shape)}")
+        return self.arena.tensor(self.output_offset, self.dtype, self.shape)
+
+
+def _lend_rows(
+    arena: Arena | None, request: moe_pb2.ComputeRequest, job: DispatchJob, batch: WorkerBatch
+) -> _LentRows | None:
+    """Gather the batch's rows straight into the stream's arena and point the request at them (and,
+    when the worker answers with rows, at room for its outputs); None: no arena, or no room in it."""
+    if arena is None or not arena.usable:
+        return None
+    hidden = job.hidden_states
+    shape = (batch.num_rows, hidden.shape[1])
+    rows_bytes = shape[0] * shape[1] * hidden.element_size()
+    offset = arena.allocate(aligned(rows_bytes) + (rows_bytes if job.local is not None else 0))
+    if offset is None:
+        return None
+    lent = _LentRows(arena, offset, rows_bytes, shape, hidden.dtype)
+    index = token_indices(batch.positions, job.slots_per_token)
+    torch.index_select(hidden, 0, index, out=arena.tensor(offset, hidden.dtype, shape))
+    request.rows.datatype = codec.datatype_name(hidden.dtype)
+    request.rows.shape.extend(shape)
+    request.rows_region.CopyFrom(arena.region(offset, rows_bytes))
+    if job.local is not None:
+        request.output_region.CopyFrom(arena.region(lent.output_offset, rows_bytes))
+    return lent
+
+
+def _accept_rows(
+    job: DispatchJob, local: LocalDelivery, result: moe_pb2.ComputeResult, lent: _LentRows | None
+) -> MoEServeError | None:
     """Hand the rows a worker answered with to the gateway in this process; the error if refused."""
     try:
         positions = codec.from_proto(result.positions, "positions")
-        local.deliver(job.request_id, positions, codec.from_proto(result.rows, "rows"))
+        if result.rows_in_region:
+            if lent is None:
+                raise InvalidInput("the worker wrote its outputs to shared memory this batch did not lend it")
+            rows = lent.outputs(result)
+        else:
+            rows = codec.from_proto(result.rows, "rows")
+        local.deliver(job.request_id, positions, rows)  # copies them: the region is free after this
     except MoEServeError as error:  # NOT_FOUND: the gateway answered already; INVALID_ARGUMENT: bad rows
         return error
     return None

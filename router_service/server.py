@@ -80,6 +80,7 @@ class RouterService:
                 ExpertForecast(spec.moe_layers, spec.num_experts) if settings.prefetch else None,
                 credentials,
             ),
+            settings.shared_memory_bytes,
         )
         self.servicer = RouterServicer(
             planner, self.registry, self.dispatcher, model_name, self.telemetry.tracer, metrics

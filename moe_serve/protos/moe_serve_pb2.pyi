@@ -239,6 +239,16 @@ class ExpertSet(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[ExpertKey]
     def __init__(self, experts: _Optional[_Iterable[_Union[ExpertKey, _Mapping]]] = ...) -> None: ...
 
+class SharedRegion(_message.Message):
+    __slots__ = ("arena", "offset", "byte_size")
+    ARENA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    arena: int
+    offset: int
+    byte_size: int
+    def __init__(self, arena: _Optional[int] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
+
 class ExpertSegment(_message.Message):
     __slots__ = ("expert", "num_rows")
     EXPERT_FIELD_NUMBER: _ClassVar[int]
@@ -248,7 +258,7 @@ class ExpertSegment(_message.Message):
     def __init__(self, expert: _Optional[int] = ..., num_rows: _Optional[int] = ...) -> None: ...
 
 class ComputeRequest(_message.Message):
-    __slots__ = ("call_id", "timeout_s", "request_id", "layer", "segments", "rows", "positions", "delivery_address", "trace_context", "reply_with_rows")
+    __slots__ = ("call_id", "timeout_s", "request_id", "layer", "segments", "rows", "positions", "delivery_address", "trace_context", "reply_with_rows", "rows_region", "output_region")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +276,8 @@ class ComputeRequest(_message.Message):
     DELIVERY_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     REPLY_WITH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_REGION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REGION_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     timeout_s: float
     request_id: str
@@ -276,23 +288,27 @@ class ComputeRequest(_message.Message):
     delivery_address: str
     trace_context: _containers.ScalarMap[str, str]
     reply_with_rows: bool
-    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[ExpertSegment, _Mapping]]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., delivery_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., reply_with_rows: _Optional[bool] = ...) -> None: ...
+    rows_region: SharedRegion
+    output_region: SharedRegion
+    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[ExpertSegment, _Mapping]]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., delivery_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., reply_with_rows: _Optional[bool] = ..., rows_region: _Optional[_Union[SharedRegion, _Mapping]] = ..., output_region: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
 
 class ComputeResult(_message.Message):
-    __slots__ = ("call_id", "rows_delivered", "failure", "resident_experts", "rows", "positions")
+    __slots__ = ("call_id", "rows_delivered", "failure", "resident_experts", "rows", "positions", "rows_in_region")
     CALL_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_DELIVERED_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_IN_REGION_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     rows_delivered: int
     failure: Failure
     resident_experts: _containers.RepeatedScalarFieldContainer[int]
     rows: Tensor
     positions: Tensor
-    def __init__(self, call_id: _Optional[int] = ..., rows_delivered: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., resident_experts: _Optional[_Iterable[int]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    rows_in_region: bool
+    def __init__(self, call_id: _Optional[int] = ..., rows_delivered: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., resident_experts: _Optional[_Iterable[int]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., rows_in_region: _Optional[bool] = ...) -> None: ...
 
 class PrefetchReply(_message.Message):
     __slots__ = ("loads_started",)
