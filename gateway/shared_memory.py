@@ -149,11 +149,15 @@ class SharedMemoryRegistry:
     """Registered system shared-memory regions by name (Triton's SharedMemoryManager, system memory only).
 
     `enabled` False (the default, as Triton's --allow-client-shm): Register and Unregister answer
-    UNIMPLEMENTED and no tensor can name a region.
+    UNIMPLEMENTED and no tensor can name a region. `max_input_bytes` (0: no bound) bounds an input
+    read from a region as the public port's receive limit bounds one sent in the message.
     """
 
-    def __init__(self, enabled: bool, directory: Path = SHM_DIRECTORY, max_regions: int = MAX_REGIONS) -> None:
+    def __init__(
+        self, enabled: bool, max_input_bytes: int = 0, directory: Path = SHM_DIRECTORY, max_regions: int = MAX_REGIONS
+    ) -> None:
         self.enabled, self.directory, self.max_regions = enabled, directory, max_regions
+        self.max_input_bytes = max_input_bytes
         self.regions: dict[str, SystemSharedMemoryRegion] = {}
         self._unregistered_in_use: set[SystemSharedMemoryRegion] = set()
 
@@ -279,6 +283,13 @@ class RegionLease:
     def read_input(self, location: TensorLocation, expected_bytes: int, what: str) -> bytes:
         """The bytes of an input of `expected_bytes` bytes (its shape x datatype) from its location."""
         region = self._acquire(location, what)
+        limit = self.registry.max_input_bytes
+        if limit and expected_bytes > limit:
+            raise Overloaded(
+                f"{what} has {expected_bytes} bytes, more than the {limit} this gateway takes in one request; "
+                "send fewer tokens per request",
+                reason="message_size",
+            )
         if location.byte_size != expected_bytes:
             raise InvalidInput(
                 f"{what}: {BYTE_SIZE_PARAMETER!r} is {location.byte_size}, but its shape and datatype need "

@@ -37,7 +37,7 @@ def make_object(tmp_path: Path) -> Callable[..., str]:
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[SharedMemoryRegistry]:
-    registry = SharedMemoryRegistry(True, directory=tmp_path)
+    registry = SharedMemoryRegistry(True, max_input_bytes=SIZE, directory=tmp_path)
     yield registry
     registry.close()
 
@@ -170,6 +170,8 @@ def test_reads_and_writes_stay_inside_the_region(
             lease.read_input(TensorLocation("region", 508, 8), 8, "input 'x'")
         with pytest.raises(InvalidInput, match="offset 512"):
             lease.read_input(TensorLocation("region", 512, 0), 0, "input 'x'")
+        with pytest.raises(Overloaded, match=f"has {SIZE + 4} bytes, more than the {SIZE}"):
+            lease.read_input(TensorLocation("region", 0, 8), SIZE + 4, "input 'x'")
         with pytest.raises(RegionNotFound, match="'nowhere'"):
             lease.read_input(TensorLocation("nowhere", 0, 8), 8, "input 'x'")
         with pytest.raises(InvalidInput, match=r"output 'out' \(16 bytes\) should be at least 32 bytes"):
