@@ -182,6 +182,12 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         "a probe itself always gets a fresh answer.",
     )
     startup_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the router at start-up.")
+    allow_client_shm: bool = Field(
+        False,
+        description="Triton's system shared-memory extension: clients on this host may register POSIX "
+        "shared-memory objects and exchange tensors through them. Off by default, as Triton's "
+        "--allow-client-shm: a registered object is read and written by the gateway.",
+    )
 
 
 class RouterSettings(CommonSettings):
