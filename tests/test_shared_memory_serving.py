@@ -1,7 +1,7 @@
-"""Triton's system shared-memory extension on a running stack (router, one worker and a gateway with
---allow-client-shm, each its own process): NVIDIA's tritonclient end to end, the bad-input matrix,
-a region unregistered while a request uses it, a client killed while holding a region, and no
-descriptor or segment left behind."""
+"""Triton's system shared-memory extension on a running stack (the session's slow_stack: router, one
+worker computing one segment at a time and a gateway with --allow-client-shm, each its own process):
+NVIDIA's tritonclient end to end, the bad-input matrix, a region unregistered while a request uses
+it, a client killed while holding a region, and no descriptor or segment left behind."""
 
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from tests.helpers import (
     reference_blocks,
     response_tensors,
     start_blocker,
-    start_process_stack,
     wait_until,
 )
 
@@ -40,13 +39,11 @@ REPEATS = 1000
 INVALID, NOT_FOUND = "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND"
 
 
-@pytest.fixture(scope="module")
-def shm_stack(slow_checkpoint: Path) -> Iterator[ProcessStack]:
+@pytest.fixture
+def shm_stack(slow_stack: ProcessStack) -> ProcessStack:
     """The wide-expert one-layer model (a large request keeps its one compute thread busy for seconds,
     tests.helpers.start_blocker), served by a gateway that lets clients register shared memory."""
-    stack = start_process_stack(slow_checkpoint, [["--compute-threads", "1"]], gateway_args=("--allow-client-shm",))
-    yield stack
-    stack.stop()
+    return slow_stack
 
 
 @pytest.fixture
