@@ -165,7 +165,9 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 model = self.dataplane.model
                 inference = parse_infer_request(request, model, uuid.uuid4().hex, shared_memory)
                 decoded = time.monotonic()
-                self.metrics.wire("client_to_gateway", "received", inference.hidden_states.nbytes)
+                # tensor bytes on the wire: what came through shared memory did not
+                received = inference.hidden_states.nbytes - shared_memory.bytes_read
+                self.metrics.wire("client_to_gateway", "received", received)
                 tokens = inference.num_tokens
                 span.set_attributes(
                     {"moe_serve.model": model.name, "moe_serve.layer": inference.layer, "moe_serve.tokens": tokens}
@@ -175,7 +177,8 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 result = await self.dataplane.infer(inference, timeout)
                 inferred = time.monotonic()
                 response = build_infer_response(request, inference, result, model, shared_memory)
-                self.metrics.wire("gateway_to_client", "sent", sum(t.nbytes for t in result.tensors.values()))
+                sent = sum(t.nbytes for t in result.tensors.values()) - shared_memory.bytes_written
+                self.metrics.wire("gateway_to_client", "sent", sent)
                 self.statistics.record_success(arrived, decoded, result.dispatched_at, inferred, time.monotonic())
                 return response
         except MoEServeError as error:

@@ -274,10 +274,13 @@ class RegionLease:
 
     inputs are read at once (`read_input`); outputs are bound while parsing (`bind_output`, which checks
     that the region is large enough before any compute) and written when the response is built.
+    `bytes_read` / `bytes_written`: tensor bytes that went through shared memory, not the message.
     """
 
     registry: SharedMemoryRegistry
     outputs: dict[str, tuple[SystemSharedMemoryRegion, TensorLocation]] = field(default_factory=dict)
+    bytes_read: int = 0
+    bytes_written: int = 0
     _held: list[SystemSharedMemoryRegion] = field(default_factory=list)
 
     def read_input(self, location: TensorLocation, expected_bytes: int, what: str) -> bytes:
@@ -295,7 +298,9 @@ class RegionLease:
                 f"{what}: {BYTE_SIZE_PARAMETER!r} is {location.byte_size}, but its shape and datatype need "
                 f"{expected_bytes} bytes"
             )
-        return region.read(location, what)
+        data = region.read(location, what)
+        self.bytes_read += len(data)
+        return data
 
     def bind_output(self, name: str, location: TensorLocation, needed_bytes: int, what: str) -> None:
         """Reserve `location` for output `name`, which will need `needed_bytes` bytes."""
@@ -311,6 +316,7 @@ class RegionLease:
         """Write output `name` into its bound location; return where it lies (its actual byte size)."""
         region, location = self.outputs[name]
         region.write(location, data, f"output {quoted(name)}")
+        self.bytes_written += len(data)
         return TensorLocation(location.region, location.offset, len(data))
 
     def _acquire(self, location: TensorLocation, what: str) -> SystemSharedMemoryRegion:

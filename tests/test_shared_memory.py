@@ -178,6 +178,7 @@ def test_reads_and_writes_stay_inside_the_region(
             lease.bind_output("out", TensorLocation("region", 0, 16), 32, "output 'out'")
         lease.bind_output("out", TensorLocation("region", 100, 32), 4, "output 'out'")
         assert lease.write_output("out", b"\xff" * 4) == TensorLocation("region", 100, 4)
+        assert (lease.bytes_read, lease.bytes_written) == (8, 4)
     data = (tmp_path / "segment").read_bytes()
     assert data[1124:1128] == b"\xff" * 4 and data[1128] == 1128 % 256 and data[1123] == 1123 % 256
     assert registry.regions["region"].users == 0
