@@ -1,5 +1,5 @@
 """The system shared-memory region manager in one process (no server): registration, validation,
-reads and writes, and regions unregistered while a request holds them."""
+reads and writes, regions unregistered while a request holds them, and the converters' use of them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from gateway.converters import InferenceResult, build_infer_response, parse_infer_request
+from gateway.model import ServedModel
 from gateway.shared_memory import (
     BYTE_SIZE_PARAMETER,
     OFFSET_PARAMETER,
@@ -233,3 +236,70 @@ def test_close_closes_every_descriptor(registry: SharedMemoryRegistry, make_obje
     registry.close()
     assert registry.open_descriptors == 0 and not any(_open(fd) for fd in fds)
     held.release()  # a request answered after shutdown closes nothing twice
+
+
+MODEL = ServedModel(
+    name="m",
+    family="mixtral",
+    hidden_size=4,
+    num_experts=8,
+    top_k=2,
+    moe_layers=(0,),
+    num_layers=1,
+    compute_dtype=torch.float32,
+)
+
+
+def _shm_request(hidden: torch.Tensor, region: str, outputs: dict[str, tuple[str, int, int]]):
+    """A ModelInferRequest whose input lies at the start of `region` and whose outputs are
+    {name: (region, offset, byte_size)} (region "": in the message)."""
+    request = kserve_pb2.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="hidden_states", datatype="FP32", shape=list(hidden.shape))
+    tensor.parameters[REGION_PARAMETER].string_param = region
+    tensor.parameters[BYTE_SIZE_PARAMETER].int64_param = hidden.numel() * 4
+    for name, (out_region, offset, size) in outputs.items():
+        output = request.outputs.add(name=name)
+        if out_region:
+            output.parameters[REGION_PARAMETER].string_param = out_region
+            output.parameters[OFFSET_PARAMETER].int64_param = offset
+            output.parameters[BYTE_SIZE_PARAMETER].int64_param = size
+    return request
+
+
+def test_converters_read_inputs_from_and_write_outputs_to_regions(
+    registry: SharedMemoryRegistry, make_object: Callable[..., str], tmp_path: Path
+) -> None:
+    hidden = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    (tmp_path / "segment").write_bytes(hidden.numpy().tobytes() + bytes(SIZE - 48))
+    registry.register("region", "/segment", 0, SIZE)
+    outputs = {"output": ("region", 1024, 48), "router_logits": ("", 0, 0), "expert_ids": ("region", 2048, 24)}
+    request = _shm_request(hidden, "region", outputs)
+    with registry.lease() as lease:
+        inference = parse_infer_request(request, MODEL, "id", lease)
+        assert torch.equal(inference.hidden_states, hidden) and set(lease.outputs) == {"output", "expert_ids"}
+        result = InferenceResult(
+            tensors={
+                "output": hidden * 2,
+                "router_logits": torch.ones(3, 8),
+                "expert_ids": torch.ones(3, 2, dtype=torch.int32),
+            }
+        )
+        response = build_infer_response(request, inference, result, MODEL, lease)
+    # as Triton: one raw_output_contents entry per output, empty for those in shared memory
+    assert [len(raw) for raw in response.raw_output_contents] == [0, 3 * 8 * 4, 0]
+    assert response.outputs[0].parameters[BYTE_SIZE_PARAMETER].int64_param == 48
+    assert response.outputs[2].parameters[OFFSET_PARAMETER].int64_param == 2048
+    data = (tmp_path / "segment").read_bytes()
+    assert data[1024:1072] == (hidden * 2).numpy().tobytes() and data[2048:2072] == bytes([1, 0, 0, 0]) * 6
+    assert registry.regions["region"].users == 0
+
+    both = _shm_request(hidden, "region", {})
+    both.raw_input_contents.append(hidden.numpy().tobytes())
+    with registry.lease() as lease, pytest.raises(InvalidInput, match="and also sends contents"):
+        parse_infer_request(both, MODEL, "id", lease)
+    small = _shm_request(hidden, "region", {"expert_ids": ("region", 0, 20)})
+    with (
+        registry.lease() as lease,
+        pytest.raises(InvalidInput, match="'expert_ids' \\(20 bytes\\) should be at least 24"),
+    ):
+        parse_infer_request(small, MODEL, "id", lease)
