@@ -81,8 +81,15 @@ def bearer_token(metadata: Any) -> str | None:
     return None
 
 
+# requests whose `name` is a shared-memory region, not a model: regions are one namespace, as in
+# Triton, which any valid token may manage; an inference using a region still needs the model's grant
+REGION_REQUESTS = ("SystemSharedMemory", "CudaSharedMemory")
+
+
 def requested_model(request: Any) -> str | None:
     """The model a KServe request names (ModelInfer: model_name; ModelMetadata/ModelReady: name)."""
+    if hasattr(request, "DESCRIPTOR") and request.DESCRIPTOR.name.startswith(REGION_REQUESTS):
+        return None
     for field in ("model_name", "name"):
         if hasattr(request, "DESCRIPTOR") and field in request.DESCRIPTOR.fields_by_name:
             return str(getattr(request, field))

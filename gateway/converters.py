@@ -21,14 +21,14 @@ from gateway.model import (
     PLATFORM,
     ServedModel,
 )
+from gateway.shared_memory import BYTE_SIZE_PARAMETER, OFFSET_PARAMETER, REGION_PARAMETER, RegionLease, tensor_location
 from moe_serve import codec
 from moe_serve.errors import InvalidInput, listed, quoted
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 LAYER_PARAMETER = "layer"
-# Triton tensor parameters this server does not honour: silently ignoring them would hand the client
-# data where it does not look for it (a shared-memory region) or of another form (classification)
-SHARED_MEMORY_PARAMETER = "shared_memory_region"
+# a Triton tensor parameter this server does not honour: silently ignoring it would hand the client
+# data of another form (classification)
 CLASSIFICATION_PARAMETER = "classification"
 # Triton's sequence parameter: consecutive layers of one forward pass share it (prefetch hints)
 SEQUENCE_PARAMETER = "sequence_id"
@@ -101,11 +101,6 @@ def _requested_outputs(request: kserve_pb2.ModelInferRequest, model: ServedModel
     if not request.outputs:
         return (OUTPUT_NAME,)
     for output in request.outputs:
-        if SHARED_MEMORY_PARAMETER in output.parameters:
-            raise InvalidInput(
-                f"output {quoted(output.name)} asks for a shared-memory region; this server offers no shared memory "
-                "(ServerMetadata lists no shared-memory extension): the output comes back in the response"
-            )
         if CLASSIFICATION_PARAMETER in output.parameters:
             raise InvalidInput(
                 f"output {quoted(output.name)} asks for classification; "
@@ -123,7 +118,9 @@ def _requested_outputs(request: kserve_pb2.ModelInferRequest, model: ServedModel
     return tuple(names)
 
 
-def _input_tensor(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _input_tensor(
+    request: kserve_pb2.ModelInferRequest, model: ServedModel, shared_memory: RegionLease
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     names = [tensor.name for tensor in request.inputs]
     if INPUT_NAME not in names:
         raise InvalidInput(
@@ -136,11 +133,6 @@ def _input_tensor(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> 
             raise InvalidInput(f"input {INPUT_NAME!r} sent {len(names)} times; send it once")
         raise InvalidInput(f"unexpected input(s) {listed(extra)}; the model takes exactly one input, {INPUT_NAME!r}")
     tensor = request.inputs[0]
-    if SHARED_MEMORY_PARAMETER in tensor.parameters:
-        raise InvalidInput(
-            f"input {INPUT_NAME!r} names a shared-memory region; this server offers no shared memory "
-            "(ServerMetadata lists no shared-memory extension): send the tensor in raw_input_contents"
-        )
     if tensor.datatype not in ACCEPTED_INPUT_DATATYPES:
         raise InvalidInput(
             f"input {INPUT_NAME!r} has datatype {tensor.datatype!r}; send one of {list(ACCEPTED_INPUT_DATATYPES)}"
@@ -160,7 +152,34 @@ def _input_tensor(request: kserve_pb2.ModelInferRequest, model: ServedModel) -> 
     num_tokens = math.prod(shape[:-1])
     if num_tokens == 0:
         raise InvalidInput(f"input {INPUT_NAME!r} has no tokens (shape {list(shape)}); send at least one")
-    return _decode_contents(request, tensor, shape), shape
+    location = tensor_location(tensor.parameters, f"input {INPUT_NAME!r}")
+    if location is None:
+        return _decode_contents(request, tensor, shape), shape
+    if request.raw_input_contents or tensor.HasField("contents"):
+        raise InvalidInput(
+            f"input {INPUT_NAME!r} names shared-memory region {quoted(location.region)} and also sends contents "
+            "in the message; send it one way"
+        )
+    expected = math.prod(shape) * codec.torch_dtype(tensor.datatype).itemsize
+    data = shared_memory.read_input(location, expected, f"input {INPUT_NAME!r}")
+    return codec.tensor_from_bytes(data, tensor.datatype, shape, f"input {INPUT_NAME!r}"), shape
+
+
+def _bind_shared_memory_outputs(
+    request: kserve_pb2.ModelInferRequest, model: ServedModel, inference: InferenceRequest, shared_memory: RegionLease
+) -> None:
+    """Reserve the regions outputs asked to be written to, each checked to hold its output."""
+    for output in request.outputs:
+        location = tensor_location(output.parameters, f"output {quoted(output.name)}")
+        if location is None:
+            continue
+        itemsize = (
+            inference.hidden_states.element_size()
+            if output.name == OUTPUT_NAME
+            else codec.torch_dtype(GATING_OUTPUTS[output.name]).itemsize
+        )
+        needed = inference.num_tokens * model.output_width(output.name) * itemsize
+        shared_memory.bind_output(output.name, location, needed, f"output {quoted(output.name)}")
 
 
 def _decode_contents(
@@ -199,15 +218,18 @@ def _check_finite(hidden_states: torch.Tensor) -> None:
     )
 
 
-def parse_infer_request(request: kserve_pb2.ModelInferRequest, model: ServedModel, request_id: str) -> InferenceRequest:
-    """Validate a ModelInferRequest against `model` and decode its input (zero-copy for raw bytes)."""
+def parse_infer_request(
+    request: kserve_pb2.ModelInferRequest, model: ServedModel, request_id: str, shared_memory: RegionLease
+) -> InferenceRequest:
+    """Validate a ModelInferRequest against `model` and decode its input (zero-copy for raw bytes); an
+    input in shared memory is read from its region, outputs to shared memory are bound in `shared_memory`."""
     model.check_name(request.model_name, request.model_version)
     layer = _layer_parameter(request, model)
     outputs = _requested_outputs(request, model)
-    tensor, shape = _input_tensor(request, model)
+    tensor, shape = _input_tensor(request, model, shared_memory)
     hidden_states = tensor.reshape(-1, model.hidden_size)
     _check_finite(hidden_states)
-    return InferenceRequest(
+    inference = InferenceRequest(
         request_id=request_id,
         hidden_states=hidden_states,
         input_shape=shape,
@@ -215,20 +237,35 @@ def parse_infer_request(request: kserve_pb2.ModelInferRequest, model: ServedMode
         requested_outputs=outputs,
         sequence_id=_sequence_parameter(request),
     )
+    _bind_shared_memory_outputs(request, model, inference, shared_memory)
+    return inference
 
 
 def build_infer_response(
-    request: kserve_pb2.ModelInferRequest, inference: InferenceRequest, result: InferenceResult, model: ServedModel
+    request: kserve_pb2.ModelInferRequest,
+    inference: InferenceRequest,
+    result: InferenceResult,
+    model: ServedModel,
+    shared_memory: RegionLease,
 ) -> kserve_pb2.ModelInferResponse:
-    """Outputs in the order asked for, as raw_output_contents."""
+    """Outputs in the order asked for, as raw_output_contents. An output bound to shared memory is
+    written there; as Triton does, its raw_output_contents entry is empty (entries stay positional,
+    which tritonclient relies on), and its parameters say where it lies and how many bytes it has."""
     response = kserve_pb2.ModelInferResponse(model_name=model.name, model_version=MODEL_VERSION, id=request.id)
     response.parameters["dropped_slots"].int64_param = result.dropped_slots
     response.parameters["rerouted_slots"].int64_param = result.rerouted_slots
     for name in inference.requested_outputs:
         tensor = result.tensors[name]
         shape = inference.input_shape if name == OUTPUT_NAME else tuple(tensor.shape)
-        response.outputs.add(name=name, datatype=codec.datatype_name(tensor.dtype), shape=list(shape))
-        response.raw_output_contents.append(codec.tensor_to_bytes(tensor))
+        output = response.outputs.add(name=name, datatype=codec.datatype_name(tensor.dtype), shape=list(shape))
+        data = codec.tensor_to_bytes(tensor)
+        if name in shared_memory.outputs:
+            location = shared_memory.write_output(name, data)
+            output.parameters[REGION_PARAMETER].string_param = location.region
+            output.parameters[OFFSET_PARAMETER].int64_param = location.offset
+            output.parameters[BYTE_SIZE_PARAMETER].int64_param = location.byte_size
+            data = b""
+        response.raw_output_contents.append(data)
     return response
 
 

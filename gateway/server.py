@@ -22,6 +22,7 @@ from gateway.model import ServedModel
 from gateway.readiness import LIVENESS_SERVICE, ReadinessHealthServicer, ReadinessMonitor
 from gateway.routing import EmbeddedRouter, RemoteRouter
 from gateway.servicer import InferenceServicer
+from gateway.shared_memory import SharedMemoryRegistry
 from gateway.stats import ExpertCounters, GatewayAdminServicer
 from moe_serve.allocator import settle_startup_memory, tune_allocator
 from moe_serve.channels import StubPool
@@ -179,7 +180,10 @@ class GatewayService:
             [BearerTokenInterceptor(tokens)] if tokens is not None else [],
             max_receive_bytes=self.max_request_bytes,
         )
-        self.servicer = InferenceServicer(self.dataplane, settings.request_timeout_s, metrics, tracer)
+        self.shared_memory = SharedMemoryRegistry(settings.allow_client_shm, self.max_request_bytes)
+        self.servicer = InferenceServicer(
+            self.dataplane, settings.request_timeout_s, metrics, tracer, self.shared_memory
+        )
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.public_server)
         self.publisher = None
         if settings.redis_url:
@@ -235,6 +239,7 @@ class GatewayService:
                     grace_s,
                 )
             await self.public_server.stop(0)
+            self.shared_memory.close()
         if self.delivery_server is not None:
             await self.delivery_server.stop(0)
         if self.embedded is not None:  # after the gateway: its last requests' batches finish first

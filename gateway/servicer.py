@@ -1,4 +1,5 @@
-"""KServe v2 GRPCInferenceService (with Triton's stream, config, statistics and index extensions):
+"""KServe v2 GRPCInferenceService (with Triton's stream, config, statistics, index and system
+shared-memory extensions):
 translates protobuf and calls the DataPlane; records each request's outcome (metrics, statistics)
 and opens its trace (continuing the client's W3C trace context, if it sent one)."""
 
@@ -17,9 +18,10 @@ import moe_serve
 from gateway.converters import build_infer_response, model_metadata, parse_infer_request
 from gateway.dataplane import DataPlane
 from gateway.metrics import GatewayMetrics
+from gateway.shared_memory import SharedMemoryRegistry
 from gateway.stream_infer import UnwrittenAnswers, answer_stream
-from gateway.triton_extensions import InferenceStatistics, model_config, repository_index
-from moe_serve.errors import MoEServeError
+from gateway.triton_extensions import InferenceStatistics, model_config, repository_index, shared_memory_status
+from moe_serve.errors import MoEServeError, Unimplemented
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.telemetry import attach, detach, metadata_context
@@ -27,16 +29,29 @@ from moe_serve.telemetry import attach, detach, metadata_context
 SERVER_NAME = "moe-serve"
 # the protocol extensions offered, by the names Triton reports in ServerMetadata
 EXTENSIONS = ["parameters", "model_configuration", "statistics"]
+SHARED_MEMORY_EXTENSION = "system_shared_memory"
+NO_CUDA_SHARED_MEMORY = (
+    "CUDA shared memory is not offered: the gateway has no GPU and keeps tensors in host memory; "
+    "use system shared memory (SystemSharedMemoryRegister) or send tensors in the message"
+)
 
 
 class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, default_timeout_s: float, metrics: GatewayMetrics, tracer: Tracer) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        default_timeout_s: float,
+        metrics: GatewayMetrics,
+        tracer: Tracer,
+        shared_memory: SharedMemoryRegistry,
+    ) -> None:
         self.dataplane, self.default_timeout_s, self.metrics, self.tracer = (
             dataplane,
             default_timeout_s,
             metrics,
             tracer,
         )
+        self.shared_memory = shared_memory
         self.statistics = InferenceStatistics()
         dataplane.record_stages = self._record_dispatch_stages
         self.unwritten_stream_answers = UnwrittenAnswers()
@@ -60,7 +75,9 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: kserve_pb2.ServerMetadataRequest, context: aio.ServicerContext
     ) -> kserve_pb2.ServerMetadataResponse:
-        return kserve_pb2.ServerMetadataResponse(name=SERVER_NAME, version=moe_serve.__version__, extensions=EXTENSIONS)
+        # shared memory is listed only where a client can register a region (--allow-client-shm)
+        extensions = [*EXTENSIONS, SHARED_MEMORY_EXTENSION] if self.shared_memory.enabled else EXTENSIONS
+        return kserve_pb2.ServerMetadataResponse(name=SERVER_NAME, version=moe_serve.__version__, extensions=extensions)
 
     async def ModelMetadata(
         self, request: kserve_pb2.ModelMetadataRequest, context: aio.ServicerContext
@@ -113,19 +130,55 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         self.metrics.stage("encode", encoded - inferred)
         self.metrics.stage("total", encoded - arrived)
 
+    async def SystemSharedMemoryStatus(
+        self, request: kserve_pb2.SystemSharedMemoryStatusRequest, context: aio.ServicerContext
+    ) -> kserve_pb2.SystemSharedMemoryStatusResponse:
+        return shared_memory_status(self.shared_memory.status(request.name))
+
+    async def SystemSharedMemoryRegister(
+        self, request: kserve_pb2.SystemSharedMemoryRegisterRequest, context: aio.ServicerContext
+    ) -> kserve_pb2.SystemSharedMemoryRegisterResponse:
+        self.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return kserve_pb2.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: kserve_pb2.SystemSharedMemoryUnregisterRequest, context: aio.ServicerContext
+    ) -> kserve_pb2.SystemSharedMemoryUnregisterResponse:
+        self.shared_memory.unregister(request.name)
+        return kserve_pb2.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(
+        self, request: kserve_pb2.CudaSharedMemoryStatusRequest, context: aio.ServicerContext
+    ) -> kserve_pb2.CudaSharedMemoryStatusResponse:
+        raise Unimplemented(NO_CUDA_SHARED_MEMORY)
+
+    async def CudaSharedMemoryRegister(
+        self, request: kserve_pb2.CudaSharedMemoryRegisterRequest, context: aio.ServicerContext
+    ) -> kserve_pb2.CudaSharedMemoryRegisterResponse:
+        raise Unimplemented(NO_CUDA_SHARED_MEMORY)
+
+    async def CudaSharedMemoryUnregister(
+        self, request: kserve_pb2.CudaSharedMemoryUnregisterRequest, context: aio.ServicerContext
+    ) -> kserve_pb2.CudaSharedMemoryUnregisterResponse:
+        raise Unimplemented(NO_CUDA_SHARED_MEMORY)
+
     async def _infer(
         self, request: kserve_pb2.ModelInferRequest, context: aio.ServicerContext, method: str
     ) -> kserve_pb2.ModelInferResponse:
         arrived, status, tokens = time.monotonic(), grpc.StatusCode.OK, 0
         token = attach(metadata_context(context.invocation_metadata()))
+        # the regions the request reads and writes stay open until it is answered, even if unregistered
+        shared_memory = self.shared_memory.lease()
         try:
             with self.tracer.start_as_current_span(
                 f"inference.GRPCInferenceService/{method}", kind=SpanKind.SERVER
             ) as span:
                 model = self.dataplane.model
-                inference = parse_infer_request(request, model, request_id=uuid.uuid4().hex)
+                inference = parse_infer_request(request, model, uuid.uuid4().hex, shared_memory)
                 decoded = time.monotonic()
-                self.metrics.wire("client_to_gateway", "received", inference.hidden_states.nbytes)
+                # tensor bytes on the wire: what came through shared memory did not
+                received = inference.hidden_states.nbytes - shared_memory.bytes_read
+                self.metrics.wire("client_to_gateway", "received", received)
                 tokens = inference.num_tokens
                 span.set_attributes(
                     {"moe_serve.model": model.name, "moe_serve.layer": inference.layer, "moe_serve.tokens": tokens}
@@ -134,9 +187,10 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
                 timeout = self.default_timeout_s if remaining is None else min(remaining, self.default_timeout_s)
                 result = await self.dataplane.infer(inference, timeout)
                 inferred = time.monotonic()
-                response = build_infer_response(request, inference, result, model)
+                response = build_infer_response(request, inference, result, model, shared_memory)
                 self._record_request_stages(arrived, decoded, inferred, time.monotonic())
-                self.metrics.wire("gateway_to_client", "sent", sum(t.nbytes for t in result.tensors.values()))
+                sent = sum(t.nbytes for t in result.tensors.values()) - shared_memory.bytes_written
+                self.metrics.wire("gateway_to_client", "sent", sent)
                 self.statistics.record_success(arrived, decoded, result.dispatched_at, inferred, time.monotonic())
                 return response
         except MoEServeError as error:
@@ -151,6 +205,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
             status = grpc.StatusCode.INTERNAL
             raise
         finally:
+            shared_memory.release()
             detach(token)
             seconds = time.monotonic() - arrived
             succeeded = status == grpc.StatusCode.OK

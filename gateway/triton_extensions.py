@@ -1,5 +1,6 @@
 """Triton's extensions to the protocol, as far as a served MoE layer has them: the model's
-configuration (model_config.proto), cumulative inference statistics, and the repository index.
+configuration (model_config.proto), cumulative inference statistics, the repository index, and
+the status of system shared-memory regions (the regions themselves: gateway.shared_memory).
 
 tritonclient's `get_model_config`, `get_inference_statistics` and `get_model_repository_index`,
 and perf_analyzer (which reads the config and the statistics), call them unmodified.
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 from gateway.converters import model_parameters
 from gateway.model import GATING_OUTPUTS, INPUT_NAME, MODEL_VERSION, OUTPUT_NAME, PLATFORM, ServedModel
+from gateway.shared_memory import SystemSharedMemoryRegion
 from moe_serve import codec
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import model_config_pb2 as config_pb2
@@ -67,6 +69,16 @@ def repository_index(model: ServedModel, ready: bool, ready_only: bool) -> kserv
         return index()
     state, reason = ("READY", "") if ready else ("UNAVAILABLE", NOT_READY_REASON)
     return index(models=[index.ModelIndex(name=model.name, version=MODEL_VERSION, state=state, reason=reason)])
+
+
+def shared_memory_status(regions: list[SystemSharedMemoryRegion]) -> kserve_pb2.SystemSharedMemoryStatusResponse:
+    """SystemSharedMemoryStatus: the regions by name, each with its key, offset and byte size."""
+    response = kserve_pb2.SystemSharedMemoryStatusResponse()
+    for region in regions:
+        response.regions[region.name].CopyFrom(
+            response.RegionStatus(name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size)
+        )
+    return response
 
 
 @dataclass

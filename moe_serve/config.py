@@ -182,6 +182,12 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         "a probe itself always gets a fresh answer.",
     )
     startup_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the router at start-up.")
+    allow_client_shm: bool = Field(
+        False,
+        description="Triton's system shared-memory extension: clients on this host may register POSIX "
+        "shared-memory objects and exchange tensors through them. Off by default, as Triton's "
+        "--allow-client-shm: a registered object is read and written by the gateway.",
+    )
     embedded_router: bool = Field(
         False,
         description="Run the router (gating, capacity, replica choice, fan-out) inside this process: no hop to a "
@@ -340,6 +346,9 @@ class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
     batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")
     pipeline_chunk_tokens: int = Field(0, ge=0, description="Gateway pipelining chunk in tokens (0 = off).")
     prefetch: bool = Field(True, description="Router hints offloading workers which experts come next.")
+    allow_client_shm: bool = Field(
+        False, description="Triton's system shared-memory extension on the gateway (off by default, as in Triton)."
+    )
     router: Literal["embedded", "service"] = Field(
         "embedded",
         description="embedded: the router runs inside the gateway's process (one hop and half the messages "

@@ -67,6 +67,24 @@ class RequestNotFound(MoEServeError):
     status_code = grpc.StatusCode.NOT_FOUND
 
 
+class RegionNotFound(MoEServeError):
+    """A request names a shared-memory region, or a key, that does not exist (or is not registered)."""
+
+    status_code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(MoEServeError):
+    """A registration under a name that is already taken."""
+
+    status_code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unimplemented(MoEServeError):
+    """A protocol feature this server declares but does not offer (or has switched off)."""
+
+    status_code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class Overloaded(MoEServeError):
     """Admission refused the work: a bound on in-flight work would be exceeded."""
 

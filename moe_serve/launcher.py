@@ -478,6 +478,8 @@ def _gateway_args(settings: UpSettings, router_address: str, registry: bool = Fa
         *_metrics_flags(settings.metrics_port),
         *_public_security_flags(settings),
     ]
+    if settings.allow_client_shm:
+        args.append("--allow-client-shm")
     if registry:  # the registry of an embedded router (Redis, when set, also gets the live state)
         args += _registry_flags(settings)
     elif settings.redis_url:  # the gateway writes its live state there

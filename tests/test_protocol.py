@@ -126,15 +126,17 @@ def _bad_requests(model: str) -> dict[str, tuple[kserve_pb2.ModelInferRequest, s
     del request.raw_input_contents[:]
     cases["fp16 typed"] = (request, "raw_input_contents")
 
-    # Triton shared memory (what tritonclient's set_shared_memory sends) is not offered: refused
+    # Triton shared memory (what tritonclient's set_shared_memory sends) is off unless the gateway
+    # runs with --allow-client-shm (tests/test_shared_memory_serving.py): refused, naming the flag
     request = infer_request(model, good)
     del request.raw_input_contents[:]
     request.inputs[0].parameters["shared_memory_region"].string_param = "input_region"
     request.inputs[0].parameters["shared_memory_byte_size"].int64_param = good.numel() * 4
-    cases["input in shared memory"] = (request, "send the tensor in raw_input_contents")
+    cases["input in shared memory"] = (request, "--allow-client-shm")
     request = infer_request(model, good, outputs=("output",))
     request.outputs[0].parameters["shared_memory_region"].string_param = "output_region"
-    cases["output to shared memory"] = (request, "no shared memory")
+    request.outputs[0].parameters["shared_memory_byte_size"].int64_param = good.numel() * 4
+    cases["output to shared memory"] = (request, "--allow-client-shm")
     request = infer_request(model, good, outputs=("output",))
     request.outputs[0].parameters["classification"].int64_param = 3
     cases["classification"] = (request, "classification")

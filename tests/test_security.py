@@ -16,7 +16,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
-from gateway.auth import TokenTable
+from gateway.auth import TokenTable, requested_model
 from moe_serve.cli import app
 from moe_serve.client import GatewayError, MoEClient
 from moe_serve.config import UpSettings
@@ -201,6 +201,15 @@ def test_secrets_never_reach_logs_or_messages(secure_stack: Stack, certs: Path, 
     with pytest.raises(ValueError) as invalid:
         TokenTable.load(broken)
     assert FULL_TOKEN not in str(invalid.value)
+
+
+def test_a_shared_memory_region_name_is_not_a_model_name() -> None:
+    """A token limited to some models may manage shared-memory regions: their `name` is a region's."""
+    assert requested_model(kserve_pb2.SystemSharedMemoryRegisterRequest(name="input_data", key="/k")) is None
+    assert requested_model(kserve_pb2.SystemSharedMemoryStatusRequest(name="input_data")) is None
+    assert requested_model(kserve_pb2.CudaSharedMemoryUnregisterRequest(name="input_data")) is None
+    assert requested_model(kserve_pb2.ModelInferRequest(model_name="m")) == "m"
+    assert requested_model(kserve_pb2.ModelMetadataRequest(name="m")) == "m"
 
 
 def test_health_command_speaks_mutual_tls(secure_stack: Stack, certs: Path) -> None:

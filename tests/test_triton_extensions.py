@@ -31,6 +31,23 @@ def test_server_metadata_lists_the_extensions_offered(fp32_client) -> None:
     assert list(server.extensions) == ["parameters", "model_configuration", "statistics"]
 
 
+def test_shared_memory_is_off_unless_the_gateway_allows_it(fp32_client) -> None:
+    """As Triton without --allow-client-shm: registering answers UNIMPLEMENTED naming the flag (the
+    extension itself: tests/test_shared_memory_serving.py); CUDA shared memory is never offered."""
+    for call, request in (
+        (fp32_client.SystemSharedMemoryRegister, kserve_pb2.SystemSharedMemoryRegisterRequest(name="r", key="/k")),
+        (fp32_client.SystemSharedMemoryUnregister, kserve_pb2.SystemSharedMemoryUnregisterRequest()),
+        (fp32_client.CudaSharedMemoryRegister, kserve_pb2.CudaSharedMemoryRegisterRequest(name="r")),
+        (fp32_client.CudaSharedMemoryStatus, kserve_pb2.CudaSharedMemoryStatusRequest()),
+    ):
+        with pytest.raises(grpc.RpcError) as raised:
+            call(request, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "--allow-client-shm" in raised.value.details() or "no GPU" in raised.value.details()
+    status = fp32_client.SystemSharedMemoryStatus(kserve_pb2.SystemSharedMemoryStatusRequest(), timeout=10)
+    assert status.regions == {}
+
+
 def test_model_config_describes_the_layer(fp32_stack, fp32_client) -> None:
     name = fp32_stack.model_name
     config = fp32_client.ModelConfig(kserve_pb2.ModelConfigRequest(name=name)).config

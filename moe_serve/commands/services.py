@@ -77,6 +77,13 @@ def gateway(
     pipeline_chunk_tokens: PipelineChunk = None,
     max_batch_tokens: Annotated[int | None, typer.Option(help="Most tokens in one cross-request batch.")] = None,
     request_timeout: Annotated[float | None, typer.Option(help="Deadline (s) when the client sets none.")] = None,
+    allow_client_shm: Annotated[
+        bool | None,
+        typer.Option(
+            "--allow-client-shm",
+            help="Let clients on this host exchange tensors through POSIX shared memory (Triton's extension).",
+        ),
+    ] = None,
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
@@ -122,6 +129,7 @@ def gateway(
         pipeline_chunk_tokens=pipeline_chunk_tokens,
         max_batch_tokens=max_batch_tokens,
         request_timeout_s=request_timeout,
+        allow_client_shm=allow_client_shm,
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,

@@ -70,6 +70,10 @@ def up(
         ),
     ] = None,
     max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
+    allow_client_shm: Annotated[
+        bool | None,
+        typer.Option("--allow-client-shm", help="Triton's system shared-memory extension on the gateway (off)."),
+    ] = None,
     rebalance: Annotated[
         float | None, typer.Option(help="Hot-expert replication: run the EPLB balancer every this many seconds.")
     ] = None,
@@ -112,6 +116,7 @@ def up(
         batch_window_ms=batch_window_ms,
         pipeline_chunk_tokens=pipeline_chunk_tokens,
         router=router,
+        allow_client_shm=allow_client_shm,
         max_inflight_tokens=max_inflight_tokens,
         rebalance_interval_s=rebalance,
         autoscale_max_workers=autoscale_max_workers,
