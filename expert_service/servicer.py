@@ -39,7 +39,7 @@ from moe_serve.registry import WorkerRecord
 from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials
 from moe_serve.shared_arena import ACCEPT_KEY, OFFER_KEY, ArenaView
 from moe_serve.streams import StreamClientPool, serve_stream
-from moe_serve.telemetry import Telemetry, extract_context, inject_context
+from moe_serve.telemetry import Telemetry, child_span, extract_context, inject_context
 
 logger = logging.getLogger(__name__)
 # after a worker stops announcing an expert, rows routed just before routers saw it may still come
@@ -242,7 +242,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         self.load.started(rows.shape[0])
         if deadline is not None and time.monotonic() >= deadline:
             return None  # a queue of expired work is skipped, not computed: the gateway has answered
-        with self.tracer.start_as_current_span("worker.expert", attributes={"moe_serve.expert": key.expert}):
+        with child_span(self.tracer, "worker.expert", **{"moe_serve.expert": key.expert}):
             started = time.perf_counter()
             output = self.store.compute(key, rows)
             seconds = time.perf_counter() - started

@@ -30,7 +30,7 @@ from gateway.routing import Plan, Router
 from gateway.stats import ExpertCounters
 from moe_serve.errors import DeadlineExceeded, Overloaded, ServiceUnavailable
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
-from moe_serve.telemetry import inject_context
+from moe_serve.telemetry import child_span, inject_context
 
 
 class DataPlane:
@@ -140,7 +140,7 @@ class DataPlane:
         try:
             wanted = {name for r in requests for name in r.requested_outputs}
             routing = time.perf_counter()
-            with self.tracer.start_as_current_span("gateway.route"):
+            with child_span(self.tracer, "gateway.route"):
                 # a sequence's token order holds for one request only, not for a batch of several
                 sequence_id = requests[0].sequence_id if len(requests) == 1 else ""
                 plan = await self._route(
@@ -148,12 +148,12 @@ class DataPlane:
                 )
             planned = time.perf_counter()
             pending.expect(plan.expected_rows)
-            with self.tracer.start_as_current_span("gateway.collect"):
+            with child_span(self.tracer, "gateway.collect"):
                 await self._wait(pending, deadline)
             collected = time.perf_counter()
         finally:
             self.pending.close(batch_id)
-        with self.tracer.start_as_current_span("gateway.combine"):
+        with child_span(self.tracer, "gateway.combine"):
             output = pending.buffer.combine(plan.expert_weights, plan.shared_weights, model.weights_in_activation_dtype)
         self.record_stages(planned - routing, collected - planned, time.perf_counter() - collected)
         # statistics wait until the answer is on its way: they are not on the request's critical path

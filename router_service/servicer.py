@@ -16,7 +16,7 @@ from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry
 from moe_serve.streams import serve_stream
-from moe_serve.telemetry import extract_context
+from moe_serve.telemetry import child_span, extract_context
 from router_service.fanout import Dispatcher, DispatchJob, LocalDelivery
 from router_service.metrics import RouterMetrics
 from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, segments_of
@@ -86,7 +86,7 @@ class RouterServicer(moe_grpc.RouterServicer):
 
         Returns the decision as soon as the sends have started: no plan message has to wait for
         the rows here, and the gateway reads the decision while the rows are on their way."""
-        with self.tracer.start_as_current_span("router.route"):
+        with child_span(self.tracer, "router.route"):
             decision, _ = self._route(request, hidden, local)
             await asyncio.sleep(0)  # the sends run up to their writes before the caller goes on
             return decision
@@ -106,11 +106,11 @@ class RouterServicer(moe_grpc.RouterServicer):
         if request.overflow not in ("", "drop", "reroute"):
             raise InvalidInput(f"overflow must be 'drop' or 'reroute', got {quoted(request.overflow)}")
         started = time.perf_counter()
-        with self.tracer.start_as_current_span("router.gating"):
+        with child_span(self.tracer, "router.gating"):
             decision = self.planner.decide(hidden, request.layer, request.expert_capacity, request.overflow or "drop")
         if self.metrics is not None:
             self.metrics.gating(time.perf_counter() - started)
-        with self.tracer.start_as_current_span("router.dispatch"):
+        with child_span(self.tracer, "router.dispatch"):
             batches = self.dispatcher.assign(request.layer, segments_of(decision.groups))
             self._check_replica_bound(batches, request.max_inflight_rows_per_replica)
             # the background sends inherit this span's context (asyncio tasks copy the context)

@@ -28,6 +28,7 @@ import torch
 import moe_serve
 from gateway.converters import InferenceResult, build_infer_response, model_metadata, parse_infer_request
 from gateway.model import OUTPUT_NAME, ServedModel
+from gateway.shared_memory import SharedMemoryRegistry
 from moe_serve.allocator import tune_allocator
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.checkpoint import Checkpoint
@@ -105,14 +106,16 @@ class MonolithicServicer(kserve_grpc.GRPCInferenceServiceServicer):
 
     def infer(self, request: kserve_pb2.ModelInferRequest) -> kserve_pb2.ModelInferResponse:
         """The gateway's decode, the whole layer in-process, the gateway's encode."""
-        inference = parse_infer_request(request, self.model, request_id=uuid.uuid4().hex)
+        no_regions = SharedMemoryRegistry(enabled=False).lease()  # the peer is called with raw contents only
+        inference = parse_infer_request(request, self.model, uuid.uuid4().hex, no_regions)
         if inference.requested_outputs != (OUTPUT_NAME,):
             raise InvalidInput(
                 f"the monolithic peer returns only {OUTPUT_NAME!r}; asked for {listed(inference.requested_outputs)}"
             )
         hidden = inference.hidden_states.to(self.device, self.model.compute_dtype)
         output = run_block(self.blocks[inference.layer], hidden).to("cpu", inference.hidden_states.dtype)
-        return build_infer_response(request, inference, InferenceResult(tensors={OUTPUT_NAME: output}), self.model)
+        result = InferenceResult(tensors={OUTPUT_NAME: output})
+        return build_infer_response(request, inference, result, self.model, no_regions)
 
 
 def create_monolithic_server(
