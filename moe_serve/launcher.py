@@ -330,13 +330,13 @@ def autoscale_policy(settings: WorkerPoolSettings) -> dict[str, float] | None:
 
 
 def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -> Stack:
-    """Start the router (it hosts the registry unless Redis does; with settings.router "embedded" it
-    runs inside the gateway), then the gateway and the worker actors (through a deployment
-    controller; Ray must be initialised) side by side; return once every expert has a replica and
-    the gateway listens.
+    """Start the router (it hosts the registry unless Redis does), then the gateway and the worker
+    actors (through a deployment controller; Ray must be initialised) side by side; return once every
+    expert has a replica and the gateway listens.
 
     The gateway may start before the workers: it reports not ready until the router does, and
-    starting it meanwhile hides its start-up (imports) behind theirs."""
+    starting it meanwhile hides its start-up (imports) behind theirs. With settings.router
+    "embedded" the router runs inside the gateway, which then starts first (workers register there)."""
     import ray
 
     spec = Checkpoint(checkpoint).spec
@@ -345,32 +345,34 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
     settings = with_cluster_secret(settings)
     credentials = ClusterCredentials.from_settings(settings)  # ValueError: a secret too short, an unreadable file
     environment = secret_environment(credentials)
-    if settings.router == "embedded":
-        return _launch_embedded(settings, checkpoint, model_name, credentials, environment, router_port, started)
-    router = start_service_process(
-        "router",
-        [
-            "router",
-            "--checkpoint",
-            str(checkpoint),
-            "--port",
-            str(router_port),
-            "--dtype",
-            settings.dtype,
-            "--model-name",
-            model_name,
-            "--prefetch" if settings.prefetch else "--no-prefetch",
-            *_common_flags(settings),
-            *_registry_flags(settings),
-            # the gateway takes the configured metrics port; the router any free one
-            *_metrics_flags(None if settings.metrics_port is None else 0),
-        ],
-        env=environment,
-    )
-    controller: Any = None
+    router_flags = ["--dtype", settings.dtype, "--model-name", model_name]
+    router_flags += ["--prefetch" if settings.prefetch else "--no-prefetch", "--checkpoint", str(checkpoint)]
     gateway: ServiceProcess | None = None
+    if settings.router == "embedded":
+        embedded = ["--embedded-router", "--router-port", str(router_port), *router_flags]
+        gateway = start_service_process(
+            "gateway", [*_gateway_args(settings, "", registry=True), *embedded], env=environment
+        )
+        router = embedded_router_of(gateway)
+    else:
+        router = start_service_process(
+            "router",
+            [
+                "router",
+                "--port",
+                str(router_port),
+                *router_flags,
+                *_common_flags(settings),
+                *_registry_flags(settings),
+                # the gateway takes the configured metrics port; the router any free one
+                *_metrics_flags(None if settings.metrics_port is None else 0),
+            ],
+            env=environment,
+        )
+    controller: Any = None
     try:
-        gateway = spawn_service_process("gateway", _gateway_args(settings, router.address), environment)
+        if gateway is None:
+            gateway = spawn_service_process("gateway", _gateway_args(settings, router.address), environment)
         controller, name = start_controller(settings, checkpoint, model_name, router.address, credentials)
         wait_until_ready(router.address, credentials)
         gateway.wait_ready()
@@ -384,62 +386,13 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
         router.stop()
         raise
     logger.info(
-        "stack for %s (%d MoE layers, %d experts) up in %.1f s",
+        "stack for %s (%d MoE layers, %d experts; router %s) up in %.1f s",
         model_name,
         len(spec.moe_layers),
         spec.num_experts,
+        "in the gateway" if settings.router == "embedded" else "as its own process",
         time.monotonic() - started,
     )
-    return Stack(
-        model_name=model_name,
-        checkpoint=checkpoint,
-        gateway=gateway,
-        router=router,
-        controller=controller,
-        controller_name=name,
-        credentials=credentials,
-    )
-
-
-def _launch_embedded(
-    settings: UpSettings,
-    checkpoint: Path,
-    model_name: str,
-    credentials: ClusterCredentials,
-    environment: dict[str, str],
-    router_port: int,
-    started: float,
-) -> Stack:
-    """The gateway with the router in its process first (workers register with it), then the workers."""
-    import ray
-
-    embedded = [
-        "--embedded-router",
-        "--checkpoint",
-        str(checkpoint),
-        "--router-port",
-        str(router_port),
-        "--dtype",
-        settings.dtype,
-        "--model-name",
-        model_name,
-        "--prefetch" if settings.prefetch else "--no-prefetch",
-    ]
-    arguments = [*_gateway_args(settings, "", registry=True), *embedded]
-    gateway = start_service_process("gateway", arguments, env=environment)
-    router = embedded_router_of(gateway)
-    controller: Any = None
-    try:
-        controller, name = start_controller(settings, checkpoint, model_name, router.address, credentials)
-        wait_until_ready(router.address, credentials)
-    except BaseException:
-        gateway.stop(grace_s=2)
-        if controller is not None:
-            with contextlib.suppress(Exception):
-                ray.get(controller.stop_all.remote(), timeout=60)
-            ray.kill(controller)
-        raise
-    logger.info("stack for %s (router in the gateway) up in %.1f s", model_name, time.monotonic() - started)
     return Stack(
         model_name=model_name,
         checkpoint=checkpoint,
