@@ -209,6 +209,7 @@ class DataPlane:
             num_tokens * self.model.num_shared_slots,
             dropped_per_expert,
             rerouted_per_expert,
+            plan.routed_per_expert,
         )
         self.window.record_dispatch(layer, routed, int(plan.dropped.sum()), kept.numel())
 
@@ -223,6 +224,7 @@ class DataPlane:
             "dropped_mask": plan.dropped,
         }
         dropped, rerouted = plan.dropped, plan.rerouted
+        dropless = self.policy.dropless  # nothing dropped or rerouted: no per-request sums to take
         results, start = [], 0
         for request in requests:
             rows = slice(start, start + request.num_tokens)
@@ -236,8 +238,8 @@ class DataPlane:
             results.append(
                 InferenceResult(
                     tensors=tensors,
-                    dropped_slots=int(dropped[rows].sum()),
-                    rerouted_slots=int(rerouted[rows].sum()),
+                    dropped_slots=0 if dropless else int(dropped[rows].sum()),
+                    rerouted_slots=0 if dropless else int(rerouted[rows].sum()),
                     dispatched_at=dispatched_at,
                 )
             )

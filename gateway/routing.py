@@ -42,6 +42,8 @@ class Plan:
     shared_weights: torch.Tensor
     router_logits: torch.Tensor | None
     overflow_counts: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    # [E + S] rows each expert (shared last) received, when the router counted them already
+    routed_per_expert: torch.Tensor | None = None
 
     @classmethod
     def from_proto(cls, plan: moe_pb2.RoutePlan) -> Plan:
@@ -76,6 +78,7 @@ class Plan:
             shared_weights=decision.gating.shared_weights,
             router_logits=decision.gating.router_logits if with_logits else None,
             overflow_counts=lambda: decision.overflow_counts(num_experts),
+            routed_per_expert=decision.groups.counts,
         )
 
 

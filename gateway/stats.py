@@ -36,13 +36,16 @@ class ExpertCounters:
         shared_rows: int,
         dropped_per_expert: torch.Tensor,
         rerouted_per_expert: torch.Tensor,
+        routed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Add one dispatched batch: final expert ids [T, k], kept mask [T, k], overflow counts [E];
-        returns the rows each expert received in it."""
+        returns the rows each expert received in it (`routed`, shared expert last, when the router
+        counted them already)."""
         self.dispatches += 1
-        routed = torch.bincount(plan_ids[kept].long(), minlength=self.num_placed_experts)
-        if shared_rows:
-            routed[-1] += shared_rows
+        if routed is None:
+            routed = torch.bincount(plan_ids[kept].long(), minlength=self.num_placed_experts)
+            if shared_rows:
+                routed[-1] += shared_rows
         self.routed_rows[layer] += routed
         self.dropped_slots[layer][: dropped_per_expert.numel()] += dropped_per_expert
         self.rerouted_slots[layer][: rerouted_per_expert.numel()] += rerouted_per_expert

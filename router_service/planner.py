@@ -75,8 +75,10 @@ class RoutingPlanner:
         outcome = apply_capacity(gating.expert_ids, gating.selection_scores, expert_capacity, overflow)
         weights = combine_weights(outcome, gating.expert_weights, gating.weight_scores, overflow)
         num_tokens, shared = hidden_states.shape[0], spec.num_shared_slots
-        slot_ids = torch.cat([outcome.expert_ids, torch.full((num_tokens, shared), spec.shared_expert_id)], dim=1)
-        slot_kept = torch.cat([outcome.kept, torch.ones(num_tokens, shared, dtype=torch.bool)], dim=1)
+        slot_ids, slot_kept = outcome.expert_ids, outcome.kept
+        if shared:  # the shared expert's slot follows the routed ones (at T=1 every tensor op counts)
+            slot_ids = torch.cat([slot_ids, torch.full((num_tokens, shared), spec.shared_expert_id)], dim=1)
+            slot_kept = torch.cat([slot_kept, torch.ones(num_tokens, shared, dtype=torch.bool)], dim=1)
         return RoutingDecision(
             layer=layer,
             gating=gating,
@@ -219,7 +221,9 @@ def _piece(batch: WorkerBatch, experts: list[int], counts: list[int], start: int
 
 
 def segments_of(groups: ExpertGroups) -> dict[int, torch.Tensor]:
-    return {expert: groups.segment(expert) for expert in groups.active_experts()}
+    counts = groups.counts.tolist()  # one conversion, not two per active expert
+    pieces = torch.split(groups.positions, counts)
+    return {expert: piece for expert, (piece, count) in enumerate(zip(pieces, counts, strict=True)) if count}
 
 
 def gather_rows(hidden_states: torch.Tensor, positions: torch.Tensor, slots_per_token: int) -> torch.Tensor:
