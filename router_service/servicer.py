@@ -76,7 +76,9 @@ class RouterServicer(moe_grpc.RouterServicer):
                 )
             if not request.delivery_address:
                 raise InvalidInput("delivery_address is required: workers deliver the expert outputs there")
-            return await self._route_and_plan(request, hidden, None)
+            decision, rows_written = self._route(request, hidden, None)
+            await rows_written  # the rows first: the plan is needed only when they come back
+            return self._plan(decision, request.return_router_logits)
 
     async def route_local(
         self, request: moe_pb2.RouteRequest, hidden: torch.Tensor, local: LocalDelivery
@@ -90,13 +92,6 @@ class RouterServicer(moe_grpc.RouterServicer):
             decision, _ = self._route(request, hidden, local)
             await asyncio.sleep(0)  # the sends run up to their writes before the caller goes on
             return decision
-
-    async def _route_and_plan(
-        self, request: moe_pb2.RouteRequest, hidden: torch.Tensor, local: LocalDelivery | None
-    ) -> moe_pb2.RoutePlan:
-        decision, rows_written = self._route(request, hidden, local)
-        await rows_written  # the rows first: the plan is needed only when they come back
-        return self._plan(decision, request.return_router_logits)
 
     def _route(
         self, request: moe_pb2.RouteRequest, hidden: torch.Tensor, local: LocalDelivery | None
