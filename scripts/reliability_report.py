@@ -209,8 +209,10 @@ INTRO = (
     "(with why the failures are by design), answers that differed from transformers' reference block",
 )
 REGENERATE = (
-    "Regenerate: run the tests named in the last column (`.venv/bin/python -m pytest tests/test_reliability_*.py`",
-    "and the others named there; each writes `benchmarks/results/reliability/<scenario>.json`) and the soak",
+    "Regenerate: run the tests named in the last column with the records sent to the committed folder",
+    "(`MOE_SERVE_RELIABILITY_RESULTS=benchmarks/results/reliability`",
+    "`.venv/bin/python -m pytest tests/test_reliability_*.py` and the others named there; each writes",
+    "`<scenario>.json` there, where a plain test run writes to a temporary directory) and the soak",
     f"benchmark (`.venv/bin/{SOAK_COMMAND}`, written to `benchmarks/results/soak/`), then run",
     "`.venv/bin/python scripts/reliability_report.py`.",
 )

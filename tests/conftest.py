@@ -21,7 +21,10 @@ from moe_serve.security import CLUSTER_SECRET_ENV
 from tests.helpers import ProcessStack, kserve_stub, save_tiny_mixtral, start_process_stack
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-RELIABILITY_RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "reliability"
+# Where reliability records go. A plain test run writes them to a temporary directory, so running
+# tests never changes a tracked file; to refresh the committed records (and docs/reliability.md), run
+# with MOE_SERVE_RELIABILITY_RESULTS=benchmarks/results/reliability.
+RELIABILITY_RESULTS_ENV = "MOE_SERVE_RELIABILITY_RESULTS"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -140,15 +143,22 @@ def limited_stack(checkpoints: Callable[[torch.dtype], Path]) -> Iterator[Proces
     stack.stop()
 
 
+@pytest.fixture(scope="session")
+def reliability_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory reliability records are written to (see RELIABILITY_RESULTS_ENV)."""
+    chosen = os.environ.get(RELIABILITY_RESULTS_ENV)
+    return Path(chosen).resolve() if chosen else tmp_path_factory.mktemp("reliability")
+
+
 @pytest.fixture
-def reliability_record(request: pytest.FixtureRequest) -> Callable[..., Path]:
+def reliability_record(request: pytest.FixtureRequest, reliability_results: Path) -> Callable[..., Path]:
     """Record one scenario's figures as a row of docs/reliability.md.
 
     Returns `record`, to be called once at the end of the test, after its assertions (so a failing
     run never replaces a good record)::
 
         record(
-            scenario: str,             # file stem: benchmarks/results/reliability/<scenario>.json
+            scenario: str,             # file stem: <reliability_results>/<scenario>.json
             *,
             title: str,                # the table's "scenario" column
             load: str,                 # load held during the fault, e.g. "4 clients back to back, T=24"
@@ -159,7 +169,7 @@ def reliability_record(request: pytest.FixtureRequest) -> Callable[..., Path]:
             recover_s: float | None,   # seconds from the fault to the next correct answer; None: n/a
             expected_failures: str = "",   # why `failed` is by design, e.g. "RESOURCE_EXHAUSTED (admission)"
             **figures: float | int | str,  # further measured figures, listed in the details column
-        ) -> Path                      # the file written (overwritten on every run; committed)
+        ) -> Path                      # the file written (overwritten on every run)
 
     `scripts/reliability_report.py` renders every such file into docs/reliability.md.
     """
@@ -177,8 +187,8 @@ def reliability_record(request: pytest.FixtureRequest) -> Callable[..., Path]:
         expected_failures: str = "",
         **figures: Any,
     ) -> Path:
-        RELIABILITY_RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RELIABILITY_RESULTS / f"{scenario}.json"
+        reliability_results.mkdir(parents=True, exist_ok=True)
+        path = reliability_results / f"{scenario}.json"
         document = {
             "scenario": scenario,
             "title": title,
