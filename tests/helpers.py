@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -55,10 +56,18 @@ def save_tiny_mixtral(directory: Path, dtype: torch.dtype = torch.float32, seed:
 
 
 def reference_blocks(directory: Path, dtype: torch.dtype) -> list[torch.nn.Module]:
-    """The transformers MoE block of every layer, loaded by transformers from the saved files."""
+    """The transformers MoE block of every layer, loaded by transformers from the saved files.
+
+    Loaded once per checkpoint and dtype for the whole run (a load costs about a second, and the
+    fuzz tests compare hundreds of answers): treat the blocks as read-only, deepcopy one to alter it."""
+    return list(_loaded_reference_blocks(Path(directory).resolve(), dtype))
+
+
+@functools.cache
+def _loaded_reference_blocks(directory: Path, dtype: torch.dtype) -> tuple[torch.nn.Module, ...]:
     model = MixtralForCausalLM.from_pretrained(directory, dtype=dtype)
     model.eval()
-    return [layer.mlp for layer in model.model.layers]
+    return tuple(layer.mlp for layer in model.model.layers)
 
 
 def reference_forward(block: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ One deployment per expert plus the ingress, on the session's Ray (never a second
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +35,7 @@ def test_rayserve_composition_equals_transformers_block(ray_cluster: str, four_e
     reference = reference_blocks(four_expert_checkpoint, torch.float32)[0]
     hidden = torch.randn(37, 64, generator=torch.Generator().manual_seed(0))
     expected, _, expected_ids = reference_forward(reference, hidden)
-    wrong = reference_blocks(four_expert_checkpoint, torch.float32)[0]
+    wrong = copy.deepcopy(reference)
     with torch.no_grad():
         wrong.experts.down_proj[1] *= 1.01  # one expert off by 1%: the correctness gate must notice
     with ray_serve_layer(four_expert_checkpoint) as layer:

@@ -75,7 +75,7 @@ def served(
         yield ServedFamily(family, checkpoints(torch.float32), stack, (0, 1))
         return
     directory = save_family(family, tmp_path_factory.mktemp("client") / f"tiny-{family}")
-    stack = launch_stack(UpSettings(port=0, workers=2), directory)
+    stack = launch_stack(UpSettings(port=0, workers=1), directory)  # the client's concern is not the fan-out
     try:
         yield ServedFamily(family, directory, stack, FAMILIES[family].moe_layers)
     finally:

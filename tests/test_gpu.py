@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.gpu
 def test_expert_store_keeps_weights_on_the_gpu_in_checkpoint_dtype(checkpoints) -> None:
     checkpoint = Checkpoint(checkpoints(torch.bfloat16))
     store = ExpertStore(checkpoint, [ExpertKey(0, e) for e in range(8)], torch.bfloat16, torch.device("cuda"))
-    block = reference_blocks(checkpoints(torch.bfloat16), torch.bfloat16)[0].cuda()
+    block = copy.deepcopy(reference_blocks(checkpoints(torch.bfloat16), torch.bfloat16)[0]).cuda()
     rows = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     for expert in range(8):
         with store.tier.use(ExpertKey(0, expert)) as weights:
@@ -56,7 +57,7 @@ def test_stack_with_gpu_workers_equals_transformers(ray_cluster, checkpoints) ->
     stack = launch_stack(UpSettings(port=0, workers=2, worker_num_gpus=0.5), directory)
     try:
         assert all(record.gpu_id >= 0 for record in stack.workers)
-        block = reference_blocks(directory, torch.bfloat16)[1].cuda()
+        block = copy.deepcopy(reference_blocks(directory, torch.bfloat16)[1]).cuda()
         hidden = torch.randn(33, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
         channel, stub = kserve_stub(stack.address)
         with channel:
