@@ -17,8 +17,12 @@ from typing import Any
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from moe_serve import codec
+from moe_serve.cli import app
+from moe_serve.config import GatewaySettings, UpSettings
+from moe_serve.launcher import _gateway_args as gateway_arguments
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from tests.helpers import (
     ProcessStack,
@@ -334,3 +338,16 @@ def test_overload_is_503_and_a_draining_gateway_closes_its_rest_port(admission_s
     assert admission_stack.gateway.process.wait(30) == 0
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{base}/health/live", timeout=5)
+
+
+def test_rest_settings_default_to_port_8000_and_reach_the_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Triton's and KServe's HTTP port by default; `up` hands --http-port or --no-http to its gateway."""
+    monkeypatch.delenv("MOE_SERVE_HTTP_PORT", raising=False)
+    assert GatewaySettings().http_port == UpSettings().http_port == 8000
+    assert GatewaySettings().http and UpSettings().http
+    args = gateway_arguments(UpSettings(http_port=0), "127.0.0.1:1")
+    assert args[args.index("--http-port") + 1] == "0" and "--no-http" not in args
+    assert "--no-http" in gateway_arguments(UpSettings(http=False), "127.0.0.1:1")
+    for command in ("gateway", "up"):
+        output = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
+        assert "--http-port" in output and "--no-http" in output
