@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -351,3 +354,14 @@ def test_rest_settings_default_to_port_8000_and_reach_the_gateway(monkeypatch: p
     for command in ("gateway", "up"):
         output = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
         assert "--http-port" in output and "--no-http" in output
+
+
+def test_the_curl_example_runs_against_a_stack(fp32_stack) -> None:
+    """examples/rest_curl.sh, as a user runs it (curl and python3 from PATH), on the test model."""
+    script = Path(__file__).resolve().parent.parent / "examples" / "rest_curl.sh"
+    env = {**os.environ, "URL": f"http://{fp32_stack.http_address}", "MODEL": fp32_stack.model_name, "HIDDEN": "64"}
+    run = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "output FP32 [2, 64]" in run.stdout and "expert_ids INT32 [2, 2]" in run.stdout
+    assert f"then {2 * 64 * 4} bytes of binary output" in run.stdout
+    assert "hidden_size is 64" in run.stdout and "HTTP 400" in run.stdout
