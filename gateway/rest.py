@@ -64,8 +64,8 @@ class RequestTooLarge(Exception):
     """A body over the gateway's request limit (413), refused before more of it is read."""
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if status == 401 else {})}
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -206,7 +206,7 @@ def create_app(handler: InferenceHandler, tokens: TokenTable | None, max_request
             message = f"no endpoint {request.url.path}; this server offers the KServe v2 endpoints under /v2"
         else:
             message = f"{request.method} {request.url.path}: {error.detail}"
-        return error_response(error.status_code, message)
+        return error_response(error.status_code, message, error.headers)  # 405 keeps its Allow header
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:

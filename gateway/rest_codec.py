@@ -72,12 +72,17 @@ def _copy_parameters(target: Any, parameters: dict[str, Any], what: str, http_on
 
 
 def _flattened(values: list[Any]) -> Iterator[Any]:
-    """The leaves of nested JSON arrays in row-major order (the protocol allows flat or nested data)."""
-    for value in values:
-        if isinstance(value, list):
-            yield from _flattened(value)
-        else:
+    """The leaves of nested JSON arrays in row-major order (the protocol allows flat or nested data);
+    iterative, so no nesting depth the JSON parser accepts can exhaust the call stack."""
+    pending = [iter(values)]
+    while pending:
+        for value in pending[-1]:
+            if isinstance(value, list):
+                pending.append(iter(value))
+                break
             yield value
+        else:
+            pending.pop()
 
 
 def _shape(tensor: dict[str, Any], what: str) -> list[int]:
@@ -126,6 +131,8 @@ def _header_and_binary(body: bytes, header_length: int | None) -> tuple[dict[str
             f"the request's JSON is malformed ({error}); with binary tensor data, set "
             "Inference-Header-Content-Length to the JSON's length in bytes"
         ) from None
+    except RecursionError:
+        raise InvalidInput("the request's JSON nests arrays or objects too deeply; send tensor data flat") from None
     return _json_object(header, "the request body"), memoryview(body)[header_length:]
 
 

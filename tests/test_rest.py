@@ -128,7 +128,8 @@ def test_health_metadata_and_unknown_names(fp32_stack, base: str) -> None:
         assert status == 404 and headers["content-type"] == "application/json", path
         assert json.loads(body)["error"], path
     assert "no-such-model" in json.loads(call(f"{base}/models/no-such-model")[2])["error"]
-    assert call(f"{base}/models/{model}/infer")[0] == 405  # GET on the POST endpoint
+    status, headers, _ = call(f"{base}/models/{model}/infer")  # GET on the POST endpoint
+    assert status == 405 and headers["allow"] == "POST"
 
 
 @pytest.mark.parametrize("layer", [0, 1])
@@ -270,6 +271,8 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any] | bytes, dict[str, str], int, str]]
     ("unknown content encoding", json.dumps(with_input()).encode(), {"Content-Encoding": "br"}, 400, "'br'"),
     ("broken gzip", b"not gzip", {"Content-Encoding": "gzip"}, 400, "gzip"),
     ("body not an object", b"[1, 2]", {}, 400, "JSON object"),
+    ("nested too deeply", b'{"inputs": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}", {}, 400, "too deeply"),
+    ("deeply nested data counted", with_input(shape=[3, 64], data=[[[[[[ROW]]]]]]), {}, 400, "128 values"),
     ("deadline passed", {**with_input(), "parameters": {"timeout": 1}}, {}, 504, "deadline"),
 ]
 
