@@ -169,7 +169,7 @@ class RestApi:
         self.authorize(request, model)  # before a byte of the body is read
         body = await read_body(request, self.max_request_bytes)
         rest_request = parse_rest_request(body, _header_length(request), model, version)
-        del body
+        del body  # the message holds its own copy: the body need not live through the inference
         response = await self.handler.infer(
             rest_request.message, "inference.HTTP/infer", list(request.headers.items()), rest_request.timeout_s
         )

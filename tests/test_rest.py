@@ -308,7 +308,7 @@ def test_gzip_request_bodies_are_read(fp32_stack, base: str) -> None:
 
 def test_body_over_the_request_limit_is_413(limited_stack: ProcessStack) -> None:
     """The limit of the gRPC port (--max-message-bytes 65536 here) holds on REST too, before the body is read."""
-    url = f"http://{limited_stack.gateway.ready['http_address']}/v2/models/{limited_stack.model}/infer"
+    url = f"http://{limited_stack.http_address}/v2/models/{limited_stack.model}/infer"
     hidden = torch.zeros(300, 64)
     document = {"inputs": [{"name": "hidden_states", "datatype": "FP32", "shape": [300, 64]}]}
     document["inputs"][0]["parameters"] = {"binary_data_size": hidden.numel() * 4}
@@ -332,7 +332,7 @@ def admission_stack(checkpoints) -> Iterator[ProcessStack]:
 
 
 def test_overload_is_503_and_a_draining_gateway_closes_its_rest_port(admission_stack: ProcessStack) -> None:
-    base = f"http://{admission_stack.gateway.ready['http_address']}/v2"
+    base = f"http://{admission_stack.http_address}/v2"
     url = f"{base}/models/{admission_stack.model}/infer"
     status, answer = post_json(url, {"inputs": [json_input(torch.randn(5, 64))]})
     assert status == 503 and "max_inflight_tokens=4" in answer["error"]  # as Triton answers a full queue
