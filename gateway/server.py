@@ -1,4 +1,4 @@
-"""Run the gateway: public KServe v2 server plus the internal delivery endpoint."""
+"""Run the gateway: public KServe v2 servers (gRPC and HTTP/REST) plus the internal delivery endpoint."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from gateway.auth import BearerTokenInterceptor, TokenTable
 from gateway.capacity_policy import CapacityPolicy
 from gateway.dataplane import DataPlane
 from gateway.deliveries import DeliveryServicer, PendingRequests
+from gateway.inference import InferenceHandler
 from gateway.live_state import LiveState, LiveStatePublisher, LoadWindow
 from gateway.metrics import GatewayMetrics
 from gateway.model import ServedModel
 from gateway.readiness import LIVENESS_SERVICE, ReadinessHealthServicer, ReadinessMonitor
+from gateway.rest import RestServer, create_app
 from gateway.routing import EmbeddedRouter, RemoteRouter
 from gateway.servicer import InferenceServicer
 from gateway.shared_memory import SharedMemoryRegistry
@@ -97,6 +99,8 @@ class GatewayService:
         self.delivery_server: aio.Server | None = None
         self.address = self.delivery_address = self.router_address = ""
         self.embedded: RouterService | None = None  # the router, when it runs in this process
+        self.rest: RestServer | None = None  # KServe v2 REST, unless settings.http is off
+        self.http_address: str | None = None
 
     async def start(self) -> str:
         settings = self.settings
@@ -181,10 +185,18 @@ class GatewayService:
             max_receive_bytes=self.max_request_bytes,
         )
         self.shared_memory = SharedMemoryRegistry(settings.allow_client_shm, self.max_request_bytes)
-        self.servicer = InferenceServicer(
-            self.dataplane, settings.request_timeout_s, metrics, tracer, self.shared_memory
-        )
+        handler = InferenceHandler(self.dataplane, settings.request_timeout_s, metrics, tracer, self.shared_memory)
+        self.servicer = InferenceServicer(handler)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.public_server)
+        if settings.http:  # the same handler, admission and tokens behind the REST transport
+            self.rest = RestServer(
+                create_app(handler, tokens, self.max_request_bytes),
+                settings.host,
+                settings.http_port,
+                settings.tls_cert,
+                settings.tls_key,
+                settings.tls_client_ca,
+            )
         self.publisher = None
         if settings.redis_url:
             self.publisher = LiveStatePublisher(
@@ -197,6 +209,8 @@ class GatewayService:
         delivery_health = add_health_and_reflection(self.delivery_server, [DELIVERY_SERVICE, ADMIN_SERVICE])
         await self.delivery_server.start()
         await self.public_server.start()
+        if self.rest is not None:
+            self.http_address = f"{host}:{await self.rest.start()}"
         await set_serving(delivery_health, [DELIVERY_SERVICE, ADMIN_SERVICE], True)
         await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.readiness = health.monitor = ReadinessMonitor(
@@ -210,9 +224,10 @@ class GatewayService:
         self.address = f"{host}:{port}"
         settle_startup_memory()
         logger.info(
-            "gateway for model %r at %s (%s, requests up to %.1f MiB; deliveries at %s%s)",
+            "gateway for model %r at %s%s (%s, requests up to %.1f MiB; deliveries at %s%s)",
             model.name,
             self.address,
+            f", REST at {self.http_address}" if self.http_address else "",
             ("TLS" if public_tls else "plaintext") + (f", {len(tokens)} bearer token(s)" if tokens else ""),
             self.max_request_bytes / (1 << 20),
             self.delivery_address,
@@ -239,6 +254,8 @@ class GatewayService:
                     grace_s,
                 )
             await self.public_server.stop(0)
+            if self.rest is not None:
+                await self.rest.stop()
             self.shared_memory.close()
         if self.delivery_server is not None:
             await self.delivery_server.stop(0)
@@ -262,6 +279,7 @@ async def serve(settings: GatewaySettings) -> None:
         delivery_address=service.delivery_address,
         # workers register here, and tools find the router here, when it runs in the gateway
         **({"router_address": service.router_address} if service.embedded is not None else {}),
+        http_address=service.http_address,
         model=service.dataplane.model.name,
         metrics_address=service.telemetry.metrics_address,
     )

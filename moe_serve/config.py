@@ -112,6 +112,10 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
     """The public KServe v2 gRPC endpoint: admission, capacity policy, combine."""
 
     port: int = Field(8001, ge=0, le=65535, description="Public KServe v2 gRPC port (0 = any free port).")
+    http_port: int = Field(
+        8000, ge=0, le=65535, description="Public KServe v2 HTTP/REST port, beside gRPC (0 = any free port)."
+    )
+    http: bool = Field(True, description="Serve KServe v2 HTTP/REST on http_port (false: gRPC only).")
     delivery_port: int = Field(
         0, ge=0, le=65535, description="Internal port where workers deliver expert outputs (0 = any free port)."
     )
@@ -341,6 +345,8 @@ class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
     checkpoint: Path | None = Field(None, description="Checkpoint directory (default: generate the demo one).")
     demo_dir: Path = Field(Path(".moe-serve/mixtral-demo"), description="Where the demo checkpoint is written.")
     port: int = Field(8001, ge=0, le=65535, description="Public gateway port.")
+    http_port: int = Field(8000, ge=0, le=65535, description="The gateway's KServe v2 HTTP/REST port (0 = any free).")
+    http: bool = Field(True, description="Serve KServe v2 HTTP/REST on the gateway (false: gRPC only).")
     capacity_factor: float | None = Field(None, ge=0.0, description="Expert capacity factor (unset: the model's own).")
     overflow: Literal["drop", "reroute", "dropless"] | None = Field(None, description="Overflow rule over capacity.")
     batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")

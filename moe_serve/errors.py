@@ -160,3 +160,15 @@ _STATUS_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 def status_code_from_number(number: int) -> grpc.StatusCode:
     """The grpc.StatusCode with wire number `number` (UNKNOWN for numbers gRPC does not define)."""
     return _STATUS_BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
+
+
+class Unauthenticated(MoEServeError):
+    """The call carries no valid credentials (the REST transport's bearer-token check)."""
+
+    status_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(MoEServeError):
+    """The caller's credentials do not grant what the call asks for."""
+
+    status_code = grpc.StatusCode.PERMISSION_DENIED

@@ -154,6 +154,11 @@ class Stack:
         return self.gateway.address
 
     @property
+    def http_address(self) -> str | None:
+        """host:port of the gateway's KServe v2 REST endpoint (None when it serves gRPC only)."""
+        return self.gateway.ready.get("http_address")
+
+    @property
     def workers(self) -> list[WorkerRecord]:
         import ray
 
@@ -431,6 +436,7 @@ def _gateway_args(settings: UpSettings, router_address: str, registry: bool = Fa
         *_metrics_flags(settings.metrics_port),
         *_public_security_flags(settings),
     ]
+    args += ["--http-port", str(settings.http_port)] if settings.http else ["--no-http"]
     if settings.allow_client_shm:
         args.append("--allow-client-shm")
     if registry:  # the registry of an embedded router (Redis, when set, also gets the live state)

@@ -55,8 +55,9 @@ def run_up(settings: UpSettings, console: Console) -> None:
         stack = launch_stack(settings, checkpoint)
         try:
             console.print(describe(stack))
+            rest = f", REST http://{stack.http_address}/v2" if stack.http_address else ""
             console.print(
-                f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}, model "
+                f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}{rest}, model "
                 f"{stack.model_name!r} (router {stack.router.address}); Ctrl-C to stop"
             )
             secret_file = _write_secret(stack.credentials, settings.cluster_file)
@@ -72,6 +73,7 @@ def run_up(settings: UpSettings, console: Console) -> None:
             announce_ready(
                 "stack",
                 address=stack.address,
+                http_address=stack.http_address,
                 model=stack.model_name,
                 router=stack.router.address,
                 cluster_file=str(settings.cluster_file),

@@ -21,6 +21,7 @@ from moe_serve.security import CLUSTER_SECRET_ENV
 from tests.helpers import ProcessStack, kserve_stub, save_tiny_mixtral, start_process_stack
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+HTTP_PORT_ENV = "MOE_SERVE_HTTP_PORT"
 # Where reliability records go. A plain test run writes them to a temporary directory, so running
 # tests never changes a tracked file; to refresh the committed records (and docs/reliability.md), run
 # with MOE_SERVE_RELIABILITY_RESULTS=benchmarks/results/reliability.
@@ -31,6 +32,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """One cluster secret for every stack this run starts (they inherit it from the environment, as
     `moe-serve up`'s children do); tests call internal services with it (tests.helpers.internal_channel)."""
     os.environ.setdefault(CLUSTER_SECRET_ENV, f"moe-serve-tests-{secrets.token_hex(16)}")
+    # every gateway and `up` this run starts serves REST on a free port, never the default 8000, so
+    # runs and tests side by side never collide (settings and child processes read the variable)
+    os.environ[HTTP_PORT_ENV] = "0"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -178,6 +178,11 @@ class ProcessStack:
     def delivery_address(self) -> str:
         return str(self.gateway.ready["delivery_address"])
 
+    @property
+    def http_address(self) -> str | None:
+        """host:port of the gateway's KServe v2 REST endpoint (None with --no-http)."""
+        return self.gateway.ready.get("http_address")
+
     def start_worker(self, name: str, *args: str) -> ServiceProcess:
         """One more worker registered at this stack's router (all experts unless --experts is given)."""
         return start_service_process(name, self.worker_args(name, *args))

@@ -11,10 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from moe_serve.cli import app
@@ -23,6 +25,7 @@ from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
+from tests.helpers import infer_request, kserve_stub, response_tensors
 
 COMMANDS = ["up", "gateway", "router", "worker", "infer", "init-demo", "scale", "status", "bench", "soak", "health"]
 
@@ -81,6 +84,8 @@ def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
         )
         assert infer.returncode == 0, infer.stdout + infer.stderr
         assert "FP32 [5, 256]" in infer.stdout and "latency p50" in infer.stdout
+        assert_rest_equals_grpc(ready["http_address"], ready["address"], ready["model"])
+        assert f"REST http://{ready['http_address']}/v2" in "".join(output)
 
         def cli(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run(
@@ -166,3 +171,17 @@ def test_health_command_reports_serving(fp32_stack) -> None:
     assert "SERVING" in result.output
     result = CliRunner().invoke(app, ["health", "127.0.0.1:1", "--timeout", "0.5"])
     assert result.exit_code == 1
+
+
+def assert_rest_equals_grpc(http_address: str, grpc_address: str, model: str) -> None:
+    """`up` serves KServe v2 REST too (curl's JSON request), with the gRPC port's answer to the bit."""
+    hidden = torch.randn(3, 256, generator=torch.Generator().manual_seed(2))
+    tensor = {"name": "hidden_states", "datatype": "FP32", "shape": [3, 256], "data": hidden.tolist()}
+    body = json.dumps({"inputs": [tensor], "parameters": {"layer": 1}}).encode()
+    request = urllib.request.Request(f"http://{http_address}/v2/models/{model}/infer", body)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        (output,) = json.loads(response.read())["outputs"]
+    channel, stub = kserve_stub(grpc_address)
+    with channel:
+        expected = response_tensors(stub.ModelInfer(infer_request(model, hidden, layer=1), timeout=60))["output"]
+    assert torch.equal(torch.tensor(output["data"], dtype=torch.float32).reshape(3, 256), expected)

@@ -6,7 +6,11 @@ One stack (gateway and router processes, two Ray worker actors) runs with certif
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -236,3 +240,45 @@ def test_health_command_speaks_mutual_tls(secure_stack: Stack, certs: Path) -> N
     # and the public port still wins when asked for, with that environment
     public = runner.invoke(app, ["health", secure_stack.address, "--tls-ca", str(certs / "ca.pem")], env=env)
     assert public.exit_code == 0, public.output
+
+
+def test_rest_over_tls_takes_the_same_tokens(secure_stack: Stack, certs: Path, checkpoints) -> None:
+    """The REST port serves the public TLS certificate and checks the gRPC port's bearer tokens: 401
+    without a known token, 403 for a model the token lacks (existing or not); health stays open."""
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    # the certificate names localhost
+    base = f"https://{secure_stack.http_address.replace('127.0.0.1', 'localhost')}/v2"
+    model = secure_stack.model_name
+    hidden = torch.randn(3, 64, generator=torch.Generator().manual_seed(12))
+    body = json.dumps(
+        {"inputs": [{"name": "hidden_states", "datatype": "FP32", "shape": [3, 64], "data": hidden.tolist()}]}
+    ).encode()
+
+    def call(path: str, token: str | None, data: bytes | None = None) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        request = urllib.request.Request(f"{base}{path}", data, headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=context) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            assert error.code != 401 or error.headers["WWW-Authenticate"] == "Bearer"
+            return error.code, json.loads(error.read())
+
+    assert call("/health/live", None)[0] == call("/health/ready", None)[0] == 200
+    for token in (None, "not-a-known-token"):
+        for path, data in (("", None), (f"/models/{model}", None), (f"/models/{model}/infer", body)):
+            status, answer = call(path, token, data)
+            assert status == 401 and "bearer token" in answer["error"], (path, token)
+            assert token is None or token not in answer["error"]
+    assert call("", OTHER_TOKEN)[0] == 200  # the server itself: any valid token
+    for path, data in ((f"/models/{model}", None), (f"/models/{model}/ready", None), (f"/models/{model}/infer", body)):
+        status, answer = call(path, OTHER_TOKEN, data)
+        assert status == 403 and model in answer["error"], path
+    assert call("/models/no-such-model", OTHER_TOKEN)[0] == 403  # a restricted token cannot probe names
+    status, answer = call(f"/models/{model}/infer", FULL_TOKEN, body)
+    assert status == 200
+    block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
+    output = torch.tensor(answer["outputs"][0]["data"], dtype=torch.float32).reshape(3, 64)
+    torch.testing.assert_close(output, reference_forward(block, hidden)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises((OSError, http.client.HTTPException)):  # plaintext HTTP to the TLS port: no answer
+        urllib.request.urlopen(f"{base.replace('https', 'http')}/health/live", timeout=10)

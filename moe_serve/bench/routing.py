@@ -26,6 +26,7 @@ def extra_gateway(stack: Stack, name: str, *flags: str) -> ServiceProcess:
             stack.router.address,
             "--port",
             "0",
+            "--no-http",  # gRPC only: runs side by side never contend for the REST port
             "--model-name",
             stack.model_name,
             "--log-level",

@@ -330,6 +330,7 @@ def launch_bench_stack(config: BenchConfig, checkpoint_dir: Path, router: str = 
     return launch_stack(
         UpSettings(
             port=0,
+            http=False,  # the bench measures gRPC; no stack of it takes the default REST port
             workers=config.workers,
             worker_num_gpus=gpus_per_worker,
             pipeline_chunk_tokens=config.pipeline_chunk_tokens,

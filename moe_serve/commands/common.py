@@ -61,6 +61,11 @@ PipelineChunk = Annotated[
     typer.Option(help="Route requests longer than this as concurrent chunks of at most this many tokens (0 = off)."),
 ]
 
+HttpPort = Annotated[int | None, typer.Option(help="KServe v2 HTTP/REST port of the gateway (0 = any free).")]
+ServeHttp = Annotated[
+    bool | None, typer.Option("--http/--no-http", help="Serve KServe v2 HTTP/REST beside gRPC (default: on).")
+]
+
 # these three also read their MOE_SERVE_ variables in client commands (health, top), so container
 # health checks of internal services work unchanged when mutual TLS is switched on by environment
 InternalTlsCa = Annotated[

@@ -17,6 +17,7 @@ from moe_serve.commands.common import (
     Dtype,
     EvictionPolicy,
     Host,
+    HttpPort,
     InsecureInternal,
     InternalTlsCa,
     InternalTlsCert,
@@ -30,6 +31,7 @@ from moe_serve.commands.common import (
     RedisPrefix,
     RedisUrl,
     RegistryTtl,
+    ServeHttp,
     TlsCert,
     TlsClientCa,
     TlsKey,
@@ -46,6 +48,8 @@ from moe_serve.grpc_utils import configure_logging
 @app.command(rich_help_panel="Run one service")
 def gateway(
     port: Annotated[int | None, typer.Option(help="Public KServe v2 gRPC port.")] = None,
+    http_port: HttpPort = None,
+    http: ServeHttp = None,
     delivery_port: Annotated[int | None, typer.Option(help="Internal port for expert deliveries (0 = any).")] = None,
     router_address: Annotated[str | None, typer.Option(help="host:port of the router.")] = None,
     embedded_router: Annotated[
@@ -130,6 +134,8 @@ def gateway(
         max_batch_tokens=max_batch_tokens,
         request_timeout_s=request_timeout,
         allow_client_shm=allow_client_shm,
+        http_port=http_port,
+        http=http,
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
