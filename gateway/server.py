@@ -106,7 +106,7 @@ class GatewayService:
             tokens = TokenTable.load(settings.auth_tokens_file) if settings.auth_tokens_file else None
         except ValueError as error:
             raise ConfigurationError(str(error)) from None
-        self.telemetry = Telemetry("moe-serve-gateway", settings.metrics_port, settings.host)
+        self.telemetry = Telemetry("moe-serve-gateway", settings.prometheus_port, settings.host)
         tracer = self.telemetry.tracer
         self.pending = PendingRequests()
         self.router_address = settings.router_address

@@ -14,7 +14,6 @@ import json
 import logging
 import signal
 import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -257,10 +256,11 @@ def announce_ready(service: str, **details: Any) -> None:
     print(f"{READY_MARKER} {json.dumps({'service': service, **details})}", flush=True)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Root logging of a process: text, or JSON lines for log shippers (moe_serve.log_format)."""
+    from moe_serve.log_format import configure_logging as configure
+
+    configure(level, "json" if log_format == "json" else "text")
 
 
 async def drain(is_idle: Callable[[], bool], grace_s: float, poll_s: float = 0.02) -> bool:

@@ -1,7 +1,8 @@
 """OpenTelemetry for every service: metrics (Prometheus /metrics port and/or OTLP) and traces (OTLP).
 
-- Metrics: a MeterProvider per process with a Prometheus reader when `metrics_port` is set (text
-  format at http://host:port/metrics) and an OTLP reader when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+- Metrics: a MeterProvider per process with a Prometheus reader (text format at
+  http://host:port/metrics; on by default, each service on its own port, see moe_serve.config) and
+  an OTLP reader when OTEL_EXPORTER_OTLP_ENDPOINT is set.
 - Traces: W3C trace context rides in gRPC metadata from the client to the gateway, and in a
   `trace_context` map inside each internal stream message (the streams are long-lived, so their
   metadata cannot carry a request's context); each hop opens its spans under it. Spans go to OTLP
@@ -38,6 +39,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 from opentelemetry.trace import Tracer
 
+from moe_serve.errors import ConfigurationError
 from moe_serve.outage import OutageLog
 
 logger = logging.getLogger(__name__)
@@ -173,8 +175,14 @@ class Telemetry:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
+        try:
+            server, _ = start_http_server(port, addr=host)
+        except OSError as error:
+            raise ConfigurationError(
+                f"{self.service_name}: cannot serve metrics on {host}:{port} ({error.strerror}); "
+                "give another --metrics-port (0 = any free port) or --no-metrics"
+            ) from None
         reader = PrometheusMetricReader()
-        server, _ = start_http_server(port, addr=host)
         self.metrics_address = f"{host}:{server.server_port}"
         logger.info("%s metrics at http://%s/metrics", self.service_name, self.metrics_address)
         return reader

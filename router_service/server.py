@@ -66,7 +66,9 @@ class RouterService:
         self.registry = self._make_registry(policy)
         await self.registry.start()
         model_name = settings.model_name or checkpoint.name
-        self.telemetry = self._shared_telemetry or Telemetry("moe-serve-router", settings.metrics_port, settings.host)
+        self.telemetry = self._shared_telemetry or Telemetry(
+            "moe-serve-router", settings.prometheus_port, settings.host
+        )
         metrics = RouterMetrics(self.telemetry, model_name, self.registry, keys)
         self.dispatcher = Dispatcher(
             self.registry,

@@ -28,6 +28,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """One cluster secret for every stack this run starts (they inherit it from the environment, as
     `moe-serve up`'s children do); tests call internal services with it (tests.helpers.internal_channel)."""
     os.environ.setdefault(CLUSTER_SECRET_ENV, f"moe-serve-tests-{secrets.token_hex(16)}")
+    # metrics are on by default on fixed ports (8002, 8012, 8022): every service a test starts takes a
+    # free one instead, so that concurrent services (and a stack someone runs beside) never collide
+    os.environ.setdefault("MOE_SERVE_METRICS_PORT", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

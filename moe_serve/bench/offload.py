@@ -112,6 +112,7 @@ def offload_comparison(
             for prefetch in (False, True):
                 settings = UpSettings(
                     port=0,
+                    metrics=False,
                     workers=workers,
                     log_level="WARNING",
                     model_name="offload",

@@ -56,7 +56,9 @@ def replication_comparison(
     generator = torch.Generator().manual_seed(5)
     inputs = [skewed_tokens(gate, tokens, generator) for _ in range(16)]
     share = row_share(gate, torch.cat(inputs), top_k)
-    stack = launch_stack(UpSettings(port=0, workers=workers, log_level="WARNING", model_name="skewed"), checkpoint_dir)
+    stack = launch_stack(
+        UpSettings(port=0, metrics=False, workers=workers, log_level="WARNING", model_name="skewed"), checkpoint_dir
+    )
     try:
         prepared = [make_request(stack.model_name, hidden) for hidden in inputs]
         ray.get(stack.controller.rebalance.remote())  # opens the load window

@@ -21,8 +21,10 @@ from moe_serve.commands.common import (
     InternalTlsCa,
     InternalTlsCert,
     InternalTlsKey,
+    LogFormat,
     LogLevel,
     MaxMessageBytes,
+    Metrics,
     MetricsPort,
     ModelName,
     Overflow,
@@ -87,6 +89,8 @@ def gateway(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    log_format: LogFormat = None,
+    metrics: Metrics = None,
     metrics_port: MetricsPort = None,
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
@@ -133,6 +137,8 @@ def gateway(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        log_format=log_format,
+        metrics=metrics,
         metrics_port=metrics_port,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
@@ -143,7 +149,7 @@ def gateway(
             internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
         ),
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     run_service(serve(settings), settings.event_loop)
 
 
@@ -168,6 +174,8 @@ def router(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    log_format: LogFormat = None,
+    metrics: Metrics = None,
     metrics_port: MetricsPort = None,
     max_message_bytes: MaxMessageBytes = None,
     redis_url: RedisUrl = None,
@@ -195,6 +203,8 @@ def router(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        log_format=log_format,
+        metrics=metrics,
         metrics_port=metrics_port,
         max_message_bytes=max_message_bytes,
         redis_url=redis_url,
@@ -204,7 +214,7 @@ def router(
             internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
         ),
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     run_service(serve(settings), settings.event_loop)
 
 
@@ -229,6 +239,8 @@ def worker(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    log_format: LogFormat = None,
+    metrics: Metrics = None,
     metrics_port: MetricsPort = None,
     max_message_bytes: MaxMessageBytes = None,
     redis_url: RedisUrl = None,
@@ -262,6 +274,8 @@ def worker(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        log_format=log_format,
+        metrics=metrics,
         metrics_port=metrics_port,
         max_message_bytes=max_message_bytes,
         redis_url=redis_url,
@@ -271,5 +285,5 @@ def worker(
             internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
         ),
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     run_service(serve(settings), settings.event_loop)
