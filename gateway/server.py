@@ -32,6 +32,7 @@ from moe_serve.grpc_utils import (
     add_health_and_reflection,
     advertised_host,
     announce_ready,
+    channel_options,
     create_server,
     drain,
     set_serving,
@@ -41,7 +42,7 @@ from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import ClusterCredentials, PublicTLS
+from moe_serve.security import ClusterCredentials, PublicTLS, open_aio_channel
 from moe_serve.streams import StreamClient
 from moe_serve.telemetry import Telemetry
 from router_service.server import RouterService
@@ -97,6 +98,7 @@ class GatewayService:
         self.delivery_server: aio.Server | None = None
         self.address = self.delivery_address = self.router_address = ""
         self.embedded: RouterService | None = None  # the router, when it runs in this process
+        self._route_channel: aio.Channel | None = None  # the RouteStreams' channel (router as a service)
 
     async def start(self) -> str:
         settings = self.settings
@@ -144,13 +146,20 @@ class GatewayService:
         if self.embedded is not None:
             self.router = EmbeddedRouter(self.embedded.servicer, self.pending)
         else:
-            stream: StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan] = StreamClient(
-                settings.router_address,
-                lambda channel: moe_grpc.RouterStub(channel).RouteStream,
-                settings.max_message_bytes,
-                internal,
-            )
-            self.router = RemoteRouter(stream, settings.max_message_bytes, metrics.wire)
+            # round_robin: the streams spread over every router the address resolves to
+            options = [*channel_options(settings.max_message_bytes), ("grpc.lb_policy_name", "round_robin")]
+            self._route_channel = open_aio_channel(settings.router_address, options, internal)
+            streams: list[StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan]] = [
+                StreamClient(
+                    settings.router_address,
+                    lambda channel: moe_grpc.RouterStub(channel).RouteStream,
+                    settings.max_message_bytes,
+                    internal,
+                    channel=self._route_channel,
+                )
+                for _ in range(settings.router_streams)
+            ]
+            self.router = RemoteRouter(streams, settings.max_message_bytes, metrics.wire)
         policy = CapacityPolicy.resolve(
             settings.capacity_factor, settings.expert_capacity, settings.overflow, model.default_expert_capacity
         )
@@ -248,6 +257,8 @@ class GatewayService:
             await self.publisher.stop()
         self.telemetry.shutdown()
         await self.router.close()
+        if self._route_channel is not None:
+            await self._route_channel.close()
         await self._routers.close()
 
 

@@ -132,7 +132,17 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
     delivery_port: int = Field(
         0, ge=0, le=65535, description="Internal port where workers deliver expert outputs (0 = any free port)."
     )
-    router_address: str = Field("127.0.0.1:8010", description="host:port of the router service.")
+    router_address: str = Field(
+        "127.0.0.1:8010",
+        description="host:port of the router service, or a gRPC target naming several routers (a headless "
+        "Service's DNS name, `ipv4:10.0.0.1:8010,10.0.0.2:8010`): the gateway balances over them (round_robin).",
+    )
+    router_streams: int = Field(
+        1,
+        ge=1,
+        description="RouteStreams the gateway keeps to the router address, taken in turn. Each lands on the next "
+        "router of a target with several (round_robin), so several routers share the load: at least one per router.",
+    )
     model_name: str | None = Field(
         None, description="Public model name (default: the router's, i.e. the checkpoint directory name)."
     )

@@ -49,7 +49,13 @@ from moe_serve.grpc_utils import configure_logging
 def gateway(
     port: Annotated[int | None, typer.Option(help="Public KServe v2 gRPC port.")] = None,
     delivery_port: Annotated[int | None, typer.Option(help="Internal port for expert deliveries (0 = any).")] = None,
-    router_address: Annotated[str | None, typer.Option(help="host:port of the router.")] = None,
+    router_address: Annotated[
+        str | None,
+        typer.Option(help="host:port of the router, or a target naming several (balanced round_robin)."),
+    ] = None,
+    router_streams: Annotated[
+        int | None, typer.Option(help="RouteStreams to the router address (at least one per router to balance).")
+    ] = None,
     embedded_router: Annotated[
         bool | None,
         typer.Option(
@@ -116,6 +122,7 @@ def gateway(
         port=port,
         delivery_port=delivery_port,
         router_address=router_address,
+        router_streams=router_streams,
         embedded_router=embedded_router,
         checkpoint=checkpoint,
         router_port=router_port,
