@@ -29,6 +29,9 @@ from moe_serve.errors import InvalidInput, MoEServeError
 logger = logging.getLogger(__name__)
 
 READY_MARKER = "MOE_SERVE_READY"
+# grpc.health.v1 service name that answers SERVING while the process serves at all (an orchestrator's
+# liveness probe), where "" is readiness
+LIVENESS_SERVICE = "liveness"
 
 
 KEEPALIVE_MS = 30_000

@@ -7,12 +7,14 @@ import logging
 
 import torch
 from grpc import aio
+from grpc_health.v1 import health_pb2
 
 from moe_serve.allocator import settle_startup_memory, tune_allocator
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import RouterSettings
 from moe_serve.errors import ConfigurationError
 from moe_serve.grpc_utils import (
+    LIVENESS_SERVICE,
     add_health_and_reflection,
     advertised_host,
     announce_ready,
@@ -99,7 +101,9 @@ class RouterService:
         if isinstance(self.registry, InProcessRegistry):  # workers register here when there is no Redis
             moe_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(self.registry), server)
             services.append(REGISTRY_SERVICE)
-        self.health = health = add_health_and_reflection(server, services)
+        self.health = health = add_health_and_reflection(server, [*services, LIVENESS_SERVICE])
+        # liveness: the process serves (its API answers); "" says every expert has a replica
+        await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self.server = server
         self.address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"

@@ -10,7 +10,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
 from moe_serve.cli import app
@@ -23,7 +25,7 @@ from moe_serve.config import (
     UpSettings,
     WorkerSettings,
 )
-from moe_serve.grpc_utils import READY_MARKER
+from moe_serve.grpc_utils import LIVENESS_SERVICE, READY_MARKER
 from moe_serve.launcher import _gateway_args
 from tests.deploy_config import built_settings
 from tests.helpers import save_tiny_mixtral
@@ -71,9 +73,12 @@ def test_up_passes_no_metrics_to_its_gateway() -> None:
     assert args[args.index("--log-format") + 1] == "json"
 
 
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 def run_router(checkpoint: Path, *flags: str) -> tuple[dict, str]:
     """Start `moe-serve router` (no workers: it serves, not ready), read its ready line, scrape its
-    metrics endpoint if it has one, SIGTERM it; returns (ready line, stderr)."""
+    metrics endpoint if it has one, probe its health, SIGTERM it; returns (ready line, stderr)."""
     router = subprocess.Popen(
         [sys.executable, "-m", "moe_serve", "router", "--checkpoint", str(checkpoint), "--port", "0", *flags],
         stdout=subprocess.PIPE,
@@ -91,6 +96,11 @@ def run_router(checkpoint: Path, *flags: str) -> tuple[dict, str]:
                 assert response.status == 200
                 assert response.headers["Content-Type"].startswith("text/plain")
                 assert b"target_info" in response.read()  # the OpenTelemetry resource, as Prometheus text
+        # what a kubelet's gRPC probes see (no credentials): alive, not ready (no worker has registered)
+        with grpc.insecure_channel(ready["address"]) as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert check(health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=10).status == SERVING
+            assert check(health_pb2.HealthCheckRequest(service=""), timeout=10).status == NOT_SERVING
         # the services announce ready a moment before their SIGTERM handler is installed (a race the
         # supervision work owns); a signal inside that window would end the process with -15
         time.sleep(0.5)
