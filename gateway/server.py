@@ -159,7 +159,7 @@ class GatewayService:
                 )
                 for _ in range(settings.router_streams)
             ]
-            self.router = RemoteRouter(streams, settings.max_message_bytes, metrics.wire)
+            self.router = RemoteRouter(streams, settings.max_message_bytes, metrics.wire, tracer)
         policy = CapacityPolicy.resolve(
             settings.capacity_factor, settings.expert_capacity, settings.overflow, model.default_expert_capacity
         )

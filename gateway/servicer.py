@@ -24,7 +24,7 @@ from gateway.triton_extensions import InferenceStatistics, model_config, reposit
 from moe_serve.errors import MoEServeError, Unimplemented
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
-from moe_serve.telemetry import attach, detach, metadata_context
+from moe_serve.telemetry import attach, detach, metadata_context, rpc_span
 
 SERVER_NAME = "moe-serve"
 # the protocol extensions offered, by the names Triton reports in ServerMetadata
@@ -170,9 +170,7 @@ class InferenceServicer(kserve_grpc.GRPCInferenceServiceServicer):
         # the regions the request reads and writes stay open until it is answered, even if unregistered
         shared_memory = self.shared_memory.lease()
         try:
-            with self.tracer.start_as_current_span(
-                f"inference.GRPCInferenceService/{method}", kind=SpanKind.SERVER
-            ) as span:
+            with rpc_span(self.tracer, f"inference.GRPCInferenceService/{method}", SpanKind.SERVER) as span:
                 model = self.dataplane.model
                 inference = parse_infer_request(request, model, uuid.uuid4().hex, shared_memory)
                 decoded = time.monotonic()

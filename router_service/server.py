@@ -85,6 +85,7 @@ class RouterService:
                 credentials,
             ),
             settings.shared_memory_bytes,
+            self.telemetry.tracer,
         )
         self.servicer = RouterServicer(
             planner, self.registry, self.dispatcher, model_name, self.telemetry.tracer, metrics
