@@ -50,7 +50,7 @@ class ExpertWorkerActor:
 
         tune_allocator()
         worker_settings = WorkerSettings(**settings)
-        configure_logging(worker_settings.log_level)
+        configure_logging(worker_settings.log_level, worker_settings.log_format)
         restore_scheduling_priority()
         context = ray.get_runtime_context()
         gpu_ids = ray.get_gpu_ids()

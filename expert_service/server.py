@@ -108,7 +108,7 @@ class WorkerService:
         )
         host = advertised_host(settings.host, settings.advertise_host)
         address = f"{host}:{port}"
-        self.telemetry = Telemetry("moe-serve-worker", settings.metrics_port, settings.host)
+        self.telemetry = Telemetry("moe-serve-worker", settings.prometheus_port, settings.host)
         metrics_port = self.telemetry.metrics_address.rpartition(":")[2] if self.telemetry.metrics_address else ""
         gpu_id = self.gpu_id if self.gpu_id is not None else (device.index if device.type == "cuda" else -1)
         self.record = WorkerRecord(

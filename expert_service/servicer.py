@@ -39,7 +39,16 @@ from moe_serve.registry import WorkerRecord
 from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials
 from moe_serve.shared_arena import ACCEPT_KEY, OFFER_KEY, ArenaView
 from moe_serve.streams import StreamClientPool, serve_stream
-from moe_serve.telemetry import Telemetry, child_span, extract_context, inject_context
+from moe_serve.telemetry import (
+    COMPUTE_STREAM,
+    DELIVERY_STREAM,
+    Telemetry,
+    child_span,
+    client_span,
+    extract_context,
+    inject_context,
+    rpc_span,
+)
 
 logger = logging.getLogger(__name__)
 # after a worker stops announcing an expert, rows routed just before routers saw it may still come
@@ -140,16 +149,15 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
     async def compute(self, request: moe_pb2.ComputeRequest, arena: ArenaView | None = None) -> moe_pb2.ComputeResult:
         """Compute one batch and deliver it; the result says how many rows the gateway accepted.
         `arena`: the stream's shared memory, where the request's rows (and outputs) may be."""
-        with self.tracer.start_as_current_span(
-            "worker.compute", context=extract_context(request.trace_context), kind=SpanKind.SERVER
-        ) as span:
-            span.set_attributes(
-                {
-                    "moe_serve.worker": self.identity.worker_id,
-                    "moe_serve.layer": request.layer,
-                    "moe_serve.rows": request.rows.shape[0] if request.rows.shape else 0,
-                }
-            )
+        with rpc_span(self.tracer, COMPUTE_STREAM, SpanKind.SERVER, extract_context(request.trace_context)) as span:
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        "moe_serve.worker": self.identity.worker_id,
+                        "moe_serve.layer": request.layer,
+                        "moe_serve.rows": request.rows.shape[0] if request.rows.shape else 0,
+                    }
+                )
             return await self._compute(request, arena)
 
     async def _compute(self, request: moe_pb2.ComputeRequest, arena: ArenaView | None) -> moe_pb2.ComputeResult:
@@ -287,15 +295,17 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             timeout_s=remaining or 0.0,
         )
         payload = codec.fill_proto(delivery.rows, outputs) + codec.payload_bytes(request.positions)
-        inject_context(delivery.trace_context)
         self.metrics.wire("worker_to_gateway", "sent", payload)
-        try:
-            ack = await self._deliveries.get(request.delivery_address).call(delivery, remaining)
-        except ServiceUnavailable as error:
-            raise DeliveryFailed(f"could not deliver to gateway {request.delivery_address}: {error.message}") from None
-        if ack.HasField("failure"):
-            raise error_of(ack.failure)  # NOT_FOUND: the gateway has dropped the request
-        return ack.rows_accepted
+        with client_span(self.tracer, DELIVERY_STREAM):
+            inject_context(delivery.trace_context)  # the gateway's span continues this one
+            try:
+                ack = await self._deliveries.get(request.delivery_address).call(delivery, remaining)
+            except ServiceUnavailable as error:
+                message = f"could not deliver to gateway {request.delivery_address}: {error.message}"
+                raise DeliveryFailed(message) from None
+            if ack.HasField("failure"):
+                raise error_of(ack.failure)  # NOT_FOUND: the gateway has dropped the request
+            return ack.rows_accepted
 
     # ------------------------------------------------------------------ replicas moved while serving
 

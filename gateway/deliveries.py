@@ -11,7 +11,7 @@ import asyncio
 
 import torch
 from grpc import aio
-from opentelemetry.trace import Tracer
+from opentelemetry.trace import SpanKind, Tracer
 
 from moe_serve import codec
 from moe_serve.combine import CombineBuffer
@@ -19,7 +19,7 @@ from moe_serve.errors import MoEServeError, RequestNotFound, error_of, failure_o
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.streams import serve_stream
-from moe_serve.telemetry import extract_context
+from moe_serve.telemetry import DELIVERY_STREAM, extract_context, rpc_span
 
 
 class PendingRequest:
@@ -93,7 +93,7 @@ class DeliveryServicer(moe_grpc.DeliveryServiceServicer):
         await serve_stream(context, self.deliver, lambda _, error: moe_pb2.DeliveryAck(failure=failure_of(error)))
 
     async def deliver(self, delivery: moe_pb2.Delivery) -> moe_pb2.DeliveryAck:
-        with self.tracer.start_as_current_span("gateway.delivery", context=extract_context(delivery.trace_context)):
+        with rpc_span(self.tracer, DELIVERY_STREAM, SpanKind.SERVER, extract_context(delivery.trace_context)):
             return self._accept(delivery)
 
     def _accept(self, delivery: moe_pb2.Delivery) -> moe_pb2.DeliveryAck:

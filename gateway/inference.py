@@ -23,7 +23,7 @@ from gateway.shared_memory import SharedMemoryRegistry
 from gateway.triton_extensions import InferenceStatistics
 from moe_serve.errors import MoEServeError
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
-from moe_serve.telemetry import attach, detach, metadata_context
+from moe_serve.telemetry import attach, detach, metadata_context, rpc_span
 
 
 class InferenceHandler:
@@ -53,18 +53,25 @@ class InferenceHandler:
         span_name: str,
         trace_headers: Sequence[tuple[str, Any]] | None,
         client_timeout_s: float | None,
+        rpc: bool = True,
     ) -> kserve_pb2.ModelInferResponse:
         """Answer `request` within the client's timeout (seconds; None: none given) and the default.
 
         `trace_headers`: the call's metadata or HTTP headers, whose traceparent the span continues.
         Domain errors propagate (each transport maps them to its own status); every outcome is counted.
+        `rpc`: a gRPC call, whose span carries OpenTelemetry's RPC attributes; REST's is a plain SERVER span.
         """
         arrived, status, tokens = time.monotonic(), grpc.StatusCode.OK, 0
         token = attach(metadata_context(trace_headers))
         # the regions the request reads and writes stay open until it is answered, even if unregistered
         shared_memory = self.shared_memory.lease()
         try:
-            with self.tracer.start_as_current_span(span_name, kind=SpanKind.SERVER) as span:
+            scope = (
+                rpc_span(self.tracer, span_name, SpanKind.SERVER)
+                if rpc
+                else self.tracer.start_as_current_span(span_name, kind=SpanKind.SERVER)
+            )
+            with scope as span:
                 model = self.dataplane.model
                 inference = parse_infer_request(request, model, uuid.uuid4().hex, shared_memory)
                 decoded = time.monotonic()

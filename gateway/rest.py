@@ -171,7 +171,11 @@ class RestApi:
         rest_request = parse_rest_request(body, _header_length(request), model, version)
         del body  # the message holds its own copy: the body need not live through the inference
         response = await self.handler.infer(
-            rest_request.message, "inference.HTTP/infer", list(request.headers.items()), rest_request.timeout_s
+            rest_request.message,
+            "inference.HTTP/infer",
+            list(request.headers.items()),
+            rest_request.timeout_s,
+            rpc=False,
         )
         content, header_length = encode_rest_response(rest_request, response)
         if header_length is None:

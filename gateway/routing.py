@@ -10,17 +10,21 @@ delivery port and waiting there for an acknowledgement (measured by `moe-serve b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from gateway.deliveries import PendingRequests
 from moe_serve import codec
 from moe_serve.errors import Overloaded, ServiceUnavailable, error_of
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.streams import StreamClient
+from moe_serve.telemetry import ROUTE_STREAM, client_span, inject_context
 from router_service.planner import RoutingDecision
 from router_service.servicer import RouterServicer
 
@@ -90,26 +94,37 @@ class Router(Protocol):
 
 
 class RemoteRouter:
-    """The router service, over one long-lived RouteStream."""
+    """The router service, over long-lived RouteStreams taken in turn.
+
+    The streams share one channel with client-side round_robin: each stream is a call of its own,
+    so over a target that resolves to several routers (a headless Service) they land on different
+    routers, which then share the load instead of only standing in for each other.
+    """
 
     def __init__(
         self,
-        stream: StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan],
+        streams: Sequence[StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan]],
         max_message_bytes: int,
         wire: Callable[[str, str, int], None],
+        tracer: Tracer | None = None,
     ) -> None:
-        self.stream, self.wire = stream, wire
+        self.streams, self.wire = list(streams), wire
+        self.tracer = tracer or trace.get_tracer(__name__)
+        self._turns = itertools.cycle(self.streams)
         self.max_message_bytes = max_message_bytes  # the hops' limit; 0 = not known here, not checked
 
     async def route(self, request: moe_pb2.RouteRequest, hidden: torch.Tensor, timeout: float) -> Plan:
         self._check_message_size(request, hidden)
         self.wire("gateway_to_router", "sent", codec.fill_proto(request.hidden_states, hidden))
-        try:
-            plan = await self.stream.call(request, timeout)
-        except ServiceUnavailable as error:
-            raise ServiceUnavailable(f"router unreachable: {error.message}") from None
-        if plan.HasField("failure"):
-            raise error_of(plan.failure)
+        with client_span(self.tracer, ROUTE_STREAM) as span:
+            if span is not None:  # the router's span continues this one
+                inject_context(request.trace_context)
+            try:
+                plan = await next(self._turns).call(request, timeout)
+            except ServiceUnavailable as error:
+                raise ServiceUnavailable(f"router unreachable: {error.message}") from None
+            if plan.HasField("failure"):
+                raise error_of(plan.failure)
         return Plan.from_proto(plan)
 
     def _check_message_size(self, request: moe_pb2.RouteRequest, hidden: torch.Tensor) -> None:
@@ -135,7 +150,8 @@ class RemoteRouter:
         )
 
     async def close(self) -> None:
-        await self.stream.close()
+        for stream in self.streams:
+            await stream.close()
 
 
 class EmbeddedRouter:

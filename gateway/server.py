@@ -34,6 +34,7 @@ from moe_serve.grpc_utils import (
     add_health_and_reflection,
     advertised_host,
     announce_ready,
+    channel_options,
     create_server,
     drain,
     set_serving,
@@ -43,7 +44,7 @@ from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import ClusterCredentials, PublicTLS
+from moe_serve.security import ClusterCredentials, PublicTLS, open_aio_channel
 from moe_serve.streams import StreamClient
 from moe_serve.telemetry import Telemetry
 from router_service.server import RouterService
@@ -101,6 +102,7 @@ class GatewayService:
         self.embedded: RouterService | None = None  # the router, when it runs in this process
         self.rest: RestServer | None = None  # KServe v2 REST, unless settings.http is off
         self.http_address: str | None = None
+        self._route_channel: aio.Channel | None = None  # the RouteStreams' channel (router as a service)
 
     async def start(self) -> str:
         settings = self.settings
@@ -110,7 +112,7 @@ class GatewayService:
             tokens = TokenTable.load(settings.auth_tokens_file) if settings.auth_tokens_file else None
         except ValueError as error:
             raise ConfigurationError(str(error)) from None
-        self.telemetry = Telemetry("moe-serve-gateway", settings.metrics_port, settings.host)
+        self.telemetry = Telemetry("moe-serve-gateway", settings.prometheus_port, settings.host)
         tracer = self.telemetry.tracer
         self.pending = PendingRequests()
         self.router_address = settings.router_address
@@ -148,13 +150,20 @@ class GatewayService:
         if self.embedded is not None:
             self.router = EmbeddedRouter(self.embedded.servicer, self.pending)
         else:
-            stream: StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan] = StreamClient(
-                settings.router_address,
-                lambda channel: moe_grpc.RouterStub(channel).RouteStream,
-                settings.max_message_bytes,
-                internal,
-            )
-            self.router = RemoteRouter(stream, settings.max_message_bytes, metrics.wire)
+            # round_robin: the streams spread over every router the address resolves to
+            options = [*channel_options(settings.max_message_bytes), ("grpc.lb_policy_name", "round_robin")]
+            self._route_channel = open_aio_channel(settings.router_address, options, internal)
+            streams: list[StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan]] = [
+                StreamClient(
+                    settings.router_address,
+                    lambda channel: moe_grpc.RouterStub(channel).RouteStream,
+                    settings.max_message_bytes,
+                    internal,
+                    channel=self._route_channel,
+                )
+                for _ in range(settings.router_streams)
+            ]
+            self.router = RemoteRouter(streams, settings.max_message_bytes, metrics.wire, tracer)
         policy = CapacityPolicy.resolve(
             settings.capacity_factor, settings.expert_capacity, settings.overflow, model.default_expert_capacity
         )
@@ -265,6 +274,8 @@ class GatewayService:
             await self.publisher.stop()
         self.telemetry.shutdown()
         await self.router.close()
+        if self._route_channel is not None:
+            await self._route_channel.close()
         await self._routers.close()
 
 

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
+
+# Without GRPC_VERBOSITY, gRPC core writes its INFO lines to stderr, e.g. "chttp2_transport.cc ... Got
+# goaway ... Cancelling all calls" in every process whose peer stops while a long-lived internal stream
+# is open (a normal shutdown). ERROR is gRPC's documented default; set before grpc loads, and
+# inherited by every child (`up` passes it to the Ray worker actors too).
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from moe_serve.commands.common import app
 

@@ -17,6 +17,11 @@ from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+# Prometheus /metrics ports, on by default (Triton serves metrics on 8002 beside gRPC on 8001)
+GATEWAY_METRICS_PORT = 8002
+ROUTER_METRICS_PORT = 8012
+WORKER_METRICS_PORT = 8022
+LogFormat = Literal["text", "json"]
 
 
 class CommonSettings(BaseSettings):
@@ -31,6 +36,9 @@ class CommonSettings(BaseSettings):
         "or this machine's IP when bound to 0.0.0.0).",
     )
     log_level: str = Field("INFO", description="Python logging level.")
+    log_format: LogFormat = Field(
+        "text", description="Log lines as text, or as one JSON object per line (for log shippers)."
+    )
     max_message_bytes: int = Field(
         DEFAULT_MAX_MESSAGE_BYTES, gt=0, description="Largest gRPC message sent or received on every hop (bytes)."
     )
@@ -45,12 +53,13 @@ class CommonSettings(BaseSettings):
     event_loop: EventLoopName = Field(
         "auto", description="Event loop of the service: uvloop (auto, where installed) or the standard asyncio loop."
     )
+    metrics: bool = Field(True, description="Serve Prometheus metrics at http://host:METRICS_PORT/metrics.")
     metrics_port: int | None = Field(
         None,
         ge=0,
         le=65535,
-        description="Serve Prometheus metrics at http://host:PORT/metrics (0 = any free port; "
-        "unset = no endpoint). OTLP export is on when OTEL_EXPORTER_OTLP_ENDPOINT is set.",
+        description="Port of the Prometheus /metrics endpoint (0 = any free port; each service has its own default). "
+        "OTLP export is on when OTEL_EXPORTER_OTLP_ENDPOINT is set.",
     )
     cluster_secret: SecretStr | None = Field(
         None,
@@ -76,6 +85,11 @@ class CommonSettings(BaseSettings):
         DEFAULT_INTERNAL_SERVER_NAME,
         description="Name every internal server certificate carries (checked instead of the dialed host).",
     )
+
+    @property
+    def prometheus_port(self) -> int | None:
+        """The port to serve /metrics on, or None when metrics are off."""
+        return self.metrics_port if self.metrics else None
 
     @model_validator(mode="after")
     def _check_internal_tls(self) -> CommonSettings:
@@ -116,10 +130,23 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         8000, ge=0, le=65535, description="Public KServe v2 HTTP/REST port, beside gRPC (0 = any free port)."
     )
     http: bool = Field(True, description="Serve KServe v2 HTTP/REST on http_port (false: gRPC only).")
+    metrics_port: int | None = Field(
+        GATEWAY_METRICS_PORT, ge=0, le=65535, description="Prometheus /metrics port (0 = any free port)."
+    )
     delivery_port: int = Field(
         0, ge=0, le=65535, description="Internal port where workers deliver expert outputs (0 = any free port)."
     )
-    router_address: str = Field("127.0.0.1:8010", description="host:port of the router service.")
+    router_address: str = Field(
+        "127.0.0.1:8010",
+        description="host:port of the router service, or a gRPC target naming several routers (a headless "
+        "Service's DNS name, `ipv4:10.0.0.1:8010,10.0.0.2:8010`): the gateway balances over them (round_robin).",
+    )
+    router_streams: int = Field(
+        1,
+        ge=1,
+        description="RouteStreams the gateway keeps to the router address, taken in turn. Each lands on the next "
+        "router of a target with several (round_robin), so several routers share the load: at least one per router.",
+    )
     model_name: str | None = Field(
         None, description="Public model name (default: the router's, i.e. the checkpoint directory name)."
     )
@@ -217,6 +244,9 @@ class RouterSettings(CommonSettings):
     """Gating, capacity, replica choice and fan-out to the expert workers."""
 
     port: int = Field(8010, ge=0, le=65535, description="Router gRPC port (0 = any free port).")
+    metrics_port: int | None = Field(
+        ROUTER_METRICS_PORT, ge=0, le=65535, description="Prometheus /metrics port (0 = any free port)."
+    )
     checkpoint: Path = Field(..., description="Checkpoint directory (only the router weights are read).")
     model_name: str | None = Field(None, description="Model name (default: the checkpoint directory's name).")
     dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
@@ -271,6 +301,12 @@ class WorkerSettings(CommonSettings):
     """One expert worker: the weights of its experts and a gRPC server computing them."""
 
     port: int = Field(0, ge=0, le=65535, description="Worker gRPC port (0 = any free port).")
+    metrics_port: int | None = Field(
+        WORKER_METRICS_PORT,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics port (0 = any free port; a second worker on one host needs another).",
+    )
     checkpoint: Path = Field(..., description="Checkpoint directory (only this worker's experts are read).")
     experts: str | None = Field(
         None,
@@ -347,6 +383,13 @@ class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
     port: int = Field(8001, ge=0, le=65535, description="Public gateway port.")
     http_port: int = Field(8000, ge=0, le=65535, description="The gateway's KServe v2 HTTP/REST port (0 = any free).")
     http: bool = Field(True, description="Serve KServe v2 HTTP/REST on the gateway (false: gRPC only).")
+    metrics_port: int | None = Field(
+        GATEWAY_METRICS_PORT,
+        ge=0,
+        le=65535,
+        description="The gateway's Prometheus /metrics port (0 = any free port); a router service and the worker "
+        "actors take free ports, printed when the stack is ready.",
+    )
     capacity_factor: float | None = Field(None, ge=0.0, description="Expert capacity factor (unset: the model's own).")
     overflow: Literal["drop", "reroute", "dropless"] | None = Field(None, description="Overflow rule over capacity.")
     batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")

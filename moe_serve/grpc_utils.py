@@ -14,7 +14,6 @@ import json
 import logging
 import signal
 import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -30,6 +29,9 @@ from moe_serve.errors import InvalidInput, MoEServeError
 logger = logging.getLogger(__name__)
 
 READY_MARKER = "MOE_SERVE_READY"
+# grpc.health.v1 service name that answers SERVING while the process serves at all (an orchestrator's
+# liveness probe), where "" is readiness
+LIVENESS_SERVICE = "liveness"
 
 
 KEEPALIVE_MS = 30_000
@@ -257,10 +259,11 @@ def announce_ready(service: str, **details: Any) -> None:
     print(f"{READY_MARKER} {json.dumps({'service': service, **details})}", flush=True)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """Root logging of a process: text, or JSON lines for log shippers (moe_serve.log_format)."""
+    from moe_serve.log_format import configure_logging as configure
+
+    configure(level, "json" if log_format == "json" else "text")
 
 
 async def drain(is_idle: Callable[[], bool], grace_s: float, poll_s: float = 0.02) -> bool:

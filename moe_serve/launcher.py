@@ -109,7 +109,8 @@ def spawn_service_process(
                 service.ready = json.loads(line[len(READY_MARKER) :])
                 service.announced.set()
             else:
-                sys.stderr.write(f"[{name}] {line}")
+                # a JSON log line (--log-format json) passes as it is, so that it still parses
+                sys.stderr.write(line if line.startswith("{") else f"[{name}] {line}")
         service.announced.set()  # the process ended: wake the waiter
 
     threading.Thread(target=relay, name=f"relay-{name}", daemon=True).start()
@@ -164,6 +165,15 @@ class Stack:
 
         return [WorkerRecord.from_json(text) for text in ray.get(self.controller.records.remote())]
 
+    def metrics_addresses(self) -> dict[str, str]:
+        """host:port of each Prometheus /metrics endpoint of the stack, by service (none when off)."""
+        services = {"gateway": self.gateway.ready, "router": self.router.ready}
+        if self.router.process is self.gateway.process:
+            del services["router"]  # embedded: the gateway's endpoint serves the router's metrics
+        found = {name: str(ready.get("metrics_address") or "") for name, ready in services.items()}
+        found |= {record.worker_id: record.metrics_address for record in self.workers}
+        return {name: address for name, address in found.items() if address}
+
     def stop(self) -> None:
         import ray
 
@@ -195,6 +205,8 @@ def _common_flags(settings: UpSettings) -> list[str]:
         settings.host,
         "--log-level",
         settings.log_level,
+        "--log-format",
+        settings.log_format,
         "--max-message-bytes",
         str(settings.max_message_bytes),
     ]
@@ -232,7 +244,8 @@ def _public_security_flags(settings: UpSettings) -> list[str]:
 
 
 def _metrics_flags(port: int | None) -> list[str]:
-    return [] if port is None else ["--metrics-port", str(port)]
+    """A child's metrics flags: its port, or --no-metrics for None."""
+    return ["--no-metrics"] if port is None else ["--metrics-port", str(port)]
 
 
 def _registry_flags(settings: UpSettings) -> list[str]:
@@ -269,6 +282,7 @@ def start_controller(
         "advertise_host": settings.advertise_host,
         "dtype": settings.dtype,
         "log_level": settings.log_level,
+        "log_format": settings.log_format,
         "max_message_bytes": settings.max_message_bytes,
         "redis_url": settings.redis_url,
         "redis_prefix": settings.redis_prefix,
@@ -277,7 +291,7 @@ def start_controller(
         "device_memory_budget": settings.device_memory_budget,
         "eviction_policy": settings.eviction_policy,
         # each worker actor picks a free metrics port and announces it in its registration
-        "metrics_port": None if settings.metrics_port is None else 0,
+        "metrics_port": 0 if settings.metrics else None,
         # certificate files must be readable on every Ray node, like the checkpoint
         **{
             name: None if value is None else str(value)
@@ -307,7 +321,7 @@ def start_controller(
             settings.worker_num_gpus,
             settings.worker_num_cpus,
             {
-                **{key: value for key, value in os.environ.items() if key.startswith("OTEL_")},
+                **{key: value for key, value in os.environ.items() if key.startswith(("OTEL_", "GRPC_VERBOSITY"))},
                 **ray_worker_environment(os.environ),
             },
         )
@@ -370,7 +384,7 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
                 *_common_flags(settings),
                 *_registry_flags(settings),
                 # the gateway takes the configured metrics port; the router any free one
-                *_metrics_flags(None if settings.metrics_port is None else 0),
+                *_metrics_flags(None if settings.prometheus_port is None else 0),
             ],
             env=environment,
         )
@@ -433,7 +447,7 @@ def _gateway_args(settings: UpSettings, router_address: str, registry: bool = Fa
         "--pipeline-chunk-tokens",
         str(settings.pipeline_chunk_tokens),
         *_common_flags(settings),
-        *_metrics_flags(settings.metrics_port),
+        *_metrics_flags(settings.prometheus_port),
         *_public_security_flags(settings),
     ]
     args += ["--http-port", str(settings.http_port)] if settings.http else ["--no-http"]

@@ -60,6 +60,9 @@ def run_up(settings: UpSettings, console: Console) -> None:
                 f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}{rest}, model "
                 f"{stack.model_name!r} (router {stack.router.address}); Ctrl-C to stop"
             )
+            metrics = stack.metrics_addresses()
+            for name, address in metrics.items():
+                console.print(f"metrics: {name} http://{address}/metrics")
             secret_file = _write_secret(stack.credentials, settings.cluster_file)
             ClusterInfo(
                 ray_address=ray.get_runtime_context().gcs_address,
@@ -77,6 +80,7 @@ def run_up(settings: UpSettings, console: Console) -> None:
                 model=stack.model_name,
                 router=stack.router.address,
                 cluster_file=str(settings.cluster_file),
+                metrics=metrics,
             )
             stop.wait()
             console.print("stopping ...")

@@ -55,9 +55,12 @@ class StreamClient(Generic[RequestT, ReplyT]):
         max_message_bytes: int,
         credentials: ClusterCredentials = INSECURE_INTERNAL,
         new_session: Callable[[], StreamSession | None] | None = None,
+        channel: aio.Channel | None = None,
     ) -> None:
+        """`channel`: share this one (its owner closes it) instead of opening a channel of its own."""
         self.address = address
-        self._channel = open_aio_channel(address, channel_options(max_message_bytes), credentials)
+        self._owns_channel = channel is None
+        self._channel = channel or open_aio_channel(address, channel_options(max_message_bytes), credentials)
         self._method = open_stream(self._channel)
         # the cluster token goes once per stream, not per message (see moe_serve.security)
         self._metadata = tuple(credentials.call_metadata() or ())
@@ -184,7 +187,8 @@ class StreamClient(Generic[RequestT, ReplyT]):
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
-        await self._channel.close()
+        if self._owns_channel:
+            await self._channel.close()
 
 
 class StreamClientPool(Generic[RequestT, ReplyT]):

@@ -1,7 +1,8 @@
 """OpenTelemetry for every service: metrics (Prometheus /metrics port and/or OTLP) and traces (OTLP).
 
-- Metrics: a MeterProvider per process with a Prometheus reader when `metrics_port` is set (text
-  format at http://host:port/metrics) and an OTLP reader when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+- Metrics: a MeterProvider per process with a Prometheus reader (text format at
+  http://host:port/metrics; on by default, each service on its own port, see moe_serve.config) and
+  an OTLP reader when OTEL_EXPORTER_OTLP_ENDPOINT is set.
 - Traces: W3C trace context rides in gRPC metadata from the client to the gateway, and in a
   `trace_context` map inside each internal stream message (the streams are long-lived, so their
   metadata cannot carry a request's context); each hop opens its spans under it. Spans go to OTLP
@@ -18,14 +19,16 @@ and counters into `..._total`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import threading
 from collections import Counter
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from typing import Any
 
+import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
@@ -36,8 +39,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
-from opentelemetry.trace import Tracer
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
+from moe_serve.errors import ConfigurationError, MoEServeError
 from moe_serve.outage import OutageLog
 
 logger = logging.getLogger(__name__)
@@ -142,17 +146,17 @@ class Telemetry:
     def __init__(self, service_name: str, metrics_port: int | None = None, host: str = "0.0.0.0") -> None:
         self.service_name = service_name
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
-        endpoint = os.environ.get(OTLP_ENDPOINT_ENV)
         readers: list[Any] = []
         self.metrics_address: str | None = None
         if metrics_port is not None:
             readers.append(self._prometheus_reader(host, metrics_port))
-        if endpoint:
-            readers.append(self._otlp_metric_reader(endpoint))
+        if metrics_endpoint := _otlp_endpoint("METRICS"):
+            readers.append(self._otlp_metric_reader(metrics_endpoint))
+        traces_endpoint = _otlp_endpoint("TRACES")
+        self.tracer_provider = TracerProvider(resource=resource, sampler=_default_sampler(traces_endpoint))
         self.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
-        self.tracer_provider = TracerProvider(resource=resource, sampler=_default_sampler(endpoint))
-        if endpoint:
-            self._add_otlp_spans(endpoint)
+        if traces_endpoint:
+            self._add_otlp_spans(traces_endpoint)
         self.meter: Meter = self.meter_provider.get_meter("moe_serve")
         self.tracer: Tracer = self.tracer_provider.get_tracer("moe_serve")
         if readers and STREAM_MESSAGES.claim_export():
@@ -173,8 +177,14 @@ class Telemetry:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
+        try:
+            server, _ = start_http_server(port, addr=host)
+        except OSError as error:
+            raise ConfigurationError(
+                f"{self.service_name}: cannot serve metrics on {host}:{port} ({error.strerror}); "
+                "give another --metrics-port (0 = any free port) or --no-metrics"
+            ) from None
         reader = PrometheusMetricReader()
-        server, _ = start_http_server(port, addr=host)
         self.metrics_address = f"{host}:{server.server_port}"
         logger.info("%s metrics at http://%s/metrics", self.service_name, self.metrics_address)
         return reader
@@ -184,7 +194,7 @@ class Telemetry:
 
         _quiet_otlp_exporter_logs()
         exporter = _OutageAwareMetricExporter(
-            OTLPMetricExporter(endpoint=endpoint, insecure=True, timeout=5),
+            OTLPMetricExporter(timeout=_otlp_timeout_s("METRICS")),
             OutageLog(f"{self.service_name} OTLP metrics to {endpoint}"),
         )
         return PeriodicExportingMetricReader(exporter)
@@ -194,7 +204,7 @@ class Telemetry:
 
         _quiet_otlp_exporter_logs()
         exporter = _OutageAwareSpanExporter(
-            OTLPSpanExporter(endpoint=endpoint, insecure=True, timeout=5),
+            OTLPSpanExporter(timeout=_otlp_timeout_s("TRACES")),
             OutageLog(f"{self.service_name} OTLP traces to {endpoint}"),
         )
         self.tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
@@ -203,6 +213,22 @@ class Telemetry:
         """Flush what is pending (bounded by the exporters' own timeouts)."""
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
+
+
+def _otlp_endpoint(signal: str) -> str | None:
+    """Where OTLP `signal` ("TRACES", "METRICS") goes: OTEL_EXPORTER_OTLP_<signal>_ENDPOINT, else
+    OTEL_EXPORTER_OTLP_ENDPOINT; None: not exported. The exporters read the endpoint and its transport
+    security themselves (OTEL_EXPORTER_OTLP[_<signal>]_INSECURE, _CERTIFICATE, _CLIENT_KEY,
+    _CLIENT_CERTIFICATE; an https:// endpoint is TLS), so nothing here decides it."""
+    return os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or os.environ.get(OTLP_ENDPOINT_ENV) or None
+
+
+def _otlp_timeout_s(signal: str) -> float | None:
+    """5 s per export (the SDK's default is 10 s) unless OTEL_EXPORTER_OTLP[_<signal>]_TIMEOUT is set
+    (None: the exporter reads it)."""
+    if os.environ.get(f"OTEL_EXPORTER_OTLP_{signal}_TIMEOUT") or os.environ.get("OTEL_EXPORTER_OTLP_TIMEOUT"):
+        return None
+    return 5.0
 
 
 def _default_sampler(endpoint: str | None) -> Sampler | None:
@@ -229,6 +255,75 @@ def child_span(tracer: Tracer, name: str, **attributes: Any) -> contextlib.Abstr
     if not trace.get_current_span().is_recording():
         return contextlib.nullcontext()
     return tracer.start_as_current_span(name, attributes=attributes or None)
+
+
+# the internal RPCs by their gRPC full names (`package.Service/Method`), as OpenTelemetry names RPC spans
+ROUTE_STREAM = "moe_serve.v1.Router/RouteStream"
+COMPUTE_STREAM = "moe_serve.v1.ExpertWorker/ComputeStream"
+DELIVERY_STREAM = "moe_serve.v1.DeliveryService/DeliveryStream"
+# codes a server span reports as an error (OpenTelemetry's gRPC conventions); a client's span, any but OK
+_SERVER_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def rpc_attributes(full_method: str) -> dict[str, str]:
+    """OpenTelemetry's RPC attributes of a gRPC method named `package.Service/Method`."""
+    service, _, method = full_method.partition("/")
+    return {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+
+
+def status_code_of(error: BaseException) -> grpc.StatusCode:
+    """The gRPC status an exception reaches the caller as (one mapping: moe_serve.errors)."""
+    if isinstance(error, MoEServeError):
+        return error.status_code
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+@contextlib.contextmanager
+def rpc_span(
+    tracer: Tracer, full_method: str, kind: SpanKind, context: otel_context.Context | None = None
+) -> Iterator[trace.Span]:
+    """A span of one call (one message of a stream) named and described as OpenTelemetry's RPC
+    conventions say, ending with `rpc.grpc.status_code`: 0, or the code of the error that left it."""
+    with tracer.start_as_current_span(
+        full_method,
+        context=context,
+        kind=kind,
+        attributes=rpc_attributes(full_method),
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield span
+        except BaseException as error:
+            if span.is_recording():
+                code = status_code_of(error)
+                span.set_attribute("rpc.grpc.status_code", code.value[0])
+                if kind == SpanKind.CLIENT or code in _SERVER_ERROR_CODES:
+                    span.set_status(Status(StatusCode.ERROR, f"{code.name}: {error}"))
+            raise
+        if span.is_recording():
+            span.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
+
+
+def client_span(tracer: Tracer, full_method: str) -> contextlib.AbstractContextManager[trace.Span | None]:
+    """The caller's CLIENT span of an internal call, or nothing (None) when the current trace is not
+    sampled: as child_span, so an unsampled request's hot path starts no span here. Asked of the
+    sampled flag, not is_recording(): the router's sends run in tasks that outlive their parent span
+    (router.dispatch), and an ended span no longer records."""
+    if not trace.get_current_span().get_span_context().trace_flags.sampled:
+        return contextlib.nullcontext()
+    return rpc_span(tracer, full_method, SpanKind.CLIENT)
 
 
 def inject_context(carrier: MutableMapping[str, str]) -> None:

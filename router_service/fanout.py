@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import grpc
 import torch
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from moe_serve import codec
 from moe_serve.dispatch import token_indices
@@ -37,7 +39,7 @@ from moe_serve.registry import Registry, WorkerRecord
 from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials
 from moe_serve.shared_arena import Arena, aligned, new_arena
 from moe_serve.streams import StreamClientPool
-from moe_serve.telemetry import inject_context
+from moe_serve.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, client_span, inject_context
 from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
 from router_service.planner import WorkerBatch, assign_workers, gather_rows, split_batch
@@ -124,8 +126,10 @@ class Dispatcher:
         credentials: ClusterCredentials = INSECURE_INTERNAL,
         hints: OffloadHints | None = None,
         shared_memory_bytes: int = 0,
+        tracer: Tracer | None = None,
     ) -> None:
         self.registry, self.max_attempts, self.split_min_rows = registry, max_attempts, split_min_rows
+        self.tracer = tracer or trace.get_tracer(__name__)
         self.max_message_bytes = max_message_bytes
         self.metrics, self.hints = metrics, hints
         self.retry_budget = RetryBudget()
@@ -276,7 +280,6 @@ class Dispatcher:
             else codec.fill_proto(request.rows, gather_rows(job.hidden_states, batch.positions, job.slots_per_token))
         )
         payload += codec.fill_proto(request.positions, batch.positions.to(torch.int32))
-        inject_context(request.trace_context)
         if attempt == 1:  # the balancer measures demand: rows sent, retries not counted again
             for expert, count in zip(batch.experts, batch.counts, strict=True):
                 self.expert_rows[ExpertKey(job.layer, expert)] += count
@@ -293,7 +296,9 @@ class Dispatcher:
             watch = loop.call_at(started + overdue_s, self._overdue, job, batch, attempt, excluded, flight, overdue_s)
         try:
             async with asyncio.timeout(None) as flight.interrupt:
-                result = await client.call(request, timeout, written, lent.release if lent is not None else None)
+                with client_span(self.tracer, COMPUTE_STREAM):
+                    inject_context(request.trace_context)  # the worker's span continues this one
+                    result = await client.call(request, timeout, written, lent.release if lent is not None else None)
             error = error_of(result.failure) if result.HasField("failure") else None
             if error is None and job.local is not None:
                 error = _accept_rows(job, job.local, result, lent)
@@ -441,8 +446,8 @@ class Dispatcher:
         remaining = job.remaining()
         timeout = None if remaining is None else max(remaining, 0.5)
         failure = moe_pb2.Delivery(request_id=job.request_id, failure=failure_of(error), timeout_s=timeout or 0.0)
-        inject_context(failure.trace_context)
-        with contextlib.suppress(MoEServeError):
+        with contextlib.suppress(MoEServeError), client_span(self.tracer, DELIVERY_STREAM):
+            inject_context(failure.trace_context)
             await self._gateways.get(job.delivery_address).call(failure, timeout)
 
 

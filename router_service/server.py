@@ -7,12 +7,14 @@ import logging
 
 import torch
 from grpc import aio
+from grpc_health.v1 import health_pb2
 
 from moe_serve.allocator import settle_startup_memory, tune_allocator
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import RouterSettings
 from moe_serve.errors import ConfigurationError
 from moe_serve.grpc_utils import (
+    LIVENESS_SERVICE,
     add_health_and_reflection,
     advertised_host,
     announce_ready,
@@ -66,7 +68,9 @@ class RouterService:
         self.registry = self._make_registry(policy)
         await self.registry.start()
         model_name = settings.model_name or checkpoint.name
-        self.telemetry = self._shared_telemetry or Telemetry("moe-serve-router", settings.metrics_port, settings.host)
+        self.telemetry = self._shared_telemetry or Telemetry(
+            "moe-serve-router", settings.prometheus_port, settings.host
+        )
         metrics = RouterMetrics(self.telemetry, model_name, self.registry, keys)
         self.dispatcher = Dispatcher(
             self.registry,
@@ -81,6 +85,7 @@ class RouterService:
                 credentials,
             ),
             settings.shared_memory_bytes,
+            self.telemetry.tracer,
         )
         self.servicer = RouterServicer(
             planner, self.registry, self.dispatcher, model_name, self.telemetry.tracer, metrics
@@ -97,7 +102,9 @@ class RouterService:
         if isinstance(self.registry, InProcessRegistry):  # workers register here when there is no Redis
             moe_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(self.registry), server)
             services.append(REGISTRY_SERVICE)
-        self.health = health = add_health_and_reflection(server, services)
+        self.health = health = add_health_and_reflection(server, [*services, LIVENESS_SERVICE])
+        # liveness: the process serves (its API answers); "" says every expert has a replica
+        await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self.server = server
         self.address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"

@@ -16,7 +16,7 @@ from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry
 from moe_serve.streams import serve_stream
-from moe_serve.telemetry import child_span, extract_context
+from moe_serve.telemetry import ROUTE_STREAM, child_span, extract_context, rpc_span
 from router_service.fanout import Dispatcher, DispatchJob, LocalDelivery
 from router_service.metrics import RouterMetrics
 from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, segments_of
@@ -63,9 +63,7 @@ class RouterServicer(moe_grpc.RouterServicer):
 
     async def route(self, request: moe_pb2.RouteRequest) -> moe_pb2.RoutePlan:
         """Gate one batch, start its rows towards the workers, and return the plan once they are written."""
-        with self.tracer.start_as_current_span(
-            "router.route", context=extract_context(request.trace_context), kind=SpanKind.SERVER
-        ):
+        with rpc_span(self.tracer, ROUTE_STREAM, SpanKind.SERVER, extract_context(request.trace_context)):
             spec = self.planner.spec
             hidden = codec.from_proto(request.hidden_states, "hidden_states")
             if hidden.dim() != 2 or hidden.shape[1] != spec.hidden_size or hidden.dtype != self.planner.dtype:

@@ -35,6 +35,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # every gateway and `up` this run starts serves REST on a free port, never the default 8000, so
     # runs and tests side by side never collide (settings and child processes read the variable)
     os.environ[HTTP_PORT_ENV] = "0"
+    # metrics are on by default on fixed ports (8002, 8012, 8022): every service a test starts takes a
+    # free one instead, so that concurrent services (and a stack someone runs beside) never collide
+    os.environ.setdefault("MOE_SERVE_METRICS_PORT", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

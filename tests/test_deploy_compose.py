@@ -15,7 +15,13 @@ from pydantic import BaseModel
 from typer.testing import CliRunner
 
 from moe_serve import cli
-from moe_serve.config import GatewaySettings, RouterSettings, WorkersSettings
+from moe_serve.config import (
+    GATEWAY_METRICS_PORT,
+    ROUTER_METRICS_PORT,
+    GatewaySettings,
+    RouterSettings,
+    WorkersSettings,
+)
 from router_service.server import SERVICE_NAME as ROUTER_SERVICE
 from tests.deploy_config import (
     COMPOSE,
@@ -72,7 +78,8 @@ def test_every_service_runs_a_real_subcommand_whose_settings_validate(
     if service != "gateway":
         assert str(settings.checkpoint) == "/models/mixtral-demo"
     if service in ("router", "gateway"):
-        assert settings.metrics_port == 9464
+        # the documented default ports, set explicitly (Prometheus scrapes them)
+        assert settings.metrics_port == {"router": ROUTER_METRICS_PORT, "gateway": GATEWAY_METRICS_PORT}[service]
 
 
 def test_every_internal_caller_reads_the_secret_the_one_shot_service_writes() -> None:

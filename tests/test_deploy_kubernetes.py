@@ -9,8 +9,8 @@ from typing import Any
 import ray
 import yaml
 
-from gateway.readiness import LIVENESS_SERVICE
-from moe_serve.config import GatewaySettings, RouterSettings, WorkersSettings
+from moe_serve.config import GATEWAY_METRICS_PORT, ROUTER_METRICS_PORT, GatewaySettings, RouterSettings, WorkersSettings
+from moe_serve.grpc_utils import LIVENESS_SERVICE
 from tests.deploy_config import (
     DEPLOY,
     SERVICES,
@@ -25,7 +25,7 @@ KUBERNETES = [
     for document in yaml.safe_load_all(path.read_text())
     if document
 ]
-API_VERSIONS = {"RayCluster": "ray.io/v1", "Deployment": "apps/v1", "Service": "v1"}
+API_VERSIONS = {"RayCluster": "ray.io/v1", "Deployment": "apps/v1", "Service": "v1", "PodDisruptionBudget": "policy/v1"}
 
 
 def kube(kind: str, name: str | None = None) -> Any:
@@ -56,7 +56,8 @@ def kube_args(spec: Mapping[str, Any]) -> list[str]:
 
 
 def test_kubernetes_manifests_have_the_right_kinds_and_api_versions() -> None:
-    assert sorted(d["kind"] for d in KUBERNETES) == sorted(["RayCluster", *["Deployment"] * 4, *["Service"] * 3])
+    kinds = ["RayCluster", *["Deployment"] * 4, *["Service"] * 4, *["PodDisruptionBudget"] * 2]
+    assert sorted(d["kind"] for d in KUBERNETES) == sorted(kinds)
     for document in KUBERNETES:
         assert document["apiVersion"] == API_VERSIONS[document["kind"]]
     for image in re.findall(
@@ -118,15 +119,19 @@ def test_kubernetes_addresses_services_and_ray_auth_are_consistent() -> None:
     router, gateway, workers = (container(f"moe-serve-{n}") for n in ("router", "gateway", "workers"))
     router_port = int(flag(kube_args(router), "--port"))
     assert _container_port(router, "grpc") == router_port == _service_port("moe-serve-router", "grpc")
-    router_address = f"moe-serve-router:{router_port}"
-    assert flag(kube_args(gateway), "--router-address") == router_address
-    assert flag(kube_args(workers), "--router-address") == router_address
+    assert _service_port("moe-serve-router-api", "grpc") == router_port
+    # the gateways route over the headless Service (every ready router); the workers driver registers
+    # through the API Service, which lists routers before they are ready
+    assert flag(kube_args(gateway), "--router-address") == f"dns:///moe-serve-router:{router_port}"
+    assert flag(kube_args(workers), "--router-address") == f"moe-serve-router-api:{router_port}"
     assert _container_port(gateway, "grpc") == int(flag(kube_args(gateway), "--port"))
     assert _container_port(gateway, "delivery") == int(flag(kube_args(gateway), "--delivery-port"))
-    for name in ("router", "gateway"):
-        assert _container_port(container(f"moe-serve-{name}"), "metrics") == int(
-            kube_env(container(f"moe-serve-{name}"))["MOE_SERVE_METRICS_PORT"]
-        )
+    # Prometheus on the documented default ports (Triton's 8002 for the gateway); the delivery port moved off it
+    for name, default in (("router", ROUTER_METRICS_PORT), ("gateway", GATEWAY_METRICS_PORT)):
+        spec = container(f"moe-serve-{name}")
+        assert _container_port(spec, "metrics") == int(kube_env(spec)["MOE_SERVE_METRICS_PORT"]) == default
+        assert _service_port(f"moe-serve-{name}", "metrics") == default
+    assert _container_port(gateway, "delivery") != GATEWAY_METRICS_PORT
     # KubeRay names the head's Service <cluster>-head-svc; the GCS listens on the head's gcs-server port
     cluster = kube("RayCluster")[0]
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
@@ -134,7 +139,7 @@ def test_kubernetes_addresses_services_and_ray_auth_are_consistent() -> None:
     assert flag(kube_args(workers), "--ray-address") == head_address
     # Services select the pods of their Deployment
     for service in kube("Service"):
-        deployment = kube("Deployment", service["metadata"]["name"])
+        deployment = kube("Deployment", service["metadata"]["name"].removesuffix("-api"))
         assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
         assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
     # one workers driver per stack (its controller is a named actor): never two during a rollout
@@ -183,7 +188,60 @@ def test_internal_callers_take_the_cluster_secret_from_a_kubernetes_secret() -> 
     assert "kubectl create secret generic moe-serve-cluster-secret --from-literal=secret=" in header
 
 
-def test_gateway_probes_ask_readiness_and_liveness_apart() -> None:
-    gateway = container("moe-serve-gateway")
-    assert gateway["readinessProbe"]["grpc"] == {"port": 8001}  # "": readiness (the router and every expert)
-    assert gateway["livenessProbe"]["grpc"] == {"port": 8001, "service": LIVENESS_SERVICE}
+def test_gateway_and_router_probes_ask_readiness_and_liveness_apart() -> None:
+    """gRPC probes with the health service names the servers register: "" is readiness (gateway: the router
+    and every expert answer; router: every expert has a live replica), LIVENESS_SERVICE the process itself."""
+    for name, port in (("gateway", 8001), ("router", 8010)):
+        spec = container(f"moe-serve-{name}")
+        assert spec["readinessProbe"]["grpc"] == {"port": port}
+        assert spec["livenessProbe"]["grpc"] == {"port": port, "service": LIVENESS_SERVICE}
+
+
+def test_several_routers_share_the_load_of_every_gateway() -> None:
+    router_service = kube("Service", "moe-serve-router")["spec"]
+    assert router_service["clusterIP"] == "None"  # headless: its DNS name resolves to every ready router pod
+    assert kube("Service", "moe-serve-router-api")["spec"]["publishNotReadyAddresses"] is True
+    routers = kube("Deployment", "moe-serve-router")["spec"]["replicas"]
+    gateway = built_settings(kube_args(container("moe-serve-gateway")), kube_env(container("moe-serve-gateway")))
+    assert routers >= 2 and gateway.router_streams >= routers  # a RouteStream for each router at least
+
+
+def test_disruption_budgets_keep_a_gateway_and_a_router() -> None:
+    for name in ("moe-serve-gateway", "moe-serve-router"):
+        budget = kube("PodDisruptionBudget", name)["spec"]
+        deployment = kube("Deployment", name)["spec"]
+        assert budget["selector"]["matchLabels"] == deployment["template"]["metadata"]["labels"]
+        assert 1 <= budget["minAvailable"] < deployment["replicas"]  # a drain evicts one pod at a time
+        assert budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # a pod that is not ready never blocks it
+
+
+def _pods() -> list[tuple[str, dict[str, Any]]]:
+    cluster = kube("RayCluster")[0]["spec"]
+    pods = [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in kube("Deployment")]
+    pods.append(("ray-head", cluster["headGroupSpec"]["template"]["spec"]))
+    pods += [(f"ray-{g['groupName']}", g["template"]["spec"]) for g in cluster["workerGroupSpecs"]]
+    return pods
+
+
+def test_every_container_meets_the_restricted_pod_security_standard() -> None:
+    """allowPrivilegeEscalation false, every capability dropped, non-root, RuntimeDefault seccomp, and a
+    read-only root filesystem with emptyDir volumes mounted where the processes write."""
+    checked = 0
+    for pod_name, pod in _pods():
+        volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+        for spec in [*pod.get("initContainers", []), *pod["containers"]]:
+            where = f"{pod_name}/{spec['name']}"
+            effective = {**pod.get("securityContext", {}), **spec.get("securityContext", {})}
+            assert effective.get("allowPrivilegeEscalation") is False, where
+            assert effective.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert not effective.get("capabilities", {}).get("add"), where
+            assert effective.get("runAsNonRoot") is True and effective.get("runAsUser", 0) != 0, where
+            assert effective.get("seccompProfile") == {"type": "RuntimeDefault"}, where
+            assert effective.get("privileged") is not True, where
+            assert effective.get("readOnlyRootFilesystem") is True, where
+            mounts = {m["mountPath"]: m["name"] for m in spec.get("volumeMounts", [])}
+            writable = ["/data"] if spec["image"].startswith("redis:") else ["/tmp"]
+            for path in writable:
+                assert path in mounts and "emptyDir" in volumes[mounts[path]], f"{where}: {path} is not writable"
+            checked += 1
+    assert checked == 10  # redis, router (+ init), gateway, workers (+ init), Ray head (+ init), Ray GPU (+ init)

@@ -87,10 +87,37 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboards_directory(
     assert mounts[provider["options"]["path"]] == ("./deploy/grafana/dashboards", True)
     assert provider["type"] == "file"
     assert (DEPLOY / "grafana" / "dashboards" / "README.md").is_file()
-    # every datasource a dashboard names is the provisioned one
+    # every datasource a dashboard names is its `datasource` variable, whose default is the provisioned one
     for dashboard in (DEPLOY / "grafana" / "dashboards").glob("*.json"):
-        for named in _datasources(json.loads(dashboard.read_text())):
-            assert named == {"type": "prometheus", "uid": datasource["uid"]}, f"{dashboard.name}: {named}"
+        document = json.loads(dashboard.read_text())
+        for named in _datasources(document):
+            assert named == {"type": "prometheus", "uid": "${datasource}"}, f"{dashboard.name}: {named}"
+        variable = next(v for v in document["templating"]["list"] if v["name"] == "datasource")
+        assert variable["type"] == "datasource" and variable["query"] == "prometheus"
+        assert variable["current"]["value"] == datasource["uid"]
+
+
+def test_dashboard_filters_by_model_layer_and_instance() -> None:
+    """Template variables datasource, model, layer and instance, and every moe-serve series each panel
+    queries filtered by them (layer where the series has one; the wire bytes carry no model label)."""
+    document = json.loads((DEPLOY / "grafana" / "dashboards" / "moe-serve.json").read_text())
+    variables = {v["name"]: v for v in document["templating"]["list"]}
+    assert list(variables) == ["datasource", "model", "layer", "instance"]
+    for name in ("model", "layer", "instance"):
+        assert variables[name]["type"] == "query" and variables[name]["includeAll"] is True
+        assert variables[name]["allValue"] == ".*"  # "All" also matches series without the label
+        assert "label_values(" in variables[name]["definition"] and name in variables[name]["definition"]
+    with_layer = 0
+    for panel in document["panels"]:
+        for target in panel["targets"]:
+            for metric, matchers in re.findall(r"(moe_serve_\w+)(\{[^}]*\})?", target["expr"]):
+                assert 'instance=~"$instance"' in matchers, f"{panel['title']}: {metric}"
+                if metric != "moe_serve_wire_bytes_total":
+                    assert 'model=~"$model"' in matchers, f"{panel['title']}: {metric}"
+                if "expert" in metric or "capacity" in metric:
+                    assert 'layer=~"$layer"' in matchers, f"{panel['title']}: {metric}"
+                    with_layer += 1
+    assert with_layer >= 8
 
 
 def _datasources(node: Any) -> Iterator[Any]:

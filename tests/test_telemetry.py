@@ -20,10 +20,12 @@ import pytest
 import redis
 import torch
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1 import trace_pb2
 from rich.console import Console
 
 from moe_serve.config import UpSettings
 from moe_serve.launcher import launch_stack, start_service_process
+from moe_serve.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, ROUTE_STREAM
 from moe_serve.top import render
 from tests.conftest import REDIS_URL
 from tests.helpers import (
@@ -272,31 +274,51 @@ def test_one_trace_follows_a_request_through_every_hop(ray_cluster, checkpoints,
         stack.stop()  # every service flushes its spans on the way out
         server.stop(1)
     spans = [(service, span) for service, span in collector.spans if span.trace_id.hex() == trace_id]
-    names = {(service, span.name) for service, span in spans}
-    # embedded, the router's spans come from the gateway's process, and rows arrive on the compute
-    # stream's answers rather than as deliveries
+    server, client, internal = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT, 1
+    names = {(service, span.name, span.kind) for service, span in spans}
+    # embedded, the router's spans come from the gateway's process (a call, not an RPC), and rows arrive
+    # on the compute stream's answers rather than as deliveries
     router_service = "moe-serve-gateway" if router_mode == "embedded" else "moe-serve-router"
+    remote = router_mode == "service"
     expected = {
-        ("moe-serve-gateway", "inference.GRPCInferenceService/ModelInfer"),
-        ("moe-serve-gateway", "gateway.route"),
-        ("moe-serve-gateway", "gateway.collect"),
-        ("moe-serve-gateway", "gateway.combine"),
-        *([("moe-serve-gateway", "gateway.delivery")] if router_mode == "service" else []),
-        (router_service, "router.route"),
-        (router_service, "router.gating"),
-        (router_service, "router.dispatch"),
-        ("moe-serve-worker", "worker.compute"),
-        ("moe-serve-worker", "worker.expert"),
+        ("moe-serve-gateway", "inference.GRPCInferenceService/ModelInfer", server),
+        ("moe-serve-gateway", "gateway.route", internal),
+        ("moe-serve-gateway", "gateway.collect", internal),
+        ("moe-serve-gateway", "gateway.combine", internal),
+        *([("moe-serve-gateway", ROUTE_STREAM, client), (router_service, ROUTE_STREAM, server)] if remote else []),
+        *([] if remote else [(router_service, "router.route", internal)]),
+        (router_service, "router.gating", internal),
+        (router_service, "router.dispatch", internal),
+        (router_service, COMPUTE_STREAM, client),
+        ("moe-serve-worker", COMPUTE_STREAM, server),
+        ("moe-serve-worker", "worker.expert", internal),
+        *(
+            [("moe-serve-worker", DELIVERY_STREAM, client), ("moe-serve-gateway", DELIVERY_STREAM, server)]
+            if remote
+            else []
+        ),
     }
     assert expected <= names, expected - names
     by_id = {span.span_id: (service, span) for service, span in spans}
     root = next(span for service, span in spans if span.name == "inference.GRPCInferenceService/ModelInfer")
     assert root.parent_span_id.hex() == "00f067aa0ba902b7"  # continues the client's trace
-    router_route = next(span for _, span in spans if span.name == "router.route")
-    assert by_id[router_route.parent_span_id][1].name == "gateway.route"
+
+    def parent(span: object) -> object:
+        return by_id[span.parent_span_id][1]
+
     for _, span in spans:
-        if span.name == "worker.compute":
-            assert by_id[span.parent_span_id][1].name == "router.dispatch"
+        attributes = {a.key: a.value for a in span.attributes}
+        if span.kind in (server, client):  # OpenTelemetry's RPC conventions
+            assert attributes["rpc.system"].string_value == "grpc"
+            assert f"{attributes['rpc.service'].string_value}/{attributes['rpc.method'].string_value}" == span.name
+            assert attributes["rpc.grpc.status_code"].int_value == 0
+        # every internal call: the callee's SERVER span under the caller's CLIENT span of the same call
+        if span.kind == server and span.name != root.name:
+            assert (parent(span).name, parent(span).kind) == (span.name, client)
+        if span.name == COMPUTE_STREAM and span.kind == client:
+            assert parent(span).name == "router.dispatch"
+        if (span.name == ROUTE_STREAM and span.kind == client) or span.name == "router.route":
+            assert parent(span).name == "gateway.route"
 
 
 def test_unreachable_collector_and_redis_never_break_serving(

@@ -113,6 +113,7 @@ def offload_comparison(
                 settings = UpSettings(
                     port=0,
                     http=False,
+                    metrics=False,
                     workers=workers,
                     log_level="WARNING",
                     model_name="offload",

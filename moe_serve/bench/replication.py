@@ -56,7 +56,7 @@ def replication_comparison(
     generator = torch.Generator().manual_seed(5)
     inputs = [skewed_tokens(gate, tokens, generator) for _ in range(16)]
     share = row_share(gate, torch.cat(inputs), top_k)
-    settings = UpSettings(port=0, http=False, workers=workers, log_level="WARNING", model_name="skewed")
+    settings = UpSettings(port=0, http=False, metrics=False, workers=workers, log_level="WARNING", model_name="skewed")
     stack = launch_stack(settings, checkpoint_dir)
     try:
         prepared = [make_request(stack.model_name, hidden) for hidden in inputs]

@@ -31,6 +31,7 @@ def extra_gateway(stack: Stack, name: str, *flags: str) -> ServiceProcess:
             stack.model_name,
             "--log-level",
             "WARNING",
+            "--no-metrics",
             *flags,
         ],
     )

@@ -202,7 +202,7 @@ def run_soak(config: SoakConfig, progress: Callable[[str], None] = logger.info) 
         },
     )
     references = reference_layers(checkpoint, spec.dtype)
-    settings = UpSettings(port=0, http=False, workers=config.workers, log_level="WARNING")
+    settings = UpSettings(port=0, http=False, metrics=False, workers=config.workers, log_level="WARNING")
     owns_ray = not ray.is_initialized()
     if owns_ray:
         init_ray(log_to_driver=False)

@@ -44,9 +44,14 @@ CheckpointDir = Annotated[Path | None, typer.Option(help="Hugging Face checkpoin
 MetricsPort = Annotated[
     int | None,
     typer.Option(
-        help="Serve Prometheus metrics on this port (0 = any free); OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set."
+        help="Prometheus /metrics port (defaults: gateway and up 8002, router 8012, worker 8022; 0 = any free); "
+        "OTLP too when OTEL_EXPORTER_OTLP_ENDPOINT is set."
     ),
 ]
+Metrics = Annotated[
+    bool | None, typer.Option("--metrics/--no-metrics", help="Serve Prometheus /metrics (on by default).")
+]
+LogFormat = Annotated[str | None, typer.Option(help="Log lines as text (default) or json (one object per line).")]
 CapacityFactor = Annotated[
     float | None,
     typer.Option(

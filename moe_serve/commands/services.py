@@ -22,8 +22,10 @@ from moe_serve.commands.common import (
     InternalTlsCa,
     InternalTlsCert,
     InternalTlsKey,
+    LogFormat,
     LogLevel,
     MaxMessageBytes,
+    Metrics,
     MetricsPort,
     ModelName,
     Overflow,
@@ -51,7 +53,13 @@ def gateway(
     http_port: HttpPort = None,
     http: ServeHttp = None,
     delivery_port: Annotated[int | None, typer.Option(help="Internal port for expert deliveries (0 = any).")] = None,
-    router_address: Annotated[str | None, typer.Option(help="host:port of the router.")] = None,
+    router_address: Annotated[
+        str | None,
+        typer.Option(help="host:port of the router, or a target naming several (balanced round_robin)."),
+    ] = None,
+    router_streams: Annotated[
+        int | None, typer.Option(help="RouteStreams to the router address (at least one per router to balance).")
+    ] = None,
     embedded_router: Annotated[
         bool | None,
         typer.Option(
@@ -91,6 +99,8 @@ def gateway(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    log_format: LogFormat = None,
+    metrics: Metrics = None,
     metrics_port: MetricsPort = None,
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
@@ -116,6 +126,7 @@ def gateway(
         port=port,
         delivery_port=delivery_port,
         router_address=router_address,
+        router_streams=router_streams,
         embedded_router=embedded_router,
         checkpoint=checkpoint,
         router_port=router_port,
@@ -139,6 +150,8 @@ def gateway(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        log_format=log_format,
+        metrics=metrics,
         metrics_port=metrics_port,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
@@ -149,7 +162,7 @@ def gateway(
             internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
         ),
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     run_service(serve(settings), settings.event_loop)
 
 
@@ -174,6 +187,8 @@ def router(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    log_format: LogFormat = None,
+    metrics: Metrics = None,
     metrics_port: MetricsPort = None,
     max_message_bytes: MaxMessageBytes = None,
     redis_url: RedisUrl = None,
@@ -201,6 +216,8 @@ def router(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        log_format=log_format,
+        metrics=metrics,
         metrics_port=metrics_port,
         max_message_bytes=max_message_bytes,
         redis_url=redis_url,
@@ -210,7 +227,7 @@ def router(
             internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
         ),
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     run_service(serve(settings), settings.event_loop)
 
 
@@ -235,6 +252,8 @@ def worker(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    log_format: LogFormat = None,
+    metrics: Metrics = None,
     metrics_port: MetricsPort = None,
     max_message_bytes: MaxMessageBytes = None,
     redis_url: RedisUrl = None,
@@ -268,6 +287,8 @@ def worker(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        log_format=log_format,
+        metrics=metrics,
         metrics_port=metrics_port,
         max_message_bytes=max_message_bytes,
         redis_url=redis_url,
@@ -277,5 +298,5 @@ def worker(
             internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
         ),
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     run_service(serve(settings), settings.event_loop)

@@ -28,7 +28,9 @@ from moe_serve.commands.common import (
     InternalTlsCa,
     InternalTlsCert,
     InternalTlsKey,
+    LogFormat,
     LogLevel,
+    Metrics,
     MetricsPort,
     ModelName,
     Overflow,
@@ -90,6 +92,8 @@ def up(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    log_format: LogFormat = None,
+    metrics: Metrics = None,
     metrics_port: MetricsPort = None,
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
@@ -134,6 +138,8 @@ def up(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        log_format=log_format,
+        metrics=metrics,
         metrics_port=metrics_port,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
@@ -142,7 +148,7 @@ def up(
             internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
         ),
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     with configuration_errors_reported():
         run_up(settings, console)
 
@@ -165,6 +171,8 @@ def workers(
     host: Host = None,
     advertise_host: AdvertiseHost = None,
     log_level: LogLevel = None,
+    log_format: LogFormat = None,
+    metrics: Metrics = None,
     metrics_port: MetricsPort = None,
     redis_url: RedisUrl = None,
     redis_prefix: RedisPrefix = None,
@@ -196,6 +204,8 @@ def workers(
         host=host,
         advertise_host=advertise_host,
         log_level=log_level,
+        log_format=log_format,
+        metrics=metrics,
         metrics_port=metrics_port,
         redis_url=redis_url,
         redis_prefix=redis_prefix,
@@ -204,7 +214,7 @@ def workers(
             internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
         ),
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     with configuration_errors_reported():
         run_workers(settings, console)
 
