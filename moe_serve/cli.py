@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from moe_serve.commands.common import app
+from moe_serve.lifecycle import die_with_parent
 
 # importing a module registers its commands; this order is the order of the help screen's panels
 COMMAND_MODULES = ("stack", "services", "client", "tools", "security")
@@ -15,4 +16,5 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
+    die_with_parent()  # a child of `moe-serve up` goes when `up` goes, even on SIGKILL
     app()

@@ -3,8 +3,12 @@ gateway run elsewhere, as in docker compose): start, print the endpoint, block u
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -16,8 +20,21 @@ from moe_serve.controller import NAMESPACE
 from moe_serve.demo import ensure_demo_checkpoint
 from moe_serve.errors import ConfigurationError
 from moe_serve.grpc_utils import announce_ready
-from moe_serve.launcher import Stack, init_ray, launch_stack, start_controller, with_cluster_secret
+from moe_serve.launcher import (
+    ServiceProcess,
+    Stack,
+    embedded_router_of,
+    init_ray,
+    launch_stack,
+    start_controller,
+    with_cluster_secret,
+)
+from moe_serve.lifecycle import start_watchdog
 from moe_serve.security import ClusterCredentials, write_secret_file
+from moe_serve.supervisor import RestartPolicy, ServiceFailed, SupervisedService
+
+logger = logging.getLogger(__name__)
+SUPERVISION_INTERVAL_S = 0.5
 
 
 def resolve_checkpoint(settings: UpSettings, console: Console) -> Path:
@@ -41,6 +58,9 @@ def describe(stack: Stack) -> Table:
 
 
 def run_up(settings: UpSettings, console: Console) -> None:
+    """Start the stack, supervise it until SIGINT/SIGTERM, stop it within settings.stop_timeout_s.
+
+    Exits 1 (SystemExit) when a service dies more often than its restart budget allows."""
     import ray
 
     settings = with_cluster_secret(settings)
@@ -49,41 +69,113 @@ def run_up(settings: UpSettings, console: Console) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    start_watchdog()  # before Ray starts: it records Ray's processes too, and stops them if `up` dies hard
     init_ray(settings.ray_address)
+    stack: Stack | None = None
+    services: list[SupervisedService] = []
     secret_file = ""
+    failure: ServiceFailed | None = None
     try:
-        stack = launch_stack(settings, checkpoint)
-        try:
-            console.print(describe(stack))
-            console.print(
-                f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}, model "
-                f"{stack.model_name!r} (router {stack.router.address}); Ctrl-C to stop"
-            )
-            secret_file = _write_secret(stack.credentials, settings.cluster_file)
-            ClusterInfo(
-                ray_address=ray.get_runtime_context().gcs_address,
-                controller=stack.controller_name,
-                namespace=NAMESPACE,
-                gateway=stack.address,
-                router=stack.router.address,
-                model=stack.model_name,
-                secret_file=secret_file,
-            ).write(settings.cluster_file)
-            announce_ready(
-                "stack",
-                address=stack.address,
-                model=stack.model_name,
-                router=stack.router.address,
-                cluster_file=str(settings.cluster_file),
-            )
-            stop.wait()
-            console.print("stopping ...")
-        finally:
-            stack.stop()
-            if secret_file:
-                Path(secret_file).unlink(missing_ok=True)
+        stack = launch_stack(settings, checkpoint, die_with_parent=True)
+        console.print(describe(stack))
+        console.print(
+            f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}, model "
+            f"{stack.model_name!r} (router {stack.router.address}); Ctrl-C to stop"
+        )
+        secret_file = _write_secret(stack.credentials, settings.cluster_file)
+        ClusterInfo(
+            ray_address=ray.get_runtime_context().gcs_address,
+            controller=stack.controller_name,
+            namespace=NAMESPACE,
+            gateway=stack.address,
+            router=stack.router.address,
+            model=stack.model_name,
+            secret_file=secret_file,
+        ).write(settings.cluster_file)
+        announce_ready(
+            "stack",
+            address=stack.address,
+            model=stack.model_name,
+            router=stack.router.address,
+            cluster_file=str(settings.cluster_file),
+        )
+        services = supervise(stack, RestartPolicy(settings.restart_limit, settings.restart_window_s))
+        failure = _supervise_until(stop, services)
+        console.print(f"[red]error[/red]: {failure}; stopping" if failure else "stopping ...")
     finally:
-        ray.shutdown()
+        stopped = _run_bounded(lambda: _stop(stack, services, secret_file), settings.stop_timeout_s)
+        if not stopped:
+            # Ray's own processes got the same group signal and may be gone: a call into it can hang
+            logger.warning(
+                "the stack did not stop within %.0f s; exiting, the watchdog stops the rest", settings.stop_timeout_s
+            )
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1 if failure else 0)
+    if failure:
+        raise SystemExit(1)
+
+
+def supervise(stack: Stack, policy: RestartPolicy) -> list[SupervisedService]:
+    """Watch the gateway (which hosts the router when embedded) and a router process of its own."""
+
+    embedded = stack.router.process is stack.gateway.process
+
+    def gateway_restarted(gateway: ServiceProcess) -> None:
+        stack.gateway = gateway
+        if embedded:
+            stack.router = embedded_router_of(gateway)
+
+    def router_restarted(router: ServiceProcess) -> None:
+        stack.router = router
+
+    services = [SupervisedService(stack.gateway, policy, gateway_restarted)]
+    if not embedded:
+        services.append(SupervisedService(stack.router, policy, router_restarted))
+    return services
+
+
+def _supervise_until(stop: threading.Event, services: list[SupervisedService]) -> ServiceFailed | None:
+    """Poll the services (restarting dead ones) until `stop` is set; the failure that ends it, if any.
+    Runs on the main thread, the one that started the children (see moe_serve.supervisor)."""
+    while not stop.wait(SUPERVISION_INTERVAL_S):
+        for service in services:
+            try:
+                service.poll()
+            except ServiceFailed as failure:
+                logger.error("%s", failure)
+                return failure
+    return None
+
+
+def _stop(stack: Stack | None, services: list[SupervisedService], secret_file: str) -> None:
+    import ray
+
+    for service in services:
+        service.stop_replacement()
+    if stack is not None:
+        stack.stop()
+    if secret_file:
+        Path(secret_file).unlink(missing_ok=True)
+    ray.shutdown()
+
+
+def _run_bounded(action: Callable[[], None], timeout_s: float) -> bool:
+    """Run `action` on a daemon thread; True if it finished (raising or not) within `timeout_s`."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as error:  # reported below; the caller's own exit matters more
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="stack-stop", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    for error in errors:
+        logger.warning("stopping the stack: %s", error)
+    return not thread.is_alive()
 
 
 def internal_credentials(settings: WorkersSettings | UpSettings) -> ClusterCredentials:
