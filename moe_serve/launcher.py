@@ -38,6 +38,7 @@ from moe_serve.security import (
 )
 
 logger = logging.getLogger(__name__)
+CONTROLLER_MAX_RESTARTS = 5  # Ray counts them over the actor's lifetime; then `up` exits, naming it
 
 
 @dataclass
@@ -297,7 +298,8 @@ def start_controller(
     name = controller_name(model_name, router_address)
     controller = (
         ray.remote(DeploymentController)
-        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=8)
+        # restarted by Ray when its process dies; it then adopts its (detached) workers
+        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=8, max_restarts=CONTROLLER_MAX_RESTARTS)
         .remote(
             model_name,
             str(checkpoint),

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from moe_serve.launcher import (
 )
 from moe_serve.lifecycle import start_watchdog
 from moe_serve.security import ClusterCredentials, write_secret_file
-from moe_serve.supervisor import RestartPolicy, ServiceFailed, SupervisedService
+from moe_serve.supervisor import RestartPolicy, ServiceFailed, SupervisedActor, SupervisedService
 
 logger = logging.getLogger(__name__)
 SUPERVISION_INTERVAL_S = 0.5
@@ -72,7 +73,7 @@ def run_up(settings: UpSettings, console: Console) -> None:
     start_watchdog()  # before Ray starts: it records Ray's processes too, and stops them if `up` dies hard
     init_ray(settings.ray_address)
     stack: Stack | None = None
-    services: list[SupervisedService] = []
+    services: list[SupervisedService | SupervisedActor] = []
     secret_file = ""
     failure: ServiceFailed | None = None
     try:
@@ -103,12 +104,14 @@ def run_up(settings: UpSettings, console: Console) -> None:
         failure = _supervise_until(stop, services)
         console.print(f"[red]error[/red]: {failure}; stopping" if failure else "stopping ...")
     finally:
-        stopped = _run_bounded(lambda: _stop(stack, services, secret_file), settings.stop_timeout_s)
-        if not stopped:
-            # Ray's own processes got the same group signal and may be gone: a call into it can hang
-            logger.warning(
-                "the stack did not stop within %.0f s; exiting, the watchdog stops the rest", settings.stop_timeout_s
-            )
+        ray_lost = _local_ray_lost()
+        stopped = _run_bounded(lambda: _stop(stack, services, secret_file, ray_lost), settings.stop_timeout_s)
+        if ray_lost or not stopped:
+            # any call into a Ray that lost its processes can hang, its exit hook included
+            if not stopped:
+                logger.warning(
+                    "the stack did not stop within %.0f s; the watchdog stops the rest", settings.stop_timeout_s
+                )
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1 if failure else 0)
@@ -116,8 +119,9 @@ def run_up(settings: UpSettings, console: Console) -> None:
         raise SystemExit(1)
 
 
-def supervise(stack: Stack, policy: RestartPolicy) -> list[SupervisedService]:
-    """Watch the gateway (which hosts the router when embedded) and a router process of its own."""
+def supervise(stack: Stack, policy: RestartPolicy) -> list[SupervisedService | SupervisedActor]:
+    """Watch the gateway (which hosts the router when embedded), a router process of its own, and the
+    deployment controller (Ray restarts it and the workers; this notices when Ray gives up)."""
 
     embedded = stack.router.process is stack.gateway.process
 
@@ -129,13 +133,18 @@ def supervise(stack: Stack, policy: RestartPolicy) -> list[SupervisedService]:
     def router_restarted(router: ServiceProcess) -> None:
         stack.router = router
 
-    services = [SupervisedService(stack.gateway, policy, gateway_restarted)]
+    services: list[SupervisedService | SupervisedActor] = [
+        SupervisedService(stack.gateway, policy, gateway_restarted),
+        SupervisedActor("deployment controller", stack.controller, stack.controller_name, NAMESPACE),
+    ]
     if not embedded:
         services.append(SupervisedService(stack.router, policy, router_restarted))
     return services
 
 
-def _supervise_until(stop: threading.Event, services: list[SupervisedService]) -> ServiceFailed | None:
+def _supervise_until(
+    stop: threading.Event, services: list[SupervisedService | SupervisedActor]
+) -> ServiceFailed | None:
     """Poll the services (restarting dead ones) until `stop` is set; the failure that ends it, if any.
     Runs on the main thread, the one that started the children (see moe_serve.supervisor)."""
     while not stop.wait(SUPERVISION_INTERVAL_S):
@@ -143,21 +152,51 @@ def _supervise_until(stop: threading.Event, services: list[SupervisedService]) -
             try:
                 service.poll()
             except ServiceFailed as failure:
+                if stop.is_set():  # a group signal stops children and `up` at once: no failure, a stop
+                    return None
                 logger.error("%s", failure)
                 return failure
+            if stop.is_set():
+                return None
     return None
 
 
-def _stop(stack: Stack | None, services: list[SupervisedService], secret_file: str) -> None:
+def _stop(
+    stack: Stack | None, services: list[SupervisedService | SupervisedActor], secret_file: str, ray_lost: bool
+) -> None:
+    """Stop the stack in order; when Ray lost its processes, only the gateway and router (the
+    watchdog stops what is left of Ray once `up` exits)."""
     import ray
 
     for service in services:
         service.stop_replacement()
-    if stack is not None:
+    if stack is not None and ray_lost:
+        logger.warning("Ray's own processes are going down (a signal to the whole group?): not draining the workers")
+        stack.gateway.stop()
+        stack.router.stop()
+    elif stack is not None:
         stack.stop()
     if secret_file:
         Path(secret_file).unlink(missing_ok=True)
-    ray.shutdown()
+    if not ray_lost:
+        ray.shutdown()
+
+
+def _local_ray_lost(wait_s: float = 0.3) -> bool:
+    """Whether a process of the local Ray instance `up` started has ended (never for a remote cluster).
+
+    A signal to the whole process group reaches Ray's GCS and raylet as well as `up`; waits a moment
+    first, since `up`'s handler usually runs before they have finished exiting."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # set only for a local instance
+    if node is None:
+        return False
+    time.sleep(wait_s)
+    try:
+        return bool(node.dead_processes())
+    except Exception:  # a private interface: without it, the bounded stop still ends `up`
+        return False
 
 
 def _run_bounded(action: Callable[[], None], timeout_s: float) -> bool:

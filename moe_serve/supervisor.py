@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from moe_serve.launcher import ServiceProcess, spawn_service_process
 
@@ -135,3 +136,38 @@ class SupervisedService:
             self.policy.limit,
             self.policy.window_s,
         )
+
+
+class SupervisedActor:
+    """A named Ray actor that Ray restarts itself (`max_restarts`): this only notices when Ray gave
+    up, i.e. its name is gone, and then raises ServiceFailed. Pings it without blocking `poll()`."""
+
+    def __init__(self, name: str, handle: Any, actor_name: str, namespace: str, interval_s: float = 2.0) -> None:
+        self.name, self.handle, self.actor_name, self.namespace = name, handle, actor_name, namespace
+        self.interval_s = interval_s
+        self._pending: Any = None  # the ObjectRef of the ping in flight
+        self._next_ping = 0.0
+
+    def stop_replacement(self) -> None:
+        """Nothing to stop: Ray starts the replacement."""
+
+    def poll(self, now: float | None = None) -> None:
+        import ray
+
+        now = time.monotonic() if now is None else now
+        if self._pending is None:
+            if now >= self._next_ping:
+                self._pending = self.handle.__ray_ready__.remote()
+            return
+        done, _ = ray.wait([self._pending], timeout=0)
+        if not done:
+            return  # busy, or being restarted: a ping waits for the restarted actor
+        ping, self._pending, self._next_ping = self._pending, None, now + self.interval_s
+        try:
+            ray.get(ping)
+        except ray.exceptions.RayActorError as error:
+            try:
+                ray.get_actor(self.actor_name, namespace=self.namespace)  # still named: Ray restarts it
+            except ValueError:
+                raise ServiceFailed(f"the {self.name} died and Ray will not restart it again ({error})") from None
+            logger.warning("the %s died; Ray is restarting it (%s)", self.name, type(error).__name__)
