@@ -27,6 +27,7 @@ import grpc
 import psutil
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.launcher import ServiceProcess, spawn_service_process
@@ -45,6 +46,7 @@ from tests.helpers import (
 START_TIMEOUT_S = 180
 RECOVERY_TIMEOUT_S = 45  # a restarted gateway imports torch and loads the router: ~10 s on 2 busy cores
 TOKENS = 4
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -172,6 +174,12 @@ class Load:
         self._thread.join(10)
 
 
+def gateway_health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        request = health_pb2.HealthCheckRequest(service="")
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=5).status
+
+
 @pytest.fixture(scope="module")
 def fp32_checkpoint(checkpoints: Callable[[torch.dtype], Path]) -> Path:
     return checkpoints(torch.float32)
@@ -184,9 +192,11 @@ def embedded_up(tmp_path_factory: pytest.TempPathFactory, fp32_checkpoint: Path)
     up.kill_everything()
 
 
-def sigkill_under_load(up: UpProcess, checkpoint: Path, victim_name: str) -> tuple[Load, float, float]:
-    """SIGKILL the one process named `victim_name` while a client sends requests; return the load,
-    the moment of the kill and the seconds until 5 exact answers came after it."""
+def sigkill_under_load(
+    up: UpProcess, checkpoint: Path, victim_name: str, meanwhile: Callable[[], None] = lambda: None
+) -> tuple[Load, float, float]:
+    """SIGKILL the one process named `victim_name` while a client sends requests, then run `meanwhile`;
+    return the load, the moment of the kill and the seconds until 5 exact answers came after it."""
     load = Load(up.ready["address"], up.ready["model"], checkpoint)
     try:
         wait_until(lambda: load.answered_since(0), 30, "exact answers before the fault")
@@ -194,6 +204,7 @@ def sigkill_under_load(up: UpProcess, checkpoint: Path, victim_name: str) -> tup
         assert len(victims) >= 1, f"no {victim_name} process among `up`'s descendants"
         killed_at = time.monotonic()
         victims[0].kill()
+        meanwhile()
         recovered_s = wait_until(
             lambda: load.answered_since(killed_at), RECOVERY_TIMEOUT_S, f"exact answers after {victim_name} died"
         )
@@ -256,7 +267,12 @@ def test_router_restarts_then_nothing_survives_sigkill_of_up(tmp_path: Path, fp3
     """Scenarios 2 (router, as its own process) and 5 (SIGKILL of `up` itself)."""
     up = start_up(tmp_path, fp32_checkpoint, "--router", "service")
     try:
-        load, _, recovered_s = sigkill_under_load(up, fp32_checkpoint, "moe_serve router")
+        # while the router is down the gateway says so: readiness NOT_SERVING, until the restart
+        def not_ready() -> None:
+            wait_until(lambda: gateway_health(up.ready["address"]) == NOT_SERVING, 10, "NOT_SERVING", poll_s=0.1)
+
+        load, _, recovered_s = sigkill_under_load(up, fp32_checkpoint, "moe_serve router", not_ready)
+        assert gateway_health(up.ready["address"]) == health_pb2.HealthCheckResponse.SERVING
         assert "router died (exit code -9)" in up.tail()
         print(f"router: exact answers again {recovered_s:.1f} s after SIGKILL; {len(load.failed)} requests failed")
         up.started |= descendants(up.process.pid)
