@@ -315,3 +315,22 @@ def test_restarts_reuse_the_announced_ports() -> None:
         "--metrics-port",
         "0",
     ]
+
+
+def test_up_exits_non_zero_naming_the_service_once_its_restart_budget_is_spent(
+    tmp_path: Path, fp32_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no restarts allowed, a killed gateway ends `up` at once: exit 1, naming it, nothing left."""
+    monkeypatch.setenv("MOE_SERVE_RESTART_LIMIT", "0")
+    up = start_up(tmp_path, fp32_checkpoint)
+    try:
+        up.started |= descendants(up.process.pid)
+        (gateway,) = up.processes("moe_serve gateway")
+        gateway.kill()
+        assert up.process.wait(30) == 1, up.tail()
+        assert "gateway died (exit code -9) after 0 restarts within 300 s; giving up" in up.tail()
+        time.sleep(10)
+        survivors = sorted(record.pid for record in up.started if record.alive())
+        assert not survivors, f"alive 10 s after `up` gave up: {survivors}"
+    finally:
+        up.kill_everything()
