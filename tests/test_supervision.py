@@ -1,11 +1,13 @@
 """`moe-serve up` as a supervisor (issue 23, items 1-3), with real processes throughout.
 
-Two `up` processes, each in a session of its own (as a service manager starts one):
+Three `up` processes, each in a session of its own (as a service manager starts one):
 - the first (router embedded in the gateway) loses its gateway, its controller actor and a worker
   actor to SIGKILL in turn under light load, serving exact answers again after each; then its whole
   process group gets SIGTERM, as systemd's `KillMode=control-group` sends it;
 - the second (router as its own process) loses its router under load, serves again, and is then
-  SIGKILLed itself.
+  SIGKILLed itself;
+- the third has no restarts to spend, and exits 1 naming the gateway it lost.
+The pieces (restart budget, pinned ports, parent-death signal, PID reuse) also have fast tests of their own.
 Every process `up` started is recorded (PID and start time) while it runs, so "nothing survives"
 is checked for exactly those, and the finalisers SIGKILL whatever is left even when a test fails.
 """
@@ -334,3 +336,51 @@ def test_up_exits_non_zero_naming_the_service_once_its_restart_budget_is_spent(
         assert not survivors, f"alive 10 s after `up` gave up: {survivors}"
     finally:
         up.kill_everything()
+
+
+CHILD = """
+import time
+from moe_serve.lifecycle import die_with_parent
+die_with_parent()
+print("armed", flush=True)
+time.sleep(60)
+"""
+PARENT = """
+import os, subprocess, sys, time
+from moe_serve.lifecycle import child_environment
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, **child_environment()})
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_child_started_with_the_parent_pid_dies_with_its_parent() -> None:
+    """PR_SET_PDEATHSIG alone (no watchdog here): SIGKILL of the parent ends the child within a second."""
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD], stdout=subprocess.PIPE, text=True)
+    child: ProcessRecord | None = None
+    try:
+        assert parent.stdout is not None
+        child_pid = int(parent.stdout.readline())
+        child = ProcessRecord.of(psutil.Process(child_pid))
+        assert parent.stdout.readline().strip() == "armed"  # the child writes to the same pipe
+        parent.kill()
+        parent.wait(10)
+        wait_until(lambda: not child.alive(), 5, "the child gone with its parent")
+    finally:
+        parent.kill()
+        if child is not None:
+            stop_processes({child}, grace_s=0)
+
+
+def test_a_reused_pid_is_never_signalled() -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        real = ProcessRecord.of(psutil.Process(sleeper.pid))
+        impostor = ProcessRecord(real.pid, real.started - 1)  # same PID, another process's start time
+        assert real.alive() and not impostor.alive()
+        assert stop_processes({impostor}, grace_s=0.2) == set()
+        assert sleeper.poll() is None
+        assert stop_processes({real}, grace_s=5) == set()
+        assert sleeper.wait(5) == -signal.SIGTERM
+    finally:
+        sleeper.kill()
