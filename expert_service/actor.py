@@ -42,12 +42,14 @@ CONTROLLER_CHECK_S = 5.0  # how often a worker looks for its controller; it leav
 
 
 class ExpertWorkerActor:
-    """Hosts one expert worker. Construct with WorkerSettings fields as keyword values, and the name
-    and namespace of the deployment controller that owns it (if any): the worker is a detached
-    actor, so it outlives a controller that Ray restarts, and stops itself once that name is gone
-    (the controller died for good, e.g. with the process that started it)."""
+    """Hosts one expert worker. Construct with WorkerSettings fields as keyword values, and the name,
+    namespace and actor id of the deployment controller that owns it (if any): the worker is a
+    detached actor, so it outlives a controller that Ray restarts, and stops itself once that
+    controller is gone for good (e.g. with the process that started it)."""
 
-    def __init__(self, settings: dict[str, Any], controller: str | None = None, namespace: str = "") -> None:
+    def __init__(
+        self, settings: dict[str, Any], controller: str | None = None, namespace: str = "", controller_id: str = ""
+    ) -> None:
         from expert_service.server import WorkerService
         from moe_serve.allocator import tune_allocator
         from moe_serve.config import WorkerSettings
@@ -69,11 +71,8 @@ class ExpertWorkerActor:
         self._record = asyncio.run_coroutine_threadsafe(self._service.start(), self._loop).result()
         self._stopped = threading.Event()
         if controller:
-            watch = threading.Thread(
-                target=self._leave_without_controller, args=(controller, namespace), name="controller-watch"
-            )
-            watch.daemon = True
-            watch.start()
+            watched = (controller, namespace, controller_id)
+            threading.Thread(target=self._leave_without_controller, args=watched, daemon=True).start()
 
     def record_json(self) -> str:
         """The worker's registry record (address, experts now announced, node, GPU) as JSON."""
@@ -91,14 +90,15 @@ class ExpertWorkerActor:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=grace_s + 5)
 
-    def _leave_without_controller(self, controller: str, namespace: str) -> None:
-        """Stop serving and end this actor for good once the controller's name is gone twice in a row
-        (a controller Ray is restarting keeps its name; a dead one loses it)."""
+    def _leave_without_controller(self, controller: str, namespace: str, controller_id: str) -> None:
+        """Stop serving and end this actor for good once the controller is gone twice in a row: its
+        name gone, or taken by another actor (a new stack's controller). A controller Ray restarts
+        keeps both its name and its actor id."""
         misses = 0
         while not self._stopped.wait(CONTROLLER_CHECK_S):
             try:
-                ray.get_actor(controller, namespace=namespace)
-                misses = 0
+                found = ray.get_actor(controller, namespace=namespace)._actor_id.hex()
+                misses = 0 if not controller_id or found == controller_id else misses + 1
             except ValueError:
                 misses += 1
             except Exception as error:  # Ray itself unreachable for a moment: no verdict

@@ -14,6 +14,7 @@ themselves once the controller is gone for good.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -100,9 +101,12 @@ class DeploymentController:
         self.events: list[str] = []
         # workers are detached actors named after this controller, so they outlive its process: a
         # controller Ray restarts (max_restarts) finds them by name and adopts them; serving never stops
-        self._name = ray.get_runtime_context().get_actor_name() or ""
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        context = ray.get_runtime_context()
+        self._name, self._actor_id = context.get_actor_name() or "", context.get_actor_id() or ""
+        if context.was_current_actor_reconstructed:
             self._adopt_workers()
+        elif self._name:
+            self._remove_predecessors_workers()
 
     # ------------------------------------------------------------------ queries
 
@@ -262,16 +266,29 @@ class DeploymentController:
     def _worker_actor_name(self, worker_id: str) -> str:
         return f"{self._name}/{worker_id}"
 
+    def _named_workers(self) -> list[str]:
+        """Worker ids of the live worker actors named after this controller."""
+        prefix = self._worker_actor_name("")
+        return [
+            entry["name"].removeprefix(prefix)
+            for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix)
+        ]
+
+    def _remove_predecessors_workers(self) -> None:
+        """A new controller of the same name (its stack restarted within the seconds its old workers
+        take to notice their controller is gone): their names are needed, their experts re-placed."""
+        for worker_id in self._named_workers():
+            logger.warning("controller: removing worker %s of a previous controller of this stack", worker_id)
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(self._worker_actor_name(worker_id), namespace=NAMESPACE), no_restart=True)
+
     def _adopt_workers(self) -> None:
         """After a restart: take over the live workers this controller had started (its
         replica-per-expert dedications and running policies are not kept)."""
-        prefix = self._worker_actor_name("")
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry["namespace"] != NAMESPACE or not entry["name"].startswith(prefix):
-                continue
-            worker_id = entry["name"].removeprefix(prefix)
+        for worker_id in self._named_workers():
             try:
-                handle = ray.get_actor(entry["name"], namespace=NAMESPACE)
+                handle = ray.get_actor(self._worker_actor_name(worker_id), namespace=NAMESPACE)
                 # a worker Ray is restarting itself answers once its weights are loaded
                 record = WorkerRecord.from_json(ray.get(handle.record_json.remote(), timeout=REGISTRATION_TIMEOUT_S))
             except Exception as error:  # gone meanwhile, or never came back: nothing to adopt
@@ -308,6 +325,7 @@ class DeploymentController:
             },
             self._name or None,
             NAMESPACE,
+            self._actor_id,
         )
         self._workers[worker_id] = ManagedWorker(handle, experts, dedicated_to)
         return worker_id

@@ -31,8 +31,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from moe_serve.config import UpSettings
 from moe_serve.grpc_utils import READY_MARKER
-from moe_serve.launcher import ServiceProcess, spawn_service_process
+from moe_serve.launcher import ServiceProcess, launch_stack, spawn_service_process
 from moe_serve.lifecycle import ProcessRecord, descendants, stop_processes
 from moe_serve.supervisor import RestartPolicy, ServiceFailed, SupervisedService, pinned_arguments
 from tests.helpers import (
@@ -384,3 +385,23 @@ def test_a_reused_pid_is_never_signalled() -> None:
         assert sleeper.wait(5) == -signal.SIGTERM
     finally:
         sleeper.kill()
+
+
+def test_workers_leave_once_their_controller_is_gone_for_good(ray_cluster: str, fp32_checkpoint: Path) -> None:
+    """Detached workers outlive a controller Ray restarts (above), but not one that is dead for good,
+    e.g. with `moe-serve workers` SIGKILLed on a remote cluster: they stop and their names go."""
+    import ray
+
+    stack = launch_stack(UpSettings(port=0, workers=1), fp32_checkpoint)
+    try:
+        prefix = f"{stack.controller_name}/"
+
+        def named() -> list[str]:
+            return [actor["name"] for actor in ray.util.list_named_actors(all_namespaces=True)]
+
+        assert [name for name in named() if name.startswith(prefix)] == [f"{prefix}{stack.model_name}-w0"]
+        ray.kill(stack.controller, no_restart=True)
+        wait_until(lambda: not any(name.startswith(prefix) for name in named()), 30, "the worker gone", poll_s=0.5)
+    finally:
+        stack.gateway.stop()
+        stack.router.stop()
