@@ -114,7 +114,7 @@ def run_up(settings: UpSettings, console: Console) -> None:
                 )
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(1 if failure else 0)
+            os._exit(1 if failure or sys.exc_info()[0] is not None else 0)  # an error on the way counts
     if failure:
         raise SystemExit(1)
 
