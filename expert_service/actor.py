@@ -38,10 +38,18 @@ def restore_scheduling_priority() -> None:
         logger.info("worker keeps Ray's niceness %d (%s)", os.nice(0), error)
 
 
-class ExpertWorkerActor:
-    """Hosts one expert worker. Construct with WorkerSettings fields as keyword values."""
+CONTROLLER_CHECK_S = 5.0  # how often a worker looks for its controller; it leaves after two misses
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+
+class ExpertWorkerActor:
+    """Hosts one expert worker. Construct with WorkerSettings fields as keyword values, and the name,
+    namespace and actor id of the deployment controller that owns it (if any): the worker is a
+    detached actor, so it outlives a controller that Ray restarts, and stops itself once that
+    controller is gone for good (e.g. with the process that started it)."""
+
+    def __init__(
+        self, settings: dict[str, Any], controller: str | None = None, namespace: str = "", controller_id: str = ""
+    ) -> None:
         from expert_service.server import WorkerService
         from moe_serve.allocator import tune_allocator
         from moe_serve.config import WorkerSettings
@@ -61,10 +69,15 @@ class ExpertWorkerActor:
             worker_settings, node_id=context.get_node_id(), gpu_id=int(gpu_ids[0]) if gpu_ids else None
         )
         self._record = asyncio.run_coroutine_threadsafe(self._service.start(), self._loop).result()
+        self._stopped = threading.Event()
+        if controller:
+            watched = (controller, namespace, controller_id)
+            threading.Thread(target=self._leave_without_controller, args=watched, daemon=True).start()
 
     def record_json(self) -> str:
-        """The worker's registry record (address, experts, node, GPU) as JSON."""
-        return self._record.to_json()
+        """The worker's registry record (address, experts now announced, node, GPU) as JSON."""
+        servicer = self._service.servicer
+        return (servicer.record() if servicer is not None else self._record).to_json()
 
     def pid(self) -> int:
         """The actor's process id (for resource measurements)."""
@@ -72,6 +85,26 @@ class ExpertWorkerActor:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Deregister, finish in-flight calls within `grace_s`, stop serving."""
+        self._stopped.set()
         asyncio.run_coroutine_threadsafe(self._service.stop(grace_s), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=grace_s + 5)
+
+    def _leave_without_controller(self, controller: str, namespace: str, controller_id: str) -> None:
+        """Stop serving and end this actor for good once the controller is gone twice in a row: its
+        name gone, or taken by another actor (a new stack's controller). A controller Ray restarts
+        keeps both its name and its actor id."""
+        misses = 0
+        while not self._stopped.wait(CONTROLLER_CHECK_S):
+            try:
+                found = ray.get_actor(controller, namespace=namespace)._actor_id.hex()
+                misses = 0 if not controller_id or found == controller_id else misses + 1
+            except ValueError:
+                misses += 1
+            except Exception as error:  # Ray itself unreachable for a moment: no verdict
+                logger.info("could not look up controller %s (%s)", controller, error)
+            if misses >= 2:
+                logger.warning("controller %s is gone; worker leaves", controller)
+                self.stop()
+                ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+                return

@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from moe_serve.commands.common import app
+from moe_serve.lifecycle import die_with_parent
 
 # importing a module registers its commands; this order is the order of the help screen's panels
 COMMAND_MODULES = ("stack", "services", "client", "tools", "security")
@@ -22,4 +23,5 @@ __all__ = ["app", "main"]
 
 
 def main() -> None:
+    die_with_parent()  # a child of `moe-serve up` goes when `up` goes, even on SIGKILL
     app()

@@ -405,3 +405,10 @@ class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
         "compose and Kubernetes.",
     )
     max_inflight_tokens: int = Field(65536, gt=0, description="Gateway admission bound, in tokens.")
+    restart_limit: int = Field(
+        5, ge=0, description="Restarts of a dead gateway or router within restart_window_s before `up` gives up."
+    )
+    restart_window_s: float = Field(300.0, gt=0, description="The window restart_limit counts restarts in.")
+    stop_timeout_s: float = Field(
+        12.0, gt=0, description="On SIGINT/SIGTERM, how long `up` waits for the stack to stop before it exits anyway."
+    )

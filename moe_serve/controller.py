@@ -7,11 +7,14 @@ the same Ray cluster, find it by name and act through it. Every change keeps req
   then finishes its in-flight rows, then goes; routers that still send it rows get UNAVAILABLE
   and retry on another replica.
 Workers register themselves (router-hosted registry or Redis) and are restarted by Ray if their
-process dies (`max_restarts`), under the same worker id.
+process dies (`max_restarts`), under the same worker id. They do not share the controller's fate:
+they are detached actors named after it, which a restarted controller adopts, and which leave by
+themselves once the controller is gone for good.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -96,6 +99,14 @@ class DeploymentController:
         self._last_load: dict[ExpertKey, int] = {}
         self._policy_stop = threading.Event()
         self.events: list[str] = []
+        # workers are detached actors named after this controller, so they outlive its process: a
+        # controller Ray restarts (max_restarts) finds them by name and adopts them; serving never stops
+        context = ray.get_runtime_context()
+        self._name, self._actor_id = context.get_actor_name() or "", context.get_actor_id() or ""
+        if context.was_current_actor_reconstructed:
+            self._adopt_workers()
+        elif self._name:
+            self._remove_predecessors_workers()
 
     # ------------------------------------------------------------------ queries
 
@@ -252,18 +263,58 @@ class DeploymentController:
 
     # ------------------------------------------------------------------ internals
 
+    def _worker_actor_name(self, worker_id: str) -> str:
+        return f"{self._name}/{worker_id}"
+
+    def _named_workers(self) -> list[str]:
+        """Worker ids of the live worker actors named after this controller."""
+        prefix = self._worker_actor_name("")
+        return [
+            entry["name"].removeprefix(prefix)
+            for entry in ray.util.list_named_actors(all_namespaces=True)
+            if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix)
+        ]
+
+    def _remove_predecessors_workers(self) -> None:
+        """A new controller of the same name (its stack restarted within the seconds its old workers
+        take to notice their controller is gone): their names are needed, their experts re-placed."""
+        for worker_id in self._named_workers():
+            logger.warning("controller: removing worker %s of a previous controller of this stack", worker_id)
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(self._worker_actor_name(worker_id), namespace=NAMESPACE), no_restart=True)
+
+    def _adopt_workers(self) -> None:
+        """After a restart: take over the live workers this controller had started (its
+        replica-per-expert dedications and running policies are not kept)."""
+        for worker_id in self._named_workers():
+            try:
+                handle = ray.get_actor(self._worker_actor_name(worker_id), namespace=NAMESPACE)
+                # a worker Ray is restarting itself answers once its weights are loaded
+                record = WorkerRecord.from_json(ray.get(handle.record_json.remote(), timeout=REGISTRATION_TIMEOUT_S))
+            except Exception as error:  # gone meanwhile, or never came back: nothing to adopt
+                logger.warning("controller restart: worker %s not adopted (%s)", worker_id, error)
+                continue
+            self._workers[worker_id] = ManagedWorker(handle, set(record.experts))
+            self._next_index = max(self._next_index, int(worker_id.rpartition("-w")[2]) + 1)
+        self._event(f"restarted; adopted live workers {sorted(self._workers)}")
+
     def _add_worker(self, experts: set[ExpertKey], dedicated_to: frozenset[ExpertKey] | None = None) -> str:
         from expert_service.actor import ExpertWorkerActor
 
         worker_id = f"{self.model_name}-w{self._next_index}"
         self._next_index += 1
         actor_class = ray.remote(ExpertWorkerActor)
+        # named and detached when this controller is named (always, as started by the launcher): the
+        # worker then survives the controller's death (see __init__), and leaves by itself when the
+        # controller is gone for good (ExpertWorkerActor watches it by name)
+        lifetime = {"name": self._worker_actor_name(worker_id), "namespace": NAMESPACE, "lifetime": "detached"}
         handle = actor_class.options(
             num_gpus=self.num_gpus,
             num_cpus=self.num_cpus,
             max_concurrency=4,
             max_restarts=-1,
             runtime_env={"env_vars": self._actor_env} if self._actor_env else None,
+            **(lifetime if self._name else {}),
         ).remote(
             {
                 **self.worker_settings,
@@ -271,7 +322,10 @@ class DeploymentController:
                 "experts": format_keys(experts),
                 "worker_id": worker_id,
                 "port": 0,
-            }
+            },
+            self._name or None,
+            NAMESPACE,
+            self._actor_id,
         )
         self._workers[worker_id] = ManagedWorker(handle, experts, dedicated_to)
         return worker_id

@@ -27,6 +27,7 @@ from moe_serve.allocator import ray_worker_environment
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings, WorkerPoolSettings
 from moe_serve.grpc_utils import READY_MARKER
+from moe_serve.lifecycle import child_environment
 from moe_serve.registry import WorkerRecord
 from moe_serve.security import (
     CLUSTER_SECRET_ENV,
@@ -37,6 +38,7 @@ from moe_serve.security import (
 )
 
 logger = logging.getLogger(__name__)
+CONTROLLER_MAX_RESTARTS = 5  # Ray counts them over the actor's lifetime; then `up` exits, naming it
 
 
 @dataclass
@@ -48,6 +50,10 @@ class ServiceProcess:
     ready: dict[str, Any]
     recent_output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
     announced: threading.Event = field(default_factory=threading.Event)  # set on the ready line or exit
+    # how it was started: a supervisor starts it again the same way (moe_serve.supervisor)
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    module: str = "moe_serve"
 
     @property
     def address(self) -> str:
@@ -99,7 +105,7 @@ def spawn_service_process(
         bufsize=1,
         env={**os.environ, **(env or {})},
     )
-    service = ServiceProcess(name=name, process=process, ready={})
+    service = ServiceProcess(name=name, process=process, ready={}, args=list(args), env=dict(env or {}), module=module)
 
     def relay() -> None:
         assert process.stdout is not None
@@ -311,7 +317,8 @@ def start_controller(
     name = controller_name(model_name, router_address)
     controller = (
         ray.remote(DeploymentController)
-        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=8)
+        # restarted by Ray when its process dies; it then adopts its (detached) workers
+        .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=8, max_restarts=CONTROLLER_MAX_RESTARTS)
         .remote(
             model_name,
             str(checkpoint),
@@ -348,14 +355,16 @@ def autoscale_policy(settings: WorkerPoolSettings) -> dict[str, float] | None:
     }
 
 
-def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -> Stack:
+def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0, die_with_parent: bool = False) -> Stack:
     """Start the router (it hosts the registry unless Redis does), then the gateway and the worker
     actors (through a deployment controller; Ray must be initialised) side by side; return once every
     expert has a replica and the gateway listens.
 
     The gateway may start before the workers: it reports not ready until the router does, and
     starting it meanwhile hides its start-up (imports) behind theirs. With settings.router
-    "embedded" the router runs inside the gateway, which then starts first (workers register there)."""
+    "embedded" the router runs inside the gateway, which then starts first (workers register there).
+    `die_with_parent`: the gateway and router get SIGTERM when this process dies (`moe-serve up`; the
+    caller must be a thread that lives as long as the process, see moe_serve.lifecycle)."""
     import ray
 
     spec = Checkpoint(checkpoint).spec
@@ -363,7 +372,7 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0) -
     started = time.monotonic()
     settings = with_cluster_secret(settings)
     credentials = ClusterCredentials.from_settings(settings)  # ValueError: a secret too short, an unreadable file
-    environment = secret_environment(credentials)
+    environment = {**secret_environment(credentials), **(child_environment() if die_with_parent else {})}
     router_flags = ["--dtype", settings.dtype, "--model-name", model_name]
     router_flags += ["--prefetch" if settings.prefetch else "--no-prefetch", "--checkpoint", str(checkpoint)]
     gateway: ServiceProcess | None = None

@@ -3,8 +3,13 @@ gateway run elsewhere, as in docker compose): start, print the endpoint, block u
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -16,8 +21,21 @@ from moe_serve.controller import NAMESPACE
 from moe_serve.demo import ensure_demo_checkpoint
 from moe_serve.errors import ConfigurationError
 from moe_serve.grpc_utils import announce_ready
-from moe_serve.launcher import Stack, init_ray, launch_stack, start_controller, with_cluster_secret
+from moe_serve.launcher import (
+    ServiceProcess,
+    Stack,
+    embedded_router_of,
+    init_ray,
+    launch_stack,
+    start_controller,
+    with_cluster_secret,
+)
+from moe_serve.lifecycle import start_watchdog
 from moe_serve.security import ClusterCredentials, write_secret_file
+from moe_serve.supervisor import RestartPolicy, ServiceFailed, SupervisedActor, SupervisedService
+
+logger = logging.getLogger(__name__)
+SUPERVISION_INTERVAL_S = 0.5
 
 
 def resolve_checkpoint(settings: UpSettings, console: Console) -> Path:
@@ -41,6 +59,9 @@ def describe(stack: Stack) -> Table:
 
 
 def run_up(settings: UpSettings, console: Console) -> None:
+    """Start the stack, supervise it until SIGINT/SIGTERM, stop it within settings.stop_timeout_s.
+
+    Exits 1 (SystemExit) when a service dies more often than its restart budget allows."""
     import ray
 
     settings = with_cluster_secret(settings)
@@ -49,47 +70,157 @@ def run_up(settings: UpSettings, console: Console) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    start_watchdog()  # before Ray starts: it records Ray's processes too, and stops them if `up` dies hard
     init_ray(settings.ray_address)
+    stack: Stack | None = None
+    services: list[SupervisedService | SupervisedActor] = []
     secret_file = ""
+    failure: ServiceFailed | None = None
     try:
-        stack = launch_stack(settings, checkpoint)
-        try:
-            console.print(describe(stack))
-            rest = f", REST http://{stack.http_address}/v2" if stack.http_address else ""
-            console.print(
-                f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}{rest}, model "
-                f"{stack.model_name!r} (router {stack.router.address}); Ctrl-C to stop"
-            )
-            metrics = stack.metrics_addresses()
-            for name, address in metrics.items():
-                console.print(f"metrics: {name} http://{address}/metrics")
-            secret_file = _write_secret(stack.credentials, settings.cluster_file)
-            ClusterInfo(
-                ray_address=ray.get_runtime_context().gcs_address,
-                controller=stack.controller_name,
-                namespace=NAMESPACE,
-                gateway=stack.address,
-                router=stack.router.address,
-                model=stack.model_name,
-                secret_file=secret_file,
-            ).write(settings.cluster_file)
-            announce_ready(
-                "stack",
-                address=stack.address,
-                http_address=stack.http_address,
-                model=stack.model_name,
-                router=stack.router.address,
-                cluster_file=str(settings.cluster_file),
-                metrics=metrics,
-            )
-            stop.wait()
-            console.print("stopping ...")
-        finally:
-            stack.stop()
-            if secret_file:
-                Path(secret_file).unlink(missing_ok=True)
+        stack = launch_stack(settings, checkpoint, die_with_parent=True)
+        console.print(describe(stack))
+        rest = f", REST http://{stack.http_address}/v2" if stack.http_address else ""
+        console.print(
+            f"[green]ready[/green]: KServe v2 gRPC endpoint {stack.address}{rest}, model "
+            f"{stack.model_name!r} (router {stack.router.address}); Ctrl-C to stop"
+        )
+        metrics = stack.metrics_addresses()
+        for name, address in metrics.items():
+            console.print(f"metrics: {name} http://{address}/metrics")
+        secret_file = _write_secret(stack.credentials, settings.cluster_file)
+        ClusterInfo(
+            ray_address=ray.get_runtime_context().gcs_address,
+            controller=stack.controller_name,
+            namespace=NAMESPACE,
+            gateway=stack.address,
+            router=stack.router.address,
+            model=stack.model_name,
+            secret_file=secret_file,
+        ).write(settings.cluster_file)
+        announce_ready(
+            "stack",
+            address=stack.address,
+            http_address=stack.http_address,
+            model=stack.model_name,
+            router=stack.router.address,
+            cluster_file=str(settings.cluster_file),
+            metrics=metrics,
+        )
+        services = supervise(stack, RestartPolicy(settings.restart_limit, settings.restart_window_s))
+        failure = _supervise_until(stop, services)
+        console.print(f"[red]error[/red]: {failure}; stopping" if failure else "stopping ...")
     finally:
+        ray_lost = _local_ray_lost()
+        stopped = _run_bounded(lambda: _stop(stack, services, secret_file, ray_lost), settings.stop_timeout_s)
+        if ray_lost or not stopped:
+            # any call into a Ray that lost its processes can hang, its exit hook included
+            if not stopped:
+                logger.warning(
+                    "the stack did not stop within %.0f s; the watchdog stops the rest", settings.stop_timeout_s
+                )
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1 if failure or sys.exc_info()[0] is not None else 0)  # an error on the way counts
+    if failure:
+        raise SystemExit(1)
+
+
+def supervise(stack: Stack, policy: RestartPolicy) -> list[SupervisedService | SupervisedActor]:
+    """Watch the gateway (which hosts the router when embedded), a router process of its own, and the
+    deployment controller (Ray restarts it and the workers; this notices when Ray gives up)."""
+
+    embedded = stack.router.process is stack.gateway.process
+
+    def gateway_restarted(gateway: ServiceProcess) -> None:
+        stack.gateway = gateway
+        if embedded:
+            stack.router = embedded_router_of(gateway)
+
+    def router_restarted(router: ServiceProcess) -> None:
+        stack.router = router
+
+    services: list[SupervisedService | SupervisedActor] = [
+        SupervisedService(stack.gateway, policy, gateway_restarted),
+        SupervisedActor("deployment controller", stack.controller, stack.controller_name, NAMESPACE),
+    ]
+    if not embedded:
+        services.append(SupervisedService(stack.router, policy, router_restarted))
+    return services
+
+
+def _supervise_until(
+    stop: threading.Event, services: list[SupervisedService | SupervisedActor]
+) -> ServiceFailed | None:
+    """Poll the services (restarting dead ones) until `stop` is set; the failure that ends it, if any.
+    Runs on the main thread, the one that started the children (see moe_serve.supervisor)."""
+    while not stop.wait(SUPERVISION_INTERVAL_S):
+        for service in services:
+            try:
+                service.poll()
+            except ServiceFailed as failure:
+                if stop.is_set():  # a group signal stops children and `up` at once: no failure, a stop
+                    return None
+                logger.error("%s", failure)
+                return failure
+            if stop.is_set():
+                return None
+    return None
+
+
+def _stop(
+    stack: Stack | None, services: list[SupervisedService | SupervisedActor], secret_file: str, ray_lost: bool
+) -> None:
+    """Stop the stack in order; when Ray lost its processes, only the gateway and router (the
+    watchdog stops what is left of Ray once `up` exits)."""
+    import ray
+
+    for service in services:
+        service.stop_replacement()
+    if stack is not None and ray_lost:
+        logger.warning("Ray's own processes are going down (a signal to the whole group?): not draining the workers")
+        stack.gateway.stop()
+        stack.router.stop()
+    elif stack is not None:
+        stack.stop()
+    if secret_file:
+        Path(secret_file).unlink(missing_ok=True)
+    if not ray_lost:
         ray.shutdown()
+
+
+def _local_ray_lost(wait_s: float = 0.3) -> bool:
+    """Whether a process of the local Ray instance `up` started has ended (never for a remote cluster).
+
+    A signal to the whole process group reaches Ray's GCS and raylet as well as `up`; waits a moment
+    first, since `up`'s handler usually runs before they have finished exiting."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # set only for a local instance
+    if node is None:
+        return False
+    time.sleep(wait_s)
+    try:
+        return bool(node.dead_processes())
+    except Exception:  # a private interface: without it, the bounded stop still ends `up`
+        return False
+
+
+def _run_bounded(action: Callable[[], None], timeout_s: float) -> bool:
+    """Run `action` on a daemon thread; True if it finished (raising or not) within `timeout_s`."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as error:  # reported below; the caller's own exit matters more
+            errors.append(error)
+
+    thread = threading.Thread(target=run, name="stack-stop", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    for error in errors:
+        logger.warning("stopping the stack: %s", error)
+    return not thread.is_alive()
 
 
 def internal_credentials(settings: WorkersSettings | UpSettings) -> ClusterCredentials:
