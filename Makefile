@@ -7,7 +7,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test lint bench setup
+.PHONY: up test test-unit test-integration test-reliability lint bench setup
 setup: $(INSTALLED)
 
 # torch comes first and pinned: 2.13.0 installs the CPU build offline; any other version or an
@@ -29,6 +29,17 @@ lint: $(INSTALLED)
 
 test: lint
 	$(PYTHON) -m pytest
+
+# the tiers on their own: tests/unit starts no process (seconds), tests/integration runs real stacks,
+# tests/reliability injects faults into them; `-m "not slow"` leaves out the longest of the latter two
+test-unit: $(INSTALLED)
+	$(PYTHON) -m pytest tests/unit
+
+test-integration: $(INSTALLED)
+	$(PYTHON) -m pytest tests/integration
+
+test-reliability: $(INSTALLED)
+	$(PYTHON) -m pytest tests/reliability
 
 bench: $(INSTALLED)
 	$(VENV)/bin/moe-serve bench

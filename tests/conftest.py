@@ -125,7 +125,7 @@ def slow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def slow_stack(slow_checkpoint: Path) -> Iterator[ProcessStack]:
     """Router, one `moe-serve worker` holding every expert of `slow_checkpoint` and computing one
     segment at a time (--compute-threads 1), and a gateway; metrics on, and client shared memory
-    (tests/test_shared_memory_serving.py). A large request keeps the worker busy for seconds, so
+    (tests/integration/test_shared_memory_serving.py). A large request keeps the worker busy for seconds, so
     requests sent meanwhile stay in flight (tests.helpers.start_blocker)."""
     stack = start_process_stack(
         slow_checkpoint,

@@ -7,7 +7,7 @@ structurally: no Docker engine or Kubernetes runs here.
 
 Commands are parsed by the real command-line definitions (moe-serve's and `ray start`'s) and settings are built
 from each container's environment, so a renamed flag or a value that fails validation fails here.
-tests/test_compose_topology.py runs the same compose topology as local processes.
+tests/integration/test_compose_topology.py runs the same compose topology as local processes.
 """
 
 from __future__ import annotations

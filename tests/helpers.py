@@ -32,6 +32,9 @@ from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
 from tests.families import rescale_moe_weights
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+CLIENT_SCRIPTS = REPOSITORY / "tests" / "clients"  # third-party clients, each run in a process of its own
+
 TINY_MIXTRAL = {
     "hidden_size": 64,
     "intermediate_size": 96,

@@ -1,7 +1,7 @@
 """Generate the Python gRPC modules of this package from the `.proto` files in `proto/`.
 
 Run `python -m moe_serve.protos.generate` after editing a `.proto` file; the generated modules
-are checked in and `tests/test_protos.py` fails when they are stale. The only post-processing is
+are checked in and `tests/unit/test_protos.py` fails when they are stale. The only post-processing is
 the one every packaged gRPC project needs (MLServer does the same): protoc writes
 `import x_pb2`, which must become `from . import x_pb2` inside a package.
 """
