@@ -79,8 +79,13 @@ class DeploymentController:
         num_gpus: float = 0.0,
         num_cpus: float = 0.0,
         actor_env: dict[str, str] | None = None,
+        policies: dict[str, Any] | None = None,
     ) -> None:
+        """`policies`: run_policies' keyword arguments, started once the workers are up (start), and
+        again by a controller Ray restarted, which would otherwise come back without them."""
         self.model_name, self.checkpoint = model_name, Path(checkpoint)
+        self._policies = dict(policies) if policies else None
+        self._policies_running = False
         self.shape = shape
         self.worker_settings, self.router_address = worker_settings, router_address
         self.num_gpus, self.num_cpus = num_gpus, num_cpus
@@ -105,6 +110,8 @@ class DeploymentController:
         self._name, self._actor_id = context.get_actor_name() or "", context.get_actor_id() or ""
         if context.was_current_actor_reconstructed:
             self._adopt_workers()
+            if self._policies:
+                self.run_policies(**self._policies)
         elif self._name:
             self._remove_predecessors_workers()
 
@@ -132,6 +139,7 @@ class DeploymentController:
             "workers": [r.to_json() for r in records],
             "replicas": replicas,
             "events": self.events[-20:],
+            "policies": self._policies if self._policies_running else None,
         }
 
     # ------------------------------------------------------------------ scaling
@@ -142,7 +150,9 @@ class DeploymentController:
             for assignment in plan_placement(self.shape.moe_layers, self.shape.num_placed_experts, workers):
                 self._add_worker(set(assignment.experts))
             self._await_registered(set(self._workers))
-            return self.records()
+        if self._policies and not self._policies_running:
+            self.run_policies(**self._policies)
+        return self.records()
 
     def scale_workers(self, workers: int) -> list[str]:
         """Re-place all experts over `workers` workers: new ones first, then the old ones drain and go."""
@@ -217,6 +227,7 @@ class DeploymentController:
     ) -> None:
         """Start the background loop: periodic rebalancing and/or autoscaling (until stop_all)."""
         policy = AutoscalePolicy(**autoscale) if autoscale else None
+        self._policies_running = True
         threading.Thread(
             target=self._policy_loop,
             args=(rebalance_interval_s, policy, check_interval_s),

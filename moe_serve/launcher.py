@@ -315,6 +315,13 @@ def start_controller(
     }
     spec = Checkpoint(checkpoint).spec
     name = controller_name(model_name, router_address)
+    autoscale = autoscale_policy(settings)
+    # given to the controller itself, so that a controller Ray restarts runs them again
+    policies = (
+        {"rebalance_interval_s": settings.rebalance_interval_s, "autoscale": autoscale}
+        if settings.rebalance_interval_s or autoscale
+        else None
+    )
     controller = (
         ray.remote(DeploymentController)
         # restarted by Ray when its process dies; it then adopts its (detached) workers
@@ -331,6 +338,7 @@ def start_controller(
                 **{key: value for key, value in os.environ.items() if key.startswith(("OTEL_", "GRPC_VERBOSITY"))},
                 **ray_worker_environment(os.environ),
             },
+            policies,
         )
     )
     try:
@@ -338,9 +346,6 @@ def start_controller(
     except BaseException:
         ray.kill(controller)
         raise
-    policy = autoscale_policy(settings)
-    if settings.rebalance_interval_s or policy:
-        controller.run_policies.remote(settings.rebalance_interval_s, policy)
     return controller, name
 
 
