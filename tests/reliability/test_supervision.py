@@ -191,7 +191,7 @@ def fp32_checkpoint(checkpoints: Callable[[torch.dtype], Path]) -> Path:
 @pytest.fixture(scope="module")
 def embedded_up(tmp_path_factory: pytest.TempPathFactory, fp32_checkpoint: Path) -> Iterator[UpProcess]:
     # a rebalance interval far beyond the test: a policy that must survive a controller restart
-    up = start_up(tmp_path_factory.mktemp("up-embedded"), fp32_checkpoint, "--rebalance-interval-s", "3600")
+    up = start_up(tmp_path_factory.mktemp("up-embedded"), fp32_checkpoint, "--rebalance", "3600")
     yield up
     up.kill_everything()
 
@@ -247,7 +247,7 @@ def test_a_killed_controller_restarts_and_workers_keep_serving(embedded_up: UpPr
     worker_ids = {w["worker_id"] for w in document["workers"]}
     assert worker_ids == registered_worker_ids(embedded_up.ready["router"])
     assert len(worker_ids) == 2
-    # and it runs the stack's policies again (--rebalance-interval-s)
+    # and it runs the stack's policies again (--rebalance)
     assert document["policies"] == {"rebalance_interval_s": 3600.0, "autoscale": None}
 
 
