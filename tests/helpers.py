@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +22,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve import codec
+from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.launcher import (
     ServiceProcess,
     embedded_router_of,
@@ -299,3 +304,48 @@ def paused(process: ServiceProcess) -> Iterator[None]:
         yield
     finally:
         process.process.send_signal(signal.SIGCONT)
+
+
+class UpCommand:
+    """`moe-serve up ARGUMENTS` as a child process in `directory`, its output read as it comes.
+
+    `ready` holds the stack's ready announcement once `wait_ready` returned; `output` every line so far."""
+
+    def __init__(self, directory: Path, arguments: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moe_serve", "up", *arguments],
+            cwd=directory,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        )
+        self.ready: dict[str, Any] = {}
+        self.output: list[str] = []
+        self._found = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            if line.startswith(READY_MARKER) and not self.ready:
+                self.ready.update(json.loads(line[len(READY_MARKER) :]))
+                self._found.set()
+        self._found.set()  # the output ended: `up` exited before it was ready
+
+    def wait_ready(self, timeout_s: float = 180) -> dict[str, Any]:
+        assert self._found.wait(timeout_s) and self.ready, "".join(self.output[-40:])
+        return self.ready
+
+    def interrupt(self, timeout_s: float) -> int:
+        """Ctrl-C, as a person stops it; the exit code, once its output has been read to the end."""
+        self.process.send_signal(signal.SIGINT)
+        code = self.process.wait(timeout_s)
+        self._reader.join(10)
+        return code
+
+    @property
+    def text(self) -> str:
+        return "".join(self.output)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -21,11 +19,10 @@ from typer.testing import CliRunner
 
 from moe_serve.cli import app
 from moe_serve.cluster_commands import ClusterInfo
-from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
-from tests.helpers import infer_request, kserve_stub, response_tensors
+from tests.helpers import UpCommand, infer_request, kserve_stub, response_tensors
 
 COMMANDS = ["up", "gateway", "router", "worker", "infer", "init-demo", "scale", "status", "bench", "soak", "health"]
 
@@ -48,34 +45,13 @@ def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
     """Exactly the README's path: no checkpoint given, a local Ray started by `up` itself, no cluster
     secret given (`up` makes one)."""
     env = {key: value for key, value in os.environ.items() if key != CLUSTER_SECRET_ENV}
-    env["PYTHONUNBUFFERED"] = "1"
-    up = subprocess.Popen(
-        [sys.executable, "-m", "moe_serve", "up", "--port", "0", "--workers", "2"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    ready: dict = {}
-    output: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        assert up.stdout is not None
-        for line in up.stdout:
-            output.append(line)
-            if line.startswith(READY_MARKER) and not ready:
-                ready.update(json.loads(line[len(READY_MARKER) :]))
-                found.set()
-        found.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    up = UpCommand(tmp_path, ["--port", "0", "--workers", "2"], env)
+    output = up.output
     try:
-        assert found.wait(180) and ready, "".join(output[-40:])
+        ready = up.wait_ready()
         assert ready["model"] == "mixtral-demo"
         assert (tmp_path / ".moe-serve" / "mixtral-demo" / "config.json").is_file()
-        assert_internal_hops_authenticated(tmp_path / ".moe-serve" / "cluster.json", up.pid)
+        assert_internal_hops_authenticated(tmp_path / ".moe-serve" / "cluster.json", up.process.pid)
         infer = subprocess.run(
             [sys.executable, "-m", "moe_serve", "infer", "--url", ready["address"], "--tokens", "5", "--repeat", "3"],
             capture_output=True,
@@ -119,8 +95,7 @@ def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
         )
         assert again.returncode == 0, again.stdout + again.stderr
     finally:
-        up.send_signal(signal.SIGINT)
-        code = up.wait(60)
+        code = up.interrupt(60)
     assert code == 0, "".join(output[-40:])
     assert not (tmp_path / ".moe-serve" / "cluster.secret").exists()  # the stack's secret goes with it
 

@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from moe_serve.grpc_utils import READY_MARKER
-from tests.helpers import infer_request, kserve_stub, response_tensors
+from tests.helpers import UpCommand, infer_request, kserve_stub, response_tensors
 
 
 def scrape(address: str) -> str:
@@ -31,33 +26,11 @@ def scrape(address: str) -> str:
 def test_up_serves_metrics_logs_json_and_stops_without_grpc_noise(tmp_path: Path) -> None:
     # the user's environment: no metrics port or gRPC verbosity set (the test run sets a metrics port)
     env = {key: value for key, value in os.environ.items() if key not in ("MOE_SERVE_METRICS_PORT", "GRPC_VERBOSITY")}
-    env["PYTHONUNBUFFERED"] = "1"
-    command = ["up", "--port", "0", "--workers", "1", "--router", "service", "--metrics-port", "0"]
-    up = subprocess.Popen(
-        [sys.executable, "-m", "moe_serve", *command, "--log-format", "json"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    ready: dict = {}
-    output: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        assert up.stdout is not None
-        for line in up.stdout:
-            output.append(line)
-            if line.startswith(READY_MARKER) and not ready:
-                ready.update(json.loads(line[len(READY_MARKER) :]))
-                found.set()
-        found.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
+    command = ["--port", "0", "--workers", "1", "--router", "service", "--metrics-port", "0", "--log-format", "json"]
+    up = UpCommand(tmp_path, command, env)
+    output = up.output
     try:
-        assert found.wait(180) and ready, "".join(output[-40:])
+        ready = up.wait_ready()
         metrics = ready["metrics"]
         assert set(metrics) == {"gateway", "router", "mixtral-demo-w0"}, metrics
         channel, stub = kserve_stub(ready["address"])
@@ -69,10 +42,8 @@ def test_up_serves_metrics_logs_json_and_stops_without_grpc_noise(tmp_path: Path
         for name in ("router", "mixtral-demo-w0"):
             assert "target_info{" in scrape(metrics[name])
     finally:
-        up.send_signal(signal.SIGINT)
-        code = up.wait(90)
-        reader.join(10)
-    text = "".join(output)
+        code = up.interrupt(90)
+    text = up.text
     assert code == 0, text[-4000:]
     for name, address in metrics.items():
         assert f"metrics: {name} http://{address}/metrics" in text  # printed for people too
