@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 
 from moe_serve.errors import ConfigurationError
+from moe_serve.hub import checkpoint_name
 from moe_serve.model_spec import ExpertKind, MoEModelSpec, load_config, spec_from_config
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -100,7 +101,7 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return self.directory.name
+        return checkpoint_name(self.directory)
 
     def router_weights(self, layer: int) -> RouterWeights:
         """The router of one MoE layer (read now)."""

@@ -7,12 +7,13 @@ service at start-up with a message, not inside a request.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moe_serve.eventloop import EventLoopName
+from moe_serve.hub import CheckpointNotFound, resolve_checkpoint
 from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -22,6 +23,21 @@ GATEWAY_METRICS_PORT = 8002
 ROUTER_METRICS_PORT = 8012
 WORKER_METRICS_PORT = 8022
 LogFormat = Literal["text", "json"]
+
+
+def _local_checkpoint(value: object) -> object:
+    # pydantic reports a ValueError as an invalid setting (the CLI: one line, exit code 2)
+    if not isinstance(value, str | Path):
+        return value
+    try:
+        return resolve_checkpoint(value)
+    except CheckpointNotFound as error:
+        raise ValueError(str(error)) from None
+
+
+# a checkpoint directory or a Hub id `org/name[@revision]`, resolved to a local directory when the
+# settings are built: every service and command sees a directory
+CheckpointPath = Annotated[Path, BeforeValidator(_local_checkpoint)]
 
 
 class CommonSettings(BaseSettings):
@@ -226,7 +242,9 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         "request instead of 12). This process then serves the router's API (worker registry, model info) on "
         "router_port; the router's other settings come from MOE_SERVE_* variables as for `moe-serve router`.",
     )
-    checkpoint: Path | None = Field(None, description="With embedded_router: the checkpoint (router weights are read).")
+    checkpoint: CheckpointPath | None = Field(
+        None, description="With embedded_router: the checkpoint (router weights are read)."
+    )
     router_port: int = Field(
         8010, ge=0, le=65535, description="With embedded_router: port of the router's API (0 = any free port)."
     )
@@ -247,7 +265,9 @@ class RouterSettings(CommonSettings):
     metrics_port: int | None = Field(
         ROUTER_METRICS_PORT, ge=0, le=65535, description="Prometheus /metrics port (0 = any free port)."
     )
-    checkpoint: Path = Field(..., description="Checkpoint directory (only the router weights are read).")
+    checkpoint: CheckpointPath = Field(
+        ..., description="Checkpoint directory or Hub id org/name[@revision] (only the router weights are read)."
+    )
     model_name: str | None = Field(None, description="Model name (default: the checkpoint directory's name).")
     dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
     split_min_rows: int = Field(
@@ -307,7 +327,9 @@ class WorkerSettings(CommonSettings):
         le=65535,
         description="Prometheus /metrics port (0 = any free port; a second worker on one host needs another).",
     )
-    checkpoint: Path = Field(..., description="Checkpoint directory (only this worker's experts are read).")
+    checkpoint: CheckpointPath = Field(
+        ..., description="Checkpoint directory or Hub id org/name[@revision] (only this worker's experts are read)."
+    )
     experts: str | None = Field(
         None,
         description="Experts this worker serves: '0-3' (in every MoE layer) and/or '1:5' (expert 5 of layer 1). "
@@ -371,14 +393,20 @@ class WorkerPoolSettings(CommonSettings):
 class WorkersSettings(WorkerPoolSettings):
     """`moe-serve workers`: deploy the worker actors of a stack whose router runs elsewhere."""
 
-    checkpoint: Path = Field(..., description="Checkpoint directory (must be readable on every Ray node).")
+    checkpoint: CheckpointPath = Field(
+        ...,
+        description="Checkpoint directory (readable on every Ray node) or Hub id org/name[@revision] (each node "
+        "resolves it from its own Hugging Face cache or the Hub).",
+    )
     router_address: str = Field(..., description="host:port of the router; its registry (or Redis) gets the workers.")
 
 
 class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
     """`moe-serve up`: the whole stack on one machine or a Ray cluster."""
 
-    checkpoint: Path | None = Field(None, description="Checkpoint directory (default: generate the demo one).")
+    checkpoint: CheckpointPath | None = Field(
+        None, description="Checkpoint directory or Hub id org/name[@revision] (default: generate the demo one)."
+    )
     demo_dir: Path = Field(Path(".moe-serve/mixtral-demo"), description="Where the demo checkpoint is written.")
     port: int = Field(8001, ge=0, le=65535, description="Public gateway port.")
     http_port: int = Field(8000, ge=0, le=65535, description="The gateway's KServe v2 HTTP/REST port (0 = any free).")

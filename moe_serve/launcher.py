@@ -27,6 +27,7 @@ from moe_serve.allocator import ray_worker_environment
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings, WorkerPoolSettings
 from moe_serve.grpc_utils import READY_MARKER
+from moe_serve.hub import checkpoint_name, portable_reference
 from moe_serve.lifecycle import child_environment
 from moe_serve.registry import WorkerRecord
 from moe_serve.security import (
@@ -328,7 +329,8 @@ def start_controller(
         .options(name=name, namespace=NAMESPACE, num_cpus=0, max_concurrency=8, max_restarts=CONTROLLER_MAX_RESTARTS)
         .remote(
             model_name,
-            str(checkpoint),
+            # workers may start on other hosts: a Hub snapshot goes as its id pinned to the commit
+            portable_reference(checkpoint),
             PlacementShape(tuple(spec.moe_layers), spec.num_placed_experts),
             worker_settings,
             router_address,
@@ -373,7 +375,7 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0, d
     import ray
 
     spec = Checkpoint(checkpoint).spec
-    model_name = settings.model_name or checkpoint.resolve().name
+    model_name = settings.model_name or checkpoint_name(checkpoint)
     started = time.monotonic()
     settings = with_cluster_secret(settings)
     credentials = ClusterCredentials.from_settings(settings)  # ValueError: a secret too short, an unreadable file

@@ -21,6 +21,7 @@ from moe_serve.controller import NAMESPACE
 from moe_serve.demo import ensure_demo_checkpoint
 from moe_serve.errors import ConfigurationError
 from moe_serve.grpc_utils import announce_ready
+from moe_serve.hub import checkpoint_name
 from moe_serve.launcher import (
     ServiceProcess,
     Stack,
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 SUPERVISION_INTERVAL_S = 0.5
 
 
-def resolve_checkpoint(settings: UpSettings, console: Console) -> Path:
+def checkpoint_or_demo(settings: UpSettings, console: Console) -> Path:
     if settings.checkpoint is not None:
         return settings.checkpoint
     path = ensure_demo_checkpoint(settings.demo_dir)
@@ -66,7 +67,7 @@ def run_up(settings: UpSettings, console: Console) -> None:
 
     settings = with_cluster_secret(settings)
     internal_credentials(settings)  # a bad secret stops here, before Ray starts
-    checkpoint = resolve_checkpoint(settings, console)
+    checkpoint = checkpoint_or_demo(settings, console)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -248,7 +249,7 @@ def run_workers(settings: WorkersSettings, console: Console) -> None:
         signal.signal(sig, lambda *_: stop.set())
     init_ray(settings.ray_address)
     try:
-        model_name = settings.model_name or settings.checkpoint.resolve().name
+        model_name = settings.model_name or checkpoint_name(settings.checkpoint)
         controller, name = start_controller(
             settings, settings.checkpoint, model_name, settings.router_address, credentials
         )

@@ -349,3 +349,23 @@ class UpCommand:
     @property
     def text(self) -> str:
         return "".join(self.output)
+
+
+def lay_into_hub_cache(checkpoint: Path, hf_home: Path, repo_id: str, commit: str, ref: str = "main") -> Path:
+    """Copy a checkpoint directory into `hf_home/hub` as huggingface_hub lays a downloaded snapshot out:
+    `models--org--name/blobs/<hash>` holding the bytes, `snapshots/<commit>/<file>` relative symlinks to
+    them, `refs/<ref>` holding the commit. Returns the snapshot directory."""
+    import hashlib
+    import shutil
+
+    folder = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    blobs, snapshot = folder / "blobs", folder / "snapshots" / commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for source in sorted(checkpoint.iterdir()):
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        shutil.copyfile(source, blobs / digest)
+        (snapshot / source.name).symlink_to(Path("..") / ".." / "blobs" / digest)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / ref).write_text(commit)
+    return snapshot

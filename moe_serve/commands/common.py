@@ -40,7 +40,13 @@ LogLevel = Annotated[str | None, typer.Option(help="Logging level (DEBUG, INFO, 
 MaxMessageBytes = Annotated[int | None, typer.Option(help="Largest gRPC message on every hop, in bytes.")]
 Dtype = Annotated[str | None, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
 ModelName = Annotated[str | None, typer.Option(help="Public model name (default: checkpoint directory name).")]
-CheckpointDir = Annotated[Path | None, typer.Option(help="Hugging Face checkpoint directory (safetensors).")]
+CheckpointDir = Annotated[
+    str | None,
+    typer.Option(
+        help="Hugging Face checkpoint: a directory (safetensors), or a Hub id org/name[@revision] fetched into the "
+        "Hugging Face cache (config.json and safetensors only; HF_HOME, HF_HUB_OFFLINE apply)."
+    ),
+]
 MetricsPort = Annotated[
     int | None,
     typer.Option(
@@ -163,7 +169,9 @@ def build_settings(settings_class: type[SettingsT], **flags: Any) -> SettingsT:
     except ValidationError as error:
         for problem in error.errors():
             field = ".".join(str(part) for part in problem["loc"]) or "settings"
-            console.print(f"[red]invalid {field}[/red]: {problem['msg']}")
+            # a validator's own ValueError says what to do; pydantic's "Value error, " prefix adds nothing
+            message = str(problem.get("ctx", {}).get("error") or problem["msg"])
+            console.print(f"[red]invalid {field}[/red]: {message}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 

@@ -156,12 +156,13 @@ def soak(
     from moe_serve.bench.soak_load import LoadMix
     from moe_serve.bench.soak_report import print_soak_report
     from moe_serve.errors import ConfigurationError
+    from moe_serve.hub import resolve_checkpoint
 
     configure_logging("WARNING")
     try:
         config = SoakConfig(
             duration_s=duration,
-            checkpoint=checkpoint,
+            checkpoint=None if checkpoint is None else resolve_checkpoint(checkpoint),
             workers=workers,
             clients=clients,
             warmup_fraction=warmup_fraction,
