@@ -52,7 +52,7 @@ def local_service(
     """(args, environment, metrics port) of compose service `name` as a local process."""
     args = []
     for previous, arg in zip(["", *MOE_SERVE[name]], MOE_SERVE[name], strict=False):
-        if previous in ("--port", "--delivery-port"):
+        if previous in ("--port", "--http-port", "--delivery-port"):
             arg = "0"
         elif previous == "--advertise-host":
             arg = "127.0.0.1"

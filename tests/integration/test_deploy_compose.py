@@ -183,7 +183,10 @@ def test_addresses_ports_and_hostnames_are_consistent() -> None:
     # and a fixed delivery port
     assert flag(gateway, "--advertise-host") == "gateway"
     assert int(flag(gateway, "--delivery-port")) > 0
-    assert SERVICES["gateway"]["ports"] == [f"{flag(gateway, '--port')}:{flag(gateway, '--port')}"]
+    # both KServe v2 transports published: gRPC and HTTP/REST
+    published = [f"{flag(gateway, port)}:{flag(gateway, port)}" for port in ("--port", "--http-port")]
+    assert SERVICES["gateway"]["ports"] == published == ["8001:8001", "8000:8000"]
+    assert built_settings(gateway, environment(SERVICES["gateway"])).http  # REST is served, not only published
     head_port = ray_start_params(SERVICES["ray-head"]["command"])["port"]
     assert flag(workers, "--ray-address") == f"ray-head:{head_port}"
     assert SERVICES["workers"]["entrypoint"] == ["moe-serve-ray-driver"]  # a Ray driver must run on a Ray node

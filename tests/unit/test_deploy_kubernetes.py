@@ -125,6 +125,10 @@ def test_kubernetes_addresses_services_and_ray_auth_are_consistent() -> None:
     assert flag(kube_args(gateway), "--router-address") == f"dns:///moe-serve-router:{router_port}"
     assert flag(kube_args(workers), "--router-address") == f"moe-serve-router-api:{router_port}"
     assert _container_port(gateway, "grpc") == int(flag(kube_args(gateway), "--port"))
+    # KServe v2 HTTP/REST beside gRPC, on the container and on the Service
+    assert _container_port(gateway, "http") == int(flag(kube_args(gateway), "--http-port")) == 8000
+    assert _service_port("moe-serve-gateway", "http") == 8000 and _service_port("moe-serve-gateway", "grpc") == 8001
+    assert built_settings(kube_args(gateway), kube_env(gateway)).http
     assert _container_port(gateway, "delivery") == int(flag(kube_args(gateway), "--delivery-port"))
     # Prometheus on the documented default ports (Triton's 8002 for the gateway); the delivery port moved off it
     for name, default in (("router", ROUTER_METRICS_PORT), ("gateway", GATEWAY_METRICS_PORT)):
