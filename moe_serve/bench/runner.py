@@ -24,6 +24,7 @@ from moe_serve.bench.fastpath import peer_comparison, probe_fast_path
 from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
 from moe_serve.bench.monolithic import start_monolithic
 from moe_serve.bench.offload import offload_comparison
+from moe_serve.bench.progress import SectionProgress
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.bench.replication import replication_comparison
 from moe_serve.bench.routing import concurrency_sweep, drop_rates
@@ -51,6 +52,18 @@ VERIFY_TOKENS = 64
 # sections that run with device cuda (auth times gRPC hops alone, on any machine; thin places its
 # workers and the monolithic peer on the GPU as the core run does)
 GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity", "auth", "thin"})
+# the order run_bench runs the optional sections in (after starting the subjects and the core comparison)
+SECTION_ORDER = (
+    "rayserve",
+    "sweep",
+    "pipelining",
+    "concurrency",
+    "capacity",
+    "thin",
+    "auth",
+    "replication",
+    "offload",
+)
 
 
 @dataclass
@@ -487,8 +500,17 @@ def sweep_subjects(
     return subjects
 
 
-def run_bench(config: BenchConfig) -> BenchResult:
+def bench_sections(config: BenchConfig) -> list[str]:
+    """The sections `run_bench(config)` runs, in order: the subjects started, the core comparison, then
+    the optional sections config.sections asks for."""
+    return ["start", "core", *(name for name in SECTION_ORDER if name in config.sections)]
+
+
+def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> BenchResult:
+    """Every measurement config asks for; `progress` is told as each of bench_sections(config) starts."""
     import ray
+
+    progress = progress or SectionProgress(bench_sections(config))
 
     checkpoint_dir = bench_checkpoint(config)
     checkpoint = Checkpoint(checkpoint_dir)
@@ -505,6 +527,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, machine=machine_info()
     )
     device = torch.device(config.device)
+    progress.start("start")
     init_ray(log_to_driver=False)
     stack = launch_bench_stack(config, checkpoint_dir)
     # the router as its own process: in the core comparison only, then stopped
@@ -531,6 +554,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
                 kserve_subject("monolithic", stack.model_name, monolithic_channel, config, inputs),
                 echo_subject(echo.address, echo_channel),
             ]
+            progress.start("core")
             measured = measure_interleaved(subjects, config)
             result.fast_path["standard"] = fast_path_section(
                 measured, [(served, stack), (served_service, service_stack)], config, checkpoint_dir
@@ -542,11 +566,13 @@ def run_bench(config: BenchConfig) -> BenchResult:
             # Ray Serve starts only now, so its controller's idle loops cannot disturb the core comparison
             with rayserve_if_asked(config, checkpoint_dir) as layer:
                 if layer is not None:
+                    progress.start("rayserve")
                     result.rayserve, samples = rayserve_section(
                         layer, stack, result.memory_mib, subjects, blocks, config, inputs
                     )
                     result.t1_samples_ms.update(samples)
                 if "sweep" in config.sections:
+                    progress.start("sweep")
                     result.throughput_sweep = throughput_sweep(
                         sweep_subjects(stack, served_channel, blocks, layer, device),
                         config.hidden_size,
@@ -555,14 +581,17 @@ def run_bench(config: BenchConfig) -> BenchResult:
                         config.sweep_tokens,
                     )
         if "pipelining" in config.sections:
+            progress.start("pipelining")
             from moe_serve.bench.pipelining import pipelining_comparison
 
             result.pipelining = pipelining_comparison(
                 stack, make_request, config.hidden_size, dtype, min(config.rounds, config.sweep_rounds)
             )
         if "concurrency" in config.sections:
+            progress.start("concurrency")
             result.concurrency = concurrency_sweep(stack, make_request, config.hidden_size, dtype)
         if "capacity" in config.sections:
+            progress.start("capacity")
             gate = Checkpoint(checkpoint_dir).router_weights(0).gate
             result.capacity = drop_rates(stack, make_request, gate, config.top_k)
     finally:
@@ -573,10 +602,12 @@ def run_bench(config: BenchConfig) -> BenchResult:
         stack.stop()
         ray.shutdown()
     if "thin" in config.sections:
+        progress.start("thin")
         from moe_serve.bench.thin import thin_section
 
         result.fast_path["thin"] = thin_section(config, inputs)
     if "auth" in config.sections:
+        progress.start("auth")
         from moe_serve.bench.auth_cost import measure as measure_auth_cost
 
         result.internal_auth = measure_auth_cost(rounds=config.rounds)
@@ -584,8 +615,10 @@ def run_bench(config: BenchConfig) -> BenchResult:
         init_ray(log_to_driver=False)  # a fresh local Ray: these sections start stacks of their own
         try:
             if "replication" in config.sections:
+                progress.start("replication")
                 result.replication = replication_comparison(checkpoint_dir, make_request)
             if "offload" in config.sections:
+                progress.start("offload")
                 result.offload = offload_comparison(bench_checkpoint(config, num_layers=2), make_request)
         finally:
             ray.shutdown()

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moe_serve.bench.progress import SectionProgress
 from moe_serve.bench.reference import reference_layers
 from moe_serve.bench.resources import ResourceSampler, growth_after
 from moe_serve.bench.soak_load import LoadMix, LoadTally, Target, run_load
@@ -29,6 +30,8 @@ from moe_serve.security import ClusterCredentials, open_channel
 logger = logging.getLogger(__name__)
 
 RSS_GROWTH_LIMIT_PCT = 5.0
+# what run_soak does, in order ("load" lasts the soak's duration)
+SOAK_SECTIONS = ("start", "load", "settle", "stop")
 # A leak costs one fd or thread per request (or per failed request) and a soak sends thousands, so
 # a leak shows as hundreds; a handful is what a healthy process varies by: gRPC re-dials a channel
 # after an idle or keepalive timeout (a socket and its eventfd), Ray's core worker opens short-lived
@@ -176,10 +179,15 @@ def evaluate(result: SoakResult) -> list[str]:
     return violations
 
 
-def run_soak(config: SoakConfig, progress: Callable[[str], None] = logger.info) -> SoakResult:
+def run_soak(
+    config: SoakConfig, progress: Callable[[str], None] = logger.info, sections: SectionProgress | None = None
+) -> SoakResult:
     """Start a stack (on the Ray already initialised, else a local one, shut down after), soak it,
-    stop it; returns the figures with `violations` filled in."""
+    stop it; returns the figures with `violations` filled in. `progress` gets messages, `sections` is
+    told as each of SOAK_SECTIONS starts."""
     import ray
+
+    sections = sections or SectionProgress(SOAK_SECTIONS)
 
     from moe_serve.bench.runner import machine_info
 
@@ -207,14 +215,18 @@ def run_soak(config: SoakConfig, progress: Callable[[str], None] = logger.info) 
     if owns_ray:
         init_ray(log_to_driver=False)
     try:
+        sections.start("start")
         progress(f"starting the stack on {checkpoint_dir}")
         stack = launch_stack(settings, checkpoint_dir)
         try:
             result.model_name = stack.model_name
             target = Target(stack.address, stack.model_name, spec.hidden_size, spec.dtype, references)
+            sections.start("load")
             sampler, tally = soak_stack(stack, target, config, result, progress)
+            sections.start("settle")
             result.gateway_counters_after = settled_counters(stack, stack.credentials)
         finally:
+            sections.start("stop")
             stack.stop()
     finally:
         if owns_ray:

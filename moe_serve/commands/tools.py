@@ -11,6 +11,11 @@ from rich.console import Console
 from moe_serve.commands.common import CheckpointDir, PipelineChunk, app, console
 from moe_serve.grpc_utils import configure_logging
 
+Quiet = Annotated[
+    bool,
+    typer.Option("--quiet", help="No progress bar on stderr (there is none anyway when stderr is not a terminal)."),
+]
+
 
 @app.command("init-demo", rich_help_panel="Tools")
 def init_demo(
@@ -96,6 +101,7 @@ def bench(
     plot_only: Annotated[
         Path | None, typer.Option(help="Only redraw the PNG plots of this results JSON (beside it), then exit.")
     ] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Measure the served layer against the in-process transformers block, a gRPC echo and Ray Serve, in one run."""
     if plot_only is not None:
@@ -104,8 +110,9 @@ def bench(
         for path in plot_result_file(plot_only):
             console.print(f"plot written to {path}")
         return
+    from moe_serve.bench.progress import section_bar
     from moe_serve.bench.report import bench_report
-    from moe_serve.bench.runner import BenchConfig, run_bench, write_result
+    from moe_serve.bench.runner import BenchConfig, bench_sections, run_bench, write_result
 
     configure_logging("WARNING")
     try:
@@ -130,7 +137,8 @@ def bench(
     except ValueError as error:
         console.print(f"[red]error[/red]: {error}")
         raise typer.Exit(2) from None
-    result = run_bench(config)
+    with section_bar(console, "bench", bench_sections(config), quiet) as progress:
+        result = run_bench(config, progress)
     bench_report(result, Console())
     for path in write_result(result, output_dir):
         console.print(f"written: {path}")
@@ -149,10 +157,12 @@ def soak(
     max_tokens: Annotated[int, typer.Option(help="Largest T of a request (T is log-uniform over 1..this).")] = 512,
     seed: int = 0,
     output_dir: Annotated[Path, typer.Option(help="Where the JSON results go.")] = Path("benchmarks/results/soak"),
+    quiet: Quiet = False,
 ) -> None:
     """Mixed load (deadlines and cancellations included) on a fresh stack, every answer checked; fails on
     wrong answers, unexpected failures, or RSS / fd / thread growth of any service after the warm-up."""
-    from moe_serve.bench.soak import SoakConfig, run_soak, write_soak_result
+    from moe_serve.bench.progress import section_bar
+    from moe_serve.bench.soak import SOAK_SECTIONS, SoakConfig, run_soak, write_soak_result
     from moe_serve.bench.soak_load import LoadMix
     from moe_serve.bench.soak_report import print_soak_report
     from moe_serve.errors import ConfigurationError
@@ -170,7 +180,8 @@ def soak(
             seed=seed,
             mix=LoadMix(max_tokens=max_tokens),
         )
-        result = run_soak(config, progress=console.print)
+        with section_bar(console, f"soak ({duration:g} s of load)", SOAK_SECTIONS, quiet) as sections:
+            result = run_soak(config, progress=console.print, sections=sections)
     except (ValueError, ConfigurationError) as error:
         console.print(f"[red]error[/red]: {error}")
         raise typer.Exit(2) from None
