@@ -282,3 +282,14 @@ def test_shared_memory_object_is_never_created_by_the_gateway(shm_stack: Process
         register(client, "absent", key, 64)
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND and key in raised.value.details()
     assert not (SHM_DIRECTORY / key.lstrip("/")).exists()
+
+
+def test_the_shared_memory_example_answers_as_the_message_does(shm_stack: ProcessStack) -> None:
+    """examples/triton_shared_memory.py, run as a reader of the README would, against a gateway with
+    --allow-client-shm."""
+    example = REPOSITORY / "examples" / "triton_shared_memory.py"
+    arguments = ["--url", shm_stack.address, "--model", shm_stack.model, "--hidden", "64", "--tokens", "3"]
+    done = subprocess.run([sys.executable, str(example), *arguments], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "equal to the same request sent in the message: True" in done.stdout
+    assert gateway_shm_descriptors(shm_stack) == []  # it unregistered its regions
