@@ -164,7 +164,8 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         "router of a target with several (round_robin), so several routers share the load: at least one per router.",
     )
     model_name: str | None = Field(
-        None, description="Public model name (default: the router's, i.e. the checkpoint directory name)."
+        None,
+        description="Public model name (default: the router's: the checkpoint directory's or Hub repository's name).",
     )
     max_inflight_tokens: int = Field(
         65536, gt=0, description="Tokens admitted at once; more is refused with RESOURCE_EXHAUSTED instead of queueing."
@@ -268,7 +269,9 @@ class RouterSettings(CommonSettings):
     checkpoint: CheckpointPath = Field(
         ..., description="Checkpoint directory or Hub id org/name[@revision] (only the router weights are read)."
     )
-    model_name: str | None = Field(None, description="Model name (default: the checkpoint directory's name).")
+    model_name: str | None = Field(
+        None, description="Model name (default: the checkpoint directory's or Hub repository's name)."
+    )
     dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
     split_min_rows: int = Field(
         256,
@@ -373,7 +376,9 @@ class WorkerPoolSettings(CommonSettings):
     ray_address: str | None = Field(None, description="Join this Ray cluster instead of starting a local one.")
     worker_num_gpus: float = Field(0.0, ge=0, description="GPUs per worker actor (1 on a GPU cluster).")
     worker_num_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves per worker actor.")
-    model_name: str | None = Field(None, description="Public model name (default: checkpoint directory name).")
+    model_name: str | None = Field(
+        None, description="Public model name (default: the checkpoint directory's or Hub repository's name)."
+    )
     dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
     rebalance_interval_s: float = Field(
         0.0, ge=0.0, description="Hot-expert replication: run the EPLB balancer this often (0 = off)."

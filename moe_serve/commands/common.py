@@ -39,7 +39,9 @@ RegistryTtl = Annotated[
 LogLevel = Annotated[str | None, typer.Option(help="Logging level (DEBUG, INFO, WARNING).")]
 MaxMessageBytes = Annotated[int | None, typer.Option(help="Largest gRPC message on every hop, in bytes.")]
 Dtype = Annotated[str | None, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
-ModelName = Annotated[str | None, typer.Option(help="Public model name (default: checkpoint directory name).")]
+ModelName = Annotated[
+    str | None, typer.Option(help="Public model name (default: the checkpoint directory's or Hub repository's name).")
+]
 CheckpointDir = Annotated[
     str | None,
     typer.Option(
