@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,22 +34,21 @@ def test_oversized_bodies_are_refused_early_and_memory_stays_at_baseline(fp32_st
     payload = request.SerializeToString()
     options = [("grpc.max_send_message_length", 1 << 30)]
 
-    def send() -> tuple[grpc.StatusCode, str, float]:
+    # "early" is asserted by memory, not by time (a loaded machine takes seconds to push the bytes)
+    def send() -> tuple[grpc.StatusCode, str]:
         with grpc.insecure_channel(fp32_stack.address, options=options) as sender:
-            started = time.monotonic()
             try:
                 sender.unary_unary("/inference.GRPCInferenceService/ModelInfer")(payload, timeout=60)
-                return grpc.StatusCode.OK, "", time.monotonic() - started
+                return grpc.StatusCode.OK, ""
             except grpc.RpcError as error:
-                return error.code(), error.details() or "", time.monotonic() - started
+                return error.code(), error.details() or ""
 
     with ThreadPoolExecutor(BURST) as pool:
         outcomes = list(pool.map(lambda _: send(), range(BURST)))
     after = memory_kib(pid)
-    for code, details, seconds in outcomes:
+    for code, details in outcomes:
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
         assert "larger than max" in details, details
-        assert seconds < 5.0, outcomes
     # never buffered: neither the peak nor the resident size grew by anything near one body
     assert after["VmHWM"] - before["VmHWM"] < 64 << 10, (before, after)
     assert after["VmRSS"] - before["VmRSS"] < 64 << 10, (before, after)
