@@ -1,17 +1,12 @@
-"""The client library against real stacks: MoEClient / AsyncMoEClient round trips and errors, and
-transformers models whose MoE blocks are patched to the gateway (patch_model) computing what the local
-model computes: logits, greedy generation and router logits.
-
-Each family's checkpoint is built with transformers from a config and saved with save_pretrained;
-Mixtral reuses the session's fp32 stack, Qwen2-MoE (a dense layer, a shared expert) and DeepSeek-V3
-(a dense first layer, shared experts, grouped sigmoid routing) get a stack each, started once.
+"""The client library against the session's FP32 Mixtral stack: MoEClient / AsyncMoEClient round trips
+and errors, and patch_model refusing a model the gateway does not serve. patch_model computing what
+the local model computes, family by family, is in tests/integration/test_families.py (one stack each).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -20,155 +15,10 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve.client import AsyncMoEClient, GatewayError, ModelMismatch, MoEClient, RemoteMoE, patch_model
-from moe_serve.client.patching import block_attribute, router_recorder
-from moe_serve.config import UpSettings
-from moe_serve.launcher import Stack, launch_stack
-from tests.families import DECODER, FAMILIES, load_reference, save_family
+from moe_serve.launcher import Stack
 from tests.helpers import TINY_MIXTRAL, reference_blocks, reference_forward
 
-VOCAB = DECODER["vocab_size"]
-PROMPT_SHAPE = (2, 7)
-NEW_TOKENS = 6
 TOLERANCE = 1e-5
-
-
-@dataclass(frozen=True)
-class ServedFamily:
-    family: str
-    directory: Path
-    stack: Stack
-    moe_layers: tuple[int, ...]
-
-
-@pytest.fixture(
-    scope="module",
-    params=[
-        "mixtral",
-        "qwen2_moe",
-        "qwen3_next",
-        "jamba",
-        "minimax",
-        "minimax_m2",
-        "deepseek_v2",
-        "deepseek_v3",
-        "glm4_moe",
-        "dots1",
-        "glm4_moe_lite",
-        "solar_open",
-        "exaone_moe",
-        "granitemoe",
-        "cohere2_moe_sigmoid",
-        "ernie4_5_moe",
-        "lfm2_moe",
-    ],
-)
-def served(
-    request: pytest.FixtureRequest,
-    ray_cluster: str,
-    checkpoints: Callable[[torch.dtype], Path],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[ServedFamily]:
-    """A saved tiny checkpoint of the family and a running stack serving it (one per family)."""
-    family = request.param
-    if family == "mixtral":  # the session's stack already serves a saved tiny Mixtral (2 MoE layers)
-        stack = request.getfixturevalue("fp32_stack")
-        yield ServedFamily(family, checkpoints(torch.float32), stack, (0, 1))
-        return
-    directory = save_family(family, tmp_path_factory.mktemp("client") / f"tiny-{family}")
-    stack = launch_stack(UpSettings(port=0, workers=1), directory)  # the client's concern is not the fan-out
-    try:
-        yield ServedFamily(family, directory, stack, FAMILIES[family].moe_layers)
-    finally:
-        stack.stop()
-
-
-def load(served: ServedFamily) -> torch.nn.Module:
-    """The saved model loaded by transformers, float32, eval mode."""
-    return load_reference(served.family, served.directory, torch.float32)
-
-
-def prompts(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, PROMPT_SHAPE, generator=torch.Generator().manual_seed(seed))
-
-
-def test_patch_model_replaces_exactly_the_moe_blocks(served: ServedFamily) -> None:
-    reference, model = load(served), load(served)
-    patched = patch_model(model, served.stack.address)  # default model name: the checkpoint directory's
-    assert patched == list(served.moe_layers)
-    attribute, (router_class, _) = block_attribute(model), router_recorder(model)
-    for index, (local_layer, patched_layer) in enumerate(zip(reference.model.layers, model.model.layers, strict=True)):
-        local_block, patched_block = getattr(local_layer, attribute), getattr(patched_layer, attribute)
-        if index in served.moe_layers:
-            assert isinstance(patched_block, RemoteMoE)
-            assert (patched_block.layer_idx, patched_block.model_name) == (index, served.stack.model_name)
-            # transformers records router logits from the family's router class, found under the same name
-            router_name = next(n for n, child in local_block.named_children() if isinstance(child, router_class))
-            assert isinstance(getattr(patched_block, router_name), type(getattr(local_block, router_name)))
-            assert getattr(patched_block, router_name) is patched_block.served_router
-        else:  # a dense layer stays the local module
-            assert type(patched_block) is type(local_block)
-            assert not isinstance(patched_block, RemoteMoE)
-    # the block attributes model code reads are kept
-    if served.family == "mixtral":
-        assert model.model.layers[0].mlp.top_k == reference.model.layers[0].mlp.top_k
-    if served.family == "deepseek_v3":
-        assert model.model.layers[1].mlp.config is model.config
-    # the experts are no longer held locally: what follows is computed by the gateway
-    assert not any(".experts." in name or "shared_expert" in name for name, _ in model.named_parameters())
-    empty = torch.zeros(1, 0, model.config.hidden_size)
-    assert getattr(model.model.layers[served.moe_layers[0]], attribute)(empty).shape == empty.shape
-
-
-def test_patched_logits_equal_the_local_model(served: ServedFamily) -> None:
-    reference, model = load(served), load(served)
-    patch_model(model, served.stack.address, served.stack.model_name)
-    input_ids = prompts()
-    with torch.no_grad():
-        expected = reference(input_ids, output_hidden_states=True)
-        actual = model(input_ids, output_hidden_states=True)
-    assert actual.logits.shape == (*PROMPT_SHAPE, VOCAB)
-    torch.testing.assert_close(actual.logits, expected.logits, rtol=TOLERANCE, atol=TOLERANCE)
-    # the residual stream is O(1) where the logits of a tiny model are small: a tighter check of every layer
-    for served_states, local_states in zip(actual.hidden_states, expected.hidden_states, strict=True):
-        torch.testing.assert_close(served_states, local_states, rtol=TOLERANCE, atol=TOLERANCE)
-
-
-def test_greedy_generation_is_identical(served: ServedFamily) -> None:
-    reference, model = load(served), load(served)
-    patch_model(model, served.stack.address)
-    input_ids = prompts(seed=1)
-    options = {
-        "attention_mask": torch.ones_like(input_ids),
-        "do_sample": False,
-        "max_new_tokens": NEW_TOKENS,
-        "min_new_tokens": NEW_TOKENS,  # no early end of sequence: all tokens are compared
-        "pad_token_id": 0,
-    }
-    expected = reference.generate(input_ids, **options)
-    actual = model.generate(input_ids, **options)
-    assert actual.shape == (PROMPT_SHAPE[0], PROMPT_SHAPE[1] + NEW_TOKENS)
-    assert torch.equal(actual, expected)
-
-
-@pytest.mark.parametrize("hooked_before_patching", [False, True], ids=["hooks-after", "hooks-before"])
-def test_output_router_logits_equal_the_local_router(served: ServedFamily, hooked_before_patching: bool) -> None:
-    reference, model = load(served), load(served)
-    input_ids = prompts(seed=2)
-    if hooked_before_patching:  # transformers installs its recording hooks on the first call that asks
-        with torch.no_grad():
-            model(input_ids, output_router_logits=True)
-    patch_model(model, served.stack.address)
-    with torch.no_grad():
-        expected = reference(input_ids, output_router_logits=True)
-        actual = model(input_ids, output_router_logits=True)
-    num_tokens = PROMPT_SHAPE[0] * PROMPT_SHAPE[1]
-    assert len(actual.router_logits) == len(expected.router_logits) == len(served.moe_layers)
-    for served_logits, local_logits in zip(actual.router_logits, expected.router_logits, strict=True):
-        assert served_logits.shape == local_logits.shape == (num_tokens, local_logits.shape[-1])
-        assert served_logits.dtype == local_logits.dtype
-        torch.testing.assert_close(served_logits, local_logits, rtol=TOLERANCE, atol=TOLERANCE)
-    if expected.aux_loss is not None:  # the load-balancing loss is computed from the router logits
-        torch.testing.assert_close(actual.aux_loss, expected.aux_loss, rtol=TOLERANCE, atol=TOLERANCE)
 
 
 def test_patch_model_refuses_a_model_the_gateway_does_not_serve(fp32_stack: Stack) -> None:

@@ -1,85 +1,240 @@
-"""Every routing family through the full stack (gateway, router, a Ray worker) equals transformers.
+"""Every routing family through the full stack equals transformers: the served layer (outputs, router
+logits, expert ids, dropped slots, dense layers refused) and a transformers model whose MoE blocks
+patch_model sends to the gateway (logits, greedy generation, router logits).
 
-One worker per stack: the family decides the gating, the shared expert and the combine, not how rows
-spread over workers (tests/integration/test_exactness.py serves Mixtral from two, the scaling tests from more),
-and a second worker actor would add about five seconds to each of these stacks.
+Each family's checkpoint is built with transformers from a config and saved with save_pretrained, and
+served once for every test of this module by a stack of one worker: the family decides the gating,
+the shared expert and the combine, not how rows spread over workers (tests/integration/test_exactness.py
+serves Mixtral from two, the scaling tests from more). Mixtral reuses the session's FP32 stack.
 
-Mixtral is covered in depth by tests/integration/test_exactness.py; here each other family is served from the
-files save_pretrained wrote: Qwen2/3-MoE, DeepSeek-V3 and Switch in FP32 and BF16, the rest in one
-dtype each (all of them in both in tests/unit/test_families_local.py), including its dense layers (refused with
-INVALID_ARGUMENT), its shared expert (placed and served like any expert) and, for Switch, the
-capacity its config declares (the gateway's default policy for that family).
+Every family is served in FP32 here and in both FP32 and BF16 in-process (tests/unit/test_families_local.py);
+the families that reuse another's router, DeepSeek-V3 and Switch are also served in BF16, each by a
+stack of its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
+from moe_serve.client import RemoteMoE, patch_model
+from moe_serve.client.patching import block_attribute, router_recorder
 from moe_serve.config import UpSettings
-from moe_serve.launcher import launch_stack
-from tests.families import FAMILIES, load_reference, reference_output, reference_routing, save_family
+from moe_serve.launcher import Stack, launch_stack
+from tests.families import (
+    DECODER,
+    FAMILIES,
+    load_reference,
+    reference_output,
+    reference_routing,
+    save_family,
+)
 from tests.helpers import infer_request, kserve_stub, response_tensors
 
+VOCAB = DECODER["vocab_size"]
+PROMPT_SHAPE = (2, 7)
+NEW_TOKENS = 6
+TOLERANCE = 1e-5
 OUTPUTS = ("output", "router_logits", "expert_ids", "dropped_mask")
 
-
-# the families that reuse another's router, and DeepSeek-V2, in one dtype each
-CASES = [
-    *(
-        pytest.param(family, dtype, id=f"{family}-{name}")
-        for family in ("qwen2_moe", "qwen3_moe", "deepseek_v3", "switch")
-        for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"))
-    ),
-    pytest.param("olmoe", torch.float32, id="olmoe-fp32"),
-    pytest.param("deepseek_v2", torch.float32, id="deepseek_v2-fp32"),
-    pytest.param("glm4_moe", torch.bfloat16, id="glm4_moe-bf16"),
-    pytest.param("dots1", torch.bfloat16, id="dots1-bf16"),
-    pytest.param("flex_olmo", torch.float32, id="flex_olmo-fp32"),
-    pytest.param("granitemoe", torch.bfloat16, id="granitemoe-bf16"),
-    pytest.param("qwen3_next", torch.bfloat16, id="qwen3_next-bf16"),
-    pytest.param("minimax_m2", torch.bfloat16, id="minimax_m2-bf16"),
-    pytest.param("cohere2_moe", torch.bfloat16, id="cohere2_moe-bf16"),
-    pytest.param("ernie4_5_moe", torch.bfloat16, id="ernie4_5_moe-bf16"),
-    pytest.param("lfm2_moe", torch.bfloat16, id="lfm2_moe-bf16"),
+# decoder families whose transformers model patch_model patches; the served-layer test takes these and
+# the rest. One list with the patchable ones first: pytest groups tests by a module fixture's parameter
+# index, so each family's stack is started once for all of its tests.
+PATCHABLE_FAMILIES = [
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_next",
+    "jamba",
+    "minimax",
+    "minimax_m2",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "dots1",
+    "glm4_moe_lite",
+    "solar_open",
+    "exaone_moe",
+    "granitemoe",
+    "cohere2_moe_sigmoid",
+    "ernie4_5_moe",
+    "lfm2_moe",
 ]
+ALL_FAMILIES = [*PATCHABLE_FAMILIES, "qwen3_moe", "olmoe", "flex_olmo", "cohere2_moe", "switch"]
+PATCHABLE = pytest.mark.parametrize("served", PATCHABLE_FAMILIES, indirect=True)
 
 
-@pytest.mark.parametrize(("family", "dtype"), CASES)
-def test_family_through_the_stack(ray_cluster, tmp_path: Path, family: str, dtype: torch.dtype) -> None:
-    directory = save_family(family, tmp_path / family, dtype)
-    model = load_reference(family, directory, dtype)
+@dataclass(frozen=True)
+class ServedFamily:
+    family: str
+    directory: Path
+    stack: Stack
+    moe_layers: tuple[int, ...]
+
+
+@pytest.fixture(scope="module")
+def served(
+    request: pytest.FixtureRequest,
+    ray_cluster: str,
+    checkpoints: Callable[[torch.dtype], Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ServedFamily]:
+    """A saved tiny FP32 checkpoint of the family `request.param` and a stack serving it."""
+    family = request.param
+    if family == "mixtral":  # the session's stack already serves a saved tiny Mixtral (2 MoE layers)
+        stack = request.getfixturevalue("fp32_stack")
+        yield ServedFamily(family, checkpoints(torch.float32), stack, (0, 1))
+        return
+    directory = save_family(family, tmp_path_factory.mktemp("family") / f"tiny-{family}")
     stack = launch_stack(UpSettings(port=0, workers=1), directory)
     try:
-        assert {key.expert for record in stack.workers for key in record.experts} >= set(range(4))
-        channel, stub = kserve_stub(stack.address)
-        with channel:
-            for layer in FAMILIES[family].moe_layers:
-                for num_tokens in (1, 9, 40):
-                    generator = torch.Generator().manual_seed(100 * layer + num_tokens)
-                    hidden = torch.randn(num_tokens, 64, generator=generator).to(dtype)
-                    request = infer_request(stack.model_name, hidden, layer=layer, outputs=OUTPUTS)
-                    result = response_tensors(stub.ModelInfer(request, timeout=60))
-                    logits, ids = reference_routing(family, model, layer, hidden)
-                    assert torch.equal(result["expert_ids"].long(), ids), (family, layer, num_tokens)
-                    torch.testing.assert_close(result["router_logits"], logits, rtol=0, atol=0)
-                    expected = reference_output(family, model, layer, hidden)
-                    tolerance = 1e-5 if dtype == torch.float32 else 0.0
-                    torch.testing.assert_close(result["output"], expected, rtol=tolerance, atol=tolerance)
-                    # dropped slots: only Switch has a capacity of its own; a dropped token outputs 0
-                    dropped = result["dropped_mask"]
-                    if family != "switch":
-                        assert not bool(dropped.any())
-                    else:
-                        assert torch.equal(dropped[:, 0], (expected == 0).all(dim=-1))
-            dense = sorted(set(range(3)) - set(FAMILIES[family].moe_layers))
-            if dense and family != "switch":
-                with pytest.raises(grpc.RpcError) as raised:
-                    stub.ModelInfer(infer_request(stack.model_name, hidden, layer=dense[0]), timeout=30)
-                assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert "dense layer" in raised.value.details()
+        yield ServedFamily(family, directory, stack, FAMILIES[family].moe_layers)
     finally:
         stack.stop()
+
+
+def check_served_layers(
+    stack: Stack, family: str, directory: Path, dtype: torch.dtype, moe_layers: tuple[int, ...]
+) -> None:
+    """Every MoE layer (`moe_layers`) of the served checkpoint answers exactly what the family's transformers block
+    computes, at 1, 9 and 40 tokens; a dense layer is refused with INVALID_ARGUMENT."""
+    model = load_reference(family, directory, dtype)
+    assert {key.expert for record in stack.workers for key in record.experts} >= set(range(4))
+    channel, stub = kserve_stub(stack.address)
+    with channel:
+        for layer in moe_layers:
+            for num_tokens in (1, 9, 40):
+                generator = torch.Generator().manual_seed(100 * layer + num_tokens)
+                hidden = torch.randn(num_tokens, 64, generator=generator).to(dtype)
+                request = infer_request(stack.model_name, hidden, layer=layer, outputs=OUTPUTS)
+                result = response_tensors(stub.ModelInfer(request, timeout=60))
+                logits, ids = reference_routing(family, model, layer, hidden)
+                assert torch.equal(result["expert_ids"].long(), ids), (family, layer, num_tokens)
+                torch.testing.assert_close(result["router_logits"], logits, rtol=0, atol=0)
+                expected = reference_output(family, model, layer, hidden)
+                tolerance = 1e-5 if dtype == torch.float32 else 0.0
+                torch.testing.assert_close(result["output"], expected, rtol=tolerance, atol=tolerance)
+                # dropped slots: only Switch has a capacity of its own; a dropped token outputs 0
+                dropped = result["dropped_mask"]
+                if family != "switch":
+                    assert not bool(dropped.any())
+                else:
+                    assert torch.equal(dropped[:, 0], (expected == 0).all(dim=-1))
+        dense = sorted(set(range(model.config.num_hidden_layers)) - set(moe_layers)) if family != "switch" else []
+        if dense:
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.ModelInfer(infer_request(stack.model_name, hidden, layer=dense[0]), timeout=30)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "dense layer" in raised.value.details()
+
+
+@pytest.mark.parametrize("served", ALL_FAMILIES, indirect=True)
+def test_family_through_the_stack(served: ServedFamily) -> None:
+    check_served_layers(served.stack, served.family, served.directory, torch.float32, served.moe_layers)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "deepseek_v3", "switch"])
+def test_family_through_the_stack_in_bf16(ray_cluster, tmp_path: Path, family: str) -> None:
+    directory = save_family(family, tmp_path / family, torch.bfloat16)
+    stack = launch_stack(UpSettings(port=0, workers=1), directory)
+    try:
+        check_served_layers(stack, family, directory, torch.bfloat16, FAMILIES[family].moe_layers)
+    finally:
+        stack.stop()
+
+
+def load(served: ServedFamily) -> torch.nn.Module:
+    """The saved model loaded by transformers, float32, eval mode."""
+    return load_reference(served.family, served.directory, torch.float32)
+
+
+def prompts(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, PROMPT_SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+@PATCHABLE
+def test_patch_model_replaces_exactly_the_moe_blocks(served: ServedFamily) -> None:
+    reference, model = load(served), load(served)
+    patched = patch_model(model, served.stack.address)  # default model name: the checkpoint directory's
+    assert patched == list(served.moe_layers)
+    attribute, (router_class, _) = block_attribute(model), router_recorder(model)
+    for index, (local_layer, patched_layer) in enumerate(zip(reference.model.layers, model.model.layers, strict=True)):
+        local_block, patched_block = getattr(local_layer, attribute), getattr(patched_layer, attribute)
+        if index in served.moe_layers:
+            assert isinstance(patched_block, RemoteMoE)
+            assert (patched_block.layer_idx, patched_block.model_name) == (index, served.stack.model_name)
+            # transformers records router logits from the family's router class, found under the same name
+            router_name = next(n for n, child in local_block.named_children() if isinstance(child, router_class))
+            assert isinstance(getattr(patched_block, router_name), type(getattr(local_block, router_name)))
+            assert getattr(patched_block, router_name) is patched_block.served_router
+        else:  # a dense layer stays the local module
+            assert type(patched_block) is type(local_block)
+            assert not isinstance(patched_block, RemoteMoE)
+    # the block attributes model code reads are kept
+    if served.family == "mixtral":
+        assert model.model.layers[0].mlp.top_k == reference.model.layers[0].mlp.top_k
+    if served.family == "deepseek_v3":
+        assert model.model.layers[1].mlp.config is model.config
+    # the experts are no longer held locally: what follows is computed by the gateway
+    assert not any(".experts." in name or "shared_expert" in name for name, _ in model.named_parameters())
+    empty = torch.zeros(1, 0, model.config.hidden_size)
+    assert getattr(model.model.layers[served.moe_layers[0]], attribute)(empty).shape == empty.shape
+
+
+@PATCHABLE
+def test_patched_logits_equal_the_local_model(served: ServedFamily) -> None:
+    reference, model = load(served), load(served)
+    patch_model(model, served.stack.address, served.stack.model_name)
+    input_ids = prompts()
+    with torch.no_grad():
+        expected = reference(input_ids, output_hidden_states=True)
+        actual = model(input_ids, output_hidden_states=True)
+    assert actual.logits.shape == (*PROMPT_SHAPE, VOCAB)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=TOLERANCE, atol=TOLERANCE)
+    # the residual stream is O(1) where the logits of a tiny model are small: a tighter check of every layer
+    for served_states, local_states in zip(actual.hidden_states, expected.hidden_states, strict=True):
+        torch.testing.assert_close(served_states, local_states, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@PATCHABLE
+def test_greedy_generation_is_identical(served: ServedFamily) -> None:
+    reference, model = load(served), load(served)
+    patch_model(model, served.stack.address)
+    input_ids = prompts(seed=1)
+    options = {
+        "attention_mask": torch.ones_like(input_ids),
+        "do_sample": False,
+        "max_new_tokens": NEW_TOKENS,
+        "min_new_tokens": NEW_TOKENS,  # no early end of sequence: all tokens are compared
+        "pad_token_id": 0,
+    }
+    expected = reference.generate(input_ids, **options)
+    actual = model.generate(input_ids, **options)
+    assert actual.shape == (PROMPT_SHAPE[0], PROMPT_SHAPE[1] + NEW_TOKENS)
+    assert torch.equal(actual, expected)
+
+
+@PATCHABLE
+@pytest.mark.parametrize("hooked_before_patching", [False, True], ids=["hooks-after", "hooks-before"])
+def test_output_router_logits_equal_the_local_router(served: ServedFamily, hooked_before_patching: bool) -> None:
+    reference, model = load(served), load(served)
+    input_ids = prompts(seed=2)
+    if hooked_before_patching:  # transformers installs its recording hooks on the first call that asks
+        with torch.no_grad():
+            model(input_ids, output_router_logits=True)
+    patch_model(model, served.stack.address)
+    with torch.no_grad():
+        expected = reference(input_ids, output_router_logits=True)
+        actual = model(input_ids, output_router_logits=True)
+    num_tokens = PROMPT_SHAPE[0] * PROMPT_SHAPE[1]
+    assert len(actual.router_logits) == len(expected.router_logits) == len(served.moe_layers)
+    for served_logits, local_logits in zip(actual.router_logits, expected.router_logits, strict=True):
+        assert served_logits.shape == local_logits.shape == (num_tokens, local_logits.shape[-1])
+        assert served_logits.dtype == local_logits.dtype
+        torch.testing.assert_close(served_logits, local_logits, rtol=TOLERANCE, atol=TOLERANCE)
+    if expected.aux_loss is not None:  # the load-balancing loss is computed from the router logits
+        torch.testing.assert_close(actual.aux_loss, expected.aux_loss, rtol=TOLERANCE, atol=TOLERANCE)

@@ -196,6 +196,15 @@ def embedded_up(tmp_path_factory: pytest.TempPathFactory, fp32_checkpoint: Path)
     up.kill_everything()
 
 
+def survivors_after(started: set[ProcessRecord], bound_s: float) -> list[int]:
+    """PIDs of the recorded processes still alive `bound_s` seconds from now; returns as soon as none
+    is (a record names a PID and its start time, so a process that ended never counts again)."""
+    deadline = time.monotonic() + bound_s
+    while (alive := sorted(record.pid for record in started if record.alive())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return alive
+
+
 def sigkill_under_load(
     up: UpProcess, checkpoint: Path, victim_name: str, meanwhile: Callable[[], None] = lambda: None
 ) -> tuple[Load, float, float]:
@@ -268,8 +277,7 @@ def test_group_sigterm_stops_everything(embedded_up: UpProcess) -> None:
     exited_s = time.monotonic() - sent
     assert code == 0, up.tail()
     assert exited_s <= 15, f"`up` took {exited_s:.1f} s to exit"
-    time.sleep(10)
-    survivors = sorted(record.pid for record in up.started if record.alive())
+    survivors = survivors_after(up.started, 10)
     assert not survivors, f"alive 10 s after `up` exited: {survivors}\n{up.tail()}"
     print(f"group SIGTERM: `up` exited 0 after {exited_s:.1f} s; none of {len(up.started)} processes left")
 
@@ -290,8 +298,7 @@ def test_router_restarts_then_nothing_survives_sigkill_of_up(tmp_path: Path, fp3
         up.started |= descendants(up.process.pid)
         up.process.kill()
         up.process.wait(10)
-        time.sleep(30)
-        survivors = sorted(record.pid for record in up.started if record.alive())
+        survivors = survivors_after(up.started, 30)
         assert not survivors, f"alive 30 s after SIGKILL of `up`: {survivors}"
     finally:
         up.kill_everything()
@@ -342,8 +349,7 @@ def test_up_exits_non_zero_naming_the_service_once_its_restart_budget_is_spent(
         gateway.kill()
         assert up.process.wait(30) == 1, up.tail()
         assert "gateway died (exit code -9) after 0 restarts within 300 s; giving up" in up.tail()
-        time.sleep(10)
-        survivors = sorted(record.pid for record in up.started if record.alive())
+        survivors = survivors_after(up.started, 10)
         assert not survivors, f"alive 10 s after `up` gave up: {survivors}"
     finally:
         up.kill_everything()
