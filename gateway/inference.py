@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from opentelemetry.trace import SpanKind, Tracer
 
 from gateway.converters import build_infer_response, parse_infer_request
@@ -22,7 +23,6 @@ from gateway.metrics import GatewayMetrics
 from gateway.shared_memory import SharedMemoryRegistry
 from gateway.triton_extensions import InferenceStatistics
 from moe_serve.errors import MoEServeError
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.telemetry import attach, detach, metadata_context, rpc_span
 
 

@@ -10,6 +10,7 @@ import time
 import torch
 from grpc import aio
 from grpc_health.v1 import health_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 from gateway.admission import AdmissionController
 from gateway.auth import BearerTokenInterceptor, TokenTable
@@ -40,7 +41,6 @@ from moe_serve.grpc_utils import (
     set_serving,
     wait_for_termination,
 )
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord

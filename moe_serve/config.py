@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from moe_serve_client.channel import DEFAULT_MAX_MESSAGE_BYTES  # one limit for clients and servers
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -16,7 +17,6 @@ from moe_serve.eventloop import EventLoopName
 from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
-DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 # Prometheus /metrics ports, on by default (Triton serves metrics on 8002 beside gRPC on 8001)
 GATEWAY_METRICS_PORT = 8002
 ROUTER_METRICS_PORT = 8012

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import grpc
 import torch
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve import codec
@@ -30,8 +32,6 @@ from moe_serve.launcher import (
     start_service_process,
     wait_until_ready,
 )
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel

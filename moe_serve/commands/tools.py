@@ -8,8 +8,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moe_serve.commands.common import CheckpointDir, PipelineChunk, app, console
+from moe_serve.commands.common import CheckpointDir, PipelineChunk, app, console, require_extra
 from moe_serve.grpc_utils import configure_logging
+
+# what the optional extras of pyproject.toml bring, by import name
+# (ray[serve] adds only packages that ray[default] and the server bring already, bar a few Ray internals)
+BENCH_MODULES = ("transformers", "matplotlib")
+SOAK_MODULES = ("transformers",)
 
 
 @app.command("init-demo", rich_help_panel="Tools")
@@ -98,6 +103,7 @@ def bench(
     ] = None,
 ) -> None:
     """Measure the served layer against the in-process transformers block, a gRPC echo and Ray Serve, in one run."""
+    require_extra("bench", "bench", BENCH_MODULES if plot_only is None else ("matplotlib",))
     if plot_only is not None:
         from moe_serve.bench.plots import plot_result_file
 
@@ -152,6 +158,7 @@ def soak(
 ) -> None:
     """Mixed load (deadlines and cancellations included) on a fresh stack, every answer checked; fails on
     wrong answers, unexpected failures, or RSS / fd / thread growth of any service after the warm-up."""
+    require_extra("soak", "soak", SOAK_MODULES)
     from moe_serve.bench.soak import SoakConfig, run_soak, write_soak_result
     from moe_serve.bench.soak_load import LoadMix
     from moe_serve.bench.soak_report import print_soak_report

@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from moe_serve_client.patching import block_attribute, router_recorder
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve.client import AsyncMoEClient, GatewayError, ModelMismatch, MoEClient, RemoteMoE, patch_model
-from moe_serve.client.patching import block_attribute, router_recorder
 from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, launch_stack
 from tests.families import DECODER, FAMILIES, load_reference, save_family

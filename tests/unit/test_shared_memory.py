@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 from gateway.converters import InferenceResult, build_infer_response, parse_infer_request
 from gateway.model import ServedModel
@@ -21,7 +22,6 @@ from gateway.shared_memory import (
     tensor_location,
 )
 from moe_serve.errors import AlreadyExists, InvalidInput, Overloaded, RegionNotFound, Unimplemented
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 SIZE = 4096
 
