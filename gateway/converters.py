@@ -11,7 +11,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 from gateway.model import (
     ACCEPTED_INPUT_DATATYPES,
@@ -25,6 +24,7 @@ from gateway.model import (
 from gateway.shared_memory import BYTE_SIZE_PARAMETER, OFFSET_PARAMETER, REGION_PARAMETER, RegionLease, tensor_location
 from moe_serve import codec
 from moe_serve.errors import InvalidInput, listed, quoted
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 LAYER_PARAMETER = "layer"
 # a Triton tensor parameter this server does not honour: silently ignoring it would hand the client

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from opentelemetry.trace import SpanKind, Tracer
 
 from gateway.converters import build_infer_response, parse_infer_request
@@ -24,6 +23,7 @@ from gateway.shared_memory import SharedMemoryRegistry
 from gateway.triton_extensions import InferenceStatistics
 from moe_serve.errors import MoEServeError
 from moe_serve.telemetry import attach, detach, metadata_context, rpc_span
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 
 class InferenceHandler:

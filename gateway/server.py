@@ -10,7 +10,6 @@ import time
 import torch
 from grpc import aio
 from grpc_health.v1 import health_pb2
-from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 from gateway.admission import AdmissionController
 from gateway.auth import BearerTokenInterceptor, TokenTable
@@ -47,6 +46,7 @@ from moe_serve.registry import WorkerRecord
 from moe_serve.security import ClusterCredentials, PublicTLS, open_aio_channel
 from moe_serve.streams import StreamClient
 from moe_serve.telemetry import Telemetry
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from router_service.server import RouterService
 
 logger = logging.getLogger(__name__)

@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from moe_serve_client.channel import DEFAULT_MAX_MESSAGE_BYTES  # one limit for clients and servers
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moe_serve.eventloop import EventLoopName
 from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
+from moe_serve_client.channel import DEFAULT_MAX_MESSAGE_BYTES  # one limit for clients and servers
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 # Prometheus /metrics ports, on by default (Triton serves metrics on 8002 beside gRPC on 8001)

@@ -24,11 +24,11 @@ from google.protobuf.message import DecodeError
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from moe_serve.errors import InvalidInput, MoEServeError
 from moe_serve_client.channel import KEEPALIVE_MS
 from moe_serve_client.channel import channel_options as channel_options  # re-exported: one set for every hop
 from moe_serve_client.protos import _pool as kserve_pool
-
-from moe_serve.errors import InvalidInput, MoEServeError
 
 logger = logging.getLogger(__name__)
 

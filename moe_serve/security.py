@@ -34,6 +34,7 @@ from typing import Any
 
 import grpc
 from grpc import aio
+
 from moe_serve_client.channel import ClientCredentials as ClientCredentials  # re-exported for the tools
 
 logger = logging.getLogger(__name__)

@@ -19,8 +19,6 @@ from typing import Any, Literal
 
 import grpc
 import torch
-from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
-from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve import codec
@@ -35,6 +33,8 @@ from moe_serve.launcher import (
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from tests.families import rescale_moe_weights
 
 REPOSITORY = Path(__file__).resolve().parent.parent

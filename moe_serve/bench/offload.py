@@ -19,7 +19,6 @@ from typing import Any
 
 import grpc
 import torch
-from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 from moe_serve.bench.measure import Latency
 from moe_serve.bench.replication import zipf_preferences
@@ -31,6 +30,7 @@ from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
 from moe_serve.security import open_channel
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 COUNTERS = ("hits", "misses", "bytes_moved", "load_seconds", "evictions", "prefetched")
 

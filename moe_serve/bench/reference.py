@@ -98,8 +98,9 @@ def reference_layers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[int, Re
 
 
 def _loaded_model_layers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[int, ReferenceLayer]:
-    from moe_serve_client.patching import block_attribute, decoder_layers, router_recorder
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from moe_serve_client.patching import block_attribute, decoder_layers, router_recorder
 
     spec = checkpoint.spec
     encoder_decoder = spec.routing.family == "switch"

@@ -59,6 +59,7 @@ def require_extra(command: str, extra: str, modules: tuple[str, ...]) -> None:
         console.print(
             f"moe-serve {command} needs the {extra} extra (missing: {', '.join(missing)}): "
             f"pip install 'moe-serve[{extra}]'",
+            markup=False,
             highlight=False,
             soft_wrap=True,
         )

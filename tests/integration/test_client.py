@@ -17,12 +17,12 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from moe_serve_client.patching import block_attribute, router_recorder
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve.client import AsyncMoEClient, GatewayError, ModelMismatch, MoEClient, RemoteMoE, patch_model
 from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, launch_stack
+from moe_serve_client.patching import block_attribute, router_recorder
 from tests.families import DECODER, FAMILIES, load_reference, save_family
 from tests.helpers import TINY_MIXTRAL, reference_blocks, reference_forward
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 from gateway.converters import InferenceResult, build_infer_response, parse_infer_request
 from gateway.model import ServedModel
@@ -22,6 +21,7 @@ from gateway.shared_memory import (
     tensor_location,
 )
 from moe_serve.errors import AlreadyExists, InvalidInput, Overloaded, RegionNotFound, Unimplemented
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 SIZE = 4096
 
