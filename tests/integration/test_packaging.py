@@ -7,6 +7,7 @@ Both ask the registry (and this machine's wheel folders) and take about a minute
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import venv
@@ -53,7 +54,17 @@ def test_light_client_installs_in_a_fresh_venv_without_ray_or_torch(tmp_path: Pa
         check=True,
         timeout=180,
     )
-    result = subprocess.run([python, "-c", LIGHT_CLIENT_CHECK], check=True, timeout=60, capture_output=True, text=True)
+    # away from the checkout: neither PYTHONPATH nor the working directory may show it the repository's packages
+    clean = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    result = subprocess.run(
+        [python, "-c", LIGHT_CLIENT_CHECK],
+        capture_output=True,
+        text=True,
+        env=clean,
+        cwd=tmp_path,
+        check=True,
+        timeout=60,
+    )
     report = json.loads(result.stdout)
 
     assert report["loaded"] == [] and report["installed"] == []
