@@ -23,7 +23,7 @@ CHECK_SCRIPT = CLIENT_SCRIPTS / "coexistence_check.py"
 
 
 def run_check(order: str, address: str, model: str, tmp_path: Path) -> dict:
-    hidden = torch.randn(5, 64, generator=torch.Generator().manual_seed(11))
+    hidden = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(11))  # [B, S, d], as the block takes it
     np.save(tmp_path / "input.npy", hidden.numpy())
     subprocess.run(
         [sys.executable, str(CHECK_SCRIPT), order, address, model, str(tmp_path / "input.npy"), str(tmp_path)],
@@ -67,3 +67,35 @@ def test_light_client_and_tritonclient_without_a_gateway(tmp_path: Path) -> None
         check=True,
         timeout=60,
     )
+
+
+# What kserve's generated module does at import: register the KServe v2 file (package `inference`) in
+# protobuf's default pool. kserve itself is not installed here; the child registers the same files there
+# (their serialized descriptors, written by this process), before or after importing our client.
+KSERVE_LIKE_REGISTRATION = """
+import pathlib, sys
+from google.protobuf import descriptor_pool
+for name in ("model_config.bin", "grpc_predict_v2.bin"):
+    descriptor_pool.Default().AddSerializedFile(pathlib.Path(sys.argv[1], name).read_bytes())
+"""
+USE_OURS = """
+from google.protobuf import descriptor_pool
+from moe_serve_client.protos import grpc_predict_v2_pb2 as ours
+theirs = descriptor_pool.Default().FindMessageTypeByName("inference.ModelInferRequest")
+assert ours.ModelInferRequest.DESCRIPTOR is not theirs
+assert ours.ModelInferRequest(model_name="m").SerializeToString() == b"\\n\\x01m"
+"""
+
+
+@pytest.mark.parametrize("kserve_first", [True, False])
+def test_a_default_pool_copy_of_the_kserve_protocol_does_not_clash(kserve_first: bool, tmp_path: Path) -> None:
+    from moe_serve_client.protos import grpc_predict_v2_pb2, model_config_pb2
+
+    (tmp_path / "model_config.bin").write_bytes(model_config_pb2.DESCRIPTOR.serialized_pb)
+    (tmp_path / "grpc_predict_v2.bin").write_bytes(grpc_predict_v2_pb2.DESCRIPTOR.serialized_pb)
+    code = (
+        KSERVE_LIKE_REGISTRATION + USE_OURS
+        if kserve_first
+        else "import moe_serve_client\n" + KSERVE_LIKE_REGISTRATION + USE_OURS
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
