@@ -38,7 +38,7 @@ from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from tests.families import rescale_moe_weights
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-CLIENT_SCRIPTS = REPOSITORY / "tests" / "clients"  # third-party clients, each run in a process of its own
+CLIENT_SCRIPTS = REPOSITORY / "tests" / "clients"  # client programs, each run in a fresh process of its own
 
 TINY_MIXTRAL = {
     "hidden_size": 64,
