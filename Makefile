@@ -12,12 +12,14 @@ setup: $(INSTALLED)
 
 # torch comes first and pinned: 2.13.0 installs the CPU build offline; any other version or an
 # open range would pull gigabytes of CUDA packages.
-$(INSTALLED): pyproject.toml requirements/constraints.txt requirements/third-party-clients.txt
+$(INSTALLED): pyproject.toml clients/python/pyproject.toml requirements/constraints.txt requirements/third-party-clients.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	# the test set-up includes the benchmark's extras (Ray Serve, matplotlib): their tests run too
-	$(PIP) install -q -c requirements/constraints.txt -e ".[test,bench]"
-	$(PIP) install -q --no-deps -r requirements/third-party-clients.txt
+	# one resolution for all: the light client (clients/python, which the server depends on), the
+	# server with the benchmark's extras (Ray Serve, matplotlib: their tests run too), and the
+	# third-party clients the tests drive the gateway with
+	$(PIP) install -q -c requirements/constraints.txt -e clients/python -e ".[test,bench,soak]" \
+		-r requirements/third-party-clients.txt
 	touch $(INSTALLED)
 
 up: $(INSTALLED)

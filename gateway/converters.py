@@ -24,7 +24,7 @@ from gateway.model import (
 from gateway.shared_memory import BYTE_SIZE_PARAMETER, OFFSET_PARAMETER, REGION_PARAMETER, RegionLease, tensor_location
 from moe_serve import codec
 from moe_serve.errors import InvalidInput, listed, quoted
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 LAYER_PARAMETER = "layer"
 # a Triton tensor parameter this server does not honour: silently ignoring it would hand the client

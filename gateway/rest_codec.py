@@ -20,7 +20,7 @@ import torch
 
 from moe_serve import codec
 from moe_serve.errors import InvalidInput, quoted
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 BINARY_DATA_SIZE = "binary_data_size"  # on an input or output: its bytes after the JSON header
 BINARY_DATA = "binary_data"  # on a requested output: answer it as binary (true) or JSON data (false)

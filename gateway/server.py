@@ -40,13 +40,13 @@ from moe_serve.grpc_utils import (
     set_serving,
     wait_for_termination,
 )
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
 from moe_serve.security import ClusterCredentials, PublicTLS, open_aio_channel
 from moe_serve.streams import StreamClient
 from moe_serve.telemetry import Telemetry
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from router_service.server import RouterService
 
 logger = logging.getLogger(__name__)

@@ -15,8 +15,8 @@ from gateway.inference import InferenceHandler
 from gateway.stream_infer import UnwrittenAnswers, answer_stream
 from gateway.triton_extensions import model_config, repository_index, shared_memory_status
 from moe_serve.errors import Unimplemented
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 SERVER_NAME = "moe-serve"
 # the protocol extensions offered, by the names Triton reports in ServerMetadata

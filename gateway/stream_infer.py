@@ -20,7 +20,7 @@ from grpc import aio
 
 from moe_serve.errors import InvalidInput, MoEServeError
 from moe_serve.grpc_utils import Undecodable
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 logger = logging.getLogger(__name__)
 MAX_INFLIGHT_PER_STREAM = 64

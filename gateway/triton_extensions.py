@@ -15,8 +15,8 @@ from gateway.converters import model_parameters
 from gateway.model import GATING_OUTPUTS, INPUT_NAME, MODEL_VERSION, OUTPUT_NAME, PLATFORM, ServedModel
 from gateway.shared_memory import SystemSharedMemoryRegion
 from moe_serve import codec
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
-from moe_serve.protos import model_config_pb2 as config_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import model_config_pb2 as config_pb2
 
 BACKEND = "moe-serve"
 NOT_READY_REASON = "the router is unreachable or an expert has no live replica"

@@ -15,9 +15,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from moe_serve.eventloop import EventLoopName
 from moe_serve.hub import CheckpointNotFound, resolve_checkpoint
 from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
+from moe_serve_client.channel import DEFAULT_MAX_MESSAGE_BYTES  # one limit for clients and servers
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
-DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 # Prometheus /metrics ports, on by default (Triton serves metrics on 8002 beside gRPC on 8001)
 GATEWAY_METRICS_PORT = 8002
 ROUTER_METRICS_PORT = 8012

@@ -19,12 +19,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor, descriptor_pool
 from google.protobuf.message import DecodeError
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moe_serve.errors import InvalidInput, MoEServeError
+from moe_serve_client.channel import KEEPALIVE_MS
+from moe_serve_client.channel import channel_options as channel_options  # re-exported: one set for every hop
+from moe_serve_client.protos import _pool as kserve_pool
 
 logger = logging.getLogger(__name__)
 
@@ -32,21 +36,6 @@ READY_MARKER = "MOE_SERVE_READY"
 # grpc.health.v1 service name that answers SERVING while the process serves at all (an orchestrator's
 # liveness probe), where "" is readiness
 LIVENESS_SERVICE = "liveness"
-
-
-KEEPALIVE_MS = 30_000
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Options for every client channel: one message-size limit on every hop, keepalive pings."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        # internal hops are long-lived; pings find a peer that vanished without closing its socket
-        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
 
 
 def server_options(max_message_bytes: int, max_receive_bytes: int | None = None) -> list[tuple[str, Any]]:
@@ -235,8 +224,36 @@ def add_health_and_reflection(
     given, answers health checks its own way (the gateway's readiness)."""
     health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server, pool=reflection_pool(names))
     return health_servicer
+
+
+def reflection_pool(service_names: Sequence[str]) -> descriptor_pool.DescriptorPool:
+    """One pool holding the files of every named service and their imports, for the reflection servicer.
+
+    The KServe services live in the client's private pool (`moe_serve_client.protos._pool`), the
+    others in protobuf's default pool; reflection reads one pool, so it gets a copy of both.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    added: set[str] = set()
+
+    def add(file: descriptor.FileDescriptor) -> None:
+        if file.name in added:
+            return
+        for dependency in file.dependencies:
+            add(dependency)
+        pool.AddSerializedFile(file.serialized_pb)
+        added.add(file.name)
+
+    for name in service_names:
+        for source in (kserve_pool.POOL, descriptor_pool.Default()):
+            try:
+                add(source.FindServiceByName(name).file)
+                break
+            except KeyError:
+                continue
+    return pool
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, service_names: Sequence[str], serving: bool) -> None:

@@ -35,6 +35,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from moe_serve_client.channel import ClientCredentials as ClientCredentials  # re-exported for the tools
+
 logger = logging.getLogger(__name__)
 DEFAULT_INTERNAL_SERVER_NAME = "moe-serve-internal"
 CLUSTER_TOKEN_METADATA = "x-moe-serve-cluster-token"
@@ -346,35 +348,3 @@ def open_channel(address: str, options: list[tuple[str, Any]], credentials: Clus
         channel = grpc.secure_channel(address, tls.channel_credentials(), options=[*options, *tls.channel_options()])
     metadata = credentials.call_metadata()
     return grpc.intercept_channel(channel, _TokenOnCalls(metadata)) if metadata else channel
-
-
-@dataclass(frozen=True)
-class ClientCredentials:
-    """How a client reaches the public port: TLS (given or system roots, optional client certificate)
-    and an optional bearer token, sent as `authorization: Bearer <token>` metadata on every call."""
-
-    tls: bool = False
-    root_certificates: bytes | None = None
-    certificate_chain: bytes | None = None
-    private_key: bytes | None = None
-    token: str | None = field(default=None, repr=False)  # a secret: never in reprs or logs
-
-    @property
-    def secure(self) -> bool:
-        return self.tls or self.root_certificates is not None or self.certificate_chain is not None
-
-    def metadata(self) -> tuple[tuple[str, str], ...] | None:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else None
-
-    def _ssl(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
-
-    def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.Channel:
-        if not self.secure:
-            return grpc.insecure_channel(address, options=options)
-        return grpc.secure_channel(address, self._ssl(), options=options)
-
-    def aio_channel(self, address: str, options: list[tuple[str, Any]]) -> aio.Channel:
-        if not self.secure:
-            return aio.insecure_channel(address, options=options)
-        return aio.secure_channel(address, self._ssl(), options=options)

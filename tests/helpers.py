@@ -30,15 +30,15 @@ from moe_serve.launcher import (
     start_service_process,
     wait_until_ready,
 )
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from tests.families import rescale_moe_weights
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-CLIENT_SCRIPTS = REPOSITORY / "tests" / "clients"  # third-party clients, each run in a process of its own
+CLIENT_SCRIPTS = REPOSITORY / "tests" / "clients"  # client programs, each run in a fresh process of its own
 
 TINY_MIXTRAL = {
     "hidden_size": 64,

@@ -36,8 +36,8 @@ from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from moe_serve.errors import InvalidInput, MoEServeError, listed
 from moe_serve.grpc_utils import announce_ready, server_options
 from moe_serve.launcher import ServiceProcess, start_service_process
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 SERVER_NAME = "moe-serve-monolithic"
 # a sync server: enough threads for the bench's concurrent clients; torch computes one call at a time

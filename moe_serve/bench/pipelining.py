@@ -17,7 +17,7 @@ from moe_serve.bench.sweep import SweepSubject, throughput_sweep
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from moe_serve.grpc_utils import channel_options
 from moe_serve.launcher import Stack
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 CHUNK_TOKENS = (256, 512, 1024)
 PIPELINING_TOKENS = (512, 2048, 8192)

@@ -100,7 +100,7 @@ def reference_layers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[int, Re
 def _loaded_model_layers(checkpoint: Checkpoint, dtype: torch.dtype) -> dict[int, ReferenceLayer]:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from moe_serve.client.patching import block_attribute, decoder_layers, router_recorder
+    from moe_serve_client.patching import block_attribute, decoder_layers, router_recorder
 
     spec = checkpoint.spec
     encoder_decoder = spec.routing.family == "switch"

@@ -34,8 +34,8 @@ from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
 from moe_serve.demo import DemoShape, ensure_demo_checkpoint
 from moe_serve.grpc_utils import channel_options
 from moe_serve.launcher import ServiceProcess, Stack, init_ray, launch_stack, start_service_process
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 if TYPE_CHECKING:  # imported lazily at run time: Ray Serve is a bench-only dependency
     from moe_serve.bench.rayserve import RayServeLayer

@@ -1,23 +1,19 @@
-"""Client library for a moe-serve gateway, and drop-in remote experts for transformers models.
-
-- `MoEClient` / `AsyncMoEClient`: KServe v2 gRPC calls (ModelMetadata, ModelInfer) returning torch tensors.
-- `RemoteMoE`: an `nn.Module` standing in for one decoder layer's MoE block.
-- `patch_model(model, url)`: swaps every MoE block of a Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 model.
+"""`moe_serve.client` is the light client distribution `moe_serve_client` (clients/python), kept under
+its old name so that existing code keeps working: `from moe_serve.client import MoEClient, patch_model`.
+New code imports `moe_serve_client`, which installs without the server's dependencies.
 """
 
-from moe_serve.client.clients import AsyncMoEClient, MoEClient
-from moe_serve.client.patching import SUPPORTED_MODEL_TYPES, ModelMismatch, moe_layer_indices, patch_model
-from moe_serve.client.protocol import GatewayError, ServedModelMetadata
-from moe_serve.client.remote_moe import RemoteMoE
+from __future__ import annotations
 
-__all__ = [
-    "SUPPORTED_MODEL_TYPES",
-    "AsyncMoEClient",
-    "GatewayError",
-    "MoEClient",
-    "ModelMismatch",
-    "RemoteMoE",
-    "ServedModelMetadata",
-    "moe_layer_indices",
-    "patch_model",
-]
+from typing import Any
+
+import moe_serve_client
+from moe_serve_client import AsyncMoEClient, GatewayError, MoEClient, ServedModelMetadata
+
+
+def __getattr__(name: str) -> Any:
+    # the torch-backed names (RemoteMoE, patch_model, ...) load on first use, as in moe_serve_client
+    return getattr(moe_serve_client, name)
+
+
+__all__ = ["AsyncMoEClient", "GatewayError", "MoEClient", "ServedModelMetadata", *moe_serve_client._TORCH_EXPORTS]

@@ -7,6 +7,8 @@ MOE_SERVE_REDIS_URL); a flag given on the command line wins.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -27,6 +29,42 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 SettingsT = TypeVar("SettingsT", bound=BaseModel)
+DISTRIBUTION = "moe-serve"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        # the installed distribution's version, the one `pip show moe-serve` reports
+        typer.echo(f"{DISTRIBUTION} {importlib.metadata.version(DISTRIBUTION)}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Distributed serving of Mixture-of-Experts layers over gRPC (KServe v2 API)."""
+
+
+def require_extra(command: str, extra: str, modules: tuple[str, ...]) -> None:
+    """Exit 2 with a one-line hint when a module of an optional extra is not installed.
+
+    Checked up front (find_spec imports nothing) so that a missing extra reads as what to install,
+    not as a ModuleNotFoundError traceback minutes into a run.
+    """
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        console.print(
+            f"moe-serve {command} needs the {extra} extra (missing: {', '.join(missing)}): "
+            f"pip install 'moe-serve[{extra}]'",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
+
 
 # options shared by the service commands
 Host = Annotated[str | None, typer.Option(help="Interface to bind (0.0.0.0 for remote callers).")]

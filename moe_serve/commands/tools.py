@@ -8,13 +8,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moe_serve.commands.common import CheckpointDir, PipelineChunk, app, console
+from moe_serve.commands.common import CheckpointDir, PipelineChunk, app, console, require_extra
 from moe_serve.grpc_utils import configure_logging
 
 Quiet = Annotated[
     bool,
     typer.Option("--quiet", help="No progress bar on stderr (there is none anyway when stderr is not a terminal)."),
 ]
+# what the optional extras of pyproject.toml bring, by import name
+# (ray[serve] adds only packages that ray[default] and the server bring already, bar a few Ray internals)
+BENCH_MODULES = ("transformers", "matplotlib")
+SOAK_MODULES = ("transformers",)
 
 
 @app.command("init-demo", rich_help_panel="Tools")
@@ -104,6 +108,7 @@ def bench(
     quiet: Quiet = False,
 ) -> None:
     """Measure the served layer against the in-process transformers block, a gRPC echo and Ray Serve, in one run."""
+    require_extra("bench", "bench", BENCH_MODULES if plot_only is None else ("matplotlib",))
     if plot_only is not None:
         from moe_serve.bench.plots import plot_result_file
 
@@ -161,6 +166,7 @@ def soak(
 ) -> None:
     """Mixed load (deadlines and cancellations included) on a fresh stack, every answer checked; fails on
     wrong answers, unexpected failures, or RSS / fd / thread growth of any service after the warm-up."""
+    require_extra("soak", "soak", SOAK_MODULES)
     from moe_serve.bench.progress import section_bar
     from moe_serve.bench.soak import SOAK_SECTIONS, SoakConfig, run_soak, write_soak_result
     from moe_serve.bench.soak_load import LoadMix

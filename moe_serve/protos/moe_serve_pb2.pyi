@@ -54,7 +54,7 @@ class ModelInfo(_message.Message):
     num_shared_slots: int
     weights_in_activation_dtype: bool
     default_expert_capacity: int
-    def __init__(self, model_name: _Optional[str] = ..., family: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., compute_datatype: _Optional[str] = ..., ready: _Optional[bool] = ..., num_shared_slots: _Optional[int] = ..., weights_in_activation_dtype: _Optional[bool] = ..., default_expert_capacity: _Optional[int] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., family: _Optional[str] = ..., hidden_size: _Optional[int] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., moe_layers: _Optional[_Iterable[int]] = ..., num_layers: _Optional[int] = ..., compute_datatype: _Optional[str] = ..., ready: bool = ..., num_shared_slots: _Optional[int] = ..., weights_in_activation_dtype: bool = ..., default_expert_capacity: _Optional[int] = ...) -> None: ...
 
 class RouteRequest(_message.Message):
     __slots__ = ("call_id", "timeout_s", "request_id", "layer", "hidden_states", "expert_capacity", "delivery_address", "return_router_logits", "overflow", "max_inflight_rows_per_replica", "trace_context", "sequence_id")
@@ -89,7 +89,7 @@ class RouteRequest(_message.Message):
     max_inflight_rows_per_replica: int
     trace_context: _containers.ScalarMap[str, str]
     sequence_id: str
-    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., expert_capacity: _Optional[int] = ..., delivery_address: _Optional[str] = ..., return_router_logits: _Optional[bool] = ..., overflow: _Optional[str] = ..., max_inflight_rows_per_replica: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., sequence_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., expert_capacity: _Optional[int] = ..., delivery_address: _Optional[str] = ..., return_router_logits: bool = ..., overflow: _Optional[str] = ..., max_inflight_rows_per_replica: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., sequence_id: _Optional[str] = ...) -> None: ...
 
 class RoutePlan(_message.Message):
     __slots__ = ("call_id", "failure", "expert_ids", "expert_weights", "dropped", "router_logits", "expected_rows", "shared_weights", "rerouted", "dropped_per_expert", "rerouted_per_expert")
@@ -290,7 +290,7 @@ class ComputeRequest(_message.Message):
     reply_with_rows: bool
     rows_region: SharedRegion
     output_region: SharedRegion
-    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[ExpertSegment, _Mapping]]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., delivery_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., reply_with_rows: _Optional[bool] = ..., rows_region: _Optional[_Union[SharedRegion, _Mapping]] = ..., output_region: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., layer: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[ExpertSegment, _Mapping]]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., delivery_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., reply_with_rows: bool = ..., rows_region: _Optional[_Union[SharedRegion, _Mapping]] = ..., output_region: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
 
 class ComputeResult(_message.Message):
     __slots__ = ("call_id", "rows_delivered", "failure", "resident_experts", "rows", "positions", "rows_in_region")
@@ -308,7 +308,7 @@ class ComputeResult(_message.Message):
     rows: Tensor
     positions: Tensor
     rows_in_region: bool
-    def __init__(self, call_id: _Optional[int] = ..., rows_delivered: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., resident_experts: _Optional[_Iterable[int]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., rows_in_region: _Optional[bool] = ...) -> None: ...
+    def __init__(self, call_id: _Optional[int] = ..., rows_delivered: _Optional[int] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., resident_experts: _Optional[_Iterable[int]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., rows_in_region: bool = ...) -> None: ...
 
 class PrefetchReply(_message.Message):
     __slots__ = ("loads_started",)

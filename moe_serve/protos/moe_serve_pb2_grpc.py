@@ -5,7 +5,7 @@ import warnings
 
 from . import moe_serve_pb2 as moe__serve__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in moe_serve_pb2_grpc.py depends on'
+        + f' but the generated code in moe_serve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class RouterStub:
+class RouterStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -56,7 +56,7 @@ class RouterStub:
                 _registered_method=True)
 
 
-class RouterServicer:
+class RouterServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetModelInfo(self, request, context):
@@ -115,7 +115,7 @@ def add_RouterServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Router:
+class Router(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -227,7 +227,7 @@ class Router:
             _registered_method=True)
 
 
-class WorkerRegistryStub:
+class WorkerRegistryStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -248,7 +248,7 @@ class WorkerRegistryStub:
                 _registered_method=True)
 
 
-class WorkerRegistryServicer:
+class WorkerRegistryServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
@@ -284,7 +284,7 @@ def add_WorkerRegistryServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class WorkerRegistry:
+class WorkerRegistry(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -342,7 +342,7 @@ class WorkerRegistry:
             _registered_method=True)
 
 
-class ExpertWorkerStub:
+class ExpertWorkerStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -378,7 +378,7 @@ class ExpertWorkerStub:
                 _registered_method=True)
 
 
-class ExpertWorkerServicer:
+class ExpertWorkerServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Describe(self, request, context):
@@ -453,7 +453,7 @@ def add_ExpertWorkerServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ExpertWorker:
+class ExpertWorker(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -592,7 +592,7 @@ class ExpertWorker:
             _registered_method=True)
 
 
-class GatewayAdminStub:
+class GatewayAdminStub(object):
     """Served on the gateway's internal port, next to DeliveryService.
     """
 
@@ -614,7 +614,7 @@ class GatewayAdminStub:
                 _registered_method=True)
 
 
-class GatewayAdminServicer:
+class GatewayAdminServicer(object):
     """Served on the gateway's internal port, next to DeliveryService.
     """
 
@@ -651,7 +651,7 @@ def add_GatewayAdminServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class GatewayAdmin:
+class GatewayAdmin(object):
     """Served on the gateway's internal port, next to DeliveryService.
     """
 
@@ -710,7 +710,7 @@ class GatewayAdmin:
             _registered_method=True)
 
 
-class DeliveryServiceStub:
+class DeliveryServiceStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -726,7 +726,7 @@ class DeliveryServiceStub:
                 _registered_method=True)
 
 
-class DeliveryServiceServicer:
+class DeliveryServiceServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def DeliveryStream(self, request_iterator, context):
@@ -752,7 +752,7 @@ def add_DeliveryServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class DeliveryService:
+class DeliveryService(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -1,7 +1,7 @@
 """Runs NVIDIA's unmodified tritonclient against a gateway, in a process of its own.
 
-(tritonclient registers its own copy of the `inference` protobuf package, which cannot share a
-process with ours.) Usage: triton_client_check.py ADDRESS MODEL INPUT.npy OUT_DIR
+(As a user's program would: tritonclient alone. Both clients in one process:
+coexistence_check.py.) Usage: triton_client_check.py ADDRESS MODEL INPUT.npy OUT_DIR
 Writes the answers to OUT_DIR as .npy files and a result.json with everything else it saw.
 With TRITON_CHECK_TLS_CA set, it connects with TLS trusting that CA; with TRITON_CHECK_TOKEN, it
 sends the token as an `authorization: Bearer` header on every call (tritonclient's own options).

@@ -81,7 +81,7 @@ def test_gshard_top2_with_capacity_equals_independent_reference(stacks, checkpoi
         block = reference_blocks(checkpoints(dtype), dtype)[0]
         channel, stub = kserve_stub(gateway.address)
         metadata = stub.ModelMetadata(
-            __import__("moe_serve.protos.grpc_predict_v2_pb2", fromlist=["x"]).ModelMetadataRequest(
+            __import__("moe_serve_client.protos.grpc_predict_v2_pb2", fromlist=["x"]).ModelMetadataRequest(
                 name=f"capped-{rule}"
             )
         )

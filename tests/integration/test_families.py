@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from moe_serve.client import RemoteMoE, patch_model
-from moe_serve.client.patching import block_attribute, router_recorder
+from moe_serve_client.patching import block_attribute, router_recorder
 from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, launch_stack
 from tests.families import (

@@ -13,7 +13,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from tests.helpers import infer_request, reference_blocks, reference_forward, response_tensors
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -9,7 +9,7 @@ import grpc
 import torch
 
 from moe_serve.launcher import Stack
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from tests.helpers import infer_request, kserve_stub, response_tensors
 
 OVERSIZED_BYTES = 500 << 20

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from moe_serve import codec
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from tests.helpers import (
     CLIENT_SCRIPTS,
     REPOSITORY,
@@ -230,7 +230,7 @@ CLIENT_THAT_DIES = """
 import sys, time
 from multiprocessing import shared_memory
 import grpc
-from moe_serve.protos import grpc_predict_v2_pb2 as pb, grpc_predict_v2_pb2_grpc as rpc
+from moe_serve_client.protos import grpc_predict_v2_pb2 as pb, grpc_predict_v2_pb2_grpc as rpc
 region = shared_memory.SharedMemory(name=sys.argv[2], create=True, size=4096)
 stub = rpc.GRPCInferenceServiceStub(grpc.insecure_channel(sys.argv[1]))
 request = pb.SystemSharedMemoryRegisterRequest(name="doomed", key="/" + sys.argv[2], byte_size=4096)

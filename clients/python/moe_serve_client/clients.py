@@ -12,10 +12,12 @@ from types import TracebackType
 from typing import Self
 
 import grpc
-import torch
 from grpc import aio
 
-from moe_serve.client.protocol import (
+from moe_serve_client import codec
+from moe_serve_client.channel import DEFAULT_MAX_MESSAGE_BYTES, ClientCredentials, channel_options
+from moe_serve_client.codec import Array
+from moe_serve_client.protocol import (
     GatewayError,
     ServedModelMetadata,
     build_infer_request,
@@ -23,11 +25,8 @@ from moe_serve.client.protocol import (
     metadata_request,
     requested_outputs,
 )
-from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
-from moe_serve.grpc_utils import channel_options
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
-from moe_serve.security import ClientCredentials
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 DEFAULT_OUTPUTS = ("output",)
 
@@ -81,14 +80,16 @@ class MoEClient:
     def infer(
         self,
         model: str,
-        hidden_states: torch.Tensor,
+        hidden_states: Array,
         layer: int = 0,
         outputs: Sequence[str] | str = DEFAULT_OUTPUTS,
         timeout: float | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Run MoE layer `layer` of `model` on hidden_states [T, d] or [B, S, d] (FP32, FP16 or BF16).
+    ) -> dict[str, Array]:
+        """Run MoE layer `layer` of `model` on hidden_states [T, d] or [B, S, d]: a torch tensor (FP32, FP16
+        or BF16) or a numpy array (float32 or float16).
 
-        Returns the requested outputs by name, on the CPU, as read-only views of the response bytes:
+        Returns the requested outputs by name, torch tensors on the CPU for a torch input and numpy
+        arrays for a numpy input, as read-only views of the response bytes:
         `output` (hidden_states' shape and dtype), `router_logits` float32 [T, E], `expert_ids` int32
         [T, k], `expert_weights` float32 [T, k], `dropped_mask` bool [T, k], with T = all tokens.
         `timeout` is the call's deadline in seconds (None: the gateway's default).
@@ -99,7 +100,7 @@ class MoEClient:
             response = self._stub.ModelInfer(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise GatewayError.from_rpc_error(error, "ModelInfer") from None
-        return decode_infer_response(response, outputs)
+        return decode_infer_response(response, outputs, codec.is_torch_tensor(hidden_states))
 
     def close(self) -> None:
         self._channel.close()
@@ -170,11 +171,11 @@ class AsyncMoEClient:
     async def infer(
         self,
         model: str,
-        hidden_states: torch.Tensor,
+        hidden_states: Array,
         layer: int = 0,
         outputs: Sequence[str] | str = DEFAULT_OUTPUTS,
         timeout: float | None = None,
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, Array]:
         """Run MoE layer `layer` of `model`; arguments and results as MoEClient.infer."""
         outputs = requested_outputs(outputs)
         request = build_infer_request(model, hidden_states, layer, outputs)
@@ -182,7 +183,7 @@ class AsyncMoEClient:
             response = await self._connected_stub().ModelInfer(request, timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as error:
             raise GatewayError.from_rpc_error(error, "ModelInfer") from None
-        return decode_infer_response(response, outputs)
+        return decode_infer_response(response, outputs, codec.is_torch_tensor(hidden_states))
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moe_serve.client.clients import MoEClient
+from moe_serve_client.clients import MoEClient
 
 # torch keeps module hooks in these dicts; carrying them over keeps the original router's observers
 _HOOK_DICTS = (

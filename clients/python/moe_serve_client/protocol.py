@@ -1,7 +1,8 @@
 """KServe v2 messages of the gateway, shared by the sync and asyncio clients: requests, responses, metadata.
 
 Pure functions over protobuf messages; no I/O. Tensors travel as `raw_input_contents` /
-`raw_output_contents` (little-endian, row-major) via `moe_serve.codec`.
+`raw_output_contents` (little-endian, row-major) via `moe_serve_client.codec`: torch tensors when
+the caller passes torch tensors, numpy arrays otherwise (torch is optional).
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-import torch
 
-from moe_serve import codec
-from moe_serve.errors import InvalidInput, MoEServeError
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client import codec
+from moe_serve_client.codec import Array
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 INPUT_NAME = "hidden_states"
 LAYER_PARAMETER = "layer"
@@ -24,7 +24,7 @@ OUTPUT_NAMES = ("output", "router_logits", "expert_ids", "expert_weights", "drop
 ParameterValue = bool | int | str | float
 
 
-class GatewayError(MoEServeError):
+class GatewayError(Exception):
     """A call to the gateway failed; carries the gRPC status code and the gateway's message.
 
     Attributes:
@@ -34,6 +34,7 @@ class GatewayError(MoEServeError):
 
     def __init__(self, status_code: grpc.StatusCode, message: str, method: str = "") -> None:
         super().__init__(message)
+        self.message = message
         self.status_code = status_code
         self.method = method
 
@@ -122,27 +123,37 @@ def metadata_request(model: str) -> kserve_pb2.ModelMetadataRequest:
 
 
 def build_infer_request(
-    model: str, hidden_states: torch.Tensor, layer: int, outputs: Sequence[str]
+    model: str, hidden_states: Array, layer: int, outputs: Sequence[str]
 ) -> kserve_pb2.ModelInferRequest:
-    """A ModelInferRequest for hidden_states [T, d] or [B, S, d] (FP32/FP16/BF16, any device) of one MoE layer."""
-    if hidden_states.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"hidden_states must be float32, float16 or bfloat16, not {hidden_states.dtype}")
+    """A ModelInferRequest for hidden_states [T, d] or [B, S, d] of one MoE layer: a torch tensor
+    (FP32/FP16/BF16, any device) or a numpy array (float32/float16)."""
+    try:
+        datatype = codec.datatype_name(hidden_states)
+    except (KeyError, AttributeError, TypeError):
+        datatype = None
+    if datatype not in codec.INPUT_DATATYPES:
+        raise TypeError(
+            f"hidden_states must be float32, float16 or bfloat16, not {getattr(hidden_states, 'dtype', hidden_states)}"
+        )
     request = kserve_pb2.ModelInferRequest(
         model_name=model,
         inputs=[
             kserve_pb2.ModelInferRequest.InferInputTensor(
-                name=INPUT_NAME, datatype=codec.datatype_name(hidden_states.dtype), shape=list(hidden_states.shape)
+                name=INPUT_NAME, datatype=datatype, shape=list(hidden_states.shape)
             )
         ],
         outputs=[kserve_pb2.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in outputs],
-        raw_input_contents=[codec.tensor_to_bytes(hidden_states)],
+        raw_input_contents=[codec.to_bytes(hidden_states)],
     )
     request.parameters[LAYER_PARAMETER].int64_param = layer
     return request
 
 
-def decode_infer_response(response: kserve_pb2.ModelInferResponse, requested: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Output tensors by name, zero-copy views of the response bytes (read-only: clone before writing).
+def decode_infer_response(
+    response: kserve_pb2.ModelInferResponse, requested: Sequence[str], as_torch: bool = True
+) -> dict[str, Array]:
+    """Output tensors by name (torch tensors, or numpy arrays unless as_torch), zero-copy views of the
+    response bytes (read-only: clone or copy before writing).
 
     Raises GatewayError (INTERNAL) when the response lacks a requested output or its bytes do not match
     the declared shape.
@@ -155,11 +166,11 @@ def decode_infer_response(response: kserve_pb2.ModelInferResponse, requested: Se
         )
     try:
         tensors = {
-            output.name: codec.tensor_from_bytes(raw, output.datatype, list(output.shape), what=output.name)
+            output.name: codec.from_bytes(raw, output.datatype, list(output.shape), as_torch, what=output.name)
             for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
         }
-    except InvalidInput as error:
-        raise GatewayError(grpc.StatusCode.INTERNAL, f"malformed response: {error.message}", "ModelInfer") from None
+    except codec.MalformedTensor as error:
+        raise GatewayError(grpc.StatusCode.INTERNAL, f"malformed response: {error}", "ModelInfer") from None
     missing = [name for name in requested if name not in tensors]
     if missing:
         raise GatewayError(

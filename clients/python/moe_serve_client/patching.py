@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 from torch import nn
 
-from moe_serve.client.clients import MoEClient
-from moe_serve.client.protocol import GatewayError, ServedModelMetadata
-from moe_serve.client.remote_moe import RemoteMoE
-from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
+from moe_serve_client.channel import DEFAULT_MAX_MESSAGE_BYTES
+from moe_serve_client.clients import MoEClient
+from moe_serve_client.protocol import GatewayError, ServedModelMetadata
+from moe_serve_client.remote_moe import RemoteMoE
 
 
 class ModelMismatch(ValueError):
