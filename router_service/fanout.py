@@ -132,6 +132,8 @@ class Dispatcher:
         self.tracer = tracer or trace.get_tracer(__name__)
         self.max_message_bytes = max_message_bytes
         self.metrics, self.hints = metrics, hints
+        # the placement planner's share of an expert's rows per worker id, set by SetReplicaShares
+        self.replica_shares: dict[ExpertKey, dict[str, float]] = {}
         self.retry_budget = RetryBudget()
         if metrics is not None:
             metrics.retry_budget = self.retry_budget
@@ -174,8 +176,17 @@ class Dispatcher:
     ) -> list[WorkerBatch]:
         """Replicas for each expert's rows (see planner.assign_workers), with this router's load view."""
         resident = self.hints.resident if self.hints is not None else None
+        shares = self.replica_shares
         return assign_workers(
-            layer, segments, self.registry, self.load, self.rng, excluded, self.split_min_rows, resident
+            layer,
+            segments,
+            self.registry,
+            self.load,
+            self.rng,
+            excluded,
+            self.split_min_rows,
+            resident,
+            (lambda key: shares.get(key, {})) if shares else None,
         )
 
     def launch(self, job: DispatchJob, batches: list[WorkerBatch]) -> asyncio.Future[None]:

@@ -167,6 +167,18 @@ class RouterServicer(moe_grpc.RouterServicer):
             ]
         )
 
+    async def SetReplicaShares(
+        self, request: moe_pb2.ReplicaShares, context: aio.ServicerContext
+    ) -> moe_pb2.ReplicaSharesAck:
+        table: dict[ExpertKey, dict[str, float]] = {}
+        for item in request.shares:
+            if not item.share >= 0:  # also refuses NaN
+                raise InvalidInput(f"replica share {item.share} of worker {item.worker_id!r} is not >= 0")
+            key = ExpertKey(item.expert.layer, item.expert.expert)
+            table.setdefault(key, {})[item.worker_id] = item.share
+        self.dispatcher.replica_shares = table
+        return moe_pb2.ReplicaSharesAck(experts=len(table))
+
     async def ListWorkers(
         self, request: moe_pb2.ListWorkersRequest, context: aio.ServicerContext
     ) -> moe_pb2.ListWorkersReply:

@@ -149,6 +149,28 @@ class ExpertLoadReply(_message.Message):
     experts: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
     def __init__(self, experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ...) -> None: ...
 
+class ReplicaShare(_message.Message):
+    __slots__ = ("expert", "worker_id", "share")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    expert: ExpertKey
+    worker_id: str
+    share: float
+    def __init__(self, expert: _Optional[_Union[ExpertKey, _Mapping]] = ..., worker_id: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
+
+class ReplicaShares(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[ReplicaShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[ReplicaShare, _Mapping]]] = ...) -> None: ...
+
+class ReplicaSharesAck(_message.Message):
+    __slots__ = ("experts",)
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    experts: int
+    def __init__(self, experts: _Optional[int] = ...) -> None: ...
+
 class RegisterRequest(_message.Message):
     __slots__ = ("worker", "ttl_s")
     WORKER_FIELD_NUMBER: _ClassVar[int]
