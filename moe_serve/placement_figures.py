@@ -60,15 +60,16 @@ def plan_figures(
     }
 
 
-def check_plan(layers: Sequence[LayerPlacement], num_experts: int, slots_per_gpu: int) -> None:
+def check_plan(layers: Sequence[LayerPlacement], num_experts: int, slots_per_gpu: int, distinct: bool = True) -> None:
     """Raise ValueError unless every expert has a slot, no GPU exceeds its slots, no GPU holds an
-    expert twice, and each expert's shares are non-negative and sum to 1."""
+    expert twice (unless not `distinct`: EPLB's packing allows it), and each expert's shares are
+    non-negative and sum to 1."""
     for index, layer in enumerate(layers):
         sums = np.zeros(num_experts)
         for es, ss in zip(layer.experts, layer.shares, strict=True):
             if len(es) > slots_per_gpu:
                 raise ValueError(f"layer {index}: a GPU holds {len(es)} experts in {slots_per_gpu} slots")
-            if len(set(es)) != len(es):
+            if distinct and len(set(es)) != len(es):
                 raise ValueError(f"layer {index}: a GPU holds one expert twice")
             if min(ss, default=0.0) < 0:
                 raise ValueError(f"layer {index}: a negative replica share")

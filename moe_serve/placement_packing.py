@@ -31,6 +31,9 @@ def pack_node(pieces: dict[int, float], gpus: int, slots: int) -> list[dict[int,
     held: list[dict[int, float]] = []
     for gpu in range(gpus):
         bins_left = gpus - gpu
+        if not pool:
+            held.append({})
+            continue
         if bins_left == 1:
             held.append(pool)
             break

@@ -132,10 +132,10 @@ def assign_home_nodes(
 
 
 def spill_between_nodes(
-    loads: np.ndarray, home_of_expert: np.ndarray, node_share: np.ndarray, slack: float
+    loads: np.ndarray, home_of_expert: np.ndarray, node_share: np.ndarray, node_slots: np.ndarray, slack: float
 ) -> list[dict[int, float]]:
     """Load of each expert served per node: home experts on their home node, less what overloaded
-    nodes send to the nodes under their fair share."""
+    nodes send to the nodes under their fair share (while those have a free slot for it)."""
     total = float(loads.sum())
     num_nodes = len(node_share)
     pieces = [{int(e): float(loads[e]) for e in np.flatnonzero(home_of_expert == n)} for n in range(num_nodes)]
@@ -144,21 +144,26 @@ def spill_between_nodes(
     room = np.maximum(node_share * total - node_load, 0)
     for giver in np.argsort(-excess, kind="stable"):
         while excess[giver] > 1e-12 * total:
-            receiver = int(np.argmax(room))
-            amount = min(excess[giver], room[receiver])
-            if amount <= 1e-12 * total:
+            open_nodes = [n for n in range(num_nodes) if len(pieces[n]) < node_slots[n] and room[n] > 1e-12 * total]
+            if not open_nodes:
                 break
-            moved = _take_load(pieces[giver], pieces[receiver], amount)
+            receiver = max(open_nodes, key=lambda n: (room[n], -n))
+            amount = min(excess[giver], room[receiver])
+            moved = _take_load(pieces[giver], pieces[receiver], amount, int(node_slots[receiver]))
+            if moved <= 0:
+                room[receiver] = 0.0  # it cannot take any of this giver's load
+                continue
             excess[giver] -= moved
             room[receiver] -= moved
     return pieces
 
 
-def _take_load(source: dict[int, float], dest: dict[int, float], amount: float) -> float:
-    """Move `amount` of load from `source` to `dest`: part of the smallest expert that covers it (one
-    extra slot), else the largest experts whole (a slot moves with each). Returns the amount moved."""
+def _take_load(source: dict[int, float], dest: dict[int, float], amount: float, dest_slots: int) -> float:
+    """Move `amount` of load from `source` to `dest` (which holds at most `dest_slots` experts): part
+    of the smallest expert that covers it (one extra slot), else the largest experts whole (a slot
+    moves with each). Returns the amount moved."""
     moved = 0.0
-    while amount - moved > 1e-15 and source:
+    while amount - moved > 1e-15 and len(source) > 1 and len(dest) < dest_slots:
         need = amount - moved
         covering = [e for e, load in source.items() if load > need]
         if covering:
@@ -167,10 +172,9 @@ def _take_load(source: dict[int, float], dest: dict[int, float], amount: float) 
             dest[expert] = dest.get(expert, 0.0) + need
             return amount
         expert = max(source, key=lambda e: (source[e], -e))
-        if len(source) == 1:
-            break
-        dest[expert] = dest.get(expert, 0.0) + source.pop(expert)
-        moved += dest[expert]
+        load = source.pop(expert)
+        dest[expert] = dest.get(expert, 0.0) + load
+        moved += load
     return moved
 
 
@@ -196,7 +200,8 @@ def plan_layer(
     if max_groups.sum() < num_groups:
         raise ValueError(f"{num_groups} groups of {int(group_size.max())} experts do not fit the nodes' slots")
     home_of_group = assign_home_nodes(group_loads, node_share, max_groups, node_slack)
-    node_pieces = spill_between_nodes(work, home_of_group[groups], node_share, node_slack)
+    node_slots = gpus_per_node * shape.slots_per_gpu
+    node_pieces = spill_between_nodes(work, home_of_group[groups], node_share, node_slots, node_slack)
     experts: list[list[int]] = [[] for _ in range(num_gpus)]
     served: list[list[float]] = [[] for _ in range(num_gpus)]
     for node, pieces in enumerate(node_pieces):

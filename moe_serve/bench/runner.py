@@ -50,7 +50,7 @@ VERIFY_TOKENS = 64
 
 # sections that run with device cuda (auth times gRPC hops alone, on any machine; thin places its
 # workers and the monolithic peer on the GPU as the core run does)
-GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity", "auth", "thin"})
+GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity", "auth", "thin", "placement"})
 
 
 @dataclass
@@ -78,6 +78,7 @@ class BenchConfig:
         "offload",
         "auth",
         "thin",
+        "placement",
     )
     # rayserve: concurrent callers at this T, each sending this many requests over all rounds
     rayserve_tokens: int = 256
@@ -133,6 +134,8 @@ class BenchResult:
     gpu: dict[str, Any] = field(default_factory=dict)
     # what authenticating internal hops costs per message: cluster token against mutual TLS (bench.auth_cost)
     internal_auth: dict[str, Any] = field(default_factory=dict)
+    # expert placement policies on synthetic (and recorded) load matrices (bench.placement)
+    placement: dict[str, Any] = field(default_factory=dict)
     # raw T=1 latencies (ms) per subject, for the latency CDF plot
     t1_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
@@ -576,6 +579,10 @@ def run_bench(config: BenchConfig) -> BenchResult:
         from moe_serve.bench.thin import thin_section
 
         result.fast_path["thin"] = thin_section(config, inputs)
+    if "placement" in config.sections:
+        from moe_serve.bench.placement import placement_comparison
+
+        result.placement = placement_comparison()
     if "auth" in config.sections:
         from moe_serve.bench.auth_cost import measure as measure_auth_cost
 
