@@ -329,7 +329,11 @@ def start_controller(
         .remote(
             model_name,
             str(checkpoint),
-            PlacementShape(tuple(spec.moe_layers), spec.num_placed_experts),
+            PlacementShape(
+                tuple(spec.moe_layers),
+                spec.num_placed_experts,
+                spec.routing.num_groups if spec.routing.num_groups > 1 and not spec.num_shared_slots else None,
+            ),
             worker_settings,
             router_address,
             settings.worker_num_gpus,
