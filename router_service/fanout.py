@@ -139,6 +139,9 @@ class Dispatcher:
             metrics.retry_budget = self.retry_budget
         # rows sent per (layer, expert) since start: the load the balancer measures
         self.expert_rows: Counter[ExpertKey] = Counter()
+        # rows per worker id, and per layer the rows sent off their token's main node (planner.cross_node_rows)
+        self.worker_rows: Counter[str] = Counter()
+        self.cross_node_rows: Counter[int] = Counter()
         # same host: each worker stream offers a shared-memory arena of this size (moe_serve/shared_arena.py)
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
             lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream,
@@ -294,6 +297,7 @@ class Dispatcher:
         if attempt == 1:  # the balancer measures demand: rows sent, retries not counted again
             for expert, count in zip(batch.experts, batch.counts, strict=True):
                 self.expert_rows[ExpertKey(job.layer, expert)] += count
+            self.worker_rows[worker_id] += batch.num_rows
         if self.metrics is not None:
             self.metrics.wire("router_to_worker", "sent", payload)
         self._outstanding_rows[worker_id] += batch.num_rows

@@ -168,7 +168,11 @@ def assign_workers(
         positions = expert_segments[expert]
         healthy = [r for r in replicas if load(r) != math.inf] or list(replicas)
         shares = replica_shares(ExpertKey(layer, expert)) if replica_shares is not None else {}
-        weighted = [r for r in healthy if shares.get(r.worker_id, 0.0) > 0]
+        # ordered by node: an expert's rows are in token order, so every expert split this way sends
+        # its first tokens to the first node, and a token's rows tend to meet on one node
+        weighted = sorted(
+            (r for r in healthy if shares.get(r.worker_id, 0.0) > 0), key=lambda r: (r.node_id, r.worker_id)
+        )
         if weighted:
             counts = split_rows_by_shares(positions.numel(), [shares[r.worker_id] for r in weighted], rng)
             for worker, piece in zip(weighted, torch.split(positions, counts), strict=True):
@@ -221,6 +225,23 @@ def split_rows_by_shares(rows: int, shares: Sequence[float], rng: random.Random)
     if short := rows - sum(counts):  # the running sum fell a rounding error short of its whole number
         counts[max(range(len(counts)), key=lambda i: exact[i] - counts[i])] += short
     return counts
+
+
+def cross_node_rows(batches: Sequence[WorkerBatch], slots_per_token: int) -> int:
+    """Rows sent to a node other than the one that gets most of their token's rows: what crosses
+    nodes if each token is sent once to its main node and fanned out there (ties: any one node)."""
+    if not batches:
+        return 0
+    nodes = sorted({batch.worker.node_id for batch in batches})
+    if len(nodes) == 1:
+        return 0
+    positions = torch.cat([batch.positions for batch in batches])
+    node_of_row = torch.cat(
+        [torch.full((batch.num_rows,), nodes.index(batch.worker.node_id), dtype=torch.int64) for batch in batches]
+    )
+    tokens = torch.div(positions, slots_per_token, rounding_mode="floor")
+    per_token_node = torch.bincount(tokens * len(nodes) + node_of_row, minlength=(int(tokens.max()) + 1) * len(nodes))
+    return int(positions.numel() - per_token_node.view(-1, len(nodes)).max(dim=1).values.sum())
 
 
 def split_batch(batch: WorkerBatch, max_rows: int) -> list[WorkerBatch]:

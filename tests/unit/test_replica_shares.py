@@ -14,7 +14,7 @@ from moe_serve.placement import ExpertKey
 from moe_serve.placement_figures import gpu_loads
 from moe_serve.placement_planner import ClusterShape, group_of_experts, plan_layer
 from moe_serve.registry import InProcessRegistry, WorkerRecord
-from router_service.planner import assign_workers, split_rows_by_shares
+from router_service.planner import WorkerBatch, assign_workers, cross_node_rows, split_rows_by_shares
 
 shares_strategy = st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=1, max_size=8).filter(
     lambda s: sum(s) > 1e-6
@@ -94,3 +94,26 @@ def test_routed_rows_reproduce_the_planned_gpu_loads() -> None:
     for g, expected in enumerate(planned):
         # each replicated expert may put one row more or less on a GPU than its exact share
         assert abs(routed.get(f"gpu{g}", 0) - expected) <= len(plan.experts[g])
+
+
+def test_cross_node_rows_counts_rows_off_their_tokens_main_node() -> None:
+    def batch(worker: str, node: str, positions: list[int]) -> WorkerBatch:
+        record = WorkerRecord(worker, f"{worker}:1", (ExpertKey(0, 0),), node_id=node)
+        return WorkerBatch(record, (0,), (len(positions),), torch.tensor(positions))
+
+    # 2 slots per token: token 0 = positions 0, 1; token 1 = 2, 3; token 2 = 4, 5
+    same_node = [batch("a", "n1", [0, 2]), batch("b", "n1", [1, 3])]
+    assert cross_node_rows(same_node, 2) == 0
+    split = [batch("a", "n1", [0, 2, 4, 5]), batch("c", "n2", [1, 3])]
+    assert cross_node_rows(split, 2) == 2  # tokens 0 and 1 each have one row off node n1
+
+
+def test_shared_rows_of_two_experts_meet_on_one_node_in_token_order() -> None:
+    registry = InProcessRegistry()
+    for worker, node in (("a", "n1"), ("b", "n2")):
+        registry.register(WorkerRecord(worker, f"{worker}:1", (ExpertKey(0, 0), ExpertKey(0, 1)), node_id=node))
+    table = {ExpertKey(0, e): {"a": 0.5, "b": 0.5} for e in (0, 1)}
+    # 100 tokens, top-2: token t's rows are positions 2t (expert 0) and 2t + 1 (expert 1)
+    segments = {0: torch.arange(0, 200, 2), 1: torch.arange(1, 200, 2)}
+    batches = assign_workers(0, segments, registry, lambda r: 0.0, random.Random(0), replica_shares=table.get)
+    assert cross_node_rows(batches, 2) == 0
