@@ -9,6 +9,9 @@ The formulation is DeepSeek's EPLB (expert-parallel load balancer), single level
 The load of a replica is its expert's load divided by the expert's replica count (routers split
 and spread an expert's rows over its replicas).
 
+`plan_node_aware_rebalance` is the live controller's policy: the node-aware placement planner
+(moe_serve.placement_planner) with weighted replica shares, which the router then follows.
+
 Applied live with hysteresis (`should_apply`): a new placement replaces the current one only if it
 lowers the max/mean worker-load ratio by a margin, so measurement noise does not make it flap.
 """
@@ -81,6 +84,8 @@ class Rebalance:
     placement: list[set[ExpertKey]]
     current_imbalance: float
     new_imbalance: float
+    # per worker, the share of each held expert's rows it takes (node-aware plans); None: equal split
+    shares: list[dict[ExpertKey, float]] | None = None
 
 
 def plan_rebalance(
@@ -91,6 +96,38 @@ def plan_rebalance(
     counts = replicate(loads, slots_per_worker * workers, max_replicas=workers)
     placement = pack(loads, counts, workers)
     return Rebalance(placement, imbalance(loads, current), imbalance(loads, placement))
+
+
+def plan_node_aware_rebalance(
+    loads: Mapping[ExpertKey, float],
+    current: Sequence[set[ExpertKey]],
+    node_of_worker: Sequence[int],
+    slots_per_worker: int,
+    layer: int,
+    num_experts: int,
+    num_groups: int | None = None,
+) -> Rebalance:
+    """The placement planner's plan (moe_serve.placement_planner) for one layer on the current workers,
+    each worker one "GPU" on its Ray node (node_of_worker: 0..N-1), with its replica shares."""
+    import numpy as np
+
+    from moe_serve.placement_figures import gpu_loads
+    from moe_serve.placement_planner import ClusterShape, group_of_experts, plan_layer
+
+    layer_loads = np.array([float(loads.get(ExpertKey(layer, e), 0.0)) for e in range(num_experts)])
+    shape = ClusterShape(tuple(node_of_worker), slots_per_worker)
+    plan = plan_layer(layer_loads, shape, group_of_experts(num_experts, num_groups))
+    per_worker = gpu_loads(layer_loads, plan)
+    mean = float(per_worker.mean())
+    return Rebalance(
+        placement=[{ExpertKey(layer, e) for e in experts} for experts in plan.experts],
+        current_imbalance=imbalance(loads, current),
+        new_imbalance=float(per_worker.max()) / mean if mean > 0 else 1.0,
+        shares=[
+            {ExpertKey(layer, e): share for e, share in zip(experts, shares, strict=True)}
+            for experts, shares in zip(plan.experts, plan.shares, strict=True)
+        ],
+    )
 
 
 def should_apply(plan: Rebalance, min_gain: float = 0.15) -> bool:

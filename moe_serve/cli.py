@@ -15,7 +15,7 @@ from moe_serve.commands.common import app
 from moe_serve.lifecycle import die_with_parent
 
 # importing a module registers its commands; this order is the order of the help screen's panels
-COMMAND_MODULES = ("stack", "services", "client", "tools", "security")
+COMMAND_MODULES = ("stack", "services", "client", "tools", "planning", "security")
 for _module in COMMAND_MODULES:
     importlib.import_module(f"moe_serve.commands.{_module}")
 

@@ -381,7 +381,7 @@ class WorkerPoolSettings(CommonSettings):
     )
     dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
     rebalance_interval_s: float = Field(
-        0.0, ge=0.0, description="Hot-expert replication: run the EPLB balancer this often (0 = off)."
+        0.0, ge=0.0, description="Node-aware expert placement (placement_planner): rebalance this often (0 = off)."
     )
     autoscale_max_workers: int = Field(0, ge=0, description="Autoscaling: upper bound of workers (0 = off).")
     autoscale_min_workers: int = Field(0, ge=0, description="Autoscaling: lower bound (0 = the starting count).")

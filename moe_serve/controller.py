@@ -24,7 +24,7 @@ from typing import Any
 
 import ray
 
-from moe_serve.balancer import AutoscalePolicy, plan_rebalance, should_apply
+from moe_serve.balancer import AutoscalePolicy, plan_node_aware_rebalance, should_apply
 from moe_serve.config import CommonSettings
 from moe_serve.placement import ExpertKey, plan_placement
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
@@ -64,6 +64,9 @@ class PlacementShape:
 
     moe_layers: tuple[int, ...]
     num_placed_experts: int
+    # the router's expert groups (DeepSeek's n_group), which node-aware rebalancing keeps on one node
+    # where balance allows; None: no groups (or a shared expert, which belongs to none)
+    expert_groups: int | None = None
 
 
 class DeploymentController:
@@ -102,6 +105,8 @@ class DeploymentController:
         self._channel = open_channel(router_address, [], self._credentials)
         self._router = moe_grpc.RouterStub(self._channel)
         self._last_load: dict[ExpertKey, int] = {}
+        # the replica shares last sent to the router (rebalance); cleared when workers change otherwise
+        self._shares: dict[ExpertKey, dict[str, float]] = {}
         self._policy_stop = threading.Event()
         self.events: list[str] = []
         # workers are detached actors named after this controller, so they outlive its process: a
@@ -159,6 +164,8 @@ class DeploymentController:
         if workers < 1:
             raise ValueError("need at least one worker")
         with self._lock:
+            if self._shares:  # they name the old workers; the new ones are chosen by load until a rebalance
+                self._set_shares({})
             old = list(self._workers)
             new = [
                 self._add_worker(set(a.experts))
@@ -179,6 +186,8 @@ class DeploymentController:
             raise ValueError(f"no expert {expert} in layer(s) {layers}")
         keys = frozenset(ExpertKey(lay, expert) for lay in layers)
         with self._lock:
+            if self._shares:  # a replica added or removed here has no planned share: choose by load again
+                self._set_shares({})
             current = self._replica_count(keys)
             added = [self._add_worker(set(keys), dedicated_to=keys) for _ in range(replicas - current)]
             self._await_registered(set(added))
@@ -197,30 +206,65 @@ class DeploymentController:
 
     # ------------------------------------------------------------------ balancing
 
-    def rebalance(self, slots_per_worker: int | None = None, min_gain: float = 0.15) -> dict[str, Any]:
-        """One EPLB step per MoE layer over the load measured since the previous call; applied
-        only when it lowers the max/mean worker load by `min_gain` (hysteresis)."""
+    def rebalance(
+        self, slots_per_worker: int | None = None, min_gain: float = 0.15, num_groups: int | None = None
+    ) -> dict[str, Any]:
+        """One node-aware placement step per MoE layer over the load measured since the previous call
+        (balancer.plan_node_aware_rebalance: nodes are the workers' Ray node ids, each worker one
+        GPU); applied only when it lowers the max/mean worker load by `min_gain` (hysteresis). The
+        plan's replica shares then go to the router, which splits each expert's rows by them."""
         with self._lock:
             loads = self._window_load()
             worker_ids = sorted(self._workers)
             report: dict[str, Any] = {"applied": False, "layers": {}}
             if not loads or sum(loads.values()) == 0 or len(worker_ids) < 2:
                 return report
+            node_of = {r.worker_id: r.node_id for r in self._registered()}
+            nodes = sorted({node_of.get(w, "") for w in worker_ids})
+            node_of_worker = [nodes.index(node_of.get(w, "")) for w in worker_ids]
+            report["nodes"] = len(nodes)
             target = {w: set(self._workers[w].experts) for w in worker_ids}
+            shares = dict(self._shares)
+            slots = slots_per_worker or -(-self.shape.num_placed_experts // len(worker_ids)) + 1
             for layer in self.shape.moe_layers:
-                layer_loads = {k: float(v) for k, v in loads.items() if k.layer == layer}
                 current = [{k for k in self._workers[w].experts if k.layer == layer} for w in worker_ids]
-                slots = slots_per_worker or -(-self.shape.num_placed_experts // len(worker_ids)) + 1
-                plan = plan_rebalance(layer_loads, current, slots)
+                plan = plan_node_aware_rebalance(
+                    loads,
+                    current,
+                    node_of_worker,
+                    slots,
+                    layer,
+                    self.shape.num_placed_experts,
+                    num_groups or self.shape.expert_groups,
+                )
                 report["layers"][layer] = {"imbalance": plan.current_imbalance, "planned": plan.new_imbalance}
                 if should_apply(plan, min_gain):
                     for worker_id, keys in zip(worker_ids, plan.placement, strict=True):
                         target[worker_id] = {k for k in target[worker_id] if k.layer != layer} | keys
+                    shares = {key: value for key, value in shares.items() if key.layer != layer}
+                    for worker_id, held in zip(worker_ids, plan.shares or [], strict=True):
+                        for key, share in held.items():
+                            shares.setdefault(key, {})[worker_id] = share
                     report["applied"] = True
             if report["applied"]:
                 self._apply_placement(target)
+                self._set_shares(shares)
                 self._event(f"rebalanced: {report['layers']}")
             return report
+
+    def _set_shares(self, shares: dict[ExpertKey, dict[str, float]]) -> None:
+        """The router's replica shares (an empty table: replicas chosen by load again)."""
+        self._shares = shares
+        message = moe_pb2.ReplicaShares(
+            shares=[
+                moe_pb2.ReplicaShare(
+                    expert=moe_pb2.ExpertKey(layer=key.layer, expert=key.expert), worker_id=worker_id, share=share
+                )
+                for key, by_worker in sorted(shares.items())
+                for worker_id, share in sorted(by_worker.items())
+            ]
+        )
+        self._router.SetReplicaShares(message, timeout=10)
 
     def run_policies(
         self, rebalance_interval_s: float = 0.0, autoscale: dict[str, Any] | None = None, check_interval_s: float = 5.0

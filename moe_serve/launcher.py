@@ -331,7 +331,11 @@ def start_controller(
             model_name,
             # workers may start on other hosts: a Hub snapshot goes as its id pinned to the commit
             portable_reference(checkpoint),
-            PlacementShape(tuple(spec.moe_layers), spec.num_placed_experts),
+            PlacementShape(
+                tuple(spec.moe_layers),
+                spec.num_placed_experts,
+                spec.routing.num_groups if spec.routing.num_groups > 1 and not spec.num_shared_slots else None,
+            ),
             worker_settings,
             router_address,
             settings.worker_num_gpus,

@@ -132,11 +132,16 @@ class Dispatcher:
         self.tracer = tracer or trace.get_tracer(__name__)
         self.max_message_bytes = max_message_bytes
         self.metrics, self.hints = metrics, hints
+        # the placement planner's share of an expert's rows per worker id, set by SetReplicaShares
+        self.replica_shares: dict[ExpertKey, dict[str, float]] = {}
         self.retry_budget = RetryBudget()
         if metrics is not None:
             metrics.retry_budget = self.retry_budget
         # rows sent per (layer, expert) since start: the load the balancer measures
         self.expert_rows: Counter[ExpertKey] = Counter()
+        # rows per worker id, and per layer the rows sent off their token's main node (planner.cross_node_rows)
+        self.worker_rows: Counter[str] = Counter()
+        self.cross_node_rows: Counter[int] = Counter()
         # same host: each worker stream offers a shared-memory arena of this size (moe_serve/shared_arena.py)
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
             lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream,
@@ -174,8 +179,17 @@ class Dispatcher:
     ) -> list[WorkerBatch]:
         """Replicas for each expert's rows (see planner.assign_workers), with this router's load view."""
         resident = self.hints.resident if self.hints is not None else None
+        shares = self.replica_shares
         return assign_workers(
-            layer, segments, self.registry, self.load, self.rng, excluded, self.split_min_rows, resident
+            layer,
+            segments,
+            self.registry,
+            self.load,
+            self.rng,
+            excluded,
+            self.split_min_rows,
+            resident,
+            (lambda key: shares.get(key, {})) if shares else None,
         )
 
     def launch(self, job: DispatchJob, batches: list[WorkerBatch]) -> asyncio.Future[None]:
@@ -283,6 +297,7 @@ class Dispatcher:
         if attempt == 1:  # the balancer measures demand: rows sent, retries not counted again
             for expert, count in zip(batch.experts, batch.counts, strict=True):
                 self.expert_rows[ExpertKey(job.layer, expert)] += count
+            self.worker_rows[worker_id] += batch.num_rows
         if self.metrics is not None:
             self.metrics.wire("router_to_worker", "sent", payload)
         self._outstanding_rows[worker_id] += batch.num_rows

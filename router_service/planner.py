@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -110,6 +110,8 @@ class WorkerBatch:
 
 # outstanding work of a replica; math.inf for one that just failed (avoided while another exists)
 ReplicaLoad = Callable[[WorkerRecord], float]
+# the placement planner's share of an expert's rows per worker id (an empty mapping: no shares)
+ReplicaShares = Callable[[ExpertKey], Mapping[str, float]]
 RESIDENT_SLACK_ROWS = 256
 
 
@@ -141,6 +143,7 @@ def assign_workers(
     excluded: frozenset[str] = frozenset(),
     split_min_rows: int = 0,
     resident: Callable[[WorkerRecord, ExpertKey], bool] | None = None,
+    replica_shares: ReplicaShares | None = None,
 ) -> list[WorkerBatch]:
     """Pick replicas for each expert and bundle each worker's experts into one batch.
 
@@ -150,6 +153,9 @@ def assign_workers(
         over up to rows // split_min_rows of its least-loaded replicas (0: never split), so a hot
         expert's rows are computed in parallel.
     resident: whether a replica holds the expert in its device tier (offloading workers), preferred.
+    replica_shares: the placement planner's share of an expert's rows per worker id; an expert that
+        has shares is split over its healthy replicas in those proportions (split_rows_by_shares),
+        overriding the choices above; experts without shares keep them.
     Raises ExpertUnavailable naming the expert when no live replica is left.
     """
     chosen: dict[str, tuple[WorkerRecord, list[int], list[torch.Tensor]]] = {}
@@ -161,6 +167,20 @@ def assign_workers(
             )
         positions = expert_segments[expert]
         healthy = [r for r in replicas if load(r) != math.inf] or list(replicas)
+        shares = replica_shares(ExpertKey(layer, expert)) if replica_shares is not None else {}
+        # ordered by node: an expert's rows are in token order, so every expert split this way sends
+        # its first tokens to the first node, and a token's rows tend to meet on one node
+        weighted = sorted(
+            (r for r in healthy if shares.get(r.worker_id, 0.0) > 0), key=lambda r: (r.node_id, r.worker_id)
+        )
+        if weighted:
+            counts = split_rows_by_shares(positions.numel(), [shares[r.worker_id] for r in weighted], rng)
+            for worker, piece in zip(weighted, torch.split(positions, counts), strict=True):
+                if piece.numel():
+                    entry = chosen.setdefault(worker.worker_id, (worker, [], []))
+                    entry[1].append(expert)
+                    entry[2].append(piece)
+            continue
         parts = min(len(healthy), positions.numel() // split_min_rows) if split_min_rows else 1
         if parts <= 1:
             key = ExpertKey(layer, expert)
@@ -182,6 +202,46 @@ def assign_workers(
         )
         for worker, experts, pieces in chosen.values()
     ]
+
+
+def split_rows_by_shares(rows: int, shares: Sequence[float], rng: random.Random) -> list[int]:
+    """Rows per replica for an expert's `rows` rows split in proportion to `shares` (renormalised
+    over the replicas given, e.g. the healthy ones): floor(rows x share) each, and the rows left over
+    by systematic sampling of the fractional parts (points u, u + 1, ... with u uniform in [0, 1) laid
+    over their running sum), so each replica gets its floor or one more and its expected count is
+    exactly rows x share, which is what the placement planner balanced for, even at one row per
+    request. The counts always sum to `rows`."""
+    total = sum(shares)
+    if not shares or total <= 0 or min(shares) < 0:
+        raise ValueError(f"replica shares must be non-negative with a positive sum, got {list(shares)}")
+    exact = [rows * share / total for share in shares]
+    counts = [math.floor(value) for value in exact]
+    point, running = rng.random(), 0.0
+    for index, (value, count) in enumerate(zip(exact, counts, strict=True)):
+        running += value - count
+        while point < running and sum(counts) < rows:
+            counts[index] += 1
+            point += 1.0
+    if short := rows - sum(counts):  # the running sum fell a rounding error short of its whole number
+        counts[max(range(len(counts)), key=lambda i: exact[i] - counts[i])] += short
+    return counts
+
+
+def cross_node_rows(batches: Sequence[WorkerBatch], slots_per_token: int) -> int:
+    """Rows sent to a node other than the one that gets most of their token's rows: what crosses
+    nodes if each token is sent once to its main node and fanned out there (ties: any one node)."""
+    if not batches:
+        return 0
+    nodes = sorted({batch.worker.node_id for batch in batches})
+    if len(nodes) == 1:
+        return 0
+    positions = torch.cat([batch.positions for batch in batches])
+    node_of_row = torch.cat(
+        [torch.full((batch.num_rows,), nodes.index(batch.worker.node_id), dtype=torch.int64) for batch in batches]
+    )
+    tokens = torch.div(positions, slots_per_token, rounding_mode="floor")
+    per_token_node = torch.bincount(tokens * len(nodes) + node_of_row, minlength=(int(tokens.max()) + 1) * len(nodes))
+    return int(positions.numel() - per_token_node.view(-1, len(nodes)).max(dim=1).values.sum())
 
 
 def split_batch(batch: WorkerBatch, max_rows: int) -> list[WorkerBatch]:

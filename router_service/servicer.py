@@ -19,7 +19,7 @@ from moe_serve.streams import serve_stream
 from moe_serve.telemetry import ROUTE_STREAM, child_span, extract_context, rpc_span
 from router_service.fanout import Dispatcher, DispatchJob, LocalDelivery
 from router_service.metrics import RouterMetrics
-from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, segments_of
+from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, cross_node_rows, segments_of
 
 
 class RouterServicer(moe_grpc.RouterServicer):
@@ -105,6 +105,7 @@ class RouterServicer(moe_grpc.RouterServicer):
             self.metrics.gating(time.perf_counter() - started)
         with child_span(self.tracer, "router.dispatch"):
             batches = self.dispatcher.assign(request.layer, segments_of(decision.groups))
+            self.dispatcher.cross_node_rows[request.layer] += cross_node_rows(batches, decision.slots_per_token)
             self._check_replica_bound(batches, request.max_inflight_rows_per_replica)
             # the background sends inherit this span's context (asyncio tasks copy the context)
             rows_written = self.dispatcher.launch(
@@ -164,8 +165,22 @@ class RouterServicer(moe_grpc.RouterServicer):
                     replicas=len(self.registry.replicas(key)),
                 )
                 for key in self._all_experts
-            ]
+            ],
+            worker_rows=dict(self.dispatcher.worker_rows),
+            cross_node_rows=dict(self.dispatcher.cross_node_rows),
         )
+
+    async def SetReplicaShares(
+        self, request: moe_pb2.ReplicaShares, context: aio.ServicerContext
+    ) -> moe_pb2.ReplicaSharesAck:
+        table: dict[ExpertKey, dict[str, float]] = {}
+        for item in request.shares:
+            if not item.share >= 0:  # also refuses NaN
+                raise InvalidInput(f"replica share {item.share} of worker {item.worker_id!r} is not >= 0")
+            key = ExpertKey(item.expert.layer, item.expert.expert)
+            table.setdefault(key, {})[item.worker_id] = item.share
+        self.dispatcher.replica_shares = table
+        return moe_pb2.ReplicaSharesAck(experts=len(table))
 
     async def ListWorkers(
         self, request: moe_pb2.ListWorkersRequest, context: aio.ServicerContext

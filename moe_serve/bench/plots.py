@@ -127,11 +127,16 @@ def latency_cdf_figure(result: dict[str, Any]) -> Figure:
 
 
 def write_plots(result: dict[str, Any], output_dir: Path, stem: str = "latest") -> list[Path]:
-    """Write `<stem>-throughput.png` and (when samples exist) `<stem>-latency-cdf.png`; returns the paths."""
+    """Write `<stem>-throughput.png`, and when their data exist `<stem>-latency-cdf.png` and
+    `<stem>-placement.png`; returns the paths."""
     output_dir.mkdir(parents=True, exist_ok=True)
     figures = {"throughput": throughput_figure(result)}
     if result.get("t1_samples_ms"):
         figures["latency-cdf"] = latency_cdf_figure(result)
+    if result.get("placement"):
+        from moe_serve.bench.placement_report import placement_figure
+
+        figures["placement"] = placement_figure(result["placement"])
     paths = []
     for name, figure in figures.items():
         path = output_dir / f"{stem}-{name}.png"

@@ -3,7 +3,8 @@
 Expert choice follows a Zipf-like law: each token leans towards one expert drawn with the hot
 expert (0) first, so that expert receives at least ~40% of all rows. The same requests run twice
 against one stack: first with the standard placement (one replica per expert), then after the
-EPLB balancer replicated the hot expert within the same worker budget.
+controller's rebalance (the node-aware placement planner) replicated the hot expert within the
+same worker budget.
 """
 
 from __future__ import annotations

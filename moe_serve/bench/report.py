@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from moe_serve.bench.placement_report import print_placement_report
 from moe_serve.bench.runner import BenchResult
 
 
@@ -357,3 +358,4 @@ def bench_report(result: BenchResult, console: Console) -> None:
     print_replication_report(result, console)
     print_offload_report(result, console)
     print_internal_auth_report(result, console)
+    print_placement_report(result.placement, console)

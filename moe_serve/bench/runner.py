@@ -51,7 +51,7 @@ VERIFY_TOKENS = 64
 
 # sections that run with device cuda (auth times gRPC hops alone, on any machine; thin places its
 # workers and the monolithic peer on the GPU as the core run does)
-GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity", "auth", "thin"})
+GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity", "auth", "thin", "placement"})
 # the order run_bench runs the optional sections in (after starting the subjects and the core comparison)
 SECTION_ORDER = (
     "rayserve",
@@ -60,6 +60,7 @@ SECTION_ORDER = (
     "concurrency",
     "capacity",
     "thin",
+    "placement",
     "auth",
     "replication",
     "offload",
@@ -91,6 +92,7 @@ class BenchConfig:
         "offload",
         "auth",
         "thin",
+        "placement",
     )
     # rayserve: concurrent callers at this T, each sending this many requests over all rounds
     rayserve_tokens: int = 256
@@ -146,6 +148,8 @@ class BenchResult:
     gpu: dict[str, Any] = field(default_factory=dict)
     # what authenticating internal hops costs per message: cluster token against mutual TLS (bench.auth_cost)
     internal_auth: dict[str, Any] = field(default_factory=dict)
+    # expert placement policies on synthetic (and recorded) load matrices (bench.placement)
+    placement: dict[str, Any] = field(default_factory=dict)
     # raw T=1 latencies (ms) per subject, for the latency CDF plot
     t1_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
@@ -606,6 +610,11 @@ def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> B
         from moe_serve.bench.thin import thin_section
 
         result.fast_path["thin"] = thin_section(config, inputs)
+    if "placement" in config.sections:
+        progress.start("placement")
+        from moe_serve.bench.placement import placement_comparison
+
+        result.placement = placement_comparison()
     if "auth" in config.sections:
         progress.start("auth")
         from moe_serve.bench.auth_cost import measure as measure_auth_cost

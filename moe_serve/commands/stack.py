@@ -81,7 +81,7 @@ def up(
         typer.Option("--allow-client-shm", help="Triton's system shared-memory extension on the gateway (off)."),
     ] = None,
     rebalance: Annotated[
-        float | None, typer.Option(help="Hot-expert replication: run the EPLB balancer every this many seconds.")
+        float | None, typer.Option(help="Node-aware expert placement: rebalance every this many seconds.")
     ] = None,
     autoscale_max_workers: Annotated[int | None, typer.Option(help="Autoscale workers up to this many.")] = None,
     autoscale_min_workers: Annotated[int | None, typer.Option(help="Autoscale down to this many.")] = None,
@@ -161,7 +161,7 @@ def workers(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster to deploy on (default: a local one).")] = None,
     worker_num_gpus: Annotated[float | None, typer.Option(help="GPUs per worker actor (1 on a GPU cluster).")] = None,
     worker_num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray reserves per worker actor.")] = None,
-    rebalance: Annotated[float | None, typer.Option(help="Run the EPLB balancer every this many seconds.")] = None,
+    rebalance: Annotated[float | None, typer.Option(help="Node-aware placement: rebalance every N seconds.")] = None,
     autoscale_max_workers: Annotated[int | None, typer.Option(help="Autoscale workers up to this many.")] = None,
     autoscale_min_workers: Annotated[int | None, typer.Option(help="Autoscale down to this many.")] = None,
     device_memory_budget: DeviceMemoryBudget = None,

@@ -96,9 +96,10 @@ def bench(
         typer.Option(
             help="Extra sections, comma-separated: rayserve, sweep, concurrency, capacity, replication, offload, "
             "auth (cluster token against mutual TLS per internal message), thin (served vs the monolithic peer "
-            "with experts of width 8: the data path alone), pipelining ('' for none)."
+            "with experts of width 8: the data path alone), pipelining, placement (expert placement policies on "
+            "synthetic loads, no stack) ('' for none)."
         ),
-    ] = "rayserve,sweep,concurrency,capacity,replication,offload,auth,thin",
+    ] = "rayserve,sweep,concurrency,capacity,replication,offload,auth,thin,placement",
     output_dir: Annotated[Path, typer.Option(help="Where the JSON results and PNG plots go.")] = Path(
         "benchmarks/results"
     ),
@@ -106,9 +107,26 @@ def bench(
         Path | None, typer.Option(help="Only redraw the PNG plots of this results JSON (beside it), then exit.")
     ] = None,
     quiet: Quiet = False,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            help="Run this one section alone, without a stack: placement (writes placement.json and "
+            "placement.png to --output-dir)."
+        ),
+    ] = None,
+    placement_trace: Annotated[
+        Path | None,
+        typer.Option(help="placement: also place this recorded load matrix (.npy, [layers, experts] rows)."),
+    ] = None,
+    placement_trace_shape: Annotated[
+        str, typer.Option(help="placement: the trace's cluster as nodes,gpus_per_node,slots_per_gpu,groups.")
+    ] = "2,4,9,8",
 ) -> None:
     """Measure the served layer against the in-process transformers block, a gRPC echo and Ray Serve, in one run."""
-    require_extra("bench", "bench", BENCH_MODULES if plot_only is None else ("matplotlib",))
+    require_extra("bench", "bench", BENCH_MODULES if plot_only is None and only is None else ("matplotlib",))
+    if only is not None:
+        run_section_alone(only, output_dir, placement_trace, placement_trace_shape)
+        return
     if plot_only is not None:
         from moe_serve.bench.plots import plot_result_file
 
@@ -147,6 +165,30 @@ def bench(
     bench_report(result, Console())
     for path in write_result(result, output_dir):
         console.print(f"written: {path}")
+
+
+def run_section_alone(section: str, output_dir: Path, trace: Path | None, trace_shape: str) -> None:
+    """`bench --only SECTION`: the sections that need no served stack."""
+    import json
+
+    from moe_serve.bench.placement import placement_comparison
+    from moe_serve.bench.placement_report import print_placement_report, write_placement_plot
+
+    if section != "placement":
+        console.print(f"[red]error[/red]: --only runs the placement section alone, not {section!r}")
+        raise typer.Exit(2)
+    try:
+        nodes, gpus, slots, groups = (int(part) for part in trace_shape.split(","))
+    except ValueError:
+        console.print(f"[red]error[/red]: --placement-trace-shape takes four numbers, not {trace_shape!r}")
+        raise typer.Exit(2) from None
+    result = placement_comparison(trace=trace, trace_shape=(nodes, gpus, slots, groups))
+    print_placement_report(result, Console())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "placement.json"
+    path.write_text(json.dumps(result, indent=2))
+    console.print(f"written: {path}")
+    console.print(f"written: {write_placement_plot(result, output_dir / 'placement.png')}")
 
 
 @app.command(rich_help_panel="Tools")

@@ -144,10 +144,50 @@ class ExpertLoad(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., rows: _Optional[int] = ..., replicas: _Optional[int] = ...) -> None: ...
 
 class ExpertLoadReply(_message.Message):
+    __slots__ = ("experts", "worker_rows", "cross_node_rows")
+    class WorkerRowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class CrossNodeRowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ROWS_FIELD_NUMBER: _ClassVar[int]
+    CROSS_NODE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    experts: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
+    worker_rows: _containers.ScalarMap[str, int]
+    cross_node_rows: _containers.ScalarMap[int, int]
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., worker_rows: _Optional[_Mapping[str, int]] = ..., cross_node_rows: _Optional[_Mapping[int, int]] = ...) -> None: ...
+
+class ReplicaShare(_message.Message):
+    __slots__ = ("expert", "worker_id", "share")
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    expert: ExpertKey
+    worker_id: str
+    share: float
+    def __init__(self, expert: _Optional[_Union[ExpertKey, _Mapping]] = ..., worker_id: _Optional[str] = ..., share: _Optional[float] = ...) -> None: ...
+
+class ReplicaShares(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[ReplicaShare]
+    def __init__(self, shares: _Optional[_Iterable[_Union[ReplicaShare, _Mapping]]] = ...) -> None: ...
+
+class ReplicaSharesAck(_message.Message):
     __slots__ = ("experts",)
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
-    experts: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ...) -> None: ...
+    experts: int
+    def __init__(self, experts: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker", "ttl_s")

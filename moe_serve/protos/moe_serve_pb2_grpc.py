@@ -54,6 +54,11 @@ class RouterStub(object):
                 request_serializer=moe__serve__pb2.ExpertLoadRequest.SerializeToString,
                 response_deserializer=moe__serve__pb2.ExpertLoadReply.FromString,
                 _registered_method=True)
+        self.SetReplicaShares = channel.unary_unary(
+                '/moe_serve.v1.Router/SetReplicaShares',
+                request_serializer=moe__serve__pb2.ReplicaShares.SerializeToString,
+                response_deserializer=moe__serve__pb2.ReplicaSharesAck.FromString,
+                _registered_method=True)
 
 
 class RouterServicer(object):
@@ -84,6 +89,12 @@ class RouterServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetReplicaShares(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -106,6 +117,11 @@ def add_RouterServicer_to_server(servicer, server):
                     servicer.GetExpertLoad,
                     request_deserializer=moe__serve__pb2.ExpertLoadRequest.FromString,
                     response_serializer=moe__serve__pb2.ExpertLoadReply.SerializeToString,
+            ),
+            'SetReplicaShares': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetReplicaShares,
+                    request_deserializer=moe__serve__pb2.ReplicaShares.FromString,
+                    response_serializer=moe__serve__pb2.ReplicaSharesAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -216,6 +232,33 @@ class Router(object):
             '/moe_serve.v1.Router/GetExpertLoad',
             moe__serve__pb2.ExpertLoadRequest.SerializeToString,
             moe__serve__pb2.ExpertLoadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetReplicaShares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/moe_serve.v1.Router/SetReplicaShares',
+            moe__serve__pb2.ReplicaShares.SerializeToString,
+            moe__serve__pb2.ReplicaSharesAck.FromString,
             options,
             channel_credentials,
             insecure,

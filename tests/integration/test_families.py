@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from moe_serve.client import RemoteMoE, patch_model
-from moe_serve_client.patching import block_attribute, router_recorder
 from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, launch_stack
+from moe_serve_client.patching import block_attribute, router_recorder
 from tests.families import (
     DECODER,
     FAMILIES,

@@ -60,3 +60,29 @@ def test_autoscale_policy_needs_a_full_window_and_respects_bounds() -> None:
     assert [policy.decide(3, 0, 0) for _ in range(3)] == [3, 3, 2]
     assert [policy.decide(2, 0, 0) for _ in range(3)] == [2, 2, 2]  # at the minimum
     assert [policy.decide(2, 500, 9), policy.decide(2, 0, 9), policy.decide(2, 500, 9)] == [2, 2, 2]  # not sustained
+
+
+def test_node_aware_rebalance_balances_workers_keeps_groups_on_nodes_and_gives_shares() -> None:
+    from moe_serve.balancer import plan_node_aware_rebalance
+
+    # 16 experts in 2 groups; 4 workers on 2 Ray nodes; expert 3 is hot
+    loads = {ExpertKey(1, e): 10.0 for e in range(16)}
+    loads[ExpertKey(1, 3)] = 200.0
+    current = [{ExpertKey(1, e) for e in range(w * 4, w * 4 + 4)} for w in range(4)]
+    plan = plan_node_aware_rebalance(loads, current, [0, 0, 1, 1], slots_per_worker=6, layer=1, num_experts=16)
+    assert plan.new_imbalance < plan.current_imbalance and plan.new_imbalance < 1.3
+    assert set().union(*plan.placement) == set(loads)
+    assert all(len(held) <= 6 for held in plan.placement)
+    assert plan.shares is not None
+    totals: dict[ExpertKey, float] = {}
+    for held in plan.shares:
+        for key, share in held.items():
+            totals[key] = totals.get(key, 0.0) + share
+    assert all(abs(total - 1.0) < 1e-9 for total in totals.values())
+    grouped = plan_node_aware_rebalance(loads, current, [0, 0, 1, 1], 6, layer=1, num_experts=16, num_groups=2)
+    node_of_expert = {key: {w // 2 for w, held in enumerate(grouped.placement) if key in held} for key in loads}
+    # the cold group sits whole on one node
+    cold = {frozenset(node_of_expert[ExpertKey(1, e)]) for e in range(8, 16)} | {
+        frozenset(node_of_expert[ExpertKey(1, e)]) for e in range(8) if e != 3
+    }
+    assert all(len(nodes) == 1 for nodes in cold)
