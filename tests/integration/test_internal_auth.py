@@ -80,7 +80,7 @@ def test_a_stranger_is_refused_everywhere_and_answers_stay_exact(fp32_stack: Sta
     load.start()
     try:
         methods = internal_methods(fp32_stack)
-        assert len(methods) == 19  # 4 router + 2 registry + 5 on each of 2 workers + 2 admin + 1 delivery
+        assert len(methods) == 20  # 5 router + 2 registry + 5 on each of 2 workers + 2 admin + 1 delivery
         refusals = {}
         for address, method, streaming in methods:
             with grpc.insecure_channel(address) as plain, open_channel(address, [], ANOTHER_CLUSTER) as other:
