@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import ray
 
 from moe_serve.balancer import AutoscalePolicy, plan_node_aware_rebalance, should_apply
 from moe_serve.config import CommonSettings
+from moe_serve.grpc_utils import QUICK_RECONNECT
 from moe_serve.placement import ExpertKey, plan_placement
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
@@ -102,7 +104,7 @@ class DeploymentController:
         self._lock = threading.RLock()
         # the workers' own credentials (cluster secret, internal TLS): the controller calls the same services
         self._credentials = ClusterCredentials.from_settings(CommonSettings(**worker_settings))
-        self._channel = open_channel(router_address, [], self._credentials)
+        self._channel = open_channel(router_address, QUICK_RECONNECT, self._credentials)
         self._router = moe_grpc.RouterStub(self._channel)
         self._last_load: dict[ExpertKey, int] = {}
         # the replica shares last sent to the router (rebalance); cleared when workers change otherwise
@@ -319,16 +321,11 @@ class DeploymentController:
     # ------------------------------------------------------------------ internals
 
     def _worker_actor_name(self, worker_id: str) -> str:
-        return f"{self._name}/{worker_id}"
+        return worker_actor_name(self._name, worker_id)
 
     def _named_workers(self) -> list[str]:
         """Worker ids of the live worker actors named after this controller."""
-        prefix = self._worker_actor_name("")
-        return [
-            entry["name"].removeprefix(prefix)
-            for entry in ray.util.list_named_actors(all_namespaces=True)
-            if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix)
-        ]
+        return named_workers(self._name)
 
     def _remove_predecessors_workers(self) -> None:
         """A new controller of the same name (its stack restarted within the seconds its old workers
@@ -417,14 +414,25 @@ class DeploymentController:
         return self._stubs[address]
 
     def _registered(self) -> list[WorkerRecord]:
-        reply = self._router.ListWorkers(moe_pb2.ListWorkersRequest(), timeout=10)
+        # the router may still be starting (launcher.launch_stack starts it beside the workers)
+        reply = self._router.ListWorkers(moe_pb2.ListWorkersRequest(), timeout=10, wait_for_ready=True)
         return [WorkerRecord.from_proto(info) for info in reply.workers]
+
+    def _registered_ids(self) -> set[str]:
+        """Ids of the registered workers; none while the router is not up yet (launcher.launch_stack
+        starts it beside the workers, and a slow machine may take longer than one call's timeout)."""
+        try:
+            return {record.worker_id for record in self._registered()}
+        except grpc.RpcError as error:
+            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return set()
+            raise
 
     def _await_registered(self, worker_ids: set[str]) -> None:
         """Wait for new workers to register; on timeout remove them, so a failed change leaves the
         placement as it was (not a partial one that completes later, unannounced)."""
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
-        while not worker_ids <= {r.worker_id for r in self._registered()}:
+        while not worker_ids <= self._registered_ids():
             if time.monotonic() > deadline:
                 for worker_id in worker_ids & set(self._workers):
                     ray.kill(self._workers.pop(worker_id).handle, no_restart=True)
@@ -448,6 +456,21 @@ class DeploymentController:
     def _event(self, text: str) -> None:
         logger.info("controller: %s", text)
         self.events.append(f"{time.strftime('%H:%M:%S')} {text}")
+
+
+def worker_actor_name(controller: str, worker_id: str) -> str:
+    """The Ray actor name of a worker the controller named `controller` started."""
+    return f"{controller}/{worker_id}"
+
+
+def named_workers(controller: str) -> list[str]:
+    """Worker ids of the live worker actors named after the controller named `controller`."""
+    prefix = worker_actor_name(controller, "")
+    return [
+        entry["name"].removeprefix(prefix)
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(prefix)
+    ]
 
 
 def _expert_set(keys: set[ExpertKey]) -> moe_pb2.ExpertSet:

@@ -33,6 +33,14 @@ from moe_serve_client.protos import _pool as kserve_pool
 logger = logging.getLogger(__name__)
 
 READY_MARKER = "MOE_SERVE_READY"
+# channel options for a peer that may still be starting (workers and a controller started beside
+# their router): retry the connection every 100 ms, not after gRPC's default 1 s backoff that grows
+# from there, so the first call lands the moment the peer listens (a refused connect costs nothing)
+QUICK_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
 # grpc.health.v1 service name that answers SERVING while the process serves at all (an orchestrator's
 # liveness probe), where "" is readiness
 LIVENESS_SERVICE = "liveness"

@@ -12,11 +12,13 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from pydantic import SecretStr
 from moe_serve.allocator import ray_worker_environment
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings, WorkerPoolSettings
-from moe_serve.grpc_utils import READY_MARKER
+from moe_serve.grpc_utils import READY_MARKER, advertised_host
 from moe_serve.hub import checkpoint_name, portable_reference
 from moe_serve.lifecycle import child_environment
 from moe_serve.registry import WorkerRecord
@@ -274,15 +276,25 @@ def start_controller(
     model_name: str,
     router_address: str,
     credentials: ClusterCredentials,
+    while_starting: Callable[[], object] = lambda: None,
 ) -> tuple[Any, str]:
     """Create the deployment controller (a named Ray actor; Ray must be initialised) and its workers.
 
     Returns the controller handle and its name once every worker registered; starts the balancer
-    and autoscaling policies the settings ask for.
+    and autoscaling policies the settings ask for. `while_starting` runs while the workers start
+    (waiting for the router they register with, say); if it raises, the controller is killed and its
+    workers, which watch it, leave by themselves.
     """
     import ray
 
-    from moe_serve.controller import NAMESPACE, DeploymentController, PlacementShape, controller_name
+    from moe_serve.controller import (
+        NAMESPACE,
+        DeploymentController,
+        PlacementShape,
+        controller_name,
+        named_workers,
+        worker_actor_name,
+    )
 
     worker_settings: dict[str, Any] = {
         "host": settings.host,
@@ -347,10 +359,16 @@ def start_controller(
             policies,
         )
     )
+    starting = controller.start.remote(settings.workers)
     try:
-        ray.get(controller.start.remote(settings.workers))
+        while_starting()
+        ray.get(starting)
     except BaseException:
         ray.kill(controller)
+        # its workers would leave by themselves once they miss it (expert_service.actor); now is sooner
+        for worker_id in named_workers(name):
+            with contextlib.suppress(Exception):
+                ray.kill(ray.get_actor(worker_actor_name(name, worker_id), namespace=NAMESPACE))
         raise
     return controller, name
 
@@ -367,13 +385,15 @@ def autoscale_policy(settings: WorkerPoolSettings) -> dict[str, float] | None:
 
 
 def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0, die_with_parent: bool = False) -> Stack:
-    """Start the router (it hosts the registry unless Redis does), then the gateway and the worker
-    actors (through a deployment controller; Ray must be initialised) side by side; return once every
-    expert has a replica and the gateway listens.
+    """Start the router (it hosts the registry unless Redis does), the gateway and the worker actors
+    (through a deployment controller; Ray must be initialised) side by side; return once every expert
+    has a replica and the gateway listens. With settings.router "embedded" the router runs inside
+    the gateway.
 
-    The gateway may start before the workers: it reports not ready until the router does, and
-    starting it meanwhile hides its start-up (imports) behind theirs. With settings.router
-    "embedded" the router runs inside the gateway, which then starts first (workers register there).
+    The router's address is known before it starts (a free port held by `reserve_port` until the
+    router listens on it), so the workers and the gateway start while the router does: their start-up
+    (imports, weights) overlaps instead of queueing behind the router's. The gateway reports not ready
+    until the router does; the workers register the moment it listens.
     `die_with_parent`: the gateway and router get SIGTERM when this process dies (`moe-serve up`; the
     caller must be a thread that lives as long as the process, see moe_serve.lifecycle)."""
     import ray
@@ -384,52 +404,74 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0, d
     settings = with_cluster_secret(settings)
     credentials = ClusterCredentials.from_settings(settings)  # ValueError: a secret too short, an unreadable file
     environment = {**secret_environment(credentials), **(child_environment() if die_with_parent else {})}
+    embedded = settings.router == "embedded"
+    reservation = reserve_port(settings.host) if router_port == 0 else None
+    port = router_port if reservation is None else reservation.getsockname()[1]
     router_flags = ["--dtype", settings.dtype, "--model-name", model_name]
     router_flags += ["--prefetch" if settings.prefetch else "--no-prefetch", "--checkpoint", str(checkpoint)]
-    gateway: ServiceProcess | None = None
-    if settings.router == "embedded":
-        embedded = ["--embedded-router", "--router-port", str(router_port), *router_flags]
-        gateway = start_service_process(
-            "gateway", [*_gateway_args(settings, "", registry=True), *embedded], env=environment
-        )
-        router = embedded_router_of(gateway)
-    else:
-        router = start_service_process(
-            "router",
-            [
-                "router",
-                "--port",
-                str(router_port),
-                *router_flags,
-                *_common_flags(settings),
-                *_registry_flags(settings),
-                # the gateway takes the configured metrics port; the router any free one
-                *_metrics_flags(None if settings.prometheus_port is None else 0),
-            ],
-            env=environment,
-        )
+    processes: list[ServiceProcess] = []
     controller: Any = None
     try:
-        if gateway is None:
-            gateway = spawn_service_process("gateway", _gateway_args(settings, router.address), environment)
-        controller, name = start_controller(settings, checkpoint, model_name, router.address, credentials)
+        if embedded:
+            hosting = ["--embedded-router", "--router-port", str(port), *router_flags]
+            gateway = spawn_service_process(
+                "gateway", [*_gateway_args(settings, "", registry=True), *hosting], environment
+            )
+            processes.append(gateway)
+        else:
+            router_process = spawn_service_process(
+                "router",
+                [
+                    "router",
+                    "--port",
+                    str(port),
+                    *router_flags,
+                    *_common_flags(settings),
+                    *_registry_flags(settings),
+                    # the gateway takes the configured metrics port; the router any free one
+                    *_metrics_flags(None if settings.prometheus_port is None else 0),
+                ],
+                environment,
+            )
+            processes.append(router_process)
+        if port == 0:  # no port could be reserved: everything else waits for the one the router announces
+            processes[0].wait_ready()
+            router_address = (embedded_router_of(gateway) if embedded else router_process).address
+        else:
+            router_address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
+        if not embedded:
+            gateway = spawn_service_process("gateway", _gateway_args(settings, router_address), environment)
+            processes.append(gateway)
+        controller, name = start_controller(
+            settings,
+            checkpoint,
+            model_name,
+            router_address,
+            credentials,
+            # a service that fails to start fails the launch at once, not after the workers' timeout
+            while_starting=lambda: [process.wait_ready() for process in processes],
+        )
+        router = embedded_router_of(gateway) if embedded else router_process
+        if router.address != router_address:
+            raise RuntimeError(f"the router announced {router.address}; the workers were given {router_address}")
         wait_until_ready(router.address, credentials)
-        gateway.wait_ready()
     except BaseException:
-        if gateway is not None:
-            gateway.stop(grace_s=2)
+        for process in reversed(processes):
+            process.stop(grace_s=2)
         if controller is not None:
             with contextlib.suppress(Exception):
                 ray.get(controller.stop_all.remote(), timeout=60)
             ray.kill(controller)
-        router.stop()
         raise
+    finally:
+        if reservation is not None:
+            reservation.close()
     logger.info(
         "stack for %s (%d MoE layers, %d experts; router %s) up in %.1f s",
         model_name,
         len(spec.moe_layers),
         spec.num_experts,
-        "in the gateway" if settings.router == "embedded" else "as its own process",
+        "in the gateway" if embedded else "as its own process",
         time.monotonic() - started,
     )
     return Stack(
@@ -441,6 +483,29 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0, d
         controller_name=name,
         credentials=credentials,
     )
+
+
+def reserve_port(host: str) -> socket.socket | None:
+    """A socket bound, not listening, to a free port of `host` with SO_REUSEPORT, so a port is known
+    before the server that will listen on it starts: gRPC servers set SO_REUSEPORT too, and bind the
+    port while this socket holds it; close it once the server listens. None where SO_REUSEPORT is
+    missing or the host does not resolve (the caller then waits for the port the server announces)."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return None
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(
+            host.strip("[]"), 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        reservation = socket.socket(family, kind, protocol)
+    except OSError:
+        return None
+    try:
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        reservation.bind(address)
+    except OSError:
+        reservation.close()
+        return None
+    return reservation
 
 
 def embedded_router_of(gateway: ServiceProcess) -> ServiceProcess:

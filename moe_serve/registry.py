@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection, Iterable
 from grpc import aio
 
 from moe_serve.errors import InvalidInput
+from moe_serve.grpc_utils import QUICK_RECONNECT
 from moe_serve.outage import OutageLog
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
@@ -164,6 +165,9 @@ class RegistryServicer(moe_grpc.WorkerRegistryServicer):
         return moe_pb2.RegistryAck()
 
 
+FIRST_REGISTRATION_RETRY_S = 0.2
+
+
 class Registration:
     """Worker side: keeps this worker's record registered, re-publishing it (with fresh load) on a heartbeat.
 
@@ -178,6 +182,7 @@ class Registration:
         self.snapshot, self.ttl_s = snapshot, ttl_s
         self._task: asyncio.Task[None] | None = None
         self._outage = OutageLog(what)
+        self.registered_once = False
 
     async def start(self) -> None:
         await self.publish()
@@ -191,6 +196,7 @@ class Registration:
             self._outage.failed(error)
             return False
         self._outage.recovered()
+        self.registered_once = True
         return True
 
     async def stop(self) -> None:
@@ -207,7 +213,9 @@ class Registration:
 
     async def _heartbeat(self) -> None:
         while True:
-            await asyncio.sleep(self.ttl_s / 3)
+            # until the first registration succeeds, retry at once: the registry may be starting
+            # beside this worker (launcher.launch_stack), and serving begins with the registration
+            await asyncio.sleep(self.ttl_s / 3 if self.registered_once else FIRST_REGISTRATION_RETRY_S)
             await self.publish()
 
     async def _write(self, record: WorkerRecord) -> None:
@@ -233,11 +241,14 @@ class RouterRegistration(Registration):
         credentials: ClusterCredentials,
     ) -> None:
         super().__init__(snapshot, ttl_s, f"registration at router {router_address}")
-        self._channel = open_aio_channel(router_address, [], credentials)
+        self._channel = open_aio_channel(router_address, QUICK_RECONNECT, credentials)
         self._stub = moe_grpc.WorkerRegistryStub(self._channel)
 
     async def _write(self, record: WorkerRecord) -> None:
-        await self._stub.Register(moe_pb2.RegisterRequest(worker=record.to_proto(), ttl_s=self.ttl_s), timeout=5)
+        # until the first registration succeeds, wait for the router to listen (it may be starting
+        # beside this worker) rather than fail at once
+        request = moe_pb2.RegisterRequest(worker=record.to_proto(), ttl_s=self.ttl_s)
+        await self._stub.Register(request, timeout=5, wait_for_ready=not self.registered_once)
 
     async def _remove(self, worker_id: str) -> None:
         await self._stub.Deregister(moe_pb2.DeregisterRequest(worker_id=worker_id), timeout=5)
