@@ -8,7 +8,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from moe_serve.checkpoint import RouterWeights
-from moe_serve.gating import compute_gating, copy_keeping_alignment
+from moe_serve.layer.gating import compute_gating, copy_keeping_alignment
 from moe_serve.model_spec import RoutingConfig
 
 
