@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from moe_serve.capacity import UNLIMITED, OverflowRule, compute_expert_capacity
+from moe_serve.layer.capacity import UNLIMITED, OverflowRule, compute_expert_capacity
 
 OverflowSetting = Literal["drop", "reroute", "dropless"]
 

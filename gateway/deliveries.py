@@ -14,8 +14,8 @@ from grpc import aio
 from opentelemetry.trace import SpanKind, Tracer
 
 from moe_serve import codec
-from moe_serve.combine import CombineBuffer
 from moe_serve.errors import MoEServeError, RequestNotFound, error_of, failure_of
+from moe_serve.layer.combine import CombineBuffer
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.streams import serve_stream

@@ -24,13 +24,10 @@ from grpc import aio
 from redis.exceptions import RedisError
 
 from moe_serve.outage import OutageLog
+from moe_serve.redis_registry import live_state_key
 
 logger = logging.getLogger(__name__)
 LIVE_STATE_TTL_S = 10
-
-
-def live_state_key(prefix: str, model: str) -> str:
-    return f"{prefix}live:{model}"
 
 
 class LoadWindow:

@@ -1,7 +1,9 @@
 """Lazy reader of Hugging Face safetensors checkpoints: only the tensors a service asks for.
 
 A worker materialises only its own experts and the router only the router weights; other
-weights (attention, embeddings) are never read. Read layouts:
+weights (attention, embeddings) are never read. Where each family keeps its routers is declared by
+the family (`moe_serve/layer/families/`); the expert, shared-expert and bias names below are read
+the same way for every family. Read layouts:
 - decoder MoE blocks `model.layers.N.{block_sparse_moe|mlp|feed_forward}` (Mixtral, Qwen-MoE,
   DeepSeek-V3, LFM2-MoE), with per-expert files (`experts.M.w1/w3/w2` or
   `experts.M.gate_proj/up_proj/down_proj`) or the fused `experts.gate_up_proj` [E, 2*d_ff, d] /
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,13 +29,10 @@ from safetensors import safe_open
 
 from moe_serve.errors import ConfigurationError
 from moe_serve.hub import checkpoint_name
-from moe_serve.model_spec import ExpertKind, MoEModelSpec, load_config, spec_from_config
+from moe_serve.layer.families import family_of, spec_from_config
+from moe_serve.model_spec import ExpertKind, MoEModelSpec, load_config
 
 INDEX_FILE = "model.safetensors.index.json"
-_DECODER_GATE = re.compile(r"^model\.layers\.(\d+)\.(block_sparse_moe|mlp|feed_forward)\.gate\.weight$")
-_GRANITE_ROUTER = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.router\.layer\.weight$")
-_JAMBA_ROUTER = re.compile(r"^model\.layers\.(\d+)\.feed_forward\.router\.weight$")
-_SWITCH_ROUTER = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)\.mlp\.router\.classifier\.weight$")
 # per-expert projection names, (gate, up, down) for SwiGLU experts and (wi, wo) for dense ones
 _SWIGLU_NAMES = (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj"))
 _SHARED_PREFIXES = ("shared_expert", "shared_experts")
@@ -191,21 +189,14 @@ class Checkpoint:
 
     def _resolve_layouts(self, spec: MoEModelSpec) -> dict[int, _LayerLayout]:
         layouts: dict[int, _LayerLayout] = {}
+        # the family says where its routers are (moe_serve/layer/families/)
+        patterns = family_of(spec.model_type, self.directory).router_patterns
         for name in self._file_of:
-            if match := _DECODER_GATE.match(name):
-                prefix = name.removesuffix(".gate.weight")
-                layouts[int(match.group(1))] = self._layer_layout(spec, prefix, f"{prefix}.gate")
-            elif match := _GRANITE_ROUTER.match(name):
-                prefix = name.removesuffix(".router.layer.weight")
-                layouts[int(match.group(1))] = self._layer_layout(spec, prefix, f"{prefix}.router.layer")
-            elif match := _JAMBA_ROUTER.match(name):
-                prefix = name.removesuffix(".router.weight")
-                layouts[int(match.group(1))] = self._layer_layout(spec, prefix, f"{prefix}.router")
-            elif match := _SWITCH_ROUTER.match(name):
-                prefix = name.removesuffix(".router.classifier.weight")
-                block = int(match.group(2))
-                layer = block if match.group(1) == "encoder" else spec.num_encoder_layers + block
-                layouts[layer] = self._layer_layout(spec, prefix, f"{prefix}.router.classifier")
+            for pattern in patterns:
+                if located := pattern.locate(name, spec):
+                    layer, prefix, router_prefix = located
+                    layouts[layer] = self._layer_layout(spec, prefix, router_prefix)
+                    break
         if not layouts:
             raise ConfigurationError(f"{self.directory}: no MoE layer found (no router weights)")
         return layouts

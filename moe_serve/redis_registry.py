@@ -45,6 +45,11 @@ def events_channel(prefix: str) -> str:
     return f"{prefix}events"
 
 
+def live_state_key(prefix: str, model: str) -> str:
+    """Where the gateway writes a model's live-state document (gateway/live_state.py) for `top` to read."""
+    return f"{prefix}live:{model}"
+
+
 class RedisRegistry(Registry):
     """Router-side view of the workers registered in Redis."""
 

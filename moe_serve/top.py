@@ -23,6 +23,7 @@ from moe_serve.cluster_commands import compact_keys
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.redis_registry import live_state_key
 from moe_serve.security import ClusterCredentials, open_channel
 
 BAR_WIDTH = 30
@@ -30,8 +31,6 @@ LiveSource = Callable[[], dict[str, Any] | None]
 
 
 def redis_source(url: str, prefix: str, model: str) -> LiveSource:
-    from gateway.live_state import live_state_key
-
     client = redis.Redis.from_url(url)
     key = live_state_key(prefix, model)
 

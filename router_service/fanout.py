@@ -30,8 +30,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from moe_serve import codec
-from moe_serve.dispatch import token_indices
 from moe_serve.errors import ExpertUnavailable, InvalidInput, MoEServeError, ServiceUnavailable, error_of, failure_of
+from moe_serve.layer.dispatch import token_indices
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc

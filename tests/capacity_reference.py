@@ -1,4 +1,4 @@
-"""Plain-loop statements of the capacity rules, written independently of moe_serve.capacity."""
+"""Plain-loop statements of the capacity rules, written independently of moe_serve.layer.capacity."""
 
 from __future__ import annotations
 

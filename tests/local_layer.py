@@ -6,8 +6,8 @@ import torch
 
 from expert_service.experts import ExpertStore
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.combine import CombineBuffer
-from moe_serve.dispatch import token_indices
+from moe_serve.layer.combine import CombineBuffer
+from moe_serve.layer.dispatch import token_indices
 from moe_serve.placement import ExpertKey
 from router_service.planner import RoutingDecision, RoutingPlanner
 

@@ -1,9 +1,9 @@
 """The comparison point: the same MoE layer composed as Ray Serve deployments, called through handles.
 
 One deployment per expert holds only that expert's weights and runs the workers' FFN
-(`expert_service.experts.expert_forward`); one ingress deployment gates with `moe_serve.gating`,
-groups rows per expert with `moe_serve.dispatch`, calls the experts concurrently and combines with
-`moe_serve.combine` - the math of our router and gateway - so the two differ only in transport and
+(`expert_service.experts.expert_forward`); one ingress deployment gates with `moe_serve.layer.gating`,
+groups rows per expert with `moe_serve.layer.dispatch`, calls the experts concurrently and combines with
+`moe_serve.layer.combine` - the math of our router and gateway - so the two differ only in transport and
 orchestration. The driver calls the ingress through a DeploymentHandle, not HTTP: handles are
 Ray Serve's own fastest path, so Ray Serve is not charged for an HTTP proxy hop.
 
@@ -35,9 +35,9 @@ from moe_serve import codec
 from moe_serve.allocator import tune_allocator
 from moe_serve.bench.measure import rss_mib
 from moe_serve.checkpoint import Checkpoint, ExpertWeights
-from moe_serve.combine import CombineBuffer
-from moe_serve.dispatch import group_by_expert, token_indices
-from moe_serve.gating import compute_gating
+from moe_serve.layer.combine import CombineBuffer
+from moe_serve.layer.dispatch import group_by_expert, token_indices
+from moe_serve.layer.gating import compute_gating
 
 APP_NAME = "moe-bench-rayserve"
 REPLICA_OPTIONS = {"ray_actor_options": {"num_cpus": 0}}

@@ -8,7 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_serve.capacity import UNLIMITED, apply_capacity, combine_weights, compute_expert_capacity, keep_within_capacity
+from moe_serve.layer.capacity import (
+    UNLIMITED,
+    apply_capacity,
+    combine_weights,
+    compute_expert_capacity,
+    keep_within_capacity,
+)
 from tests.capacity_reference import reference_capacity
 
 

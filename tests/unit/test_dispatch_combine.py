@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-from moe_serve.capacity import keep_within_capacity
 from moe_serve.checkpoint import RouterWeights
-from moe_serve.combine import FEW_ROWS, CombineBuffer
-from moe_serve.dispatch import group_by_expert, token_indices
 from moe_serve.errors import InvalidInput
-from moe_serve.gating import compute_gating
+from moe_serve.layer.capacity import keep_within_capacity
+from moe_serve.layer.combine import FEW_ROWS, CombineBuffer
+from moe_serve.layer.dispatch import group_by_expert, token_indices
+from moe_serve.layer.gating import compute_gating
 from moe_serve.model_spec import RoutingConfig
 from tests.families import rescale_moe_weights
 
@@ -21,7 +21,11 @@ from tests.families import rescale_moe_weights
 def local_moe(block: MixtralSparseMoeBlock, hidden: torch.Tensor, capacity: int = 0) -> torch.Tensor:
     """The served algorithm in one process: gate, keep, group per expert, compute, combine."""
     experts = block.experts
-    gating = compute_gating(hidden, RouterWeights(block.gate.weight.detach()), RoutingConfig("mixtral", block.top_k))
+    gating = compute_gating(
+        hidden,
+        RouterWeights(block.gate.weight.detach()),
+        RoutingConfig("mixtral", block.top_k, mechanism="softmax_topk"),
+    )
     kept = keep_within_capacity(gating.expert_ids, experts.num_experts, capacity)
     groups = group_by_expert(gating.expert_ids, kept, experts.num_experts)
     buffer = CombineBuffer(hidden.shape[0], block.top_k, hidden.shape[1], hidden.dtype)
@@ -56,7 +60,9 @@ def test_dropped_slots_contribute_zero() -> None:
     with torch.no_grad():
         dropless = local_moe(block, hidden)
         capped = local_moe(block, hidden, capacity=2)
-        gating = compute_gating(hidden, RouterWeights(block.gate.weight), RoutingConfig("mixtral", 2))
+        gating = compute_gating(
+            hidden, RouterWeights(block.gate.weight), RoutingConfig("mixtral", 2, mechanism="softmax_topk")
+        )
         kept = keep_within_capacity(gating.expert_ids, 5, 2)
     fully_dropped = ~kept.any(-1)
     assert bool(fully_dropped.any())

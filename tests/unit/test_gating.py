@@ -8,7 +8,7 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from moe_serve.checkpoint import RouterWeights
-from moe_serve.gating import compute_gating, copy_keeping_alignment
+from moe_serve.layer.gating import compute_gating, copy_keeping_alignment
 from moe_serve.model_spec import RoutingConfig
 
 
@@ -25,7 +25,11 @@ def test_mixtral_gating_equals_transformers_router(dtype: torch.dtype, top_k: in
 
     with torch.no_grad():
         logits, weights, ids = router(hidden)
-    result = compute_gating(hidden, RouterWeights(router.weight.detach()), RoutingConfig(family="mixtral", top_k=top_k))
+    result = compute_gating(
+        hidden,
+        RouterWeights(router.weight.detach()),
+        RoutingConfig(family="mixtral", top_k=top_k, mechanism="softmax_topk"),
+    )
 
     assert result.router_logits.dtype == torch.float32
     assert torch.equal(result.router_logits, logits.float())
@@ -51,7 +55,9 @@ def test_logits_do_not_depend_on_where_the_decoded_bytes_sit(num_tokens: int) ->
         for offset in range(0, 64, 4):
             buffer = bytearray(offset) + hidden.numpy().tobytes()
             decoded = torch.frombuffer(buffer, dtype=torch.float32, offset=offset).reshape(num_tokens, 64)
-            result = compute_gating(decoded, weights, RoutingConfig(family="mixtral", top_k=2))
+            result = compute_gating(
+                decoded, weights, RoutingConfig(family="mixtral", top_k=2, mechanism="softmax_topk")
+            )
             assert torch.equal(result.router_logits, expected), (trial, offset)
 
 
@@ -73,7 +79,7 @@ def test_router_weight_copies_keep_the_alignment_of_the_memory_map(dtype: torch.
 def test_probabilities_are_float32_even_for_bf16_activations() -> None:
     hidden = torch.randn(4, 8).to(torch.bfloat16)
     weights = RouterWeights(torch.randn(5, 8).to(torch.bfloat16))
-    result = compute_gating(hidden, weights, RoutingConfig(family="mixtral", top_k=2))
+    result = compute_gating(hidden, weights, RoutingConfig(family="mixtral", top_k=2, mechanism="softmax_topk"))
     assert result.selection_scores.dtype == torch.float32 and result.expert_weights.dtype == torch.float32
     torch.testing.assert_close(result.selection_scores.sum(-1), torch.ones(4))
 
@@ -82,8 +88,8 @@ def test_noisy_top_k_is_off_by_default_seeded_when_on() -> None:
     generator = torch.Generator().manual_seed(0)
     router = RouterWeights(torch.randn(8, 16, generator=generator))
     hidden = torch.randn(200, 16, generator=generator)
-    plain = RoutingConfig(family="mixtral", top_k=2)
-    noisy = RoutingConfig(family="mixtral", top_k=2, noise_std=2.0)
+    plain = RoutingConfig(family="mixtral", top_k=2, mechanism="softmax_topk")
+    noisy = RoutingConfig(family="mixtral", top_k=2, mechanism="softmax_topk", noise_std=2.0)
 
     reference = compute_gating(hidden, router, plain)
     first = compute_gating(hidden, router, noisy, noise=torch.Generator().manual_seed(7))
@@ -106,7 +112,7 @@ def test_deepseek_v2_gating_equals_transformers_router(method: str, dtype: torch
     from transformers import DeepseekV2Config
     from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
 
-    from moe_serve.model_spec import spec_from_config
+    from moe_serve.layer.families import spec_from_config
 
     config = DeepseekV2Config(
         hidden_size=48,

@@ -1,5 +1,9 @@
 """Router gating math: hidden states -> (router logits, top-k expert ids, combine weights).
 
+One function per mechanism, named by what it computes (`MECHANISMS`); a family names the mechanism
+it routes with in its RoutingConfig (moe_serve/layer/families/), as vLLM's router factory picks a
+router by mechanism rather than by model.
+
 Each family is computed exactly as its `transformers` module computes it, so the served layer
 picks the same experts as the model. Everything from the logits on (softmax or sigmoid, top-k,
 renormalisation) runs in float32 whatever the activation dtype. The logits matmul runs in the
@@ -10,6 +14,7 @@ and the served layer would no longer equal the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,11 +57,11 @@ def compute_gating(
 
     `noise` seeds noisy top-k gating when `routing.noise_std` > 0 (experiments only).
     """
-    rule = _RULES.get(routing.family)
-    if rule is None:
-        raise ValueError(f"no gating rule for routing family {routing.family!r}")
+    mechanism = MECHANISMS.get(routing.mechanism)
+    if mechanism is None:
+        raise ValueError(f"no gating mechanism {routing.mechanism!r}")
     hidden_states = aligned_for_blas(hidden_states)
-    logits, selection, ids, weights, weight_scores = rule(hidden_states, router, routing, noise)
+    logits, selection, ids, weights, weight_scores = mechanism(hidden_states, router, routing, noise)
     shared_weights = _shared_weights(hidden_states, router, num_shared_slots)
     if routing.output_scale != 1.0:
         # a power of two (Cohere2-MoE's average: 0.5) scales every product and sum exactly
@@ -119,20 +124,27 @@ def _softmax_top_k(
     return logits, probabilities, top_ids, top_weights, probabilities
 
 
-def _logit_top_k(
+def _logit_top_k_softmax(
     hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
 ) -> Rule:
     # GraniteMoeTopKRouter: top-k of the logits (not of probabilities), softmax over the k kept
     logits = F.linear(hidden, router.gate.to(hidden.dtype)).float()
     top_logits, top_ids = torch.topk(logits, routing.top_k, dim=-1)
-    if routing.sigmoid_top_k:
-        # Cohere2MoeTopKRouter's sigmoid variant runs on the kept logits in the activation dtype
-        top_weights = top_logits.to(hidden.dtype).sigmoid()
-        if routing.normalize_top_k:
-            top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-        return logits, logits, top_ids, top_weights.float(), logits.sigmoid()
     probabilities = torch.softmax(logits, dim=-1)  # what rerouting renormalises over the kept slots
     return logits, logits, top_ids, torch.softmax(top_logits, dim=-1), probabilities
+
+
+def _logit_top_k_sigmoid(
+    hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
+) -> Rule:
+    # Cohere2MoeTopKRouter with expert_selection_fn "sigmoid": top-k of the logits, then the sigmoid
+    # of the kept logits in the activation dtype, renormalised when normalize_top_k
+    logits = F.linear(hidden, router.gate.to(hidden.dtype)).float()
+    top_logits, top_ids = torch.topk(logits, routing.top_k, dim=-1)
+    top_weights = top_logits.to(hidden.dtype).sigmoid()
+    if routing.normalize_top_k:
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+    return logits, logits, top_ids, top_weights.float(), logits.sigmoid()
 
 
 def _noisy_top_k(logits: torch.Tensor, routing: RoutingConfig, noise: torch.Generator | None) -> Rule:
@@ -143,7 +155,7 @@ def _noisy_top_k(logits: torch.Tensor, routing: RoutingConfig, noise: torch.Gene
     return logits, noisy_probabilities, top_ids, torch.softmax(top_logits, dim=-1), noisy_probabilities
 
 
-def _deepseek_v3(
+def _sigmoid_grouped_top_k(
     hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
 ) -> Rule:
     # DeepseekV3TopkRouter: float32 logits, sigmoid scores, bias only for choosing
@@ -169,7 +181,7 @@ def _deepseek_v3(
     return logits, choice, top_ids, top_weights * routing.routed_scaling_factor, scores
 
 
-def _ernie4_5_moe(
+def _softmax_biased_top_k(
     hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
 ) -> Rule:
     # Ernie4_5_MoeTopKRouter: float32 softmax; top-k of probabilities + bias; the chosen probabilities
@@ -185,7 +197,7 @@ def _ernie4_5_moe(
     return logits, choice, top_ids, top_weights, probabilities
 
 
-def _lfm2_moe(
+def _sigmoid_top_k(
     hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
 ) -> Rule:
     # Lfm2MoeTopKRouter: sigmoid scores, gathering, renormalising and scaling all in the activation
@@ -203,7 +215,7 @@ def _lfm2_moe(
     return logits.float(), choice, top_ids, top_weights.float(), scores.float()
 
 
-def _deepseek_v2(
+def _softmax_grouped_top_k(
     hidden: torch.Tensor, router: RouterWeights, routing: RoutingConfig, noise: torch.Generator | None
 ) -> Rule:
     # DeepseekV2TopkRouter: float32 logits, softmax scores; "group_limited_greedy" (num_groups > 1)
@@ -247,13 +259,14 @@ def _shared_weights(hidden: torch.Tensor, router: RouterWeights, num_shared_slot
     return torch.sigmoid(F.linear(hidden, router.shared_gate.to(hidden.dtype))).float()
 
 
-_RULES = {
-    "mixtral": _softmax_top_k,
-    "qwen_moe": _softmax_top_k,
-    "deepseek_v2": _deepseek_v2,
-    "deepseek_v3": _deepseek_v3,
-    "ernie4_5_moe": _ernie4_5_moe,
-    "lfm2_moe": _lfm2_moe,
-    "granitemoe": _logit_top_k,
-    "switch": _switch_top_1,
+# mechanism name (RoutingConfig.mechanism) -> its math; families name the one they route with
+MECHANISMS: dict[str, Callable[[torch.Tensor, RouterWeights, RoutingConfig, torch.Generator | None], Rule]] = {
+    "softmax_topk": _softmax_top_k,
+    "softmax_grouped_topk": _softmax_grouped_top_k,
+    "sigmoid_grouped_topk": _sigmoid_grouped_top_k,
+    "softmax_biased_topk": _softmax_biased_top_k,
+    "sigmoid_topk": _sigmoid_top_k,
+    "logit_topk_softmax": _logit_top_k_softmax,
+    "logit_topk_sigmoid": _logit_top_k_sigmoid,
+    "switch_top1": _switch_top_1,
 }
