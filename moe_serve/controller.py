@@ -65,8 +65,10 @@ class PlacementShape:
     moe_layers: tuple[int, ...]
     num_placed_experts: int
     # the router's expert groups (DeepSeek's n_group), which node-aware rebalancing keeps on one node
-    # where balance allows; None: no groups (or a shared expert, which belongs to none)
+    # where balance allows; None: no groups
     expert_groups: int | None = None
+    # shared experts, the last ids placed: in no group; rebalancing puts one on every worker
+    num_shared: int = 0
 
 
 class DeploymentController:
@@ -225,7 +227,9 @@ class DeploymentController:
             report["nodes"] = len(nodes)
             target = {w: set(self._workers[w].experts) for w in worker_ids}
             shares = dict(self._shares)
-            slots = slots_per_worker or -(-self.shape.num_placed_experts // len(worker_ids)) + 1
+            # the routed experts spread over the workers with one slot to spare, plus the shared ones on each
+            routed = self.shape.num_placed_experts - self.shape.num_shared
+            slots = slots_per_worker or -(-routed // len(worker_ids)) + 1 + self.shape.num_shared
             for layer in self.shape.moe_layers:
                 current = [{k for k in self._workers[w].experts if k.layer == layer} for w in worker_ids]
                 plan = plan_node_aware_rebalance(
@@ -236,6 +240,7 @@ class DeploymentController:
                     layer,
                     self.shape.num_placed_experts,
                     num_groups or self.shape.expert_groups,
+                    self.shape.num_shared,
                 )
                 report["layers"][layer] = {"imbalance": plan.current_imbalance, "planned": plan.new_imbalance}
                 if should_apply(plan, min_gain):

@@ -142,6 +142,8 @@ class Dispatcher:
         # rows per worker id, and per layer the rows sent off their token's main node (planner.cross_node_rows)
         self.worker_rows: Counter[str] = Counter()
         self.cross_node_rows: Counter[int] = Counter()
+        if metrics is not None:
+            metrics.cross_node_rows = self.cross_node_rows  # exported per layer at each scrape
         # same host: each worker stream offers a shared-memory arena of this size (moe_serve/shared_arena.py)
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
             lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream,
