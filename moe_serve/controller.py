@@ -227,9 +227,11 @@ class DeploymentController:
             report["nodes"] = len(nodes)
             target = {w: set(self._workers[w].experts) for w in worker_ids}
             shares = dict(self._shares)
-            # the routed experts spread over the workers with one slot to spare, plus the shared ones on each
+            # the routed experts spread over the workers, 1/8 more slots for replicas of hot experts
+            # (DeepSeek-V3 serves its 256 experts in 288 slots), plus the shared ones on each worker
             routed = self.shape.num_placed_experts - self.shape.num_shared
-            slots = slots_per_worker or -(-routed // len(worker_ids)) + 1 + self.shape.num_shared
+            per_worker = -(-routed // len(worker_ids))
+            slots = slots_per_worker or per_worker + max(1, per_worker // 8) + self.shape.num_shared
             for layer in self.shape.moe_layers:
                 current = [{k for k in self._workers[w].experts if k.layer == layer} for w in worker_ids]
                 plan = plan_node_aware_rebalance(

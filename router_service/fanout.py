@@ -177,9 +177,15 @@ class Dispatcher:
         return not self._tasks
 
     def assign(
-        self, layer: int, segments: dict[int, torch.Tensor], excluded: frozenset[str] = frozenset()
+        self,
+        layer: int,
+        segments: dict[int, torch.Tensor],
+        excluded: frozenset[str] = frozenset(),
+        follow_tokens: frozenset[int] = frozenset(),
+        slots_per_token: int = 1,
     ) -> list[WorkerBatch]:
-        """Replicas for each expert's rows (see planner.assign_workers), with this router's load view."""
+        """Replicas for each expert's rows (see planner.assign_workers), with this router's load view;
+        `follow_tokens` experts (shared ones) go to their token's main node where they have a replica."""
         resident = self.hints.resident if self.hints is not None else None
         shares = self.replica_shares
         return assign_workers(
@@ -192,6 +198,8 @@ class Dispatcher:
             self.split_min_rows,
             resident,
             (lambda key: shares.get(key, {})) if shares else None,
+            follow_tokens,
+            slots_per_token,
         )
 
     def launch(self, job: DispatchJob, batches: list[WorkerBatch]) -> asyncio.Future[None]:

@@ -113,6 +113,24 @@ def test_cross_node_rows_counts_rows_off_their_tokens_main_node() -> None:
     assert cross_node_rows(split, 2) == 2  # tokens 0 and 1 each have one row off node n1
 
 
+def test_a_shared_expert_row_goes_to_its_tokens_main_node() -> None:
+    """Expert 2 (shared) on both nodes: each token's shared row joins its routed rows; none cross."""
+    registry = InProcessRegistry()
+    registry.register(WorkerRecord("a", "a:1", (ExpertKey(0, 0), ExpertKey(0, 2)), node_id="n1"))
+    registry.register(WorkerRecord("b", "b:1", (ExpertKey(0, 1), ExpertKey(0, 2)), node_id="n2"))
+    table = {ExpertKey(0, 2): {"a": 0.5, "b": 0.5}}
+    # 2 slots per token (1 routed, 1 shared): tokens 0, 2, 3 routed to expert 0 (n1), token 1 to expert 1 (n2)
+    segments = {0: torch.tensor([0, 4, 6]), 1: torch.tensor([2]), 2: torch.tensor([1, 3, 5, 7])}
+    args = (0, segments, registry, lambda r: 0.0, random.Random(0))
+    shares = lambda key: table.get(key, {})  # noqa: E731
+    spread = assign_workers(*args, replica_shares=shares)
+    assert cross_node_rows(spread, 2) > 0  # split by shares in token order: some shared rows cross
+    batches = assign_workers(*args, replica_shares=shares, follow_tokens=frozenset({2}), slots_per_token=2)
+    assert cross_node_rows(batches, 2) == 0
+    shared_on = {b.worker.worker_id: sorted(p for p in b.positions.tolist() if p % 2) for b in batches}
+    assert shared_on == {"a": [1, 5, 7], "b": [3]}
+
+
 def test_cross_node_rows_are_exported_per_layer() -> None:
     """moe_serve.router.cross_node_rows: one series per MoE layer (0 until rows cross), read from the
     dispatcher's counter at each collection."""
