@@ -25,6 +25,7 @@ from moe_serve.bench.replication import skewed_tokens
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, launch_stack
+from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.security import open_channel
@@ -107,6 +108,12 @@ def main() -> None:
             "nodes": sorted({w.node_id for w in stack.workers}),
             "placements": [[w.worker_id, w.node_id] for w in stack.workers],
             "rebalance": {"applied": report["applied"], "layers": {str(k): v for k, v in report["layers"].items()}},
+            # workers holding each shared expert after the rebalance (every one: plan_layer_with_shared)
+            "shared_expert_workers": {
+                f"{layer}:{expert}": sum(ExpertKey(layer, expert) in w.experts for w in stack.workers)
+                for layer in layers
+                for expert in range(spec.num_experts, spec.num_placed_experts)
+            },
             "before": before,
             "after": after,
             "seconds": {"cluster_and_stack_ready": ready_s, "total": time.monotonic() - started},
