@@ -175,6 +175,9 @@ def assign_workers(
     for expert in following:
         rest, replicas = expert_segments[expert], _live_replicas(registry, layer, expert, excluded)
         healthy = [r for r in replicas if load(r) != math.inf]
+        if len({r.node_id for r in healthy}) <= 1:  # no choice of node: the rules above, rows unsplit
+            place(expert, rest, replicas)
+            continue
         for index, node in enumerate(nodes):
             local = tuple(r for r in healthy if r.node_id == node)
             here = main_node[torch.div(rest, slots_per_token, rounding_mode="floor")] == index
@@ -249,8 +252,12 @@ def _place_expert(
             targets = sorted(healthy, key=load)[:parts]
             pieces = list(torch.tensor_split(positions, parts))
     for worker, piece in zip(targets, pieces, strict=True):
-        if piece.numel():
-            entry = chosen.setdefault(worker.worker_id, (worker, [], []))
+        if not piece.numel():
+            continue
+        entry = chosen.setdefault(worker.worker_id, (worker, [], []))
+        if entry[1] and entry[1][-1] == expert:  # a shared expert's rows from several nodes' tokens: one segment
+            entry[2][-1] = torch.cat([entry[2][-1], piece])
+        else:
             entry[1].append(expert)
             entry[2].append(piece)
 

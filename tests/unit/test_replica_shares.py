@@ -129,6 +129,11 @@ def test_a_shared_expert_row_goes_to_its_tokens_main_node() -> None:
     assert cross_node_rows(batches, 2) == 0
     shared_on = {b.worker.worker_id: sorted(p for p in b.positions.tolist() if p % 2) for b in batches}
     assert shared_on == {"a": [1, 5, 7], "b": [3]}
+    # one replica: all its rows in one segment, as without token following
+    registry.register(WorkerRecord("b", "b:1", (ExpertKey(0, 1),), node_id="n2"))
+    single = assign_workers(*args, follow_tokens=frozenset({2}), slots_per_token=2)
+    (a,) = [batch for batch in single if batch.worker.worker_id == "a"]
+    assert a.experts == (0, 2) and a.counts == (3, 4)
 
 
 def test_cross_node_rows_are_exported_per_layer() -> None:
