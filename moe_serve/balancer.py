@@ -106,17 +106,21 @@ def plan_node_aware_rebalance(
     layer: int,
     num_experts: int,
     num_groups: int | None = None,
+    num_shared: int = 0,
 ) -> Rebalance:
     """The placement planner's plan (moe_serve.placement_planner) for one layer on the current workers,
-    each worker one "GPU" on its Ray node (node_of_worker: 0..N-1), with its replica shares."""
+    each worker one "GPU" on its Ray node (node_of_worker: 0..N-1), with its replica shares.
+    num_experts counts the placed experts: routed ones in `num_groups` groups, then `num_shared`
+    shared ones, which every worker then holds (plan_layer_with_shared)."""
     import numpy as np
 
     from moe_serve.placement_figures import gpu_loads
-    from moe_serve.placement_planner import ClusterShape, group_of_experts, plan_layer
+    from moe_serve.placement_planner import ClusterShape, group_of_experts, plan_layer_with_shared
 
     layer_loads = np.array([float(loads.get(ExpertKey(layer, e), 0.0)) for e in range(num_experts)])
     shape = ClusterShape(tuple(node_of_worker), slots_per_worker)
-    plan = plan_layer(layer_loads, shape, group_of_experts(num_experts, num_groups))
+    groups = group_of_experts(num_experts - num_shared, num_groups)
+    plan = plan_layer_with_shared(layer_loads, shape, groups, num_shared)
     per_worker = gpu_loads(layer_loads, plan)
     mean = float(per_worker.mean())
     return Rebalance(

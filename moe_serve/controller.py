@@ -67,8 +67,10 @@ class PlacementShape:
     moe_layers: tuple[int, ...]
     num_placed_experts: int
     # the router's expert groups (DeepSeek's n_group), which node-aware rebalancing keeps on one node
-    # where balance allows; None: no groups (or a shared expert, which belongs to none)
+    # where balance allows; None: no groups
     expert_groups: int | None = None
+    # shared experts, the last ids placed: in no group; rebalancing puts one on every worker
+    num_shared: int = 0
 
 
 class DeploymentController:
@@ -227,7 +229,11 @@ class DeploymentController:
             report["nodes"] = len(nodes)
             target = {w: set(self._workers[w].experts) for w in worker_ids}
             shares = dict(self._shares)
-            slots = slots_per_worker or -(-self.shape.num_placed_experts // len(worker_ids)) + 1
+            # the routed experts spread over the workers, 1/8 more slots for replicas of hot experts
+            # (DeepSeek-V3 serves its 256 experts in 288 slots), plus the shared ones on each worker
+            routed = self.shape.num_placed_experts - self.shape.num_shared
+            per_worker = -(-routed // len(worker_ids))
+            slots = slots_per_worker or per_worker + max(1, per_worker // 8) + self.shape.num_shared
             for layer in self.shape.moe_layers:
                 current = [{k for k in self._workers[w].experts if k.layer == layer} for w in worker_ids]
                 plan = plan_node_aware_rebalance(
@@ -238,6 +244,7 @@ class DeploymentController:
                     layer,
                     self.shape.num_placed_experts,
                     num_groups or self.shape.expert_groups,
+                    self.shape.num_shared,
                 )
                 report["layers"][layer] = {"imbalance": plan.current_imbalance, "planned": plan.new_imbalance}
                 if should_apply(plan, min_gain):

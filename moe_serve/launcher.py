@@ -346,7 +346,8 @@ def start_controller(
             PlacementShape(
                 tuple(spec.moe_layers),
                 spec.num_placed_experts,
-                spec.routing.num_groups if spec.routing.num_groups > 1 and not spec.num_shared_slots else None,
+                spec.routing.num_groups if spec.routing.num_groups > 1 else None,
+                spec.num_shared_slots,
             ),
             worker_settings,
             router_address,

@@ -18,6 +18,12 @@ Replica shares are weighted: a replica takes the part of its expert's load the p
 the router splits an expert's rows across replicas in exactly these proportions
 (router_service.planner.split_rows_by_shares). Without shares the router splits equally.
 
+Shared experts (DeepSeek's n_shared_experts, placed as ids E..E+S-1 after the routed ones) take a
+row of every token, so they belong to no group: `plan_layer_with_shared` plans the routed experts
+with their groups and gives every GPU a replica of each shared expert with an equal share, so the
+shared rows add the same load to every GPU and never unbalance the plan (the layout serving
+systems use: each GPU runs the shared expert for its part of the batch).
+
 Locality (our definition): for each group of a layer, the share of its load served on the node
 that serves the most of it; averaged over groups and layers, weighted by the group's load.
 """
@@ -214,6 +220,38 @@ def plan_layer(
     return LayerPlan(experts, _normalise_shares(experts, shares, num_experts))
 
 
+def plan_layer_with_shared(
+    loads: np.ndarray,
+    shape: ClusterShape,
+    groups: np.ndarray,
+    num_shared: int = 0,
+    node_slack: float = DEFAULT_NODE_SLACK,
+) -> LayerPlan:
+    """Place one layer whose last `num_shared` of loads [E + S] are shared experts; groups: [E] for
+    the routed ones. Each shared expert takes one slot on every GPU, share 1 / GPUs there."""
+    if not num_shared:
+        return plan_layer(loads, shape, groups, node_slack)
+    if shape.slots_per_gpu <= num_shared:
+        raise ValueError(
+            f"{shape.slots_per_gpu} slots per GPU leave none for routed experts beside {num_shared} shared"
+        )
+    routed_shape = ClusterShape(shape.node_of_gpu, shape.slots_per_gpu - num_shared)
+    routed = plan_layer(loads[:-num_shared], routed_shape, groups, node_slack)
+    shared_ids = list(range(len(loads) - num_shared, len(loads)))
+    share = 1.0 / len(shape.node_of_gpu)
+    return LayerPlan(
+        [experts + shared_ids for experts in routed.experts],
+        [shares + [share] * num_shared for shares in routed.shares],
+    )
+
+
+def placed_groups(num_routed: int, num_groups: int | None, num_shared: int = 0) -> np.ndarray:
+    """Group per placed expert id (routed, then shared): each shared expert a group of its own."""
+    routed = group_of_experts(num_routed, num_groups)
+    first = int(routed.max()) + 1 if num_routed else 0
+    return np.concatenate([routed, np.arange(first, first + num_shared)])
+
+
 def _normalise_shares(experts: list[list[int]], shares: list[list[float]], num_experts: int) -> list[list[float]]:
     """Make each expert's shares sum to exactly 1 (rounding in the arithmetic above)."""
     sums = np.zeros(num_experts)
@@ -227,16 +265,20 @@ def plan_placement_layers(
     shape: ClusterShape,
     num_groups: int | None = None,
     node_slack: float = DEFAULT_NODE_SLACK,
+    num_shared: int = 0,
 ) -> PlacementPlan:
-    """Plan every layer of loads [layers, experts]; figures as computed by placement_figures."""
+    """Plan every layer of loads [layers, experts]; the last `num_shared` experts are shared ones
+    (plan_layer_with_shared); figures as computed by placement_figures."""
     from moe_serve.placement_figures import plan_figures
 
     if loads.ndim != 2 or (loads < 0).any() or not np.isfinite(loads).all():
         raise ValueError("loads must be a finite, non-negative [layers, experts] array")
     started = time.perf_counter()
-    groups = group_of_experts(loads.shape[1], num_groups)
-    layers = [plan_layer(layer_loads, shape, groups, node_slack) for layer_loads in loads]
+    groups = group_of_experts(loads.shape[1] - num_shared, num_groups)
+    layers = [plan_layer_with_shared(layer_loads, shape, groups, num_shared, node_slack) for layer_loads in loads]
     plan = PlacementPlan(layers)
-    plan.figures = plan_figures(loads, layers, shape, groups)
+    plan.figures = plan_figures(
+        loads, layers, shape, placed_groups(loads.shape[1] - num_shared, num_groups, num_shared)
+    )
     plan.figures["seconds"] = time.perf_counter() - started
     return plan

@@ -142,6 +142,8 @@ class Dispatcher:
         # rows per worker id, and per layer the rows sent off their token's main node (planner.cross_node_rows)
         self.worker_rows: Counter[str] = Counter()
         self.cross_node_rows: Counter[int] = Counter()
+        if metrics is not None:
+            metrics.cross_node_rows = self.cross_node_rows  # exported per layer at each scrape
         # same host: each worker stream offers a shared-memory arena of this size (moe_serve/shared_arena.py)
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
             lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream,
@@ -175,9 +177,15 @@ class Dispatcher:
         return not self._tasks
 
     def assign(
-        self, layer: int, segments: dict[int, torch.Tensor], excluded: frozenset[str] = frozenset()
+        self,
+        layer: int,
+        segments: dict[int, torch.Tensor],
+        excluded: frozenset[str] = frozenset(),
+        follow_tokens: frozenset[int] = frozenset(),
+        slots_per_token: int = 1,
     ) -> list[WorkerBatch]:
-        """Replicas for each expert's rows (see planner.assign_workers), with this router's load view."""
+        """Replicas for each expert's rows (see planner.assign_workers), with this router's load view;
+        `follow_tokens` experts (shared ones) go to their token's main node where they have a replica."""
         resident = self.hints.resident if self.hints is not None else None
         shares = self.replica_shares
         return assign_workers(
@@ -190,6 +198,8 @@ class Dispatcher:
             self.split_min_rows,
             resident,
             (lambda key: shares.get(key, {})) if shares else None,
+            follow_tokens,
+            slots_per_token,
         )
 
     def launch(self, job: DispatchJob, batches: list[WorkerBatch]) -> asyncio.Future[None]:

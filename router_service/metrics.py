@@ -1,7 +1,10 @@
 """The router's metrics: gating time, replicas per (layer, expert), dispatch retries (made and refused by the
-retry budget), hedges of late batches, bytes on the wire."""
+retry budget), hedges of late batches, bytes on the wire, rows sent off their token's main node per layer."""
 
 from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
@@ -57,6 +60,17 @@ class RouterMetrics:
             description="Registry records refused (invalid, unsigned or wrongly signed, expired) and never routed to",
         )
 
+        # the dispatcher's per-layer count (router_service.planner.cross_node_rows), read at each scrape;
+        # every MoE layer reported, at 0 before its first row, so rates need no series to appear
+        self.cross_node_rows: Mapping[int, int] = Counter()
+        layers = sorted({key.layer for key in keys})
+        meter.create_observable_counter(
+            "moe_serve.router.cross_node_rows",
+            [lambda options: cross_node_observations(self.cross_node_rows, layers, model)],
+            unit="{row}",
+            description="Rows sent to a node other than their token's main node (the node with most of its rows)",
+        )
+
         def replicas(options: CallbackOptions) -> list[Observation]:
             return [
                 Observation(
@@ -80,3 +94,8 @@ class RouterMetrics:
 
     def hedged(self) -> None:
         self.hedges += 1
+
+
+def cross_node_observations(counts: Mapping[int, int], layers: list[int], model: str) -> list[Observation]:
+    """One observation per MoE layer (labels: model, layer): a bounded set, whatever the traffic."""
+    return [Observation(counts.get(layer, 0), {"model": model, "layer": str(layer)}) for layer in layers]

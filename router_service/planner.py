@@ -5,9 +5,10 @@ Protocol-neutral: tensors in, tensors and plain objects out; the servicer does t
 
 from __future__ import annotations
 
+import functools
 import math
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -144,6 +145,8 @@ def assign_workers(
     split_min_rows: int = 0,
     resident: Callable[[WorkerRecord, ExpertKey], bool] | None = None,
     replica_shares: ReplicaShares | None = None,
+    follow_tokens: frozenset[int] = frozenset(),
+    slots_per_token: int = 1,
 ) -> list[WorkerBatch]:
     """Pick replicas for each expert and bundle each worker's experts into one batch.
 
@@ -156,43 +159,33 @@ def assign_workers(
     replica_shares: the placement planner's share of an expert's rows per worker id; an expert that
         has shares is split over its healthy replicas in those proportions (split_rows_by_shares),
         overriding the choices above; experts without shares keep them.
+    follow_tokens: experts (the shared ones) placed after the others, each row on a replica on its
+        token's main node (the node with most of the token's other rows) where one is, by the rules
+        above among that node's replicas; `slots_per_token` maps positions to tokens.
     Raises ExpertUnavailable naming the expert when no live replica is left.
     """
     chosen: dict[str, tuple[WorkerRecord, list[int], list[torch.Tensor]]] = {}
-    for expert in sorted(expert_segments):
-        replicas = tuple(r for r in registry.replicas(ExpertKey(layer, expert)) if r.worker_id not in excluded)
-        if not replicas:
-            raise ExpertUnavailable(
-                f"expert {expert} of layer {layer} has no live replica; retry once a worker serving it is back"
-            )
-        positions = expert_segments[expert]
-        healthy = [r for r in replicas if load(r) != math.inf] or list(replicas)
-        shares = replica_shares(ExpertKey(layer, expert)) if replica_shares is not None else {}
-        # ordered by node: an expert's rows are in token order, so every expert split this way sends
-        # its first tokens to the first node, and a token's rows tend to meet on one node
-        weighted = sorted(
-            (r for r in healthy if shares.get(r.worker_id, 0.0) > 0), key=lambda r: (r.node_id, r.worker_id)
-        )
-        if weighted:
-            counts = split_rows_by_shares(positions.numel(), [shares[r.worker_id] for r in weighted], rng)
-            for worker, piece in zip(weighted, torch.split(positions, counts), strict=True):
-                if piece.numel():
-                    entry = chosen.setdefault(worker.worker_id, (worker, [], []))
-                    entry[1].append(expert)
-                    entry[2].append(piece)
+    place = functools.partial(_place_expert, chosen, layer, load, rng, split_min_rows, resident, replica_shares)
+    following = sorted(e for e in expert_segments if e in follow_tokens)
+    for expert in sorted(e for e in expert_segments if e not in follow_tokens):
+        place(expert, expert_segments[expert], _live_replicas(registry, layer, expert, excluded))
+    if following:
+        num_tokens = max(int(p.max()) for p in expert_segments.values()) // slots_per_token + 1
+        nodes, main_node = _main_node_of_tokens(chosen.values(), slots_per_token, num_tokens)
+    for expert in following:
+        rest, replicas = expert_segments[expert], _live_replicas(registry, layer, expert, excluded)
+        healthy = [r for r in replicas if load(r) != math.inf]
+        if len({r.node_id for r in healthy}) <= 1:  # no choice of node: the rules above, rows unsplit
+            place(expert, rest, replicas)
             continue
-        parts = min(len(healthy), positions.numel() // split_min_rows) if split_min_rows else 1
-        if parts <= 1:
-            key = ExpertKey(layer, expert)
-            prefer = (lambda worker, key=key: resident(worker, key)) if resident is not None else None
-            targets, pieces = [choose_replica(replicas, load, rng, prefer)], [positions]
-        else:
-            targets = sorted(healthy, key=load)[:parts]
-            pieces = list(torch.tensor_split(positions, parts))
-        for worker, piece in zip(targets, pieces, strict=True):
-            entry = chosen.setdefault(worker.worker_id, (worker, [], []))
-            entry[1].append(expert)
-            entry[2].append(piece)
+        for index, node in enumerate(nodes):
+            local = tuple(r for r in healthy if r.node_id == node)
+            here = main_node[torch.div(rest, slots_per_token, rounding_mode="floor")] == index
+            if local and here.any():
+                place(expert, rest[here], local)
+                rest = rest[~here]
+        if rest.numel():  # tokens whose main node holds no replica of it
+            place(expert, rest, replicas)
     return [
         WorkerBatch(
             worker=worker,
@@ -202,6 +195,71 @@ def assign_workers(
         )
         for worker, experts, pieces in chosen.values()
     ]
+
+
+def _live_replicas(registry: Registry, layer: int, expert: int, excluded: frozenset[str]) -> tuple[WorkerRecord, ...]:
+    replicas = tuple(r for r in registry.replicas(ExpertKey(layer, expert)) if r.worker_id not in excluded)
+    if not replicas:
+        raise ExpertUnavailable(
+            f"expert {expert} of layer {layer} has no live replica; retry once a worker serving it is back"
+        )
+    return replicas
+
+
+def _main_node_of_tokens(
+    chosen: Iterable[tuple[WorkerRecord, list[int], list[torch.Tensor]]], slots_per_token: int, num_tokens: int
+) -> tuple[list[str], torch.Tensor]:
+    """(node ids, [num_tokens] index into them of the node with most of each token's rows placed
+    so far; ties and tokens without rows: the first node)."""
+    entries = [(worker.node_id, torch.cat(pieces)) for worker, _, pieces in chosen]
+    nodes = sorted({node for node, _ in entries})
+    if not nodes:
+        return [], torch.zeros(num_tokens, dtype=torch.int64)
+    tokens = torch.cat([torch.div(p, slots_per_token, rounding_mode="floor") for _, p in entries])
+    node_index = torch.cat([torch.full((p.numel(),), nodes.index(n), dtype=torch.int64) for n, p in entries])
+    counts = torch.bincount(tokens * len(nodes) + node_index, minlength=num_tokens * len(nodes))
+    return nodes, counts.view(num_tokens, len(nodes)).argmax(dim=1)
+
+
+def _place_expert(
+    chosen: dict[str, tuple[WorkerRecord, list[int], list[torch.Tensor]]],
+    layer: int,
+    load: ReplicaLoad,
+    rng: random.Random,
+    split_min_rows: int,
+    resident: Callable[[WorkerRecord, ExpertKey], bool] | None,
+    replica_shares: ReplicaShares | None,
+    expert: int,
+    positions: torch.Tensor,
+    replicas: tuple[WorkerRecord, ...],
+) -> None:
+    """Add `positions` of `expert` to the batches of the replicas (of `replicas`) that take them."""
+    healthy = [r for r in replicas if load(r) != math.inf] or list(replicas)
+    shares = replica_shares(ExpertKey(layer, expert)) if replica_shares is not None else {}
+    # ordered by node: an expert's rows are in token order, so every expert split this way sends
+    # its first tokens to the first node, and a token's rows tend to meet on one node
+    weighted = sorted((r for r in healthy if shares.get(r.worker_id, 0.0) > 0), key=lambda r: (r.node_id, r.worker_id))
+    if weighted:
+        counts = split_rows_by_shares(positions.numel(), [shares[r.worker_id] for r in weighted], rng)
+        targets, pieces = weighted, list(torch.split(positions, counts))
+    else:
+        parts = min(len(healthy), positions.numel() // split_min_rows) if split_min_rows else 1
+        if parts <= 1:
+            key = ExpertKey(layer, expert)
+            prefer = (lambda worker, key=key: resident(worker, key)) if resident is not None else None
+            targets, pieces = [choose_replica(replicas, load, rng, prefer)], [positions]
+        else:
+            targets = sorted(healthy, key=load)[:parts]
+            pieces = list(torch.tensor_split(positions, parts))
+    for worker, piece in zip(targets, pieces, strict=True):
+        if not piece.numel():
+            continue
+        entry = chosen.setdefault(worker.worker_id, (worker, [], []))
+        if entry[1] and entry[1][-1] == expert:  # a shared expert's rows from several nodes' tokens: one segment
+            entry[2][-1] = torch.cat([entry[2][-1], piece])
+        else:
+            entry[1].append(expert)
+            entry[2].append(piece)
 
 
 def split_rows_by_shares(rows: int, shares: Sequence[float], rng: random.Random) -> list[int]:

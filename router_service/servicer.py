@@ -37,6 +37,8 @@ class RouterServicer(moe_grpc.RouterServicer):
         self.draining = False  # set on shutdown: new routes are refused, routed batches finish
         spec = planner.spec
         self._all_experts = [ExpertKey(layer, e) for layer in spec.moe_layers for e in range(spec.num_placed_experts)]
+        # shared experts take a row of every token: served on the token's main node where they have a replica
+        self._shared_ids = frozenset(range(spec.num_experts, spec.num_placed_experts))
 
     def ready(self) -> bool:
         return self.registry.covers(self._all_experts)
@@ -104,7 +106,9 @@ class RouterServicer(moe_grpc.RouterServicer):
         if self.metrics is not None:
             self.metrics.gating(time.perf_counter() - started)
         with child_span(self.tracer, "router.dispatch"):
-            batches = self.dispatcher.assign(request.layer, segments_of(decision.groups))
+            batches = self.dispatcher.assign(
+                request.layer, segments_of(decision.groups), frozenset(), self._shared_ids, decision.slots_per_token
+            )
             self.dispatcher.cross_node_rows[request.layer] += cross_node_rows(batches, decision.slots_per_token)
             self._check_replica_bound(batches, request.max_inflight_rows_per_replica)
             # the background sends inherit this span's context (asyncio tasks copy the context)

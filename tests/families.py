@@ -556,10 +556,16 @@ def rescale_moe_weights(model: torch.nn.Module, seed: int) -> None:
                 buffer.copy_((torch.randn(buffer.shape, generator=generator) * 0.1).to(buffer.dtype))
 
 
-def save_family(family: str, directory: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+def save_family(
+    family: str, directory: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides: Any
+) -> Path:
+    """The family's tiny model, its config changed by `overrides` (e.g. n_routed_experts=256), saved."""
     spec = FAMILIES[family]
     torch.manual_seed(seed)
-    model = spec.model_class(spec.config())
+    config = spec.config()
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    model = spec.model_class(config)
     rescale_moe_weights(model, seed)
     model.to(dtype).save_pretrained(directory)
     return directory

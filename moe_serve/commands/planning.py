@@ -27,6 +27,9 @@ def plan(
     node_slack: Annotated[
         float, typer.Option(help="Load a node may carry above its fair share before it spills to another node.")
     ] = 0.01,
+    shared: Annotated[
+        int, typer.Option(help="Shared experts: the last columns of the loads; every GPU holds each of them.")
+    ] = 0,
 ) -> None:
     """Place every layer's experts on GPUs: balanced GPU load, each group's load on one node where possible.
 
@@ -43,7 +46,7 @@ def plan(
     try:
         matrix = np.load(loads)
         shape = ClusterShape.uniform(nodes, gpus_per_node, slots_per_gpu)
-        result = plan_placement_layers(np.asarray(matrix, dtype=float), shape, groups, node_slack)
+        result = plan_placement_layers(np.asarray(matrix, dtype=float), shape, groups, node_slack, shared)
         check_plan(result.layers, matrix.shape[1], slots_per_gpu)
     except (ValueError, OSError) as error:
         console.print(f"[red]error[/red]: {error}")
@@ -51,6 +54,7 @@ def plan(
     document = {
         "cluster": {"nodes": nodes, "gpus_per_node": gpus_per_node, "slots_per_gpu": slots_per_gpu},
         "groups": groups,
+        "shared": shared,
         "node_slack": node_slack,
         **result.to_json(),
     }

@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import REPOSITORY, save_tiny_mixtral
+from tests.families import save_family
+from tests.helpers import REPOSITORY
 
 ROOT = REPOSITORY
 
@@ -41,27 +43,41 @@ def test_workers_land_on_distinct_nodes_and_gpus(checkpoints, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_node_aware_rebalance_balances_workers_and_cuts_cross_node_rows(tmp_path: Path) -> None:
-    """2 nodes x 2 workers (few: 2 cores), tiny Mixtral with 16 experts, the same Zipf-skewed traffic
-    before and after the controller's rebalance; loads and cross-node rows from the router's counters."""
-    checkpoint = save_tiny_mixtral(tmp_path / "tiny-mixtral-16", num_local_experts=16)
+    """Issue 25 item 4, live: 4 nodes x 2 logical GPUs, one worker per GPU (8 workers: 2 cores hold
+    them, about 110 s), a tiny DeepSeek-V3 (256 routed experts, n_group 8, topk_group 4, top-8, one
+    shared expert, 2 MoE layers), the same Zipf-skewed traffic before and after the controller's
+    rebalance. Loads from GetExpertLoad; cross-node rows per layer from it and from the router's
+    Prometheus endpoint; answers against the transformers block."""
+    checkpoint = save_family(
+        "deepseek_v3",
+        tmp_path / "tiny-deepseek-v3-256",
+        n_routed_experts=256,
+        n_group=8,
+        topk_group=4,
+        num_experts_per_tok=8,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+    )
     result_path = tmp_path / "result.json"
+    script = ROOT / "tests" / "clients" / "multinode_rebalance_check.py"
     subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "clients" / "multinode_rebalance_check.py"),
-            str(checkpoint),
-            str(result_path),
-        ],
+        [sys.executable, str(script), "deepseek_v3", str(checkpoint), str(result_path), "4", "2"],
         check=True,
         timeout=400,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     result = json.loads(result_path.read_text())
-    assert len(result["nodes"]) == 2 and result["rebalance"]["applied"]
+    assert result["experts"] == {"routed": 256, "shared": 1, "top_k": 8}
+    assert len(result["nodes"]) == 4 and result["cluster"]["workers"] == 8 and result["rebalance"]["applied"]
+    assert sorted(Counter(node for _, node in result["placements"]).values()) == [2, 2, 2, 2]
+    assert set(result["shared_expert_workers"].values()) == {8}  # the shared expert on every worker
     before, after = result["before"], result["after"]
     assert before["max_over_mean"] > 1.3  # the skew is real
     assert after["max_over_mean"] <= 1.1
+    for phase in (before, after):
+        assert phase["cross_node_rows_scraped"] == phase["cross_node_rows"]  # the metric and the RPC agree
+        assert phase["max_difference"] <= 1e-5
+    assert set(after["cross_node_rows"]) == {"1", "2"}
     for layer, crossed in after["cross_node_rows"].items():
         assert crossed < before["cross_node_rows"][layer]
-    assert before["max_difference"] <= 1e-5 and after["max_difference"] <= 1e-5

@@ -156,6 +156,10 @@ def test_every_service_exports_its_metrics_with_bounded_labels(observed_stack, c
     assert total(router, "moe_serve_router_gating_duration_seconds_count") >= 5
     assert [v for _, v in router["moe_serve_expert_replicas"]] == [1.0] * 16
     assert total(router, "moe_serve_wire_bytes_total", hop="router_to_worker") > 0
+    # one series per MoE layer (layer the only label that varies); one node here, so no row crosses
+    crossing = router["moe_serve_router_cross_node_rows_total"]
+    assert sorted(labels["layer"] for labels, _ in crossing) == ["0", "1"]
+    assert [v for _, v in crossing] == [0.0, 0.0]
 
     compute_count = 0.0
     for record in stack.workers:

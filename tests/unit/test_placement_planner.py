@@ -11,10 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from moe_serve.balancer import plan_node_aware_rebalance
 from moe_serve.cli import app
+from moe_serve.placement import ExpertKey
 from moe_serve.placement_figures import check_plan, gpu_loads
 from moe_serve.placement_packing import pack_node
-from moe_serve.placement_planner import ClusterShape, group_of_experts, plan_layer, plan_placement_layers
+from moe_serve.placement_planner import (
+    ClusterShape,
+    group_of_experts,
+    plan_layer,
+    plan_layer_with_shared,
+    plan_placement_layers,
+)
 
 
 @st.composite
@@ -105,6 +113,48 @@ def test_deepseek_v3_sized_target() -> None:
     assert figures["worst_layer_max_over_mean"] <= 1.05
     assert figures["locality"] >= 0.97
     assert figures["seconds"] <= 30
+
+
+def test_a_shared_expert_goes_on_every_gpu_and_the_routed_groups_stay_on_their_nodes() -> None:
+    """DeepSeek-V3's layout in small: 256 routed experts in 8 groups and one shared expert (id 256,
+    a row of every token: 1/9 of the rows at top-8), 4 nodes x 2 GPUs."""
+    rng = np.random.default_rng(3)
+    routed = rng.lognormal(0.0, 1.0, size=256)
+    loads = np.append(routed, routed.sum() / 8)
+    shape = ClusterShape.uniform(4, 2, 34 + 1)
+    layer = plan_layer_with_shared(loads, shape, group_of_experts(256, 8), num_shared=1)
+    check_plan([layer], 257, shape.slots_per_gpu)
+    assert all(
+        gpu[-1] == 256 and np.isclose(shares[-1], 1 / 8)
+        for gpu, shares in zip(layer.experts, layer.shares, strict=True)
+    )
+    per_gpu = gpu_loads(loads, layer)
+    assert per_gpu.max() / per_gpu.mean() <= 1.02
+    plan = plan_placement_layers(loads[None, :], shape, num_groups=8, num_shared=1)
+    # the shared expert (1/9 of the load) is a group of its own spread over 4 nodes by design: 1/4 local
+    assert plan.figures["locality"] >= 8 / 9 * 0.97 + 1 / 9 * 0.25
+    with pytest.raises(ValueError, match="leave none"):
+        plan_layer_with_shared(loads, ClusterShape.uniform(4, 2, 1), group_of_experts(256, 8), num_shared=1)
+
+
+def test_node_aware_rebalance_keeps_groups_with_a_shared_expert() -> None:
+    """The controller's call for a DeepSeek-V3 layer: groups used (not dropped for the shared expert)."""
+    rng = np.random.default_rng(4)
+    loads = {ExpertKey(1, e): float(x) for e, x in enumerate(rng.zipf(1.5, size=256).clip(max=200))}
+    loads[ExpertKey(1, 256)] = sum(loads.values()) / 8
+    current = [{ExpertKey(1, e) for e in block} for block in np.array_split(np.arange(257), 4)]
+    plan = plan_node_aware_rebalance(loads, current, [0, 1, 2, 3], 66, 1, 257, num_groups=8, num_shared=1)
+    assert all(ExpertKey(1, 256) in held for held in plan.placement)
+    assert plan.new_imbalance <= 1.05 < plan.current_imbalance
+    # each group's experts mostly on one node: whole groups, only spilled parts elsewhere
+    for group in range(8):
+        holders = [
+            w
+            for w, held in enumerate(plan.placement)
+            for e in range(32 * group, 32 * group + 32)
+            if ExpertKey(1, e) in held
+        ]
+        assert max(np.bincount(holders)) >= 28
 
 
 def test_plan_command_writes_placement_shares_and_figures(tmp_path: Path) -> None:

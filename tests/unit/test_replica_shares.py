@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from moe_serve.placement import ExpertKey
 from moe_serve.placement_figures import gpu_loads
 from moe_serve.placement_planner import ClusterShape, group_of_experts, plan_layer
 from moe_serve.registry import InProcessRegistry, WorkerRecord
+from router_service.metrics import RouterMetrics
 from router_service.planner import WorkerBatch, assign_workers, cross_node_rows, split_rows_by_shares
 
 shares_strategy = st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=1, max_size=8).filter(
@@ -106,6 +111,57 @@ def test_cross_node_rows_counts_rows_off_their_tokens_main_node() -> None:
     assert cross_node_rows(same_node, 2) == 0
     split = [batch("a", "n1", [0, 2, 4, 5]), batch("c", "n2", [1, 3])]
     assert cross_node_rows(split, 2) == 2  # tokens 0 and 1 each have one row off node n1
+
+
+def test_a_shared_expert_row_goes_to_its_tokens_main_node() -> None:
+    """Expert 2 (shared) on both nodes: each token's shared row joins its routed rows; none cross."""
+    registry = InProcessRegistry()
+    registry.register(WorkerRecord("a", "a:1", (ExpertKey(0, 0), ExpertKey(0, 2)), node_id="n1"))
+    registry.register(WorkerRecord("b", "b:1", (ExpertKey(0, 1), ExpertKey(0, 2)), node_id="n2"))
+    table = {ExpertKey(0, 2): {"a": 0.5, "b": 0.5}}
+    # 2 slots per token (1 routed, 1 shared): tokens 0, 2, 3 routed to expert 0 (n1), token 1 to expert 1 (n2)
+    segments = {0: torch.tensor([0, 4, 6]), 1: torch.tensor([2]), 2: torch.tensor([1, 3, 5, 7])}
+    args = (0, segments, registry, lambda r: 0.0, random.Random(0))
+    shares = lambda key: table.get(key, {})  # noqa: E731
+    spread = assign_workers(*args, replica_shares=shares)
+    assert cross_node_rows(spread, 2) > 0  # split by shares in token order: some shared rows cross
+    batches = assign_workers(*args, replica_shares=shares, follow_tokens=frozenset({2}), slots_per_token=2)
+    assert cross_node_rows(batches, 2) == 0
+    shared_on = {b.worker.worker_id: sorted(p for p in b.positions.tolist() if p % 2) for b in batches}
+    assert shared_on == {"a": [1, 5, 7], "b": [3]}
+    # one replica: all its rows in one segment, as without token following
+    registry.register(WorkerRecord("b", "b:1", (ExpertKey(0, 1),), node_id="n2"))
+    single = assign_workers(*args, follow_tokens=frozenset({2}), slots_per_token=2)
+    (a,) = [batch for batch in single if batch.worker.worker_id == "a"]
+    assert a.experts == (0, 2) and a.counts == (3, 4)
+
+
+def test_cross_node_rows_are_exported_per_layer() -> None:
+    """moe_serve.router.cross_node_rows: one series per MoE layer (0 until rows cross), read from the
+    dispatcher's counter at each collection."""
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    keys = [ExpertKey(layer, e) for layer in (1, 2) for e in range(3)]
+    metrics = RouterMetrics(SimpleNamespace(meter=meter), "m", InProcessRegistry(), keys)  # type: ignore[arg-type]
+
+    def exported() -> dict[str, int]:
+        data = reader.get_metrics_data()
+        points = [
+            point
+            for resource in data.resource_metrics
+            for scope in resource.scope_metrics
+            for metric in scope.metrics
+            if metric.name == "moe_serve.router.cross_node_rows"
+            for point in metric.data.data_points
+        ]
+        assert all(set(point.attributes) == {"model", "layer"} for point in points)
+        return {point.attributes["layer"]: point.value for point in points}
+
+    assert exported() == {"1": 0, "2": 0}
+    counts: Counter[int] = Counter()
+    metrics.cross_node_rows = counts
+    counts[2] += 5
+    assert exported() == {"1": 0, "2": 5}
 
 
 def test_shared_rows_of_two_experts_meet_on_one_node_in_token_order() -> None:
