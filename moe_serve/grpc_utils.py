@@ -25,7 +25,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moe_serve.errors import InvalidInput, MoEServeError
+from moe_serve.errors import ConfigurationError, InvalidInput, MoEServeError
 from moe_serve_client.channel import KEEPALIVE_MS
 from moe_serve_client.channel import channel_options as channel_options  # re-exported: one set for every hop
 from moe_serve_client.protos import _pool as kserve_pool
@@ -219,9 +219,18 @@ def create_server(
         options=server_options(max_message_bytes, max_receive_bytes),
     )
     address = f"{host}:{port}"
-    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc raises "Failed to bind" where older versions returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise ConfigurationError(
+            f"cannot listen on {address}: the port is in use or the host is not an address of this machine; "
+            "choose another port (0 picks a free one) or host"
+        )
     return server, bound
 
 
