@@ -16,6 +16,7 @@ import torch
 
 from moe_serve.errors import InvalidInput
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve_client.codec import DATATYPE_ELEMENT_TYPES, INPUT_DATATYPES
 
 if sys.byteorder != "little":  # the wire format is little-endian raw memory
     raise ImportError("moe-serve needs a little-endian host")
@@ -23,20 +24,12 @@ if sys.byteorder != "little":  # the wire format is little-endian raw memory
 # torch warns once per call site that the bytes object is read-only; we never write to it.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
+# the client's datatype table (one for both), as torch dtypes
 DATATYPE_TO_TORCH: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "UINT8": torch.uint8,
-    "INT8": torch.int8,
-    "INT16": torch.int16,
-    "INT32": torch.int32,
-    "INT64": torch.int64,
-    "FP16": torch.float16,
-    "BF16": torch.bfloat16,
-    "FP32": torch.float32,
-    "FP64": torch.float64,
+    name: getattr(torch, element) for name, element in DATATYPE_ELEMENT_TYPES.items()
 }
 TORCH_TO_DATATYPE: dict[torch.dtype, str] = {v: k for k, v in DATATYPE_TO_TORCH.items()}
-FLOAT_DATATYPES = ("FP32", "FP16", "BF16")
+FLOAT_DATATYPES = INPUT_DATATYPES  # FP32, FP16, BF16: what hidden states may be
 
 
 def torch_dtype(datatype: str) -> torch.dtype:

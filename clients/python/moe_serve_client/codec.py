@@ -24,20 +24,23 @@ if sys.byteorder != "little":  # the wire format is little-endian raw memory
 # torch warns once per call site that the bytes object is read-only; decoded tensors are never written
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
-# KServe datatype -> numpy dtype; BF16 has none in numpy, only torch decodes it
+# KServe datatype -> element type, named as numpy and torch both name it: the one datatype table of
+# client and server (moe_serve.codec builds its torch table from it). BF16 has no numpy dtype; only
+# torch decodes it.
+DATATYPE_ELEMENT_TYPES: dict[str, str] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "BF16": "bfloat16",
+    "FP32": "float32",
+    "FP64": "float64",
+}
 DATATYPE_TO_NUMPY: dict[str, np.dtype[Any]] = {
-    name: np.dtype(code)
-    for name, code in {
-        "BOOL": "bool",
-        "UINT8": "uint8",
-        "INT8": "int8",
-        "INT16": "int16",
-        "INT32": "int32",
-        "INT64": "int64",
-        "FP16": "float16",
-        "FP32": "float32",
-        "FP64": "float64",
-    }.items()
+    name: np.dtype(element) for name, element in DATATYPE_ELEMENT_TYPES.items() if name != "BF16"
 }
 NUMPY_TO_DATATYPE = {dtype: name for name, dtype in DATATYPE_TO_NUMPY.items()}
 ITEMSIZE = {**{name: dtype.itemsize for name, dtype in DATATYPE_TO_NUMPY.items()}, "BF16": 2}
@@ -61,8 +64,7 @@ def datatype_name(array: Array) -> str:
     if is_torch_tensor(array):
         import torch
 
-        names = {torch.float32: "FP32", torch.float16: "FP16", torch.bfloat16: "BF16"}
-        names.update({getattr(torch, dtype.name): name for name, dtype in DATATYPE_TO_NUMPY.items()})
+        names = {getattr(torch, element): name for name, element in DATATYPE_ELEMENT_TYPES.items()}
         return names[array.dtype]
     return NUMPY_TO_DATATYPE[np.dtype(array.dtype)]
 
@@ -105,7 +107,7 @@ def from_bytes(data: bytes, datatype: str, shape: Sequence[int], as_torch: bool,
 def _torch_from_bytes(data: bytes, datatype: str, shape: tuple[int, ...], count: int) -> torch.Tensor:
     import torch
 
-    dtype = torch.bfloat16 if datatype == "BF16" else getattr(torch, DATATYPE_TO_NUMPY[datatype].name)
+    dtype = getattr(torch, DATATYPE_ELEMENT_TYPES[datatype])
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(data, dtype=dtype).reshape(shape)
