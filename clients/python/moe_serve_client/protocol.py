@@ -15,13 +15,10 @@ import grpc
 from moe_serve_client import codec
 from moe_serve_client.codec import Array
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.requests import INPUT_NAME, ParameterValue, infer_request, response_tensors
 
-INPUT_NAME = "hidden_states"
-LAYER_PARAMETER = "layer"
 # what the gateway can return, by name (see the README's API table)
 OUTPUT_NAMES = ("output", "router_logits", "expert_ids", "expert_weights", "dropped_mask")
-
-ParameterValue = bool | int | str | float
 
 
 class GatewayError(Exception):
@@ -126,7 +123,8 @@ def build_infer_request(
     model: str, hidden_states: Array, layer: int, outputs: Sequence[str]
 ) -> kserve_pb2.ModelInferRequest:
     """A ModelInferRequest for hidden_states [T, d] or [B, S, d] of one MoE layer: a torch tensor
-    (FP32/FP16/BF16, any device) or a numpy array (float32/float16)."""
+    (FP32/FP16/BF16, any device) or a numpy array (float32/float16). `requests.infer_request` builds
+    it; this checks first that the datatype is one the gateway serves."""
     try:
         datatype = codec.datatype_name(hidden_states)
     except (KeyError, AttributeError, TypeError):
@@ -135,18 +133,7 @@ def build_infer_request(
         raise TypeError(
             f"hidden_states must be float32, float16 or bfloat16, not {getattr(hidden_states, 'dtype', hidden_states)}"
         )
-    request = kserve_pb2.ModelInferRequest(
-        model_name=model,
-        inputs=[
-            kserve_pb2.ModelInferRequest.InferInputTensor(
-                name=INPUT_NAME, datatype=datatype, shape=list(hidden_states.shape)
-            )
-        ],
-        outputs=[kserve_pb2.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in outputs],
-        raw_input_contents=[codec.to_bytes(hidden_states)],
-    )
-    request.parameters[LAYER_PARAMETER].int64_param = layer
-    return request
+    return infer_request(model, hidden_states, layer=layer, outputs=outputs)
 
 
 def decode_infer_response(
@@ -158,17 +145,8 @@ def decode_infer_response(
     Raises GatewayError (INTERNAL) when the response lacks a requested output or its bytes do not match
     the declared shape.
     """
-    if len(response.outputs) != len(response.raw_output_contents):
-        raise GatewayError(
-            grpc.StatusCode.INTERNAL,
-            f"malformed response: {len(response.outputs)} outputs but {len(response.raw_output_contents)} raw contents",
-            "ModelInfer",
-        )
     try:
-        tensors = {
-            output.name: codec.from_bytes(raw, output.datatype, list(output.shape), as_torch, what=output.name)
-            for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
-        }
+        tensors = response_tensors(response, as_torch)
     except codec.MalformedTensor as error:
         raise GatewayError(grpc.StatusCode.INTERNAL, f"malformed response: {error}", "ModelInfer") from None
     missing = [name for name in requested if name not in tensors]
