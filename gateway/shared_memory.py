@@ -22,10 +22,8 @@ from pathlib import Path
 
 from moe_serve.errors import AlreadyExists, InvalidInput, Overloaded, RegionNotFound, Unimplemented, quoted
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.requests import BYTE_SIZE_PARAMETER, OFFSET_PARAMETER, REGION_PARAMETER
 
-REGION_PARAMETER = "shared_memory_region"
-OFFSET_PARAMETER = "shared_memory_offset"
-BYTE_SIZE_PARAMETER = "shared_memory_byte_size"
 # where glibc's shm_open keeps POSIX shared-memory objects
 SHM_DIRECTORY = Path("/dev/shm")
 # each region holds a descriptor: a bound keeps a client from exhausting the gateway's (gRPC needs them)

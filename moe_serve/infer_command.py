@@ -18,6 +18,7 @@ from moe_serve.grpc_utils import channel_options
 from moe_serve.security import ClientCredentials
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve_client.requests import infer_request, response_tensors
 
 DEMO_MODEL_NAME = "mixtral-demo"
 
@@ -61,21 +62,9 @@ def run_infer(
         stub = kserve_grpc.GRPCInferenceServiceStub(channel)
         try:
             hidden = _hidden_states(stub, model, tokens, input_file, datatype, seed, timeout, metadata)
-            request = kserve_pb2.ModelInferRequest(
-                model_name=model,
-                id="moe-serve-infer",
-                inputs=[
-                    kserve_pb2.ModelInferRequest.InferInputTensor(
-                        name="hidden_states", datatype=codec.datatype_name(hidden.dtype), shape=list(hidden.shape)
-                    )
-                ],
-                outputs=[
-                    kserve_pb2.ModelInferRequest.InferRequestedOutputTensor(name=name)
-                    for name in ("output", "expert_ids")
-                ],
-                raw_input_contents=[codec.tensor_to_bytes(hidden)],
+            request = infer_request(
+                model, hidden, layer=layer, outputs=("output", "expert_ids"), request_id="moe-serve-infer"
             )
-            request.parameters["layer"].int64_param = layer
             latencies = []
             for _ in range(max(1, repeat)):
                 started = time.perf_counter()
@@ -84,10 +73,8 @@ def run_infer(
         except grpc.RpcError as error:
             console.print(f"[red]{error.code().name}[/red]: {error.details()}")
             return 1
-    output = codec.tensor_from_bytes(
-        response.raw_output_contents[0], response.outputs[0].datatype, list(response.outputs[0].shape)
-    )
-    expert_ids = codec.tensor_from_bytes(response.raw_output_contents[1], "INT32", list(response.outputs[1].shape))
+    tensors = response_tensors(response)
+    output, expert_ids = tensors["output"], tensors["expert_ids"]
     usage = torch.bincount(expert_ids.reshape(-1).long())
     table = Table(title=f"{model} layer {layer} at {url}")
     table.add_column("")

@@ -20,33 +20,23 @@ import numpy as np
 import ray
 import torch
 
-from moe_serve import codec
 from moe_serve.bench.replication import skewed_tokens
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings
 from moe_serve.demo import DemoShape, write_demo_checkpoint
 from moe_serve.launcher import init_ray, launch_stack
-from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
-from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.security import open_channel
+from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve_client.requests import infer_request
 
 SHAPE = DemoShape(hidden_size=64, intermediate_size=128, num_experts=64, top_k=4, num_layers=4)
 
 
 def layer_request(model_name: str, hidden: torch.Tensor, layer: int) -> kserve_pb2.ModelInferRequest:
-    request = kserve_pb2.ModelInferRequest(
-        model_name=model_name,
-        inputs=[
-            kserve_pb2.ModelInferRequest.InferInputTensor(
-                name="hidden_states", datatype=codec.datatype_name(hidden.dtype), shape=list(hidden.shape)
-            )
-        ],
-        raw_input_contents=[codec.tensor_to_bytes(hidden)],
-    )
-    request.parameters["layer"].int64_param = layer
-    return request
+    return infer_request(model_name, hidden, layer=layer)
 
 
 def record(output: Path, requests_per_layer: int, tokens: int, exponent: float, pull: float, seed: int) -> None:

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,6 @@ import grpc
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moe_serve import codec
 from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.launcher import (
     ServiceProcess,
@@ -35,6 +34,9 @@ from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve_client.requests import RequestedOutput
+from moe_serve_client.requests import infer_request as build_infer_request
+from moe_serve_client.requests import response_tensors as decode_response
 from tests.families import rescale_moe_weights
 
 REPOSITORY = Path(__file__).resolve().parent.parent
@@ -90,32 +92,21 @@ def infer_request(
     model_name: str,
     hidden: torch.Tensor,
     layer: int | None = 0,
-    outputs: tuple[str, ...] = (),
+    outputs: Sequence[str | RequestedOutput] = (),
     shape: list[int] | None = None,
+    **options: Any,
 ) -> kserve_pb2.ModelInferRequest:
-    request = kserve_pb2.ModelInferRequest(
-        model_name=model_name,
-        id="test",
-        inputs=[
-            kserve_pb2.ModelInferRequest.InferInputTensor(
-                name="hidden_states",
-                datatype=codec.datatype_name(hidden.dtype),
-                shape=shape or list(hidden.shape),
-            )
-        ],
-        outputs=[kserve_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in outputs],
-        raw_input_contents=[codec.tensor_to_bytes(hidden)],
-    )
-    if layer is not None:
-        request.parameters["layer"].int64_param = layer
+    """The tests' request (id "test", layer 0 unless given), built by the client's builder; `shape`
+    declares another shape than the tensor's (a malformed request), `options` go to the builder."""
+    request = build_infer_request(model_name, hidden, layer=layer, outputs=outputs, request_id="test", **options)
+    if shape:
+        request.inputs[0].shape[:] = shape
     return request
 
 
 def response_tensors(response: kserve_pb2.ModelInferResponse) -> dict[str, torch.Tensor]:
-    return {
-        output.name: codec.tensor_from_bytes(raw, output.datatype, list(output.shape)).clone()
-        for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
-    }
+    """The response's tensors by name, copied out of the message (writable)."""
+    return {name: tensor.clone() for name, tensor in decode_response(response).items()}
 
 
 def kserve_stub(address: str) -> tuple[grpc.Channel, kserve_grpc.GRPCInferenceServiceStub]:

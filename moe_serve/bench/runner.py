@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import torch
 
-from moe_serve import codec
 from moe_serve.bench.fastpath import peer_comparison, probe_fast_path
 from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
 from moe_serve.bench.monolithic import start_monolithic
@@ -36,6 +35,7 @@ from moe_serve.grpc_utils import channel_options
 from moe_serve.launcher import ServiceProcess, Stack, init_ray, launch_stack, start_service_process
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve_client.requests import infer_request
 
 if TYPE_CHECKING:  # imported lazily at run time: Ray Serve is a bench-only dependency
     from moe_serve.bench.rayserve import RayServeLayer
@@ -200,15 +200,8 @@ def bench_checkpoint(config: BenchConfig, num_layers: int = 1) -> Path:
 
 
 def make_request(model: str, hidden: torch.Tensor) -> kserve_pb2.ModelInferRequest:
-    return kserve_pb2.ModelInferRequest(
-        model_name=model,
-        inputs=[
-            kserve_pb2.ModelInferRequest.InferInputTensor(
-                name="hidden_states", datatype=codec.datatype_name(hidden.dtype), shape=list(hidden.shape)
-            )
-        ],
-        raw_input_contents=[codec.tensor_to_bytes(hidden)],
-    )
+    """The bench's request: hidden states alone (layer 0, the default output)."""
+    return infer_request(model, hidden)
 
 
 @dataclass

@@ -24,12 +24,12 @@ from typing import Any
 import grpc
 import torch
 
-from moe_serve import codec
 from moe_serve.bench.reference import ReferenceLayer
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from moe_serve.grpc_utils import channel_options
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
+from moe_serve_client.requests import infer_request, response_tensors
 
 KINDS = ("plain", "logits", "deadline", "cancel")
 BY_DESIGN = {"deadline": "DEADLINE_EXCEEDED", "cancel": "CANCELLED"}
@@ -116,28 +116,14 @@ class Target:
 def build_request(
     target: Target, hidden: torch.Tensor, layer: int, outputs: tuple[str, ...]
 ) -> kserve_pb2.ModelInferRequest:
-    request = kserve_pb2.ModelInferRequest(
-        model_name=target.model_name,
-        inputs=[
-            kserve_pb2.ModelInferRequest.InferInputTensor(
-                name="hidden_states", datatype=codec.datatype_name(hidden.dtype), shape=list(hidden.shape)
-            )
-        ],
-        outputs=[kserve_pb2.ModelInferRequest.InferRequestedOutputTensor(name=name) for name in outputs],
-        raw_input_contents=[codec.tensor_to_bytes(hidden)],
-    )
-    request.parameters["layer"].int64_param = layer
-    return request
+    return infer_request(target.model_name, hidden, layer=layer, outputs=outputs)
 
 
 def check_answer(
     target: Target, response: kserve_pb2.ModelInferResponse, hidden: torch.Tensor, layer: int, logits: bool
 ) -> str | None:
     """None when the answer equals the reference within tolerance, else what differs."""
-    tensors = {
-        output.name: codec.tensor_from_bytes(raw, output.datatype, list(output.shape))
-        for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
-    }
+    tensors = response_tensors(response)
     layer_reference = target.references[layer]
     expected = {"output": layer_reference.output(hidden)}
     if logits:

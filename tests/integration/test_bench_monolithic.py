@@ -19,13 +19,12 @@ import grpc
 import pytest
 import torch
 
-from moe_serve import codec
 from moe_serve.bench.monolithic import start_monolithic
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.bench.runner import make_request
 from moe_serve.checkpoint import Checkpoint
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
-from tests.helpers import REPOSITORY, reference_blocks, save_tiny_mixtral
+from tests.helpers import REPOSITORY, reference_blocks, response_tensors, save_tiny_mixtral
 
 BENCH_TIMEOUT_S = 600
 
@@ -49,7 +48,7 @@ def answer(stub: kserve_grpc.GRPCInferenceServiceStub, name: str, hidden: torch.
     response = stub.ModelInfer(make_request(name, hidden), timeout=60)
     (output,) = response.outputs
     assert output.name == "output"
-    return codec.tensor_from_bytes(response.raw_output_contents[0], output.datatype, output.shape)
+    return response_tensors(response)["output"]
 
 
 @pytest.mark.parametrize("num_tokens", [1, 37])

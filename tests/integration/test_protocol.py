@@ -14,6 +14,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.requests import RequestedOutput, SharedMemory
 from tests.helpers import infer_request, reference_blocks, reference_forward, response_tensors
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -128,15 +129,10 @@ def _bad_requests(model: str) -> dict[str, tuple[kserve_pb2.ModelInferRequest, s
 
     # Triton shared memory (what tritonclient's set_shared_memory sends) is off unless the gateway
     # runs with --allow-client-shm (tests/integration/test_shared_memory_serving.py): refused, naming the flag
-    request = infer_request(model, good)
-    del request.raw_input_contents[:]
-    request.inputs[0].parameters["shared_memory_region"].string_param = "input_region"
-    request.inputs[0].parameters["shared_memory_byte_size"].int64_param = good.numel() * 4
+    request = infer_request(model, good, input_shared_memory=SharedMemory("input_region", good.numel() * 4))
     cases["input in shared memory"] = (request, "--allow-client-shm")
-    request = infer_request(model, good, outputs=("output",))
-    request.outputs[0].parameters["shared_memory_region"].string_param = "output_region"
-    request.outputs[0].parameters["shared_memory_byte_size"].int64_param = good.numel() * 4
-    cases["output to shared memory"] = (request, "--allow-client-shm")
+    output = RequestedOutput("output", SharedMemory("output_region", good.numel() * 4))
+    cases["output to shared memory"] = (infer_request(model, good, outputs=(output,)), "--allow-client-shm")
     request = infer_request(model, good, outputs=("output",))
     request.outputs[0].parameters["classification"].int64_param = 3
     cases["classification"] = (request, "classification")

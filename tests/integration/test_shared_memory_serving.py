@@ -22,6 +22,7 @@ import torch
 
 from moe_serve import codec
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.requests import RequestedOutput, SharedMemory
 from tests.helpers import (
     CLIENT_SCRIPTS,
     REPOSITORY,
@@ -98,12 +99,9 @@ def register(stub, name: str, key: str, byte_size: int, offset: int = 0) -> None
 
 
 def shm_request(model: str, hidden: torch.Tensor, in_region: str, out_region: str) -> kserve_pb2.ModelInferRequest:
-    request = infer_request(model, hidden, outputs=("output",))
-    del request.raw_input_contents[:]
-    for tensor, region in ((request.inputs[0], in_region), (request.outputs[0], out_region)):
-        tensor.parameters["shared_memory_region"].string_param = region
-        tensor.parameters["shared_memory_byte_size"].int64_param = hidden.numel() * 4
-    return request
+    size = hidden.numel() * 4
+    output = RequestedOutput("output", SharedMemory(out_region, size))
+    return infer_request(model, hidden, outputs=(output,), input_shared_memory=SharedMemory(in_region, size))
 
 
 def test_tritonclient_through_shared_memory(shm_stack: ProcessStack, slow_checkpoint: Path, tmp_path: Path) -> None:

@@ -214,3 +214,28 @@ def test_responses_decode_as_before(case: str) -> None:
     if hidden.dtype != torch.bfloat16:
         arrays = response_tensors(response, as_torch=False)
         assert all(np.array_equal(arrays[name], old[name].numpy()) for name in old)
+
+
+@pytest.mark.parametrize("case", list(HIDDEN))
+def test_the_places_now_calling_the_builder_send_what_they_sent(case: str) -> None:
+    from moe_serve.bench.runner import make_request
+    from moe_serve.bench.soak_load import Target, build_request
+    from tests.helpers import infer_request as tests_infer_request
+
+    hidden = HIDDEN[case]
+    same(old_bench("bench", hidden), make_request("bench", hidden))
+    target = Target(address="", model_name="soak", hidden_size=64, dtype=torch.float32, references={})
+    same(
+        old_soak("soak", hidden, 1, ("output", "router_logits")),
+        build_request(target, hidden, 1, ("output", "router_logits")),
+    )
+    same(old_tests("x", hidden), tests_infer_request("x", hidden))
+    same(old_tests("x", hidden, None, ("output",)), tests_infer_request("x", hidden, None, ("output",)))
+    same(old_tests("x", hidden, 2, shape=[9, 64]), tests_infer_request("x", hidden, 2, shape=[9, 64]))
+    if hidden.dtype == torch.float32 and hidden.is_contiguous():
+        from tests.integration.test_shared_memory_serving import shm_request
+        from tests.unit.test_shared_memory import _shm_request
+
+        same(old_shm_serving("m", hidden, "a", "b"), shm_request("m", hidden, "a", "b"))
+        outputs = {"output": ("region", 0, 48), "router_logits": ("", 0, 0), "expert_ids": ("region", 2048, 24)}
+        same(old_shm_unit(hidden, "r", outputs), _shm_request(hidden, "r", outputs))

@@ -22,6 +22,7 @@ from gateway.shared_memory import (
 )
 from moe_serve.errors import AlreadyExists, InvalidInput, Overloaded, RegionNotFound, Unimplemented
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.requests import RequestedOutput, SharedMemory, infer_request
 
 SIZE = 4096
 
@@ -253,17 +254,15 @@ MODEL = ServedModel(
 def _shm_request(hidden: torch.Tensor, region: str, outputs: dict[str, tuple[str, int, int]]):
     """A ModelInferRequest whose input lies at the start of `region` and whose outputs are
     {name: (region, offset, byte_size)} (region "": in the message)."""
-    request = kserve_pb2.ModelInferRequest(model_name="m")
-    tensor = request.inputs.add(name="hidden_states", datatype="FP32", shape=list(hidden.shape))
-    tensor.parameters[REGION_PARAMETER].string_param = region
-    tensor.parameters[BYTE_SIZE_PARAMETER].int64_param = hidden.numel() * 4
-    for name, (out_region, offset, size) in outputs.items():
-        output = request.outputs.add(name=name)
-        if out_region:
-            output.parameters[REGION_PARAMETER].string_param = out_region
-            output.parameters[OFFSET_PARAMETER].int64_param = offset
-            output.parameters[BYTE_SIZE_PARAMETER].int64_param = size
-    return request
+    return infer_request(
+        "m",
+        hidden,
+        outputs=[
+            RequestedOutput(name, SharedMemory(out_region, size, offset) if out_region else None)
+            for name, (out_region, offset, size) in outputs.items()
+        ],
+        input_shared_memory=SharedMemory(region, hidden.numel() * 4),
+    )
 
 
 def test_converters_read_inputs_from_and_write_outputs_to_regions(
