@@ -161,8 +161,9 @@ def hit_rate_on_patterned_trace(checkpoint: Path, prefetch: bool) -> tuple[float
                 if layer:  # the attention block between MoE layers: the window a hint's load overlaps
                     time.sleep(ATTENTION_S)
                 hidden = steering_states(checkpoint, layer, experts)
-                request = infer_request(model, hidden, layer=layer, outputs=("output", "expert_ids"))
-                request.parameters["sequence_id"].int64_param = sequence
+                request = infer_request(
+                    model, hidden, layer=layer, outputs=("output", "expert_ids"), parameters={"sequence_id": sequence}
+                )
                 result = response_tensors(stub.ModelInfer(request, timeout=30))
                 assert set(result["expert_ids"].flatten().tolist()) == set(experts)  # the trace is what we meant
                 torch.testing.assert_close(
