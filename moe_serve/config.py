@@ -477,14 +477,15 @@ def is_secret(field: FieldInfo) -> bool:
     return field.annotation is SecretStr or SecretStr in get_args(field.annotation)
 
 
-def settings_json(settings: BaseModel, *, secrets: bool = False, **overrides: Any) -> str:
-    """Every field of `settings` as JSON (what settings_from_json reads back), `overrides` replacing some.
+def settings_json(settings: BaseModel, *, secrets: bool = False, only_set: bool = False, **overrides: Any) -> str:
+    """Every field of `settings` as JSON (what settings_from_json reads back), `overrides` replacing some;
+    with `only_set`, only the fields given when it was built (by argument or environment).
 
     Secret fields are left out unless `secrets`: a child process gets the cluster secret in its own
     environment variable (moe_serve.launcher.secret_environment), so that the JSON can be logged."""
-    values = settings.model_dump(mode="json")
+    values = settings.model_dump(mode="json", exclude_unset=only_set)
     for name, field in type(settings).model_fields.items():
-        if is_secret(field):
+        if is_secret(field) and name in values:
             secret = getattr(settings, name)
             if secrets and secret is not None:
                 values[name] = secret.get_secret_value()

@@ -175,3 +175,41 @@ def test_up_composes_the_service_settings_with_their_defaults() -> None:
     for service, fields in same.items():
         for field in fields:
             assert repr(UpSettings.model_fields[field]) == repr(service.model_fields[field]), field
+
+
+def test_up_hands_its_gateway_router_and_workers_their_settings(tmp_path: Path) -> None:
+    from moe_serve.launcher import gateway_settings, router_settings, settings_environment, worker_settings
+    from moe_serve.security import ClusterCredentials
+
+    up = UpSettings(pipeline_chunk_tokens=8, overflow="drop", split_min_rows=4, eviction_policy="lfu", metrics=False)
+    embedded = gateway_settings(up, tmp_path, "m", router_port=7)
+    assert (embedded.pipeline_chunk_tokens, embedded.overflow, embedded.split_min_rows) == (8, "drop", 4)
+    assert (embedded.embedded_router, embedded.router_port, embedded.model_name, embedded.prometheus_port) == (
+        True,
+        7,
+        "m",
+        None,
+    )
+    assert gateway_settings(up, tmp_path, "m", router_address="h:1").router_address == "h:1"
+    router = router_settings(up, tmp_path, "m", 5)
+    assert (router.port, router.split_min_rows, router.prometheus_port) == (5, 4, None)
+    assert list(settings_environment(router)) == [SETTINGS_JSON_ENV]
+    worker = worker_settings(up, tmp_path, "h:1", ClusterCredentials(b"x" * 40))
+    assert (worker.eviction_policy, worker.router_address, worker.prometheus_port) == ("lfu", "h:1", None)
+
+
+def test_a_restarted_service_keeps_the_ports_it_announced() -> None:
+    from moe_serve.launcher import ServiceProcess
+    from moe_serve.supervisor import pinned_environment
+
+    settings = settings_json(GatewaySettings(port=0, http_port=0, metrics_port=0))
+    service = ServiceProcess(
+        name="gateway",
+        process=None,  # type: ignore[arg-type]  # pinning reads what it announced, not the process
+        ready={"address": "127.0.0.1:41234", "http_address": "127.0.0.1:41236"},
+        args=["gateway"],
+        env={SETTINGS_JSON_ENV: settings, "OTHER": "1"},
+    )
+    pinned = pinned_environment(service)
+    restarted = settings_from_json(GatewaySettings, pinned[SETTINGS_JSON_ENV])
+    assert (restarted.port, restarted.http_port, restarted.metrics_port, pinned["OTHER"]) == (41234, 41236, 0, "1")
