@@ -29,6 +29,10 @@ RouterPlacement = Literal["embedded", "service"]
 GATEWAY_METRICS_PORT = 8002
 ROUTER_METRICS_PORT = 8012
 WORKER_METRICS_PORT = 8022
+METRICS_PORT_HELP = (
+    f"Prometheus /metrics port (0 = any free port; defaults: gateway and up {GATEWAY_METRICS_PORT}, router "
+    f"{ROUTER_METRICS_PORT}, worker {WORKER_METRICS_PORT}); OTLP too when OTEL_EXPORTER_OTLP_ENDPOINT is set."
+)
 LogFormat = Literal["text", "json"]
 # how a parent (`moe-serve up`) hands a child service its settings: every field as JSON, in the
 # environment rather than on a command line (secrets travel in their own variables, see settings_json)
@@ -172,9 +176,7 @@ class GatewayEndpointSettings(PublicEndpointSettings):
         8000, ge=0, le=65535, description="Public KServe v2 HTTP/REST port, beside gRPC (0 = any free port)."
     )
     http: bool = Field(True, description="Serve KServe v2 HTTP/REST on http_port (false: gRPC only).")
-    metrics_port: int | None = Field(
-        GATEWAY_METRICS_PORT, ge=0, le=65535, description="Prometheus /metrics port (0 = any free port)."
-    )
+    metrics_port: int | None = Field(GATEWAY_METRICS_PORT, ge=0, le=65535, description=METRICS_PORT_HELP)
     max_inflight_tokens: int = Field(
         65536, gt=0, description="Tokens admitted at once; more is refused with RESOURCE_EXHAUSTED instead of queueing."
     )
@@ -328,9 +330,7 @@ class RouterSettings(RouterPolicySettings, CommonSettings):
     """Gating, capacity, replica choice and fan-out to the expert workers."""
 
     port: int = Field(8010, ge=0, le=65535, description="Router gRPC port (0 = any free port).")
-    metrics_port: int | None = Field(
-        ROUTER_METRICS_PORT, ge=0, le=65535, description="Prometheus /metrics port (0 = any free port)."
-    )
+    metrics_port: int | None = Field(ROUTER_METRICS_PORT, ge=0, le=65535, description=METRICS_PORT_HELP)
     checkpoint: CheckpointPath = Field(
         ..., description="Checkpoint directory or Hub id org/name[@revision] (only the router weights are read)."
     )
@@ -343,11 +343,13 @@ def embedded_router_settings(gateway: GatewaySettings) -> RouterSettings:
     """The router a gateway runs in its own process: the gateway's common settings (host, registry,
     security, message size), its RouterPolicySettings fields and its router_port."""
     return RouterSettings(
-        **fields_of(gateway, CommonSettings, RouterPolicySettings),
-        port=gateway.router_port,
-        checkpoint=gateway.checkpoint,
-        model_name=gateway.model_name,
-        metrics_port=None,  # its metrics are served on the gateway's endpoint
+        **{
+            **fields_of(gateway, CommonSettings, RouterPolicySettings),
+            "port": gateway.router_port,
+            "checkpoint": gateway.checkpoint,
+            "model_name": gateway.model_name,
+            "metrics_port": None,  # its metrics are served on the gateway's endpoint
+        }
     )
 
 
@@ -384,7 +386,7 @@ class WorkerSettings(ExpertComputeSettings, CommonSettings):
         WORKER_METRICS_PORT,
         ge=0,
         le=65535,
-        description="Prometheus /metrics port (0 = any free port; a second worker on one host needs another).",
+        description=f"{METRICS_PORT_HELP} A second worker on one host needs another.",
     )
     checkpoint: CheckpointPath = Field(
         ..., description="Checkpoint directory or Hub id org/name[@revision] (only this worker's experts are read)."

@@ -213,3 +213,14 @@ def test_a_restarted_service_keeps_the_ports_it_announced() -> None:
     pinned = pinned_environment(service)
     restarted = settings_from_json(GatewaySettings, pinned[SETTINGS_JSON_ENV])
     assert (restarted.port, restarted.http_port, restarted.metrics_port, pinned["OTHER"]) == (41234, 41236, 0, "1")
+
+
+def test_a_gateway_hands_the_router_it_embeds_its_router_settings(tmp_path: Path) -> None:
+    from moe_serve.config import embedded_router_settings
+
+    gateway = GatewaySettings(
+        embedded_router=True, checkpoint=tmp_path, router_port=9, split_min_rows=3, prefetch=False, model_name="m"
+    )
+    router = embedded_router_settings(gateway)
+    assert (router.port, router.split_min_rows, router.prefetch, router.model_name) == (9, 3, False, "m")
+    assert router.prometheus_port is None and router.host == gateway.host
