@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import threading
-from typing import Any
 
 import ray
 
@@ -42,22 +41,22 @@ CONTROLLER_CHECK_S = 5.0  # how often a worker looks for its controller; it leav
 
 
 class ExpertWorkerActor:
-    """Hosts one expert worker. Construct with WorkerSettings fields as keyword values, and the name,
+    """Hosts one expert worker. Construct with its WorkerSettings as JSON (config.settings_json), and the name,
     namespace and actor id of the deployment controller that owns it (if any): the worker is a
     detached actor, so it outlives a controller that Ray restarts, and stops itself once that
     controller is gone for good (e.g. with the process that started it)."""
 
     def __init__(
-        self, settings: dict[str, Any], controller: str | None = None, namespace: str = "", controller_id: str = ""
+        self, settings: str, controller: str | None = None, namespace: str = "", controller_id: str = ""
     ) -> None:
         from expert_service.server import WorkerService
         from moe_serve.allocator import tune_allocator
-        from moe_serve.config import WorkerSettings
+        from moe_serve.config import WorkerSettings, settings_from_json
         from moe_serve.eventloop import new_event_loop
         from moe_serve.grpc_utils import configure_logging
 
         tune_allocator()
-        worker_settings = WorkerSettings(**settings)
+        worker_settings = settings_from_json(WorkerSettings, settings)
         configure_logging(worker_settings.log_level, worker_settings.log_format)
         restore_scheduling_priority()
         context = ray.get_runtime_context()

@@ -6,10 +6,13 @@ service at start-up with a message, not inside a request.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moe_serve.eventloop import EventLoopName
@@ -18,11 +21,37 @@ from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
 from moe_serve_client.channel import DEFAULT_MAX_MESSAGE_BYTES  # one limit for clients and servers
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
+OverflowRule = Literal["drop", "reroute", "dropless"]
+EvictionPolicyName = Literal["lru", "lfu"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+RouterPlacement = Literal["embedded", "service"]
 # Prometheus /metrics ports, on by default (Triton serves metrics on 8002 beside gRPC on 8001)
 GATEWAY_METRICS_PORT = 8002
 ROUTER_METRICS_PORT = 8012
 WORKER_METRICS_PORT = 8022
+METRICS_PORT_HELP = (
+    f"Prometheus /metrics port (0 = any free port; defaults: gateway and up {GATEWAY_METRICS_PORT}, router "
+    f"{ROUTER_METRICS_PORT}, worker {WORKER_METRICS_PORT}); OTLP too when OTEL_EXPORTER_OTLP_ENDPOINT is set."
+)
 LogFormat = Literal["text", "json"]
+# how a parent (`moe-serve up`) hands a child service its settings: every field as JSON, in the
+# environment rather than on a command line (secrets travel in their own variables, see settings_json)
+SETTINGS_JSON_ENV = "MOE_SERVE_SETTINGS_JSON"
+SettingsT = TypeVar("SettingsT", bound=BaseModel)
+
+
+def _upper(value: object) -> object:
+    return value.upper() if isinstance(value, str) else value
+
+
+# Python logging's level names; `info` reads as INFO
+LogLevelName = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)]
+
+
+def cli_flags(*flags: str) -> dict[str, Any]:
+    """A Field's further command-line spellings (`json_schema_extra=cli_flags("--rebalance")`), beside the
+    one made from its name (moe_serve.commands.common.settings_options)."""
+    return {"cli_flags": list(flags)}
 
 
 def _local_checkpoint(value: object) -> object:
@@ -51,7 +80,7 @@ class CommonSettings(BaseSettings):
         description="Host name other services use to reach this one (default: the bound host, "
         "or this machine's IP when bound to 0.0.0.0).",
     )
-    log_level: str = Field("INFO", description="Python logging level.")
+    log_level: LogLevelName = Field("INFO", description="Python logging level.")
     log_format: LogFormat = Field(
         "text", description="Log lines as text, or as one JSON object per line (for log shippers)."
     )
@@ -138,35 +167,16 @@ class PublicEndpointSettings(BaseModel):
         return self
 
 
-class GatewaySettings(CommonSettings, PublicEndpointSettings):
-    """The public KServe v2 gRPC endpoint: admission, capacity policy, combine."""
+class GatewayEndpointSettings(PublicEndpointSettings):
+    """What a gateway serves and how it admits, batches and pipelines requests: `moe-serve gateway`'s
+    settings, and `moe-serve up`'s for the gateway it starts."""
 
     port: int = Field(8001, ge=0, le=65535, description="Public KServe v2 gRPC port (0 = any free port).")
     http_port: int = Field(
         8000, ge=0, le=65535, description="Public KServe v2 HTTP/REST port, beside gRPC (0 = any free port)."
     )
     http: bool = Field(True, description="Serve KServe v2 HTTP/REST on http_port (false: gRPC only).")
-    metrics_port: int | None = Field(
-        GATEWAY_METRICS_PORT, ge=0, le=65535, description="Prometheus /metrics port (0 = any free port)."
-    )
-    delivery_port: int = Field(
-        0, ge=0, le=65535, description="Internal port where workers deliver expert outputs (0 = any free port)."
-    )
-    router_address: str = Field(
-        "127.0.0.1:8010",
-        description="host:port of the router service, or a gRPC target naming several routers (a headless "
-        "Service's DNS name, `ipv4:10.0.0.1:8010,10.0.0.2:8010`): the gateway balances over them (round_robin).",
-    )
-    router_streams: int = Field(
-        1,
-        ge=1,
-        description="RouteStreams the gateway keeps to the router address, taken in turn. Each lands on the next "
-        "router of a target with several (round_robin), so several routers share the load: at least one per router.",
-    )
-    model_name: str | None = Field(
-        None,
-        description="Public model name (default: the router's: the checkpoint directory's or Hub repository's name).",
-    )
+    metrics_port: int | None = Field(GATEWAY_METRICS_PORT, ge=0, le=65535, description=METRICS_PORT_HELP)
     max_inflight_tokens: int = Field(
         65536, gt=0, description="Tokens admitted at once; more is refused with RESOURCE_EXHAUSTED instead of queueing."
     )
@@ -189,7 +199,7 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         ge=1,
         description="Absolute expert capacity (rows per expert per dispatch batch); wins over capacity_factor.",
     )
-    overflow: Literal["drop", "reroute", "dropless"] | None = Field(
+    overflow: OverflowRule | None = Field(
         None,
         description="What happens to a slot over capacity: drop (Switch/GShard), reroute (to the token's "
         "next-best expert with room) or dropless (no capacity limit).",
@@ -236,42 +246,12 @@ class GatewaySettings(CommonSettings, PublicEndpointSettings):
         "shared-memory objects and exchange tensors through them. Off by default, as Triton's "
         "--allow-client-shm: a registered object is read and written by the gateway.",
     )
-    embedded_router: bool = Field(
-        False,
-        description="Run the router (gating, capacity, replica choice, fan-out) inside this process: no hop to a "
-        "router service, and workers answer with their rows instead of delivering them (6 messages per T=1 "
-        "request instead of 12). This process then serves the router's API (worker registry, model info) on "
-        "router_port; the router's other settings come from MOE_SERVE_* variables as for `moe-serve router`.",
-    )
-    checkpoint: CheckpointPath | None = Field(
-        None, description="With embedded_router: the checkpoint (router weights are read)."
-    )
-    router_port: int = Field(
-        8010, ge=0, le=65535, description="With embedded_router: port of the router's API (0 = any free port)."
-    )
-    dtype: DtypeName = Field("auto", description="With embedded_router: compute dtype (auto: the checkpoint's).")
-    prefetch: bool = Field(True, description="With embedded_router: hint offloading workers which experts come next.")
-
-    @model_validator(mode="after")
-    def _check_embedded_router(self) -> GatewaySettings:
-        if self.embedded_router and self.checkpoint is None:
-            raise ValueError("embedded_router needs checkpoint: the router weights are read from it")
-        return self
 
 
-class RouterSettings(CommonSettings):
-    """Gating, capacity, replica choice and fan-out to the expert workers."""
+class RouterPolicySettings(BaseModel):
+    """How the router gates and fans out: `moe-serve router`'s settings, a gateway's for the router it
+    embeds, and `moe-serve up`'s for its router."""
 
-    port: int = Field(8010, ge=0, le=65535, description="Router gRPC port (0 = any free port).")
-    metrics_port: int | None = Field(
-        ROUTER_METRICS_PORT, ge=0, le=65535, description="Prometheus /metrics port (0 = any free port)."
-    )
-    checkpoint: CheckpointPath = Field(
-        ..., description="Checkpoint directory or Hub id org/name[@revision] (only the router weights are read)."
-    )
-    model_name: str | None = Field(
-        None, description="Model name (default: the checkpoint directory's or Hub repository's name)."
-    )
     dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
     split_min_rows: int = Field(
         256,
@@ -303,24 +283,102 @@ class RouterSettings(CommonSettings):
     )
 
 
+class GatewaySettings(GatewayEndpointSettings, RouterPolicySettings, CommonSettings):
+    """The public KServe v2 gRPC endpoint: admission, capacity policy, combine (and, with
+    embedded_router, the router itself: its RouterPolicySettings fields apply to it)."""
+
+    delivery_port: int = Field(
+        0, ge=0, le=65535, description="Internal port where workers deliver expert outputs (0 = any free port)."
+    )
+    router_address: str = Field(
+        "127.0.0.1:8010",
+        description="host:port of the router service, or a gRPC target naming several routers (a headless "
+        "Service's DNS name, `ipv4:10.0.0.1:8010,10.0.0.2:8010`): the gateway balances over them (round_robin).",
+    )
+    router_streams: int = Field(
+        1,
+        ge=1,
+        description="RouteStreams the gateway keeps to the router address, taken in turn. Each lands on the next "
+        "router of a target with several (round_robin), so several routers share the load: at least one per router.",
+    )
+    model_name: str | None = Field(
+        None,
+        description="Public model name (default: the router's: the checkpoint directory's or Hub repository's name).",
+    )
+    embedded_router: bool = Field(
+        False,
+        description="Run the router (gating, capacity, replica choice, fan-out) inside this process: no hop to a "
+        "router service, and workers answer with their rows instead of delivering them (6 messages per T=1 "
+        "request instead of 12). This process then serves the router's API (worker registry, model info) on "
+        "router_port; the router's other settings come from MOE_SERVE_* variables as for `moe-serve router`.",
+    )
+    checkpoint: CheckpointPath | None = Field(
+        None, description="With embedded_router: the checkpoint (router weights are read)."
+    )
+    router_port: int = Field(
+        8010, ge=0, le=65535, description="With embedded_router: port of the router's API (0 = any free port)."
+    )
+
+    @model_validator(mode="after")
+    def _check_embedded_router(self) -> GatewaySettings:
+        if self.embedded_router and self.checkpoint is None:
+            raise ValueError("embedded_router needs checkpoint: the router weights are read from it")
+        return self
+
+
+class RouterSettings(RouterPolicySettings, CommonSettings):
+    """Gating, capacity, replica choice and fan-out to the expert workers."""
+
+    port: int = Field(8010, ge=0, le=65535, description="Router gRPC port (0 = any free port).")
+    metrics_port: int | None = Field(ROUTER_METRICS_PORT, ge=0, le=65535, description=METRICS_PORT_HELP)
+    checkpoint: CheckpointPath = Field(
+        ..., description="Checkpoint directory or Hub id org/name[@revision] (only the router weights are read)."
+    )
+    model_name: str | None = Field(
+        None, description="Model name (default: the checkpoint directory's or Hub repository's name)."
+    )
+
+
 def embedded_router_settings(gateway: GatewaySettings) -> RouterSettings:
     """The router a gateway runs in its own process: the gateway's common settings (host, registry,
-    security, message size), its router_* settings, and MOE_SERVE_* variables for the rest."""
-    common = {name: getattr(gateway, name) for name in CommonSettings.model_fields}
+    security, message size), its RouterPolicySettings fields and its router_port."""
     return RouterSettings(
         **{
-            **common,
+            **fields_of(gateway, CommonSettings, RouterPolicySettings),
             "port": gateway.router_port,
             "checkpoint": gateway.checkpoint,
             "model_name": gateway.model_name,
-            "dtype": gateway.dtype,
-            "prefetch": gateway.prefetch,
             "metrics_port": None,  # its metrics are served on the gateway's endpoint
         }
     )
 
 
-class WorkerSettings(CommonSettings):
+def fields_of(settings: BaseModel, *parts: type[BaseModel]) -> dict[str, Any]:
+    """The values `settings` holds for the fields of `parts` (settings classes or their mixins): how one
+    service's settings become part of another's (a gateway's router, `up`'s gateway)."""
+    names = {name for part in parts for name in part.model_fields}
+    return {name: getattr(settings, name) for name in type(settings).model_fields if name in names}
+
+
+class ExpertComputeSettings(BaseModel):
+    """How a worker computes and keeps its experts: `moe-serve worker`'s settings, and those of every
+    worker actor that `moe-serve up` and `moe-serve workers` start."""
+
+    dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
+    device: DeviceName = Field("auto", description="auto: a GPU when one is visible.")
+    compute_threads: int = Field(2, ge=1, description="Experts computed concurrently (one thread each).")
+    device_memory_budget: str | None = Field(
+        None,
+        description="Expert offloading: bytes of experts kept on the compute device ('512MiB', '2GB') or a "
+        "fraction of the owned experts ('0.25', '25%'); the rest wait in host memory. Unset: all resident.",
+    )
+    eviction_policy: EvictionPolicyName = Field(
+        "lru", description="Offloading: which expert leaves the device first (least recently / frequently used)."
+    )
+    lfu_window_s: float = Field(30.0, gt=0, description="Offloading with lfu: the window uses are counted over.")
+
+
+class WorkerSettings(ExpertComputeSettings, CommonSettings):
     """One expert worker: the weights of its experts and a gRPC server computing them."""
 
     port: int = Field(0, ge=0, le=65535, description="Worker gRPC port (0 = any free port).")
@@ -328,7 +386,7 @@ class WorkerSettings(CommonSettings):
         WORKER_METRICS_PORT,
         ge=0,
         le=65535,
-        description="Prometheus /metrics port (0 = any free port; a second worker on one host needs another).",
+        description=f"{METRICS_PORT_HELP} A second worker on one host needs another.",
     )
     checkpoint: CheckpointPath = Field(
         ..., description="Checkpoint directory or Hub id org/name[@revision] (only this worker's experts are read)."
@@ -344,18 +402,6 @@ class WorkerSettings(CommonSettings):
     worker_index: int = Field(0, ge=0, description="This worker's index in the placement plan.")
     num_workers: int = Field(1, ge=1, description="Workers in the placement plan.")
     worker_id: str | None = Field(None, description="Registry id (default: derived from host, port and pid).")
-    dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a GPU when one is visible.")
-    compute_threads: int = Field(2, ge=1, description="Experts computed concurrently (one thread each).")
-    device_memory_budget: str | None = Field(
-        None,
-        description="Expert offloading: bytes of experts kept on the compute device ('512MiB', '2GB') or a "
-        "fraction of the owned experts ('0.25', '25%'); the rest wait in host memory. Unset: all resident.",
-    )
-    eviction_policy: Literal["lru", "lfu"] = Field(
-        "lru", description="Offloading: which expert leaves the device first (least recently / frequently used)."
-    )
-    lfu_window_s: float = Field(30.0, gt=0, description="Offloading with lfu: the window uses are counted over.")
 
     @model_validator(mode="after")
     def _check_index(self) -> WorkerSettings:
@@ -364,13 +410,9 @@ class WorkerSettings(CommonSettings):
         return self
 
 
-class WorkerPoolSettings(CommonSettings):
-    """The expert-worker actors of a stack, owned by its deployment controller on a Ray cluster."""
-
-    device_memory_budget: str | None = Field(
-        None, description="Expert offloading per worker: bytes ('2GB') or fraction ('0.25') of its experts on device."
-    )
-    eviction_policy: Literal["lru", "lfu"] = Field("lru", description="Offloading: eviction policy.")
+class WorkerPoolSettings(ExpertComputeSettings, CommonSettings):
+    """The expert-worker actors of a stack, owned by its deployment controller on a Ray cluster; its
+    ExpertComputeSettings fields apply to every worker."""
 
     workers: int = Field(2, ge=1, description="Expert workers (Ray actors).")
     ray_address: str | None = Field(None, description="Join this Ray cluster instead of starting a local one.")
@@ -379,9 +421,11 @@ class WorkerPoolSettings(CommonSettings):
     model_name: str | None = Field(
         None, description="Public model name (default: the checkpoint directory's or Hub repository's name)."
     )
-    dtype: DtypeName = Field("auto", description="Compute dtype (auto: the checkpoint's).")
     rebalance_interval_s: float = Field(
-        0.0, ge=0.0, description="Node-aware expert placement (placement_planner): rebalance this often (0 = off)."
+        0.0,
+        ge=0.0,
+        description="Node-aware expert placement (placement_planner): rebalance this often (0 = off).",
+        json_schema_extra=cli_flags("--rebalance"),
     )
     autoscale_max_workers: int = Field(0, ge=0, description="Autoscaling: upper bound of workers (0 = off).")
     autoscale_min_workers: int = Field(0, ge=0, description="Autoscaling: lower bound (0 = the starting count).")
@@ -406,38 +450,21 @@ class WorkersSettings(WorkerPoolSettings):
     router_address: str = Field(..., description="host:port of the router; its registry (or Redis) gets the workers.")
 
 
-class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
-    """`moe-serve up`: the whole stack on one machine or a Ray cluster."""
+class UpSettings(GatewayEndpointSettings, RouterPolicySettings, WorkerPoolSettings):
+    """`moe-serve up`: the whole stack on one machine or a Ray cluster: the settings of its gateway
+    (GatewayEndpointSettings), router (RouterPolicySettings) and worker actors (WorkerPoolSettings),
+    and these of its own."""
 
     checkpoint: CheckpointPath | None = Field(
         None, description="Checkpoint directory or Hub id org/name[@revision] (default: generate the demo one)."
     )
     demo_dir: Path = Field(Path(".moe-serve/mixtral-demo"), description="Where the demo checkpoint is written.")
-    port: int = Field(8001, ge=0, le=65535, description="Public gateway port.")
-    http_port: int = Field(8000, ge=0, le=65535, description="The gateway's KServe v2 HTTP/REST port (0 = any free).")
-    http: bool = Field(True, description="Serve KServe v2 HTTP/REST on the gateway (false: gRPC only).")
-    metrics_port: int | None = Field(
-        GATEWAY_METRICS_PORT,
-        ge=0,
-        le=65535,
-        description="The gateway's Prometheus /metrics port (0 = any free port); a router service and the worker "
-        "actors take free ports, printed when the stack is ready.",
-    )
-    capacity_factor: float | None = Field(None, ge=0.0, description="Expert capacity factor (unset: the model's own).")
-    overflow: Literal["drop", "reroute", "dropless"] | None = Field(None, description="Overflow rule over capacity.")
-    batch_window_ms: float = Field(0.0, ge=0.0, description="Cross-request batching window (0 = off).")
-    pipeline_chunk_tokens: int = Field(0, ge=0, description="Gateway pipelining chunk in tokens (0 = off).")
-    prefetch: bool = Field(True, description="Router hints offloading workers which experts come next.")
-    allow_client_shm: bool = Field(
-        False, description="Triton's system shared-memory extension on the gateway (off by default, as in Triton)."
-    )
-    router: Literal["embedded", "service"] = Field(
+    router: RouterPlacement = Field(
         "embedded",
         description="embedded: the router runs inside the gateway's process (one hop and half the messages "
         "fewer; the faster on one host, measured by `moe-serve bench`); service: its own process, as in "
         "compose and Kubernetes.",
     )
-    max_inflight_tokens: int = Field(65536, gt=0, description="Gateway admission bound, in tokens.")
     restart_limit: int = Field(
         5, ge=0, description="Restarts of a dead gateway or router within restart_window_s before `up` gives up."
     )
@@ -445,3 +472,37 @@ class UpSettings(WorkerPoolSettings, PublicEndpointSettings):
     stop_timeout_s: float = Field(
         12.0, gt=0, description="On SIGINT/SIGTERM, how long `up` waits for the stack to stop before it exits anyway."
     )
+
+
+def is_secret(field: FieldInfo) -> bool:
+    """A SecretStr field: environment only, never a flag, never in a settings JSON unless asked."""
+    return field.annotation is SecretStr or SecretStr in get_args(field.annotation)
+
+
+def settings_json(settings: BaseModel, *, secrets: bool = False, only_set: bool = False, **overrides: Any) -> str:
+    """Every field of `settings` as JSON (what settings_from_json reads back), `overrides` replacing some;
+    with `only_set`, only the fields given when it was built (by argument or environment).
+
+    Secret fields are left out unless `secrets`: a child process gets the cluster secret in its own
+    environment variable (moe_serve.launcher.secret_environment), so that the JSON can be logged."""
+    values = settings.model_dump(mode="json", exclude_unset=only_set)
+    for name, field in type(settings).model_fields.items():
+        if is_secret(field) and name in values:
+            secret = getattr(settings, name)
+            if secrets and secret is not None:
+                values[name] = secret.get_secret_value()
+            else:
+                del values[name]
+    return json.dumps({**values, **overrides})
+
+
+def settings_from_json(settings_class: type[SettingsT], text: str) -> SettingsT:
+    """The settings settings_json wrote (validated again; a field it left out comes from MOE_SERVE_*)."""
+    return settings_class(**json.loads(text))
+
+
+def inherited_settings() -> dict[str, Any]:
+    """The settings a parent handed this process in MOE_SERVE_SETTINGS_JSON, taken out of the
+    environment so that no process this one starts inherits them; {} when none."""
+    text = os.environ.pop(SETTINGS_JSON_ENV, "")
+    return json.loads(text) if text else {}

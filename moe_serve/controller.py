@@ -26,7 +26,7 @@ import grpc
 import ray
 
 from moe_serve.balancer import AutoscalePolicy, plan_node_aware_rebalance, should_apply
-from moe_serve.config import CommonSettings
+from moe_serve.config import WorkerSettings, settings_json
 from moe_serve.grpc_utils import QUICK_RECONNECT
 from moe_serve.placement import ExpertKey, plan_placement
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
@@ -81,7 +81,7 @@ class DeploymentController:
         model_name: str,
         checkpoint: str,
         shape: PlacementShape,
-        worker_settings: dict[str, Any],
+        worker_settings: WorkerSettings,
         router_address: str,
         num_gpus: float = 0.0,
         num_cpus: float = 0.0,
@@ -105,7 +105,7 @@ class DeploymentController:
         self._next_index = 0
         self._lock = threading.RLock()
         # the workers' own credentials (cluster secret, internal TLS): the controller calls the same services
-        self._credentials = ClusterCredentials.from_settings(CommonSettings(**worker_settings))
+        self._credentials = ClusterCredentials.from_settings(worker_settings)
         self._channel = open_channel(router_address, QUICK_RECONNECT, self._credentials)
         self._router = moe_grpc.RouterStub(self._channel)
         self._last_load: dict[ExpertKey, int] = {}
@@ -375,13 +375,17 @@ class DeploymentController:
             runtime_env={"env_vars": self._actor_env} if self._actor_env else None,
             **(lifetime if self._name else {}),
         ).remote(
-            {
-                **self.worker_settings,
-                "checkpoint": str(self.checkpoint),
-                "experts": format_keys(experts),
-                "worker_id": worker_id,
-                "port": 0,
-            },
+            # the actor's settings as JSON: the secret included (see launcher.worker_settings), what the
+            # launcher left unset left out (the actor's node environment gives it)
+            settings_json(
+                self.worker_settings,
+                secrets=True,
+                only_set=True,
+                checkpoint=str(self.checkpoint),
+                experts=format_keys(experts),
+                worker_id=worker_id,
+                port=0,
+            ),
             self._name or None,
             NAMESPACE,
             self._actor_id,

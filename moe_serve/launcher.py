@@ -27,7 +27,20 @@ from pydantic import SecretStr
 
 from moe_serve.allocator import ray_worker_environment
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.config import UpSettings, WorkerPoolSettings
+from moe_serve.config import (
+    SETTINGS_JSON_ENV,
+    CommonSettings,
+    ExpertComputeSettings,
+    GatewayEndpointSettings,
+    GatewaySettings,
+    RouterPolicySettings,
+    RouterSettings,
+    UpSettings,
+    WorkerPoolSettings,
+    WorkerSettings,
+    fields_of,
+    settings_json,
+)
 from moe_serve.grpc_utils import READY_MARKER, advertised_host
 from moe_serve.hub import checkpoint_name, portable_reference
 from moe_serve.lifecycle import child_environment
@@ -208,66 +221,62 @@ def secret_environment(credentials: ClusterCredentials) -> dict[str, str]:
     return {} if credentials.secret is None else {CLUSTER_SECRET_ENV: credentials.secret.decode()}
 
 
-def _common_flags(settings: UpSettings) -> list[str]:
-    flags = [
-        "--host",
-        settings.host,
-        "--log-level",
-        settings.log_level,
-        "--log-format",
-        settings.log_format,
-        "--max-message-bytes",
-        str(settings.max_message_bytes),
-    ]
-    if settings.advertise_host:
-        flags += ["--advertise-host", settings.advertise_host]
-    if settings.insecure_internal:
-        flags.append("--insecure-internal")
-    return flags + _internal_tls_flags(settings)
+def settings_environment(settings: CommonSettings) -> dict[str, str]:
+    """How a child service gets its settings: every field as JSON in MOE_SERVE_SETTINGS_JSON (the
+    cluster secret, left out, goes by secret_environment), never as flags on a command line."""
+    return {SETTINGS_JSON_ENV: settings_json(settings)}
 
 
-def _internal_tls_flags(settings: WorkerPoolSettings) -> list[str]:
-    if settings.internal_tls_ca is None:
-        return []
-    return [
-        "--internal-tls-ca",
-        str(settings.internal_tls_ca),
-        "--internal-tls-cert",
-        str(settings.internal_tls_cert),
-        "--internal-tls-key",
-        str(settings.internal_tls_key),
-    ]
+def gateway_settings(
+    settings: UpSettings, checkpoint: Path, model_name: str, router_address: str = "", router_port: int | None = None
+) -> GatewaySettings:
+    """The gateway `up` starts: its common, gateway and router-policy settings; with `router_port`, the
+    router runs inside it (on that port, with the checkpoint), else it calls the one at `router_address`."""
+    shared = fields_of(settings, CommonSettings, GatewayEndpointSettings, RouterPolicySettings)
+    if router_port is None:
+        return GatewaySettings(**shared, router_address=router_address)
+    return GatewaySettings(
+        **shared, embedded_router=True, router_port=router_port, checkpoint=checkpoint, model_name=model_name
+    )
 
 
-def _public_security_flags(settings: UpSettings) -> list[str]:
-    flags: list[str] = []
-    for flag, value in (
-        ("--tls-cert", settings.tls_cert),
-        ("--tls-key", settings.tls_key),
-        ("--tls-client-ca", settings.tls_client_ca),
-        ("--auth-tokens-file", settings.auth_tokens_file),
-    ):
-        if value is not None:
-            flags += [flag, str(value)]
-    return flags
+def router_settings(settings: UpSettings, checkpoint: Path, model_name: str, port: int) -> RouterSettings:
+    """The router service `up` starts (--router service): its common and router-policy settings."""
+    return RouterSettings(
+        **{
+            **fields_of(settings, CommonSettings, RouterPolicySettings),
+            "port": port,
+            "checkpoint": checkpoint,
+            "model_name": model_name,
+            "metrics_port": 0,  # the gateway takes the configured metrics port; the router any free one
+        }
+    )
 
 
-def _metrics_flags(port: int | None) -> list[str]:
-    """A child's metrics flags: its port, or --no-metrics for None."""
-    return ["--no-metrics"] if port is None else ["--metrics-port", str(port)]
+def worker_settings(
+    settings: WorkerPoolSettings, checkpoint: Path, router_address: str, credentials: ClusterCredentials
+) -> WorkerSettings:
+    """What every worker actor of the pool starts with (the controller adds its experts and id).
 
-
-def _registry_flags(settings: UpSettings) -> list[str]:
-    if not settings.redis_url:
-        return []
-    return [
-        "--redis-url",
-        settings.redis_url,
-        "--redis-prefix",
-        settings.redis_prefix,
-        "--registry-ttl",
-        str(settings.registry_ttl_s),
-    ]
+    The common and expert-compute settings the pool was given (by flag or environment); those left at
+    their defaults stay out, so that a worker on another Ray node still reads its own MOE_SERVE_*
+    variables for them, as the raylet's environment there sets them."""
+    shared = fields_of(settings, CommonSettings, ExpertComputeSettings)
+    given = {name: value for name, value in shared.items() if name in settings.model_fields_set}
+    return WorkerSettings(
+        **{
+            **given,
+            "checkpoint": checkpoint,
+            "router_address": None if settings.redis_url else router_address,
+            # each worker actor picks a free metrics port and announces it in its registration
+            "metrics": settings.metrics,
+            "metrics_port": 0,
+            # Ray keeps actor arguments in its control store, inside the cluster's trust boundary (a
+            # process that can reach Ray can run code in any actor); never on a command line
+            "cluster_secret": None if credentials.secret is None else SecretStr(credentials.secret.decode()),
+            "insecure_internal": credentials.insecure,
+        }
+    )
 
 
 def start_controller(
@@ -296,36 +305,6 @@ def start_controller(
         worker_actor_name,
     )
 
-    worker_settings: dict[str, Any] = {
-        "host": settings.host,
-        "advertise_host": settings.advertise_host,
-        "dtype": settings.dtype,
-        "log_level": settings.log_level,
-        "log_format": settings.log_format,
-        "max_message_bytes": settings.max_message_bytes,
-        "redis_url": settings.redis_url,
-        "redis_prefix": settings.redis_prefix,
-        "registry_ttl_s": settings.registry_ttl_s,
-        "router_address": None if settings.redis_url else router_address,
-        "device_memory_budget": settings.device_memory_budget,
-        "eviction_policy": settings.eviction_policy,
-        # each worker actor picks a free metrics port and announces it in its registration
-        "metrics_port": 0 if settings.metrics else None,
-        # certificate files must be readable on every Ray node, like the checkpoint
-        **{
-            name: None if value is None else str(value)
-            for name, value in (
-                ("internal_tls_ca", settings.internal_tls_ca),
-                ("internal_tls_cert", settings.internal_tls_cert),
-                ("internal_tls_key", settings.internal_tls_key),
-            )
-        },
-        "internal_tls_server_name": settings.internal_tls_server_name,
-        # Ray keeps actor arguments in its control store, inside the cluster's trust boundary (a
-        # process that can reach Ray can run code in any actor); never on a command line
-        "cluster_secret": None if credentials.secret is None else credentials.secret.decode(),
-        "insecure_internal": credentials.insecure,
-    }
     spec = Checkpoint(checkpoint).spec
     name = controller_name(model_name, router_address)
     autoscale = autoscale_policy(settings)
@@ -349,7 +328,7 @@ def start_controller(
                 spec.routing.num_groups if spec.routing.num_groups > 1 else None,
                 spec.num_shared_slots,
             ),
-            worker_settings,
+            worker_settings(settings, checkpoint, router_address, credentials),
             router_address,
             settings.worker_num_gpus,
             settings.worker_num_cpus,
@@ -408,31 +387,17 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0, d
     embedded = settings.router == "embedded"
     reservation = reserve_port(settings.host) if router_port == 0 else None
     port = router_port if reservation is None else reservation.getsockname()[1]
-    router_flags = ["--dtype", settings.dtype, "--model-name", model_name]
-    router_flags += ["--prefetch" if settings.prefetch else "--no-prefetch", "--checkpoint", str(checkpoint)]
     processes: list[ServiceProcess] = []
     controller: Any = None
     try:
         if embedded:
-            hosting = ["--embedded-router", "--router-port", str(port), *router_flags]
-            gateway = spawn_service_process(
-                "gateway", [*_gateway_args(settings, "", registry=True), *hosting], environment
-            )
+            hosting = gateway_settings(settings, checkpoint, model_name, router_port=port)
+            gateway = spawn_service_process("gateway", ["gateway"], {**environment, **settings_environment(hosting)})
             processes.append(gateway)
         else:
+            routing = router_settings(settings, checkpoint, model_name, port)
             router_process = spawn_service_process(
-                "router",
-                [
-                    "router",
-                    "--port",
-                    str(port),
-                    *router_flags,
-                    *_common_flags(settings),
-                    *_registry_flags(settings),
-                    # the gateway takes the configured metrics port; the router any free one
-                    *_metrics_flags(None if settings.prometheus_port is None else 0),
-                ],
-                environment,
+                "router", ["router"], {**environment, **settings_environment(routing)}
             )
             processes.append(router_process)
         if port == 0:  # no port could be reserved: everything else waits for the one the router announces
@@ -441,7 +406,8 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0, d
         else:
             router_address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
         if not embedded:
-            gateway = spawn_service_process("gateway", _gateway_args(settings, router_address), environment)
+            calling = gateway_settings(settings, checkpoint, model_name, router_address=router_address)
+            gateway = spawn_service_process("gateway", ["gateway"], {**environment, **settings_environment(calling)})
             processes.append(gateway)
         controller, name = start_controller(
             settings,
@@ -518,36 +484,6 @@ def embedded_router_of(gateway: ServiceProcess) -> ServiceProcess:
         recent_output=gateway.recent_output,
         announced=gateway.announced,
     )
-
-
-def _gateway_args(settings: UpSettings, router_address: str, registry: bool = False) -> list[str]:
-    args = [
-        "gateway",
-        *(["--router-address", router_address] if router_address else []),
-        "--port",
-        str(settings.port),
-        "--max-inflight-tokens",
-        str(settings.max_inflight_tokens),
-        "--batch-window-ms",
-        str(settings.batch_window_ms),
-        "--pipeline-chunk-tokens",
-        str(settings.pipeline_chunk_tokens),
-        *_common_flags(settings),
-        *_metrics_flags(settings.prometheus_port),
-        *_public_security_flags(settings),
-    ]
-    args += ["--http-port", str(settings.http_port)] if settings.http else ["--no-http"]
-    if settings.allow_client_shm:
-        args.append("--allow-client-shm")
-    if registry:  # the registry of an embedded router (Redis, when set, also gets the live state)
-        args += _registry_flags(settings)
-    elif settings.redis_url:  # the gateway writes its live state there
-        args += ["--redis-url", settings.redis_url, "--redis-prefix", settings.redis_prefix]
-    if settings.capacity_factor is not None:
-        args += ["--capacity-factor", str(settings.capacity_factor)]
-    if settings.overflow is not None:
-        args += ["--overflow", settings.overflow]
-    return args
 
 
 def wait_until_ready(router_address: str, credentials: ClusterCredentials, timeout_s: float = 60.0) -> None:

@@ -15,6 +15,7 @@ thread that lives as long as `up`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -22,12 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from moe_serve.config import SETTINGS_JSON_ENV
 from moe_serve.launcher import ServiceProcess, spawn_service_process
 
 logger = logging.getLogger(__name__)
 
 # flags whose value (a port, 0 = any free one) is pinned to the port the first process bound
 PORT_FLAGS = {"--port": "address", "--router-port": "router_address", "--http-port": "http_address"}
+# the same, for a service started with its settings in MOE_SERVE_SETTINGS_JSON (launcher.settings_environment)
+PORT_SETTINGS = {"port": "address", "router_port": "router_address", "http_port": "http_address"}
 
 
 class ServiceFailed(RuntimeError):
@@ -55,6 +59,19 @@ def pinned_arguments(service: ServiceProcess) -> list[str]:
     return args
 
 
+def pinned_environment(service: ServiceProcess) -> dict[str, str]:
+    """The service's environment with each port of its settings JSON set to the port it announced."""
+    env = dict(service.env)
+    if SETTINGS_JSON_ENV not in env:
+        return env
+    settings = json.loads(env[SETTINGS_JSON_ENV])
+    for name, ready_key in PORT_SETTINGS.items():
+        announced = service.ready.get(ready_key)
+        if announced and name in settings:
+            settings[name] = int(str(announced).rsplit(":", 1)[1])
+    return {**env, SETTINGS_JSON_ENV: json.dumps(settings)}
+
+
 class SupervisedService:
     """One service process and its restarts; `poll()` advances it (running → waiting → starting)."""
 
@@ -68,6 +85,7 @@ class SupervisedService:
         self.policy = policy
         self.on_restarted = on_restarted  # told of the new process once it is ready
         self._arguments = pinned_arguments(service)
+        self._environment = pinned_environment(service)
         self._restarts: deque[float] = deque()  # monotonic times of the restarts within the window
         self._restart_at: float | None = None  # while waiting out the backoff
         self._starting: ServiceProcess | None = None
@@ -97,7 +115,7 @@ class SupervisedService:
             if now >= self._restart_at:
                 self._restart_at = None
                 self._starting = spawn_service_process(
-                    self.current.name, self._arguments, self.current.env, self.current.module
+                    self.current.name, self._arguments, self._environment, self.current.module
                 )
         elif (code := self.current.process.poll()) is not None:
             self._died(code, now, "")

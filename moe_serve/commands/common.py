@@ -1,5 +1,7 @@
 """What every `moe-serve` command shares: the Typer app, the console, option types, settings building.
 
+The service commands' flags are made from their settings classes (settings_options), as vLLM makes its
+flags from its config classes: one flag per field, named after it, its help the field's description.
 Every flag has an environment variable twin with the MOE_SERVE_ prefix (e.g. --redis-url and
 MOE_SERVE_REDIS_URL); a flag given on the command line wins.
 """
@@ -9,15 +11,20 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
-from collections.abc import Iterator
+import inspect
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import typer
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 from rich.console import Console
+from rich.markup import escape
 
 from moe_serve import eventloop
+from moe_serve.config import CommonSettings, PublicEndpointSettings, inherited_settings, is_secret
 from moe_serve.errors import ConfigurationError
 from moe_serve.eventloop import EventLoopName
 
@@ -66,20 +73,9 @@ def require_extra(command: str, extra: str, modules: tuple[str, ...]) -> None:
         raise typer.Exit(2)
 
 
-# options shared by the service commands
-Host = Annotated[str | None, typer.Option(help="Interface to bind (0.0.0.0 for remote callers).")]
-AdvertiseHost = Annotated[str | None, typer.Option(help="Host name other services dial to reach this one.")]
-RedisUrl = Annotated[str | None, typer.Option(help="Redis URL of the shared worker registry.")]
-RedisPrefix = Annotated[str | None, typer.Option(help="Key prefix in Redis.")]
-RegistryTtl = Annotated[
-    float | None, typer.Option("--registry-ttl", help="Seconds a registration lives without heartbeat.")
-]
-LogLevel = Annotated[str | None, typer.Option(help="Logging level (DEBUG, INFO, WARNING).")]
-MaxMessageBytes = Annotated[int | None, typer.Option(help="Largest gRPC message on every hop, in bytes.")]
-Dtype = Annotated[str | None, typer.Option(help="Compute dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
-ModelName = Annotated[
-    str | None, typer.Option(help="Public model name (default: the checkpoint directory's or Hub repository's name).")
-]
+# flags of client commands (health, top) that also read their MOE_SERVE_ variables, so container
+# health checks of internal services work unchanged when mutual TLS is switched on by environment;
+# the service commands take theirs from the settings classes (settings_options)
 CheckpointDir = Annotated[
     str | None,
     typer.Option(
@@ -87,38 +83,6 @@ CheckpointDir = Annotated[
         "Hugging Face cache (config.json and safetensors only; HF_HOME, HF_HUB_OFFLINE apply)."
     ),
 ]
-MetricsPort = Annotated[
-    int | None,
-    typer.Option(
-        help="Prometheus /metrics port (defaults: gateway and up 8002, router 8012, worker 8022; 0 = any free); "
-        "OTLP too when OTEL_EXPORTER_OTLP_ENDPOINT is set."
-    ),
-]
-Metrics = Annotated[
-    bool | None, typer.Option("--metrics/--no-metrics", help="Serve Prometheus /metrics (on by default).")
-]
-LogFormat = Annotated[str | None, typer.Option(help="Log lines as text (default) or json (one object per line).")]
-CapacityFactor = Annotated[
-    float | None,
-    typer.Option(
-        help="Expert capacity factor C = ceil(f*T*k/E); unset: the "
-        "model's own behaviour (dropless, Switch: its capacity)."
-    ),
-]
-Overflow = Annotated[str | None, typer.Option(help="Over capacity: drop, reroute or dropless.")]
-BatchWindow = Annotated[float | None, typer.Option(help="Cross-request batching window in ms (0 = off).")]
-PipelineChunk = Annotated[
-    int | None,
-    typer.Option(help="Route requests longer than this as concurrent chunks of at most this many tokens (0 = off)."),
-]
-
-HttpPort = Annotated[int | None, typer.Option(help="KServe v2 HTTP/REST port of the gateway (0 = any free).")]
-ServeHttp = Annotated[
-    bool | None, typer.Option("--http/--no-http", help="Serve KServe v2 HTTP/REST beside gRPC (default: on).")
-]
-
-# these three also read their MOE_SERVE_ variables in client commands (health, top), so container
-# health checks of internal services work unchanged when mutual TLS is switched on by environment
 InternalTlsCa = Annotated[
     Path | None,
     typer.Option(
@@ -147,22 +111,6 @@ InsecureInternal = Annotated[
         help="Debugging only: internal RPCs accept any caller, registry records are not authenticated.",
     ),
 ]
-TlsCert = Annotated[Path | None, typer.Option(help="TLS on the public port: certificate chain (PEM).")]
-TlsKey = Annotated[Path | None, typer.Option(help="TLS on the public port: private key (PEM).")]
-TlsClientCa = Annotated[
-    Path | None, typer.Option(help="Require client certificates signed by this CA on the public port.")
-]
-AuthTokensFile = Annotated[
-    Path | None, typer.Option(help="Bearer-token auth: JSON file of tokens and the models each may use.")
-]
-DeviceMemoryBudget = Annotated[
-    str | None,
-    typer.Option(
-        help="Expert offloading: bytes of experts on the compute device ('512MiB', '2GB') or a fraction of "
-        "the owned experts ('0.25'); the rest wait in host memory. Unset: all resident."
-    ),
-]
-EvictionPolicy = Annotated[str | None, typer.Option(help="Offloading: lru or lfu (over --lfu-window seconds).")]
 
 
 def internal_security_flags(
@@ -196,16 +144,92 @@ def tool_credentials(
         raise typer.Exit(2) from None
 
 
-def public_security_flags(
-    cert: Path | None, key: Path | None, client_ca: Path | None, tokens: Path | None
-) -> dict[str, Path | None]:
-    return {"tls_cert": cert, "tls_key": key, "tls_client_ca": client_ca, "auth_tokens_file": tokens}
+def settings_options(
+    settings_class: type[SettingsT],
+) -> Callable[[Callable[[SettingsT], None]], Callable[..., None]]:
+    """Decorator: the command `run(settings)` as one with a flag per field of `settings_class`.
+
+    A field `batch_window_ms` is `--batch-window-ms`; one in seconds drops its unit (`registry_ttl_s`:
+    `--registry-ttl`); a bool is `--name/--no-name`; a field's json_schema_extra `cli_flags` adds
+    spellings. The flags given (and the settings a parent process handed down, moe_serve.config.
+    settings_json) override MOE_SERVE_* variables, which override the field's default. Secret fields
+    have no flag: they come from the environment only."""
+
+    def decorate(run: Callable[[SettingsT], None]) -> Callable[..., None]:
+        parameters = [
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=option(settings_class, name, field)
+            )
+            for name, field in settings_class.model_fields.items()
+            if not is_secret(field)
+        ]
+
+        def command(**flags: Any) -> None:
+            run(build_settings(settings_class, inherited_settings(), **flags))
+
+        command.__name__, command.__qualname__ = run.__name__, run.__qualname__
+        command.__doc__, command.__module__ = run.__doc__, run.__module__
+        command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        command.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+        return command
+
+    return decorate
 
 
-def build_settings(settings_class: type[SettingsT], **flags: Any) -> SettingsT:
-    """Settings from the environment, overridden by the flags that were given."""
+def flag_names(name: str, field: FieldInfo) -> list[str]:
+    """The command-line spellings of a settings field, the first made from its name."""
+    stem = name.removesuffix("_s").replace("_", "-")
+    extra = (field.json_schema_extra or {}) if isinstance(field.json_schema_extra, dict) else {}
+    return [f"--{stem}", *extra.get("cli_flags", [])]  # type: ignore[misc]
+
+
+def option(settings_class: type[BaseModel], name: str, field: FieldInfo) -> Any:
+    """The typer option of a settings field: `Annotated[type | None, typer.Option(...)]`, default None
+    (unset: the environment or the field's default). Choices (Literal fields) are listed in --help and
+    checked by pydantic, so that a wrong one is one line naming them, exit status 2."""
+    value_type, choices = _flag_type(field.annotation)
+    flags = flag_names(name, field)
+    declarations = [f"{flags[0]}/--no-{flags[0][2:]}"] if value_type is bool else flags
+    default = None if field.is_required() else field.get_default(call_default_factory=True)
+    shown_default = "" if default is None else f" [default: {default}]"
+    help_text = f"{field.description or ''} [env var: MOE_SERVE_{name.upper()}]{shown_default}"
+    return Annotated[
+        value_type | None,
+        typer.Option(
+            *declarations,
+            help=escape(help_text.strip()),  # descriptions hold brackets (org/name[@revision]), not markup
+            show_default=False,
+            rich_help_panel=_panel(settings_class, name),
+            **({"metavar": f"[{'|'.join(choices)}]"} if choices else {}),
+        ),
+    ]
+
+
+def _panel(settings_class: type[BaseModel], name: str) -> str | None:
+    """The --help panel of a field: the command's own settings first, then those every service shares."""
+    declared_by = next(cls for cls in settings_class.__mro__ if name in inspect.get_annotations(cls))
+    return {CommonSettings: "Every service", PublicEndpointSettings: "Public endpoint security"}.get(declared_by)
+
+
+def _flag_type(annotation: Any) -> tuple[type, list[str]]:
+    """The command-line type of a field (bool, int, float; str for the rest, which pydantic parses as it
+    does an environment variable) and its choices when it has fixed ones."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return _flag_type(annotation)
+    if get_origin(annotation) is Literal:
+        return str, [str(choice) for choice in get_args(annotation)]
+    return (annotation if annotation in (bool, int, float) else str), []
+
+
+def build_settings(settings_class: type[SettingsT], inherited: dict[str, Any] | None = None, **flags: Any) -> SettingsT:
+    """Settings from the environment, overridden by the `inherited` ones (a parent's: every field,
+    None included), overridden by the flags that were given (not None)."""
+    given = {key: value for key, value in flags.items() if value is not None}
     try:
-        return settings_class(**{key: value for key, value in flags.items() if value is not None})
+        return settings_class(**{**(inherited or {}), **given})
     except ValidationError as error:
         for problem in error.errors():
             field = ".".join(str(part) for part in problem["loc"]) or "settings"

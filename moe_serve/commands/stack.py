@@ -13,41 +13,15 @@ from rich.console import Console
 
 from moe_serve.cluster_commands import DEFAULT_SCALE_TIMEOUT_S, DEFAULT_TIMEOUT_S, NoAnswer, connect, print_status
 from moe_serve.commands.common import (
-    AdvertiseHost,
-    AuthTokensFile,
-    BatchWindow,
-    CapacityFactor,
-    CheckpointDir,
     ClusterSecretFile,
-    DeviceMemoryBudget,
-    Dtype,
-    EvictionPolicy,
-    Host,
-    HttpPort,
     InsecureInternal,
     InternalTlsCa,
     InternalTlsCert,
     InternalTlsKey,
-    LogFormat,
-    LogLevel,
-    Metrics,
-    MetricsPort,
-    ModelName,
-    Overflow,
-    PipelineChunk,
-    RedisPrefix,
-    RedisUrl,
-    RegistryTtl,
-    ServeHttp,
-    TlsCert,
-    TlsClientCa,
-    TlsKey,
     app,
-    build_settings,
     configuration_errors_reported,
     console,
-    internal_security_flags,
-    public_security_flags,
+    settings_options,
     tool_credentials,
 )
 from moe_serve.config import UpSettings, WorkersSettings
@@ -55,165 +29,23 @@ from moe_serve.grpc_utils import configure_logging
 
 
 @app.command(rich_help_panel="Run and scale a stack")
-def up(
-    checkpoint: CheckpointDir = None,
-    workers: Annotated[int | None, typer.Option(help="Expert workers (Ray actors).")] = None,
-    port: Annotated[int | None, typer.Option(help="Public gateway port.")] = None,
-    http_port: HttpPort = None,
-    http: ServeHttp = None,
-    ray_address: Annotated[str | None, typer.Option(help="Join this Ray cluster (default: start a local one).")] = None,
-    worker_num_gpus: Annotated[float | None, typer.Option(help="GPUs per worker actor (1 on a GPU cluster).")] = None,
-    worker_num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray reserves per worker actor.")] = None,
-    capacity_factor: CapacityFactor = None,
-    overflow: Overflow = None,
-    batch_window_ms: BatchWindow = None,
-    pipeline_chunk_tokens: PipelineChunk = None,
-    router: Annotated[
-        str | None,
-        typer.Option(
-            help="embedded (default): the router runs inside the gateway's process, the faster on one host; "
-            "service: its own process."
-        ),
-    ] = None,
-    max_inflight_tokens: Annotated[int | None, typer.Option(help="Admission bound on tokens in flight.")] = None,
-    allow_client_shm: Annotated[
-        bool | None,
-        typer.Option("--allow-client-shm", help="Triton's system shared-memory extension on the gateway (off)."),
-    ] = None,
-    rebalance: Annotated[
-        float | None, typer.Option(help="Node-aware expert placement: rebalance every this many seconds.")
-    ] = None,
-    autoscale_max_workers: Annotated[int | None, typer.Option(help="Autoscale workers up to this many.")] = None,
-    autoscale_min_workers: Annotated[int | None, typer.Option(help="Autoscale down to this many.")] = None,
-    device_memory_budget: DeviceMemoryBudget = None,
-    eviction_policy: EvictionPolicy = None,
-    model_name: ModelName = None,
-    dtype: Dtype = None,
-    host: Host = None,
-    advertise_host: AdvertiseHost = None,
-    log_level: LogLevel = None,
-    log_format: LogFormat = None,
-    metrics: Metrics = None,
-    metrics_port: MetricsPort = None,
-    redis_url: RedisUrl = None,
-    redis_prefix: RedisPrefix = None,
-    tls_cert: TlsCert = None,
-    tls_key: TlsKey = None,
-    tls_client_ca: TlsClientCa = None,
-    auth_tokens_file: AuthTokensFile = None,
-    internal_tls_ca: InternalTlsCa = None,
-    internal_tls_cert: InternalTlsCert = None,
-    internal_tls_key: InternalTlsKey = None,
-    cluster_secret_file: ClusterSecretFile = None,
-    insecure_internal: InsecureInternal = None,
-) -> None:
+@settings_options(UpSettings)
+def up(settings: UpSettings) -> None:
     """Start router (inside the gateway unless --router service), expert workers and gateway; block until
     Ctrl-C or SIGTERM, then stop them all."""
     from moe_serve.stack_command import run_up
 
-    settings = build_settings(
-        UpSettings,
-        checkpoint=checkpoint,
-        workers=workers,
-        port=port,
-        ray_address=ray_address,
-        worker_num_gpus=worker_num_gpus,
-        worker_num_cpus=worker_num_cpus,
-        capacity_factor=capacity_factor,
-        overflow=overflow,
-        batch_window_ms=batch_window_ms,
-        pipeline_chunk_tokens=pipeline_chunk_tokens,
-        router=router,
-        allow_client_shm=allow_client_shm,
-        http_port=http_port,
-        http=http,
-        max_inflight_tokens=max_inflight_tokens,
-        rebalance_interval_s=rebalance,
-        autoscale_max_workers=autoscale_max_workers,
-        autoscale_min_workers=autoscale_min_workers,
-        device_memory_budget=device_memory_budget,
-        eviction_policy=eviction_policy,
-        model_name=model_name,
-        dtype=dtype,
-        host=host,
-        advertise_host=advertise_host,
-        log_level=log_level,
-        log_format=log_format,
-        metrics=metrics,
-        metrics_port=metrics_port,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
-        **public_security_flags(tls_cert, tls_key, tls_client_ca, auth_tokens_file),
-        **internal_security_flags(
-            internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
-        ),
-    )
     configure_logging(settings.log_level, settings.log_format)
     with configuration_errors_reported():
         run_up(settings, console)
 
 
 @app.command(rich_help_panel="Run and scale a stack")
-def workers(
-    checkpoint: CheckpointDir = None,
-    router_address: Annotated[str | None, typer.Option(help="host:port of the router the workers serve.")] = None,
-    count: Annotated[int | None, typer.Option("--workers", help="Expert workers (Ray actors).")] = None,
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster to deploy on (default: a local one).")] = None,
-    worker_num_gpus: Annotated[float | None, typer.Option(help="GPUs per worker actor (1 on a GPU cluster).")] = None,
-    worker_num_cpus: Annotated[float | None, typer.Option(help="CPUs Ray reserves per worker actor.")] = None,
-    rebalance: Annotated[float | None, typer.Option(help="Node-aware placement: rebalance every N seconds.")] = None,
-    autoscale_max_workers: Annotated[int | None, typer.Option(help="Autoscale workers up to this many.")] = None,
-    autoscale_min_workers: Annotated[int | None, typer.Option(help="Autoscale down to this many.")] = None,
-    device_memory_budget: DeviceMemoryBudget = None,
-    eviction_policy: EvictionPolicy = None,
-    model_name: ModelName = None,
-    dtype: Dtype = None,
-    host: Host = None,
-    advertise_host: AdvertiseHost = None,
-    log_level: LogLevel = None,
-    log_format: LogFormat = None,
-    metrics: Metrics = None,
-    metrics_port: MetricsPort = None,
-    redis_url: RedisUrl = None,
-    redis_prefix: RedisPrefix = None,
-    registry_ttl: RegistryTtl = None,
-    internal_tls_ca: InternalTlsCa = None,
-    internal_tls_cert: InternalTlsCert = None,
-    internal_tls_key: InternalTlsKey = None,
-    cluster_secret_file: ClusterSecretFile = None,
-    insecure_internal: InsecureInternal = None,
-) -> None:
+@settings_options(WorkersSettings)
+def workers(settings: WorkersSettings) -> None:
     """Deploy the expert-worker actors of a stack on a Ray cluster (router and gateway run elsewhere)."""
     from moe_serve.stack_command import run_workers
 
-    settings = build_settings(
-        WorkersSettings,
-        checkpoint=checkpoint,
-        router_address=router_address,
-        workers=count,
-        ray_address=ray_address,
-        worker_num_gpus=worker_num_gpus,
-        worker_num_cpus=worker_num_cpus,
-        rebalance_interval_s=rebalance,
-        autoscale_max_workers=autoscale_max_workers,
-        autoscale_min_workers=autoscale_min_workers,
-        device_memory_budget=device_memory_budget,
-        eviction_policy=eviction_policy,
-        model_name=model_name,
-        dtype=dtype,
-        host=host,
-        advertise_host=advertise_host,
-        log_level=log_level,
-        log_format=log_format,
-        metrics=metrics,
-        metrics_port=metrics_port,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
-        registry_ttl_s=registry_ttl,
-        **internal_security_flags(
-            internal_tls_ca, internal_tls_cert, internal_tls_key, cluster_secret_file, insecure_internal
-        ),
-    )
     configure_logging(settings.log_level, settings.log_format)
     with configuration_errors_reported():
         run_workers(settings, console)

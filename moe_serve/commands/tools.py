@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moe_serve.commands.common import CheckpointDir, PipelineChunk, app, console, require_extra
+from moe_serve.commands.common import CheckpointDir, app, console, require_extra
+from moe_serve.config import GatewaySettings
 from moe_serve.grpc_utils import configure_logging
 
 Quiet = Annotated[
@@ -77,7 +78,9 @@ def bench(
     device: Annotated[
         str, typer.Option(help="cpu, or cuda: workers share the GPU and the in-process reference runs on it.")
     ] = "cpu",
-    pipeline_chunk_tokens: PipelineChunk = 0,
+    pipeline_chunk_tokens: Annotated[
+        int, typer.Option(help=GatewaySettings.model_fields["pipeline_chunk_tokens"].description)
+    ] = 0,
     latency_requests: Annotated[int, typer.Option(help="Requests timed at T=1.")] = 200,
     throughput_tokens: Annotated[int, typer.Option(help="T of the throughput requests.")] = 2048,
     throughput_requests: Annotated[int, typer.Option(help="Requests timed for throughput.")] = 10,
@@ -155,7 +158,7 @@ def bench(
             sections=tuple(filter(None, (part.strip() for part in sections.split(",")))),
             output_dir=output_dir,
             device=device,
-            pipeline_chunk_tokens=pipeline_chunk_tokens or 0,
+            pipeline_chunk_tokens=pipeline_chunk_tokens,
         )
     except ValueError as error:
         console.print(f"[red]error[/red]: {error}")

@@ -26,7 +26,7 @@ from moe_serve.config import (
     WorkerSettings,
 )
 from moe_serve.grpc_utils import LIVENESS_SERVICE, READY_MARKER
-from moe_serve.launcher import _gateway_args
+from moe_serve.launcher import gateway_settings
 from tests.deploy_config import built_settings
 from tests.helpers import save_tiny_mixtral
 
@@ -65,12 +65,13 @@ def test_help_documents_the_metrics_defaults(command: str) -> None:
     assert "8002" in result.output and "--no-metrics" in result.output and "--log-format" in result.output
 
 
-def test_up_passes_no_metrics_to_its_gateway() -> None:
-    assert "--no-metrics" in _gateway_args(UpSettings(metrics=False), "127.0.0.1:1")
-    args = _gateway_args(UpSettings(metrics_port=0), "127.0.0.1:1")
-    assert args[args.index("--metrics-port") + 1] == "0"
-    args = _gateway_args(UpSettings(metrics_port=0, log_format="json"), "127.0.0.1:1")
-    assert args[args.index("--log-format") + 1] == "json"
+def test_up_passes_no_metrics_to_its_gateway(tmp_path: Path) -> None:
+    def gateway(**up: object) -> GatewaySettings:
+        return gateway_settings(UpSettings(**up), tmp_path, "m", router_address="127.0.0.1:1")
+
+    assert gateway(metrics=False).prometheus_port is None
+    assert gateway(metrics_port=0).prometheus_port == 0
+    assert gateway(metrics_port=0, log_format="json").log_format == "json"
 
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -15,6 +15,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +25,7 @@ from typer.testing import CliRunner
 from moe_serve import codec
 from moe_serve.cli import app
 from moe_serve.config import GatewaySettings, UpSettings
-from moe_serve.launcher import _gateway_args as gateway_arguments
+from moe_serve.launcher import gateway_settings
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from tests.helpers import (
     REPOSITORY,
@@ -351,9 +352,9 @@ def test_rest_settings_default_to_port_8000_and_reach_the_gateway(monkeypatch: p
     monkeypatch.delenv("MOE_SERVE_HTTP_PORT", raising=False)
     assert GatewaySettings().http_port == UpSettings().http_port == 8000
     assert GatewaySettings().http and UpSettings().http
-    args = gateway_arguments(UpSettings(http_port=0), "127.0.0.1:1")
-    assert args[args.index("--http-port") + 1] == "0" and "--no-http" not in args
-    assert "--no-http" in gateway_arguments(UpSettings(http=False), "127.0.0.1:1")
+    gateway = gateway_settings(UpSettings(http_port=0), Path("."), "m", router_address="127.0.0.1:1")
+    assert gateway.http_port == 0 and gateway.http
+    assert not gateway_settings(UpSettings(http=False), Path("."), "m", router_address="127.0.0.1:1").http
     for command in ("gateway", "up"):
         output = CliRunner().invoke(app, [command, "--help"], terminal_width=200).output
         assert "--http-port" in output and "--no-http" in output
