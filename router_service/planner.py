@@ -339,9 +339,13 @@ def _piece(batch: WorkerBatch, experts: list[int], counts: list[int], start: int
 
 
 def segments_of(groups: ExpertGroups) -> dict[int, torch.Tensor]:
-    counts = groups.counts.tolist()  # one conversion, not two per active expert
-    pieces = torch.split(groups.positions, counts)
-    return {expert: piece for expert, (piece, count) in enumerate(zip(pieces, counts, strict=True)) if count}
+    """Each active expert's positions (views): a slice per active expert, none for the idle ones."""
+    segments, start = {}, 0
+    for expert, count in enumerate(groups.counts.tolist()):  # one conversion, not two per expert
+        if count:
+            segments[expert] = groups.positions[start : start + count]
+            start += count
+    return segments
 
 
 def gather_rows(hidden_states: torch.Tensor, positions: torch.Tensor, slots_per_token: int) -> torch.Tensor:

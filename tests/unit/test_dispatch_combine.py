@@ -12,7 +12,7 @@ from moe_serve.checkpoint import RouterWeights
 from moe_serve.errors import InvalidInput
 from moe_serve.layer.capacity import keep_within_capacity
 from moe_serve.layer.combine import FEW_ROWS, CombineBuffer
-from moe_serve.layer.dispatch import group_by_expert, token_indices
+from moe_serve.layer.dispatch import FEW_SLOTS, _group_few, _group_many, group_by_expert, token_indices
 from moe_serve.layer.gating import compute_gating
 from moe_serve.model_spec import RoutingConfig
 from tests.families import rescale_moe_weights
@@ -107,3 +107,17 @@ def test_bad_deliveries_are_refused_whether_placed_row_by_row_or_at_once(num_row
     assert torch.equal(buffer.contributions[0::2], rows) and not buffer.contributions[1::2].any()
     assert buffer.add(even + 1, -rows) == num_rows and buffer.rows_filled == 2 * num_rows
     assert torch.equal(buffer.contributions[1::2], -rows)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 5, 32])
+def test_small_batches_group_exactly_as_the_tensor_path(num_tokens: int) -> None:
+    """A decode step's few slots are grouped on Python lists: same positions, counts and offsets."""
+    generator = torch.Generator().manual_seed(num_tokens)
+    for _ in range(50):
+        expert_ids = torch.randint(0, 6, (num_tokens, 2), generator=generator)
+        kept = torch.rand(num_tokens, 2, generator=generator) > 0.3
+        assert expert_ids.numel() <= FEW_SLOTS
+        few = _group_few(expert_ids.reshape(-1).tolist(), kept.reshape(-1).tolist(), 6)
+        many = _group_many(expert_ids, kept, 6)
+        for name in ("positions", "counts", "offsets"):
+            assert torch.equal(getattr(few, name), getattr(many, name)), name
