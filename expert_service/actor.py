@@ -51,10 +51,10 @@ class ExpertWorkerActor:
         self, settings: dict[str, Any], controller: str | None = None, namespace: str = "", controller_id: str = ""
     ) -> None:
         from expert_service.server import WorkerService
-        from moe_serve.allocator import tune_allocator
         from moe_serve.config import WorkerSettings
-        from moe_serve.eventloop import new_event_loop
-        from moe_serve.grpc_utils import configure_logging
+        from moe_serve.runtime.allocator import tune_allocator
+        from moe_serve.runtime.eventloop import new_event_loop
+        from moe_serve.runtime.grpc_utils import configure_logging
 
         tune_allocator()
         worker_settings = WorkerSettings(**settings)

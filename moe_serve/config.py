@@ -12,9 +12,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from moe_serve.eventloop import EventLoopName
 from moe_serve.hub import CheckpointNotFound, resolve_checkpoint
-from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
+from moe_serve.runtime.eventloop import EventLoopName
+from moe_serve.runtime.security import DEFAULT_INTERNAL_SERVER_NAME
 from moe_serve_client.channel import DEFAULT_MAX_MESSAGE_BYTES  # one limit for clients and servers
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]

@@ -27,12 +27,12 @@ import ray
 
 from moe_serve.balancer import AutoscalePolicy, plan_node_aware_rebalance, should_apply
 from moe_serve.config import CommonSettings
-from moe_serve.grpc_utils import QUICK_RECONNECT
 from moe_serve.placement import ExpertKey, plan_placement
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import ClusterCredentials, open_channel
+from moe_serve.runtime.grpc_utils import QUICK_RECONNECT
+from moe_serve.runtime.security import ClusterCredentials, open_channel
 
 logger = logging.getLogger(__name__)
 NAMESPACE = "moe-serve"

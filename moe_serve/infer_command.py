@@ -12,10 +12,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from moe_serve import codec
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
-from moe_serve.grpc_utils import channel_options
-from moe_serve.security import ClientCredentials
+from moe_serve.runtime import codec
+from moe_serve.runtime.grpc_utils import channel_options
+from moe_serve.runtime.security import ClientCredentials
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 

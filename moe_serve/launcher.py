@@ -25,14 +25,14 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from moe_serve.allocator import ray_worker_environment
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings, WorkerPoolSettings
-from moe_serve.grpc_utils import READY_MARKER, advertised_host
 from moe_serve.hub import checkpoint_name, portable_reference
 from moe_serve.lifecycle import child_environment
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import (
+from moe_serve.runtime.allocator import ray_worker_environment
+from moe_serve.runtime.grpc_utils import READY_MARKER, advertised_host
+from moe_serve.runtime.security import (
     CLUSTER_SECRET_ENV,
     ClusterCredentials,
     given_secret,

@@ -19,8 +19,6 @@ from moe_serve.cluster_commands import ClusterInfo
 from moe_serve.config import UpSettings, WorkersSettings
 from moe_serve.controller import NAMESPACE
 from moe_serve.demo import ensure_demo_checkpoint
-from moe_serve.errors import ConfigurationError
-from moe_serve.grpc_utils import announce_ready
 from moe_serve.hub import checkpoint_name
 from moe_serve.launcher import (
     ServiceProcess,
@@ -32,7 +30,9 @@ from moe_serve.launcher import (
     with_cluster_secret,
 )
 from moe_serve.lifecycle import start_watchdog
-from moe_serve.security import ClusterCredentials, write_secret_file
+from moe_serve.runtime.errors import ConfigurationError
+from moe_serve.runtime.grpc_utils import announce_ready
+from moe_serve.runtime.security import ClusterCredentials, write_secret_file
 from moe_serve.supervisor import RestartPolicy, ServiceFailed, SupervisedActor, SupervisedService
 
 logger = logging.getLogger(__name__)

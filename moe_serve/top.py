@@ -24,7 +24,7 @@ from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import live_state_key
-from moe_serve.security import ClusterCredentials, open_channel
+from moe_serve.runtime.security import ClusterCredentials, open_channel
 
 BAR_WIDTH = 30
 LiveSource = Callable[[], dict[str, Any] | None]

@@ -10,7 +10,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from moe_serve.placement import ExpertKey
 from moe_serve.registry import Registry
-from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
+from moe_serve.runtime.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
 from router_service.retries import RetryBudget
 
 

@@ -20,7 +20,6 @@ import numpy as np
 import ray
 import torch
 
-from moe_serve import codec
 from moe_serve.bench.replication import skewed_tokens
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings
@@ -30,7 +29,8 @@ from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.security import open_channel
+from moe_serve.runtime import codec
+from moe_serve.runtime.security import open_channel
 
 SHAPE = DemoShape(hidden_size=64, intermediate_size=128, num_experts=64, top_k=4, num_layers=4)
 

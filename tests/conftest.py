@@ -17,7 +17,7 @@ import torch
 
 from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, init_ray, launch_stack
-from moe_serve.security import CLUSTER_SECRET_ENV
+from moe_serve.runtime.security import CLUSTER_SECRET_ENV
 from tests.helpers import ProcessStack, kserve_stub, save_tiny_mixtral, start_process_stack
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

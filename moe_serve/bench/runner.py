@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import torch
 
-from moe_serve import codec
 from moe_serve.bench.fastpath import peer_comparison, probe_fast_path
 from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
 from moe_serve.bench.monolithic import start_monolithic
@@ -32,8 +31,9 @@ from moe_serve.bench.sweep import SWEEP_TOKENS, SweepSubject, throughput_sweep
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
 from moe_serve.demo import DemoShape, ensure_demo_checkpoint
-from moe_serve.grpc_utils import channel_options
 from moe_serve.launcher import ServiceProcess, Stack, init_ray, launch_stack, start_service_process
+from moe_serve.runtime import codec
+from moe_serve.runtime.grpc_utils import channel_options
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 

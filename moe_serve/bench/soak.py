@@ -25,7 +25,7 @@ from moe_serve.checkpoint import Checkpoint
 from moe_serve.config import UpSettings
 from moe_serve.demo import ensure_demo_checkpoint
 from moe_serve.launcher import Stack, init_ray, launch_stack
-from moe_serve.security import ClusterCredentials, open_channel
+from moe_serve.runtime.security import ClusterCredentials, open_channel
 
 logger = logging.getLogger(__name__)
 

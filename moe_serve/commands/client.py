@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from moe_serve.commands.common import InternalTlsCa, InternalTlsCert, InternalTlsKey, app, console
-from moe_serve.security import ClientCredentials
+from moe_serve.runtime.security import ClientCredentials
 
 Token = Annotated[
     str | None,
@@ -76,7 +76,7 @@ def health(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from moe_serve.security import ClusterCredentials, InternalTLS, open_channel
+    from moe_serve.runtime.security import ClusterCredentials, InternalTLS, open_channel
 
     # the public port (--tls/--tls-ca) wins over the internal certificate, which may come from the environment;
     # health needs no cluster secret (orchestrators probe it without one)

@@ -17,9 +17,9 @@ import typer
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
-from moe_serve import eventloop
-from moe_serve.errors import ConfigurationError
-from moe_serve.eventloop import EventLoopName
+from moe_serve.runtime import eventloop
+from moe_serve.runtime.errors import ConfigurationError
+from moe_serve.runtime.eventloop import EventLoopName
 
 app = typer.Typer(
     name="moe-serve",
@@ -184,7 +184,7 @@ def tool_credentials(
     MOE_SERVE_CLUSTER_SECRET, --cluster-secret-file, or the stack's cluster file (`moe-serve up`)."""
     from moe_serve.cluster_commands import ClusterInfo
     from moe_serve.config import CommonSettings
-    from moe_serve.security import ClusterCredentials
+    from moe_serve.runtime.security import ClusterCredentials
 
     if secret_file is None and cluster_file.is_file():
         secret_file = Path(ClusterInfo.read(cluster_file).secret_file or "") or None

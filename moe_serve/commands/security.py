@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from moe_serve.commands.common import app, console
-from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
+from moe_serve.runtime.security import DEFAULT_INTERNAL_SERVER_NAME
 
 
 @app.command(rich_help_panel="Tools")
@@ -26,7 +26,7 @@ def certs(
     days: Annotated[int, typer.Option(min=1, help="Validity in days.")] = 365,
 ) -> None:
     """Write development certificates: TLS for the public port, mutual TLS between services, a bearer token."""
-    from moe_serve.certs import write_dev_certificates
+    from moe_serve.runtime.certs import write_dev_certificates
 
     written = write_dev_certificates(directory, list(host or []), internal_server_name, days)
     table = Table("what", "file", title=f"development certificates in {directory}")
@@ -47,7 +47,7 @@ def secret(
 ) -> None:
     """Write a new cluster secret to PATH unless one is there: the credential every internal hop of a
     stack checks (point each service at it with MOE_SERVE_CLUSTER_SECRET_FILE or --cluster-secret-file)."""
-    from moe_serve.security import new_cluster_secret, write_secret_file
+    from moe_serve.runtime.security import new_cluster_secret, write_secret_file
 
     if path.is_file() and path.stat().st_size and not replace:
         console.print(f"a cluster secret is already at {path}; kept (--replace writes a new one)")

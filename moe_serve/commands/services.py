@@ -44,7 +44,7 @@ from moe_serve.commands.common import (
     run_service,
 )
 from moe_serve.config import GatewaySettings, RouterSettings, WorkerSettings
-from moe_serve.grpc_utils import configure_logging
+from moe_serve.runtime.grpc_utils import configure_logging
 
 
 @app.command(rich_help_panel="Run one service")
@@ -119,7 +119,7 @@ def gateway(
     insecure_internal: InsecureInternal = None,
 ) -> None:
     """Run the gateway: the public KServe v2 endpoint, admission, capacity policy, combine."""
-    from gateway.server import serve
+    from gateway.server import GatewayService
 
     settings = build_settings(
         GatewaySettings,
@@ -163,7 +163,7 @@ def gateway(
         ),
     )
     configure_logging(settings.log_level, settings.log_format)
-    run_service(serve(settings), settings.event_loop)
+    run_service(GatewayService.serve(settings), settings.event_loop)
 
 
 @app.command(rich_help_panel="Run one service")
@@ -201,7 +201,7 @@ def router(
     insecure_internal: InsecureInternal = None,
 ) -> None:
     """Run the router: gating, capacity, replica choice, fan-out to the expert workers."""
-    from router_service.server import serve
+    from router_service.server import RouterService
 
     settings = build_settings(
         RouterSettings,
@@ -228,7 +228,7 @@ def router(
         ),
     )
     configure_logging(settings.log_level, settings.log_format)
-    run_service(serve(settings), settings.event_loop)
+    run_service(RouterService.serve(settings), settings.event_loop)
 
 
 @app.command(rich_help_panel="Run one service")
@@ -266,7 +266,7 @@ def worker(
     insecure_internal: InsecureInternal = None,
 ) -> None:
     """Run one expert worker process (no Ray): load its experts, serve them, register in Redis."""
-    from expert_service.server import serve
+    from expert_service.server import WorkerService
 
     settings = build_settings(
         WorkerSettings,
@@ -299,4 +299,4 @@ def worker(
         ),
     )
     configure_logging(settings.log_level, settings.log_format)
-    run_service(serve(settings), settings.event_loop)
+    run_service(WorkerService.serve(settings), settings.event_loop)

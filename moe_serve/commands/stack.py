@@ -51,7 +51,7 @@ from moe_serve.commands.common import (
     tool_credentials,
 )
 from moe_serve.config import UpSettings, WorkersSettings
-from moe_serve.grpc_utils import configure_logging
+from moe_serve.runtime.grpc_utils import configure_logging
 
 
 @app.command(rich_help_panel="Run and scale a stack")
@@ -312,7 +312,7 @@ def top(
 
     The gateway's internal port needs the stack's cluster secret: MOE_SERVE_CLUSTER_SECRET,
     --cluster-secret-file, or the file `moe-serve up` names in its cluster file."""
-    from moe_serve.security import INSECURE_INTERNAL
+    from moe_serve.runtime.security import INSECURE_INTERNAL
     from moe_serve.top import gateway_source, redis_source, render, run_top
 
     if (redis_url is None) == (gateway_admin is None) or (redis_url is not None and model is None):

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from moe_serve.commands.common import CheckpointDir, PipelineChunk, app, console, require_extra
-from moe_serve.grpc_utils import configure_logging
+from moe_serve.runtime.grpc_utils import configure_logging
 
 Quiet = Annotated[
     bool,
@@ -213,8 +213,8 @@ def soak(
     from moe_serve.bench.soak import SOAK_SECTIONS, SoakConfig, run_soak, write_soak_result
     from moe_serve.bench.soak_load import LoadMix
     from moe_serve.bench.soak_report import print_soak_report
-    from moe_serve.errors import ConfigurationError
     from moe_serve.hub import resolve_checkpoint
+    from moe_serve.runtime.errors import ConfigurationError
 
     configure_logging("WARNING")
     try:

@@ -28,7 +28,7 @@ from moe_serve.launcher import Stack, launch_stack
 from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.security import open_channel
+from moe_serve.runtime.security import open_channel
 from tests.families import load_reference, reference_output
 from tests.helpers import infer_request, kserve_stub, response_tensors
 

@@ -19,11 +19,11 @@ import grpc
 import pytest
 import torch
 
-from moe_serve import codec
 from moe_serve.bench.monolithic import start_monolithic
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.bench.runner import make_request
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.runtime import codec
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from tests.helpers import REPOSITORY, reference_blocks, save_tiny_mixtral
 

@@ -25,8 +25,8 @@ from moe_serve.config import (
     UpSettings,
     WorkerSettings,
 )
-from moe_serve.grpc_utils import LIVENESS_SERVICE, READY_MARKER
 from moe_serve.launcher import _gateway_args
+from moe_serve.runtime.grpc_utils import LIVENESS_SERVICE, READY_MARKER
 from tests.deploy_config import built_settings
 from tests.helpers import save_tiny_mixtral
 
@@ -123,7 +123,7 @@ def test_a_service_serves_metrics_on_a_free_port_and_logs_json_lines(tiny_checkp
     ready, stderr = run_router(tiny_checkpoint, "--metrics-port", "0", "--log-format", "json")
     assert ready["metrics_address"]  # scraped in run_router
     entries = [json.loads(line) for line in stderr.splitlines()]  # every line, not only some
-    assert {entry["logger"] for entry in entries} >= {"router_service.server", "moe_serve.telemetry"}
+    assert {entry["logger"] for entry in entries} >= {"router_service.server", "moe_serve.runtime.telemetry"}
     for entry in entries:
         assert set(entry) >= {"time", "level", "logger", "message", "process"}
         assert entry["time"].endswith("+00:00")

@@ -25,7 +25,7 @@ from moe_serve.cli import app
 from moe_serve.client import GatewayError, MoEClient
 from moe_serve.config import UpSettings
 from moe_serve.launcher import Stack, launch_stack
-from moe_serve.security import ClusterCredentials, InternalTLS, open_channel
+from moe_serve.runtime.security import ClusterCredentials, InternalTLS, open_channel
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from tests.helpers import infer_request, internal_credentials, reference_blocks, reference_forward

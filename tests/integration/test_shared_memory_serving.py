@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_serve import codec
+from moe_serve.runtime import codec
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from tests.helpers import (
     CLIENT_SCRIPTS,

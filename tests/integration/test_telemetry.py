@@ -24,7 +24,7 @@ from rich.console import Console
 
 from moe_serve.config import UpSettings
 from moe_serve.launcher import launch_stack, start_service_process
-from moe_serve.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, ROUTE_STREAM
+from moe_serve.runtime.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, ROUTE_STREAM
 from moe_serve.top import render
 from tests.conftest import REDIS_URL
 from tests.helpers import (

@@ -32,9 +32,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moe_serve.config import UpSettings
-from moe_serve.grpc_utils import READY_MARKER
 from moe_serve.launcher import ServiceProcess, launch_stack, spawn_service_process
 from moe_serve.lifecycle import ProcessRecord, descendants, stop_processes
+from moe_serve.runtime.grpc_utils import READY_MARKER
 from moe_serve.supervisor import RestartPolicy, ServiceFailed, SupervisedService, pinned_arguments
 from tests.helpers import (
     infer_request,

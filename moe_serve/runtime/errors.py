@@ -1,6 +1,6 @@
 """One exception hierarchy for every service, each error carrying its gRPC status code.
 
-Services raise these; `moe_serve.grpc_utils.ErrorMappingInterceptor` is the single place that
+Services raise these; `moe_serve.runtime.grpc_utils.ErrorMappingInterceptor` is the single place that
 turns them into gRPC statuses. Messages are written for the person who sent the request: they
 say what was wrong and what to do, and never contain a stack trace.
 """

@@ -25,7 +25,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moe_serve.errors import ConfigurationError, InvalidInput, MoEServeError
+from moe_serve.runtime.errors import ConfigurationError, InvalidInput, MoEServeError
 from moe_serve_client.channel import KEEPALIVE_MS
 from moe_serve_client.channel import channel_options as channel_options  # re-exported: one set for every hop
 from moe_serve_client.protos import _pool as kserve_pool
@@ -294,8 +294,8 @@ def announce_ready(service: str, **details: Any) -> None:
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
-    """Root logging of a process: text, or JSON lines for log shippers (moe_serve.log_format)."""
-    from moe_serve.log_format import configure_logging as configure
+    """Root logging of a process: text, or JSON lines for log shippers (moe_serve.runtime.log_format)."""
+    from moe_serve.runtime.log_format import configure_logging as configure
 
     configure(level, "json" if log_format == "json" else "text")
 

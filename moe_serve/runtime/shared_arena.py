@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from moe_serve import codec
-from moe_serve.errors import InvalidInput, ServiceUnavailable
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import InvalidInput, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 OFFER_KEY = "x-moe-serve-arena"

@@ -8,8 +8,8 @@ from typing import Any, Generic, TypeVar
 
 from grpc import aio
 
-from moe_serve.grpc_utils import channel_options
-from moe_serve.security import ClusterCredentials, open_aio_channel
+from moe_serve.runtime.grpc_utils import channel_options
+from moe_serve.runtime.security import ClusterCredentials, open_aio_channel
 
 StubT = TypeVar("StubT")
 

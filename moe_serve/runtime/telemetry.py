@@ -41,8 +41,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
-from moe_serve.errors import ConfigurationError, MoEServeError
-from moe_serve.outage import OutageLog
+from moe_serve.runtime.errors import ConfigurationError, MoEServeError
+from moe_serve.runtime.outage import OutageLog
 
 logger = logging.getLogger(__name__)
 OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
@@ -102,7 +102,7 @@ class WireBytes:
 
 
 class StreamMessages:
-    """Messages this process wrote to and read from its internal streams (`moe_serve.streams`), by
+    """Messages this process wrote to and read from its internal streams (`moe_serve.runtime.streams`), by
     message type (RouteRequest, RoutePlan, ComputeRequest, ...) and direction ("sent", "received").
 
     A locked dict increment per message (well under a microsecond), not an OpenTelemetry counter
@@ -281,7 +281,7 @@ def rpc_attributes(full_method: str) -> dict[str, str]:
 
 
 def status_code_of(error: BaseException) -> grpc.StatusCode:
-    """The gRPC status an exception reaches the caller as (one mapping: moe_serve.errors)."""
+    """The gRPC status an exception reaches the caller as (one mapping: moe_serve.runtime.errors)."""
     if isinstance(error, MoEServeError):
         return error.status_code
     if isinstance(error, asyncio.CancelledError):

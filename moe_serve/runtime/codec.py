@@ -14,8 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from moe_serve.errors import InvalidInput
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.runtime.errors import InvalidInput
 
 if sys.byteorder != "little":  # the wire format is little-endian raw memory
     raise ImportError("moe-serve needs a little-endian host")

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME, new_cluster_secret, write_secret_file
+from moe_serve.runtime.security import DEFAULT_INTERNAL_SERVER_NAME, new_cluster_secret, write_secret_file
 
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 

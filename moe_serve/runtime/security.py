@@ -266,7 +266,7 @@ def refusal_handler(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandle
 
 class _TokenOnUnaryCalls(aio.UnaryUnaryClientInterceptor):
     """Adds the cluster token to every unary call of an asyncio channel. Streams are opened with the
-    metadata given explicitly (moe_serve.streams): an aio stream interceptor would add a queue hop
+    metadata given explicitly (moe_serve.runtime.streams): an aio stream interceptor would add a queue hop
     to every message of the data path."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:

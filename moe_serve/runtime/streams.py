@@ -8,7 +8,7 @@ on the same stream with the same `call_id`. A broken stream fails every call sti
 with ServiceUnavailable; the next call opens a new stream.
 
 Every message written or read on these streams is counted, at both ends, by message type and
-direction (`moe_serve.telemetry.STREAM_MESSAGES`, exported as `moe_serve.stream.messages`).
+direction (`moe_serve.runtime.telemetry.STREAM_MESSAGES`, exported as `moe_serve.stream.messages`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from grpc import aio
 
-from moe_serve.errors import DeadlineExceeded, InvalidInput, MoEServeError, ServiceUnavailable
-from moe_serve.grpc_utils import Undecodable, channel_options
-from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials, open_aio_channel
-from moe_serve.telemetry import STREAM_MESSAGES
+from moe_serve.runtime.errors import DeadlineExceeded, InvalidInput, MoEServeError, ServiceUnavailable
+from moe_serve.runtime.grpc_utils import Undecodable, channel_options
+from moe_serve.runtime.security import INSECURE_INTERNAL, ClusterCredentials, open_aio_channel
+from moe_serve.runtime.telemetry import STREAM_MESSAGES
 
 logger = logging.getLogger(__name__)
 RequestT = TypeVar("RequestT")
@@ -62,7 +62,7 @@ class StreamClient(Generic[RequestT, ReplyT]):
         self._owns_channel = channel is None
         self._channel = channel or open_aio_channel(address, channel_options(max_message_bytes), credentials)
         self._method = open_stream(self._channel)
-        # the cluster token goes once per stream, not per message (see moe_serve.security)
+        # the cluster token goes once per stream, not per message (see moe_serve.runtime.security)
         self._metadata = tuple(credentials.call_metadata() or ())
         self._new_session = new_session
         self.session: Any = None  # the current stream's session, when sessions are asked for
