@@ -13,9 +13,9 @@ from grpc import aio
 from expert_service.experts import ExpertStore
 from expert_service.servicer import ExpertWorkerServicer
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.placement import ExpertKey, expert_blocks, parse_expert_keys
 from moe_serve.config import WorkerSettings
 from moe_serve.model_spec import CONFIG_DTYPE_NAMES
-from moe_serve.placement import ExpertKey, expert_blocks, parse_expert_keys
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistration
 from moe_serve.registry import Registration, RouterRegistration, WorkerRecord

@@ -20,7 +20,7 @@ from opentelemetry.trace import SpanKind
 from expert_service.experts import ExpertStore
 from expert_service.load import LoadTracker
 from expert_service.metrics import WorkerMetrics
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord

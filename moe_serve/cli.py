@@ -11,8 +11,8 @@ import os
 # inherited by every child (`up` passes it to the Ray worker actors too).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+from moe_serve.cluster.lifecycle import die_with_parent
 from moe_serve.commands.common import app
-from moe_serve.lifecycle import die_with_parent
 
 # importing a module registers its commands; this order is the order of the help screen's panels
 COMMAND_MODULES = ("stack", "services", "client", "tools", "planning", "security")

@@ -95,7 +95,7 @@ def connect(cluster_file: Path, ray_address: str | None, controller: str | None,
     use_ray_token_if_present()
     import ray
 
-    from moe_serve.controller import NAMESPACE
+    from moe_serve.cluster.controller import NAMESPACE
 
     def join() -> Any:
         logging.getLogger("ray._private.worker").addFilter(_no_sigterm_handler_warning)

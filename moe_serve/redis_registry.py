@@ -27,7 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.registry import Registration, Registry, WorkerRecord
 from moe_serve.registry_trust import RecordPolicy, RejectedRecord, signed_entry
 from moe_serve.runtime.outage import OutageLog

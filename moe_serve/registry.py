@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Iterable
 
 from grpc import aio
 
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry_trust import RecordPolicy, RejectedRecord

@@ -15,13 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from moe_serve.cluster_commands import ClusterInfo
-from moe_serve.config import UpSettings, WorkersSettings
-from moe_serve.controller import NAMESPACE
-from moe_serve.demo import ensure_demo_checkpoint
-from moe_serve.hub import checkpoint_name
-from moe_serve.launcher import (
-    ServiceProcess,
+from expert_service.actor import ExpertWorkerActor
+from moe_serve.cluster.controller import NAMESPACE
+from moe_serve.cluster.launcher import (
     Stack,
     embedded_router_of,
     init_ray,
@@ -29,11 +25,16 @@ from moe_serve.launcher import (
     start_controller,
     with_cluster_secret,
 )
-from moe_serve.lifecycle import start_watchdog
+from moe_serve.cluster.lifecycle import start_watchdog
+from moe_serve.cluster.processes import ServiceProcess
+from moe_serve.cluster.supervisor import RestartPolicy, ServiceFailed, SupervisedActor, SupervisedService
+from moe_serve.cluster_commands import ClusterInfo
+from moe_serve.config import UpSettings, WorkersSettings
+from moe_serve.demo import ensure_demo_checkpoint
+from moe_serve.hub import checkpoint_name
 from moe_serve.runtime.errors import ConfigurationError
 from moe_serve.runtime.grpc_utils import announce_ready
 from moe_serve.runtime.security import ClusterCredentials, write_secret_file
-from moe_serve.supervisor import RestartPolicy, ServiceFailed, SupervisedActor, SupervisedService
 
 logger = logging.getLogger(__name__)
 SUPERVISION_INTERVAL_S = 0.5
@@ -78,7 +79,7 @@ def run_up(settings: UpSettings, console: Console) -> None:
     secret_file = ""
     failure: ServiceFailed | None = None
     try:
-        stack = launch_stack(settings, checkpoint, die_with_parent=True)
+        stack = launch_stack(settings, checkpoint, die_with_parent=True, worker_actor=ExpertWorkerActor)
         console.print(describe(stack))
         rest = f", REST http://{stack.http_address}/v2" if stack.http_address else ""
         console.print(
@@ -153,7 +154,7 @@ def _supervise_until(
     stop: threading.Event, services: list[SupervisedService | SupervisedActor]
 ) -> ServiceFailed | None:
     """Poll the services (restarting dead ones) until `stop` is set; the failure that ends it, if any.
-    Runs on the main thread, the one that started the children (see moe_serve.supervisor)."""
+    Runs on the main thread, the one that started the children (see moe_serve.cluster.supervisor)."""
     while not stop.wait(SUPERVISION_INTERVAL_S):
         for service in services:
             try:
@@ -251,7 +252,12 @@ def run_workers(settings: WorkersSettings, console: Console) -> None:
     try:
         model_name = settings.model_name or checkpoint_name(settings.checkpoint)
         controller, name = start_controller(
-            settings, settings.checkpoint, model_name, settings.router_address, credentials
+            settings,
+            settings.checkpoint,
+            model_name,
+            settings.router_address,
+            credentials,
+            worker_actor=ExpertWorkerActor,
         )
         console.print(
             f"[green]ready[/green]: {settings.workers} worker(s) of {model_name!r} registered with "

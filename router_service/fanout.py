@@ -29,8 +29,8 @@ import torch
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.layer.dispatch import token_indices
-from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry, WorkerRecord

@@ -10,9 +10,9 @@ from grpc import aio
 from grpc_health.v1 import health_pb2
 
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.config import RouterSettings
 from moe_serve.model_spec import CONFIG_DTYPE_NAMES
-from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistry
 from moe_serve.registry import InProcessRegistry, Registry, RegistryServicer

@@ -9,7 +9,7 @@ import torch
 from grpc import aio
 from opentelemetry.trace import SpanKind, Tracer
 
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry

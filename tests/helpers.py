@@ -21,13 +21,8 @@ import grpc
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moe_serve.launcher import (
-    ServiceProcess,
-    embedded_router_of,
-    spawn_service_process,
-    start_service_process,
-    wait_until_ready,
-)
+from moe_serve.cluster.launcher import embedded_router_of, wait_until_ready
+from moe_serve.cluster.processes import ServiceProcess, spawn_service_process, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.runtime import codec

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from moe_serve.launcher import ServiceProcess, start_service_process
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.runtime import eventloop
 from moe_serve.runtime.grpc_utils import announce_ready, create_server, wait_for_termination
 from moe_serve.runtime.security import INSECURE_INTERNAL, ClusterCredentials, InternalTLS, open_aio_channel

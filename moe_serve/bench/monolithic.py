@@ -31,8 +31,8 @@ from gateway.model import OUTPUT_NAME, ServedModel
 from gateway.shared_memory import SharedMemoryRegistry
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
-from moe_serve.launcher import ServiceProcess, start_service_process
 from moe_serve.runtime.allocator import tune_allocator
 from moe_serve.runtime.errors import InvalidInput, MoEServeError, listed
 from moe_serve.runtime.grpc_utils import announce_ready, server_options

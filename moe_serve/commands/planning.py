@@ -40,8 +40,8 @@ def plan(
     """
     import numpy as np
 
-    from moe_serve.placement_figures import check_plan
-    from moe_serve.placement_planner import ClusterShape, plan_placement_layers
+    from moe_serve.cluster.placement_figures import check_plan
+    from moe_serve.cluster.placement_planner import ClusterShape, plan_placement_layers
 
     try:
         matrix = np.load(loads)

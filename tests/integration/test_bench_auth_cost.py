@@ -13,7 +13,7 @@ from grpc import aio
 from moe_serve.bench import auth_cost
 from moe_serve.bench.report import print_internal_auth_report
 from moe_serve.bench.runner import BenchResult
-from moe_serve.launcher import start_service_process
+from moe_serve.cluster.processes import start_service_process
 from moe_serve.runtime.security import INSECURE_INTERNAL, open_aio_channel
 
 

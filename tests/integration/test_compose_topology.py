@@ -22,8 +22,8 @@ import pytest
 import ray
 import torch
 
-from moe_serve.controller import NAMESPACE
-from moe_serve.launcher import ServiceProcess, start_service_process
+from moe_serve.cluster.controller import NAMESPACE
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.runtime.security import ClusterCredentials, open_channel

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
 from moe_serve.cli import app
+from moe_serve.cluster.launcher import _gateway_args
 from moe_serve.config import (
     GATEWAY_METRICS_PORT,
     ROUTER_METRICS_PORT,
@@ -25,7 +26,6 @@ from moe_serve.config import (
     UpSettings,
     WorkerSettings,
 )
-from moe_serve.launcher import _gateway_args
 from moe_serve.runtime.grpc_utils import LIVENESS_SERVICE, READY_MARKER
 from tests.deploy_config import built_settings
 from tests.helpers import save_tiny_mixtral

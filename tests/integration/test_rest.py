@@ -22,8 +22,8 @@ import torch
 from typer.testing import CliRunner
 
 from moe_serve.cli import app
+from moe_serve.cluster.launcher import _gateway_args as gateway_arguments
 from moe_serve.config import GatewaySettings, UpSettings
-from moe_serve.launcher import _gateway_args as gateway_arguments
 from moe_serve.runtime import codec
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from tests.helpers import (

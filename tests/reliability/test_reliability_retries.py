@@ -27,7 +27,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.launcher import ServiceProcess, start_service_process, wait_until_ready
+from moe_serve.cluster.launcher import wait_until_ready
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.runtime import codec

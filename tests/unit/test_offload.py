@@ -13,7 +13,7 @@ import torch
 from expert_service.experts import ExpertStore
 from expert_service.offload import DeviceTier, LFUPolicy, LRUPolicy, parse_budget
 from moe_serve.checkpoint import Checkpoint, ExpertWeights
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.runtime.errors import ConfigurationError
 from tests.helpers import save_tiny_mixtral
 

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import redis.asyncio as aioredis
 
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.redis_registry import RedisRegistration, RedisRegistry, events_channel, worker_key
 from moe_serve.registry import InProcessRegistry, RegistryServicer, WorkerRecord

@@ -1,4 +1,4 @@
-"""`python -m moe_serve.watchdog PID`: started by `moe-serve up` (moe_serve.lifecycle.start_watchdog).
+"""`python -m moe_serve.cluster.watchdog PID`: started by `moe-serve up` (moe_serve.cluster.lifecycle.start_watchdog).
 
 Records every descendant of PID once a second while PID lives; when its standard input closes
 (PID ended: exited, was killed, whatever the signal), stops whatever recorded process is still
@@ -12,7 +12,7 @@ import select
 import signal
 import sys
 
-from moe_serve.lifecycle import ProcessRecord, descendants, stop_processes
+from moe_serve.cluster.lifecycle import ProcessRecord, descendants, stop_processes
 
 SCAN_INTERVAL_S = 1.0
 # a child of a SIGKILLed `up` drains for up to its own grace period (5 s) after the kernel's SIGTERM;

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moe_serve.placement_packing import pack_node
+from moe_serve.cluster.placement_packing import pack_node
 
 # a node may carry this much above its fair share before it spills load to other nodes: the price
 # in balance (max/mean <= 1 + slack when nodes balance their GPUs exactly) of keeping groups local
@@ -269,7 +269,7 @@ def plan_placement_layers(
 ) -> PlacementPlan:
     """Plan every layer of loads [layers, experts]; the last `num_shared` experts are shared ones
     (plan_layer_with_shared); figures as computed by placement_figures."""
-    from moe_serve.placement_figures import plan_figures
+    from moe_serve.cluster.placement_figures import plan_figures
 
     if loads.ndim != 2 or (loads < 0).any() or not np.isfinite(loads).all():
         raise ValueError("loads must be a finite, non-negative [layers, experts] array")

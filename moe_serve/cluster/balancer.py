@@ -9,11 +9,8 @@ The formulation is DeepSeek's EPLB (expert-parallel load balancer), single level
 The load of a replica is its expert's load divided by the expert's replica count (routers split
 and spread an expert's rows over its replicas).
 
-`plan_node_aware_rebalance` is the live controller's policy: the node-aware placement planner
-(moe_serve.placement_planner) with weighted replica shares, which the router then follows.
-
-Applied live with hysteresis (`should_apply`): a new placement replaces the current one only if it
-lowers the max/mean worker-load ratio by a margin, so measurement noise does not make it flap.
+The live controller's policy is the node-aware placement planner with weighted replica shares,
+applied with hysteresis (moe_serve.cluster.policies.rebalance); `imbalance` and `Rebalance` are shared.
 """
 
 from __future__ import annotations
@@ -22,7 +19,7 @@ import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 
 
 def replicate(loads: Mapping[ExpertKey, float], slots: int, max_replicas: int) -> dict[ExpertKey, int]:
@@ -96,71 +93,3 @@ def plan_rebalance(
     counts = replicate(loads, slots_per_worker * workers, max_replicas=workers)
     placement = pack(loads, counts, workers)
     return Rebalance(placement, imbalance(loads, current), imbalance(loads, placement))
-
-
-def plan_node_aware_rebalance(
-    loads: Mapping[ExpertKey, float],
-    current: Sequence[set[ExpertKey]],
-    node_of_worker: Sequence[int],
-    slots_per_worker: int,
-    layer: int,
-    num_experts: int,
-    num_groups: int | None = None,
-    num_shared: int = 0,
-) -> Rebalance:
-    """The placement planner's plan (moe_serve.placement_planner) for one layer on the current workers,
-    each worker one "GPU" on its Ray node (node_of_worker: 0..N-1), with its replica shares.
-    num_experts counts the placed experts: routed ones in `num_groups` groups, then `num_shared`
-    shared ones, which every worker then holds (plan_layer_with_shared)."""
-    import numpy as np
-
-    from moe_serve.placement_figures import gpu_loads
-    from moe_serve.placement_planner import ClusterShape, group_of_experts, plan_layer_with_shared
-
-    layer_loads = np.array([float(loads.get(ExpertKey(layer, e), 0.0)) for e in range(num_experts)])
-    shape = ClusterShape(tuple(node_of_worker), slots_per_worker)
-    groups = group_of_experts(num_experts - num_shared, num_groups)
-    plan = plan_layer_with_shared(layer_loads, shape, groups, num_shared)
-    per_worker = gpu_loads(layer_loads, plan)
-    mean = float(per_worker.mean())
-    return Rebalance(
-        placement=[{ExpertKey(layer, e) for e in experts} for experts in plan.experts],
-        current_imbalance=imbalance(loads, current),
-        new_imbalance=float(per_worker.max()) / mean if mean > 0 else 1.0,
-        shares=[
-            {ExpertKey(layer, e): share for e, share in zip(experts, shares, strict=True)}
-            for experts, shares in zip(plan.experts, plan.shares, strict=True)
-        ],
-    )
-
-
-def should_apply(plan: Rebalance, min_gain: float = 0.15) -> bool:
-    """Hysteresis: apply only when imbalance drops by at least `min_gain` (relative)."""
-    return plan.new_imbalance < plan.current_imbalance * (1 - min_gain)
-
-
-@dataclass
-class AutoscalePolicy:
-    """Asks for one more worker when queued rows per replica stay above `target_queued_rows` for
-    `window` consecutive checks, and one fewer after `window` idle checks, within [minimum, maximum]."""
-
-    target_queued_rows: float
-    window: int
-    minimum: int
-    maximum: int
-    _busy: int = 0
-    _idle: int = 0
-
-    def decide(self, workers: int, queued_rows_per_replica: float, rows_per_s: float) -> int:
-        """The worker count to have now (the current one when nothing should change)."""
-        busy = queued_rows_per_replica > self.target_queued_rows
-        idle = queued_rows_per_replica == 0 and rows_per_s == 0
-        self._busy = self._busy + 1 if busy else 0
-        self._idle = self._idle + 1 if idle else 0
-        if self._busy >= self.window and workers < self.maximum:
-            self._busy = 0
-            return workers + 1
-        if self._idle >= self.window and workers > self.minimum:
-            self._idle = 0
-            return workers - 1
-        return workers

@@ -2,7 +2,7 @@
 
 Two mechanisms, because neither covers everything alone:
 - the gateway and router children ask the kernel for a signal when `up` dies (`PR_SET_PDEATHSIG`);
-- a watchdog process (`python -m moe_serve.watchdog`) records every descendant of `up`, Ray's
+- a watchdog process (`python -m moe_serve.cluster.watchdog`) records every descendant of `up`, Ray's
   GCS, raylet, agents and actor processes included, and stops whatever of them is left once `up` is
   gone, however it went (a clean exit, SIGKILL, a group signal). Ray's own processes reparent when
   the raylet dies, so only a record taken while `up` lived can find them.
@@ -121,7 +121,7 @@ def start_watchdog() -> subprocess.Popen[bytes]:
     must outlive us to do its work.
     """
     return subprocess.Popen(
-        [sys.executable, "-m", "moe_serve.watchdog", str(os.getpid())],
+        [sys.executable, "-m", "moe_serve.cluster.watchdog", str(os.getpid())],
         stdin=subprocess.PIPE,
         close_fds=True,
     )

@@ -8,30 +8,27 @@ talking gRPC.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.lifecycle import child_environment
+from moe_serve.cluster.processes import ServiceProcess, spawn_service_process
 from moe_serve.config import UpSettings, WorkerPoolSettings
 from moe_serve.hub import checkpoint_name, portable_reference
-from moe_serve.lifecycle import child_environment
 from moe_serve.registry import WorkerRecord
 from moe_serve.runtime.allocator import ray_worker_environment
-from moe_serve.runtime.grpc_utils import READY_MARKER, advertised_host
+from moe_serve.runtime.grpc_utils import advertised_host
 from moe_serve.runtime.security import (
     CLUSTER_SECRET_ENV,
     ClusterCredentials,
@@ -42,88 +39,6 @@ from moe_serve.runtime.security import (
 
 logger = logging.getLogger(__name__)
 CONTROLLER_MAX_RESTARTS = 5  # Ray counts them over the actor's lifetime; then `up` exits, naming it
-
-
-@dataclass
-class ServiceProcess:
-    """A `moe-serve <service>` child process and what it announced when ready."""
-
-    name: str
-    process: subprocess.Popen[str]
-    ready: dict[str, Any]
-    recent_output: deque[str] = field(default_factory=lambda: deque(maxlen=50))
-    announced: threading.Event = field(default_factory=threading.Event)  # set on the ready line or exit
-    # how it was started: a supervisor starts it again the same way (moe_serve.supervisor)
-    args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
-    module: str = "moe_serve"
-
-    @property
-    def address(self) -> str:
-        return str(self.ready["address"])
-
-    def wait_ready(self, timeout_s: float = 120.0) -> ServiceProcess:
-        """Block until the process printed its ready line; stop it and raise if it did not in time."""
-        if not self.announced.wait(timeout_s) or not self.ready:
-            self.stop(grace_s=2)
-            tail = "\n".join(self.recent_output)
-            raise RuntimeError(
-                f"{self.name} did not become ready within {timeout_s:.0f} s "
-                f"(exit code {self.process.poll()}); its last output:\n{tail}"
-            )
-        return self
-
-    def stop(self, grace_s: float = 10.0) -> int:
-        """SIGTERM, then SIGKILL after `grace_s`; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-def start_service_process(
-    name: str,
-    args: list[str],
-    timeout_s: float = 120.0,
-    env: dict[str, str] | None = None,
-    module: str = "moe_serve",
-) -> ServiceProcess:
-    """Run `python -m <module> <args>` and wait for its ready line (its stdout is then relayed)."""
-    return spawn_service_process(name, args, env, module).wait_ready(timeout_s)
-
-
-def spawn_service_process(
-    name: str, args: list[str], env: dict[str, str] | None = None, module: str = "moe_serve"
-) -> ServiceProcess:
-    """Run `python -m <module> <args>` without waiting: `wait_ready()` on the result waits for its ready line."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        env={**os.environ, **(env or {})},
-    )
-    service = ServiceProcess(name=name, process=process, ready={}, args=list(args), env=dict(env or {}), module=module)
-
-    def relay() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            service.recent_output.append(line.rstrip())
-            if line.startswith(READY_MARKER) and not service.announced.is_set():
-                service.ready = json.loads(line[len(READY_MARKER) :])
-                service.announced.set()
-            else:
-                # a JSON log line (--log-format json) passes as it is, so that it still parses
-                sys.stderr.write(line if line.startswith("{") else f"[{name}] {line}")
-        service.announced.set()  # the process ended: wake the waiter
-
-    threading.Thread(target=relay, name=f"relay-{name}", daemon=True).start()
-    return service
 
 
 def init_ray(address: str | None = None, **options: Any) -> Any:
@@ -277,8 +192,11 @@ def start_controller(
     router_address: str,
     credentials: ClusterCredentials,
     while_starting: Callable[[], object] = lambda: None,
+    *,
+    worker_actor: type,
 ) -> tuple[Any, str]:
-    """Create the deployment controller (a named Ray actor; Ray must be initialised) and its workers.
+    """Create the deployment controller (a named Ray actor; Ray must be initialised) and its workers,
+    instances of `worker_actor` (expert_service.actor.ExpertWorkerActor: the caller names the service).
 
     Returns the controller handle and its name once every worker registered; starts the balancer
     and autoscaling policies the settings ask for. `while_starting` runs while the workers start
@@ -287,14 +205,14 @@ def start_controller(
     """
     import ray
 
-    from moe_serve.controller import (
+    from moe_serve.cluster.controller import (
         NAMESPACE,
         DeploymentController,
-        PlacementShape,
         controller_name,
         named_workers,
         worker_actor_name,
     )
+    from moe_serve.cluster.reconcile import PlacementShape
 
     worker_settings: dict[str, Any] = {
         "host": settings.host,
@@ -358,6 +276,7 @@ def start_controller(
                 **ray_worker_environment(os.environ),
             },
             policies,
+            worker_actor=worker_actor,
         )
     )
     starting = controller.start.remote(settings.workers)
@@ -385,18 +304,25 @@ def autoscale_policy(settings: WorkerPoolSettings) -> dict[str, float] | None:
     }
 
 
-def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0, die_with_parent: bool = False) -> Stack:
+def launch_stack(
+    settings: UpSettings,
+    checkpoint: Path,
+    router_port: int = 0,
+    die_with_parent: bool = False,
+    *,
+    worker_actor: type,
+) -> Stack:
     """Start the router (it hosts the registry unless Redis does), the gateway and the worker actors
     (through a deployment controller; Ray must be initialised) side by side; return once every expert
     has a replica and the gateway listens. With settings.router "embedded" the router runs inside
-    the gateway.
+    the gateway. `worker_actor`: the expert worker's Ray actor class (expert_service.actor.ExpertWorkerActor).
 
     The router's address is known before it starts (a free port held by `reserve_port` until the
     router listens on it), so the workers and the gateway start while the router does: their start-up
     (imports, weights) overlaps instead of queueing behind the router's. The gateway reports not ready
     until the router does; the workers register the moment it listens.
     `die_with_parent`: the gateway and router get SIGTERM when this process dies (`moe-serve up`; the
-    caller must be a thread that lives as long as the process, see moe_serve.lifecycle)."""
+    caller must be a thread that lives as long as the process, see moe_serve.cluster.lifecycle)."""
     import ray
 
     spec = Checkpoint(checkpoint).spec
@@ -451,6 +377,7 @@ def launch_stack(settings: UpSettings, checkpoint: Path, router_port: int = 0, d
             credentials,
             # a service that fails to start fails the launch at once, not after the workers' timeout
             while_starting=lambda: [process.wait_ready() for process in processes],
+            worker_actor=worker_actor,
         )
         router = embedded_router_of(gateway) if embedded else router_process
         if router.address != router_address:

@@ -9,7 +9,7 @@ stack that does not serve. While a service is down its port is closed (the gatew
 gateway's readiness is NOT_SERVING (the router), so load balancers take the stack out meanwhile.
 
 `poll()` is called from `up`'s main thread: the children get the kernel's parent-death signal
-when the thread that started them ends (moe_serve.lifecycle), so they are started from the one
+when the thread that started them ends (moe_serve.cluster.lifecycle), so they are started from the one
 thread that lives as long as `up`.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from moe_serve.launcher import ServiceProcess, spawn_service_process
+from moe_serve.cluster.processes import ServiceProcess, spawn_service_process
 
 logger = logging.getLogger(__name__)
 

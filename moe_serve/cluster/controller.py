@@ -10,6 +10,12 @@ Workers register themselves (router-hosted registry or Redis) and are restarted 
 process dies (`max_restarts`), under the same worker id. They do not share the controller's fate:
 they are detached actors named after it, which a restarted controller adopts, and which leave by
 themselves once the controller is gone for good.
+
+Every change is one pass of a control loop in Ray Serve's shape: the desired state (a worker count,
+an expert's replica count, a rebalance's placement) and a snapshot of the managed workers go into
+`reconcile.compute_actions`, a pure function, and `_apply` carries the actions out. The policies
+(`policies/`) decide the desired state from measurements. The worker actor class comes from the
+caller (`worker_actor`): the cluster core knows no service package.
 """
 
 from __future__ import annotations
@@ -25,9 +31,23 @@ from typing import Any
 import grpc
 import ray
 
-from moe_serve.balancer import AutoscalePolicy, plan_node_aware_rebalance, should_apply
+from moe_serve.cluster.placement import ExpertKey
+from moe_serve.cluster.policies.autoscale import AutoscalePolicy, decide_worker_count
+from moe_serve.cluster.policies.rebalance import decide_rebalance
+from moe_serve.cluster.reconcile import (
+    Actions,
+    Desired,
+    ExpertReplicas,
+    Observed,
+    PlacementShape,
+    Shares,
+    WorkerCount,
+    WorkerView,
+    compute_actions,
+    initial_actions,
+    replica_count,
+)
 from moe_serve.config import CommonSettings
-from moe_serve.placement import ExpertKey, plan_placement
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
@@ -56,23 +76,6 @@ class ManagedWorker:
     dedicated_to: frozenset[ExpertKey] | None = None
 
 
-@dataclass(frozen=True)
-class PlacementShape:
-    """What placement needs of the model: its MoE layers and experts placed per layer (shared included).
-
-    Passed in rather than read from the checkpoint here: reading it imports torch, which would
-    add two seconds to the controller's start and so to every stack's (the controller computes nothing).
-    """
-
-    moe_layers: tuple[int, ...]
-    num_placed_experts: int
-    # the router's expert groups (DeepSeek's n_group), which node-aware rebalancing keeps on one node
-    # where balance allows; None: no groups
-    expert_groups: int | None = None
-    # shared experts, the last ids placed: in no group; rebalancing puts one on every worker
-    num_shared: int = 0
-
-
 class DeploymentController:
     """Owns the worker actors; all mutating methods hold one lock, so changes never interleave."""
 
@@ -87,9 +90,14 @@ class DeploymentController:
         num_cpus: float = 0.0,
         actor_env: dict[str, str] | None = None,
         policies: dict[str, Any] | None = None,
+        *,
+        worker_actor: type,
     ) -> None:
         """`policies`: run_policies' keyword arguments, started once the workers are up (start), and
-        again by a controller Ray restarted, which would otherwise come back without them."""
+        again by a controller Ray restarted, which would otherwise come back without them.
+        `worker_actor`: the expert worker's actor class (expert_service.actor.ExpertWorkerActor),
+        constructed with (worker settings, controller name, namespace, controller actor id)."""
+        self._worker_actor = ray.remote(worker_actor)
         self.model_name, self.checkpoint = model_name, Path(checkpoint)
         self._policies = dict(policies) if policies else None
         self._policies_running = False
@@ -110,7 +118,7 @@ class DeploymentController:
         self._router = moe_grpc.RouterStub(self._channel)
         self._last_load: dict[ExpertKey, int] = {}
         # the replica shares last sent to the router (rebalance); cleared when workers change otherwise
-        self._shares: dict[ExpertKey, dict[str, float]] = {}
+        self._shares: Shares = {}
         self._policy_stop = threading.Event()
         self.events: list[str] = []
         # workers are detached actors named after this controller, so they outlive its process: a
@@ -156,9 +164,7 @@ class DeploymentController:
     def start(self, workers: int) -> list[str]:
         """Start `workers` workers with the standard placement plan; return their records."""
         with self._lock:
-            for assignment in plan_placement(self.shape.moe_layers, self.shape.num_placed_experts, workers):
-                self._add_worker(set(assignment.experts))
-            self._await_registered(set(self._workers))
+            self._apply(initial_actions(self.shape, workers))
         if self._policies and not self._policies_running:
             self.run_policies(**self._policies)
         return self.records()
@@ -168,16 +174,7 @@ class DeploymentController:
         if workers < 1:
             raise ValueError("need at least one worker")
         with self._lock:
-            if self._shares:  # they name the old workers; the new ones are chosen by load until a rebalance
-                self._set_shares({})
-            old = list(self._workers)
-            new = [
-                self._add_worker(set(a.experts))
-                for a in plan_placement(self.shape.moe_layers, self.shape.num_placed_experts, workers)
-            ]
-            self._await_registered(set(new))
-            for worker_id in old:
-                self._remove_worker(worker_id)
+            self._reconcile(WorkerCount(workers))
             self._event(f"scaled to {workers} workers")
             return self.records()
 
@@ -190,22 +187,9 @@ class DeploymentController:
             raise ValueError(f"no expert {expert} in layer(s) {layers}")
         keys = frozenset(ExpertKey(lay, expert) for lay in layers)
         with self._lock:
-            if self._shares:  # a replica added or removed here has no planned share: choose by load again
-                self._set_shares({})
-            current = self._replica_count(keys)
-            added = [self._add_worker(set(keys), dedicated_to=keys) for _ in range(replicas - current)]
-            self._await_registered(set(added))
-            excess = current - replicas
-            for worker_id in [w for w, m in self._workers.items() if m.dedicated_to == keys][: max(0, excess)]:
-                self._remove_worker(worker_id)
-                excess -= 1
-            for worker_id, managed in list(self._workers.items()):
-                if excess <= 0:
-                    break
-                if keys <= managed.experts and len(managed.experts) > len(keys):
-                    self._unload(worker_id, set(keys))
-                    excess -= 1
-            self._event(f"expert {expert} (layers {layers}) at {self._replica_count(keys)} replicas")
+            self._reconcile(ExpertReplicas(keys, replicas))
+            count = replica_count(self._observed().workers, keys)
+            self._event(f"expert {expert} (layers {layers}) at {count} replicas")
             return self.records()
 
     # ------------------------------------------------------------------ balancing
@@ -214,54 +198,23 @@ class DeploymentController:
         self, slots_per_worker: int | None = None, min_gain: float = 0.15, num_groups: int | None = None
     ) -> dict[str, Any]:
         """One node-aware placement step per MoE layer over the load measured since the previous call
-        (balancer.plan_node_aware_rebalance: nodes are the workers' Ray node ids, each worker one
+        (policies.rebalance.decide_rebalance: nodes are the workers' Ray node ids, each worker one
         GPU); applied only when it lowers the max/mean worker load by `min_gain` (hysteresis). The
         plan's replica shares then go to the router, which splits each expert's rows by them."""
         with self._lock:
             loads = self._window_load()
-            worker_ids = sorted(self._workers)
-            report: dict[str, Any] = {"applied": False, "layers": {}}
-            if not loads or sum(loads.values()) == 0 or len(worker_ids) < 2:
-                return report
-            node_of = {r.worker_id: r.node_id for r in self._registered()}
-            nodes = sorted({node_of.get(w, "") for w in worker_ids})
-            node_of_worker = [nodes.index(node_of.get(w, "")) for w in worker_ids]
-            report["nodes"] = len(nodes)
-            target = {w: set(self._workers[w].experts) for w in worker_ids}
-            shares = dict(self._shares)
-            # the routed experts spread over the workers, 1/8 more slots for replicas of hot experts
-            # (DeepSeek-V3 serves its 256 experts in 288 slots), plus the shared ones on each worker
-            routed = self.shape.num_placed_experts - self.shape.num_shared
-            per_worker = -(-routed // len(worker_ids))
-            slots = slots_per_worker or per_worker + max(1, per_worker // 8) + self.shape.num_shared
-            for layer in self.shape.moe_layers:
-                current = [{k for k in self._workers[w].experts if k.layer == layer} for w in worker_ids]
-                plan = plan_node_aware_rebalance(
-                    loads,
-                    current,
-                    node_of_worker,
-                    slots,
-                    layer,
-                    self.shape.num_placed_experts,
-                    num_groups or self.shape.expert_groups,
-                    self.shape.num_shared,
-                )
-                report["layers"][layer] = {"imbalance": plan.current_imbalance, "planned": plan.new_imbalance}
-                if should_apply(plan, min_gain):
-                    for worker_id, keys in zip(worker_ids, plan.placement, strict=True):
-                        target[worker_id] = {k for k in target[worker_id] if k.layer != layer} | keys
-                    shares = {key: value for key, value in shares.items() if key.layer != layer}
-                    for worker_id, held in zip(worker_ids, plan.shares or [], strict=True):
-                        for key, share in held.items():
-                            shares.setdefault(key, {})[worker_id] = share
-                    report["applied"] = True
-            if report["applied"]:
-                self._apply_placement(target)
-                self._set_shares(shares)
-                self._event(f"rebalanced: {report['layers']}")
-            return report
+            experts = {w: set(managed.experts) for w, managed in self._workers.items()}
+            enough = len(experts) >= 2 and sum(loads.values()) > 0  # else decide_rebalance keeps all as is
+            node_of = {r.worker_id: r.node_id for r in self._registered()} if enough else {}
+            decision = decide_rebalance(
+                loads, experts, node_of, self._shares, self.shape, slots_per_worker, min_gain, num_groups
+            )
+            if decision.target is not None:
+                self._reconcile(decision.target)
+                self._event(f"rebalanced: {decision.report['layers']}")
+            return decision.report
 
-    def _set_shares(self, shares: dict[ExpertKey, dict[str, float]]) -> None:
+    def _set_shares(self, shares: Shares) -> None:
         """The router's replica shares (an empty table: replicas chosen by load again)."""
         self._shares = shares
         message = moe_pb2.ReplicaShares(
@@ -301,20 +254,19 @@ class DeploymentController:
                 logger.exception("controller policy step failed; will retry")
 
     def _autoscale(self, policy: AutoscalePolicy) -> None:
-        records = [WorkerRecord.from_json(text) for text in self.records()]
-        if not records:
+        decision = decide_worker_count(policy, [WorkerRecord.from_json(text) for text in self.records()])
+        if decision is None or decision.wanted == decision.current:
             return
-        queued = sum(r.load.get("queued_rows", 0) for r in records) / len(records)
-        rate = sum(r.load.get("rows_per_s", 0) for r in records)
-        wanted = policy.decide(len(records), queued, rate)
-        if wanted != len(records):
-            if wanted > len(records) and self.num_gpus:
-                # tell Ray's cluster autoscaler about the capacity we are about to ask for
-                from ray.autoscaler.sdk import request_resources
+        if decision.wanted > decision.current and self.num_gpus:
+            # tell Ray's cluster autoscaler about the capacity we are about to ask for
+            from ray.autoscaler.sdk import request_resources
 
-                request_resources(bundles=[{"GPU": self.num_gpus}] * wanted)
-            self._event(f"autoscale: {len(records)} -> {wanted} workers (queued rows/replica {queued:.0f})")
-            self.scale_workers(wanted)
+            request_resources(bundles=[{"GPU": self.num_gpus}] * decision.wanted)
+        self._event(
+            f"autoscale: {decision.current} -> {decision.wanted} workers "
+            f"(queued rows/replica {decision.queued_rows_per_replica:.0f})"
+        )
+        self.scale_workers(decision.wanted)
 
     # ------------------------------------------------------------------ teardown
 
@@ -324,6 +276,32 @@ class DeploymentController:
             for worker_id in list(self._workers):
                 self._remove_worker(worker_id, grace_s)
         self._channel.close()
+
+    # ------------------------------------------------------------------ reconciling
+
+    def _observed(self) -> Observed:
+        workers = {w: WorkerView(frozenset(m.experts), m.dedicated_to) for w, m in self._workers.items()}
+        return Observed(workers, has_shares=bool(self._shares))
+
+    def _reconcile(self, desired: Desired) -> None:
+        self._apply(compute_actions(desired, self._observed(), self.shape))
+
+    def _apply(self, actions: Actions) -> None:
+        """Carry out `actions` in the order that keeps every expert served: new workers register
+        before anything leaves, loads come before unloads."""
+        if actions.clear_shares:
+            self._set_shares({})
+        added = [self._add_worker(set(experts), dedicated_to) for experts, dedicated_to in actions.add]
+        if added:
+            self._await_registered(set(added))
+        for worker_id, keys in actions.load.items():
+            self._load(worker_id, keys)
+        for worker_id in actions.remove:
+            self._remove_worker(worker_id)
+        for worker_id, keys in actions.unload.items():
+            self._unload(worker_id, keys)
+        if actions.shares is not None:
+            self._set_shares(actions.shares)
 
     # ------------------------------------------------------------------ internals
 
@@ -358,16 +336,13 @@ class DeploymentController:
         self._event(f"restarted; adopted live workers {sorted(self._workers)}")
 
     def _add_worker(self, experts: set[ExpertKey], dedicated_to: frozenset[ExpertKey] | None = None) -> str:
-        from expert_service.actor import ExpertWorkerActor
-
         worker_id = f"{self.model_name}-w{self._next_index}"
         self._next_index += 1
-        actor_class = ray.remote(ExpertWorkerActor)
         # named and detached when this controller is named (always, as started by the launcher): the
         # worker then survives the controller's death (see __init__), and leaves by itself when the
         # controller is gone for good (ExpertWorkerActor watches it by name)
         lifetime = {"name": self._worker_actor_name(worker_id), "namespace": NAMESPACE, "lifetime": "detached"}
-        handle = actor_class.options(
+        handle = self._worker_actor.options(
             num_gpus=self.num_gpus,
             num_cpus=self.num_cpus,
             max_concurrency=4,
@@ -405,15 +380,6 @@ class DeploymentController:
         self._worker_stub(worker_id).LoadExperts(_expert_set(keys), timeout=120)
         self._workers[worker_id].experts |= keys
 
-    def _apply_placement(self, target: dict[str, set[ExpertKey]]) -> None:
-        """Loads first, then unloads: every expert keeps a replica at every moment."""
-        for worker_id, keys in target.items():
-            if missing := keys - self._workers[worker_id].experts:
-                self._load(worker_id, missing)
-        for worker_id, keys in target.items():
-            if extra := self._workers[worker_id].experts - keys:
-                self._unload(worker_id, extra)
-
     def _worker_stub(self, worker_id: str) -> moe_grpc.ExpertWorkerStub:
         address = next(r.address for r in self._registered() if r.worker_id == worker_id)
         if address not in self._stubs:
@@ -449,9 +415,6 @@ class DeploymentController:
                     f"(each asks for {self.num_cpus:g} CPU, {self.num_gpus:g} GPU; `ray status` shows what is free)?"
                 )
             time.sleep(0.1)
-
-    def _replica_count(self, keys: frozenset[ExpertKey]) -> int:
-        return sum(1 for managed in self._workers.values() if keys <= managed.experts)
 
     def _window_load(self) -> dict[ExpertKey, int]:
         reply = self._router.GetExpertLoad(moe_pb2.ExpertLoadRequest(), timeout=10)
