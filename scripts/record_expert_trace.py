@@ -23,9 +23,9 @@ import torch
 from expert_service.actor import ExpertWorkerActor
 from moe_serve.bench.replication import skewed_tokens
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cli.demo import DemoShape, write_demo_checkpoint
 from moe_serve.cluster.launcher import init_ray, launch_stack
 from moe_serve.config import UpSettings
-from moe_serve.demo import DemoShape, write_demo_checkpoint
 from moe_serve.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve.protos import moe_serve_pb2 as moe_pb2

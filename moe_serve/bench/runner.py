@@ -30,10 +30,10 @@ from moe_serve.bench.replication import replication_comparison
 from moe_serve.bench.routing import concurrency_sweep, drop_rates
 from moe_serve.bench.sweep import SWEEP_TOKENS, SweepSubject, throughput_sweep
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cli.demo import DemoShape, ensure_demo_checkpoint
 from moe_serve.cluster.launcher import Stack, init_ray, launch_stack
 from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
-from moe_serve.demo import DemoShape, ensure_demo_checkpoint
 from moe_serve.runtime import codec
 from moe_serve.runtime.grpc_utils import channel_options
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2

@@ -23,9 +23,9 @@ from moe_serve.bench.reference import reference_layers
 from moe_serve.bench.resources import ResourceSampler, growth_after
 from moe_serve.bench.soak_load import LoadMix, LoadTally, Target, run_load
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cli.demo import ensure_demo_checkpoint
 from moe_serve.cluster.launcher import Stack, init_ray, launch_stack
 from moe_serve.config import UpSettings
-from moe_serve.demo import ensure_demo_checkpoint
 from moe_serve.runtime.security import ClusterCredentials, open_channel
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 from moe_serve.cluster.launcher import _gateway_args
 from moe_serve.config import (
     GATEWAY_METRICS_PORT,

@@ -21,7 +21,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 from moe_serve.cluster.launcher import _gateway_args as gateway_arguments
 from moe_serve.config import GatewaySettings, UpSettings
 from moe_serve.runtime import codec

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from expert_service.actor import ExpertWorkerActor
 from gateway.auth import TokenTable, requested_model
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 from moe_serve.client import GatewayError, MoEClient
 from moe_serve.cluster.launcher import Stack, launch_stack
 from moe_serve.config import UpSettings

@@ -23,11 +23,11 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from rich.console import Console
 
 from expert_service.actor import ExpertWorkerActor
+from moe_serve.cli.top import render
 from moe_serve.cluster.launcher import launch_stack
 from moe_serve.cluster.processes import start_service_process
 from moe_serve.config import UpSettings
 from moe_serve.runtime.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, ROUTE_STREAM
-from moe_serve.top import render
 from tests.conftest import REDIS_URL
 from tests.helpers import (
     REPOSITORY,

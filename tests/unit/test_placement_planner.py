@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.cluster.placement_figures import check_plan, gpu_loads
 from moe_serve.cluster.placement_packing import pack_node

@@ -19,8 +19,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from moe_serve.cli.cluster_commands import compact_keys
 from moe_serve.cluster.placement import ExpertKey
-from moe_serve.cluster_commands import compact_keys
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import live_state_key

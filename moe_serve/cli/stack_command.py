@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from expert_service.actor import ExpertWorkerActor
+from moe_serve.cli.cluster_commands import ClusterInfo
+from moe_serve.cli.demo import ensure_demo_checkpoint
 from moe_serve.cluster.controller import NAMESPACE
 from moe_serve.cluster.launcher import (
     Stack,
@@ -28,9 +30,7 @@ from moe_serve.cluster.launcher import (
 from moe_serve.cluster.lifecycle import start_watchdog
 from moe_serve.cluster.processes import ServiceProcess
 from moe_serve.cluster.supervisor import RestartPolicy, ServiceFailed, SupervisedActor, SupervisedService
-from moe_serve.cluster_commands import ClusterInfo
 from moe_serve.config import UpSettings, WorkersSettings
-from moe_serve.demo import ensure_demo_checkpoint
 from moe_serve.hub import checkpoint_name
 from moe_serve.runtime.errors import ConfigurationError
 from moe_serve.runtime.grpc_utils import announce_ready

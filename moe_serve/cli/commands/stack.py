@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moe_serve.cluster_commands import DEFAULT_SCALE_TIMEOUT_S, DEFAULT_TIMEOUT_S, NoAnswer, connect, print_status
-from moe_serve.commands.common import (
+from moe_serve.cli.cluster_commands import DEFAULT_SCALE_TIMEOUT_S, DEFAULT_TIMEOUT_S, NoAnswer, connect, print_status
+from moe_serve.cli.commands.common import (
     AdvertiseHost,
     AuthTokensFile,
     BatchWindow,
@@ -109,7 +109,7 @@ def up(
 ) -> None:
     """Start router (inside the gateway unless --router service), expert workers and gateway; block until
     Ctrl-C or SIGTERM, then stop them all."""
-    from moe_serve.stack_command import run_up
+    from moe_serve.cli.stack_command import run_up
 
     settings = build_settings(
         UpSettings,
@@ -184,7 +184,7 @@ def workers(
     insecure_internal: InsecureInternal = None,
 ) -> None:
     """Deploy the expert-worker actors of a stack on a Ray cluster (router and gateway run elsewhere)."""
-    from moe_serve.stack_command import run_workers
+    from moe_serve.cli.stack_command import run_workers
 
     settings = build_settings(
         WorkersSettings,
@@ -312,8 +312,8 @@ def top(
 
     The gateway's internal port needs the stack's cluster secret: MOE_SERVE_CLUSTER_SECRET,
     --cluster-secret-file, or the file `moe-serve up` names in its cluster file."""
+    from moe_serve.cli.top import gateway_source, redis_source, render, run_top
     from moe_serve.runtime.security import INSECURE_INTERNAL
-    from moe_serve.top import gateway_source, redis_source, render, run_top
 
     if (redis_url is None) == (gateway_admin is None) or (redis_url is not None and model is None):
         console.print("[red]error[/red]: give either --redis-url URL --model NAME, or --gateway-admin HOST:PORT")

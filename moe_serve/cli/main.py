@@ -11,13 +11,13 @@ import os
 # inherited by every child (`up` passes it to the Ray worker actors too).
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+from moe_serve.cli.commands.common import app
 from moe_serve.cluster.lifecycle import die_with_parent
-from moe_serve.commands.common import app
 
 # importing a module registers its commands; this order is the order of the help screen's panels
 COMMAND_MODULES = ("stack", "services", "client", "tools", "planning", "security")
 for _module in COMMAND_MODULES:
-    importlib.import_module(f"moe_serve.commands.{_module}")
+    importlib.import_module(f"moe_serve.cli.commands.{_module}")
 
 __all__ = ["app", "main"]
 

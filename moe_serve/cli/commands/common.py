@@ -182,7 +182,7 @@ def tool_credentials(
 ) -> Any:
     """Credentials of a command-line tool calling internal services: the secret from
     MOE_SERVE_CLUSTER_SECRET, --cluster-secret-file, or the stack's cluster file (`moe-serve up`)."""
-    from moe_serve.cluster_commands import ClusterInfo
+    from moe_serve.cli.cluster_commands import ClusterInfo
     from moe_serve.config import CommonSettings
     from moe_serve.runtime.security import ClusterCredentials
 

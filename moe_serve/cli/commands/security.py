@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from moe_serve.commands.common import app, console
+from moe_serve.cli.commands.common import app, console
 from moe_serve.runtime.security import DEFAULT_INTERNAL_SERVER_NAME
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from moe_serve.commands.common import InternalTlsCa, InternalTlsCert, InternalTlsKey, app, console
+from moe_serve.cli.commands.common import InternalTlsCa, InternalTlsCert, InternalTlsKey, app, console
 from moe_serve.runtime.security import ClientCredentials
 
 Token = Annotated[
@@ -38,7 +38,7 @@ def infer(
     tls_ca: TlsCa = None,
 ) -> None:
     """Send a request to a gateway and print a summary of the answer."""
-    from moe_serve.infer_command import run_infer
+    from moe_serve.cli.infer_command import run_infer
 
     raise typer.Exit(
         run_infer(

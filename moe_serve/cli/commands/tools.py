@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from moe_serve.commands.common import CheckpointDir, PipelineChunk, app, console, require_extra
+from moe_serve.cli.commands.common import CheckpointDir, PipelineChunk, app, console, require_extra
 from moe_serve.runtime.grpc_utils import configure_logging
 
 Quiet = Annotated[
@@ -33,7 +33,7 @@ def init_demo(
     seed: int = 0,
 ) -> None:
     """Write a small deterministic random Mixtral-layout checkpoint (no download)."""
-    from moe_serve.demo import DemoShape, write_demo_checkpoint
+    from moe_serve.cli.demo import DemoShape, write_demo_checkpoint
 
     shape = DemoShape(
         hidden_size=hidden_size,

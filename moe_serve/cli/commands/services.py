@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from moe_serve.commands.common import (
+from moe_serve.cli.commands.common import (
     AdvertiseHost,
     AuthTokensFile,
     BatchWindow,

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from moe_serve.commands.common import app, console
+from moe_serve.cli.commands.common import app, console
 
 
 @app.command(rich_help_panel="Tools")
