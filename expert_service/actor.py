@@ -4,9 +4,10 @@ The actor runs the same WorkerService as `moe-serve worker`, on an event loop of
 so gRPC traffic never waits on Ray's method-call machinery; Ray is used for placement and
 lifetime only, never on the data path.
 
-This module imports only what Ray needs to create the actor: the deployment controller imports it
-to name the actor class, and the controller itself never computes, so torch and the worker's
-service modules are imported in the actor's own process, in `__init__`.
+This module imports only what Ray needs to create the actor: whoever starts a stack (`moe-serve up`,
+the bench, the tests) imports it to hand the class to the deployment controller, which never
+computes, so torch and the worker's service modules are imported in the actor's own process, in
+`__init__`.
 """
 
 from __future__ import annotations
@@ -50,10 +51,10 @@ class ExpertWorkerActor:
         self, settings: str, controller: str | None = None, namespace: str = "", controller_id: str = ""
     ) -> None:
         from expert_service.server import WorkerService
-        from moe_serve.allocator import tune_allocator
         from moe_serve.config import WorkerSettings, settings_from_json
-        from moe_serve.eventloop import new_event_loop
-        from moe_serve.grpc_utils import configure_logging
+        from moe_serve.runtime.allocator import tune_allocator
+        from moe_serve.runtime.eventloop import new_event_loop
+        from moe_serve.runtime.grpc_utils import configure_logging
 
         tune_allocator()
         worker_settings = settings_from_json(WorkerSettings, settings)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from expert_service.offload import POLICIES, DeviceTier, parse_budget
 from moe_serve.checkpoint import Checkpoint, ExpertWeights
-from moe_serve.errors import ConfigurationError, InvalidInput
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
+from moe_serve.runtime.errors import ConfigurationError, InvalidInput
 
 logger = logging.getLogger(__name__)
 

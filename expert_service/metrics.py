@@ -8,8 +8,8 @@ from typing import Any
 
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from moe_serve.placement import ExpertKey
-from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
+from moe_serve.cluster.placement import ExpertKey
+from moe_serve.runtime.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
 
 
 class WorkerMetrics:

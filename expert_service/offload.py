@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from moe_serve.checkpoint import ExpertWeights
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 
 Origin = Literal["demand", "lookahead", "hint"]
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -5,33 +5,26 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from typing import Any
 
 import torch
 from grpc import aio
 
 from expert_service.experts import ExpertStore
 from expert_service.servicer import ExpertWorkerServicer
-from moe_serve import codec
-from moe_serve.allocator import settle_startup_memory, tune_allocator
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.placement import ExpertKey, expert_blocks, parse_expert_keys
 from moe_serve.config import WorkerSettings
-from moe_serve.errors import ConfigurationError
-from moe_serve.grpc_utils import (
-    add_health_and_reflection,
-    advertised_host,
-    announce_ready,
-    create_server,
-    drain,
-    set_serving,
-    wait_for_termination,
-)
 from moe_serve.model_spec import CONFIG_DTYPE_NAMES
-from moe_serve.placement import ExpertKey, expert_blocks, parse_expert_keys
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistration
 from moe_serve.registry import Registration, RouterRegistration, WorkerRecord
-from moe_serve.security import ClusterCredentials
-from moe_serve.telemetry import Telemetry
+from moe_serve.runtime import codec
+from moe_serve.runtime.allocator import settle_startup_memory
+from moe_serve.runtime.errors import ConfigurationError
+from moe_serve.runtime.grpc_utils import advertised_host
+from moe_serve.runtime.security import ClusterCredentials
+from moe_serve.runtime.service import Service
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "moe_serve.v1.ExpertWorker"
@@ -68,11 +61,15 @@ def owned_experts(settings: WorkerSettings, checkpoint: Checkpoint) -> list[Expe
     return keys
 
 
-class WorkerService:
+class WorkerService(Service[WorkerSettings]):
     """An expert worker's lifetime: start (load + serve + register), stop (deregister + drain)."""
 
+    role = "worker"
+    health_service = SERVICE_NAME
+
     def __init__(self, settings: WorkerSettings, node_id: str = "", gpu_id: int | None = None) -> None:
-        self.settings, self.node_id, self.gpu_id = settings, node_id, gpu_id
+        super().__init__(settings)
+        self.node_id, self.gpu_id = node_id, gpu_id
         self.server: aio.Server | None = None
         self.servicer: ExpertWorkerServicer | None = None
         self.registration: Registration | None = None
@@ -80,11 +77,8 @@ class WorkerService:
 
     async def start(self) -> WorkerRecord:
         settings = self.settings
-        torch.set_num_threads(settings.torch_threads)
-        try:
-            self.credentials = credentials = ClusterCredentials.from_settings(settings)
-        except ValueError as error:
-            raise ConfigurationError(str(error)) from None
+        self.prepare()
+        self.credentials = credentials = self.load_security(lambda: ClusterCredentials.from_settings(settings))
         checkpoint = Checkpoint(settings.checkpoint)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, checkpoint.spec.dtype)
@@ -99,16 +93,12 @@ class WorkerService:
         )
         weights_version = checkpoint.fingerprint()
         checkpoint.close()
-        server, port = create_server(
-            settings.host,
-            settings.port,
-            settings.max_message_bytes,
-            credentials.server_credentials(),
-            credentials.server_interceptors(),
+        server, port = self.create_server(
+            settings.port, credentials.server_credentials(), credentials.server_interceptors()
         )
         host = advertised_host(settings.host, settings.advertise_host)
         address = f"{host}:{port}"
-        self.telemetry = Telemetry("moe-serve-worker", settings.prometheus_port, settings.host)
+        self.telemetry = self.open_telemetry()
         metrics_port = self.telemetry.metrics_address.rpartition(":")[2] if self.telemetry.metrics_address else ""
         gpu_id = self.gpu_id if self.gpu_id is not None else (device.index if device.type == "cuda" else -1)
         self.record = WorkerRecord(
@@ -132,9 +122,9 @@ class WorkerService:
             credentials=credentials,
         )
         moe_grpc.add_ExpertWorkerServicer_to_server(self.servicer, server)
-        health = add_health_and_reflection(server, [SERVICE_NAME])
+        self.add_health(server, [SERVICE_NAME])
         await server.start()
-        await set_serving(health, [SERVICE_NAME], True)
+        await self.set_health(True)
         self.server = server
         settle_startup_memory()
         self.registration = self._make_registration()
@@ -161,30 +151,30 @@ class WorkerService:
         if self.registration is not None:
             await self.registration.publish()
 
-    async def stop(self, grace_s: float = 5.0) -> None:
-        """Deregister (routers stop sending), finish in-flight batches (up to `grace_s`), close."""
+    async def refuse_new(self) -> None:
+        """Deregister: routers stop sending rows here (health stays SERVING for the rows already sent)."""
         if self.registration is not None:
             await self.registration.stop()
+
+    def idle(self) -> bool:
+        assert self.servicer is not None
+        return self.servicer.load.inflight_rows == 0
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Deregister (routers stop sending), finish in-flight batches (up to `grace_s`), close."""
         if self.server is not None:
-            assert self.servicer is not None
-            await drain(lambda: self.servicer.load.inflight_rows == 0, grace_s)
+            await self.drain(grace_s)
             await self.server.stop(0)
         if self.servicer is not None:
             await self.servicer.close()
             self.telemetry.shutdown()
 
-
-async def serve(settings: WorkerSettings) -> None:
-    """Run a worker until SIGINT/SIGTERM."""
-    tune_allocator()
-    service = WorkerService(settings)
-    record = await service.start()
-    announce_ready(
-        "worker",
-        address=record.address,
-        worker_id=record.worker_id,
-        experts=sorted({key.expert for key in record.experts}),
-        metrics_address=record.metrics_address,
-    )
-    await wait_for_termination()
-    await service.stop()
+    def ready_details(self) -> dict[str, Any]:
+        record = self.record
+        assert record is not None
+        return {
+            "address": record.address,
+            "worker_id": record.worker_id,
+            "experts": sorted({key.expert for key in record.experts}),
+            "metrics_address": record.metrics_address,
+        }

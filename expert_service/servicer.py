@@ -20,8 +20,12 @@ from opentelemetry.trace import SpanKind
 from expert_service.experts import ExpertStore
 from expert_service.load import LoadTracker
 from expert_service.metrics import WorkerMetrics
-from moe_serve import codec
-from moe_serve.errors import (
+from moe_serve.cluster.placement import ExpertKey
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.registry import WorkerRecord
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import (
     ConfigurationError,
     DeadlineExceeded,
     DeliveryFailed,
@@ -32,14 +36,10 @@ from moe_serve.errors import (
     failure_of,
     listed,
 )
-from moe_serve.placement import ExpertKey
-from moe_serve.protos import moe_serve_pb2 as moe_pb2
-from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.registry import WorkerRecord
-from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials
-from moe_serve.shared_arena import ACCEPT_KEY, OFFER_KEY, ArenaView
-from moe_serve.streams import StreamClientPool, serve_stream
-from moe_serve.telemetry import (
+from moe_serve.runtime.security import INSECURE_INTERNAL, ClusterCredentials
+from moe_serve.runtime.shared_arena import ACCEPT_KEY, OFFER_KEY, ArenaView
+from moe_serve.runtime.streams import StreamClientPool, serve_stream
+from moe_serve.runtime.telemetry import (
     COMPUTE_STREAM,
     DELIVERY_STREAM,
     Telemetry,
@@ -136,7 +136,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
 
     async def _attach_arena(self, context: aio.ServicerContext) -> ArenaView | None:
         """Map the sender's shared-memory arena when it offers one and it is reachable from here
-        (moe_serve/shared_arena.py); the answer goes back at once, in the initial metadata."""
+        (moe_serve/runtime/shared_arena.py); the answer goes back at once, in the initial metadata."""
         offer = next((value for key, value in context.invocation_metadata() or () if key == OFFER_KEY), None)
         if offer is None:
             return None

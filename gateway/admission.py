@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from moe_serve.errors import InvalidInput, Overloaded
+from moe_serve.runtime.errors import InvalidInput, Overloaded
 
 
 class AdmissionController:

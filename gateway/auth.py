@@ -21,8 +21,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from moe_serve.errors import quoted
-from moe_serve.security import CallerCheck, refusal_handler
+from moe_serve.runtime.errors import quoted
+from moe_serve.runtime.security import CallerCheck, refusal_handler
 
 logger = logging.getLogger(__name__)
 ALL_MODELS = "*"

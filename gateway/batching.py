@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from opentelemetry.trace import Span, Tracer
 
 from gateway.converters import InferenceRequest, InferenceResult
-from moe_serve.errors import DeadlineExceeded
+from moe_serve.runtime.errors import DeadlineExceeded
 
 Dispatch = Callable[[list[InferenceRequest], float], Awaitable[list[InferenceResult]]]
 

@@ -22,8 +22,8 @@ from gateway.model import (
     ServedModel,
 )
 from gateway.shared_memory import BYTE_SIZE_PARAMETER, OFFSET_PARAMETER, REGION_PARAMETER, RegionLease, tensor_location
-from moe_serve import codec
-from moe_serve.errors import InvalidInput, listed, quoted
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import InvalidInput, listed, quoted
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 LAYER_PARAMETER = "layer"

@@ -28,9 +28,9 @@ from gateway.live_state import LoadWindow
 from gateway.model import ServedModel
 from gateway.routing import Plan, Router
 from gateway.stats import ExpertCounters
-from moe_serve.errors import DeadlineExceeded, Overloaded, ServiceUnavailable
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
-from moe_serve.telemetry import child_span, inject_context
+from moe_serve.runtime.errors import DeadlineExceeded, Overloaded, ServiceUnavailable
+from moe_serve.runtime.telemetry import child_span, inject_context
 
 
 class DataPlane:

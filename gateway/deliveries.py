@@ -13,13 +13,13 @@ import torch
 from grpc import aio
 from opentelemetry.trace import SpanKind, Tracer
 
-from moe_serve import codec
-from moe_serve.errors import MoEServeError, RequestNotFound, error_of, failure_of
 from moe_serve.layer.combine import CombineBuffer
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.streams import serve_stream
-from moe_serve.telemetry import DELIVERY_STREAM, extract_context, rpc_span
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import MoEServeError, RequestNotFound, error_of, failure_of
+from moe_serve.runtime.streams import serve_stream
+from moe_serve.runtime.telemetry import DELIVERY_STREAM, extract_context, rpc_span
 
 
 class PendingRequest:

@@ -21,8 +21,8 @@ from gateway.dataplane import DataPlane
 from gateway.metrics import GatewayMetrics
 from gateway.shared_memory import SharedMemoryRegistry
 from gateway.triton_extensions import InferenceStatistics
-from moe_serve.errors import MoEServeError
-from moe_serve.telemetry import attach, detach, metadata_context, rpc_span
+from moe_serve.runtime.errors import MoEServeError
+from moe_serve.runtime.telemetry import attach, detach, metadata_context, rpc_span
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 

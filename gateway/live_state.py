@@ -23,8 +23,8 @@ import torch
 from grpc import aio
 from redis.exceptions import RedisError
 
-from moe_serve.outage import OutageLog
 from moe_serve.redis_registry import live_state_key
+from moe_serve.runtime.outage import OutageLog
 
 logger = logging.getLogger(__name__)
 LIVE_STATE_TTL_S = 10

@@ -13,7 +13,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from gateway.live_state import LoadWindow
 from gateway.stats import ExpertCounters
-from moe_serve.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
+from moe_serve.runtime.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
 
 # seconds: a T=1 request's stages take tens of microseconds to a few milliseconds
 STAGE_BUCKETS_S = (0.00002, 0.00005, 0.0001, 0.0002, *LATENCY_BUCKETS_S)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_serve import codec
-from moe_serve.errors import ModelNotFound, quoted
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import ModelNotFound, quoted
 
 MODEL_VERSION = "1"
 PLATFORM = "pytorch_moe"

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable
 from grpc import aio
 from grpc_health.v1 import health, health_pb2
 
-from moe_serve.grpc_utils import LIVENESS_SERVICE
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.runtime.grpc_utils import LIVENESS_SERVICE
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from gateway.auth import TokenTable, bearer_token
 from gateway.converters import model_metadata
 from gateway.inference import InferenceHandler
 from gateway.rest_codec import encode_rest_response, parameter_value, parse_rest_request
-from moe_serve.errors import (
+from moe_serve.runtime.errors import (
     ConfigurationError,
     InvalidInput,
     MoEServeError,

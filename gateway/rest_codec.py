@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from moe_serve import codec
-from moe_serve.errors import InvalidInput, quoted
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import InvalidInput, quoted
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 BINARY_DATA_SIZE = "binary_data_size"  # on an input or output: its bytes after the JSON header

@@ -20,11 +20,11 @@ from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from gateway.deliveries import PendingRequests
-from moe_serve import codec
-from moe_serve.errors import Overloaded, ServiceUnavailable, error_of
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
-from moe_serve.streams import StreamClient
-from moe_serve.telemetry import ROUTE_STREAM, client_span, inject_context
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import Overloaded, ServiceUnavailable, error_of
+from moe_serve.runtime.streams import StreamClient
+from moe_serve.runtime.telemetry import ROUTE_STREAM, client_span, inject_context
 from router_service.planner import RoutingDecision
 from router_service.servicer import RouterServicer
 

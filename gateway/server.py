@@ -6,8 +6,8 @@ import asyncio
 import json
 import logging
 import time
+from typing import Any
 
-import torch
 from grpc import aio
 from grpc_health.v1 import health_pb2
 
@@ -26,26 +26,17 @@ from gateway.routing import EmbeddedRouter, RemoteRouter
 from gateway.servicer import InferenceServicer
 from gateway.shared_memory import SharedMemoryRegistry
 from gateway.stats import ExpertCounters, GatewayAdminServicer
-from moe_serve.allocator import settle_startup_memory, tune_allocator
-from moe_serve.channels import StubPool
 from moe_serve.config import GatewaySettings, embedded_router_settings
-from moe_serve.errors import ConfigurationError
-from moe_serve.grpc_utils import (
-    add_health_and_reflection,
-    advertised_host,
-    announce_ready,
-    channel_options,
-    create_server,
-    drain,
-    set_serving,
-    wait_for_termination,
-)
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import ClusterCredentials, PublicTLS, open_aio_channel
-from moe_serve.streams import StreamClient
-from moe_serve.telemetry import Telemetry
+from moe_serve.runtime.allocator import settle_startup_memory
+from moe_serve.runtime.channels import StubPool
+from moe_serve.runtime.errors import ConfigurationError
+from moe_serve.runtime.grpc_utils import add_health_and_reflection, advertised_host, channel_options, set_serving
+from moe_serve.runtime.security import ClusterCredentials, PublicTLS, open_aio_channel
+from moe_serve.runtime.service import Service
+from moe_serve.runtime.streams import StreamClient
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from router_service.server import RouterService
 
@@ -93,9 +84,12 @@ def _internal_security(credentials: ClusterCredentials) -> str:
     return ", " + " + ".join([*parts, *(["mutual TLS"] if credentials.tls else [])])
 
 
-class GatewayService:
+class GatewayService(Service[GatewaySettings]):
+    role = "gateway"
+    health_service = PUBLIC_SERVICE
+
     def __init__(self, settings: GatewaySettings) -> None:
-        self.settings = settings
+        super().__init__(settings)
         self.public_server: aio.Server | None = None
         self.delivery_server: aio.Server | None = None
         self.address = self.delivery_address = self.router_address = ""
@@ -106,13 +100,15 @@ class GatewayService:
 
     async def start(self) -> str:
         settings = self.settings
-        torch.set_num_threads(settings.torch_threads)
-        try:
-            internal, public_tls = ClusterCredentials.from_settings(settings), PublicTLS.from_settings(settings)
-            tokens = TokenTable.load(settings.auth_tokens_file) if settings.auth_tokens_file else None
-        except ValueError as error:
-            raise ConfigurationError(str(error)) from None
-        self.telemetry = Telemetry("moe-serve-gateway", settings.prometheus_port, settings.host)
+        self.prepare()
+        internal, public_tls, tokens = self.load_security(
+            lambda: (
+                ClusterCredentials.from_settings(settings),
+                PublicTLS.from_settings(settings),
+                TokenTable.load(settings.auth_tokens_file) if settings.auth_tokens_file else None,
+            )
+        )
+        self.telemetry = self.open_telemetry()
         tracer = self.telemetry.tracer
         self.pending = PendingRequests()
         self.router_address = settings.router_address
@@ -124,12 +120,8 @@ class GatewayService:
         info = await fetch_model_info(router, self.router_address, settings.startup_timeout_s)
         model = ServedModel.from_info(info, settings.model_name)
         host = advertised_host(settings.host, settings.advertise_host)
-        self.delivery_server, delivery_port = create_server(
-            settings.host,
-            settings.delivery_port,
-            settings.max_message_bytes,
-            internal.server_credentials(),
-            internal.server_interceptors(),
+        self.delivery_server, delivery_port = self.create_server(
+            settings.delivery_port, internal.server_credentials(), internal.server_interceptors()
         )
         moe_grpc.add_DeliveryServiceServicer_to_server(DeliveryServicer(self.pending, tracer), self.delivery_server)
         self.delivery_address = f"{host}:{delivery_port}"
@@ -185,10 +177,8 @@ class GatewayService:
             pipeline_chunk_tokens=settings.pipeline_chunk_tokens,
         )
         self.max_request_bytes = largest_request_bytes(settings, model)
-        self.public_server, port = create_server(
-            settings.host,
+        self.public_server, port = self.create_server(
             settings.port,
-            settings.max_message_bytes,
             public_tls.server_credentials() if public_tls else None,
             [BearerTokenInterceptor(tokens)] if tokens is not None else [],
             max_receive_bytes=self.max_request_bytes,
@@ -213,7 +203,7 @@ class GatewayService:
             )
             self.publisher.start()
         health = ReadinessHealthServicer()
-        self.health = add_health_and_reflection(self.public_server, [PUBLIC_SERVICE], health)
+        self.add_health(self.public_server, [PUBLIC_SERVICE], health)
         # the internal port answers health probes too (they need the internal certificate under mTLS)
         delivery_health = add_health_and_reflection(self.delivery_server, [DELIVERY_SERVICE, ADMIN_SERVICE])
         await self.delivery_server.start()
@@ -224,7 +214,7 @@ class GatewayService:
         await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.readiness = health.monitor = ReadinessMonitor(
             lambda: router.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=READINESS_PROBE_TIMEOUT_S),
-            lambda ready: set_serving(health, [PUBLIC_SERVICE], ready),
+            self.set_health,
             lambda: self.dataplane.draining,
             settings.readiness_interval_s,
         )
@@ -244,18 +234,21 @@ class GatewayService:
         )
         return self.address
 
-    def _idle(self) -> bool:
+    def idle(self) -> bool:
         """No admitted request, and no streamed answer left to write."""
         return self.admission.inflight_requests == 0 and self.servicer.unwritten_stream_answers.count == 0
+
+    async def refuse_new(self) -> None:
+        """New requests get UNAVAILABLE; readiness stops probing and health says NOT_SERVING."""
+        self.dataplane.draining = True
+        await self.readiness.stop()
+        await self.set_health(False)
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new requests (UNAVAILABLE, health NOT_SERVING), finish admitted ones (up to `grace_s`),
         then close both servers; deliveries keep flowing until the last admitted request is answered."""
         if self.public_server is not None:
-            self.dataplane.draining = True
-            await self.readiness.stop()
-            await set_serving(self.health, [PUBLIC_SERVICE], False)
-            drained = await drain(self._idle, grace_s)
+            drained = await self.drain(grace_s)
             if not drained:
                 logger.warning(
                     "gateway stopping with %d request(s) still in flight after %.0f s",
@@ -278,21 +271,13 @@ class GatewayService:
             await self._route_channel.close()
         await self._routers.close()
 
-
-async def serve(settings: GatewaySettings) -> None:
-    """Run the gateway until SIGINT/SIGTERM."""
-    tune_allocator()
-    service = GatewayService(settings)
-    address = await service.start()
-    announce_ready(
-        "gateway",
-        address=address,
-        delivery_address=service.delivery_address,
-        # workers register here, and tools find the router here, when it runs in the gateway
-        **({"router_address": service.router_address} if service.embedded is not None else {}),
-        http_address=service.http_address,
-        model=service.dataplane.model.name,
-        metrics_address=service.telemetry.metrics_address,
-    )
-    await wait_for_termination()
-    await service.stop()
+    def ready_details(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "delivery_address": self.delivery_address,
+            # workers register here, and tools find the router here, when it runs in the gateway
+            **({"router_address": self.router_address} if self.embedded is not None else {}),
+            "http_address": self.http_address,
+            "model": self.dataplane.model.name,
+            "metrics_address": self.telemetry.metrics_address,
+        }

@@ -14,7 +14,7 @@ from gateway.converters import model_metadata
 from gateway.inference import InferenceHandler
 from gateway.stream_infer import UnwrittenAnswers, answer_stream
 from gateway.triton_extensions import model_config, repository_index, shared_memory_status
-from moe_serve.errors import Unimplemented
+from moe_serve.runtime.errors import Unimplemented
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 

@@ -20,7 +20,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moe_serve.errors import AlreadyExists, InvalidInput, Overloaded, RegionNotFound, Unimplemented, quoted
+from moe_serve.runtime.errors import AlreadyExists, InvalidInput, Overloaded, RegionNotFound, Unimplemented, quoted
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.requests import BYTE_SIZE_PARAMETER, OFFSET_PARAMETER, REGION_PARAMETER
 

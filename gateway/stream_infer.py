@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from grpc import aio
 
-from moe_serve.errors import InvalidInput, MoEServeError
-from moe_serve.grpc_utils import Undecodable
+from moe_serve.runtime.errors import InvalidInput, MoEServeError
+from moe_serve.runtime.grpc_utils import Undecodable
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 logger = logging.getLogger(__name__)

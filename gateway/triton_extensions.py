@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from gateway.converters import model_parameters
 from gateway.model import GATING_OUTPUTS, INPUT_NAME, MODEL_VERSION, OUTPUT_NAME, PLATFORM, ServedModel
 from gateway.shared_memory import SystemSharedMemoryRegion
-from moe_serve import codec
+from moe_serve.runtime import codec
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import model_config_pb2 as config_pb2
 

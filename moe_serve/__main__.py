@@ -1,4 +1,4 @@
-from moe_serve.cli import main
+from moe_serve.cli.main import main
 
 if __name__ == "__main__":
     main()

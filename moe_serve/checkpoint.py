@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from moe_serve.errors import ConfigurationError
 from moe_serve.hub import checkpoint_name
 from moe_serve.layer.families import family_of, spec_from_config
 from moe_serve.model_spec import ExpertKind, MoEModelSpec, load_config
+from moe_serve.runtime.errors import ConfigurationError
 
 INDEX_FILE = "model.safetensors.index.json"
 # per-expert projection names, (gate, up, down) for SwiGLU experts and (wi, wo) for dense ones

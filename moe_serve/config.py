@@ -15,9 +15,9 @@ from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validat
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from moe_serve.eventloop import EventLoopName
 from moe_serve.hub import CheckpointNotFound, resolve_checkpoint
-from moe_serve.security import DEFAULT_INTERNAL_SERVER_NAME
+from moe_serve.runtime.eventloop import EventLoopName
+from moe_serve.runtime.security import DEFAULT_INTERNAL_SERVER_NAME
 from moe_serve_client.channel import DEFAULT_MAX_MESSAGE_BYTES  # one limit for clients and servers
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
@@ -50,7 +50,7 @@ LogLevelName = Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"
 
 def cli_flags(*flags: str) -> dict[str, Any]:
     """A Field's further command-line spellings (`json_schema_extra=cli_flags("--rebalance")`), beside the
-    one made from its name (moe_serve.commands.common.settings_options)."""
+    one made from its name (moe_serve.cli.commands.common.settings_options)."""
     return {"cli_flags": list(flags)}
 
 
@@ -484,7 +484,7 @@ def settings_json(settings: BaseModel, *, secrets: bool = False, only_set: bool 
     with `only_set`, only the fields given when it was built (by argument or environment).
 
     Secret fields are left out unless `secrets`: a child process gets the cluster secret in its own
-    environment variable (moe_serve.launcher.secret_environment), so that the JSON can be logged."""
+    environment variable (moe_serve.cluster.launcher.secret_environment), so that the JSON can be logged."""
     values = settings.model_dump(mode="json", exclude_unset=only_set)
     for name, field in type(settings).model_fields.items():
         if is_secret(field) and name in values:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from moe_serve.errors import ConfigurationError
+from moe_serve.runtime.errors import ConfigurationError
 
 # what the weight reader needs (moe_serve.checkpoint), nothing else: no tokenizer, no PyTorch .bin
 HUB_FILE_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json"]

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from moe_serve.errors import ConfigurationError
+from moe_serve.runtime.errors import ConfigurationError
 
 CONFIG_DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,

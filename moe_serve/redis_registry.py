@@ -27,10 +27,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from moe_serve.outage import OutageLog
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.registry import Registration, Registry, WorkerRecord
 from moe_serve.registry_trust import RecordPolicy, RejectedRecord, signed_entry
+from moe_serve.runtime.outage import OutageLog
 
 logger = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ from collections.abc import Callable, Collection, Iterable
 
 from grpc import aio
 
-from moe_serve.errors import InvalidInput
-from moe_serve.grpc_utils import QUICK_RECONNECT
-from moe_serve.outage import OutageLog
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry_trust import RecordPolicy, RejectedRecord
-from moe_serve.security import ClusterCredentials, open_aio_channel
+from moe_serve.runtime.errors import InvalidInput
+from moe_serve.runtime.grpc_utils import QUICK_RECONNECT
+from moe_serve.runtime.outage import OutageLog
+from moe_serve.runtime.security import ClusterCredentials, open_aio_channel
 from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.worker_record import LOAD_FIELDS, WorkerRecord
 
 COMPUTE_DATATYPES = frozenset({"FP32", "FP16", "BF16"})

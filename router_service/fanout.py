@@ -29,17 +29,24 @@ import torch
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
-from moe_serve import codec
-from moe_serve.errors import ExpertUnavailable, InvalidInput, MoEServeError, ServiceUnavailable, error_of, failure_of
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.layer.dispatch import token_indices
-from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry, WorkerRecord
-from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials
-from moe_serve.shared_arena import Arena, aligned, new_arena
-from moe_serve.streams import StreamClientPool
-from moe_serve.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, client_span, inject_context
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import (
+    ExpertUnavailable,
+    InvalidInput,
+    MoEServeError,
+    ServiceUnavailable,
+    error_of,
+    failure_of,
+)
+from moe_serve.runtime.security import INSECURE_INTERNAL, ClusterCredentials
+from moe_serve.runtime.shared_arena import Arena, aligned, new_arena
+from moe_serve.runtime.streams import StreamClientPool
+from moe_serve.runtime.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, client_span, inject_context
 from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
 from router_service.planner import WorkerBatch, assign_workers, gather_rows, split_batch
@@ -144,7 +151,7 @@ class Dispatcher:
         self.cross_node_rows: Counter[int] = Counter()
         if metrics is not None:
             metrics.cross_node_rows = self.cross_node_rows  # exported per layer at each scrape
-        # same host: each worker stream offers a shared-memory arena of this size (moe_serve/shared_arena.py)
+        # same host: each worker stream offers a shared-memory arena of this size (moe_serve/runtime/shared_arena.py)
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
             lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream,
             max_message_bytes,

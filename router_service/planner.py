@@ -14,13 +14,13 @@ from dataclasses import dataclass, replace
 import torch
 
 from moe_serve.checkpoint import Checkpoint, RouterWeights
-from moe_serve.errors import ExpertUnavailable, InvalidInput
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.layer.capacity import CapacityOutcome, OverflowRule, apply_capacity, combine_weights
 from moe_serve.layer.dispatch import ExpertGroups, group_by_expert, token_indices
 from moe_serve.layer.gating import GatingResult, compute_gating, copy_keeping_alignment
 from moe_serve.model_spec import MoEModelSpec
-from moe_serve.placement import ExpertKey
 from moe_serve.registry import Registry, WorkerRecord
+from moe_serve.runtime.errors import ExpertUnavailable, InvalidInput
 
 
 @dataclass(frozen=True)

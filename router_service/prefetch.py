@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 
 MAX_SEQUENCES = 4096  # sequences whose last layer is remembered (LRU)
 POPULARITY_DECAY = 0.98  # per observed request

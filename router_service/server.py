@@ -4,33 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
-import torch
 from grpc import aio
 from grpc_health.v1 import health_pb2
 
-from moe_serve.allocator import settle_startup_memory, tune_allocator
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.config import RouterSettings
-from moe_serve.errors import ConfigurationError
-from moe_serve.grpc_utils import (
-    LIVENESS_SERVICE,
-    add_health_and_reflection,
-    advertised_host,
-    announce_ready,
-    create_server,
-    drain,
-    set_serving,
-    wait_for_termination,
-)
 from moe_serve.model_spec import CONFIG_DTYPE_NAMES
-from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import RedisRegistry
 from moe_serve.registry import InProcessRegistry, Registry, RegistryServicer
 from moe_serve.registry_trust import RecordPolicy
-from moe_serve.security import ClusterCredentials
-from moe_serve.telemetry import Telemetry
+from moe_serve.runtime.allocator import settle_startup_memory
+from moe_serve.runtime.grpc_utils import LIVENESS_SERVICE
+from moe_serve.runtime.security import ClusterCredentials
+from moe_serve.runtime.service import Service
+from moe_serve.runtime.telemetry import Telemetry
 from router_service.fanout import Dispatcher
 from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
@@ -43,21 +34,21 @@ SERVICE_NAME = "moe_serve.v1.Router"
 REGISTRY_SERVICE = "moe_serve.v1.WorkerRegistry"
 
 
-class RouterService:
+class RouterService(Service[RouterSettings]):
+    role = "router"
+    health_service = SERVICE_NAME
+
     def __init__(self, settings: RouterSettings, telemetry: Telemetry | None = None) -> None:
         """`telemetry`: the owning process's, when the router runs inside a gateway (embedded)."""
-        self.settings = settings
+        super().__init__(settings)
         self.server: aio.Server | None = None
         self.address = ""
         self._shared_telemetry = telemetry
 
     async def start(self) -> str:
         settings = self.settings
-        torch.set_num_threads(settings.torch_threads)
-        try:
-            credentials = ClusterCredentials.from_settings(settings)
-        except ValueError as error:
-            raise ConfigurationError(str(error)) from None
+        self.prepare()
+        credentials = self.load_security(lambda: ClusterCredentials.from_settings(settings))
         checkpoint = Checkpoint(settings.checkpoint)
         dtype = checkpoint.spec.dtype if settings.dtype == "auto" else CONFIG_DTYPE_NAMES[settings.dtype]
         spec = checkpoint.spec
@@ -68,9 +59,7 @@ class RouterService:
         self.registry = self._make_registry(policy)
         await self.registry.start()
         model_name = settings.model_name or checkpoint.name
-        self.telemetry = self._shared_telemetry or Telemetry(
-            "moe-serve-router", settings.prometheus_port, settings.host
-        )
+        self.telemetry = self._shared_telemetry or self.open_telemetry()
         metrics = RouterMetrics(self.telemetry, model_name, self.registry, keys)
         self.dispatcher = Dispatcher(
             self.registry,
@@ -90,28 +79,24 @@ class RouterService:
         self.servicer = RouterServicer(
             planner, self.registry, self.dispatcher, model_name, self.telemetry.tracer, metrics
         )
-        server, port = create_server(
-            settings.host,
-            settings.port,
-            settings.max_message_bytes,
-            credentials.server_credentials(),
-            credentials.server_interceptors(),
+        server, port = self.create_server(
+            settings.port, credentials.server_credentials(), credentials.server_interceptors()
         )
         moe_grpc.add_RouterServicer_to_server(self.servicer, server)
         services = [SERVICE_NAME]
         if isinstance(self.registry, InProcessRegistry):  # workers register here when there is no Redis
             moe_grpc.add_WorkerRegistryServicer_to_server(RegistryServicer(self.registry), server)
             services.append(REGISTRY_SERVICE)
-        self.health = health = add_health_and_reflection(server, [*services, LIVENESS_SERVICE])
+        health = self.add_health(server, [*services, LIVENESS_SERVICE])
         # liveness: the process serves (its API answers); "" says every expert has a replica
         await health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self.server = server
-        self.address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
+        self.address = self.advertised_address(port)
         settle_startup_memory()
 
         async def publish_health() -> None:
-            await set_serving(health, [SERVICE_NAME], self.servicer.ready() and not self.servicer.draining)
+            await self.set_health(self.servicer.ready() and not self.servicer.draining)
 
         self.registry.add_listener(lambda: asyncio.ensure_future(publish_health()))
         await publish_health()
@@ -130,24 +115,23 @@ class RouterService:
             return RedisRegistry(settings.redis_url, settings.redis_prefix, settings.registry_ttl_s, policy)
         return InProcessRegistry(policy)
 
+    async def refuse_new(self) -> None:
+        """New routes get UNAVAILABLE, and health says NOT_SERVING."""
+        self.servicer.draining = True
+        await self.set_health(False)
+
+    def idle(self) -> bool:
+        return self.dispatcher.idle()
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new routes (UNAVAILABLE), finish dispatching what was routed (up to `grace_s`), then close."""
         if self.server is not None:
-            self.servicer.draining = True
-            await set_serving(self.health, [SERVICE_NAME], False)
-            await drain(self.dispatcher.idle, grace_s)
+            await self.drain(grace_s)
             await self.server.stop(0)
         await self.dispatcher.close()
         await self.registry.close()
         if self._shared_telemetry is None:
             self.telemetry.shutdown()
 
-
-async def serve(settings: RouterSettings) -> None:
-    """Run the router until SIGINT/SIGTERM."""
-    tune_allocator()
-    service = RouterService(settings)
-    address = await service.start()
-    announce_ready("router", address=address, metrics_address=service.telemetry.metrics_address)
-    await wait_for_termination()
-    await service.stop()
+    def ready_details(self) -> dict[str, Any]:
+        return {"address": self.address, "metrics_address": self.telemetry.metrics_address}

@@ -9,14 +9,14 @@ import torch
 from grpc import aio
 from opentelemetry.trace import SpanKind, Tracer
 
-from moe_serve import codec
-from moe_serve.errors import InvalidInput, Overloaded, ServiceUnavailable, failure_of, quoted
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import Registry
-from moe_serve.streams import serve_stream
-from moe_serve.telemetry import ROUTE_STREAM, child_span, extract_context, rpc_span
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import InvalidInput, Overloaded, ServiceUnavailable, failure_of, quoted
+from moe_serve.runtime.streams import serve_stream
+from moe_serve.runtime.telemetry import ROUTE_STREAM, child_span, extract_context, rpc_span
 from router_service.fanout import Dispatcher, DispatchJob, LocalDelivery
 from router_service.metrics import RouterMetrics
 from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, cross_node_rows, segments_of

@@ -20,14 +20,15 @@ import numpy as np
 import ray
 import torch
 
+from expert_service.actor import ExpertWorkerActor
 from moe_serve.bench.replication import skewed_tokens
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cli.demo import DemoShape, write_demo_checkpoint
+from moe_serve.cluster.launcher import init_ray, launch_stack
 from moe_serve.config import UpSettings
-from moe_serve.demo import DemoShape, write_demo_checkpoint
-from moe_serve.launcher import init_ray, launch_stack
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.security import open_channel
+from moe_serve.runtime.security import open_channel
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve_client.requests import infer_request
@@ -47,7 +48,7 @@ def record(output: Path, requests_per_layer: int, tokens: int, exponent: float, 
         gates = {layer: checkpoint.router_weights(layer).gate for layer in layers}
         generator = torch.Generator().manual_seed(seed)
         init_ray(log_to_driver=False)
-        stack = launch_stack(UpSettings(port=0, workers=2), checkpoint_dir)
+        stack = launch_stack(UpSettings(port=0, workers=2), checkpoint_dir, worker_actor=ExpertWorkerActor)
         try:
             # the router's counters are internal: the call carries the stack's cluster credentials
             router_channel = open_channel(stack.router.address, [], stack.credentials)

@@ -15,9 +15,10 @@ import pytest
 import redis
 import torch
 
+from expert_service.actor import ExpertWorkerActor
+from moe_serve.cluster.launcher import Stack, init_ray, launch_stack
 from moe_serve.config import UpSettings
-from moe_serve.launcher import Stack, init_ray, launch_stack
-from moe_serve.security import CLUSTER_SECRET_ENV
+from moe_serve.runtime.security import CLUSTER_SECRET_ENV
 from tests.helpers import ProcessStack, kserve_stub, save_tiny_mixtral, start_process_stack
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -80,7 +81,9 @@ def stacks(ray_cluster: str, checkpoints: Callable[[torch.dtype], Path]) -> Iter
 
     def get(dtype: torch.dtype) -> Stack:
         if dtype not in running:
-            running[dtype] = launch_stack(UpSettings(port=0, workers=2), checkpoints(dtype))
+            running[dtype] = launch_stack(
+                UpSettings(port=0, workers=2), checkpoints(dtype), worker_actor=ExpertWorkerActor
+            )
         return running[dtype]
 
     yield get

@@ -26,13 +26,13 @@ from pydantic import BaseModel, ValidationError
 from ray.scripts.scripts import start as ray_start
 from typer.main import get_command
 
-from moe_serve import cli
+from moe_serve.cli.main import app
 from moe_serve.config import CommonSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 VENV_BIN = Path(sys.executable).parent
-GROUP = get_command(cli.app)
+GROUP = get_command(app)
 
 
 def interpolate(value: Any, environ: Mapping[str, str] | None = None) -> Any:

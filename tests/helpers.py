@@ -21,17 +21,12 @@ import grpc
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moe_serve.grpc_utils import READY_MARKER
-from moe_serve.launcher import (
-    ServiceProcess,
-    embedded_router_of,
-    spawn_service_process,
-    start_service_process,
-    wait_until_ready,
-)
+from moe_serve.cluster.launcher import embedded_router_of, wait_until_ready
+from moe_serve.cluster.processes import ServiceProcess, spawn_service_process, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
+from moe_serve.runtime.grpc_utils import READY_MARKER
+from moe_serve.runtime.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve_client.requests import RequestedOutput

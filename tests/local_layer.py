@@ -6,9 +6,9 @@ import torch
 
 from expert_service.experts import ExpertStore
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.layer.combine import CombineBuffer
 from moe_serve.layer.dispatch import token_indices
-from moe_serve.placement import ExpertKey
 from router_service.planner import RoutingDecision, RoutingPlanner
 
 

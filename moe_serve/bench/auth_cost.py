@@ -24,10 +24,10 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from moe_serve import eventloop
-from moe_serve.grpc_utils import announce_ready, create_server, wait_for_termination
-from moe_serve.launcher import ServiceProcess, start_service_process
-from moe_serve.security import INSECURE_INTERNAL, ClusterCredentials, InternalTLS, open_aio_channel
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
+from moe_serve.runtime import eventloop
+from moe_serve.runtime.grpc_utils import announce_ready, create_server, wait_for_termination
+from moe_serve.runtime.security import INSECURE_INTERNAL, ClusterCredentials, InternalTLS, open_aio_channel
 
 MODES = ("plaintext", "cluster secret", "mutual TLS")
 PAYLOAD_BYTES = (4096, 1 << 20)
@@ -94,7 +94,7 @@ async def _time_mode(address: str, caller: ClusterCredentials, calls: int) -> di
 def measure(rounds: int = 5, calls: int = 100) -> dict[str, Any]:
     """p50 round trips (µs) per mode and shape, and each mode's cost over plaintext per message."""
     with tempfile.TemporaryDirectory() as directory:
-        from moe_serve.certs import write_dev_certificates
+        from moe_serve.runtime.certs import write_dev_certificates
 
         certs = Path(directory)
         write_dev_certificates(certs, [])

@@ -8,8 +8,8 @@ from __future__ import annotations
 import grpc
 from grpc import aio
 
-from moe_serve import eventloop
-from moe_serve.grpc_utils import announce_ready, server_options, wait_for_termination
+from moe_serve.runtime import eventloop
+from moe_serve.runtime.grpc_utils import announce_ready, server_options, wait_for_termination
 
 ECHO_METHOD = "/moe_serve.bench.Echo/Echo"
 

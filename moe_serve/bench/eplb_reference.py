@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moe_serve.placement_planner import ClusterShape, LayerPlan
+from moe_serve.cluster.placement_planner import ClusterShape, LayerPlan
 
 
 def balanced_packing(weights: np.ndarray, packs: int) -> np.ndarray:

@@ -29,13 +29,13 @@ import moe_serve
 from gateway.converters import InferenceResult, build_infer_response, model_metadata, parse_infer_request
 from gateway.model import OUTPUT_NAME, ServedModel
 from gateway.shared_memory import SharedMemoryRegistry
-from moe_serve.allocator import tune_allocator
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
-from moe_serve.errors import InvalidInput, MoEServeError, listed
-from moe_serve.grpc_utils import announce_ready, server_options
-from moe_serve.launcher import ServiceProcess, start_service_process
+from moe_serve.runtime.allocator import tune_allocator
+from moe_serve.runtime.errors import InvalidInput, MoEServeError, listed
+from moe_serve.runtime.grpc_utils import announce_ready, server_options
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 

@@ -20,16 +20,17 @@ from typing import Any
 import grpc
 import torch
 
+from expert_service.actor import ExpertWorkerActor
 from moe_serve.bench.measure import Latency
 from moe_serve.bench.replication import zipf_preferences
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.launcher import Stack, launch_stack
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
-from moe_serve.grpc_utils import channel_options
-from moe_serve.launcher import Stack, launch_stack
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry import WorkerRecord
-from moe_serve.security import open_channel
+from moe_serve.runtime.grpc_utils import channel_options
+from moe_serve.runtime.security import open_channel
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 COUNTERS = ("hits", "misses", "bytes_moved", "load_seconds", "evictions", "prefetched")
@@ -120,7 +121,7 @@ def offload_comparison(
                     device_memory_budget=str(budget),
                     prefetch=prefetch,
                 )
-                stack = launch_stack(settings, checkpoint_dir)
+                stack = launch_stack(settings, checkpoint_dir, worker_actor=ExpertWorkerActor)
                 try:
                     run_trace(stack, make_request, workload[:warmup_passes], layers)
                     before = worker_counters(stack)

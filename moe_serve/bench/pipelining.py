@@ -14,9 +14,9 @@ import torch
 
 from moe_serve.bench.routing import extra_gateway
 from moe_serve.bench.sweep import SweepSubject, throughput_sweep
+from moe_serve.cluster.launcher import Stack
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
-from moe_serve.grpc_utils import channel_options
-from moe_serve.launcher import Stack
+from moe_serve.runtime.grpc_utils import channel_options
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 CHUNK_TOKENS = (256, 512, 1024)

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from moe_serve.bench.eplb_reference import balanced_packing, eplb_layer, replicate_experts
-from moe_serve.placement_figures import check_plan, plan_figures
-from moe_serve.placement_planner import ClusterShape, LayerPlan, group_of_experts, plan_layer
+from moe_serve.cluster.placement_figures import check_plan, plan_figures
+from moe_serve.cluster.placement_planner import ClusterShape, LayerPlan, group_of_experts, plan_layer
 
 LayerPolicy = Callable[[np.ndarray, ClusterShape, int], LayerPlan]
 

@@ -31,13 +31,13 @@ from ray.serve.handle import DeploymentHandle
 
 # the workers' own FFN, so both sides compute the identical expert
 from expert_service.experts import expert_forward
-from moe_serve import codec
-from moe_serve.allocator import tune_allocator
 from moe_serve.bench.measure import rss_mib
 from moe_serve.checkpoint import Checkpoint, ExpertWeights
 from moe_serve.layer.combine import CombineBuffer
 from moe_serve.layer.dispatch import group_by_expert, token_indices
 from moe_serve.layer.gating import compute_gating
+from moe_serve.runtime import codec
+from moe_serve.runtime.allocator import tune_allocator
 
 APP_NAME = "moe-bench-rayserve"
 REPLICA_OPTIONS = {"ray_actor_options": {"num_cpus": 0}}

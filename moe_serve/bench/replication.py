@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 
+from expert_service.actor import ExpertWorkerActor
 from moe_serve.bench.routing import client_run
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.launcher import launch_stack
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.config import UpSettings
-from moe_serve.launcher import launch_stack
-from moe_serve.placement import ExpertKey
 
 
 def zipf_preferences(num_tokens: int, num_experts: int, exponent: float, generator: torch.Generator) -> torch.Tensor:
@@ -58,7 +59,7 @@ def replication_comparison(
     inputs = [skewed_tokens(gate, tokens, generator) for _ in range(16)]
     share = row_share(gate, torch.cat(inputs), top_k)
     settings = UpSettings(port=0, http=False, metrics=False, workers=workers, log_level="WARNING", model_name="skewed")
-    stack = launch_stack(settings, checkpoint_dir)
+    stack = launch_stack(settings, checkpoint_dir, worker_actor=ExpertWorkerActor)
     try:
         prepared = [make_request(stack.model_name, hidden) for hidden in inputs]
         ray.get(stack.controller.rebalance.remote())  # opens the load window

@@ -11,9 +11,10 @@ import grpc
 import torch
 
 from moe_serve.bench.measure import ConcurrentRun, run_concurrent
+from moe_serve.cluster.launcher import Stack
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
-from moe_serve.grpc_utils import channel_options
-from moe_serve.launcher import ServiceProcess, Stack, start_service_process
+from moe_serve.runtime.grpc_utils import channel_options
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import torch
 
+from expert_service.actor import ExpertWorkerActor
 from moe_serve.bench.fastpath import peer_comparison, probe_fast_path
 from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
 from moe_serve.bench.monolithic import start_monolithic
@@ -29,10 +30,11 @@ from moe_serve.bench.replication import replication_comparison
 from moe_serve.bench.routing import concurrency_sweep, drop_rates
 from moe_serve.bench.sweep import SWEEP_TOKENS, SweepSubject, throughput_sweep
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cli.demo import DemoShape, ensure_demo_checkpoint
+from moe_serve.cluster.launcher import Stack, init_ray, launch_stack
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
-from moe_serve.demo import DemoShape, ensure_demo_checkpoint
-from moe_serve.grpc_utils import channel_options
-from moe_serve.launcher import ServiceProcess, Stack, init_ray, launch_stack, start_service_process
+from moe_serve.runtime.grpc_utils import channel_options
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve_client.requests import infer_request
@@ -349,6 +351,7 @@ def launch_bench_stack(config: BenchConfig, checkpoint_dir: Path, router: str = 
             router=router,
         ),
         checkpoint_dir,
+        worker_actor=ExpertWorkerActor,
     )
 
 

@@ -17,15 +17,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from expert_service.actor import ExpertWorkerActor
 from moe_serve.bench.progress import SectionProgress
 from moe_serve.bench.reference import reference_layers
 from moe_serve.bench.resources import ResourceSampler, growth_after
 from moe_serve.bench.soak_load import LoadMix, LoadTally, Target, run_load
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cli.demo import ensure_demo_checkpoint
+from moe_serve.cluster.launcher import Stack, init_ray, launch_stack
 from moe_serve.config import UpSettings
-from moe_serve.demo import ensure_demo_checkpoint
-from moe_serve.launcher import Stack, init_ray, launch_stack
-from moe_serve.security import ClusterCredentials, open_channel
+from moe_serve.runtime.security import ClusterCredentials, open_channel
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def run_soak(
     try:
         sections.start("start")
         progress(f"starting the stack on {checkpoint_dir}")
-        stack = launch_stack(settings, checkpoint_dir)
+        stack = launch_stack(settings, checkpoint_dir, worker_actor=ExpertWorkerActor)
         try:
             result.model_name = stack.model_name
             target = Target(stack.address, stack.model_name, spec.hidden_size, spec.dtype, references)

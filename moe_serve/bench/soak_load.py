@@ -26,7 +26,7 @@ import torch
 
 from moe_serve.bench.reference import ReferenceLayer
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
-from moe_serve.grpc_utils import channel_options
+from moe_serve.runtime.grpc_utils import channel_options
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from moe_serve_client.requests import infer_request, response_tensors

@@ -28,9 +28,10 @@ from moe_serve.bench.runner import (
     served_subject,
 )
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.launcher import init_ray
+from moe_serve.cluster.processes import start_service_process
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
-from moe_serve.grpc_utils import channel_options
-from moe_serve.launcher import init_ray, start_service_process
+from moe_serve.runtime.grpc_utils import channel_options
 
 THIN_INTERMEDIATE_SIZE = 8
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_serve.errors import InvalidInput
+from moe_serve.runtime.errors import InvalidInput
 
 # a delivery of at most this many rows is placed row by row (T=1 decode: one row per expert)
 FEW_ROWS = 8

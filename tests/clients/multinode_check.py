@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from ray.cluster_utils import Cluster
 
+from expert_service.actor import ExpertWorkerActor
+from moe_serve.cluster.launcher import launch_stack
 from moe_serve.config import UpSettings
-from moe_serve.launcher import launch_stack
 from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
 
 
@@ -25,7 +26,7 @@ def main() -> None:
     import ray
 
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    stack = launch_stack(UpSettings(port=0, workers=3, worker_num_gpus=1), checkpoint)
+    stack = launch_stack(UpSettings(port=0, workers=3, worker_num_gpus=1), checkpoint, worker_actor=ExpertWorkerActor)
     try:
         workers = stack.workers
         block = reference_blocks(checkpoint, torch.float32)[1]

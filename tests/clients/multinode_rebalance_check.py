@@ -20,15 +20,16 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
+from expert_service.actor import ExpertWorkerActor
 from moe_serve.bench.fastpath import local_address, scrape, sums
 from moe_serve.bench.replication import skewed_tokens
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.launcher import Stack, launch_stack
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.config import UpSettings
-from moe_serve.launcher import Stack, launch_stack
-from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.security import open_channel
+from moe_serve.runtime.security import open_channel
 from tests.families import load_reference, reference_output
 from tests.helpers import infer_request, kserve_stub, response_tensors
 
@@ -92,7 +93,11 @@ def main() -> None:
         cluster.add_node(num_cpus=gpus_per_node, num_gpus=gpus_per_node)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    stack = launch_stack(UpSettings(port=0, http=False, workers=nodes * gpus_per_node, worker_num_gpus=1), checkpoint)
+    stack = launch_stack(
+        UpSettings(port=0, http=False, workers=nodes * gpus_per_node, worker_num_gpus=1),
+        checkpoint,
+        worker_actor=ExpertWorkerActor,
+    )
     try:
         ready_s = time.monotonic() - started
         spec = Checkpoint(checkpoint).spec

@@ -13,8 +13,8 @@ from grpc import aio
 from moe_serve.bench import auth_cost
 from moe_serve.bench.report import print_internal_auth_report
 from moe_serve.bench.runner import BenchResult
-from moe_serve.launcher import start_service_process
-from moe_serve.security import INSECURE_INTERNAL, open_aio_channel
+from moe_serve.cluster.processes import start_service_process
+from moe_serve.runtime.security import INSECURE_INTERNAL, open_aio_channel
 
 
 def test_auth_cost_measures_every_mode_and_shape() -> None:
@@ -34,7 +34,7 @@ class _Console:
 @pytest.mark.parametrize("mode", auth_cost.MODES[1:])
 def test_protected_modes_refuse_a_plain_caller(mode: str) -> None:
     with tempfile.TemporaryDirectory() as directory:
-        from moe_serve.certs import write_dev_certificates
+        from moe_serve.runtime.certs import write_dev_certificates
 
         write_dev_certificates(Path(directory), [])
         server = start_service_process("auth-echo", ["serve", mode, directory], module="moe_serve.bench.auth_cost")

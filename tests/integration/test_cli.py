@@ -17,11 +17,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moe_serve.cli import app
-from moe_serve.cluster_commands import ClusterInfo
+from moe_serve.cli.cluster_commands import ClusterInfo
+from moe_serve.cli.main import app
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
+from moe_serve.runtime.security import CLUSTER_SECRET_ENV, ClusterCredentials, open_channel
 from tests.helpers import UpCommand, infer_request, kserve_stub, response_tensors
 
 COMMANDS = ["up", "gateway", "router", "worker", "infer", "init-demo", "scale", "status", "bench", "soak", "health"]

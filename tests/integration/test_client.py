@@ -15,7 +15,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve.client import AsyncMoEClient, GatewayError, ModelMismatch, MoEClient, RemoteMoE, patch_model
-from moe_serve.launcher import Stack
+from moe_serve.cluster.launcher import Stack
 from tests.helpers import TINY_MIXTRAL, reference_blocks, reference_forward
 
 TOLERANCE = 1e-5

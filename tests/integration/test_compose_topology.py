@@ -22,11 +22,11 @@ import pytest
 import ray
 import torch
 
-from moe_serve.controller import NAMESPACE
-from moe_serve.launcher import ServiceProcess, start_service_process
+from moe_serve.cluster.controller import NAMESPACE
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.security import ClusterCredentials, open_channel
+from moe_serve.runtime.security import ClusterCredentials, open_channel
 from tests.conftest import REDIS_URL
 from tests.deploy_config import MOE_SERVE, SERVICES, environment, flag
 from tests.helpers import (

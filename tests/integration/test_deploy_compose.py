@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from moe_serve import cli
+from moe_serve.cli.main import app
 from moe_serve.config import (
     GATEWAY_METRICS_PORT,
     ROUTER_METRICS_PORT,
@@ -106,13 +106,13 @@ def test_every_internal_caller_reads_the_secret_the_one_shot_service_writes() ->
 
 def test_secret_writer_writes_once_and_keeps_an_existing_secret(tmp_path: Path) -> None:
     path = tmp_path / "volume" / "cluster.secret"
-    first = CliRunner().invoke(cli.app, ["secret", str(path)])
+    first = CliRunner().invoke(app, ["secret", str(path)])
     assert first.exit_code == 0, first.output
     secret = path.read_text()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(secret.strip()) >= 32
-    again = CliRunner().invoke(cli.app, ["secret", str(path)])
+    again = CliRunner().invoke(app, ["secret", str(path)])
     assert again.exit_code == 0 and path.read_text() == secret  # a restart keeps the deployment's secret
-    replaced = CliRunner().invoke(cli.app, ["secret", str(path), "--replace"])
+    replaced = CliRunner().invoke(app, ["secret", str(path), "--replace"])
     assert replaced.exit_code == 0 and path.read_text() != secret
 
 

@@ -22,9 +22,10 @@ import grpc
 import pytest
 import torch
 
+from expert_service.actor import ExpertWorkerActor
 from moe_serve.client import RemoteMoE, patch_model
+from moe_serve.cluster.launcher import Stack, launch_stack
 from moe_serve.config import UpSettings
-from moe_serve.launcher import Stack, launch_stack
 from moe_serve_client.patching import block_attribute, router_recorder
 from tests.families import (
     DECODER,
@@ -90,7 +91,7 @@ def served(
         yield ServedFamily(family, checkpoints(torch.float32), stack, (0, 1))
         return
     directory = save_family(family, tmp_path_factory.mktemp("family") / f"tiny-{family}")
-    stack = launch_stack(UpSettings(port=0, workers=1), directory)
+    stack = launch_stack(UpSettings(port=0, workers=1), directory, worker_actor=ExpertWorkerActor)
     try:
         yield ServedFamily(family, directory, stack, FAMILIES[family].moe_layers)
     finally:
@@ -140,7 +141,7 @@ def test_family_through_the_stack(served: ServedFamily) -> None:
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "deepseek_v3", "switch"])
 def test_family_through_the_stack_in_bf16(ray_cluster, tmp_path: Path, family: str) -> None:
     directory = save_family(family, tmp_path / family, torch.bfloat16)
-    stack = launch_stack(UpSettings(port=0, workers=1), directory)
+    stack = launch_stack(UpSettings(port=0, workers=1), directory, worker_actor=ExpertWorkerActor)
     try:
         check_served_layers(stack, family, directory, torch.bfloat16, FAMILIES[family].moe_layers)
     finally:

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from expert_service.actor import ExpertWorkerActor
 from expert_service.experts import ExpertStore
 from moe_serve.checkpoint import Checkpoint
+from moe_serve.cluster.launcher import launch_stack
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.config import UpSettings
-from moe_serve.launcher import launch_stack
-from moe_serve.placement import ExpertKey
 from tests.helpers import infer_request, kserve_stub, reference_blocks, response_tensors
 
 pytestmark = pytest.mark.gpu
@@ -54,7 +55,7 @@ def test_offloaded_experts_wait_pinned_in_host_memory_and_compute_the_same(check
 
 def test_stack_with_gpu_workers_equals_transformers(ray_cluster, checkpoints) -> None:
     directory = checkpoints(torch.bfloat16)
-    stack = launch_stack(UpSettings(port=0, workers=2, worker_num_gpus=0.5), directory)
+    stack = launch_stack(UpSettings(port=0, workers=2, worker_num_gpus=0.5), directory, worker_actor=ExpertWorkerActor)
     try:
         assert all(record.gpu_id >= 0 for record in stack.workers)
         block = copy.deepcopy(reference_blocks(directory, torch.bfloat16)[1]).cuda()

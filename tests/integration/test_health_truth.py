@@ -19,7 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.readiness import LIVENESS_SERVICE
 from gateway.server import PUBLIC_SERVICE
-from moe_serve.launcher import start_service_process, wait_until_ready
+from moe_serve.cluster.launcher import wait_until_ready
+from moe_serve.cluster.processes import start_service_process
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from tests.helpers import ProcessStack, infer_request, internal_credentials, wait_until

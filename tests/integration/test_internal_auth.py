@@ -13,10 +13,10 @@ import grpc
 import torch
 
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.launcher import Stack
+from moe_serve.cluster.launcher import Stack
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.security import ClusterCredentials, open_channel
+from moe_serve.runtime.security import ClusterCredentials, open_channel
 from tests.helpers import infer_request, kserve_stub, reference_blocks, reference_forward, response_tensors
 from tests.helpers import registered_worker_ids as registered
 

@@ -15,7 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
-from moe_serve.cli import app
+from moe_serve.cli.main import app
+from moe_serve.cluster.launcher import gateway_settings
 from moe_serve.config import (
     GATEWAY_METRICS_PORT,
     ROUTER_METRICS_PORT,
@@ -25,8 +26,7 @@ from moe_serve.config import (
     UpSettings,
     WorkerSettings,
 )
-from moe_serve.grpc_utils import LIVENESS_SERVICE, READY_MARKER
-from moe_serve.launcher import gateway_settings
+from moe_serve.runtime.grpc_utils import LIVENESS_SERVICE, READY_MARKER
 from tests.deploy_config import built_settings
 from tests.helpers import save_tiny_mixtral
 
@@ -124,7 +124,7 @@ def test_a_service_serves_metrics_on_a_free_port_and_logs_json_lines(tiny_checkp
     ready, stderr = run_router(tiny_checkpoint, "--metrics-port", "0", "--log-format", "json")
     assert ready["metrics_address"]  # scraped in run_router
     entries = [json.loads(line) for line in stderr.splitlines()]  # every line, not only some
-    assert {entry["logger"] for entry in entries} >= {"router_service.server", "moe_serve.telemetry"}
+    assert {entry["logger"] for entry in entries} >= {"router_service.server", "moe_serve.runtime.telemetry"}
     for entry in entries:
         assert set(entry) >= {"time", "level", "logger", "message", "process"}
         assert entry["time"].endswith("+00:00")

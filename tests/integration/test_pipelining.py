@@ -12,7 +12,7 @@ import grpc
 import pytest
 import torch
 
-from moe_serve.launcher import ServiceProcess, start_service_process
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from tests.helpers import (
     gateway_stats,
     infer_request,

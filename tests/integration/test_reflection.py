@@ -18,8 +18,8 @@ from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from gateway.server import PUBLIC_SERVICE
-from moe_serve.errors import InvalidInput
-from moe_serve.grpc_utils import add_health_and_reflection, create_server
+from moe_serve.runtime.errors import InvalidInput
+from moe_serve.runtime.grpc_utils import add_health_and_reflection, create_server
 
 MAX_MESSAGE_BYTES = 4 << 20
 

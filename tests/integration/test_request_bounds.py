@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import torch
 
-from moe_serve.launcher import Stack
+from moe_serve.cluster.launcher import Stack
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from tests.helpers import infer_request, kserve_stub, response_tensors
 

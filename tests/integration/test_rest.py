@@ -22,10 +22,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moe_serve import codec
-from moe_serve.cli import app
+from moe_serve.cli.main import app
+from moe_serve.cluster.launcher import gateway_settings
 from moe_serve.config import GatewaySettings, UpSettings
-from moe_serve.launcher import gateway_settings
+from moe_serve.runtime import codec
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from tests.helpers import (
     REPOSITORY,

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_serve.launcher import ServiceProcess, start_service_process, wait_until_ready
+from moe_serve.cluster.launcher import wait_until_ready
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from tests.conftest import REDIS_URL
 from tests.helpers import (
     infer_request,

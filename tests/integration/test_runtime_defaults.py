@@ -12,10 +12,10 @@ import uvloop
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from moe_serve import eventloop
-from moe_serve.allocator import ARENA_TUNABLE, ray_worker_environment, settle_startup_memory
 from moe_serve.config import RouterSettings
-from moe_serve.telemetry import Telemetry, extract_context, inject_context
+from moe_serve.runtime import eventloop
+from moe_serve.runtime.allocator import ARENA_TUNABLE, ray_worker_environment, settle_startup_memory
+from moe_serve.runtime.telemetry import Telemetry, extract_context, inject_context
 
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 

@@ -14,10 +14,11 @@ import pytest
 import ray
 import torch
 
+from expert_service.actor import ExpertWorkerActor
+from moe_serve.cluster.controller import REGISTRATION_TIMEOUT_S
+from moe_serve.cluster.launcher import launch_stack
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.config import UpSettings
-from moe_serve.controller import REGISTRATION_TIMEOUT_S
-from moe_serve.launcher import launch_stack
-from moe_serve.placement import ExpertKey
 from moe_serve.registry import WorkerRecord
 from tests.helpers import (
     infer_request,
@@ -31,7 +32,7 @@ from tests.helpers import (
 
 @pytest.fixture
 def scaling_stack(ray_cluster, checkpoints):
-    stack = launch_stack(UpSettings(port=0, workers=2), checkpoints(torch.float32))
+    stack = launch_stack(UpSettings(port=0, workers=2), checkpoints(torch.float32), worker_actor=ExpertWorkerActor)
     yield stack
     stack.stop()
 

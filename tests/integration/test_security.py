@@ -20,12 +20,13 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
+from expert_service.actor import ExpertWorkerActor
 from gateway.auth import TokenTable, requested_model
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 from moe_serve.client import GatewayError, MoEClient
+from moe_serve.cluster.launcher import Stack, launch_stack
 from moe_serve.config import UpSettings
-from moe_serve.launcher import Stack, launch_stack
-from moe_serve.security import ClusterCredentials, InternalTLS, open_channel
+from moe_serve.runtime.security import ClusterCredentials, InternalTLS, open_channel
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from tests.helpers import infer_request, internal_credentials, reference_blocks, reference_forward
@@ -63,7 +64,7 @@ def secure_stack(ray_cluster: str, checkpoints, certs: Path) -> Iterator[Stack]:
         internal_tls_cert=certs / "internal.pem",
         internal_tls_key=certs / "internal.key",
     )
-    stack = launch_stack(settings, checkpoints(torch.float32))
+    stack = launch_stack(settings, checkpoints(torch.float32), worker_actor=ExpertWorkerActor)
     yield stack
     stack.stop()
 

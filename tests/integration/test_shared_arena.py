@@ -1,4 +1,4 @@
-"""Same-host zero-copy on the compute hop (moe_serve/shared_arena.py): the allocator, the worker's
+"""Same-host zero-copy on the compute hop (moe_serve/runtime/shared_arena.py): the allocator, the worker's
 checks of every region, region lifetimes on a real stream, and no memory left behind by a dead peer."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pytest
 import torch
 from grpc import aio
 
-from moe_serve.errors import InvalidInput, MoEServeError, ServiceUnavailable
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
-from moe_serve.shared_arena import ACCEPT_KEY, ALIGNMENT, OFFER_KEY, Arena, ArenaView
-from moe_serve.streams import StreamClient, serve_stream
+from moe_serve.runtime.errors import InvalidInput, MoEServeError, ServiceUnavailable
+from moe_serve.runtime.shared_arena import ACCEPT_KEY, ALIGNMENT, OFFER_KEY, Arena, ArenaView
+from moe_serve.runtime.streams import StreamClient, serve_stream
 from tests.helpers import (
     infer_request,
     kserve_stub,

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_serve import codec
+from moe_serve.runtime import codec
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.requests import RequestedOutput, SharedMemory
 from tests.helpers import (

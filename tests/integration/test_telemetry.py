@@ -22,10 +22,12 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.trace.v1 import trace_pb2
 from rich.console import Console
 
+from expert_service.actor import ExpertWorkerActor
+from moe_serve.cli.top import render
+from moe_serve.cluster.launcher import launch_stack
+from moe_serve.cluster.processes import start_service_process
 from moe_serve.config import UpSettings
-from moe_serve.launcher import launch_stack, start_service_process
-from moe_serve.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, ROUTE_STREAM
-from moe_serve.top import render
+from moe_serve.runtime.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, ROUTE_STREAM
 from tests.conftest import REDIS_URL
 from tests.helpers import (
     REPOSITORY,
@@ -95,6 +97,7 @@ def observed_stack(ray_cluster, checkpoints, redis_prefix, request):
             router=request.param,
         ),
         checkpoints(torch.float32),
+        worker_actor=ExpertWorkerActor,
     )
     yield stack
     stack.stop()
@@ -266,7 +269,9 @@ def test_one_trace_follows_a_request_through_every_hop(ray_cluster, checkpoints,
     server.start()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    stack = launch_stack(UpSettings(port=0, workers=2, router=router_mode), checkpoints(torch.float32))
+    stack = launch_stack(
+        UpSettings(port=0, workers=2, router=router_mode), checkpoints(torch.float32), worker_actor=ExpertWorkerActor
+    )
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     try:
         channel, stub = kserve_stub(stack.address)
@@ -334,7 +339,7 @@ def test_unreachable_collector_and_redis_never_break_serving(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
-    stack = launch_stack(UpSettings(port=0, workers=2), checkpoints(torch.float32))
+    stack = launch_stack(UpSettings(port=0, workers=2), checkpoints(torch.float32), worker_actor=ExpertWorkerActor)
     # a second gateway whose live-state Redis is unreachable too
     gateway = start_service_process(
         "gateway-no-redis",

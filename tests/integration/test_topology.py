@@ -13,8 +13,8 @@ import redis
 import torch
 
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.launcher import ServiceProcess, start_service_process
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.redis_registry import events_channel, worker_key

@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from moe_serve.launcher import start_service_process
+from moe_serve.cluster.processes import start_service_process
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.protos import model_config_pb2 as config_pb2
 from tests.helpers import (

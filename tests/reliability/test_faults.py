@@ -11,7 +11,8 @@ import grpc
 import pytest
 import torch
 
-from moe_serve.launcher import embedded_router_of, start_service_process, wait_until_ready
+from moe_serve.cluster.launcher import embedded_router_of, wait_until_ready
+from moe_serve.cluster.processes import start_service_process
 from tests.helpers import (
     ROUTER_MODES,
     RouterMode,

@@ -14,7 +14,7 @@ import grpc
 import torch
 
 from moe_serve.bench.measure import rss_mib
-from moe_serve.launcher import start_service_process
+from moe_serve.cluster.processes import start_service_process
 from tests.helpers import (
     gateway_stats,
     infer_request,

@@ -19,9 +19,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_serve import codec
-from moe_serve.errors import status_code_from_number
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import status_code_from_number
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from tests.helpers import (
     gateway_stats,

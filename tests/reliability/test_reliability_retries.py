@@ -26,12 +26,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moe_serve import codec
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.errors import status_code_from_number
-from moe_serve.launcher import ServiceProcess, start_service_process, wait_until_ready
+from moe_serve.cluster.launcher import wait_until_ready
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import status_code_from_number
 from router_service import retries
 from router_service.retries import RetryBudget, backoff_s
 from tests.helpers import (

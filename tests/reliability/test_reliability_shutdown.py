@@ -27,7 +27,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moe_serve.launcher import ServiceProcess
+from moe_serve.cluster.processes import ServiceProcess
 from tests.conftest import REDIS_URL
 from tests.helpers import (
     ProcessStack,

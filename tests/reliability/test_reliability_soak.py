@@ -32,7 +32,7 @@ from moe_serve.bench.soak import (
 )
 from moe_serve.bench.soak_load import LoadMix, token_count
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 from tests.families import FAMILIES, load_reference, reference_output, reference_routing, save_family
 
 SOAK_S = 60.0

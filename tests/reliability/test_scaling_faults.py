@@ -16,9 +16,10 @@ import ray
 import redis
 import torch
 
+from expert_service.actor import ExpertWorkerActor
+from moe_serve.cluster.launcher import launch_stack
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.config import UpSettings
-from moe_serve.launcher import launch_stack
-from moe_serve.placement import ExpertKey
 from moe_serve.redis_registry import RedisRegistration, RedisRegistry
 from moe_serve.registry import WorkerRecord
 from tests.helpers import reference_blocks, save_tiny_mixtral, wait_until
@@ -29,7 +30,7 @@ from tests.integration.test_scaling import steady_load
 def test_killed_worker_actor_under_load_loses_no_request_and_comes_back(ray_cluster, tmp_path: Path) -> None:
     """4 experts on 2 workers, plus a dedicated replica of experts 0 and 1: kill the worker holding 0-1."""
     checkpoint = save_tiny_mixtral(tmp_path / "four-experts", num_local_experts=4)
-    stack = launch_stack(UpSettings(port=0, workers=2, registry_ttl_s=3.0), checkpoint)
+    stack = launch_stack(UpSettings(port=0, workers=2, registry_ttl_s=3.0), checkpoint, worker_actor=ExpertWorkerActor)
     try:
         for expert in (0, 1):
             ray.get(stack.controller.scale_expert.remote(expert, 2))
@@ -82,7 +83,11 @@ def test_redis_restart_keeps_serving_and_workers_register_again(ray_cluster, che
     port = free_port()
     server = start_redis(port)
     url = f"redis://127.0.0.1:{port}/0"
-    stack = launch_stack(UpSettings(port=0, workers=2, redis_url=url, registry_ttl_s=3.0), checkpoints(torch.float32))
+    stack = launch_stack(
+        UpSettings(port=0, workers=2, redis_url=url, registry_ttl_s=3.0),
+        checkpoints(torch.float32),
+        worker_actor=ExpertWorkerActor,
+    )
     try:
         block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
         client = redis.Redis(port=port)

@@ -31,11 +31,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from expert_service.actor import ExpertWorkerActor
+from moe_serve.cluster.launcher import launch_stack
+from moe_serve.cluster.lifecycle import ProcessRecord, descendants, stop_processes
+from moe_serve.cluster.processes import ServiceProcess, spawn_service_process
+from moe_serve.cluster.supervisor import RestartPolicy, ServiceFailed, SupervisedService, pinned_arguments
 from moe_serve.config import UpSettings
-from moe_serve.grpc_utils import READY_MARKER
-from moe_serve.launcher import ServiceProcess, launch_stack, spawn_service_process
-from moe_serve.lifecycle import ProcessRecord, descendants, stop_processes
-from moe_serve.supervisor import RestartPolicy, ServiceFailed, SupervisedService, pinned_arguments
+from moe_serve.runtime.grpc_utils import READY_MARKER
 from tests.helpers import (
     infer_request,
     kserve_stub,
@@ -357,14 +359,14 @@ def test_up_exits_non_zero_naming_the_service_once_its_restart_budget_is_spent(
 
 CHILD = """
 import time
-from moe_serve.lifecycle import die_with_parent
+from moe_serve.cluster.lifecycle import die_with_parent
 die_with_parent()
 print("armed", flush=True)
 time.sleep(60)
 """
 PARENT = """
 import os, subprocess, sys, time
-from moe_serve.lifecycle import child_environment
+from moe_serve.cluster.lifecycle import child_environment
 child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], env={**os.environ, **child_environment()})
 print(child.pid, flush=True)
 time.sleep(60)
@@ -408,7 +410,7 @@ def test_workers_leave_once_their_controller_is_gone_for_good(ray_cluster: str, 
     e.g. with `moe-serve workers` SIGKILLed on a remote cluster: they stop and their names go."""
     import ray
 
-    stack = launch_stack(UpSettings(port=0, workers=1), fp32_checkpoint)
+    stack = launch_stack(UpSettings(port=0, workers=1), fp32_checkpoint, worker_actor=ExpertWorkerActor)
     try:
         prefix = f"{stack.controller_name}/"
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_serve.balancer import AutoscalePolicy, imbalance, pack, plan_rebalance, replicate, should_apply
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.balancer import imbalance, pack, plan_rebalance, replicate
+from moe_serve.cluster.placement import ExpertKey
+from moe_serve.cluster.policies.autoscale import AutoscalePolicy
+from moe_serve.cluster.policies.rebalance import should_apply
 
 
 @st.composite
@@ -63,7 +65,7 @@ def test_autoscale_policy_needs_a_full_window_and_respects_bounds() -> None:
 
 
 def test_node_aware_rebalance_balances_workers_keeps_groups_on_nodes_and_gives_shares() -> None:
-    from moe_serve.balancer import plan_node_aware_rebalance
+    from moe_serve.cluster.policies.rebalance import plan_node_aware_rebalance
 
     # 16 experts in 2 groups; 4 workers on 2 Ray nodes; expert 3 is hot
     loads = {ExpertKey(1, e): 10.0 for e in range(16)}

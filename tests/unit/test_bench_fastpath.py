@@ -18,8 +18,8 @@ from moe_serve.bench.fastpath import (
 )
 from moe_serve.bench.report import print_fast_path_report
 from moe_serve.bench.runner import BenchConfig, BenchResult
-from moe_serve.streams import StreamClient
-from moe_serve.telemetry import STREAM_MESSAGES, StreamMessages
+from moe_serve.runtime.streams import StreamClient
+from moe_serve.runtime.telemetry import STREAM_MESSAGES, StreamMessages
 from tests.unit.test_streams import Message, echo_server, open_echo
 
 

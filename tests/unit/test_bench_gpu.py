@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from moe_serve.bench.gpu import gpu_figures, layer_flops_per_token
 from moe_serve.bench.report import print_gpu_report
 from moe_serve.bench.runner import BenchConfig, BenchResult
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 
 
 def test_flops_per_token_counts_the_router_and_k_swiglu_experts() -> None:

@@ -10,8 +10,8 @@ from rich.console import Console
 from moe_serve.bench.eplb_reference import balanced_packing, eplb_layer, replicate_experts
 from moe_serve.bench.placement import placement_comparison
 from moe_serve.bench.placement_report import print_placement_report, write_placement_plot
-from moe_serve.placement_figures import check_plan, plan_figures
-from moe_serve.placement_planner import ClusterShape, group_of_experts
+from moe_serve.cluster.placement_figures import check_plan, plan_figures
+from moe_serve.cluster.placement_planner import ClusterShape, group_of_experts
 
 
 def test_balanced_packing_gives_every_pack_the_same_count() -> None:

@@ -15,7 +15,7 @@ from matplotlib.image import imread
 from typer.testing import CliRunner
 
 from moe_serve.bench.plots import latency_cdf_figure, plot_result_file, throughput_figure, write_plots
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MACHINE = "Test CPU 9000, 2 cores, no GPU"

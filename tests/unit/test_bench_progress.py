@@ -13,7 +13,7 @@ from typer.main import get_command
 from moe_serve.bench import soak
 from moe_serve.bench.progress import SectionProgress, section_bar, shows_progress
 from moe_serve.bench.runner import SECTION_ORDER, BenchConfig, bench_sections, run_bench
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 
 
 def console(terminal: bool) -> tuple[Console, io.StringIO]:

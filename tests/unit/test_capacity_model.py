@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_serve.capacity_model import (
+from moe_serve.cluster.capacity_model import (
     DEEPSEEK_V3,
     MIXTRAL_8X7B,
     MoEShape,

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.demo import DemoShape, write_demo_checkpoint
-from moe_serve.errors import ConfigurationError
+from moe_serve.cli.demo import DemoShape, write_demo_checkpoint
+from moe_serve.runtime.errors import ConfigurationError
 from tests.helpers import reference_blocks, save_tiny_mixtral
 
 

@@ -13,8 +13,8 @@ from google.protobuf import descriptor_pool
 from grpc_health.v1 import health
 from typer.testing import CliRunner
 
-from moe_serve.cli import app
-from moe_serve.grpc_utils import reflection_pool
+from moe_serve.cli.main import app
+from moe_serve.runtime.grpc_utils import reflection_pool
 from moe_serve_client import GatewayError
 from moe_serve_client.protocol import build_infer_request, decode_infer_response
 from moe_serve_client.protos import _pool

@@ -15,10 +15,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
 from moe_serve.config import CommonSettings
-from moe_serve.errors import ServiceUnavailable
-from moe_serve.grpc_utils import add_health_and_reflection, create_server
 from moe_serve.protos.moe_serve_pb2 import DeliveryAck as Ack
-from moe_serve.security import (
+from moe_serve.runtime.errors import ServiceUnavailable
+from moe_serve.runtime.grpc_utils import add_health_and_reflection, create_server
+from moe_serve.runtime.security import (
     CLUSTER_TOKEN_METADATA,
     INSECURE_INTERNAL,
     ClusterCredentials,
@@ -27,7 +27,7 @@ from moe_serve.security import (
     read_secret_file,
     write_secret_file,
 )
-from moe_serve.streams import StreamClient
+from moe_serve.runtime.streams import StreamClient
 
 SECRET = "a-cluster-secret-of-this-test-0123456789"
 OTHER = "the-secret-of-another-cluster-9876543210"

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_serve import codec
-from moe_serve.errors import InvalidInput
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.runtime import codec
+from moe_serve.runtime.errors import InvalidInput
 
 DTYPES = list(codec.DATATYPE_TO_TORCH.values())
 

@@ -27,10 +27,10 @@ from gateway.model import ServedModel
 from gateway.routing import Plan
 from gateway.stats import ExpertCounters
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceUnavailable
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.layer.dispatch import token_indices
-from moe_serve.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.runtime.errors import DeadlineExceeded, InvalidInput, Overloaded, ServiceUnavailable
 from router_service.planner import RoutingPlanner
 from tests.helpers import reference_blocks, reference_forward, save_tiny_mixtral
 

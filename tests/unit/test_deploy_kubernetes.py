@@ -10,7 +10,7 @@ import ray
 import yaml
 
 from moe_serve.config import GATEWAY_METRICS_PORT, ROUTER_METRICS_PORT, GatewaySettings, RouterSettings, WorkersSettings
-from moe_serve.grpc_utils import LIVENESS_SERVICE
+from moe_serve.runtime.grpc_utils import LIVENESS_SERVICE
 from tests.deploy_config import (
     DEPLOY,
     SERVICES,

@@ -11,7 +11,7 @@ import yaml
 from cryptography import x509
 from typer.testing import CliRunner
 
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 from tests.deploy_config import (
     DEPLOY,
     DOCKERFILE,

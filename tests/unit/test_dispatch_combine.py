@@ -9,12 +9,12 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moe_serve.checkpoint import RouterWeights
-from moe_serve.errors import InvalidInput
 from moe_serve.layer.capacity import keep_within_capacity
 from moe_serve.layer.combine import FEW_ROWS, CombineBuffer
 from moe_serve.layer.dispatch import FEW_SLOTS, _group_few, _group_many, group_by_expert, token_indices
 from moe_serve.layer.gating import compute_gating
 from moe_serve.model_spec import RoutingConfig
+from moe_serve.runtime.errors import InvalidInput
 from tests.families import rescale_moe_weights
 
 

@@ -9,10 +9,10 @@ from typing import get_args
 
 import pytest
 
-from moe_serve.errors import ConfigurationError
 from moe_serve.layer.families import FAMILIES, family_of, spec_from_config
 from moe_serve.layer.gating import MECHANISMS
 from moe_serve.model_spec import RoutingMechanism
+from moe_serve.runtime.errors import ConfigurationError
 from tests.families import FAMILIES as TEST_FAMILIES
 
 # model_type -> (routing family reported in ModelMetadata, gating mechanism); the reported names are

@@ -11,7 +11,7 @@ from huggingface_hub import constants
 from typer.testing import CliRunner
 
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.cli import app
+from moe_serve.cli.main import app
 from moe_serve.config import RouterSettings
 from moe_serve.hub import (
     CheckpointNotFound,

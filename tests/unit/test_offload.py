@@ -13,8 +13,8 @@ import torch
 from expert_service.experts import ExpertStore
 from expert_service.offload import DeviceTier, LFUPolicy, LRUPolicy, parse_budget
 from moe_serve.checkpoint import Checkpoint, ExpertWeights
-from moe_serve.errors import ConfigurationError
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
+from moe_serve.runtime.errors import ConfigurationError
 from tests.helpers import save_tiny_mixtral
 
 KEYS = [ExpertKey(0, e) for e in range(8)]

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moe_serve.placement import ExpertKey, expert_blocks, parse_expert_ids, plan_placement
+from moe_serve.cluster.placement import ExpertKey, expert_blocks, parse_expert_ids, plan_placement
 
 
 @settings(max_examples=200, deadline=None)

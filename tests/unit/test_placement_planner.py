@@ -11,18 +11,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from moe_serve.balancer import plan_node_aware_rebalance
-from moe_serve.cli import app
-from moe_serve.placement import ExpertKey
-from moe_serve.placement_figures import check_plan, gpu_loads
-from moe_serve.placement_packing import pack_node
-from moe_serve.placement_planner import (
+from moe_serve.cli.main import app
+from moe_serve.cluster.placement import ExpertKey
+from moe_serve.cluster.placement_figures import check_plan, gpu_loads
+from moe_serve.cluster.placement_packing import pack_node
+from moe_serve.cluster.placement_planner import (
     ClusterShape,
     group_of_experts,
     plan_layer,
     plan_layer_with_shared,
     plan_placement_layers,
 )
+from moe_serve.cluster.policies.rebalance import plan_node_aware_rebalance
 
 
 @st.composite

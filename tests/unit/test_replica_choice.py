@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.registry import InProcessRegistry, WorkerRecord
 from router_service.planner import assign_workers
 

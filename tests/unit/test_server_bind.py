@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from moe_serve.errors import ConfigurationError
-from moe_serve.grpc_utils import create_server
+from moe_serve.runtime.errors import ConfigurationError
+from moe_serve.runtime.grpc_utils import create_server
 
 
 def test_a_port_in_use_is_a_configuration_error_that_says_what_to_do() -> None:

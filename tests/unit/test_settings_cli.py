@@ -12,9 +12,9 @@ import typer
 from pydantic import BaseModel, SecretStr
 from typer.testing import CliRunner
 
-from moe_serve.cli import app
-from moe_serve.commands import services
-from moe_serve.commands.common import flag_names
+from moe_serve.cli.commands import services
+from moe_serve.cli.commands.common import flag_names
+from moe_serve.cli.main import app
 from moe_serve.config import (
     SETTINGS_JSON_ENV,
     GatewaySettings,
@@ -104,10 +104,10 @@ def test_a_bad_choice_exits_2_with_one_line_naming_the_choices(args: list[str], 
 @pytest.fixture
 def gateway_settings(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Run `moe-serve gateway` up to the settings it would serve with (no server starts)."""
-    import gateway.server
+    from gateway.server import GatewayService
 
     captured: list[Any] = []
-    monkeypatch.setattr(gateway.server, "serve", lambda settings: settings)
+    monkeypatch.setattr(GatewayService, "serve", staticmethod(lambda settings: settings))
     monkeypatch.setattr(services, "run_service", lambda settings, event_loop: captured.append(settings))
     monkeypatch.setattr(services, "configure_logging", lambda *args: None)
     return captured
@@ -178,8 +178,8 @@ def test_up_composes_the_service_settings_with_their_defaults() -> None:
 
 
 def test_up_hands_its_gateway_router_and_workers_their_settings(tmp_path: Path) -> None:
-    from moe_serve.launcher import gateway_settings, router_settings, settings_environment, worker_settings
-    from moe_serve.security import ClusterCredentials
+    from moe_serve.cluster.launcher import gateway_settings, router_settings, settings_environment, worker_settings
+    from moe_serve.runtime.security import ClusterCredentials
 
     up = UpSettings(pipeline_chunk_tokens=8, overflow="drop", split_min_rows=4, eviction_policy="lfu", metrics=False)
     embedded = gateway_settings(up, tmp_path, "m", router_port=7)
@@ -199,8 +199,8 @@ def test_up_hands_its_gateway_router_and_workers_their_settings(tmp_path: Path) 
 
 
 def test_a_restarted_service_keeps_the_ports_it_announced() -> None:
-    from moe_serve.launcher import ServiceProcess
-    from moe_serve.supervisor import pinned_environment
+    from moe_serve.cluster.launcher import ServiceProcess
+    from moe_serve.cluster.supervisor import pinned_environment
 
     settings = settings_json(GatewaySettings(port=0, http_port=0, metrics_port=0))
     service = ServiceProcess(

@@ -20,7 +20,7 @@ from gateway.shared_memory import (
     TensorLocation,
     tensor_location,
 )
-from moe_serve.errors import AlreadyExists, InvalidInput, Overloaded, RegionNotFound, Unimplemented
+from moe_serve.runtime.errors import AlreadyExists, InvalidInput, Overloaded, RegionNotFound, Unimplemented
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 from moe_serve_client.requests import RequestedOutput, SharedMemory, infer_request
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from moe_serve.placement import ExpertKey
+from moe_serve.cluster.placement import ExpertKey
 from moe_serve.registry import InProcessRegistry
 from router_service import stragglers
 from router_service.fanout import Dispatcher

@@ -1,4 +1,4 @@
-"""The shared internal streams (moe_serve/streams.py) survive callers that go away mid-write.
+"""The shared internal streams (moe_serve/runtime/streams.py) survive callers that go away mid-write.
 
 Every concurrent call to one address rides one bidirectional stream, and grpc.aio cancels the
 whole stream when a write is interrupted. A gateway request whose client cancels (or whose
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import grpc
 from grpc import aio
 
-from moe_serve.errors import MoEServeError
-from moe_serve.streams import StreamClient, serve_stream
+from moe_serve.runtime.errors import MoEServeError
+from moe_serve.runtime.streams import StreamClient, serve_stream
 
 METHOD = "/moe_serve.test.Echo/Stream"
 PAYLOAD_BYTES = 1 << 20  # large enough that a write waits on flow control, so cancels land mid-write

@@ -17,9 +17,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from moe_serve.certs import write_dev_certificates
-from moe_serve.errors import InvalidInput, ServiceUnavailable
-from moe_serve.telemetry import ROUTE_STREAM, Telemetry, child_span, client_span, rpc_span
+from moe_serve.runtime.certs import write_dev_certificates
+from moe_serve.runtime.errors import InvalidInput, ServiceUnavailable
+from moe_serve.runtime.telemetry import ROUTE_STREAM, Telemetry, child_span, client_span, rpc_span
 
 
 @pytest.fixture

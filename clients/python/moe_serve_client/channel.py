@@ -1,6 +1,6 @@
 """How a client reaches the gateway's public port: channel options and credentials.
 
-The server's own hops use the same options (`moe_serve.grpc_utils` imports them from here), so a
+The server's own hops use the same options (`moe_serve.runtime.grpc_utils` imports them from here), so a
 message-size limit means the same thing on every hop.
 """
 

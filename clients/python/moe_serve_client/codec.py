@@ -25,7 +25,7 @@ if sys.byteorder != "little":  # the wire format is little-endian raw memory
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 # KServe datatype -> element type, named as numpy and torch both name it: the one datatype table of
-# client and server (moe_serve.codec builds its torch table from it). BF16 has no numpy dtype; only
+# client and server (moe_serve.runtime.codec builds its torch table from it). BF16 has no numpy dtype; only
 # torch decodes it.
 DATATYPE_ELEMENT_TYPES: dict[str, str] = {
     "BOOL": "bool",

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_serve.errors import ConfigurationError
 from moe_serve.model_spec import SUPPORTED_ACTIVATIONS, MoEModelSpec
+from moe_serve.runtime.errors import ConfigurationError
 
 # the keyword fields of MoEModelSpec a config reader fills (hidden_size and num_layers optional)
 ConfigReader = Callable[[dict[str, Any], Path], dict[str, Any]]

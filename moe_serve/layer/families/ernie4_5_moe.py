@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moe_serve.errors import ConfigurationError
 from moe_serve.layer.families.base import Family, config_value, expert_activation
 from moe_serve.model_spec import ExpertShape, RoutingConfig
+from moe_serve.runtime.errors import ConfigurationError
 
 
 def read_ernie4_5_moe(config: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from moe_serve.errors import ConfigurationError
 from moe_serve.layer.families.base import DECODER_GATE, Family, RouterPattern, config_value, expert_activation
 from moe_serve.model_spec import ExpertShape, RoutingConfig
+from moe_serve.runtime.errors import ConfigurationError
 
 GRANITE_ROUTER = RouterPattern(
     re.compile(r"^model\.layers\.(?P<layer>\d+)\.block_sparse_moe\.router\.layer\.weight$"), "router.layer"

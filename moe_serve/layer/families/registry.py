@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from moe_serve.errors import ConfigurationError
 from moe_serve.layer.families.base import Family
 from moe_serve.layer.families.deepseek import DEEPSEEK_V2, DEEPSEEK_V3, MINIMAX_M2
 from moe_serve.layer.families.ernie4_5_moe import ERNIE4_5_MOE
@@ -21,6 +20,7 @@ from moe_serve.layer.families.mixtral import MIXTRAL
 from moe_serve.layer.families.qwen_moe import JAMBA, OLMOE, QWEN_MOE
 from moe_serve.layer.families.switch import SWITCH
 from moe_serve.model_spec import MoEModelSpec, parse_dtype
+from moe_serve.runtime.errors import ConfigurationError
 
 ALL_FAMILIES: tuple[Family, ...] = (
     MIXTRAL,

@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from moe_serve.errors import ConfigurationError
 from moe_serve.layer.families.base import Family, RouterPattern, config_value, expert_activation
 from moe_serve.model_spec import ExpertShape, RoutingConfig
+from moe_serve.runtime.errors import ConfigurationError
 
 SWITCH_ROUTER = RouterPattern(
     re.compile(r"^(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.(\d+)\.mlp\.router\.classifier\.weight$"),
