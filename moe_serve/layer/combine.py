@@ -17,6 +17,9 @@ from moe_serve.runtime.errors import InvalidInput
 
 # a delivery of at most this many rows is placed row by row (T=1 decode: one row per expert)
 FEW_ROWS = 8
+# tokens combined at a time: their [n, k, d] products stay in cache instead of one [T, k, d] temporary
+# (T=2048, d=1024: k=2 5.4 -> 3.4 ms, k=8 124 -> 19 ms; each token's sum is the same, so the same bits)
+COMBINE_CHUNK_TOKENS = 128
 
 
 class CombineBuffer:
@@ -28,7 +31,9 @@ class CombineBuffer:
 
     def __init__(self, num_tokens: int, slots_per_token: int, hidden_size: int, dtype: torch.dtype) -> None:
         self.num_tokens, self.slots_per_token, self.hidden_size = num_tokens, slots_per_token, hidden_size
-        self.contributions = torch.zeros(num_tokens * slots_per_token, hidden_size, dtype=dtype)
+        # not zeroed: every slot is filled by a delivery or zeroed at combine (a dropped slot); at
+        # T=2048, k=2, d=1024 the zeroing alone cost 2.6 ms per request
+        self.contributions = torch.empty(num_tokens * slots_per_token, hidden_size, dtype=dtype)
         # one flag per slot, read by Python for a few rows and through a tensor view for many
         self._filled_flags = bytearray(num_tokens * slots_per_token)
         self._filled = torch.frombuffer(self._filled_flags, dtype=torch.bool)
@@ -90,13 +95,30 @@ class CombineBuffer:
         gates (S = slots_per_token - k); weights_in_activation_dtype: scale in the activation
         dtype rather than float32, as Qwen and Switch do.
         """
+        if self.rows_filled < self._filled.numel():  # dropped slots (weight 0) contribute exactly 0
+            self.contributions[~self._filled] = 0
         dtype = self.contributions.dtype
-        top_k = expert_weights.shape[1]
         slots = self.contributions.view(self.num_tokens, self.slots_per_token, self.hidden_size)
         weights = expert_weights.to(dtype) if weights_in_activation_dtype else expert_weights
-        # type promotion does what the model does: bf16 x fp32 -> fp32 sum; bf16 x bf16 -> bf16
-        output = (slots[:, :top_k] * weights.unsqueeze(-1)).sum(dim=1).to(dtype)
-        if self.slots_per_token > top_k and shared_weights is not None:
+        gates = None
+        if self.slots_per_token > expert_weights.shape[1] and shared_weights is not None:
             gates = shared_weights.to(dtype).unsqueeze(-1)
-            output = output + (slots[:, top_k:] * gates).sum(dim=1)
+        if self.num_tokens <= COMBINE_CHUNK_TOKENS:
+            return _combine_rows(slots, weights, gates, dtype)
+        output = torch.empty(self.num_tokens, self.hidden_size, dtype=dtype)
+        for start in range(0, self.num_tokens, COMBINE_CHUNK_TOKENS):
+            rows = slice(start, start + COMBINE_CHUNK_TOKENS)
+            output[rows] = _combine_rows(slots[rows], weights[rows], None if gates is None else gates[rows], dtype)
         return output
+
+
+def _combine_rows(
+    slots: torch.Tensor, weights: torch.Tensor, gates: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """[n, d] output of n tokens' slots [n, k + S, d]: the model's own expressions, token by token."""
+    top_k = weights.shape[1]
+    # type promotion does what the model does: bf16 x fp32 -> fp32 sum; bf16 x bf16 -> bf16
+    output = (slots[:, :top_k] * weights.unsqueeze(-1)).sum(dim=1).to(dtype)
+    if gates is not None:
+        output = output + (slots[:, top_k:] * gates).sum(dim=1)
+    return output

@@ -10,7 +10,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from moe_serve.checkpoint import RouterWeights
 from moe_serve.layer.capacity import keep_within_capacity
-from moe_serve.layer.combine import FEW_ROWS, CombineBuffer
+from moe_serve.layer.combine import COMBINE_CHUNK_TOKENS, FEW_ROWS, CombineBuffer
 from moe_serve.layer.dispatch import FEW_SLOTS, _group_few, _group_many, group_by_expert, token_indices
 from moe_serve.layer.gating import compute_gating
 from moe_serve.model_spec import RoutingConfig
@@ -100,11 +100,13 @@ def test_bad_deliveries_are_refused_whether_placed_row_by_row_or_at_once(num_row
     if num_rows > 1:
         with pytest.raises(InvalidInput, match="twice"):
             buffer.add(torch.zeros(num_rows, dtype=torch.int32), rows)
-    assert buffer.rows_filled == 0 and not buffer.contributions.any()
+    assert buffer.rows_filled == 0
     even = torch.arange(0, 2 * num_rows, 2, dtype=torch.int32)
     assert buffer.add(even, rows) == num_rows
     assert buffer.add(even, rows + 1) == 0  # a hedge's or retry's duplicate: the first rows stay
-    assert torch.equal(buffer.contributions[0::2], rows) and not buffer.contributions[1::2].any()
+    assert torch.equal(buffer.contributions[0::2], rows)
+    # the odd slots were never delivered: they combine as 0 (as a dropped slot does)
+    assert torch.equal(buffer.combine(torch.tensor([[1.0, 1.0]]).expand(num_rows, 2)), rows)
     assert buffer.add(even + 1, -rows) == num_rows and buffer.rows_filled == 2 * num_rows
     assert torch.equal(buffer.contributions[1::2], -rows)
 
@@ -121,3 +123,21 @@ def test_small_batches_group_exactly_as_the_tensor_path(num_tokens: int) -> None
         many = _group_many(expert_ids, kept, 6)
         for name in ("positions", "counts", "offsets"):
             assert torch.equal(getattr(few, name), getattr(many, name)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("top_k", "shared"), [(2, 0), (8, 0), (4, 1)])
+def test_combine_in_token_chunks_gives_the_bits_of_one_expression(dtype: torch.dtype, top_k: int, shared: int) -> None:
+    """Combining a long request chunk by chunk changes nothing: each token's sum is the same."""
+    num_tokens, hidden = 3 * COMBINE_CHUNK_TOKENS + 5, 16
+    slots = top_k + shared
+    buffer = CombineBuffer(num_tokens, slots, hidden, dtype)
+    rows = torch.randn(num_tokens * slots, hidden).to(dtype)
+    buffer.add(torch.randperm(num_tokens * slots), rows)
+    buffer.contributions.copy_(rows)  # slot order as generated, so the expression below can use them
+    weights, gates = torch.rand(num_tokens, top_k), torch.rand(num_tokens, shared) if shared else None
+    view = rows.view(num_tokens, slots, hidden)
+    expected = (view[:, :top_k] * weights.unsqueeze(-1)).sum(dim=1).to(dtype)
+    if shared:
+        expected = expected + (view[:, top_k:] * gates.to(dtype).unsqueeze(-1)).sum(dim=1)
+    assert torch.equal(buffer.combine(weights, gates), expected)
