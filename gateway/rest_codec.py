@@ -21,6 +21,7 @@ import torch
 from moe_serve.runtime import codec
 from moe_serve.runtime.errors import InvalidInput, quoted
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
+from moe_serve_client.requests import set_parameter
 
 BINARY_DATA_SIZE = "binary_data_size"  # on an input or output: its bytes after the JSON header
 BINARY_DATA = "binary_data"  # on a requested output: answer it as binary (true) or JSON data (false)
@@ -52,17 +53,11 @@ def _json_list(value: Any, what: str) -> list[Any]:
 
 
 def _set_parameter(parameter: kserve_pb2.InferParameter, value: Any, what: str) -> None:
-    # bool before int: JSON true is a Python bool, which is also an int
-    if isinstance(value, bool):
-        parameter.bool_param = value
-    elif isinstance(value, int):
-        parameter.int64_param = value
-    elif isinstance(value, float):
-        parameter.double_param = value
-    elif isinstance(value, str):
-        parameter.string_param = value
-    else:
-        raise InvalidInput(f"{what} must be a string, a number or a boolean, got {type(value).__name__}")
+    """One JSON parameter value into its InferParameter oneof field (the client's rule: bool, int, float, str)."""
+    try:
+        set_parameter(parameter, value)
+    except TypeError:
+        raise InvalidInput(f"{what} must be a string, a number or a boolean, got {type(value).__name__}") from None
 
 
 def _copy_parameters(target: Any, parameters: dict[str, Any], what: str, http_only: tuple[str, ...]) -> None:
