@@ -7,7 +7,7 @@ PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 INSTALLED := $(VENV)/.installed
 
-.PHONY: up test test-unit test-integration test-reliability lint bench setup
+.PHONY: up test test-fast test-unit test-integration test-reliability lint bench setup
 setup: $(INSTALLED)
 
 # torch comes first and pinned: 2.13.0 installs the CPU build offline; any other version or an
@@ -31,6 +31,11 @@ lint: $(INSTALLED)
 
 test: lint
 	$(PYTHON) -m pytest
+
+# the quick loop: everything but the tests marked `slow` (pip resolutions, the soak minute, `up`
+# supervision, multi-node clusters, the short bench); `make test`, the one CI runs, runs them too
+test-fast: lint
+	$(PYTHON) -m pytest -m "not slow"
 
 # the tiers on their own: tests/unit starts no process (seconds), tests/integration runs real stacks,
 # tests/reliability injects faults into them; `-m "not slow"` leaves out the longest of the latter two

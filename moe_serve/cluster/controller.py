@@ -119,6 +119,7 @@ class DeploymentController:
         self._last_load: dict[ExpertKey, int] = {}
         # the replica shares last sent to the router (rebalance); cleared when workers change otherwise
         self._shares: Shares = {}
+        # set by stop_all: ends the policy loop, and abandons a change still waiting for new workers
         self._policy_stop = threading.Event()
         self.events: list[str] = []
         # workers are detached actors named after this controller, so they outlive its process: a
@@ -251,7 +252,8 @@ class DeploymentController:
                 if policy is not None:
                     self._autoscale(policy)
             except Exception:
-                logger.exception("controller policy step failed; will retry")
+                if not self._policy_stop.is_set():  # a change stop_all abandoned is no failure
+                    logger.exception("controller policy step failed; will retry")
 
     def _autoscale(self, policy: AutoscalePolicy) -> None:
         decision = decide_worker_count(policy, [WorkerRecord.from_json(text) for text in self.records()])
@@ -410,6 +412,13 @@ class DeploymentController:
         placement as it was (not a partial one that completes later, unannounced)."""
         deadline = time.monotonic() + REGISTRATION_TIMEOUT_S
         while not worker_ids <= self._registered_ids():
+            if self._policy_stop.is_set():
+                # stop_all waits for this lock: a change still starting workers (the autoscaler's
+                # above all) is abandoned rather than finished only to be torn down, which would hold
+                # the stop for as long as new workers take to import torch and load their experts
+                for worker_id in worker_ids & set(self._workers):
+                    ray.kill(self._workers.pop(worker_id).handle, no_restart=True)
+                raise RuntimeError(f"stopping: workers {sorted(worker_ids)} were removed before they registered")
             if time.monotonic() > deadline:
                 for worker_id in worker_ids & set(self._workers):
                     ray.kill(self._workers.pop(worker_id).handle, no_restart=True)

@@ -104,10 +104,14 @@ def test_new_replicas_take_traffic_and_split_large_batches(scaling_stack, checkp
     with channel:
         result = response_tensors(stub.ModelInfer(infer_request(stack.model_name, hidden), timeout=60))
     torch.testing.assert_close(result["output"], reference_forward(block, hidden)[0], rtol=1e-5, atol=1e-5)
-    time.sleep(4.0)  # a registry heartbeat carries the workers' load
-    holders = [r for r in stack.workers if ExpertKey(0, 0) in r.experts]
-    assert len(holders) == 2
-    assert all(r.load["rows_per_s"] > 0 for r in holders), [r.load for r in holders]
+
+    def holders() -> list[WorkerRecord]:
+        return [r for r in stack.workers if ExpertKey(0, 0) in r.experts]
+
+    # a registry heartbeat (every ttl/3 s) carries the workers' load: wait for one, not a fixed 4 s
+    wait_until(lambda: all(r.load["rows_per_s"] > 0 for r in holders()), 15, "both replicas' load", poll_s=0.25)
+    assert len(holders()) == 2
+    assert all(r.load["rows_per_s"] > 0 for r in holders()), [r.load for r in holders()]
 
 
 def test_scale_workers_replaces_placement_without_failing_requests(scaling_stack, checkpoints) -> None:

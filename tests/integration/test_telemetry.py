@@ -339,6 +339,9 @@ def test_unreachable_collector_and_redis_never_break_serving(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "200")
+    # each export gives up after 1 s (5 s by default): every service flushes once more as it stops,
+    # and with the default each stop waited out that flush's retries against the absent collector
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
     stack = launch_stack(UpSettings(port=0, workers=2), checkpoints(torch.float32), worker_actor=ExpertWorkerActor)
     # a second gateway whose live-state Redis is unreachable too
     gateway = start_service_process(
