@@ -28,26 +28,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from moe_serve.cluster.placement import ExpertKey
-from moe_serve.registry import Registration, Registry, WorkerRecord
+from moe_serve.redis_keys import DEFAULT_TTL_S, events_channel, worker_key
+from moe_serve.registry import Registration, Registry
 from moe_serve.registry_trust import RecordPolicy, RejectedRecord, signed_entry
 from moe_serve.runtime.outage import OutageLog
+from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TTL_S = 10.0
-
-
-def worker_key(prefix: str, worker_id: str) -> str:
-    return f"{prefix}workers:{worker_id}"
-
-
-def events_channel(prefix: str) -> str:
-    return f"{prefix}events"
-
-
-def live_state_key(prefix: str, model: str) -> str:
-    """Where the gateway writes a model's live-state document (gateway/live_state.py) for `top` to read."""
-    return f"{prefix}live:{model}"
 
 
 class RedisRegistry(Registry):

@@ -20,9 +20,10 @@ from grpc import aio
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.registry import Registry, WorkerRecord
+from moe_serve.registry import Registry
 from moe_serve.runtime.channels import StubPool
 from moe_serve.runtime.security import ClusterCredentials
+from moe_serve.worker_record import WorkerRecord
 from router_service.prefetch import ExpertForecast
 
 logger = logging.getLogger(__name__)
