@@ -28,10 +28,10 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from moe_serve.redis_keys import DEFAULT_TTL_S, events_channel, worker_key
-from moe_serve.registry import Registry
 from moe_serve.registry_trust import RecordPolicy, RejectedRecord
 from moe_serve.runtime.outage import OutageLog
 from moe_serve.worker_record import WorkerRecord
+from router_service.registry import Registry
 
 logger = logging.getLogger(__name__)
 

@@ -4,9 +4,11 @@ Routers read it on every request, so lookups are local dictionary reads; each im
 keeps that local view current. Two backends, same semantics (register, heartbeat, expire after a
 TTL without heartbeat, deregister):
 - `InProcessRegistry`: hosted by the router itself (single host, the default); workers register
-  through the router's `WorkerRegistry` RPC (`RouterRegistration`).
-- `moe_serve.redis_registry`: a shared Redis server (`RedisRegistry`; workers write with `RedisRegistration`).
-The worker side of both is in expert_service.registration.
+  through the router's `WorkerRegistry` RPC (`RegistryServicer`, here).
+- `RedisRegistry` (router_service.redis_registry): a shared Redis server.
+The worker side of both is expert_service.registration; what both sides share (WorkerRecord, the
+checks and signatures of records, the Redis key names) is in the core: moe_serve.worker_record,
+moe_serve.registry_trust, moe_serve.redis_keys.
 """
 
 from __future__ import annotations
