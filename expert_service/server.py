@@ -11,20 +11,20 @@ import torch
 from grpc import aio
 
 from expert_service.experts import ExpertStore
+from expert_service.registration import RedisRegistration, Registration, RouterRegistration
 from expert_service.servicer import ExpertWorkerServicer
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.cluster.placement import ExpertKey, expert_blocks, parse_expert_keys
 from moe_serve.config import WorkerSettings
 from moe_serve.model_spec import CONFIG_DTYPE_NAMES
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.redis_registry import RedisRegistration
-from moe_serve.registry import Registration, RouterRegistration, WorkerRecord
 from moe_serve.runtime import codec
 from moe_serve.runtime.allocator import settle_startup_memory
 from moe_serve.runtime.errors import ConfigurationError
 from moe_serve.runtime.grpc_utils import advertised_host
 from moe_serve.runtime.security import ClusterCredentials
 from moe_serve.runtime.service import Service
+from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = "moe_serve.v1.ExpertWorker"

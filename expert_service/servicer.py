@@ -23,7 +23,6 @@ from expert_service.metrics import WorkerMetrics
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.registry import WorkerRecord
 from moe_serve.runtime import codec
 from moe_serve.runtime.errors import (
     ConfigurationError,
@@ -49,6 +48,7 @@ from moe_serve.runtime.telemetry import (
     inject_context,
     rpc_span,
 )
+from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
 # after a worker stops announcing an expert, rows routed just before routers saw it may still come

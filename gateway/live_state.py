@@ -23,7 +23,7 @@ import torch
 from grpc import aio
 from redis.exceptions import RedisError
 
-from moe_serve.redis_registry import live_state_key
+from moe_serve.redis_keys import live_state_key
 from moe_serve.runtime.outage import OutageLog
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,6 @@ from gateway.stats import ExpertCounters, GatewayAdminServicer
 from moe_serve.config import GatewaySettings, embedded_router_settings
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.registry import WorkerRecord
 from moe_serve.runtime.allocator import settle_startup_memory
 from moe_serve.runtime.channels import StubPool
 from moe_serve.runtime.errors import ConfigurationError
@@ -37,6 +36,7 @@ from moe_serve.runtime.grpc_utils import add_health_and_reflection, advertised_h
 from moe_serve.runtime.security import ClusterCredentials, PublicTLS, open_aio_channel
 from moe_serve.runtime.service import Service
 from moe_serve.runtime.streams import StreamClient
+from moe_serve.worker_record import WorkerRecord
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from router_service.server import RouterService
 

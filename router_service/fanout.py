@@ -33,7 +33,6 @@ from moe_serve.cluster.placement import ExpertKey
 from moe_serve.layer.dispatch import token_indices
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.registry import Registry, WorkerRecord
 from moe_serve.runtime import codec
 from moe_serve.runtime.errors import (
     ExpertUnavailable,
@@ -47,9 +46,11 @@ from moe_serve.runtime.security import INSECURE_INTERNAL, ClusterCredentials
 from moe_serve.runtime.shared_arena import Arena, aligned, new_arena
 from moe_serve.runtime.streams import StreamClientPool
 from moe_serve.runtime.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, client_span, inject_context
+from moe_serve.worker_record import WorkerRecord
 from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
 from router_service.planner import WorkerBatch, assign_workers, gather_rows, split_batch
+from router_service.registry import Registry
 from router_service.retries import RetryBudget, backoff_s
 from router_service.stragglers import StragglerWatch
 

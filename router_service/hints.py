@@ -20,10 +20,11 @@ from grpc import aio
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.registry import Registry, WorkerRecord
 from moe_serve.runtime.channels import StubPool
 from moe_serve.runtime.security import ClusterCredentials
+from moe_serve.worker_record import WorkerRecord
 from router_service.prefetch import ExpertForecast
+from router_service.registry import Registry
 
 logger = logging.getLogger(__name__)
 HINT_TIMEOUT_S = 2.0

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from moe_serve.cluster.placement import ExpertKey
-from moe_serve.registry import Registry
 from moe_serve.runtime.telemetry import LATENCY_BUCKETS_S, Telemetry, WireBytes
+from router_service.registry import Registry
 from router_service.retries import RetryBudget
 
 

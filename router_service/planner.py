@@ -19,8 +19,9 @@ from moe_serve.layer.capacity import CapacityOutcome, OverflowRule, apply_capaci
 from moe_serve.layer.dispatch import ExpertGroups, group_by_expert, token_indices
 from moe_serve.layer.gating import GatingResult, compute_gating, copy_keeping_alignment
 from moe_serve.model_spec import MoEModelSpec
-from moe_serve.registry import Registry, WorkerRecord
 from moe_serve.runtime.errors import ExpertUnavailable, InvalidInput
+from moe_serve.worker_record import WorkerRecord
+from router_service.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,6 @@ from moe_serve.cluster.placement import ExpertKey
 from moe_serve.config import RouterSettings
 from moe_serve.model_spec import CONFIG_DTYPE_NAMES
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.redis_registry import RedisRegistry
-from moe_serve.registry import InProcessRegistry, Registry, RegistryServicer
 from moe_serve.registry_trust import RecordPolicy
 from moe_serve.runtime.allocator import settle_startup_memory
 from moe_serve.runtime.grpc_utils import LIVENESS_SERVICE
@@ -27,6 +25,8 @@ from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
 from router_service.planner import RoutingPlanner
 from router_service.prefetch import ExpertForecast
+from router_service.redis_registry import RedisRegistry
+from router_service.registry import InProcessRegistry, Registry, RegistryServicer
 from router_service.servicer import RouterServicer
 
 logger = logging.getLogger(__name__)

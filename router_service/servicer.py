@@ -12,7 +12,6 @@ from opentelemetry.trace import SpanKind, Tracer
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.registry import Registry
 from moe_serve.runtime import codec
 from moe_serve.runtime.errors import InvalidInput, Overloaded, ServiceUnavailable, failure_of, quoted
 from moe_serve.runtime.streams import serve_stream
@@ -20,6 +19,7 @@ from moe_serve.runtime.telemetry import ROUTE_STREAM, child_span, extract_contex
 from router_service.fanout import Dispatcher, DispatchJob, LocalDelivery
 from router_service.metrics import RouterMetrics
 from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, cross_node_rows, segments_of
+from router_service.registry import Registry
 
 
 class RouterServicer(moe_grpc.RouterServicer):

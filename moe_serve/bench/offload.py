@@ -28,9 +28,9 @@ from moe_serve.cluster.launcher import Stack, launch_stack
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.registry import WorkerRecord
 from moe_serve.runtime.grpc_utils import channel_options
 from moe_serve.runtime.security import open_channel
+from moe_serve.worker_record import WorkerRecord
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 COUNTERS = ("hits", "misses", "bytes_moved", "load_seconds", "evictions", "prefetched")

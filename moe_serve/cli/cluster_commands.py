@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from rich.console import Console
 from rich.table import Table
 
-from moe_serve.registry import WorkerRecord
+from moe_serve.worker_record import WorkerRecord
 
 DEFAULT_CLUSTER_FILE = Path(".moe-serve/cluster.json")
 DEFAULT_TIMEOUT_S = 10.0

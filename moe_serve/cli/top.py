@@ -23,7 +23,7 @@ from moe_serve.cli.cluster_commands import compact_keys
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.redis_registry import live_state_key
+from moe_serve.redis_keys import live_state_key
 from moe_serve.runtime.security import ClusterCredentials, open_channel
 
 BAR_WIDTH = 30

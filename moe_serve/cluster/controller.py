@@ -50,9 +50,9 @@ from moe_serve.cluster.reconcile import (
 from moe_serve.config import WorkerSettings, settings_json
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.registry import WorkerRecord
 from moe_serve.runtime.grpc_utils import QUICK_RECONNECT
 from moe_serve.runtime.security import ClusterCredentials, open_channel
+from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
 NAMESPACE = "moe-serve"

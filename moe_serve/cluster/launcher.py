@@ -39,7 +39,6 @@ from moe_serve.config import (
     settings_json,
 )
 from moe_serve.hub import checkpoint_name, portable_reference
-from moe_serve.registry import WorkerRecord
 from moe_serve.runtime.allocator import ray_worker_environment
 from moe_serve.runtime.grpc_utils import advertised_host
 from moe_serve.runtime.security import (
@@ -49,6 +48,7 @@ from moe_serve.runtime.security import (
     new_cluster_secret,
     open_channel,
 )
+from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
 CONTROLLER_MAX_RESTARTS = 5  # Ray counts them over the actor's lifetime; then `up` exits, naming it

@@ -25,7 +25,7 @@ from moe_serve.cluster.launcher import wait_until_ready
 from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.registry import WorkerRecord
+from moe_serve.worker_record import WorkerRecord
 from tests.helpers import (
     infer_request,
     internal_channel,

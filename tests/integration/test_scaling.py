@@ -19,7 +19,7 @@ from moe_serve.cluster.controller import REGISTRATION_TIMEOUT_S
 from moe_serve.cluster.launcher import launch_stack
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.config import UpSettings
-from moe_serve.registry import WorkerRecord
+from moe_serve.worker_record import WorkerRecord
 from tests.helpers import (
     infer_request,
     kserve_stub,

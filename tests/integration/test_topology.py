@@ -17,7 +17,7 @@ from moe_serve.cluster.placement import ExpertKey
 from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
-from moe_serve.redis_registry import events_channel, worker_key
+from moe_serve.redis_keys import events_channel, worker_key
 from moe_serve.registry_trust import signed_entry
 from moe_serve.worker_record import WorkerRecord
 from tests.conftest import REDIS_URL

@@ -17,11 +17,12 @@ import redis
 import torch
 
 from expert_service.actor import ExpertWorkerActor
+from expert_service.registration import RedisRegistration
 from moe_serve.cluster.launcher import launch_stack
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.config import UpSettings
-from moe_serve.redis_registry import RedisRegistration, RedisRegistry
-from moe_serve.registry import WorkerRecord
+from moe_serve.worker_record import WorkerRecord
+from router_service.redis_registry import RedisRegistry
 from tests.helpers import reference_blocks, save_tiny_mixtral, wait_until
 from tests.integration.test_scaling import steady_load
 

@@ -10,12 +10,15 @@ from dataclasses import replace
 import pytest
 import redis.asyncio as aioredis
 
+from expert_service.registration import RedisRegistration
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
-from moe_serve.redis_registry import RedisRegistration, RedisRegistry, events_channel, worker_key
-from moe_serve.registry import InProcessRegistry, RegistryServicer, WorkerRecord
+from moe_serve.redis_keys import events_channel, worker_key
 from moe_serve.registry_trust import RecordPolicy, RejectedRecord, signed_entry
 from moe_serve.runtime.errors import InvalidInput
+from moe_serve.worker_record import WorkerRecord
+from router_service.redis_registry import RedisRegistry
+from router_service.registry import InProcessRegistry, RegistryServicer
 from tests.conftest import REDIS_URL
 
 

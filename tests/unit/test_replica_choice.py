@@ -8,8 +8,9 @@ import random
 import torch
 
 from moe_serve.cluster.placement import ExpertKey
-from moe_serve.registry import InProcessRegistry, WorkerRecord
+from moe_serve.worker_record import WorkerRecord
 from router_service.planner import assign_workers
+from router_service.registry import InProcessRegistry
 
 
 def registry_with(replicas: dict[str, list[int]]) -> InProcessRegistry:

@@ -17,9 +17,10 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.cluster.placement_figures import gpu_loads
 from moe_serve.cluster.placement_planner import ClusterShape, group_of_experts, plan_layer
-from moe_serve.registry import InProcessRegistry, WorkerRecord
+from moe_serve.worker_record import WorkerRecord
 from router_service.metrics import RouterMetrics
 from router_service.planner import WorkerBatch, assign_workers, cross_node_rows, split_rows_by_shares
+from router_service.registry import InProcessRegistry
 
 shares_strategy = st.lists(st.floats(min_value=0.0, max_value=1.0), min_size=1, max_size=8).filter(
     lambda s: sum(s) > 1e-6

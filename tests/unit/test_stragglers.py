@@ -10,10 +10,10 @@ import random
 import pytest
 
 from moe_serve.cluster.placement import ExpertKey
-from moe_serve.registry import InProcessRegistry
 from router_service import stragglers
 from router_service.fanout import Dispatcher
 from router_service.planner import choose_replica
+from router_service.registry import InProcessRegistry
 from router_service.stragglers import FLOOR_S, MIN_SAMPLES, MULTIPLE, REFRESH_EVERY, WINDOW, StragglerWatch
 from tests.helpers import FakeClock
 from tests.unit.test_registry import record

@@ -1,4 +1,5 @@
-"""Registry shared through a Redis server.
+"""Registry shared through a Redis server: the routers' side (the workers' is
+expert_service.registration.RedisRegistration; moe_serve.redis_keys names the keys).
 
 Workers write `<prefix>workers:<id>` (a JSON WorkerRecord) with a TTL and refresh it on a
 heartbeat; an entry whose worker stops heartbeating expires by itself. Every change is announced
@@ -21,33 +22,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from moe_serve.cluster.placement import ExpertKey
-from moe_serve.registry import Registration, Registry, WorkerRecord
-from moe_serve.registry_trust import RecordPolicy, RejectedRecord, signed_entry
+from moe_serve.redis_keys import DEFAULT_TTL_S, events_channel, worker_key
+from moe_serve.registry_trust import RecordPolicy, RejectedRecord
 from moe_serve.runtime.outage import OutageLog
+from moe_serve.worker_record import WorkerRecord
+from router_service.registry import Registry
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TTL_S = 10.0
-
-
-def worker_key(prefix: str, worker_id: str) -> str:
-    return f"{prefix}workers:{worker_id}"
-
-
-def events_channel(prefix: str) -> str:
-    return f"{prefix}events"
-
-
-def live_state_key(prefix: str, model: str) -> str:
-    """Where the gateway writes a model's live-state document (gateway/live_state.py) for `top` to read."""
-    return f"{prefix}live:{model}"
 
 
 class RedisRegistry(Registry):
@@ -148,39 +134,3 @@ def _deregistered(message: dict[str, Any] | None) -> frozenset[str]:
     data = message["data"] if message is not None else b""
     verb, _, worker_id = (data.decode() if isinstance(data, bytes) else str(data)).partition(" ")
     return frozenset({worker_id}) if verb == "deregister" else frozenset()
-
-
-class RedisRegistration(Registration):
-    """Worker side: keeps the worker's record in Redis (SET with a TTL; announced when new)."""
-
-    transport_errors = (RedisError, OSError)
-
-    def __init__(
-        self,
-        url: str,
-        prefix: str,
-        snapshot: Callable[[], WorkerRecord],
-        ttl_s: float = DEFAULT_TTL_S,
-        record_key: bytes | None = None,
-    ) -> None:
-        super().__init__(snapshot, ttl_s, f"registration in Redis at {url}")
-        self.prefix, self._record_key = prefix, record_key
-        self._client = aioredis.Redis.from_url(url)
-        self._announced: tuple[ExpertKey, ...] | None = None
-
-    async def _write(self, record: WorkerRecord) -> None:
-        key = worker_key(self.prefix, record.worker_id)
-        # SET ... GET tells whether the entry existed: a new entry (first start, or Redis came back
-        # empty after a restart) or a changed expert set is announced; a plain heartbeat is not
-        entry = signed_entry(record, self._record_key, self.ttl_s)
-        previous = await self._client.set(key, entry, px=max(100, int(self.ttl_s * 1000)), get=True)
-        if previous is None or self._announced != record.experts:
-            await self._client.publish(events_channel(self.prefix), f"register {record.worker_id}")
-            self._announced = record.experts
-
-    async def _remove(self, worker_id: str) -> None:
-        await self._client.delete(worker_key(self.prefix, worker_id))
-        await self._client.publish(events_channel(self.prefix), f"deregister {worker_id}")
-
-    async def _close(self) -> None:
-        await self._client.aclose()

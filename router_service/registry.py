@@ -4,8 +4,11 @@ Routers read it on every request, so lookups are local dictionary reads; each im
 keeps that local view current. Two backends, same semantics (register, heartbeat, expire after a
 TTL without heartbeat, deregister):
 - `InProcessRegistry`: hosted by the router itself (single host, the default); workers register
-  through the router's `WorkerRegistry` RPC (`RouterRegistration`).
-- `moe_serve.redis_registry`: a shared Redis server (`RedisRegistry` / `RedisRegistration`).
+  through the router's `WorkerRegistry` RPC (`RegistryServicer`, here).
+- `RedisRegistry` (router_service.redis_registry): a shared Redis server.
+The worker side of both is expert_service.registration; what both sides share (WorkerRecord, the
+checks and signatures of records, the Redis key names) is in the core: moe_serve.worker_record,
+moe_serve.registry_trust, moe_serve.redis_keys.
 """
 
 from __future__ import annotations
@@ -23,9 +26,6 @@ from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.registry_trust import RecordPolicy, RejectedRecord
 from moe_serve.runtime.errors import InvalidInput
-from moe_serve.runtime.grpc_utils import QUICK_RECONNECT
-from moe_serve.runtime.outage import OutageLog
-from moe_serve.runtime.security import ClusterCredentials, open_aio_channel
 from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
@@ -163,95 +163,3 @@ class RegistryServicer(moe_grpc.WorkerRegistryServicer):
             raise InvalidInput("deregistration names no worker_id")
         self.registry.deregister(request.worker_id)
         return moe_pb2.RegistryAck()
-
-
-FIRST_REGISTRATION_RETRY_S = 0.2
-
-
-class Registration:
-    """Worker side: keeps this worker's record registered, re-publishing it (with fresh load) on a heartbeat.
-
-    `snapshot` returns the record to publish now. Subclasses implement `_write` and `_remove` and
-    name the errors that mean "the registry is unreachable" (kept serving, retried on the next beat);
-    any other error is a bug and propagates.
-    """
-
-    transport_errors: tuple[type[Exception], ...] = ()
-
-    def __init__(self, snapshot: Callable[[], WorkerRecord], ttl_s: float, what: str) -> None:
-        self.snapshot, self.ttl_s = snapshot, ttl_s
-        self._task: asyncio.Task[None] | None = None
-        self._outage = OutageLog(what)
-        self.registered_once = False
-
-    async def start(self) -> None:
-        await self.publish()
-        self._task = asyncio.create_task(self._heartbeat(), name="registration-heartbeat")
-
-    async def publish(self) -> bool:
-        """Write the current record now (after a change of experts, and on every heartbeat)."""
-        try:
-            await self._write(self.snapshot())
-        except Exception as error:
-            self._outage.failed(error)
-            return False
-        self._outage.recovered()
-        self.registered_once = True
-        return True
-
-    async def stop(self) -> None:
-        """Deregister now, so routers stop sending work before the TTL would expire."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        try:
-            await self._remove(self.snapshot().worker_id)
-        except Exception as error:
-            logger.warning("could not deregister (%s); the entry expires in %.0f s", error, self.ttl_s)
-        await self._close()
-
-    async def _heartbeat(self) -> None:
-        while True:
-            # until the first registration succeeds, retry at once: the registry may be starting
-            # beside this worker (launcher.launch_stack), and serving begins with the registration
-            await asyncio.sleep(self.ttl_s / 3 if self.registered_once else FIRST_REGISTRATION_RETRY_S)
-            await self.publish()
-
-    async def _write(self, record: WorkerRecord) -> None:
-        raise NotImplementedError
-
-    async def _remove(self, worker_id: str) -> None:
-        raise NotImplementedError
-
-    async def _close(self) -> None:
-        """Release the connection."""
-
-
-class RouterRegistration(Registration):
-    """Registers into the router-hosted registry through its WorkerRegistry RPC."""
-
-    transport_errors = (aio.AioRpcError,)
-
-    def __init__(
-        self,
-        router_address: str,
-        snapshot: Callable[[], WorkerRecord],
-        ttl_s: float,
-        credentials: ClusterCredentials,
-    ) -> None:
-        super().__init__(snapshot, ttl_s, f"registration at router {router_address}")
-        self._channel = open_aio_channel(router_address, QUICK_RECONNECT, credentials)
-        self._stub = moe_grpc.WorkerRegistryStub(self._channel)
-
-    async def _write(self, record: WorkerRecord) -> None:
-        # until the first registration succeeds, wait for the router to listen (it may be starting
-        # beside this worker) rather than fail at once
-        request = moe_pb2.RegisterRequest(worker=record.to_proto(), ttl_s=self.ttl_s)
-        await self._stub.Register(request, timeout=5, wait_for_ready=not self.registered_once)
-
-    async def _remove(self, worker_id: str) -> None:
-        await self._stub.Deregister(moe_pb2.DeregisterRequest(worker_id=worker_id), timeout=5)
-
-    async def _close(self) -> None:
-        await self._channel.close()
