@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from gateway.live_state import LoadWindow
 from gateway.stats import ExpertCounters
@@ -61,6 +61,12 @@ class GatewayMetrics:
             description="Tokens admitted and not yet answered",
         )
 
+        self._observe_expert_counters(meter, counters)
+        self._observe_load_window(meter, window)
+
+    def _observe_expert_counters(self, meter: Meter, counters: ExpertCounters) -> None:
+        """Rows routed, slots dropped and slots rerouted, per (layer, expert), since start."""
+
         def expert_series(table: dict) -> Iterable[tuple[float, dict]]:
             for layer, values in table.items():
                 for expert, value in enumerate(values.tolist()):
@@ -84,6 +90,9 @@ class GatewayMetrics:
             unit="{slot}",
             description="Slots rerouted by capacity, by the expert over capacity",
         )
+
+    def _observe_load_window(self, meter: Meter, window: LoadWindow) -> None:
+        """Load share per expert, imbalance and drop rate per layer, over the sliding window."""
 
         def layer_values(field: str) -> Iterable[tuple[float, dict]]:
             for layer, view in window.layers().items():

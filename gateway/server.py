@@ -99,6 +99,8 @@ class GatewayService(Service[GatewaySettings]):
         self._route_channel: aio.Channel | None = None  # the RouteStreams' channel (router as a service)
 
     async def start(self) -> str:
+        """Reach the router (started here when embedded), build the data plane behind it, then open the
+        internal delivery port, the public gRPC port and REST, in that order, and turn health on."""
         settings = self.settings
         self.prepare()
         internal, public_tls, tokens = self.load_security(
@@ -109,8 +111,41 @@ class GatewayService(Service[GatewaySettings]):
             )
         )
         self.telemetry = self.open_telemetry()
-        tracer = self.telemetry.tracer
         self.pending = PendingRequests()
+        router, model = await self._reach_router(internal)
+        host = advertised_host(settings.host, settings.advertise_host)
+        self._open_delivery_server(host, internal)
+        window, live_state = self._build_accounting(model, router)
+        metrics = GatewayMetrics(
+            self.telemetry, model.name, self.counters, window, lambda: self.admission.inflight_tokens
+        )
+        self.router: RemoteRouter | EmbeddedRouter = self._build_route_client(internal, metrics)
+        self.dataplane = self._build_dataplane(model, router, window, metrics)
+        port = self._build_public_servers(model, public_tls, tokens, metrics)
+        self.publisher = None
+        if settings.redis_url:
+            self.publisher = LiveStatePublisher(
+                live_state, settings.redis_url, settings.redis_prefix, settings.live_state_interval_s
+            )
+            self.publisher.start()
+        await self._start_serving(router, host)
+        self.address = f"{host}:{port}"
+        settle_startup_memory()
+        logger.info(
+            "gateway for model %r at %s%s (%s, requests up to %.1f MiB; deliveries at %s%s)",
+            model.name,
+            self.address,
+            f", REST at {self.http_address}" if self.http_address else "",
+            ("TLS" if public_tls else "plaintext") + (f", {len(tokens)} bearer token(s)" if tokens else ""),
+            self.max_request_bytes / (1 << 20),
+            self.delivery_address,
+            _internal_security(internal),
+        )
+        return self.address
+
+    async def _reach_router(self, internal: ClusterCredentials) -> tuple[moe_grpc.RouterStub, ServedModel]:
+        """Start the embedded router (if configured), then ask the router what model it serves."""
+        settings = self.settings
         self.router_address = settings.router_address
         if settings.embedded_router:
             self.embedded = RouterService(embedded_router_settings(settings), self.telemetry)
@@ -118,14 +153,21 @@ class GatewayService(Service[GatewaySettings]):
         self._routers = StubPool(moe_grpc.RouterStub, settings.max_message_bytes, internal)
         router = self._routers.get(self.router_address)
         info = await fetch_model_info(router, self.router_address, settings.startup_timeout_s)
-        model = ServedModel.from_info(info, settings.model_name)
-        host = advertised_host(settings.host, settings.advertise_host)
+        return router, ServedModel.from_info(info, settings.model_name)
+
+    def _open_delivery_server(self, host: str, internal: ClusterCredentials) -> None:
+        """The internal port the experts deliver their outputs to (bound now, started with the others)."""
         self.delivery_server, delivery_port = self.create_server(
-            settings.delivery_port, internal.server_credentials(), internal.server_interceptors()
+            self.settings.delivery_port, internal.server_credentials(), internal.server_interceptors()
         )
-        moe_grpc.add_DeliveryServiceServicer_to_server(DeliveryServicer(self.pending, tracer), self.delivery_server)
+        servicer = DeliveryServicer(self.pending, self.telemetry.tracer)
+        moe_grpc.add_DeliveryServiceServicer_to_server(servicer, self.delivery_server)
         self.delivery_address = f"{host}:{delivery_port}"
 
+    def _build_accounting(self, model: ServedModel, router: moe_grpc.RouterStub) -> tuple[LoadWindow, LiveState]:
+        """Admission, per-expert counters, the load window and the live state, served on the internal
+        port's GatewayAdmin service."""
+        settings = self.settings
         self.admission = AdmissionController(settings.max_inflight_tokens, settings.max_request_tokens)
         self.counters = ExpertCounters(model.moe_layers, model.num_experts + model.num_shared_slots)
         window = LoadWindow(model.num_experts, settings.load_window_s)
@@ -135,31 +177,40 @@ class GatewayService(Service[GatewaySettings]):
         moe_grpc.add_GatewayAdminServicer_to_server(
             GatewayAdminServicer(self.counters, self.admission, live_state, self.pending), self.delivery_server
         )
-        metrics = GatewayMetrics(
-            self.telemetry, model.name, self.counters, window, lambda: self.admission.inflight_tokens
-        )
-        self.router: RemoteRouter | EmbeddedRouter
+        return window, live_state
+
+    def _build_route_client(
+        self, internal: ClusterCredentials, metrics: GatewayMetrics
+    ) -> RemoteRouter | EmbeddedRouter:
+        """How the data plane asks for route plans: in-process calls to the embedded router, or
+        `router_streams` RouteStreams to the router service."""
+        settings = self.settings
         if self.embedded is not None:
-            self.router = EmbeddedRouter(self.embedded.servicer, self.pending)
-        else:
-            # round_robin: the streams spread over every router the address resolves to
-            options = [*channel_options(settings.max_message_bytes), ("grpc.lb_policy_name", "round_robin")]
-            self._route_channel = open_aio_channel(settings.router_address, options, internal)
-            streams: list[StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan]] = [
-                StreamClient(
-                    settings.router_address,
-                    lambda channel: moe_grpc.RouterStub(channel).RouteStream,
-                    settings.max_message_bytes,
-                    internal,
-                    channel=self._route_channel,
-                )
-                for _ in range(settings.router_streams)
-            ]
-            self.router = RemoteRouter(streams, settings.max_message_bytes, metrics.wire, tracer)
+            return EmbeddedRouter(self.embedded.servicer, self.pending)
+        # round_robin: the streams spread over every router the address resolves to
+        options = [*channel_options(settings.max_message_bytes), ("grpc.lb_policy_name", "round_robin")]
+        self._route_channel = open_aio_channel(settings.router_address, options, internal)
+        streams: list[StreamClient[moe_pb2.RouteRequest, moe_pb2.RoutePlan]] = [
+            StreamClient(
+                settings.router_address,
+                lambda channel: moe_grpc.RouterStub(channel).RouteStream,
+                settings.max_message_bytes,
+                internal,
+                channel=self._route_channel,
+            )
+            for _ in range(settings.router_streams)
+        ]
+        return RemoteRouter(streams, settings.max_message_bytes, metrics.wire, self.telemetry.tracer)
+
+    def _build_dataplane(
+        self, model: ServedModel, router: moe_grpc.RouterStub, window: LoadWindow, metrics: GatewayMetrics
+    ) -> DataPlane:
+        """Admission, capacity, dispatch and combine for the served model, independent of any transport."""
+        settings = self.settings
         policy = CapacityPolicy.resolve(
             settings.capacity_factor, settings.expert_capacity, settings.overflow, model.default_expert_capacity
         )
-        self.dataplane = DataPlane(
+        return DataPlane(
             model,
             self.router,
             lambda: router.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=2.0),
@@ -169,13 +220,20 @@ class GatewayService(Service[GatewaySettings]):
             policy,
             self.counters,
             window,
-            tracer,
+            self.telemetry.tracer,
             metrics.wire,
             max_inflight_rows_per_replica=settings.max_inflight_rows_per_replica,
             batch_window_s=settings.batch_window_ms / 1000,
             max_batch_tokens=settings.max_batch_tokens,
             pipeline_chunk_tokens=settings.pipeline_chunk_tokens,
         )
+
+    def _build_public_servers(
+        self, model: ServedModel, public_tls: PublicTLS | None, tokens: TokenTable | None, metrics: GatewayMetrics
+    ) -> int:
+        """The public KServe v2 gRPC server (bound, not started) and, unless `http` is off, the REST
+        server, both in front of one inference handler; returns the gRPC port."""
+        settings = self.settings
         self.max_request_bytes = largest_request_bytes(settings, model)
         self.public_server, port = self.create_server(
             settings.port,
@@ -184,7 +242,9 @@ class GatewayService(Service[GatewaySettings]):
             max_receive_bytes=self.max_request_bytes,
         )
         self.shared_memory = SharedMemoryRegistry(settings.allow_client_shm, self.max_request_bytes)
-        handler = InferenceHandler(self.dataplane, settings.request_timeout_s, metrics, tracer, self.shared_memory)
+        handler = InferenceHandler(
+            self.dataplane, settings.request_timeout_s, metrics, self.telemetry.tracer, self.shared_memory
+        )
         self.servicer = InferenceServicer(handler)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.public_server)
         if settings.http:  # the same handler, admission and tokens behind the REST transport
@@ -196,12 +256,11 @@ class GatewayService(Service[GatewaySettings]):
                 settings.tls_key,
                 settings.tls_client_ca,
             )
-        self.publisher = None
-        if settings.redis_url:
-            self.publisher = LiveStatePublisher(
-                live_state, settings.redis_url, settings.redis_prefix, settings.live_state_interval_s
-            )
-            self.publisher.start()
+        return port
+
+    async def _start_serving(self, router: moe_grpc.RouterStub, host: str) -> None:
+        """Add health to both gRPC servers, start them and REST, report SERVING, then keep readiness
+        probing the router."""
         health = ReadinessHealthServicer()
         self.add_health(self.public_server, [PUBLIC_SERVICE], health)
         # the internal port answers health probes too (they need the internal certificate under mTLS)
@@ -216,23 +275,10 @@ class GatewayService(Service[GatewaySettings]):
             lambda: router.GetModelInfo(moe_pb2.ModelInfoRequest(), timeout=READINESS_PROBE_TIMEOUT_S),
             self.set_health,
             lambda: self.dataplane.draining,
-            settings.readiness_interval_s,
+            self.settings.readiness_interval_s,
         )
         await self.readiness.check()
         self.readiness.start()
-        self.address = f"{host}:{port}"
-        settle_startup_memory()
-        logger.info(
-            "gateway for model %r at %s%s (%s, requests up to %.1f MiB; deliveries at %s%s)",
-            model.name,
-            self.address,
-            f", REST at {self.http_address}" if self.http_address else "",
-            ("TLS" if public_tls else "plaintext") + (f", {len(tokens)} bearer token(s)" if tokens else ""),
-            self.max_request_bytes / (1 << 20),
-            self.delivery_address,
-            _internal_security(internal),
-        )
-        return self.address
 
     def idle(self) -> bool:
         """No admitted request, and no streamed answer left to write."""

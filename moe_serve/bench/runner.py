@@ -506,28 +506,63 @@ def bench_sections(config: BenchConfig) -> list[str]:
     return ["start", "core", *(name for name in SECTION_ORDER if name in config.sections)]
 
 
-def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> BenchResult:
-    """Every measurement config asks for; `progress` is told as each of bench_sections(config) starts."""
-    import ray
+@dataclass
+class BenchRun:
+    """What every section of one run reads (configuration, checkpoint, inputs) and writes (result, progress)."""
 
-    progress = progress or SectionProgress(bench_sections(config))
-
-    checkpoint_dir = bench_checkpoint(config)
-    checkpoint = Checkpoint(checkpoint_dir)
-    dtype = checkpoint.spec.dtype
-    generator = torch.Generator().manual_seed(0)
+    config: BenchConfig
+    progress: SectionProgress
+    result: BenchResult
+    checkpoint_dir: Path
+    checkpoint: Checkpoint
     # inputs[1] holds the distinct single tokens the T=1 measurements cycle through
-    inputs = {
+    inputs: dict[int, torch.Tensor]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.checkpoint.spec.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.config.device)
+
+
+def bench_inputs(config: BenchConfig, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """Seeded hidden states: T1_DISTINCT_TOKENS single tokens (key 1) and one throughput batch."""
+    generator = torch.Generator().manual_seed(0)
+    return {
         1: torch.randn(T1_DISTINCT_TOKENS, config.hidden_size, generator=generator).to(dtype),
         config.throughput_tokens: torch.randn(config.throughput_tokens, config.hidden_size, generator=generator).to(
             dtype
         ),
     }
+
+
+def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> BenchResult:
+    """Every measurement config asks for; `progress` is told as each of bench_sections(config) starts."""
+    progress = progress or SectionProgress(bench_sections(config))
+    checkpoint_dir = bench_checkpoint(config)
+    checkpoint = Checkpoint(checkpoint_dir)
+    inputs = bench_inputs(config, checkpoint.spec.dtype)
     result = BenchResult(
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, machine=machine_info()
     )
-    device = torch.device(config.device)
+    run = BenchRun(config, progress, result, checkpoint_dir, checkpoint, inputs)
     progress.start("start")
+    measured = core_and_stack_sections(run)
+    standalone_sections(run)
+    summarize_core(run, measured)
+    if run.device.type == "cuda":
+        result.gpu = gpu_section(run)
+    return result
+
+
+def core_and_stack_sections(run: BenchRun) -> dict[str, dict[str, Any]]:
+    """Start both served stacks, the echo server and the monolithic peer; run the core comparison, then
+    the sections that use the served stack; stop everything. Returns the core comparison's figures."""
+    import ray
+
+    config, result, checkpoint_dir, inputs = run.config, run.result, run.checkpoint_dir, run.inputs
     init_ray(log_to_driver=False)
     stack = launch_bench_stack(config, checkpoint_dir)
     # the router as its own process: in the core comparison only, then stopped
@@ -535,9 +570,11 @@ def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> B
     echo = start_service_process("echo", [], module="moe_serve.bench.echo")
     monolithic: ServiceProcess = start_monolithic(checkpoint_dir, config.device)
     options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
-    blocks = {name: reference_block(checkpoint, 0, name, dtype).to(device) for name in REFERENCE_IMPLEMENTATIONS}
+    blocks = {
+        name: reference_block(run.checkpoint, 0, name, run.dtype).to(run.device) for name in REFERENCE_IMPLEMENTATIONS
+    }
     # the in-process reference gets its input where it computes, as a model running the block locally would
-    reference_inputs = {tokens: hidden.to(device) for tokens, hidden in inputs.items()}
+    reference_inputs = {tokens: hidden.to(run.device) for tokens, hidden in inputs.items()}
     try:
         with (
             grpc.insecure_channel(stack.address, options=options) as served_channel,
@@ -554,7 +591,7 @@ def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> B
                 kserve_subject("monolithic", stack.model_name, monolithic_channel, config, inputs),
                 echo_subject(echo.address, echo_channel),
             ]
-            progress.start("core")
+            run.progress.start("core")
             measured = measure_interleaved(subjects, config)
             result.fast_path["standard"] = fast_path_section(
                 measured, [(served, stack), (served_service, service_stack)], config, checkpoint_dir
@@ -562,38 +599,9 @@ def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> B
             result.fast_path["standard"]["served_service"] = measured.pop("served-service")
             service_stack.stop()
             service_stack = None
-            result.memory_mib = measure_memory(stack, checkpoint)
-            # Ray Serve starts only now, so its controller's idle loops cannot disturb the core comparison
-            with rayserve_if_asked(config, checkpoint_dir) as layer:
-                if layer is not None:
-                    progress.start("rayserve")
-                    result.rayserve, samples = rayserve_section(
-                        layer, stack, result.memory_mib, subjects, blocks, config, inputs
-                    )
-                    result.t1_samples_ms.update(samples)
-                if "sweep" in config.sections:
-                    progress.start("sweep")
-                    result.throughput_sweep = throughput_sweep(
-                        sweep_subjects(stack, served_channel, blocks, layer, device),
-                        config.hidden_size,
-                        dtype,
-                        min(config.rounds, config.sweep_rounds),
-                        config.sweep_tokens,
-                    )
-        if "pipelining" in config.sections:
-            progress.start("pipelining")
-            from moe_serve.bench.pipelining import pipelining_comparison
-
-            result.pipelining = pipelining_comparison(
-                stack, make_request, config.hidden_size, dtype, min(config.rounds, config.sweep_rounds)
-            )
-        if "concurrency" in config.sections:
-            progress.start("concurrency")
-            result.concurrency = concurrency_sweep(stack, make_request, config.hidden_size, dtype)
-        if "capacity" in config.sections:
-            progress.start("capacity")
-            gate = Checkpoint(checkpoint_dir).router_weights(0).gate
-            result.capacity = drop_rates(stack, make_request, gate, config.top_k)
+            result.memory_mib = measure_memory(stack, run.checkpoint)
+            composition_sections(run, stack, served_channel, subjects, blocks)
+        served_stack_sections(run, stack)
     finally:
         monolithic.stop()
         echo.stop()
@@ -601,11 +609,66 @@ def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> B
             service_stack.stop()
         stack.stop()
         ray.shutdown()
+    return measured
+
+
+def composition_sections(
+    run: BenchRun,
+    stack: Stack,
+    served_channel: grpc.Channel,
+    core_subjects: list[Subject],
+    blocks: dict[str, torch.nn.Module],
+) -> None:
+    """Served vs Ray Serve, and the throughput-vs-T sweep (Ray Serve included when it is deployed)."""
+    config, result = run.config, run.result
+    # Ray Serve starts only now, so its controller's idle loops cannot disturb the core comparison
+    with rayserve_if_asked(config, run.checkpoint_dir) as layer:
+        if layer is not None:
+            run.progress.start("rayserve")
+            result.rayserve, samples = rayserve_section(
+                layer, stack, result.memory_mib, core_subjects, blocks, config, run.inputs
+            )
+            result.t1_samples_ms.update(samples)
+        if "sweep" in config.sections:
+            run.progress.start("sweep")
+            result.throughput_sweep = throughput_sweep(
+                sweep_subjects(stack, served_channel, blocks, layer, run.device),
+                config.hidden_size,
+                run.dtype,
+                min(config.rounds, config.sweep_rounds),
+                config.sweep_tokens,
+            )
+
+
+def served_stack_sections(run: BenchRun, stack: Stack) -> None:
+    """Pipelining, concurrency and capacity: the sections that load the served stack alone."""
+    config, result, dtype = run.config, run.result, run.dtype
+    if "pipelining" in config.sections:
+        run.progress.start("pipelining")
+        from moe_serve.bench.pipelining import pipelining_comparison
+
+        result.pipelining = pipelining_comparison(
+            stack, make_request, config.hidden_size, dtype, min(config.rounds, config.sweep_rounds)
+        )
+    if "concurrency" in config.sections:
+        run.progress.start("concurrency")
+        result.concurrency = concurrency_sweep(stack, make_request, config.hidden_size, dtype)
+    if "capacity" in config.sections:
+        run.progress.start("capacity")
+        gate = Checkpoint(run.checkpoint_dir).router_weights(0).gate
+        result.capacity = drop_rates(stack, make_request, gate, config.top_k)
+
+
+def standalone_sections(run: BenchRun) -> None:
+    """Thin, placement, auth, replication and offload: sections that start what they measure themselves."""
+    import ray
+
+    config, result, progress = run.config, run.result, run.progress
     if "thin" in config.sections:
         progress.start("thin")
         from moe_serve.bench.thin import thin_section
 
-        result.fast_path["thin"] = thin_section(config, inputs)
+        result.fast_path["thin"] = thin_section(config, run.inputs)
     if "placement" in config.sections:
         progress.start("placement")
         from moe_serve.bench.placement import placement_comparison
@@ -621,12 +684,17 @@ def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> B
         try:
             if "replication" in config.sections:
                 progress.start("replication")
-                result.replication = replication_comparison(checkpoint_dir, make_request)
+                result.replication = replication_comparison(run.checkpoint_dir, make_request)
             if "offload" in config.sections:
                 progress.start("offload")
                 result.offload = offload_comparison(bench_checkpoint(config, num_layers=2), make_request)
         finally:
             ray.shutdown()
+
+
+def summarize_core(run: BenchRun, measured: dict[str, dict[str, Any]]) -> None:
+    """The core comparison's figures into the result: samples, served, peers, references and ratios."""
+    result = run.result
     result.t1_samples_ms.update({name: values.pop("t1_samples_ms") for name, values in measured.items()})
     result.served = measured.pop("served")
     result.monolithic = measured.pop("monolithic")
@@ -638,16 +706,19 @@ def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> B
     result.reference["best_t1"] = min(
         REFERENCE_IMPLEMENTATIONS, key=lambda name: result.reference[name]["t1_latency_ms"]["p50"]
     )
-    result.ratios = compute_ratios(result, config, checkpoint)
-    if device.type == "cuda":
-        from moe_serve.bench.gpu import gpu_figures, matmul_peak_tflops
+    result.ratios = compute_ratios(result, run.config, run.checkpoint)
 
-        best = result.reference[result.reference["best_throughput"]]["tokens_per_s"]
-        peak = matmul_peak_tflops(dtype, device)
-        name = torch.cuda.get_device_name(device)
-        curves = {**result.throughput_sweep, **{f"pipelining, {k}": v for k, v in result.pipelining.items()}}
-        result.gpu = gpu_figures(result.served["tokens_per_s"], best, curves, config, peak, name, dtype)
-    return result
+
+def gpu_section(run: BenchRun) -> dict[str, Any]:
+    """Served throughput against the best reference and the device's matmul peak, with the curves."""
+    from moe_serve.bench.gpu import gpu_figures, matmul_peak_tflops
+
+    result, device, dtype = run.result, run.device, run.dtype
+    best = result.reference[result.reference["best_throughput"]]["tokens_per_s"]
+    peak = matmul_peak_tflops(dtype, device)
+    name = torch.cuda.get_device_name(device)
+    curves = {**result.throughput_sweep, **{f"pipelining, {k}": v for k, v in result.pipelining.items()}}
+    return gpu_figures(result.served["tokens_per_s"], best, curves, run.config, peak, name, dtype)
 
 
 def compute_ratios(result: BenchResult, config: BenchConfig, checkpoint: Checkpoint) -> dict[str, float]:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
@@ -49,6 +49,10 @@ from moe_serve.runtime.security import (
     open_channel,
 )
 from moe_serve.worker_record import WorkerRecord
+
+if TYPE_CHECKING:
+    from moe_serve.cluster.reconcile import PlacementShape
+    from moe_serve.model_spec import MoEModelSpec
 
 logger = logging.getLogger(__name__)
 CONTROLLER_MAX_RESTARTS = 5  # Ray counts them over the actor's lifetime; then `up` exits, naming it
@@ -214,24 +218,11 @@ def start_controller(
     """
     import ray
 
-    from moe_serve.cluster.controller import (
-        NAMESPACE,
-        DeploymentController,
-        controller_name,
-        named_workers,
-        worker_actor_name,
-    )
-    from moe_serve.cluster.reconcile import PlacementShape
+    from moe_serve.cluster.controller import NAMESPACE, DeploymentController, controller_name
 
     spec = Checkpoint(checkpoint).spec
     name = controller_name(model_name, router_address)
-    autoscale = autoscale_policy(settings)
-    # given to the controller itself, so that a controller Ray restarts runs them again
-    policies = (
-        {"rebalance_interval_s": settings.rebalance_interval_s, "autoscale": autoscale}
-        if settings.rebalance_interval_s or autoscale
-        else None
-    )
+    policies = controller_policies(settings)
     controller = (
         ray.remote(DeploymentController)
         # restarted by Ray when its process dies; it then adopts its (detached) workers
@@ -240,25 +231,57 @@ def start_controller(
             model_name,
             # workers may start on other hosts: a Hub snapshot goes as its id pinned to the commit
             portable_reference(checkpoint),
-            PlacementShape(
-                tuple(spec.moe_layers),
-                spec.num_placed_experts,
-                spec.routing.num_groups if spec.routing.num_groups > 1 else None,
-                spec.num_shared_slots,
-            ),
+            placement_shape(spec),
             worker_settings(settings, checkpoint, router_address, credentials),
             router_address,
             settings.worker_num_gpus,
             settings.worker_num_cpus,
-            {
-                **{key: value for key, value in os.environ.items() if key.startswith(("OTEL_", "GRPC_VERBOSITY"))},
-                **ray_worker_environment(os.environ),
-            },
+            worker_environment(),
             policies,
             worker_actor=worker_actor,
         )
     )
-    starting = controller.start.remote(settings.workers)
+    start_workers(controller, name, settings.workers, while_starting)
+    return controller, name
+
+
+def controller_policies(settings: WorkerPoolSettings) -> dict[str, Any] | None:
+    """The rebalance and autoscale policies the settings ask for (None: neither). Given to the controller
+    itself, so that a controller Ray restarts runs them again."""
+    autoscale = autoscale_policy(settings)
+    if settings.rebalance_interval_s or autoscale:
+        return {"rebalance_interval_s": settings.rebalance_interval_s, "autoscale": autoscale}
+    return None
+
+
+def placement_shape(spec: MoEModelSpec) -> PlacementShape:
+    """What the controller places: the MoE layers, the experts per layer, their groups and shared slots."""
+    from moe_serve.cluster.reconcile import PlacementShape
+
+    return PlacementShape(
+        tuple(spec.moe_layers),
+        spec.num_placed_experts,
+        spec.routing.num_groups if spec.routing.num_groups > 1 else None,
+        spec.num_shared_slots,
+    )
+
+
+def worker_environment() -> dict[str, str]:
+    """The environment worker actors get from this process: telemetry and gRPC verbosity, plus Ray's."""
+    return {
+        **{key: value for key, value in os.environ.items() if key.startswith(("OTEL_", "GRPC_VERBOSITY"))},
+        **ray_worker_environment(os.environ),
+    }
+
+
+def start_workers(controller: Any, name: str, workers: int, while_starting: Callable[[], object]) -> None:
+    """Have the controller start `workers` workers and wait until they registered, running `while_starting`
+    meanwhile; if anything fails, kill the controller and its workers, then raise."""
+    import ray
+
+    from moe_serve.cluster.controller import NAMESPACE, named_workers, worker_actor_name
+
+    starting = controller.start.remote(workers)
     try:
         while_starting()
         ray.get(starting)
@@ -269,7 +292,6 @@ def start_controller(
             with contextlib.suppress(Exception):
                 ray.kill(ray.get_actor(worker_actor_name(name, worker_id), namespace=NAMESPACE))
         raise
-    return controller, name
 
 
 def autoscale_policy(settings: WorkerPoolSettings) -> dict[str, float] | None:
@@ -302,8 +324,6 @@ def launch_stack(
     until the router does; the workers register the moment it listens.
     `die_with_parent`: the gateway and router get SIGTERM when this process dies (`moe-serve up`; the
     caller must be a thread that lives as long as the process, see moe_serve.cluster.lifecycle)."""
-    import ray
-
     spec = Checkpoint(checkpoint).spec
     model_name = settings.model_name or checkpoint_name(checkpoint)
     started = time.monotonic()
@@ -316,25 +336,9 @@ def launch_stack(
     processes: list[ServiceProcess] = []
     controller: Any = None
     try:
-        if embedded:
-            hosting = gateway_settings(settings, checkpoint, model_name, router_port=port)
-            gateway = spawn_service_process("gateway", ["gateway"], {**environment, **settings_environment(hosting)})
-            processes.append(gateway)
-        else:
-            routing = router_settings(settings, checkpoint, model_name, port)
-            router_process = spawn_service_process(
-                "router", ["router"], {**environment, **settings_environment(routing)}
-            )
-            processes.append(router_process)
-        if port == 0:  # no port could be reserved: everything else waits for the one the router announces
-            processes[0].wait_ready()
-            router_address = (embedded_router_of(gateway) if embedded else router_process).address
-        else:
-            router_address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
-        if not embedded:
-            calling = gateway_settings(settings, checkpoint, model_name, router_address=router_address)
-            gateway = spawn_service_process("gateway", ["gateway"], {**environment, **settings_environment(calling)})
-            processes.append(gateway)
+        gateway, router_process, router_address = spawn_services(
+            settings, checkpoint, model_name, port, environment, processes
+        )
         controller, name = start_controller(
             settings,
             checkpoint,
@@ -345,17 +349,12 @@ def launch_stack(
             while_starting=lambda: [process.wait_ready() for process in processes],
             worker_actor=worker_actor,
         )
-        router = embedded_router_of(gateway) if embedded else router_process
+        router = embedded_router_of(gateway) if router_process is None else router_process
         if router.address != router_address:
             raise RuntimeError(f"the router announced {router.address}; the workers were given {router_address}")
         wait_until_ready(router.address, credentials)
     except BaseException:
-        for process in reversed(processes):
-            process.stop(grace_s=2)
-        if controller is not None:
-            with contextlib.suppress(Exception):
-                ray.get(controller.stop_all.remote(), timeout=60)
-            ray.kill(controller)
+        stop_partial_stack(processes, controller)
         raise
     finally:
         if reservation is not None:
@@ -377,6 +376,52 @@ def launch_stack(
         controller_name=name,
         credentials=credentials,
     )
+
+
+def spawn_services(
+    settings: UpSettings,
+    checkpoint: Path,
+    model_name: str,
+    port: int,
+    environment: dict[str, str],
+    processes: list[ServiceProcess],
+) -> tuple[ServiceProcess, ServiceProcess | None, str]:
+    """Spawn the router on `port` (inside the gateway when settings.router is "embedded"), then the gateway
+    that calls it; each process goes into `processes` as soon as it is spawned, for the caller to stop on
+    failure. Returns the gateway, the router's own process (None when embedded) and the router's address."""
+    embedded = settings.router == "embedded"
+    router_process: ServiceProcess | None = None
+    if embedded:
+        hosting = gateway_settings(settings, checkpoint, model_name, router_port=port)
+        gateway = spawn_service_process("gateway", ["gateway"], {**environment, **settings_environment(hosting)})
+        processes.append(gateway)
+    else:
+        routing = router_settings(settings, checkpoint, model_name, port)
+        router_process = spawn_service_process("router", ["router"], {**environment, **settings_environment(routing)})
+        processes.append(router_process)
+    if port == 0:  # no port could be reserved: everything else waits for the one the router announces
+        processes[0].wait_ready()
+        router_address = (embedded_router_of(gateway) if router_process is None else router_process).address
+    else:
+        router_address = f"{advertised_host(settings.host, settings.advertise_host)}:{port}"
+    if not embedded:
+        calling = gateway_settings(settings, checkpoint, model_name, router_address=router_address)
+        gateway = spawn_service_process("gateway", ["gateway"], {**environment, **settings_environment(calling)})
+        processes.append(gateway)
+    return gateway, router_process, router_address
+
+
+def stop_partial_stack(processes: list[ServiceProcess], controller: Any) -> None:
+    """Undo a launch that failed part way: stop the spawned services (last first), then the controller
+    and its workers."""
+    import ray
+
+    for process in reversed(processes):
+        process.stop(grace_s=2)
+    if controller is not None:
+        with contextlib.suppress(Exception):
+            ray.get(controller.stop_all.remote(), timeout=60)
+        ray.kill(controller)
 
 
 def reserve_port(host: str) -> socket.socket | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -11,6 +11,9 @@ from rich.console import Console
 from moe_serve.cli.commands.common import CheckpointDir, app, console, require_extra
 from moe_serve.config import GatewaySettings
 from moe_serve.runtime.grpc_utils import configure_logging
+
+if TYPE_CHECKING:  # the bench runner imports torch and Ray: only when the command runs
+    from moe_serve.bench.runner import BenchConfig
 
 Quiet = Annotated[
     bool,
@@ -131,14 +134,9 @@ def bench(
         run_section_alone(only, output_dir, placement_trace, placement_trace_shape)
         return
     if plot_only is not None:
-        from moe_serve.bench.plots import plot_result_file
-
-        for path in plot_result_file(plot_only):
-            console.print(f"plot written to {path}")
+        redraw_plots(plot_only)
         return
-    from moe_serve.bench.progress import section_bar
-    from moe_serve.bench.report import bench_report
-    from moe_serve.bench.runner import BenchConfig, bench_sections, run_bench, write_result
+    from moe_serve.bench.runner import BenchConfig
 
     configure_logging("WARNING")
     try:
@@ -163,6 +161,23 @@ def bench(
     except ValueError as error:
         console.print(f"[red]error[/red]: {error}")
         raise typer.Exit(2) from None
+    run_and_report(config, output_dir, quiet)
+
+
+def redraw_plots(result_file: Path) -> None:
+    """`bench --plot-only FILE`: the PNG plots of a results JSON, redrawn beside it."""
+    from moe_serve.bench.plots import plot_result_file
+
+    for path in plot_result_file(result_file):
+        console.print(f"plot written to {path}")
+
+
+def run_and_report(config: BenchConfig, output_dir: Path, quiet: bool) -> None:
+    """Run the bench with a progress bar per section, print the report, write the JSON and plots."""
+    from moe_serve.bench.progress import section_bar
+    from moe_serve.bench.report import bench_report
+    from moe_serve.bench.runner import bench_sections, run_bench, write_result
+
     with section_bar(console, "bench", bench_sections(config), quiet) as progress:
         result = run_bench(config, progress)
     bench_report(result, Console())
