@@ -67,7 +67,7 @@ class Arena:
         self.id = next(Arena._ids)
         self.fd = os.memfd_create("moe-serve-arena", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)  # sparse: pages are backed as they are first written
-        self.map = mmap.mmap(self.fd, size)
+        self.map: mmap.mmap | None = mmap.mmap(self.fd, size)
         self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), by offset
         self._used: dict[int, int] = {}
         self.accepted = False  # the worker mapped it (read from its initial metadata)
@@ -117,6 +117,8 @@ class Arena:
         return sum(self._used.values())
 
     def tensor(self, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+        if self.map is None:
+            raise ServiceUnavailable("the stream's shared-memory arena is closed")
         return _view(self.map, offset, dtype, shape)
 
     def region(self, offset: int, nbytes: int) -> moe_pb2.SharedRegion:
@@ -128,8 +130,7 @@ class Arena:
         self._free.clear()
         with contextlib.suppress(OSError):
             os.close(self.fd)
-        with contextlib.suppress(BufferError):  # tensors still viewing it keep it mapped until they go
-            self.map.close()
+        self.map = None  # unmapped once the last tensor viewing it goes (see _view)
 
 
 def new_arena(size: int) -> Arena | None:
@@ -147,7 +148,8 @@ class ArenaView:
     """The worker's side: the sender's arena, mapped in this process for one stream."""
 
     def __init__(self, arena_id: int, mapping: mmap.mmap) -> None:
-        self.id, self.map, self.size = arena_id, mapping, len(mapping)
+        self.id, self.size = arena_id, len(mapping)
+        self.map: mmap.mmap | None = mapping
 
     @classmethod
     def attach(cls, offer: str) -> tuple[ArenaView | None, str]:
@@ -181,14 +183,20 @@ class ArenaView:
             raise InvalidInput(f"{what}: region of {region.byte_size} bytes for {datatype} {list(shape)}")
         if region.offset % ALIGNMENT or region.offset + region.byte_size > self.size:
             raise InvalidInput(f"{what}: region [{region.offset}, +{region.byte_size}) outside the arena")
+        if self.map is None:
+            raise ServiceUnavailable(f"{what}: the stream's shared-memory arena is closed")
         return _view(self.map, region.offset, dtype, shape)
 
     def close(self) -> None:
-        with contextlib.suppress(BufferError):
-            self.map.close()
+        """The stream ended; a compute still running on a view keeps the mapping until it finishes."""
+        self.map = None  # see _view
 
 
 def _view(buffer: mmap.mmap, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor viewing `buffer`. An arena is never mmap.close()d: torch.frombuffer keeps a reference
+    to the mmap object but holds no buffer export, so close() would succeed and unmap memory a view
+    still reads (a worker computing while its stream ended died of SIGSEGV). Dropping the arena's own
+    reference unmaps it when the last view is freed, and at once when there is none."""
     count = codec.element_count(shape)
     if count == 0:
         return torch.empty(tuple(shape), dtype=dtype)
