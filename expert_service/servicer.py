@@ -56,6 +56,10 @@ UNLOAD_SETTLE_S = 0.5
 # an idle worker computes one segment of at most this many rows on its event loop (see
 # _compute_segments); decode steps send a few rows per expert, prefill hundreds
 INLINE_MAX_ROWS = 4
+# ... and every segment of such a batch there when one small segment computes faster than this: a
+# hand-off to a compute thread and back costs 0.2-0.4 ms on a busy 2-core host (thin experts, or
+# few rows of small ones), while a decode step of large experts keeps them in parallel on threads
+INLINE_ALL_BELOW_MS = 0.1
 
 
 class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
@@ -86,6 +90,8 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         )
         self._inflight_by_expert: Counter[ExpertKey] = Counter()
         self._computing = 0  # batches between arrival and computed outputs
+        # moving average of one decode-sized segment's compute time (ms); inf until one was measured
+        self._small_segment_ms = float("inf")
         self.abandoned_batches = 0
         self.metrics = WorkerMetrics(
             self.telemetry,
@@ -218,19 +224,21 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         Segments are computed in parallel on the compute threads. When this worker is otherwise idle
         and the batch is decode-sized, the last segment is computed on the event loop instead: the
         hand-off to a thread and back costs two thread wake-ups (0.2-0.4 ms on a busy 2-core host),
-        which is most of what a single token's expert costs beside its matmul. A busy worker never
-        does this, so its loop keeps accepting and dispatching work; offloading workers neither,
-        as a segment may wait for its expert to load.
+        which is most of what a single token's expert costs beside its matmul. When such segments
+        compute in well under that (INLINE_ALL_BELOW_MS), all of them are computed there, one after
+        the other. A busy worker never does this, so its loop keeps accepting and dispatching work;
+        offloading workers neither, as a segment may wait for its expert to load.
         """
         loop = asyncio.get_running_loop()
         inline = self._computing == 0 and rows.shape[0] <= INLINE_MAX_ROWS and not self.store.offloading
+        inline_from = len(segments) - 1 if self._small_segment_ms >= INLINE_ALL_BELOW_MS else 0
         self._computing += 1
         try:
             futures, start = [], 0
             for index, (key, count) in enumerate(segments):
                 piece = rows[start : start + count]
                 start += count
-                if inline and index == len(segments) - 1:
+                if inline and index >= inline_from:
                     futures.append(self._inline_compute(key, piece, deadline))
                     continue
                 # the compute thread continues this request's trace (executors do not copy the context)
@@ -254,6 +262,9 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             started = time.perf_counter()
             output = self.store.compute(key, rows)
             seconds = time.perf_counter() - started
+        if rows.shape[0] <= INLINE_MAX_ROWS:
+            previous = self._small_segment_ms
+            self._small_segment_ms = seconds * 1000 if previous == float("inf") else 0.8 * previous + 200 * seconds
         self.load.computed(rows.shape[0], seconds * 1000)
         self.metrics.computed(key, seconds)
         return output
