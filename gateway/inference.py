@@ -90,10 +90,12 @@ class InferenceHandler:
                 result = await self.dataplane.infer(inference, timeout)
                 inferred = time.monotonic()
                 response = build_infer_response(request, inference, result, model, shared_memory)
-                self._record_request_stages(arrived, decoded, inferred, time.monotonic())
+                encoded = time.monotonic()
                 sent = sum(t.nbytes for t in result.tensors.values()) - shared_memory.bytes_written
-                self.metrics.wire("gateway_to_client", "sent", sent)
-                self.statistics.record_success(arrived, decoded, result.dispatched_at, inferred, time.monotonic())
+                # the figures are recorded once the answer is on its way: off the request's critical path
+                asyncio.get_running_loop().call_soon(
+                    self._record_success, arrived, decoded, result.dispatched_at, inferred, encoded, sent
+                )
                 return response
         except MoEServeError as error:
             status = error.status_code
@@ -109,20 +111,29 @@ class InferenceHandler:
         finally:
             shared_memory.release()
             detach(token)
-            seconds = time.monotonic() - arrived
-            succeeded = status == grpc.StatusCode.OK
-            self.metrics.request_done(status.name, seconds, tokens, tokens if succeeded else 0)
-            if succeeded:
-                self.dataplane.window.record_request(seconds, tokens)
-            else:
-                self.statistics.record_failure(seconds)
+            asyncio.get_running_loop().call_soon(self._record_outcome, status, time.monotonic() - arrived, tokens)
+
+    def _record_outcome(self, status: grpc.StatusCode, seconds: float, tokens: int) -> None:
+        succeeded = status == grpc.StatusCode.OK
+        self.metrics.request_done(status.name, seconds, tokens, tokens if succeeded else 0)
+        if succeeded:
+            self.dataplane.window.record_request(seconds, tokens)
+        else:
+            self.statistics.record_failure(seconds)
 
     def _record_dispatch_stages(self, route_s: float, collect_s: float, combine_s: float) -> None:
-        for stage, seconds in (("route", route_s), ("collect", collect_s), ("combine", combine_s)):
-            self.metrics.stage(stage, seconds)
+        def record() -> None:
+            for stage, seconds in (("route", route_s), ("collect", collect_s), ("combine", combine_s)):
+                self.metrics.stage(stage, seconds)
 
-    def _record_request_stages(self, arrived: float, decoded: float, inferred: float, encoded: float) -> None:
+        asyncio.get_running_loop().call_soon(record)  # off the critical path, as _record_success
+
+    def _record_success(
+        self, arrived: float, decoded: float, dispatched: float, inferred: float, encoded: float, sent: int
+    ) -> None:
         """decode: message to tensors; encode: tensors to message; total: the whole request here."""
         self.metrics.stage("decode", decoded - arrived)
         self.metrics.stage("encode", encoded - inferred)
         self.metrics.stage("total", encoded - arrived)
+        self.metrics.wire("gateway_to_client", "sent", sent)
+        self.statistics.record_success(arrived, decoded, dispatched, inferred, encoded)
