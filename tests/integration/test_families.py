@@ -23,24 +23,17 @@ import pytest
 import torch
 
 from expert_service.actor import ExpertWorkerActor
-from moe_serve.client import RemoteMoE, patch_model
 from moe_serve.cluster.launcher import Stack, launch_stack
 from moe_serve.config import UpSettings
-from moe_serve_client.patching import block_attribute, router_recorder
-from tests.families import (
-    DECODER,
-    FAMILIES,
-    load_reference,
-    reference_output,
-    reference_routing,
-    save_family,
-)
+from tests.families import FAMILIES, load_reference, reference_output, reference_routing, save_family
 from tests.helpers import infer_request, kserve_stub, response_tensors
+from tests.patching_checks import (
+    check_greedy_generation_is_identical,
+    check_output_router_logits_equal_the_local_router,
+    check_patch_replaces_exactly_the_moe_blocks,
+    check_patched_logits_equal_the_local_model,
+)
 
-VOCAB = DECODER["vocab_size"]
-PROMPT_SHAPE = (2, 7)
-NEW_TOKENS = 6
-TOLERANCE = 1e-5
 OUTPUTS = ("output", "router_logits", "expert_ids", "dropped_mask")
 
 # decoder families whose transformers model patch_model patches; the served-layer test takes these and
@@ -148,94 +141,28 @@ def test_family_through_the_stack_in_bf16(ray_cluster, tmp_path: Path, family: s
         stack.stop()
 
 
-def load(served: ServedFamily) -> torch.nn.Module:
-    """The saved model loaded by transformers, float32, eval mode."""
-    return load_reference(served.family, served.directory, torch.float32)
-
-
-def prompts(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, PROMPT_SHAPE, generator=torch.Generator().manual_seed(seed))
-
-
 @PATCHABLE
 def test_patch_model_replaces_exactly_the_moe_blocks(served: ServedFamily) -> None:
-    reference, model = load(served), load(served)
-    patched = patch_model(model, served.stack.address)  # default model name: the checkpoint directory's
-    assert patched == list(served.moe_layers)
-    attribute, (router_class, _) = block_attribute(model), router_recorder(model)
-    for index, (local_layer, patched_layer) in enumerate(zip(reference.model.layers, model.model.layers, strict=True)):
-        local_block, patched_block = getattr(local_layer, attribute), getattr(patched_layer, attribute)
-        if index in served.moe_layers:
-            assert isinstance(patched_block, RemoteMoE)
-            assert (patched_block.layer_idx, patched_block.model_name) == (index, served.stack.model_name)
-            # transformers records router logits from the family's router class, found under the same name
-            router_name = next(n for n, child in local_block.named_children() if isinstance(child, router_class))
-            assert isinstance(getattr(patched_block, router_name), type(getattr(local_block, router_name)))
-            assert getattr(patched_block, router_name) is patched_block.served_router
-        else:  # a dense layer stays the local module
-            assert type(patched_block) is type(local_block)
-            assert not isinstance(patched_block, RemoteMoE)
-    # the block attributes model code reads are kept
-    if served.family == "mixtral":
-        assert model.model.layers[0].mlp.top_k == reference.model.layers[0].mlp.top_k
-    if served.family == "deepseek_v3":
-        assert model.model.layers[1].mlp.config is model.config
-    # the experts are no longer held locally: what follows is computed by the gateway
-    assert not any(".experts." in name or "shared_expert" in name for name, _ in model.named_parameters())
-    empty = torch.zeros(1, 0, model.config.hidden_size)
-    assert getattr(model.model.layers[served.moe_layers[0]], attribute)(empty).shape == empty.shape
+    check_patch_replaces_exactly_the_moe_blocks(
+        served.family, served.directory, served.moe_layers, served.stack.address, served.stack.model_name
+    )
 
 
 @PATCHABLE
 def test_patched_logits_equal_the_local_model(served: ServedFamily) -> None:
-    reference, model = load(served), load(served)
-    patch_model(model, served.stack.address, served.stack.model_name)
-    input_ids = prompts()
-    with torch.no_grad():
-        expected = reference(input_ids, output_hidden_states=True)
-        actual = model(input_ids, output_hidden_states=True)
-    assert actual.logits.shape == (*PROMPT_SHAPE, VOCAB)
-    torch.testing.assert_close(actual.logits, expected.logits, rtol=TOLERANCE, atol=TOLERANCE)
-    # the residual stream is O(1) where the logits of a tiny model are small: a tighter check of every layer
-    for served_states, local_states in zip(actual.hidden_states, expected.hidden_states, strict=True):
-        torch.testing.assert_close(served_states, local_states, rtol=TOLERANCE, atol=TOLERANCE)
+    check_patched_logits_equal_the_local_model(
+        served.family, served.directory, served.stack.address, served.stack.model_name
+    )
 
 
 @PATCHABLE
 def test_greedy_generation_is_identical(served: ServedFamily) -> None:
-    reference, model = load(served), load(served)
-    patch_model(model, served.stack.address)
-    input_ids = prompts(seed=1)
-    options = {
-        "attention_mask": torch.ones_like(input_ids),
-        "do_sample": False,
-        "max_new_tokens": NEW_TOKENS,
-        "min_new_tokens": NEW_TOKENS,  # no early end of sequence: all tokens are compared
-        "pad_token_id": 0,
-    }
-    expected = reference.generate(input_ids, **options)
-    actual = model.generate(input_ids, **options)
-    assert actual.shape == (PROMPT_SHAPE[0], PROMPT_SHAPE[1] + NEW_TOKENS)
-    assert torch.equal(actual, expected)
+    check_greedy_generation_is_identical(served.family, served.directory, served.stack.address)
 
 
 @PATCHABLE
 @pytest.mark.parametrize("hooked_before_patching", [False, True], ids=["hooks-after", "hooks-before"])
 def test_output_router_logits_equal_the_local_router(served: ServedFamily, hooked_before_patching: bool) -> None:
-    reference, model = load(served), load(served)
-    input_ids = prompts(seed=2)
-    if hooked_before_patching:  # transformers installs its recording hooks on the first call that asks
-        with torch.no_grad():
-            model(input_ids, output_router_logits=True)
-    patch_model(model, served.stack.address)
-    with torch.no_grad():
-        expected = reference(input_ids, output_router_logits=True)
-        actual = model(input_ids, output_router_logits=True)
-    num_tokens = PROMPT_SHAPE[0] * PROMPT_SHAPE[1]
-    assert len(actual.router_logits) == len(expected.router_logits) == len(served.moe_layers)
-    for served_logits, local_logits in zip(actual.router_logits, expected.router_logits, strict=True):
-        assert served_logits.shape == local_logits.shape == (num_tokens, local_logits.shape[-1])
-        assert served_logits.dtype == local_logits.dtype
-        torch.testing.assert_close(served_logits, local_logits, rtol=TOLERANCE, atol=TOLERANCE)
-    if expected.aux_loss is not None:  # the load-balancing loss is computed from the router logits
-        torch.testing.assert_close(actual.aux_loss, expected.aux_loss, rtol=TOLERANCE, atol=TOLERANCE)
+    check_output_router_logits_equal_the_local_router(
+        served.family, served.directory, served.moe_layers, served.stack.address, hooked_before_patching
+    )
