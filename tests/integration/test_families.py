@@ -5,7 +5,8 @@ sends to the gateway (logits, hidden states, greedy generation, router logits).
 Each family's checkpoint is built with transformers from a config and saved with save_pretrained, and
 served once for every test of this module by a stack of one worker: the family decides the gating,
 the shared expert and the combine, not how rows spread over workers (tests/integration/test_exactness.py
-serves Mixtral from two, the scaling tests from more). Mixtral reuses the session's FP32 stack.
+serves Mixtral from two, the scaling tests from more). Mixtral reuses the session's FP32 stack. The
+stacks are launched one ahead (FamilyStacks): the next one starts while the tests of the current one run.
 
 Which families go through a stack. Every family is checked in one process, in FP32 and BF16, by
 tests/unit/test_families_local.py, with the very classes the stack runs: the router's RoutingPlanner
@@ -51,6 +52,7 @@ Every family is checked in BF16 in-process.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +89,8 @@ PATCHABLE_FAMILIES = [
 ]
 ALL_FAMILIES = [*PATCHABLE_FAMILIES, "switch"]
 PATCHABLE = pytest.mark.parametrize("served", PATCHABLE_FAMILIES, indirect=True)
+# `served` parameters of the BF16 checkpoints
+BF16_FAMILIES = [f"{family}-bf16" for family in ("qwen2_moe", "deepseek_v3", "switch")]
 
 
 @dataclass(frozen=True)
@@ -95,27 +99,86 @@ class ServedFamily:
     directory: Path
     stack: Stack
     moe_layers: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+
+def start_family(key: str, root: Path) -> ServedFamily:
+    """Save the tiny checkpoint of `key` ("family" in FP32, "family-bf16" in BF16) and launch a stack serving it."""
+    family, _, dtype_name = key.partition("-")
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    directory = save_family(family, root / f"tiny-{key}", dtype)
+    stack = launch_stack(UpSettings(port=0, workers=1), directory, worker_actor=ExpertWorkerActor)
+    return ServedFamily(family, directory, stack, FAMILIES[family].moe_layers, dtype)
+
+
+class FamilyStacks:
+    """The stacks of `order` (the `served` parameters in the order the tests take them), each launched one
+    ahead: taking one has the next launched in a background thread, so that its start-up (processes,
+    imports, Ray actors) overlaps with the tests of the one taken. A stack is stopped when released, or at
+    the end of the module."""
+
+    def __init__(self, root: Path, order: list[str]) -> None:
+        self.root, self.order = root, order
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="family-stack")
+        self.launches: dict[str, Future[ServedFamily]] = {}
+
+    def _launch(self, key: str) -> Future[ServedFamily]:
+        if key not in self.launches:
+            self.launches[key] = self.pool.submit(start_family, key, self.root)
+        return self.launches[key]
+
+    def launch_next(self, key: str) -> None:
+        following = self.order[self.order.index(key) + 1 :] if key in self.order else []
+        if following:
+            self._launch(following[0])
+
+    def take(self, key: str) -> ServedFamily:
+        launch = self._launch(key)
+        self.launch_next(key)
+        return launch.result()
+
+    def release(self, key: str) -> None:
+        launch = self.launches.pop(key)
+        if launch.exception() is None:
+            launch.result().stack.stop()
+
+    def stop_all(self) -> None:
+        self.pool.shutdown(wait=True)
+        for key in list(self.launches):
+            self.release(key)
+
+
+@pytest.fixture(scope="module")
+def family_stacks(
+    request: pytest.FixtureRequest, ray_cluster: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FamilyStacks]:
+    # the selected tests of this module in run order (pytest groups them by the module fixture's parameter)
+    keys = [
+        item.callspec.params["served"]
+        for item in request.session.items
+        if item.module is request.module and "served" in getattr(getattr(item, "callspec", None), "params", {})
+    ]
+    stacks = FamilyStacks(tmp_path_factory.mktemp("family"), list(dict.fromkeys(keys)))
+    yield stacks
+    stacks.stop_all()
 
 
 @pytest.fixture(scope="module")
 def served(
-    request: pytest.FixtureRequest,
-    ray_cluster: str,
-    checkpoints: Callable[[torch.dtype], Path],
-    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest, family_stacks: FamilyStacks, checkpoints: Callable[[torch.dtype], Path]
 ) -> Iterator[ServedFamily]:
-    """A saved tiny FP32 checkpoint of the family `request.param` and a stack serving it."""
-    family = request.param
-    if family == "mixtral":  # the session's stack already serves a saved tiny Mixtral (2 MoE layers)
+    """A saved tiny checkpoint of `request.param` (a family, FP32; "family-bf16": BF16) and a stack serving it."""
+    key = request.param
+    if key == "mixtral":  # the session's stack already serves a saved tiny Mixtral (2 MoE layers)
         stack = request.getfixturevalue("fp32_stack")
-        yield ServedFamily(family, checkpoints(torch.float32), stack, (0, 1))
+        family_stacks.launch_next(key)
+        yield ServedFamily(key, checkpoints(torch.float32), stack, (0, 1))
         return
-    directory = save_family(family, tmp_path_factory.mktemp("family") / f"tiny-{family}")
-    stack = launch_stack(UpSettings(port=0, workers=1), directory, worker_actor=ExpertWorkerActor)
+    served = family_stacks.take(key)
     try:
-        yield ServedFamily(family, directory, stack, FAMILIES[family].moe_layers)
+        yield served
     finally:
-        stack.stop()
+        family_stacks.release(key)
 
 
 def check_served_layers(
@@ -155,17 +218,12 @@ def check_served_layers(
 
 @pytest.mark.parametrize("served", ALL_FAMILIES, indirect=True)
 def test_family_through_the_stack(served: ServedFamily) -> None:
-    check_served_layers(served.stack, served.family, served.directory, torch.float32, served.moe_layers)
+    check_served_layers(served.stack, served.family, served.directory, served.dtype, served.moe_layers)
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "switch"])
-def test_family_through_the_stack_in_bf16(ray_cluster, tmp_path: Path, family: str) -> None:
-    directory = save_family(family, tmp_path / family, torch.bfloat16)
-    stack = launch_stack(UpSettings(port=0, workers=1), directory, worker_actor=ExpertWorkerActor)
-    try:
-        check_served_layers(stack, family, directory, torch.bfloat16, FAMILIES[family].moe_layers)
-    finally:
-        stack.stop()
+@pytest.mark.parametrize("served", BF16_FAMILIES, indirect=True)
+def test_family_through_the_stack_in_bf16(served: ServedFamily) -> None:
+    check_served_layers(served.stack, served.family, served.directory, torch.bfloat16, served.moe_layers)
 
 
 @PATCHABLE
