@@ -31,7 +31,7 @@ from gateway.model import OUTPUT_NAME, ServedModel
 from gateway.shared_memory import SharedMemoryRegistry
 from moe_serve.bench.reference import reference_block, run_block
 from moe_serve.checkpoint import Checkpoint
-from moe_serve.cluster.processes import ServiceProcess, start_service_process
+from moe_serve.cluster.processes import ServiceProcess, spawn_service_process
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from moe_serve.runtime.allocator import tune_allocator
 from moe_serve.runtime.errors import InvalidInput, MoEServeError, listed
@@ -165,10 +165,15 @@ def main(argv: list[str] | None = None) -> None:
     server.stop(1).wait()
 
 
+def spawn_monolithic(checkpoint_dir: Path, device: str = "cpu", implementation: str = "eager") -> ServiceProcess:
+    """The peer as a child process, without waiting: its `.wait_ready()` returns once it listens."""
+    args = ["--checkpoint", str(checkpoint_dir), "--port", "0", "--device", device, "--implementation", implementation]
+    return spawn_service_process("monolithic", args, module="moe_serve.bench.monolithic")
+
+
 def start_monolithic(checkpoint_dir: Path, device: str = "cpu", implementation: str = "eager") -> ServiceProcess:
     """The peer as a child process, once it listens (its address in `.address`)."""
-    args = ["--checkpoint", str(checkpoint_dir), "--port", "0", "--device", device, "--implementation", implementation]
-    return start_service_process("monolithic", args, module="moe_serve.bench.monolithic")
+    return spawn_monolithic(checkpoint_dir, device, implementation).wait_ready()
 
 
 if __name__ == "__main__":

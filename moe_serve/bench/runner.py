@@ -11,6 +11,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 from expert_service.actor import ExpertWorkerActor
 from moe_serve.bench.fastpath import peer_comparison, probe_fast_path
 from moe_serve.bench.measure import Latency, loopback_tx_bytes, rss_mib
-from moe_serve.bench.monolithic import start_monolithic
+from moe_serve.bench.monolithic import spawn_monolithic
 from moe_serve.bench.offload import offload_comparison
 from moe_serve.bench.progress import SectionProgress
 from moe_serve.bench.reference import reference_block, run_block
@@ -32,7 +33,7 @@ from moe_serve.bench.sweep import SWEEP_TOKENS, SweepSubject, throughput_sweep
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.cli.demo import DemoShape, ensure_demo_checkpoint
 from moe_serve.cluster.launcher import Stack, init_ray, launch_stack
-from moe_serve.cluster.processes import ServiceProcess, start_service_process
+from moe_serve.cluster.processes import spawn_service_process
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES, UpSettings
 from moe_serve.runtime.grpc_utils import channel_options
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
@@ -356,14 +357,32 @@ def launch_bench_stack(config: BenchConfig, checkpoint_dir: Path, router: str = 
 
 
 @contextmanager
-def served_stacks(config: BenchConfig, checkpoint_dir: Path) -> Iterator[dict[str, tuple[Stack, grpc.Channel]]]:
-    """One stack per SERVED_MODES entry, with a client channel each; stopped on exit."""
+def served_stacks(
+    config: BenchConfig, checkpoint_dir: Path, while_launching: Callable[[], object] = lambda: None
+) -> Iterator[dict[str, tuple[Stack, grpc.Channel]]]:
+    """One stack per SERVED_MODES entry, with a client channel each; those still in the dict on exit are stopped.
+
+    The stacks are launched side by side, so that their processes' start-ups (imports, weights, Ray
+    actors) overlap instead of queueing; `while_launching` runs in this thread meanwhile (the caller's
+    own preparations). If a launch fails, the stacks that did start are stopped and the failure raised."""
     options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
     running: dict[str, tuple[Stack, grpc.Channel]] = {}
     try:
-        for name, router in SERVED_MODES.items():
-            stack = launch_bench_stack(config, checkpoint_dir, router)
-            running[name] = (stack, grpc.insecure_channel(stack.address, options=options))
+        with ThreadPoolExecutor(len(SERVED_MODES), thread_name_prefix="bench-launch") as pool:
+            launches = {
+                name: pool.submit(launch_bench_stack, config, checkpoint_dir, router)
+                for name, router in SERVED_MODES.items()
+            }
+            try:
+                while_launching()
+            finally:
+                wait(launches.values())  # nothing is stopped (or raised) while a launch is still under way
+                for name, launch in launches.items():
+                    if launch.exception() is None:
+                        stack = launch.result()
+                        running[name] = (stack, grpc.insecure_channel(stack.address, options=options))
+            for launch in launches.values():
+                launch.result()  # the first failure, if any
         yield running
     finally:
         for stack, channel in running.values():
@@ -558,56 +577,61 @@ def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> B
 
 
 def core_and_stack_sections(run: BenchRun) -> dict[str, dict[str, Any]]:
-    """Start both served stacks, the echo server and the monolithic peer; run the core comparison, then
-    the sections that use the served stack; stop everything. Returns the core comparison's figures."""
+    """Start both served stacks, the echo server and the monolithic peer (all at once); run the core
+    comparison, then the sections that use the served stack; stop everything. Returns the core
+    comparison's figures."""
     import ray
 
     config, result, checkpoint_dir, inputs = run.config, run.result, run.checkpoint_dir, run.inputs
     init_ray(log_to_driver=False)
-    stack = launch_bench_stack(config, checkpoint_dir)
-    # the router as its own process: in the core comparison only, then stopped
-    service_stack: Stack | None = launch_bench_stack(config, checkpoint_dir, SERVED_MODES["served-service"])
-    echo = start_service_process("echo", [], module="moe_serve.bench.echo")
-    monolithic: ServiceProcess = start_monolithic(checkpoint_dir, config.device)
+    # every subject's processes start at once: the peers now, both stacks side by side in served_stacks
+    echo = spawn_service_process("echo", [], module="moe_serve.bench.echo")
+    monolithic = spawn_monolithic(checkpoint_dir, config.device)
+    blocks: dict[str, torch.nn.Module] = {}
+
+    def while_launching() -> None:
+        blocks.update(
+            (name, reference_block(run.checkpoint, 0, name, run.dtype).to(run.device))
+            for name in REFERENCE_IMPLEMENTATIONS
+        )
+        echo.wait_ready()
+        monolithic.wait_ready()
+
     options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
-    blocks = {
-        name: reference_block(run.checkpoint, 0, name, run.dtype).to(run.device) for name in REFERENCE_IMPLEMENTATIONS
-    }
-    # the in-process reference gets its input where it computes, as a model running the block locally would
-    reference_inputs = {tokens: hidden.to(run.device) for tokens, hidden in inputs.items()}
     try:
-        with (
-            grpc.insecure_channel(stack.address, options=options) as served_channel,
-            grpc.insecure_channel(service_stack.address, options=options) as service_channel,
-            grpc.insecure_channel(echo.address) as echo_channel,
-            grpc.insecure_channel(monolithic.address, options=options) as monolithic_channel,
-        ):
-            served = served_subject(stack, served_channel, config, inputs)
-            served_service = served_subject(service_stack, service_channel, config, inputs, name="served-service")
-            subjects = [
-                *reference_subjects(blocks, config, reference_inputs),
-                served,
-                served_service,
-                kserve_subject("monolithic", stack.model_name, monolithic_channel, config, inputs),
-                echo_subject(echo.address, echo_channel),
-            ]
-            run.progress.start("core")
-            measured = measure_interleaved(subjects, config)
-            result.fast_path["standard"] = fast_path_section(
-                measured, [(served, stack), (served_service, service_stack)], config, checkpoint_dir
-            )
-            result.fast_path["standard"]["served_service"] = measured.pop("served-service")
-            service_stack.stop()
-            service_stack = None
-            result.memory_mib = measure_memory(stack, run.checkpoint)
-            composition_sections(run, stack, served_channel, subjects, blocks)
-        served_stack_sections(run, stack)
+        with served_stacks(config, checkpoint_dir, while_launching) as stacks:
+            (stack, served_channel), (service_stack, service_channel) = stacks["served"], stacks["served-service"]
+            # the in-process reference gets its input where it computes, as a model running the block locally would
+            reference_inputs = {tokens: hidden.to(run.device) for tokens, hidden in inputs.items()}
+            with (
+                grpc.insecure_channel(echo.address) as echo_channel,
+                grpc.insecure_channel(monolithic.address, options=options) as monolithic_channel,
+            ):
+                served = served_subject(stack, served_channel, config, inputs)
+                served_service = served_subject(service_stack, service_channel, config, inputs, name="served-service")
+                subjects = [
+                    *reference_subjects(blocks, config, reference_inputs),
+                    served,
+                    served_service,
+                    kserve_subject("monolithic", stack.model_name, monolithic_channel, config, inputs),
+                    echo_subject(echo.address, echo_channel),
+                ]
+                run.progress.start("core")
+                measured = measure_interleaved(subjects, config)
+                result.fast_path["standard"] = fast_path_section(
+                    measured, [(served, stack), (served_service, service_stack)], config, checkpoint_dir
+                )
+                result.fast_path["standard"]["served_service"] = measured.pop("served-service")
+                # the router as its own process: in the core comparison only, then stopped
+                stacks.pop("served-service")
+                service_channel.close()
+                service_stack.stop()
+                result.memory_mib = measure_memory(stack, run.checkpoint)
+                composition_sections(run, stack, served_channel, subjects, blocks)
+            served_stack_sections(run, stack)
     finally:
         monolithic.stop()
         echo.stop()
-        if service_stack is not None:
-            service_stack.stop()
-        stack.stop()
         ray.shutdown()
     return measured
 

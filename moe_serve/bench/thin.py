@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import torch
 
-from moe_serve.bench.monolithic import start_monolithic
+from moe_serve.bench.monolithic import spawn_monolithic
 from moe_serve.bench.reference import reference_block
 from moe_serve.bench.runner import (
     BenchConfig,
@@ -29,7 +29,7 @@ from moe_serve.bench.runner import (
 )
 from moe_serve.checkpoint import Checkpoint
 from moe_serve.cluster.launcher import init_ray
-from moe_serve.cluster.processes import start_service_process
+from moe_serve.cluster.processes import spawn_service_process
 from moe_serve.config import DEFAULT_MAX_MESSAGE_BYTES
 from moe_serve.runtime.grpc_utils import channel_options
 
@@ -50,34 +50,31 @@ def thin_section(config: BenchConfig, inputs: dict[int, torch.Tensor]) -> dict[s
     block = reference_block(checkpoint, 0, "eager", checkpoint.spec.dtype).to(device)
     reference_inputs = {tokens: hidden.to(device) for tokens, hidden in inputs.items()}
     init_ray(log_to_driver=False)
+    # the peers start now, while both stacks launch side by side
+    echo = spawn_service_process("echo", [], module="moe_serve.bench.echo")
+    monolithic = spawn_monolithic(checkpoint_dir, config.device)
     try:
-        with served_stacks(thin, checkpoint_dir) as stacks:
-            echo = monolithic = None
-            try:
-                echo = start_service_process("echo", [], module="moe_serve.bench.echo")
-                monolithic = start_monolithic(checkpoint_dir, config.device)
-                with (
-                    grpc.insecure_channel(echo.address) as echo_channel,
-                    grpc.insecure_channel(monolithic.address, options=options) as monolithic_channel,
-                ):
-                    served = [
-                        (served_subject(stack, channel, thin, inputs, name=name), stack)
-                        for name, (stack, channel) in stacks.items()
-                    ]
-                    model_name = stacks["served"][0].model_name
-                    subjects = [
-                        *reference_subjects({"eager": block}, thin, reference_inputs),
-                        *(subject for subject, _ in served),
-                        kserve_subject("monolithic", model_name, monolithic_channel, thin, inputs),
-                        echo_subject(echo.address, echo_channel),
-                    ]
-                    measured = measure_interleaved(subjects, thin)
-                    section = fast_path_section(measured, served, thin, checkpoint_dir)
-            finally:
-                for process in (monolithic, echo):
-                    if process is not None:
-                        process.stop()
+        with (
+            served_stacks(thin, checkpoint_dir, lambda: (echo.wait_ready(), monolithic.wait_ready())) as stacks,
+            grpc.insecure_channel(echo.address) as echo_channel,
+            grpc.insecure_channel(monolithic.address, options=options) as monolithic_channel,
+        ):
+            served = [
+                (served_subject(stack, channel, thin, inputs, name=name), stack)
+                for name, (stack, channel) in stacks.items()
+            ]
+            model_name = stacks["served"][0].model_name
+            subjects = [
+                *reference_subjects({"eager": block}, thin, reference_inputs),
+                *(subject for subject, _ in served),
+                kserve_subject("monolithic", model_name, monolithic_channel, thin, inputs),
+                echo_subject(echo.address, echo_channel),
+            ]
+            measured = measure_interleaved(subjects, thin)
+            section = fast_path_section(measured, served, thin, checkpoint_dir)
     finally:
+        monolithic.stop()
+        echo.stop()
         ray.shutdown()
     section["intermediate_size"] = THIN_INTERMEDIATE_SIZE
     section["internal_wire_bytes_per_token"] = measured["served"].get("internal_wire_bytes_per_token")

@@ -78,6 +78,9 @@ def test_short_bench_reports_the_fast_path(tmp_path: Path) -> None:
     environment = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")])),
+        # a Ray of its own even where `ray start` left a cluster in /tmp/ray/ray_current_cluster, which a plain
+        # ray.init() would join (and die with, when whoever started it stops it)
+        "RAY_ADDRESS": "local",
     }
     arguments = [
         *("--hidden-size", "64", "--intermediate-size", "96", "--workers", "2"),

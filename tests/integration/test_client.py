@@ -1,6 +1,7 @@
 """The client library against the session's FP32 Mixtral stack: MoEClient / AsyncMoEClient round trips
 and errors, and patch_model refusing a model the gateway does not serve. patch_model computing what
-the local model computes, family by family, is in tests/integration/test_families.py (one stack each).
+the local model computes is in tests/integration/test_families.py (a stack per gating mechanism) and, for
+every family it supports, in tests/unit/test_patching_local.py (the served algorithm in-process).
 """
 
 from __future__ import annotations

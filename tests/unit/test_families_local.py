@@ -1,7 +1,8 @@
 """Every routing family, served algorithm in one process (no servers), equals its transformers module.
 
-The full-stack version of these checks is tests/integration/test_families.py; this one runs in a second and
-pinpoints gating/combine differences without any service in the way.
+The full-stack version of these checks is tests/integration/test_families.py, on one family per gating
+mechanism (its docstring says which and why); this one covers every family, runs in seconds and pinpoints
+gating/combine differences without any service in the way.
 """
 
 from __future__ import annotations
