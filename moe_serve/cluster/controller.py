@@ -57,6 +57,9 @@ from moe_serve.worker_record import WorkerRecord
 logger = logging.getLogger(__name__)
 NAMESPACE = "moe-serve"
 REGISTRATION_TIMEOUT_S = 120.0
+# one look at the registry while waiting for new workers: the wait polls again after it, and a stop
+# (stop_all) is noticed between looks, not after a 10 s call to a router that has gone
+REGISTRY_POLL_TIMEOUT_S = 2.0
 
 
 def controller_name(model_name: str, router_address: str) -> str:
@@ -392,16 +395,18 @@ class DeploymentController:
             self._stubs[address] = moe_grpc.ExpertWorkerStub(open_channel(address, [], self._credentials))
         return self._stubs[address]
 
-    def _registered(self) -> list[WorkerRecord]:
+    def _registered(self, timeout_s: float = 10.0) -> list[WorkerRecord]:
         # the router may still be starting (launcher.launch_stack starts it beside the workers)
-        reply = self._router.ListWorkers(moe_pb2.ListWorkersRequest(), timeout=10, wait_for_ready=True)
+        reply = self._router.ListWorkers(moe_pb2.ListWorkersRequest(), timeout=timeout_s, wait_for_ready=True)
         return [WorkerRecord.from_proto(info) for info in reply.workers]
 
     def _registered_ids(self) -> set[str]:
         """Ids of the registered workers; none while the router is not up yet (launcher.launch_stack
-        starts it beside the workers, and a slow machine may take longer than one call's timeout)."""
+        starts it beside the workers, and a slow machine may take longer than one call's timeout)
+        or gone. One look waits at most REGISTRY_POLL_TIMEOUT_S: the caller looks again, and notices
+        a stop in between (a router embedded in the gateway is gone before stop_all runs)."""
         try:
-            return {record.worker_id for record in self._registered()}
+            return {record.worker_id for record in self._registered(REGISTRY_POLL_TIMEOUT_S)}
         except grpc.RpcError as error:
             if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 return set()

@@ -9,6 +9,7 @@ Per phase it writes each worker's rows and, per layer, the rows that crossed nod
 router's counters (GetExpertLoad) and from its Prometheus endpoint
 (moe_serve_router_cross_node_rows_total), and the largest difference from the transformers block.
 Usage: multinode_rebalance_check.py FAMILY CHECKPOINT_DIR RESULT.json NODES GPUS_PER_NODE
+(tests/clients/multinode_checks.py runs it and multinode_check.py on one cluster.)
 """
 
 import json
@@ -30,6 +31,7 @@ from moe_serve.config import UpSettings
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.runtime.security import open_channel
+from tests.clients.multinode_check import new_cluster
 from tests.families import load_reference, reference_output
 from tests.helpers import infer_request, kserve_stub, response_tensors
 
@@ -84,48 +86,57 @@ def phase(stack: Stack, family: str, checkpoint: Path, layers: list[int]) -> dic
     }
 
 
+def run(cluster: Cluster, family: str, checkpoint: Path, nodes: int, gpus_per_node: int) -> dict:
+    """Add the nodes, serve one worker per GPU, measure before and after a rebalance; the nodes are
+    removed after."""
+    started = time.monotonic()
+    added = [cluster.add_node(num_cpus=gpus_per_node, num_gpus=gpus_per_node) for _ in range(nodes)]
+    try:
+        cluster.wait_for_nodes()
+        stack = launch_stack(
+            UpSettings(port=0, http=False, workers=nodes * gpus_per_node, worker_num_gpus=1),
+            checkpoint,
+            worker_actor=ExpertWorkerActor,
+        )
+        try:
+            ready_s = time.monotonic() - started
+            spec = Checkpoint(checkpoint).spec
+            layers = list(spec.moe_layers)
+            ray.get(stack.controller.rebalance.remote())  # starts the load window
+            before = phase(stack, family, checkpoint, layers)
+            report = ray.get(stack.controller.rebalance.remote())
+            after = phase(stack, family, checkpoint, layers)
+            return {
+                "family": family,
+                "experts": {"routed": spec.num_experts, "shared": spec.num_shared_slots, "top_k": spec.top_k},
+                "cluster": {"nodes": nodes, "gpus_per_node": gpus_per_node, "workers": len(stack.workers)},
+                "nodes": sorted({w.node_id for w in stack.workers}),
+                "placements": [[w.worker_id, w.node_id] for w in stack.workers],
+                "rebalance": {"applied": report["applied"], "layers": {str(k): v for k, v in report["layers"].items()}},
+                # workers holding each shared expert after the rebalance (every one: plan_layer_with_shared)
+                "shared_expert_workers": {
+                    f"{layer}:{expert}": sum(ExpertKey(layer, expert) in w.experts for w in stack.workers)
+                    for layer in layers
+                    for expert in range(spec.num_experts, spec.num_placed_experts)
+                },
+                "before": before,
+                "after": after,
+                "seconds": {"nodes_and_stack_ready": ready_s, "total": time.monotonic() - started},
+            }
+        finally:
+            stack.stop()
+    finally:
+        for node in added:
+            cluster.remove_node(node)
+
+
 def main() -> None:
     family, checkpoint, result_path = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     nodes, gpus_per_node = int(sys.argv[4]), int(sys.argv[5])
-    started = time.monotonic()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
-    for _ in range(nodes):
-        cluster.add_node(num_cpus=gpus_per_node, num_gpus=gpus_per_node)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    stack = launch_stack(
-        UpSettings(port=0, http=False, workers=nodes * gpus_per_node, worker_num_gpus=1),
-        checkpoint,
-        worker_actor=ExpertWorkerActor,
-    )
+    cluster = new_cluster()
     try:
-        ready_s = time.monotonic() - started
-        spec = Checkpoint(checkpoint).spec
-        layers = list(spec.moe_layers)
-        ray.get(stack.controller.rebalance.remote())  # starts the load window
-        before = phase(stack, family, checkpoint, layers)
-        report = ray.get(stack.controller.rebalance.remote())
-        after = phase(stack, family, checkpoint, layers)
-        result = {
-            "family": family,
-            "experts": {"routed": spec.num_experts, "shared": spec.num_shared_slots, "top_k": spec.top_k},
-            "cluster": {"nodes": nodes, "gpus_per_node": gpus_per_node, "workers": len(stack.workers)},
-            "nodes": sorted({w.node_id for w in stack.workers}),
-            "placements": [[w.worker_id, w.node_id] for w in stack.workers],
-            "rebalance": {"applied": report["applied"], "layers": {str(k): v for k, v in report["layers"].items()}},
-            # workers holding each shared expert after the rebalance (every one: plan_layer_with_shared)
-            "shared_expert_workers": {
-                f"{layer}:{expert}": sum(ExpertKey(layer, expert) in w.experts for w in stack.workers)
-                for layer in layers
-                for expert in range(spec.num_experts, spec.num_placed_experts)
-            },
-            "before": before,
-            "after": after,
-            "seconds": {"cluster_and_stack_ready": ready_s, "total": time.monotonic() - started},
-        }
-        result_path.write_text(json.dumps(result, indent=2))
+        result_path.write_text(json.dumps(run(cluster, family, checkpoint, nodes, gpus_per_node), indent=2))
     finally:
-        stack.stop()
         ray.shutdown()
         cluster.shutdown()
 

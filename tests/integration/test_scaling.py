@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,10 +28,25 @@ from tests.helpers import (
     wait_until,
 )
 
+# heartbeats every second (ttl/3): the load the balancer and the autoscaler read is at most 1 s old
+SETTINGS = UpSettings(port=0, workers=2, registry_ttl_s=3.0)
+
+
+@pytest.fixture(scope="module")
+def scaling_stack(ray_cluster, checkpoints):
+    """One stack (about 5 s to start) for the tests that change its placement by hand, in this file's
+    order: the first two leave it as they found it (two workers, one replica of every expert), so
+    the rebalance starts from the standard placement too; the scale to three workers, last, replaces
+    whatever placement it finds."""
+    stack = launch_stack(SETTINGS, checkpoints(torch.float32), worker_actor=ExpertWorkerActor)
+    yield stack
+    stack.stop()
+
 
 @pytest.fixture
-def scaling_stack(ray_cluster, checkpoints):
-    stack = launch_stack(UpSettings(port=0, workers=2), checkpoints(torch.float32), worker_actor=ExpertWorkerActor)
+def autoscaling_stack(ray_cluster, checkpoints):
+    """A stack of its own: the autoscaling policy, once started, runs until the stack stops."""
+    stack = launch_stack(SETTINGS, checkpoints(torch.float32), worker_actor=ExpertWorkerActor)
     yield stack
     stack.stop()
 
@@ -68,6 +82,11 @@ def steady_load(stack, block: torch.nn.Module, tokens: int = 24) -> Iterator[dic
         thread.join(60)
 
 
+def answered_more(outcome: dict, than: int, what: str) -> None:
+    """Wait for steady load to get answers past `than` (or a failure, which the test then reports)."""
+    wait_until(lambda: outcome["answered"] > than or outcome["failures"], 60, what, poll_s=0.05)
+
+
 def replica_counts(stack) -> dict[ExpertKey, int]:
     counts: dict[ExpertKey, int] = {}
     for record in stack.workers:
@@ -79,18 +98,19 @@ def replica_counts(stack) -> dict[ExpertKey, int]:
 def test_scale_one_expert_up_and_down_under_load(scaling_stack, checkpoints) -> None:
     stack = scaling_stack
     block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
+    workers_before = len(stack.workers)
     with steady_load(stack, block) as outcome:
-        time.sleep(0.5)
+        answered_more(outcome, 4, "answers before the change")
         ray.get(stack.controller.scale_expert.remote(3, 3))  # expert 3, every layer, 3 replicas
         counts = replica_counts(stack)
         assert counts[ExpertKey(0, 3)] == counts[ExpertKey(1, 3)] == 3
         assert counts[ExpertKey(0, 2)] == 1
-        time.sleep(1.0)
+        answered_more(outcome, outcome["answered"] + 4, "answers with three replicas")
         ray.get(stack.controller.scale_expert.remote(3, 1))
         assert replica_counts(stack)[ExpertKey(0, 3)] == 1
-        time.sleep(0.5)
+        answered_more(outcome, outcome["answered"] + 4, "answers after scaling down")
     assert outcome["failures"] == [] and outcome["answered"] > 10
-    assert len(stack.workers) == 2
+    assert len(stack.workers) == workers_before == 2
 
 
 def test_new_replicas_take_traffic_and_split_large_batches(scaling_stack, checkpoints) -> None:
@@ -112,21 +132,9 @@ def test_new_replicas_take_traffic_and_split_large_batches(scaling_stack, checkp
     wait_until(lambda: all(r.load["rows_per_s"] > 0 for r in holders()), 15, "both replicas' load", poll_s=0.25)
     assert len(holders()) == 2
     assert all(r.load["rows_per_s"] > 0 for r in holders()), [r.load for r in holders()]
-
-
-def test_scale_workers_replaces_placement_without_failing_requests(scaling_stack, checkpoints) -> None:
-    stack = scaling_stack
-    block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
-    before = {r.worker_id for r in stack.workers}
-    with steady_load(stack, block) as outcome:
-        time.sleep(0.5)
-        ray.get(stack.controller.scale_workers.remote(3))
-        time.sleep(0.5)
-    after = stack.workers
-    assert outcome["failures"] == [] and outcome["answered"] > 5
-    assert len(after) == 3 and not before & {r.worker_id for r in after}
-    assert all(count == 1 for count in replica_counts(stack).values())
-    assert len(replica_counts(stack)) == 16
+    # back to one replica (the dedicated one goes) for the tests after this one on the shared stack
+    ray.get(stack.controller.scale_expert.remote(0, 1, 0))
+    assert len(holders()) == 1 and len(stack.workers) == 2
 
 
 def test_rebalance_replicates_the_hot_expert(scaling_stack, checkpoints) -> None:
@@ -151,9 +159,24 @@ def test_rebalance_replicates_the_hot_expert(scaling_stack, checkpoints) -> None
     assert all(WorkerRecord.from_json(text).experts for text in status["workers"])
 
 
-@pytest.mark.slow
-def test_autoscaling_policy_adds_a_worker_under_sustained_queueing(scaling_stack, checkpoints) -> None:
+def test_scale_workers_replaces_placement_without_failing_requests(scaling_stack, checkpoints) -> None:
     stack = scaling_stack
+    block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
+    before = {r.worker_id for r in stack.workers}
+    with steady_load(stack, block) as outcome:
+        answered_more(outcome, 2, "answers before the change")
+        ray.get(stack.controller.scale_workers.remote(3))
+        answered_more(outcome, outcome["answered"] + 2, "answers after the change")
+    after = stack.workers
+    assert outcome["failures"] == [] and outcome["answered"] > 5
+    assert len(after) == 3 and not before & {r.worker_id for r in after}
+    assert all(count == 1 for count in replica_counts(stack).values())
+    assert len(replica_counts(stack)) == 16
+
+
+@pytest.mark.slow
+def test_autoscaling_policy_adds_a_worker_under_sustained_queueing(autoscaling_stack, checkpoints) -> None:
+    stack = autoscaling_stack
     block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
     # any queued row counts as busy; decide every 0.5 s after 2 busy checks in a row; at most 3 workers
     policy = {"target_queued_rows": 0, "window": 2, "minimum": 2, "maximum": 3}

@@ -11,7 +11,9 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -24,8 +26,8 @@ from rich.console import Console
 
 from expert_service.actor import ExpertWorkerActor
 from moe_serve.cli.top import render
-from moe_serve.cluster.launcher import launch_stack
-from moe_serve.cluster.processes import start_service_process
+from moe_serve.cluster.launcher import launch_stack, reserve_port
+from moe_serve.cluster.processes import spawn_service_process
 from moe_serve.config import UpSettings
 from moe_serve.runtime.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, ROUTE_STREAM
 from tests.conftest import REDIS_URL
@@ -84,21 +86,78 @@ def total(samples: dict, name: str, **labels: str) -> float:
     )
 
 
-@pytest.fixture(params=["embedded", "service"])
-def observed_stack(ray_cluster, checkpoints, redis_prefix, request):
-    stack = launch_stack(
-        UpSettings(
-            port=0,
-            workers=2,
-            metrics_port=0,
-            redis_url=REDIS_URL,
-            redis_prefix=redis_prefix,
-            max_inflight_tokens=64,
-            router=request.param,
-        ),
-        checkpoints(torch.float32),
-        worker_actor=ExpertWorkerActor,
-    )
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace receiver (the protocol the OpenTelemetry collector speaks), keeping what it gets."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, object]] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):
+        with self.lock:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"
+                )
+                for scope in resource_spans.scope_spans:
+                    self.spans.extend((service, span) for span in scope.spans)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def of_trace(self, trace_id: str) -> list[tuple[str, object]]:
+        with self.lock:
+            return [(service, span) for service, span in self.spans if span.trace_id.hex() == trace_id]
+
+
+@pytest.fixture(scope="module")
+def collector() -> Iterator[tuple[Collector, int]]:
+    """A trace collector for the module's stacks, and its port."""
+    receiver = Collector()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield receiver, port
+    server.stop(1)
+
+
+@pytest.fixture(scope="module")
+def module_redis_prefix() -> Iterator[str]:
+    """A key prefix on the shared Redis server for this module's stacks; its keys are deleted afterwards."""
+    prefix = f"moe-serve-test:{uuid.uuid4().hex[:8]}:"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=f"{prefix}*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def mode_of(stack) -> str:
+    return "embedded" if stack.router.process is stack.gateway.process else "service"
+
+
+@pytest.fixture(scope="module", params=["embedded", "service"])
+def observed_stack(ray_cluster, checkpoints, collector, module_redis_prefix, request):
+    """One stack per router mode for the metrics, live-state and trace tests (pytest runs the tests of
+    one mode together): metrics, live state in Redis, and spans to `collector` (every 0.1 s). Each
+    test counts its own traffic: the metrics test from counters read at its start, the live-state
+    test on layer 1 (the only test that sends layer-1 requests), the trace test by its trace id."""
+    with pytest.MonkeyPatch.context() as environment:  # the services read it as they start
+        environment.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", f"http://127.0.0.1:{collector[1]}")
+        environment.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+        stack = launch_stack(
+            UpSettings(
+                port=0,
+                workers=2,
+                metrics_port=0,
+                redis_url=REDIS_URL,
+                redis_prefix=f"{module_redis_prefix}{request.param}:",
+                max_inflight_tokens=64,
+                router=request.param,
+            ),
+            checkpoints(torch.float32),
+            worker_actor=ExpertWorkerActor,
+        )
     yield stack
     stack.stop()
 
@@ -106,6 +165,11 @@ def observed_stack(ray_cluster, checkpoints, redis_prefix, request):
 def test_every_service_exports_its_metrics_with_bounded_labels(observed_stack, checkpoints) -> None:
     stack = observed_stack
     block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
+    metrics_address = stack.gateway.ready["metrics_address"]
+    router_metrics_address = stack.router.ready["metrics_address"]  # the gateway's endpoint when embedded
+    # the stack is shared with the module's other tests: counters count from here
+    gateway_before, router_before = scrape(metrics_address), scrape(router_metrics_address)
+    workers_before = {record.worker_id: scrape(record.metrics_address) for record in stack.workers}
     channel, stub = kserve_stub(stack.address)
     with channel:
         for seed in range(5):
@@ -120,25 +184,30 @@ def test_every_service_exports_its_metrics_with_bounded_labels(observed_stack, c
         refused = sum(1 for f in burst if f.exception() is not None)
     assert refused >= 1
 
-    metrics_address = stack.gateway.ready["metrics_address"]
+    def added(samples: dict, before: dict, name: str, **labels: str) -> float:
+        return total(samples, name, **labels) - total(before, name, **labels)
 
     def every_answered_token_counted() -> bool:
         samples = scrape(metrics_address)
-        rows = total(samples, "moe_serve_expert_rows_total", layer="0")
-        return rows == 2 * total(samples, "moe_serve_tokens_total", direction="out")
+        rows = added(samples, gateway_before, "moe_serve_expert_rows_total", layer="0")
+        return rows == 2 * added(samples, gateway_before, "moe_serve_tokens_total", direction="out")
 
     # routing statistics are counted just after the answer leaves (off the critical path): wait for them
     wait_until(every_answered_token_counted, 5, "routing statistics of every answered token")
     gateway = scrape(metrics_address)
-    ok_tokens = total(gateway, "moe_serve_tokens_total", direction="out")
-    assert total(gateway, "moe_serve_requests_total", status_code="OK") >= 5
-    assert total(gateway, "moe_serve_requests_total", status_code="INVALID_ARGUMENT") == 1
-    assert total(gateway, "moe_serve_requests_total", status_code="RESOURCE_EXHAUSTED") == refused
-    assert total(gateway, "moe_serve_admission_rejections_total", reason="inflight_tokens") == refused
-    assert total(gateway, "moe_serve_request_duration_seconds_count", status_code="OK") >= 5
-    assert total(gateway, "moe_serve_tokens_total", direction="in") >= 100
+
+    def gateway_added(name: str, **labels: str) -> float:
+        return added(gateway, gateway_before, name, **labels)
+
+    ok_tokens = gateway_added("moe_serve_tokens_total", direction="out")
+    assert gateway_added("moe_serve_requests_total", status_code="OK") >= 5
+    assert gateway_added("moe_serve_requests_total", status_code="INVALID_ARGUMENT") == 1
+    assert gateway_added("moe_serve_requests_total", status_code="RESOURCE_EXHAUSTED") == refused
+    assert gateway_added("moe_serve_admission_rejections_total", reason="inflight_tokens") == refused
+    assert gateway_added("moe_serve_request_duration_seconds_count", status_code="OK") >= 5
+    assert gateway_added("moe_serve_tokens_total", direction="in") >= 100
     # every kept slot of every answered token was routed to some expert of layer 0
-    assert total(gateway, "moe_serve_expert_rows_total", layer="0") == 2 * ok_tokens
+    assert gateway_added("moe_serve_expert_rows_total", layer="0") == 2 * ok_tokens
     assert total(gateway, "moe_serve_expert_dropped_total") == 0
     shares = [v for labels, v in gateway["moe_serve_expert_load_share"] if labels["layer"] == "0"]
     assert len(shares) == 8 and abs(sum(shares) - 1) < 1e-6
@@ -146,19 +215,19 @@ def test_every_service_exports_its_metrics_with_bounded_labels(observed_stack, c
     assert "moe_serve_capacity_drop_rate" in gateway and "moe_serve_inflight_tokens" in gateway
     embedded = stack.router.process is stack.gateway.process
     # the router in the gateway's process gets the hidden states as a tensor: no bytes on that hop
-    to_router = total(gateway, "moe_serve_wire_bytes_total", hop="gateway_to_router")
+    to_router = gateway_added("moe_serve_wire_bytes_total", hop="gateway_to_router")
     assert to_router == 0 if embedded else to_router > 100 * 64 * 4
     # every answered request went through each gateway stage; its route request (or, embedded, its
     # compute requests) counted as sent
-    assert total(gateway, "moe_serve_gateway_stage_duration_seconds_count", stage="total") >= 5
-    assert total(gateway, "moe_serve_gateway_stage_duration_seconds_count", stage="collect") >= 5
+    assert gateway_added("moe_serve_gateway_stage_duration_seconds_count", stage="total") >= 5
+    assert gateway_added("moe_serve_gateway_stage_duration_seconds_count", stage="collect") >= 5
     first_message = "ComputeRequest" if embedded else "RouteRequest"
-    assert total(gateway, "moe_serve_stream_messages_total", message=first_message, direction="sent") >= 5
+    assert gateway_added("moe_serve_stream_messages_total", message=first_message, direction="sent") >= 5
 
-    router = scrape(stack.router.ready["metrics_address"])  # the gateway's endpoint when embedded
-    assert total(router, "moe_serve_router_gating_duration_seconds_count") >= 5
+    router = scrape(router_metrics_address)
+    assert added(router, router_before, "moe_serve_router_gating_duration_seconds_count") >= 5
     assert [v for _, v in router["moe_serve_expert_replicas"]] == [1.0] * 16
-    assert total(router, "moe_serve_wire_bytes_total", hop="router_to_worker") > 0
+    assert added(router, router_before, "moe_serve_wire_bytes_total", hop="router_to_worker") > 0
     # one series per MoE layer (layer the only label that varies); one node here, so no row crosses
     crossing = router["moe_serve_router_cross_node_rows_total"]
     assert sorted(labels["layer"] for labels, _ in crossing) == ["0", "1"]
@@ -166,9 +235,9 @@ def test_every_service_exports_its_metrics_with_bounded_labels(observed_stack, c
 
     compute_count = 0.0
     for record in stack.workers:
-        worker = scrape(record.metrics_address)
-        compute_count += total(worker, "moe_serve_expert_compute_duration_seconds_count")
-        assert total(worker, "moe_serve_wire_bytes_total", hop="worker_to_gateway") > 0
+        worker, before = scrape(record.metrics_address), workers_before[record.worker_id]
+        compute_count += added(worker, before, "moe_serve_expert_compute_duration_seconds_count")
+        assert added(worker, before, "moe_serve_wire_bytes_total", hop="worker_to_gateway") > 0
         assert "moe_serve_expert_queue_rows" in worker
     assert compute_count >= 5
 
@@ -190,8 +259,9 @@ def test_every_service_exports_its_metrics_with_bounded_labels(observed_stack, c
     assert queried <= exported, queried - exported
 
 
-def test_live_state_in_redis_and_top(observed_stack, redis_prefix) -> None:
+def test_live_state_in_redis_and_top(observed_stack, module_redis_prefix) -> None:
     stack = observed_stack
+    redis_prefix = f"{module_redis_prefix}{mode_of(stack)}:"  # the stack's (observed_stack)
     channel, stub = kserve_stub(stack.address)
     with channel:
         for seed in range(4):
@@ -242,51 +312,18 @@ def test_live_state_in_redis_and_top(observed_stack, redis_prefix) -> None:
     assert "layer 1" in printed.stdout and stack.model_name in printed.stdout
 
 
-class Collector(trace_service_pb2_grpc.TraceServiceServicer):
-    """An OTLP trace receiver (the protocol the OpenTelemetry collector speaks), keeping what it gets."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[str, object]] = []
-        self.lock = threading.Lock()
-
-    def Export(self, request, context):
-        with self.lock:
-            for resource_spans in request.resource_spans:
-                service = next(
-                    a.value.string_value for a in resource_spans.resource.attributes if a.key == "service.name"
-                )
-                for scope in resource_spans.scope_spans:
-                    self.spans.extend((service, span) for span in scope.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
-@pytest.mark.parametrize("router_mode", ["embedded", "service"])
-def test_one_trace_follows_a_request_through_every_hop(ray_cluster, checkpoints, monkeypatch, router_mode) -> None:
-    collector = Collector()
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
-    stack = launch_stack(
-        UpSettings(port=0, workers=2, router=router_mode), checkpoints(torch.float32), worker_actor=ExpertWorkerActor
-    )
-    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-    try:
-        channel, stub = kserve_stub(stack.address)
-        with channel:
-            stub.ModelInfer(
-                infer_request(stack.model_name, torch.randn(6, 64)),
-                timeout=30,
-                metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),),
-            )
-    finally:
-        stack.stop()  # every service flushes its spans on the way out
-        server.stop(1)
-    spans = [(service, span) for service, span in collector.spans if span.trace_id.hex() == trace_id]
+def test_one_trace_follows_a_request_through_every_hop(observed_stack, collector) -> None:
+    stack, receiver = observed_stack, collector[0]
+    router_mode = mode_of(stack)
+    trace_id = uuid.uuid4().hex  # the collector also holds the other stack's traces, and this one's other requests
+    channel, stub = kserve_stub(stack.address)
+    with channel:
+        stub.ModelInfer(
+            infer_request(stack.model_name, torch.randn(6, 64)),
+            timeout=30,
+            metadata=(("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01"),),
+        )
     server, client, internal = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT, 1
-    names = {(service, span.name, span.kind) for service, span in spans}
     # embedded, the router's spans come from the gateway's process (a call, not an RPC), and rows arrive
     # on the compute stream's answers rather than as deliveries
     router_service = "moe-serve-gateway" if router_mode == "embedded" else "moe-serve-router"
@@ -309,6 +346,26 @@ def test_one_trace_follows_a_request_through_every_hop(ray_cluster, checkpoints,
             else []
         ),
     }
+
+    def arrived() -> bool:
+        """Every expected span arrived, and the parent of each (the root's: the client's span)."""
+        spans = receiver.of_trace(trace_id)
+        ids = {span.span_id for _, span in spans} | {bytes.fromhex("00f067aa0ba902b7")}
+        names = {(service, span.name, span.kind) for service, span in spans}
+        return expected <= names and all(span.parent_span_id in ids for _, span in spans)
+
+    # the stack keeps running (it used to stop, so that every service flushed): its services export
+    # every 0.1 s, so wait for the trace, then until no more of it came for three export periods
+    wait_until(arrived, 30, "every span of the trace at the collector", poll_s=0.05)
+    counts: list[int] = []
+
+    def quiet() -> bool:
+        counts.append(len(receiver.of_trace(trace_id)))
+        return len(counts) > 3 and len(set(counts[-4:])) == 1
+
+    wait_until(quiet, 10, "the trace complete", poll_s=0.1)
+    spans = receiver.of_trace(trace_id)
+    names = {(service, span.name, span.kind) for service, span in spans}
     assert expected <= names, expected - names
     by_id = {span.span_id: (service, span) for service, span in spans}
     root = next(span for service, span in spans if span.name == "inference.GRPCInferenceService/ModelInfer")
@@ -342,14 +399,17 @@ def test_unreachable_collector_and_redis_never_break_serving(
     # each export gives up after 1 s (5 s by default): every service flushes once more as it stops,
     # and with the default each stop waited out that flush's retries against the absent collector
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "1")
-    stack = launch_stack(UpSettings(port=0, workers=2), checkpoints(torch.float32), worker_actor=ExpertWorkerActor)
-    # a second gateway whose live-state Redis is unreachable too
-    gateway = start_service_process(
+    # a second gateway whose live-state Redis is unreachable too. It starts beside the stack, calling
+    # the router at the port the stack is then given (held, as launch_stack does, until it listens)
+    reservation = reserve_port("127.0.0.1")
+    assert reservation is not None
+    router_port = reservation.getsockname()[1]
+    gateway = spawn_service_process(
         "gateway-no-redis",
         [
             "gateway",
             "--router-address",
-            stack.router.address,
+            f"127.0.0.1:{router_port}",
             "--port",
             "0",
             "--redis-url",
@@ -358,8 +418,21 @@ def test_unreachable_collector_and_redis_never_break_serving(
             "0.1",
         ],
     )
+    try:
+        stack = launch_stack(
+            UpSettings(port=0, workers=2),
+            checkpoints(torch.float32),
+            router_port=router_port,
+            worker_actor=ExpertWorkerActor,
+        )
+    except BaseException:
+        gateway.stop()
+        raise
+    finally:
+        reservation.close()
     answered, latencies_s = 0, []
     try:
+        gateway.wait_ready()
         block = reference_blocks(checkpoints(torch.float32), torch.float32)[0]
         for address in (stack.address, gateway.address):
             channel, stub = kserve_stub(address)
