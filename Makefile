@@ -32,7 +32,7 @@ lint: $(INSTALLED)
 test: lint
 	$(PYTHON) -m pytest
 
-# the quick loop: everything but the tests marked `slow` (pip resolutions, the soak minute, `up`
+# the quick loop: everything but the tests marked `slow` (pip resolutions, the soak, `up`
 # supervision, multi-node clusters, the short bench); `make test`, the one CI runs, runs them too
 test-fast: lint
 	$(PYTHON) -m pytest -m "not slow"

@@ -211,7 +211,8 @@ INTRO = (
 REGENERATE = (
     "Regenerate: run the tests named in the last column with the records sent to the committed folder",
     "(`MOE_SERVE_RELIABILITY_RESULTS=benchmarks/results/reliability`",
-    "`.venv/bin/python -m pytest tests/reliability/test_reliability_*.py` and the others named there; each writes",
+    "`MOE_SERVE_SOAK_TEST_S=60 .venv/bin/python -m pytest tests/reliability/test_reliability_*.py` and the",
+    "others named there, the soak test for the minute its committed record covers; each writes",
     "`<scenario>.json` there, where a plain test run writes to a temporary directory) and the soak",
     f"benchmark (`.venv/bin/{SOAK_COMMAND}`, written to `benchmarks/results/soak/`), then run",
     "`.venv/bin/python scripts/reliability_report.py`.",

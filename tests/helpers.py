@@ -304,7 +304,9 @@ class UpCommand:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env={**env, "PYTHONUNBUFFERED": "1"},
+            # a Ray of its own, even where another one runs on this machine (ray.init() would join the
+            # latest one started with `ray start` or ray.cluster_utils); as where none runs
+            env={**env, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"},
         )
         self.ready: dict[str, Any] = {}
         self.output: list[str] = []

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moe_serve.cluster.launcher import embedded_router_of, wait_until_ready
-from moe_serve.cluster.processes import start_service_process
+from moe_serve.cluster.processes import spawn_service_process, start_service_process
 from tests.helpers import (
     ROUTER_MODES,
     RouterMode,
@@ -22,6 +22,7 @@ from tests.helpers import (
     reference_blocks,
     reference_forward,
     response_tensors,
+    wait_until,
 )
 from tests.integration.test_topology import start_all
 
@@ -37,7 +38,9 @@ def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints, route
         router = embedded_router_of(gateway)
     else:
         router = start_service_process("router", ["router", "--checkpoint", str(checkpoint), "--port", "0"])
-    processes = [router]
+        # started beside the workers: it reports not ready until the router does
+        gateway = spawn_service_process("gateway", ["gateway", "--router-address", router.address, "--port", "0"])
+    processes = [router, gateway]
     try:
         workers = start_all(
             [
@@ -64,10 +67,7 @@ def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints, route
         )
         processes.extend(workers)
         wait_until_ready(router.address, internal_credentials())
-        if router_mode == "service":
-            gateway = start_service_process("gateway", ["gateway", "--router-address", router.address, "--port", "0"])
-        processes.append(gateway)
-        model = gateway.ready["model"]
+        model = gateway.wait_ready().ready["model"]
         block = reference_blocks(checkpoint, torch.float32)[0]
         channel, stub = kserve_stub(gateway.address)
         failures: list[str] = []
@@ -91,9 +91,11 @@ def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints, route
 
         thread = threading.Thread(target=load)
         thread.start()
-        time.sleep(1.0)
+        wait_until(lambda: answered >= 10 or failures, 30, "load running")
         workers[0].process.send_signal(signal.SIGKILL)  # A dies with requests in flight
-        time.sleep(3.0)
+        answered_at_kill = answered
+        # the request in flight at the kill, and then many more, answered (or failed) meanwhile
+        wait_until(lambda: answered >= answered_at_kill + 30 or failures, 30, "answers after A died")
         stop.set()
         thread.join(30)
         assert failures == []

@@ -2,12 +2,13 @@
 stops admitting at once, finishes the in-flight request exactly, and exits 0 within the grace
 period; a rolling restart of workers under load loses no request.
 
-Each test starts its own stack (it kills one of its services). The in-flight request is a large
-one on the wide-expert checkpoint, computed by a worker with one compute thread: it stays in
-flight for a second or more, long enough to watch the service drain around it. Times are taken
-when they happen (a done-callback, a thread waiting on the process), and the reference outputs
-are computed only afterwards: on this 2-core machine the reference of a large request competes
-with the worker for the CPU.
+The SIGTERM tests share one stack: each stops one of its services, and the next test finds that
+service replaced by a new process (a stack whose router stopped is started anew; the router's test
+comes last). The in-flight request is a large one on the wide-expert checkpoint, computed by a
+worker with one compute thread: it stays in flight for a second or more, long enough to watch the
+service drain around it. Times are taken when they happen (a done-callback, a thread waiting on
+the process), and the reference outputs are computed only afterwards: on this 2-core machine the
+reference of a large request competes with the worker for the CPU.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moe_serve.cluster.processes import ServiceProcess
+from moe_serve.cluster.launcher import wait_until_ready
+from moe_serve.cluster.processes import ServiceProcess, start_service_process
 from tests.conftest import REDIS_URL
 from tests.helpers import (
     ProcessStack,
     infer_request,
+    internal_credentials,
     kserve_stub,
     reference_blocks,
     reference_forward,
@@ -157,12 +160,50 @@ def drain_figures(drained: Drained) -> dict[str, float | int]:
     }
 
 
+class SharedStack:
+    """Router, one worker with one compute thread, and a gateway, shared by the SIGTERM tests: each test
+    stops one service; `whole()` replaces what the previous test stopped before the next one runs."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = checkpoint
+        self.stack: ProcessStack | None = None
+
+    def whole(self) -> ProcessStack:
+        stack = self.stack
+        if stack is None or stack.router.process.poll() is not None:
+            self.discard()  # a new router has a new address: start everything anew
+            self.stack = start_process_stack(self.checkpoint, [list(ONE_SLOW_WORKER)])
+            return self.stack
+        stack.workers = [worker for worker in stack.workers if worker.process.poll() is None]
+        if not stack.workers:
+            stack.workers.append(stack.start_worker("worker-0", *ONE_SLOW_WORKER))
+        if stack.gateway.process.poll() is not None:
+            arguments = ["gateway", "--router-address", stack.router.address, "--port", "0"]
+            stack.gateway = start_service_process("gateway", arguments)
+        wait_until_ready(stack.router.address, internal_credentials())
+        return stack
+
+    def discard(self) -> None:
+        if self.stack is not None:
+            self.stack.stop()
+            self.stack = None
+
+
+@pytest.fixture(scope="module")
+def shared_stack(slow_checkpoint: Path) -> Iterator[SharedStack]:
+    shared = SharedStack(slow_checkpoint)
+    yield shared
+    shared.discard()
+
+
 @pytest.fixture
-def own_stack(slow_checkpoint: Path) -> Iterator[ProcessStack]:
-    """Router, one worker with one compute thread, and a gateway, for this test alone."""
-    stack = start_process_stack(slow_checkpoint, [list(ONE_SLOW_WORKER)])
+def own_stack(shared_stack: SharedStack, request: pytest.FixtureRequest) -> Iterator[ProcessStack]:
+    """The shared stack, every service running, with exactly one worker: this test stops one of them."""
+    failed_before = request.session.testsfailed
+    stack = shared_stack.whole()
     yield stack
-    stack.stop()
+    if request.session.testsfailed != failed_before:  # it may have left a service half stopped
+        shared_stack.discard()
 
 
 @pytest.fixture
@@ -231,32 +272,6 @@ def test_sigterm_to_the_gateway_writes_an_open_streams_answers_before_it_closes(
     assert code == 0 and exited_s <= GRACE_S + EXIT_SLACK_S
 
 
-def test_sigterm_to_the_router_refuses_new_routes_and_finishes_the_inflight_one(
-    own_stack: ProcessStack, block: torch.nn.Module, reliability_record
-) -> None:
-    """The router keeps its dispatch open until the worker has delivered the rows it was sent."""
-    stack = own_stack
-    drained = sigterm_while_inflight(
-        stack,
-        stack.router,
-        lambda: health_status(stack.router.address, "moe_serve.v1.Router") == NOT_SERVING,
-        "router health NOT_SERVING",
-    )
-    assert_drained(drained, block, "router is shutting down")
-    reliability_record(
-        "shutdown-router",
-        title="SIGTERM to the router mid-request",
-        load=f"one T={INFLIGHT_TOKENS} request in flight (~1 s of compute)",
-        faults="SIGTERM to the router; a new request sent while it drains",
-        succeeded=1,
-        failed=1,
-        wrong_answers=0,
-        recover_s=None,
-        expected_failures="UNAVAILABLE for the request sent while draining (by design)",
-        **drain_figures(drained),
-    )
-
-
 def test_sigterm_to_a_worker_deregisters_it_and_finishes_the_inflight_batch(
     own_stack: ProcessStack, block: torch.nn.Module, reliability_record
 ) -> None:
@@ -288,6 +303,32 @@ def test_sigterm_to_a_worker_deregisters_it_and_finishes_the_inflight_batch(
         wrong_answers=0,
         recover_s=None,
         expected_failures="UNAVAILABLE while no replica is registered (by design)",
+        **drain_figures(drained),
+    )
+
+
+def test_sigterm_to_the_router_refuses_new_routes_and_finishes_the_inflight_one(
+    own_stack: ProcessStack, block: torch.nn.Module, reliability_record
+) -> None:
+    """The router keeps its dispatch open until the worker has delivered the rows it was sent."""
+    stack = own_stack
+    drained = sigterm_while_inflight(
+        stack,
+        stack.router,
+        lambda: health_status(stack.router.address, "moe_serve.v1.Router") == NOT_SERVING,
+        "router health NOT_SERVING",
+    )
+    assert_drained(drained, block, "router is shutting down")
+    reliability_record(
+        "shutdown-router",
+        title="SIGTERM to the router mid-request",
+        load=f"one T={INFLIGHT_TOKENS} request in flight (~1 s of compute)",
+        faults="SIGTERM to the router; a new request sent while it drains",
+        succeeded=1,
+        failed=1,
+        wrong_answers=0,
+        recover_s=None,
+        expected_failures="UNAVAILABLE for the request sent while draining (by design)",
         **drain_figures(drained),
     )
 

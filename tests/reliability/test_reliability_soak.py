@@ -1,4 +1,4 @@
-"""Soak: a minute of mixed load on the real topology (gateway and router processes, two expert
+"""Soak: half a minute of mixed load on the real topology (gateway and router processes, two expert
 workers as Ray actors) leaves no service growing and no answer wrong.
 
 Four clients send back to back: T from 1 to 512 (log-uniform), both MoE layers, a fifth of the
@@ -7,11 +7,18 @@ and some cancelled by the client mid-flight, so the failure paths run as often a
 Every OK answer is checked against transformers' block. Every service is sampled for resident
 memory, open file descriptors and threads; after the first 20% (warm-up) RSS may grow by at most
 5% and fds and threads only within the small tolerances `moe_serve.bench.soak` justifies (a leak
-of one per request would show as hundreds). The ten-minute version is `moe-serve soak --duration 600`.
+of one per request would show as hundreds).
+
+30 s is the default: on 2 cores that is 3,000-4,500 answers checked, hundreds of expired deadlines
+and of client cancellations, and ~50 samples of every service after the warm-up, so every kind of
+request runs many times and a leak of one per request still shows as hundreds. The minute the committed
+record (soak-60s) was made with is `MOE_SERVE_SOAK_TEST_S=60`; the ten-minute version is
+`moe-serve soak --duration 600`.
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -35,14 +42,12 @@ from moe_serve.checkpoint import Checkpoint
 from moe_serve.cli.main import app
 from tests.families import FAMILIES, load_reference, reference_output, reference_routing, save_family
 
-SOAK_S = 60.0
+SOAK_S = float(os.environ.get("MOE_SERVE_SOAK_TEST_S", "30"))  # see the module docstring
 WORKERS = 2
 
 
 @pytest.mark.slow
-def test_a_minute_of_mixed_load_leaks_nothing_and_every_answer_is_exact(
-    ray_cluster, checkpoints, reliability_record
-) -> None:
+def test_mixed_load_leaks_nothing_and_every_answer_is_exact(ray_cluster, checkpoints, reliability_record) -> None:
     result = run_soak(SoakConfig(duration_s=SOAK_S, checkpoint=checkpoints(torch.float32), workers=WORKERS))
 
     requests = result.requests
@@ -67,8 +72,8 @@ def test_a_minute_of_mixed_load_leaks_nothing_and_every_answer_is_exact(
     growths = {name: service["growth"] for name, service in result.services.items()}
     failed = requests["failed_by_design"]
     reliability_record(
-        "soak-60s",
-        title="Soak: 60 s of mixed load",
+        f"soak-{SOAK_S:g}s",
+        title=f"Soak: {SOAK_S:g} s of mixed load",
         load=result.load,
         faults=result.faults,
         succeeded=requests["ok"],

@@ -95,7 +95,8 @@ class UpProcess:
 
 
 def start_up(directory: Path, checkpoint: Path, *flags: str) -> UpProcess:
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    # a Ray of its own, even where another one runs on this machine (the test session's, another `up`'s)
+    env = {**os.environ, "RAY_ADDRESS": "local"}
     env["PYTHONUNBUFFERED"] = "1"
     process = subprocess.Popen(
         [
