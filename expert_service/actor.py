@@ -38,7 +38,9 @@ def restore_scheduling_priority() -> None:
         logger.info("worker keeps Ray's niceness %d (%s)", os.nice(0), error)
 
 
-CONTROLLER_CHECK_S = 5.0  # how often a worker looks for its controller; it leaves after two misses
+# how often a worker looks for its controller (a lookup in Ray's GCS); it leaves after two misses, so
+# ~4 s after its controller is gone for good (a controller Ray restarts keeps its name meanwhile)
+CONTROLLER_CHECK_S = 2.0
 
 
 class ExpertWorkerActor:

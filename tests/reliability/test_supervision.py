@@ -1,6 +1,6 @@
 """`moe-serve up` as a supervisor (issue 23, items 1-3), with real processes throughout.
 
-Three `up` processes, each in a session of its own (as a service manager starts one):
+Three `up` processes, each in a session of its own (as a service manager starts one), started together:
 - the first (router embedded in the gateway) loses its gateway, its controller actor and a worker
   actor to SIGKILL in turn under light load, serving exact answers again after each; then its whole
   process group gets SIGTERM, as systemd's `KillMode=control-group` sends it;
@@ -85,6 +85,13 @@ class UpProcess:
     def tail(self) -> str:
         return "".join(self.output[-60:])
 
+    def wait_ready(self) -> UpProcess:
+        """Block until `up` announced its stack; stop everything and fail the test if it did not."""
+        if not (self._announced.wait(START_TIMEOUT_S) and self.ready):
+            self.kill_everything()
+            pytest.fail(f"`up` did not become ready; its output:\n{self.tail()}")
+        return self
+
     def kill_everything(self) -> None:
         """Finaliser: SIGKILL `up`'s group and every process it was seen to start."""
         self._stop.set()
@@ -94,10 +101,12 @@ class UpProcess:
         stop_processes(self.started, grace_s=0)
 
 
-def start_up(directory: Path, checkpoint: Path, *flags: str) -> UpProcess:
+def launch_up(
+    directory: Path, checkpoint: Path, *flags: str, workers: int = 2, env: dict[str, str] | None = None
+) -> UpProcess:
+    """Start `moe-serve up` (in a session of its own) without waiting: `wait_ready()` waits for its stack."""
     # a Ray of its own, even where another one runs on this machine (the test session's, another `up`'s)
-    env = {**os.environ, "RAY_ADDRESS": "local"}
-    env["PYTHONUNBUFFERED"] = "1"
+    environment = {**os.environ, **(env or {}), "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         [
             sys.executable,
@@ -109,14 +118,14 @@ def start_up(directory: Path, checkpoint: Path, *flags: str) -> UpProcess:
             "--port",
             "0",
             "--workers",
-            "2",
+            str(workers),
             *flags,
         ],
         cwd=directory,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=environment,
         start_new_session=True,  # its own process group, as systemd gives a service
     )
     up = UpProcess(process, directory)
@@ -132,9 +141,6 @@ def start_up(directory: Path, checkpoint: Path, *flags: str) -> UpProcess:
 
     threading.Thread(target=read, daemon=True).start()
     threading.Thread(target=up.record_descendants, daemon=True).start()
-    if not (up._announced.wait(START_TIMEOUT_S) and up.ready):
-        up.kill_everything()
-        pytest.fail(f"`up` did not become ready; its output:\n{up.tail()}")
     return up
 
 
@@ -192,11 +198,32 @@ def fp32_checkpoint(checkpoints: Callable[[torch.dtype], Path]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def embedded_up(tmp_path_factory: pytest.TempPathFactory, fp32_checkpoint: Path) -> Iterator[UpProcess]:
-    # a rebalance interval far beyond the test: a policy that must survive a controller restart
-    up = start_up(tmp_path_factory.mktemp("up-embedded"), fp32_checkpoint, "--rebalance", "3600")
-    yield up
-    up.kill_everything()
+def ups(tmp_path_factory: pytest.TempPathFactory, fp32_checkpoint: Path) -> Iterator[dict[str, UpProcess]]:
+    """The module's three `up` processes, started together so that their start-ups (a Ray, the services
+    and the worker actors each) overlap instead of queueing; the tests run once all are up (or failed),
+    each on its own, while the others idle."""
+    directory = tmp_path_factory.mktemp
+    launched = {
+        # a rebalance interval far beyond the test: a policy that must survive a controller restart
+        "embedded": launch_up(directory("up-embedded"), fp32_checkpoint, "--rebalance", "3600"),
+        "service": launch_up(directory("up-service"), fp32_checkpoint, "--router", "service"),
+        # no restarts to spend (one worker is all it needs)
+        "no restarts": launch_up(
+            directory("up-no-restarts"), fp32_checkpoint, workers=1, env={"MOE_SERVE_RESTART_LIMIT": "0"}
+        ),
+    }
+    try:
+        for up in launched.values():
+            up._announced.wait(START_TIMEOUT_S)  # each test's wait_ready() reports its own `up`'s failure
+        yield launched
+    finally:
+        for up in launched.values():
+            up.kill_everything()
+
+
+@pytest.fixture(scope="module")
+def embedded_up(ups: dict[str, UpProcess]) -> UpProcess:
+    return ups["embedded"].wait_ready()
 
 
 def survivors_after(started: set[ProcessRecord], bound_s: float) -> list[int]:
@@ -286,9 +313,9 @@ def test_group_sigterm_stops_everything(embedded_up: UpProcess) -> None:
 
 
 @pytest.mark.slow
-def test_router_restarts_then_nothing_survives_sigkill_of_up(tmp_path: Path, fp32_checkpoint: Path) -> None:
+def test_router_restarts_then_nothing_survives_sigkill_of_up(ups: dict[str, UpProcess], fp32_checkpoint: Path) -> None:
     """Scenarios 2 (router, as its own process) and 5 (SIGKILL of `up` itself)."""
-    up = start_up(tmp_path, fp32_checkpoint, "--router", "service")
+    up = ups["service"].wait_ready()
     try:
         # while the router is down the gateway says so: readiness NOT_SERVING, until the restart
         def not_ready() -> None:
@@ -343,12 +370,10 @@ def test_restarts_reuse_the_announced_ports() -> None:
 
 
 @pytest.mark.slow
-def test_up_exits_non_zero_naming_the_service_once_its_restart_budget_is_spent(
-    tmp_path: Path, fp32_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With no restarts allowed, a killed gateway ends `up` at once: exit 1, naming it, nothing left."""
-    monkeypatch.setenv("MOE_SERVE_RESTART_LIMIT", "0")
-    up = start_up(tmp_path, fp32_checkpoint)
+def test_up_exits_non_zero_naming_the_service_once_its_restart_budget_is_spent(ups: dict[str, UpProcess]) -> None:
+    """With no restarts allowed (MOE_SERVE_RESTART_LIMIT=0), a killed gateway ends `up` at once: exit 1,
+    naming it, nothing left."""
+    up = ups["no restarts"].wait_ready()
     try:
         up.started |= descendants(up.process.pid)
         (gateway,) = up.processes("moe_serve gateway")
