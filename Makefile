@@ -38,9 +38,9 @@ test-fast: lint
 	$(PYTHON) -m pytest -m "not slow"
 
 # the tiers on their own: tests/unit starts no process (seconds), tests/integration runs real stacks,
-# tests/reliability injects faults into them; `-m "not slow"` leaves out the longest of the latter two
+# tests/reliability injects faults into them; `-m "not slow"` leaves out the longest tests of each tier
 test-unit: $(INSTALLED)
-	$(PYTHON) -m pytest tests/unit
+	$(PYTHON) -m pytest tests/unit -m "not slow"
 
 test-integration: $(INSTALLED)
 	$(PYTHON) -m pytest tests/integration

@@ -33,6 +33,9 @@ def test_every_supported_model_type_has_a_test_family() -> None:
     assert {FAMILIES[name].config().model_type for name in PATCHABLE} == set(SUPPORTED_MODEL_TYPES)
 
 
+# slow (a transformers model per family, greedy generation included: minutes on 2 cores): `make test`
+# runs it, `make test-unit` and `make test-fast` leave it out
+@pytest.mark.slow
 @pytest.mark.parametrize("family", PATCHABLE)
 def test_patched_model_equals_the_local_model(family: str, tmp_path: Path) -> None:
     directory = save_family(family, tmp_path / f"tiny-{family}")
