@@ -35,6 +35,7 @@ from moe_serve.runtime.errors import (
     failure_of,
     listed,
 )
+from moe_serve.runtime.local_socket import SideChannelListener
 from moe_serve.runtime.security import INSECURE_INTERNAL, ClusterCredentials
 from moe_serve.runtime.shared_arena import ACCEPT_KEY, OFFER_KEY, ArenaView
 from moe_serve.runtime.streams import StreamClientPool, serve_stream
@@ -88,6 +89,8 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         self._deliveries: StreamClientPool[moe_pb2.Delivery, moe_pb2.DeliveryAck] = StreamClientPool(
             lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes, credentials
         )
+        self.max_message_bytes = max_message_bytes
+        self._side_channels: SideChannelListener | None = None
         self._inflight_by_expert: Counter[ExpertKey] = Counter()
         self._computing = 0  # batches between arrival and computed outputs
         # moving average of one decode-sized segment's compute time (ms); inf until one was measured
@@ -119,6 +122,8 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         )
 
     async def close(self) -> None:
+        if self._side_channels is not None:
+            await self._side_channels.close()
         await self._deliveries.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
         self.store.close()
@@ -129,27 +134,43 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         return self.record().to_proto()
 
     async def ComputeStream(self, requests: object, context: aio.ServicerContext) -> None:
-        arena = await self._attach_arena(context)
+        arena = self._attach_arena(context)
         try:
+            # same host (the arena is mapped): the stream's messages may take a Unix socket beside it
             await serve_stream(
                 context,
                 lambda request: self.compute(request, arena),
                 lambda _, error: moe_pb2.ComputeResult(failure=failure_of(error)),
+                initial_metadata=((ACCEPT_KEY, "1" if arena is not None else "0"),),
+                side_listener=await self._side_listener() if arena is not None else None,
+                decode_request=moe_pb2.ComputeRequest.FromString,
             )
         finally:
             if arena is not None:
                 arena.close()
 
-    async def _attach_arena(self, context: aio.ServicerContext) -> ArenaView | None:
+    async def _side_listener(self) -> SideChannelListener | None:
+        """This worker's same-host socket (moe_serve/runtime/local_socket.py), opened at first use;
+        None where none can be opened (messages then stay on the gRPC stream)."""
+        if self._side_channels is None:
+            listener = SideChannelListener(self.max_message_bytes)
+            try:
+                await listener.start()
+            except OSError as error:
+                logger.warning("no same-host side channel (%s): messages stay on the gRPC stream", error)
+                return None
+            self._side_channels = listener
+        return self._side_channels
+
+    def _attach_arena(self, context: aio.ServicerContext) -> ArenaView | None:
         """Map the sender's shared-memory arena when it offers one and it is reachable from here
-        (moe_serve/runtime/shared_arena.py); the answer goes back at once, in the initial metadata."""
+        (moe_serve/runtime/shared_arena.py); the answer goes back in the initial metadata."""
         offer = next((value for key, value in context.invocation_metadata() or () if key == OFFER_KEY), None)
         if offer is None:
             return None
         arena, reason = ArenaView.attach(str(offer))
         if arena is None:
             logger.info("worker %s: rows come as bytes on this stream (%s)", self.identity.worker_id, reason)
-        await context.send_initial_metadata(((ACCEPT_KEY, "1" if arena is not None else "0"),))
         return arena
 
     async def compute(self, request: moe_pb2.ComputeRequest, arena: ArenaView | None = None) -> moe_pb2.ComputeResult:

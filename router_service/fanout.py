@@ -158,6 +158,7 @@ class Dispatcher:
             max_message_bytes,
             credentials,
             (lambda: new_arena(shared_memory_bytes)) if shared_memory_bytes > 0 else None,
+            decode_reply=moe_pb2.ComputeResult.FromString,  # a worker on this host offers a side channel
         )
         self._gateways: StreamClientPool[moe_pb2.Delivery, moe_pb2.DeliveryAck] = StreamClientPool(
             lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes, credentials
