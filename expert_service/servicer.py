@@ -176,6 +176,9 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
     async def compute(self, request: moe_pb2.ComputeRequest, arena: ArenaView | None = None) -> moe_pb2.ComputeResult:
         """Compute one batch and deliver it; the result says how many rows the gateway accepted.
         `arena`: the stream's shared memory, where the request's rows (and outputs) may be."""
+        if not request.trace_context and not self.telemetry.samples_roots:
+            # outside a trace, and root spans are not sampled: the span would record nothing
+            return await self._compute(request, arena)
         with rpc_span(self.tracer, COMPUTE_STREAM, SpanKind.SERVER, extract_context(request.trace_context)) as span:
             if span.is_recording():
                 span.set_attributes(
@@ -255,25 +258,27 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         inline_from = len(segments) - 1 if self._small_segment_ms >= INLINE_ALL_BELOW_MS else 0
         self._computing += 1
         try:
-            futures, start = [], 0
+            threaded: list[asyncio.Future[torch.Tensor | None]] = []
+            on_loop: list[tuple[int, ExpertKey, torch.Tensor]] = []
+            start = 0
             for index, (key, count) in enumerate(segments):
                 piece = rows[start : start + count]
                 start += count
                 if inline and index >= inline_from:
-                    futures.append(self._inline_compute(key, piece, deadline))
+                    on_loop.append((index, key, piece))
                     continue
                 # the compute thread continues this request's trace (executors do not copy the context)
                 task = functools.partial(contextvars.copy_context().run, self._timed_compute, key, piece, deadline)
-                futures.append(loop.run_in_executor(self._executor, task))
-            results = await asyncio.gather(*futures)
+                threaded.append(loop.run_in_executor(self._executor, task))
+            # the loop's share runs now, beside the threads' (no task of its own: one loop turn fewer)
+            computed = {index: self._timed_compute(key, piece, deadline) for index, key, piece in on_loop}
+            from_threads = iter(await asyncio.gather(*threaded) if threaded else ())
+            results = [computed[index] if index in computed else next(from_threads) for index in range(len(segments))]
         finally:
             self._computing -= 1
         if any(result is None for result in results):
             return None
         return results[0] if len(results) == 1 else torch.cat(results, dim=0)
-
-    async def _inline_compute(self, key: ExpertKey, rows: torch.Tensor, deadline: float | None) -> torch.Tensor | None:
-        return self._timed_compute(key, rows, deadline)
 
     def _timed_compute(self, key: ExpertKey, rows: torch.Tensor, deadline: float | None) -> torch.Tensor | None:
         self.load.started(rows.shape[0])
@@ -287,7 +292,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             previous = self._small_segment_ms
             self._small_segment_ms = seconds * 1000 if previous == float("inf") else 0.8 * previous + 200 * seconds
         self.load.computed(rows.shape[0], seconds * 1000)
-        self.metrics.computed(key, seconds)
+        _off_the_reply_path(self.metrics.computed, key, seconds)
         return output
 
     def _abandon_if_expired(self, request: moe_pb2.ComputeRequest, deadline: float | None) -> None:
@@ -314,7 +319,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             payload = codec.payload_bytes(request.positions)
         else:
             payload = codec.fill_proto(result.rows, outputs) + codec.payload_bytes(request.positions)
-        self.metrics.wire("worker_to_gateway", "sent", payload)
+        _off_the_reply_path(self.metrics.wire, "worker_to_gateway", "sent", payload)
         return result
 
     async def _deliver(self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, deadline: float | None) -> int:
@@ -375,3 +380,13 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
     async def _announce(self) -> None:
         if self.publish is not None:
             await self.publish()
+
+
+def _off_the_reply_path(record: Callable[..., None], *args: object) -> None:
+    """Record a metric once the reply is on its way: on the event loop, an OpenTelemetry record
+    (15-25 us each, measured) runs after the current step, which writes the reply; on a compute
+    thread, at once (that thread is not what the reply waits for)."""
+    try:
+        asyncio.get_running_loop().call_soon(record, *args)
+    except RuntimeError:
+        record(*args)

@@ -153,7 +153,10 @@ class Telemetry:
         if metrics_endpoint := _otlp_endpoint("METRICS"):
             readers.append(self._otlp_metric_reader(metrics_endpoint))
         traces_endpoint = _otlp_endpoint("TRACES")
-        self.tracer_provider = TracerProvider(resource=resource, sampler=_default_sampler(traces_endpoint))
+        sampler = _default_sampler(traces_endpoint)
+        # False: a span outside a caller's sampled trace is never recorded, so callers may skip it
+        self.samples_roots = sampler is None
+        self.tracer_provider = TracerProvider(resource=resource, sampler=sampler)
         # nothing reads the metrics (--no-metrics, no OTLP): the no-op meter records nothing, where the
         # SDK's would still build and dispatch every measurement (about 4% of a T=1 request's CPU)
         self.meter_provider: MeterProvider | NoOpMeterProvider = (
