@@ -8,12 +8,14 @@ statistics and the trace span are the same code for both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Tracer
 
 from gateway.converters import build_infer_response, parse_infer_request
@@ -36,7 +38,11 @@ class InferenceHandler:
         metrics: GatewayMetrics,
         tracer: Tracer,
         shared_memory: SharedMemoryRegistry,
+        samples_roots: bool = True,
     ) -> None:
+        """`samples_roots`: False when a request outside a client's trace is never recorded
+        (Telemetry.samples_roots): such a request then starts no span at all."""
+        self.samples_roots = samples_roots
         self.dataplane, self.default_timeout_s, self.metrics, self.tracer = (
             dataplane,
             default_timeout_s,
@@ -62,22 +68,28 @@ class InferenceHandler:
         `rpc`: a gRPC call, whose span carries OpenTelemetry's RPC attributes; REST's is a plain SERVER span.
         """
         arrived, status, tokens = time.monotonic(), grpc.StatusCode.OK, 0
-        token = attach(metadata_context(trace_headers))
+        context = metadata_context(trace_headers)
+        token = attach(context)
         # the regions the request reads and writes stay open until it is answered, even if unregistered
         shared_memory = self.shared_memory.lease()
         try:
-            scope = (
-                rpc_span(self.tracer, span_name, SpanKind.SERVER)
-                if rpc
-                else self.tracer.start_as_current_span(span_name, kind=SpanKind.SERVER)
-            )
+            scope: contextlib.AbstractContextManager[Any]
+            if not self.samples_roots and not trace.get_current_span(context).get_span_context().is_valid:
+                # no client trace, and this one would not be sampled: a span would record nothing, yet
+                # its (valid, unsampled) context would ride every internal message and start spans there
+                scope = contextlib.nullcontext(trace.INVALID_SPAN)
+            elif rpc:
+                scope = rpc_span(self.tracer, span_name, SpanKind.SERVER)
+            else:
+                scope = self.tracer.start_as_current_span(span_name, kind=SpanKind.SERVER)
             with scope as span:
                 model = self.dataplane.model
                 inference = parse_infer_request(request, model, uuid.uuid4().hex, shared_memory)
                 decoded = time.monotonic()
                 # tensor bytes on the wire: what came through shared memory did not
                 received = inference.hidden_states.nbytes - shared_memory.bytes_read
-                self.metrics.wire("client_to_gateway", "received", received)
+                loop = asyncio.get_running_loop()
+                loop.call_soon(self.metrics.wire, "client_to_gateway", "received", received)  # off the critical path
                 tokens = inference.num_tokens
                 span.set_attributes(
                     {"moe_serve.model": model.name, "moe_serve.layer": inference.layer, "moe_serve.tokens": tokens}
@@ -93,9 +105,7 @@ class InferenceHandler:
                 encoded = time.monotonic()
                 sent = sum(t.nbytes for t in result.tensors.values()) - shared_memory.bytes_written
                 # the figures are recorded once the answer is on its way: off the request's critical path
-                asyncio.get_running_loop().call_soon(
-                    self._record_success, arrived, decoded, result.dispatched_at, inferred, encoded, sent
-                )
+                loop.call_soon(self._record_success, arrived, decoded, result.dispatched_at, inferred, encoded, sent)
                 return response
         except MoEServeError as error:
             status = error.status_code

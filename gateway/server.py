@@ -243,7 +243,12 @@ class GatewayService(Service[GatewaySettings]):
         )
         self.shared_memory = SharedMemoryRegistry(settings.allow_client_shm, self.max_request_bytes)
         handler = InferenceHandler(
-            self.dataplane, settings.request_timeout_s, metrics, self.telemetry.tracer, self.shared_memory
+            self.dataplane,
+            settings.request_timeout_s,
+            metrics,
+            self.telemetry.tracer,
+            self.shared_memory,
+            samples_roots=self.telemetry.samples_roots,
         )
         self.servicer = InferenceServicer(handler)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.public_server)

@@ -317,12 +317,12 @@ class Dispatcher:
             for expert, count in zip(batch.experts, batch.counts, strict=True):
                 self.expert_rows[ExpertKey(job.layer, expert)] += count
             self.worker_rows[worker_id] += batch.num_rows
-        if self.metrics is not None:
-            self.metrics.wire("router_to_worker", "sent", payload)
+        loop = asyncio.get_running_loop()
+        if self.metrics is not None:  # recorded once the message is written (an OpenTelemetry add: ~15 us)
+            loop.call_soon(self.metrics.wire, "router_to_worker", "sent", payload)
         self._outstanding_rows[worker_id] += batch.num_rows
         flight = _Flight(worker_id)
         self._flights.add(flight)
-        loop = asyncio.get_running_loop()
         started = loop.time()
         overdue_s = self.stragglers.overdue_after_s(worker_id, batch.num_rows)
         watch = None  # no timer when the deadline comes first: a hedge could not beat it

@@ -103,8 +103,8 @@ class RouterServicer(moe_grpc.RouterServicer):
         started = time.perf_counter()
         with child_span(self.tracer, "router.gating"):
             decision = self.planner.decide(hidden, request.layer, request.expert_capacity, request.overflow or "drop")
-        if self.metrics is not None:
-            self.metrics.gating(time.perf_counter() - started)
+        if self.metrics is not None:  # recorded after the fan-out below is under way
+            asyncio.get_running_loop().call_soon(self.metrics.gating, time.perf_counter() - started)
         with child_span(self.tracer, "router.dispatch"):
             batches = self.dispatcher.assign(
                 request.layer, segments_of(decision.groups), frozenset(), self._shared_ids, decision.slots_per_token
