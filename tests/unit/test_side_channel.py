@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
@@ -20,6 +20,7 @@ from moe_serve.runtime.local_socket import FrameError, FrameReader, SideChannelL
 from moe_serve.runtime.streams import StreamClient, serve_stream
 
 SERVICE, METHOD = "moe_serve.test.Side", "Compute"
+Handle = Callable[[moe_pb2.ComputeRequest], Awaitable[moe_pb2.ComputeResult]]
 LIMIT = 1 << 20
 
 
@@ -129,23 +130,26 @@ def test_silent_and_oversized_peers_are_closed(monkeypatch: pytest.MonkeyPatch) 
 
 
 @contextlib.asynccontextmanager
-async def side_server(offer_side: bool, hold: asyncio.Event | None = None) -> AsyncIterator[tuple[str, list[str]]]:
-    """An aio server whose stream answers ComputeRequests (rows_delivered = layer * 10), offering a
-    side channel when asked; yields its address and, per answer, where the request came from."""
+async def side_server(
+    offer_side: bool, hold: asyncio.Event | None = None, handle: Handle | None = None
+) -> AsyncIterator[tuple[str, list[str]]]:
+    """An aio server whose stream answers ComputeRequests (by default rows_delivered = layer * 10,
+    after `hold` for request "hold"; errors answer -1), offering a side channel when asked; yields
+    its address and the ids of the requests answered, in order."""
     listener = SideChannelListener(LIMIT)
     await listener.start()
     origins: list[str] = []
 
-    async def stream(requests: object, context: aio.ServicerContext) -> None:
-        async def handle(request: moe_pb2.ComputeRequest) -> moe_pb2.ComputeResult:
-            if hold is not None and request.request_id == "hold":
-                await hold.wait()
-            origins.append(request.request_id)
-            return moe_pb2.ComputeResult(rows_delivered=request.layer * 10)
+    async def answer(request: moe_pb2.ComputeRequest) -> moe_pb2.ComputeResult:
+        if hold is not None and request.request_id == "hold":
+            await hold.wait()
+        origins.append(request.request_id)
+        return moe_pb2.ComputeResult(rows_delivered=request.layer * 10)
 
+    async def stream(requests: object, context: aio.ServicerContext) -> None:
         await serve_stream(
             context,
-            handle,
+            handle or answer,
             lambda _, error: moe_pb2.ComputeResult(rows_delivered=-1),
             side_listener=listener if offer_side else None,
             decode_request=moe_pb2.ComputeRequest.FromString,
@@ -239,43 +243,21 @@ def test_a_broken_side_channel_fails_waiting_calls_at_once_and_the_next_call_rec
 
 
 def test_errors_on_the_side_channel_are_replies_and_the_stream_keeps_serving() -> None:
+    async def refuse_negative(request: moe_pb2.ComputeRequest) -> moe_pb2.ComputeResult:
+        if request.layer < 0:
+            raise MoEServeError("negative layer")
+        return moe_pb2.ComputeResult(rows_delivered=request.layer)
+
     async def scenario() -> None:
-        listener = SideChannelListener(LIMIT)
-        await listener.start()
-
-        async def stream(requests: object, context: aio.ServicerContext) -> None:
-            async def handle(request: moe_pb2.ComputeRequest) -> moe_pb2.ComputeResult:
-                if request.layer < 0:
-                    raise MoEServeError("negative layer")
-                return moe_pb2.ComputeResult(rows_delivered=request.layer)
-
-            await serve_stream(
-                context,
-                handle,
-                lambda _, error: moe_pb2.ComputeResult(rows_delivered=-1),
-                side_listener=listener,
-                decode_request=moe_pb2.ComputeRequest.FromString,
-            )
-
-        handler = grpc.stream_stream_rpc_method_handler(
-            stream,
-            request_deserializer=moe_pb2.ComputeRequest.FromString,
-            response_serializer=moe_pb2.ComputeResult.SerializeToString,
-        )
-        server = aio.server()
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})])
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        client = _client(f"127.0.0.1:{port}")
-        try:
-            await client.call(moe_pb2.ComputeRequest(layer=1), timeout=5)
-            assert await _side_taken(client)
-            bad = await client.call(moe_pb2.ComputeRequest(layer=-1), timeout=5)
-            good = await client.call(moe_pb2.ComputeRequest(layer=7), timeout=5)
-            assert (bad.rows_delivered, good.rows_delivered) == (-1, 7)
-        finally:
-            await client.close()
-            await server.stop(0)
-            await listener.close()
+        async with side_server(True, handle=refuse_negative) as (address, _):
+            client = _client(address)
+            try:
+                await client.call(moe_pb2.ComputeRequest(layer=1), timeout=5)
+                assert await _side_taken(client)
+                bad = await client.call(moe_pb2.ComputeRequest(layer=-1), timeout=5)
+                good = await client.call(moe_pb2.ComputeRequest(layer=7), timeout=5)
+                assert (bad.rows_delivered, good.rows_delivered) == (-1, 7)
+            finally:
+                await client.close()
 
     asyncio.run(scenario())
