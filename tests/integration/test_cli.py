@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -52,47 +53,45 @@ def test_up_on_the_demo_checkpoint_then_infer(tmp_path: Path) -> None:
         assert ready["model"] == "mixtral-demo"
         assert (tmp_path / ".moe-serve" / "mixtral-demo" / "config.json").is_file()
         assert_internal_hops_authenticated(tmp_path / ".moe-serve" / "cluster.json", up.process.pid)
-        infer = subprocess.run(
-            [sys.executable, "-m", "moe_serve", "infer", "--url", ready["address"], "--tokens", "5", "--repeat", "3"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
-        assert infer.returncode == 0, infer.stdout + infer.stderr
-        assert "FP32 [5, 256]" in infer.stdout and "latency p50" in infer.stdout
-        assert_rest_equals_grpc(ready["http_address"], ready["address"], ready["model"])
-        assert f"REST http://{ready['http_address']}/v2" in "".join(output)
 
-        def cli(*args: str) -> subprocess.CompletedProcess:
+        def cli(*args: str, timeout_s: float = 120, cwd: Path | None = tmp_path) -> subprocess.CompletedProcess:
             return subprocess.run(
                 [sys.executable, "-m", "moe_serve", *args],
-                cwd=tmp_path,
+                cwd=cwd,
                 capture_output=True,
                 text=True,
-                timeout=120,
+                timeout=timeout_s,
                 env=env,
             )
 
-        status = cli("status")
+        # the commands that change nothing run side by side (each is an interpreter's start-up and
+        # imports, mostly), while this process checks REST against gRPC
+        with ThreadPoolExecutor(4) as pool:
+            infer = pool.submit(
+                cli, "infer", "--url", ready["address"], "--tokens", "5", "--repeat", "3", timeout_s=60, cwd=None
+            )
+            status = pool.submit(cli, "status")
+            before = pool.submit(cli, "status", "--json")
+            refused = pool.submit(cli, "scale", "--expert", "1")
+            assert_rest_equals_grpc(ready["http_address"], ready["address"], ready["model"])
+            assert f"REST http://{ready['http_address']}/v2" in "".join(output)
+        infer, status, before, refused = infer.result(), status.result(), before.result(), refused.result()
+        assert infer.returncode == 0, infer.stdout + infer.stderr
+        assert "FP32 [5, 256]" in infer.stdout and "latency p50" in infer.stdout
         assert status.returncode == 0, status.stdout + status.stderr
         assert "placement" in status.stdout and "replicas per expert" in status.stdout
-        before = json.loads(cli("status", "--json").stdout)
+        before = json.loads(before.stdout)
         assert [w["worker_id"] for w in before["workers"]] == ["mixtral-demo-w0", "mixtral-demo-w1"]
+        assert refused.returncode == 2 and "--replicas" in refused.stderr
         scaled = cli("scale", "--expert", "1", "--replicas", "2")
         assert scaled.returncode == 0, scaled.stdout + scaled.stderr
-        after = json.loads(cli("status", "--json").stdout)
+        with ThreadPoolExecutor(2) as pool:
+            after = pool.submit(cli, "status", "--json")
+            again = pool.submit(cli, "infer", "--url", ready["address"], "--tokens", "64", timeout_s=60, cwd=None)
+        after = json.loads(after.result().stdout)
         assert {w["worker_id"] for w in after["workers"]} == {"mixtral-demo-w0", "mixtral-demo-w1", "mixtral-demo-w2"}
         assert after["replicas"]["0:1"] == after["replicas"]["1:1"] == 2 and after["replicas"]["0:2"] == 1
-        refused = cli("scale", "--expert", "1")
-        assert refused.returncode == 2 and "--replicas" in refused.stderr
-        again = subprocess.run(
-            [sys.executable, "-m", "moe_serve", "infer", "--url", ready["address"], "--tokens", "64"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=env,
-        )
+        again = again.result()
         assert again.returncode == 0, again.stdout + again.stderr
     finally:
         code = up.interrupt(60)
