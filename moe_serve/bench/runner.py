@@ -568,7 +568,16 @@ def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> B
     )
     run = BenchRun(config, progress, result, checkpoint_dir, checkpoint, inputs)
     progress.start("start")
-    measured = core_and_stack_sections(run)
+    import ray
+
+    # one local Ray for the core run and the thin section (both stop every stack they start): its
+    # start-up and shutdown are paid once; it is gone before the other sections, as before
+    init_ray(log_to_driver=False)
+    try:
+        measured = core_and_stack_sections(run)
+        thin_if_asked(run)
+    finally:
+        ray.shutdown()
     standalone_sections(run)
     summarize_core(run, measured)
     if run.device.type == "cuda":
@@ -578,12 +587,9 @@ def run_bench(config: BenchConfig, progress: SectionProgress | None = None) -> B
 
 def core_and_stack_sections(run: BenchRun) -> dict[str, dict[str, Any]]:
     """Start both served stacks, the echo server and the monolithic peer (all at once); run the core
-    comparison, then the sections that use the served stack; stop everything. Returns the core
-    comparison's figures."""
-    import ray
-
+    comparison, then the sections that use the served stack; stop everything but Ray (the caller's).
+    Returns the core comparison's figures."""
     config, result, checkpoint_dir, inputs = run.config, run.result, run.checkpoint_dir, run.inputs
-    init_ray(log_to_driver=False)
     # every subject's processes start at once: the peers now, both stacks side by side in served_stacks
     echo = spawn_service_process("echo", [], module="moe_serve.bench.echo")
     monolithic = spawn_monolithic(checkpoint_dir, config.device)
@@ -632,7 +638,6 @@ def core_and_stack_sections(run: BenchRun) -> dict[str, dict[str, Any]]:
     finally:
         monolithic.stop()
         echo.stop()
-        ray.shutdown()
     return measured
 
 
@@ -683,16 +688,20 @@ def served_stack_sections(run: BenchRun, stack: Stack) -> None:
         result.capacity = drop_rates(stack, make_request, gate, config.top_k)
 
 
+def thin_if_asked(run: BenchRun) -> None:
+    """The thin section, when config.sections asks for it: on the running Ray, with stacks of its own."""
+    if "thin" in run.config.sections:
+        run.progress.start("thin")
+        from moe_serve.bench.thin import thin_section
+
+        run.result.fast_path["thin"] = thin_section(run.config, run.inputs)
+
+
 def standalone_sections(run: BenchRun) -> None:
-    """Thin, placement, auth, replication and offload: sections that start what they measure themselves."""
+    """Placement, auth, replication and offload: sections that start what they measure themselves."""
     import ray
 
     config, result, progress = run.config, run.result, run.progress
-    if "thin" in config.sections:
-        progress.start("thin")
-        from moe_serve.bench.thin import thin_section
-
-        result.fast_path["thin"] = thin_section(config, run.inputs)
     if "placement" in config.sections:
         progress.start("placement")
         from moe_serve.bench.placement import placement_comparison

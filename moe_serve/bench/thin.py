@@ -38,7 +38,8 @@ THIN_INTERMEDIATE_SIZE = 8
 
 def thin_section(config: BenchConfig, inputs: dict[int, torch.Tensor]) -> dict[str, Any]:
     """Monolithic vs served vs echo on the thin checkpoint (`inputs` as the core run's); starts and
-    stops its own Ray, stack, peer and echo."""
+    stops its own stacks, peer and echo on the running Ray (run_bench's, or a local one it starts
+    and stops when none runs)."""
     import ray
 
     thin = replace(config, intermediate_size=THIN_INTERMEDIATE_SIZE)
@@ -49,7 +50,9 @@ def thin_section(config: BenchConfig, inputs: dict[int, torch.Tensor]) -> dict[s
     # the in-process block the monolithic peer runs, to tell its client hop from its compute
     block = reference_block(checkpoint, 0, "eager", checkpoint.spec.dtype).to(device)
     reference_inputs = {tokens: hidden.to(device) for tokens, hidden in inputs.items()}
-    init_ray(log_to_driver=False)
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        init_ray(log_to_driver=False)
     # the peers start now, while both stacks launch side by side
     echo = spawn_service_process("echo", [], module="moe_serve.bench.echo")
     monolithic = spawn_monolithic(checkpoint_dir, config.device)
@@ -75,7 +78,8 @@ def thin_section(config: BenchConfig, inputs: dict[int, torch.Tensor]) -> dict[s
     finally:
         monolithic.stop()
         echo.stop()
-        ray.shutdown()
+        if owns_ray:
+            ray.shutdown()
     section["intermediate_size"] = THIN_INTERMEDIATE_SIZE
     section["internal_wire_bytes_per_token"] = measured["served"].get("internal_wire_bytes_per_token")
     return section
