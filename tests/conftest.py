@@ -52,10 +52,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[str]:
-    """One local Ray instance for the whole run (starting Ray costs ~5 s)."""
+    """One local Ray instance for the whole run (starting Ray costs ~5 s): always a new one, never a
+    cluster that ray.init would otherwise find (a stack someone runs beside, a stale
+    /tmp/ray/ray_current_cluster), which fails with "num_cpus ... must not be provided"."""
     import ray
 
-    context = init_ray(num_cpus=2)
+    context = init_ray("local", num_cpus=2)
     yield context.address_info["gcs_address"]
     ray.shutdown()
 
