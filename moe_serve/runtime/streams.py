@@ -101,10 +101,11 @@ class StreamClient(Generic[RequestT, ReplyT]):
         future: asyncio.Future[ReplyT] = asyncio.get_running_loop().create_future()
         answered = False
         try:
-            # shielded: grpc.aio cancels the whole stream when a write is interrupted, and every
-            # concurrent call shares it; a caller that goes away (its client cancelled, its deadline
-            # passed) leaves its write to finish in the background instead
-            await asyncio.shield(self._send(call_id, message, future, written))
+            if not self._send_on_side(call_id, message, future, written):
+                # shielded: grpc.aio cancels the whole stream when a write is interrupted, and every
+                # concurrent call shares it; a caller that goes away (its client cancelled, its
+                # deadline passed) leaves its write to finish in the background instead
+                await asyncio.shield(self._send(call_id, message, future, written))
             async with asyncio.timeout(timeout):
                 reply = await future
             answered = True
@@ -122,6 +123,21 @@ class StreamClient(Generic[RequestT, ReplyT]):
                     self._orphans[call_id] = (release, entry[1])  # in flight: wait for its reply
                 else:
                     release()  # never written, or its stream is gone
+
+    def _send_on_side(
+        self, call_id: int, message: RequestT, future: asyncio.Future[ReplyT], written: Callable[[], None] | None
+    ) -> bool:
+        """Write `message` on the current stream's side channel at once, if it has an open one (a
+        socket write never blocks, nor can it be interrupted: no task, no lock); False otherwise."""
+        side, stream = self.side, self._stream
+        if side is None or side[0] is not stream or stream is None or stream.done() or not side[1].open:
+            return False
+        self._pending[call_id] = (future, stream)
+        side[1].send(message)
+        STREAM_MESSAGES.count(message, "sent")
+        if written is not None:
+            written()
+        return True
 
     async def _send(
         self,
