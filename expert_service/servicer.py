@@ -258,22 +258,22 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         inline_from = len(segments) - 1 if self._small_segment_ms >= INLINE_ALL_BELOW_MS else 0
         self._computing += 1
         try:
+            # the segments before `inline_from` go to the threads, the rest (if inline) to the loop
             threaded: list[asyncio.Future[torch.Tensor | None]] = []
-            on_loop: list[tuple[int, ExpertKey, torch.Tensor]] = []
+            on_loop: list[tuple[ExpertKey, torch.Tensor]] = []
             start = 0
             for index, (key, count) in enumerate(segments):
                 piece = rows[start : start + count]
                 start += count
                 if inline and index >= inline_from:
-                    on_loop.append((index, key, piece))
+                    on_loop.append((key, piece))
                     continue
                 # the compute thread continues this request's trace (executors do not copy the context)
                 task = functools.partial(contextvars.copy_context().run, self._timed_compute, key, piece, deadline)
                 threaded.append(loop.run_in_executor(self._executor, task))
             # the loop's share runs now, beside the threads' (no task of its own: one loop turn fewer)
-            computed = {index: self._timed_compute(key, piece, deadline) for index, key, piece in on_loop}
-            from_threads = iter(await asyncio.gather(*threaded) if threaded else ())
-            results = [computed[index] if index in computed else next(from_threads) for index in range(len(segments))]
+            computed = [self._timed_compute(key, piece, deadline) for key, piece in on_loop]
+            results = [*await asyncio.gather(*threaded), *computed]  # in segment order: threads' come first
         finally:
             self._computing -= 1
         if any(result is None for result in results):

@@ -128,11 +128,12 @@ class StreamClient(Generic[RequestT, ReplyT]):
         self, call_id: int, message: RequestT, future: asyncio.Future[ReplyT], written: Callable[[], None] | None
     ) -> bool:
         """Write `message` on the current stream's side channel at once, if it has an open one (a
-        socket write never blocks, nor can it be interrupted: no task, no lock); False otherwise."""
-        side, stream = self.side, self._stream
-        if side is None or side[0] is not stream or stream is None or stream.done() or not side[1].open:
+        socket write never blocks, nor can it be interrupted: no task, no lock); False otherwise, and
+        the message takes the gRPC stream (`_send`), whose replies come back on the stream."""
+        side = self.side
+        if side is None or side[0] is not self._stream or side[0].done() or not side[1].open:
             return False
-        self._pending[call_id] = (future, stream)
+        self._pending[call_id] = (future, side[0])
         side[1].send(message)
         STREAM_MESSAGES.count(message, "sent")
         if written is not None:
@@ -153,14 +154,10 @@ class StreamClient(Generic[RequestT, ReplyT]):
                     return
                 stream = self._ensure_stream()
                 self._pending[call_id] = (future, stream)
-                side = self.side
                 try:
-                    if side is not None and side[0] is stream and side[1].open:
-                        side[1].send(message)
-                    else:
-                        await stream.write(message)
+                    await stream.write(message)
                     STREAM_MESSAGES.count(message, "sent")
-                except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError, ConnectionError) as error:
+                except (aio.AioRpcError, aio.UsageError, asyncio.InvalidStateError) as error:
                     if not future.done():
                         future.set_exception(ServiceUnavailable(f"stream to {self.address} broke: {_describe(error)}"))
                 if future.done():  # answered, failed, or its caller went away during the write
