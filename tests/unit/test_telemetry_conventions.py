@@ -4,7 +4,10 @@ side only under a recorded span), and OTLP transport security taken from the SDK
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -130,3 +133,28 @@ def test_cancellation_is_reported_as_cancelled(recorded) -> None:
         asyncio.run(cancelled())
     (span,) = exporter.get_finished_spans()
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0]
+
+
+def test_a_scrape_right_after_an_answer_counts_what_was_recorded_off_the_critical_path() -> None:
+    """The services record a request's figures with call_soon once its answer is on its way; a scrape that
+    arrives while the loop is still busy waits for those records instead of reporting without them."""
+
+    def scrape(address: str) -> str:
+        port = address.rpartition(":")[2]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            return response.read().decode()
+
+    async def answer_then_scrape() -> str:
+        telemetry = Telemetry("scrape-barrier-test", metrics_port=0, host="127.0.0.1")
+        try:
+            counter = telemetry.meter.create_counter("scrape_barrier_test.answers")
+            loop = asyncio.get_running_loop()
+            loop.call_soon(time.sleep, 0.2)  # the loop is busy with something else first
+            loop.call_soon(counter.add, 1)  # the answered request's record, queued behind it
+            assert telemetry.metrics_address is not None
+            return await asyncio.to_thread(scrape, telemetry.metrics_address)
+        finally:
+            telemetry.shutdown()
+
+    text = asyncio.run(answer_then_scrape())
+    assert re.search(r"^scrape_barrier_test_answers_total\{.*\} 1\.0$", text, re.MULTILINE), text[-600:]
