@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+import grpc
 import redis.asyncio as aioredis
 from grpc import aio
 from redis.exceptions import RedisError
@@ -75,8 +76,14 @@ class Registration:
         try:
             await self._remove(self.snapshot().worker_id)
         except Exception as error:
-            logger.warning("could not deregister (%s); the entry expires in %.0f s", error, self.ttl_s)
+            # a registry that is gone (a stack stopping as a whole) routes nothing to this worker any more
+            log = logger.info if self._registry_gone(error) else logger.warning
+            log("could not deregister (%s); the entry expires in %.0f s", error, self.ttl_s)
         await self._close()
+
+    def _registry_gone(self, error: Exception) -> bool:
+        """`error` says the registry no longer listens, rather than that it refused or failed."""
+        return False
 
     async def _heartbeat(self) -> None:
         while True:
@@ -119,6 +126,10 @@ class RouterRegistration(Registration):
 
     async def _remove(self, worker_id: str) -> None:
         await self._stub.Deregister(moe_pb2.DeregisterRequest(worker_id=worker_id), timeout=5)
+
+    def _registry_gone(self, error: Exception) -> bool:
+        # the router hosts the registry: an embedded one stops with its gateway, before the workers
+        return isinstance(error, aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
 
     async def _close(self) -> None:
         await self._channel.close()

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,12 @@ class DeploymentController:
         # controller Ray restarts (max_restarts) finds them by name and adopts them; serving never stops
         context = ray.get_runtime_context()
         self._name, self._actor_id = context.get_actor_name() or "", context.get_actor_id() or ""
-        if context.was_current_actor_reconstructed:
+        with warnings.catch_warnings():
+            # Ray's property reads its own deprecated `actor_id`, which printed a RayDeprecationWarning
+            # on every `up`: not something an operator can act on
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reconstructed = context.was_current_actor_reconstructed
+        if reconstructed:
             self._adopt_workers()
             if self._policies:
                 self.run_policies(**self._policies)

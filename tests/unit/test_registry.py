@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+import socket
 import time
 from dataclasses import replace
 
+import grpc
 import pytest
 import redis.asyncio as aioredis
+from grpc import aio
 
-from expert_service.registration import RedisRegistration
+from expert_service.registration import RedisRegistration, RouterRegistration
 from moe_serve.cluster.placement import ExpertKey
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.redis_keys import events_channel, worker_key
 from moe_serve.registry_trust import RecordPolicy, RejectedRecord, signed_entry
 from moe_serve.runtime.errors import InvalidInput
+from moe_serve.runtime.security import ClusterCredentials
 from moe_serve.worker_record import WorkerRecord
 from router_service.redis_registry import RedisRegistry
 from router_service.registry import InProcessRegistry, RegistryServicer
@@ -273,3 +278,24 @@ def test_redis_registry_tells_expiry_from_deregistration(redis_prefix: str) -> N
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_worker_stopping_after_its_router_says_so_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """An embedded router stops with its gateway, before the workers: their deregistration finds no
+    one listening, which is expected when a stack stops as a whole (INFO, not a WARNING per worker);
+    a registry that answers with a refusal is still a warning."""
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+
+    async def stop_after_the_router_is_gone() -> RouterRegistration:
+        registration = RouterRegistration(address, lambda: record("w0", [0]), 5.0, ClusterCredentials(b"s" * 32))
+        await registration.stop()
+        return registration
+
+    with caplog.at_level(logging.INFO, logger="expert_service.registration"):
+        registration = asyncio.run(stop_after_the_router_is_gone())
+    (logged,) = [r for r in caplog.records if "could not deregister" in r.getMessage()]
+    assert logged.levelno == logging.INFO and "expires in 5 s" in logged.getMessage()
+    refused = aio.AioRpcError(grpc.StatusCode.UNAUTHENTICATED, aio.Metadata(), aio.Metadata(), "bad token")
+    assert not registration._registry_gone(refused)
