@@ -30,7 +30,7 @@ from gateway.routing import Plan, Router
 from gateway.stats import ExpertCounters
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.runtime.errors import DeadlineExceeded, Overloaded, ServiceUnavailable
-from moe_serve.runtime.telemetry import child_span, inject_context
+from moe_serve.runtime.telemetry import child_span, inject_context, record_soon
 
 
 class DataPlane:
@@ -157,7 +157,7 @@ class DataPlane:
             output = pending.buffer.combine(plan.expert_weights, plan.shared_weights, model.weights_in_activation_dtype)
         self.record_stages(planned - routing, collected - planned, time.perf_counter() - collected)
         # statistics wait until the answer is on its way: they are not on the request's critical path
-        asyncio.get_running_loop().call_soon(self._count, requests[0].layer, plan, hidden.shape[0])
+        record_soon(self._count, requests[0].layer, plan, hidden.shape[0])
         return self._split(requests, output, plan, dispatched_at)
 
     async def _route(

@@ -24,7 +24,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.shared_memory import SharedMemoryRegistry
 from gateway.triton_extensions import InferenceStatistics
 from moe_serve.runtime.errors import MoEServeError
-from moe_serve.runtime.telemetry import attach, detach, metadata_context, rpc_span
+from moe_serve.runtime.telemetry import attach, detach, metadata_context, record_soon, rpc_span
 from moe_serve_client.protos import grpc_predict_v2_pb2 as kserve_pb2
 
 
@@ -88,8 +88,7 @@ class InferenceHandler:
                 decoded = time.monotonic()
                 # tensor bytes on the wire: what came through shared memory did not
                 received = inference.hidden_states.nbytes - shared_memory.bytes_read
-                loop = asyncio.get_running_loop()
-                loop.call_soon(self.metrics.wire, "client_to_gateway", "received", received)  # off the critical path
+                record_soon(self.metrics.wire, "client_to_gateway", "received", received)
                 tokens = inference.num_tokens
                 span.set_attributes(
                     {"moe_serve.model": model.name, "moe_serve.layer": inference.layer, "moe_serve.tokens": tokens}
@@ -105,7 +104,7 @@ class InferenceHandler:
                 encoded = time.monotonic()
                 sent = sum(t.nbytes for t in result.tensors.values()) - shared_memory.bytes_written
                 # the figures are recorded once the answer is on its way: off the request's critical path
-                loop.call_soon(self._record_success, arrived, decoded, result.dispatched_at, inferred, encoded, sent)
+                record_soon(self._record_success, arrived, decoded, result.dispatched_at, inferred, encoded, sent)
                 return response
         except MoEServeError as error:
             status = error.status_code
@@ -121,7 +120,7 @@ class InferenceHandler:
         finally:
             shared_memory.release()
             detach(token)
-            asyncio.get_running_loop().call_soon(self._record_outcome, status, time.monotonic() - arrived, tokens)
+            record_soon(self._record_outcome, status, time.monotonic() - arrived, tokens)
 
     def _record_outcome(self, status: grpc.StatusCode, seconds: float, tokens: int) -> None:
         succeeded = status == grpc.StatusCode.OK
@@ -136,7 +135,7 @@ class InferenceHandler:
             for stage, seconds in (("route", route_s), ("collect", collect_s), ("combine", combine_s)):
                 self.metrics.stage(stage, seconds)
 
-        asyncio.get_running_loop().call_soon(record)  # off the critical path, as _record_success
+        record_soon(record)
 
     def _record_success(
         self, arrived: float, decoded: float, dispatched: float, inferred: float, encoded: float, sent: int

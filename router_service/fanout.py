@@ -45,7 +45,7 @@ from moe_serve.runtime.errors import (
 from moe_serve.runtime.security import INSECURE_INTERNAL, ClusterCredentials
 from moe_serve.runtime.shared_arena import Arena, aligned, new_arena
 from moe_serve.runtime.streams import StreamClientPool
-from moe_serve.runtime.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, client_span, inject_context
+from moe_serve.runtime.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, client_span, inject_context, record_soon
 from moe_serve.worker_record import WorkerRecord
 from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
@@ -317,9 +317,9 @@ class Dispatcher:
             for expert, count in zip(batch.experts, batch.counts, strict=True):
                 self.expert_rows[ExpertKey(job.layer, expert)] += count
             self.worker_rows[worker_id] += batch.num_rows
+        if self.metrics is not None:  # recorded once the message is written
+            record_soon(self.metrics.wire, "router_to_worker", "sent", payload)
         loop = asyncio.get_running_loop()
-        if self.metrics is not None:  # recorded once the message is written (an OpenTelemetry add: ~15 us)
-            loop.call_soon(self.metrics.wire, "router_to_worker", "sent", payload)
         self._outstanding_rows[worker_id] += batch.num_rows
         flight = _Flight(worker_id)
         self._flights.add(flight)

@@ -15,7 +15,7 @@ from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.runtime import codec
 from moe_serve.runtime.errors import InvalidInput, Overloaded, ServiceUnavailable, failure_of, quoted
 from moe_serve.runtime.streams import serve_stream
-from moe_serve.runtime.telemetry import ROUTE_STREAM, child_span, extract_context, rpc_span
+from moe_serve.runtime.telemetry import ROUTE_STREAM, child_span, extract_context, record_soon, rpc_span
 from router_service.fanout import Dispatcher, DispatchJob, LocalDelivery
 from router_service.metrics import RouterMetrics
 from router_service.planner import RoutingDecision, RoutingPlanner, WorkerBatch, cross_node_rows, segments_of
@@ -104,7 +104,7 @@ class RouterServicer(moe_grpc.RouterServicer):
         with child_span(self.tracer, "router.gating"):
             decision = self.planner.decide(hidden, request.layer, request.expert_capacity, request.overflow or "drop")
         if self.metrics is not None:  # recorded after the fan-out below is under way
-            asyncio.get_running_loop().call_soon(self.metrics.gating, time.perf_counter() - started)
+            record_soon(self.metrics.gating, time.perf_counter() - started)
         with child_span(self.tracer, "router.dispatch"):
             batches = self.dispatcher.assign(
                 request.layer, segments_of(decision.groups), frozenset(), self._shared_ids, decision.slots_per_token
