@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import grpc
 import torch
+from grpc import aio
 from transformers import MixtralConfig, MixtralForCausalLM
 
 from moe_serve.cluster.launcher import embedded_router_of, wait_until_ready
@@ -256,6 +257,21 @@ class FakeClock:
 
     def monotonic(self) -> float:
         return self.now
+
+
+@contextlib.asynccontextmanager
+async def loopback_stream_server(
+    service: str, method: str, handler: grpc.RpcMethodHandler, options: Sequence[tuple[str, Any]] = ()
+) -> AsyncIterator[str]:
+    """An aio server on a free loopback port serving `handler` as /service/method; yields its address."""
+    server = aio.server(options=list(options))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(0)
 
 
 def wait_until(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.02) -> float:

@@ -24,6 +24,7 @@ from moe_serve.runtime.streams import StreamClient, serve_stream
 from tests.helpers import (
     infer_request,
     kserve_stub,
+    loopback_stream_server,
     reference_blocks,
     reference_forward,
     response_tensors,
@@ -160,14 +161,8 @@ async def arena_server() -> AsyncIterator[tuple[str, list[ArenaView | None]]]:
     handler = grpc.stream_stream_rpc_method_handler(
         stream, request_deserializer=deserialize, response_serializer=serialize
     )
-    server = aio.server()
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("moe_serve.test.Arena", {"Stream": handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}", views
-    finally:
-        await server.stop(0)
+    async with loopback_stream_server("moe_serve.test.Arena", "Stream", handler) as address:
+        yield address, views
 
 
 def open_arena_stream(channel: aio.Channel):

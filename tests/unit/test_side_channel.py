@@ -18,6 +18,7 @@ from moe_serve.runtime import local_socket
 from moe_serve.runtime.errors import MoEServeError, ServiceUnavailable
 from moe_serve.runtime.local_socket import FrameError, FrameReader, SideChannelListener, frame
 from moe_serve.runtime.streams import StreamClient, serve_stream
+from tests.helpers import loopback_stream_server
 
 SERVICE, METHOD = "moe_serve.test.Side", "Compute"
 Handle = Callable[[moe_pb2.ComputeRequest], Awaitable[moe_pb2.ComputeResult]]
@@ -160,14 +161,10 @@ async def side_server(
         request_deserializer=moe_pb2.ComputeRequest.FromString,
         response_serializer=moe_pb2.ComputeResult.SerializeToString,
     )
-    server = aio.server()
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE, {METHOD: handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     try:
-        yield f"127.0.0.1:{port}", origins
+        async with loopback_stream_server(SERVICE, METHOD, handler) as address:
+            yield address, origins
     finally:
-        await server.stop(0)
         await listener.close()
 
 

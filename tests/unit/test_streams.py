@@ -20,6 +20,7 @@ from grpc import aio
 
 from moe_serve.runtime.errors import MoEServeError
 from moe_serve.runtime.streams import StreamClient, serve_stream
+from tests.helpers import loopback_stream_server
 
 METHOD = "/moe_serve.test.Echo/Stream"
 PAYLOAD_BYTES = 1 << 20  # large enough that a write waits on flow control, so cancels land mid-write
@@ -59,14 +60,9 @@ async def echo_server() -> AsyncIterator[str]:
     handler = grpc.stream_stream_rpc_method_handler(
         stream, request_deserializer=deserialize, response_serializer=serialize
     )
-    server = aio.server(options=[("grpc.max_receive_message_length", 4 * PAYLOAD_BYTES)])
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("moe_serve.test.Echo", {"Stream": handler})])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
+    options = [("grpc.max_receive_message_length", 4 * PAYLOAD_BYTES)]
+    async with loopback_stream_server("moe_serve.test.Echo", "Stream", handler, options) as address:
+        yield address
 
 
 def open_echo(channel: aio.Channel) -> object:
