@@ -16,9 +16,9 @@ $(INSTALLED): pyproject.toml clients/python/pyproject.toml requirements/constrai
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	# one resolution for all: the light client (clients/python, which the server depends on), the
-	# server with the benchmark's extras (Ray Serve, matplotlib: their tests run too), and the
+	# server with the benchmark's extras (Ray Serve, matplotlib: their tests run too) and NIXL, and the
 	# third-party clients the tests drive the gateway with
-	$(PIP) install -q -c requirements/constraints.txt -e clients/python -e ".[test,bench,soak]" \
+	$(PIP) install -q -c requirements/constraints.txt -e clients/python -e ".[test,bench,soak,nixl]" \
 		-r requirements/third-party-clients.txt
 	touch $(INSTALLED)
 

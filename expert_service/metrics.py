@@ -1,4 +1,5 @@
-"""A worker's metrics: compute time per (layer, expert), rows in flight per (layer, expert), bytes sent."""
+"""A worker's metrics: compute time per (layer, expert), rows in flight per (layer, expert), bytes sent,
+rows received per transport."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class WorkerMetrics:
         worker_id: str,
         inflight_by_expert: Counter[ExpertKey],
         abandoned: Callable[[], int],
+        rows_by_transport: Counter[str] | None = None,
     ) -> None:
         meter, self.labels = telemetry.meter, {"model": model, "worker": worker_id}
         self._meter = meter
@@ -48,6 +50,17 @@ class WorkerMetrics:
             [lambda options: [Observation(abandoned(), self.labels)]],
             unit="{batch}",
             description="Batches dropped because their request's deadline had passed",
+        )
+        by_transport = rows_by_transport if rows_by_transport is not None else Counter()
+        meter.create_observable_counter(
+            "moe_serve.worker.transport.rows",
+            [
+                lambda options: [
+                    Observation(rows, {**self.labels, "transport": name}) for name, rows in by_transport.items()
+                ]
+            ],
+            unit="{row}",
+            description="Rows received, by how they reached this worker: bytes, shm (mapped arena), nixl (transfers)",
         )
 
     def observe_offload(self, state: Callable[[], dict[str, Any]]) -> None:

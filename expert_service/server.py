@@ -120,6 +120,7 @@ class WorkerService(Service[WorkerSettings]):
             publish=self._publish,
             telemetry=self.telemetry,
             credentials=credentials,
+            transports=settings.transports,
         )
         moe_grpc.add_ExpertWorkerServicer_to_server(self.servicer, server)
         self.add_health(server, [SERVICE_NAME])

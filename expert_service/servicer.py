@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NoReturn
@@ -37,7 +37,6 @@ from moe_serve.runtime.errors import (
 )
 from moe_serve.runtime.local_socket import SideChannelListener
 from moe_serve.runtime.security import INSECURE_INTERNAL, ClusterCredentials
-from moe_serve.runtime.shared_arena import ACCEPT_KEY, OFFER_KEY, ArenaView
 from moe_serve.runtime.streams import StreamClientPool, serve_stream
 from moe_serve.runtime.telemetry import (
     COMPUTE_STREAM,
@@ -50,6 +49,7 @@ from moe_serve.runtime.telemetry import (
     record_soon,
     rpc_span,
 )
+from moe_serve.runtime.transports import ACCEPT_KEY, DEFAULT_TRANSPORTS, RegionAccess, attach
 from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
@@ -77,8 +77,10 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         publish: Callable[[], Awaitable[object]] | None = None,
         telemetry: Telemetry | None = None,
         credentials: ClusterCredentials = INSECURE_INTERNAL,
+        transports: Sequence[str] = DEFAULT_TRANSPORTS,
     ) -> None:
         self.store, self.identity, self.checkpoint_dir = store, identity, checkpoint_dir
+        self.transports = tuple(transports)  # the ways rows may reach this worker, best first
         self.telemetry = telemetry or Telemetry("moe-serve-worker")
         self.tracer = self.telemetry.tracer
         self.announced: set[ExpertKey] = set(store.keys)
@@ -97,12 +99,14 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         # moving average of one decode-sized segment's compute time (ms); inf until one was measured
         self._small_segment_ms = float("inf")
         self.abandoned_batches = 0
+        self.rows_by_transport: Counter[str] = Counter()  # "bytes", "shm", "nixl"
         self.metrics = WorkerMetrics(
             self.telemetry,
             checkpoint_dir.name,
             identity.worker_id,
             self._inflight_by_expert,
             lambda: self.abandoned_batches,
+            self.rows_by_transport,
         )
         if store.offloading:
             self.metrics.observe_offload(store.offload_state)
@@ -135,15 +139,16 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         return self.record().to_proto()
 
     async def ComputeStream(self, requests: object, context: aio.ServicerContext) -> None:
-        arena = self._attach_arena(context)
+        # the sender's arena, reached by the first of this worker's transports that works (transports.py)
+        arena = attach(context.invocation_metadata(), self.transports, f"worker {self.identity.worker_id}")
         try:
             # same host (the arena is mapped): the stream's messages may take a Unix socket beside it
             await serve_stream(
                 context,
                 lambda request: self.compute(request, arena),
                 lambda _, error: moe_pb2.ComputeResult(failure=failure_of(error)),
-                initial_metadata=((ACCEPT_KEY, "1" if arena is not None else "0"),),
-                side_listener=await self._side_listener() if arena is not None else None,
+                initial_metadata=((ACCEPT_KEY, arena.transport if arena is not None else "0"),),
+                side_listener=await self._side_listener() if arena is not None and arena.same_host else None,
                 decode_request=moe_pb2.ComputeRequest.FromString,
             )
         finally:
@@ -163,20 +168,11 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             self._side_channels = listener
         return self._side_channels
 
-    def _attach_arena(self, context: aio.ServicerContext) -> ArenaView | None:
-        """Map the sender's shared-memory arena when it offers one and it is reachable from here
-        (moe_serve/runtime/shared_arena.py); the answer goes back in the initial metadata."""
-        offer = next((value for key, value in context.invocation_metadata() or () if key == OFFER_KEY), None)
-        if offer is None:
-            return None
-        arena, reason = ArenaView.attach(str(offer))
-        if arena is None:
-            logger.info("worker %s: rows come as bytes on this stream (%s)", self.identity.worker_id, reason)
-        return arena
-
-    async def compute(self, request: moe_pb2.ComputeRequest, arena: ArenaView | None = None) -> moe_pb2.ComputeResult:
+    async def compute(
+        self, request: moe_pb2.ComputeRequest, arena: RegionAccess | None = None
+    ) -> moe_pb2.ComputeResult:
         """Compute one batch and deliver it; the result says how many rows the gateway accepted.
-        `arena`: the stream's shared memory, where the request's rows (and outputs) may be."""
+        `arena`: the stream's arena (shared memory or NIXL), where the request's rows (and outputs) may be."""
         if not request.trace_context and not self.telemetry.samples_roots:
             # outside a trace, and root spans are not sampled: the span would record nothing
             return await self._compute(request, arena)
@@ -191,9 +187,9 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
                 )
             return await self._compute(request, arena)
 
-    async def _compute(self, request: moe_pb2.ComputeRequest, arena: ArenaView | None) -> moe_pb2.ComputeResult:
+    async def _compute(self, request: moe_pb2.ComputeRequest, arena: RegionAccess | None) -> moe_pb2.ComputeResult:
         deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
-        rows, segments = self._validate(request, arena)
+        rows, segments = self._validate(request, await self._rows(request, arena))
         self._abandon_if_expired(request, deadline)
         self.load.received(rows.shape[0])
         for key, count in segments:
@@ -204,7 +200,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             if outputs is None:  # expired while queued behind other work: nothing was computed
                 self._abandon(request)
             if request.reply_with_rows:  # the router is in the gateway's process: the rows ride the reply
-                result = self._reply_with_rows(request, outputs, arena)
+                result = await self._reply_with_rows(request, outputs, arena)
             else:
                 result = moe_pb2.ComputeResult(rows_delivered=await self._deliver(request, outputs, deadline))
         finally:
@@ -215,15 +211,20 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             result.resident_experts.extend(k.expert for k in self.store.tier.resident() if k.layer == request.layer)
         return result
 
-    def _validate(
-        self, request: moe_pb2.ComputeRequest, arena: ArenaView | None
-    ) -> tuple[torch.Tensor, list[tuple[ExpertKey, int]]]:
-        if request.HasField("rows_region"):
-            if arena is None:
-                raise ServiceUnavailable("rows in a shared-memory region, but no arena is mapped on this stream")
-            rows = arena.tensor(request.rows_region, request.rows.datatype, list(request.rows.shape), "rows")
-        else:
+    async def _rows(self, request: moe_pb2.ComputeRequest, arena: RegionAccess | None) -> torch.Tensor:
+        if not request.HasField("rows_region"):
             rows = codec.from_proto(request.rows, "rows")
+            self.rows_by_transport["bytes"] += rows.shape[0] if rows.dim() else 0
+            return rows
+        if arena is None:
+            raise ServiceUnavailable("rows in an arena region, but this stream reaches no arena")
+        rows = await arena.read(request.rows_region, request.rows.datatype, list(request.rows.shape), "rows")
+        self.rows_by_transport[arena.transport] += rows.shape[0] if rows.dim() else 0
+        return rows
+
+    def _validate(
+        self, request: moe_pb2.ComputeRequest, rows: torch.Tensor
+    ) -> tuple[torch.Tensor, list[tuple[ExpertKey, int]]]:
         if rows.dim() != 2 or rows.shape[1] != self.store.hidden_size or rows.dtype != self.store.dtype:
             raise InvalidInput(
                 f"rows must be {codec.datatype_name(self.store.dtype)} [n, {self.store.hidden_size}], "
@@ -308,13 +309,13 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             "got to it; its rows were abandoned"
         )
 
-    def _reply_with_rows(
-        self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, arena: ArenaView | None
+    async def _reply_with_rows(
+        self, request: moe_pb2.ComputeRequest, outputs: torch.Tensor, arena: RegionAccess | None
     ) -> moe_pb2.ComputeResult:
         result = moe_pb2.ComputeResult(rows_delivered=outputs.shape[0], positions=request.positions)
-        if request.HasField("output_region") and arena is not None:  # same host: into the sender's memory
+        if request.HasField("output_region") and arena is not None:  # into the sender's memory, mapped or not
             datatype = codec.datatype_name(outputs.dtype)
-            arena.tensor(request.output_region, datatype, list(outputs.shape), "outputs").copy_(outputs)
+            await arena.write(request.output_region, outputs, "outputs")
             result.rows.datatype, result.rows_in_region = datatype, True
             result.rows.shape.extend(outputs.shape)
             payload = codec.payload_bytes(request.positions)

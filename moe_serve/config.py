@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, BeforeValidator, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from moe_serve.hub import CheckpointNotFound, resolve_checkpoint
 from moe_serve.runtime.eventloop import EventLoopName
@@ -64,6 +64,19 @@ def _local_checkpoint(value: object) -> object:
         raise ValueError(str(error)) from None
 
 
+def _comma_separated(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+# the compute hop's ways beside gRPC bytes (moe_serve/runtime/transports.py), in order of preference;
+# "shm,nixl" from a flag or MOE_SERVE_TRANSPORTS, a list from a parent's settings JSON
+TransportName = Literal["shm", "nixl"]
+Transports = Annotated[tuple[TransportName, ...], NoDecode, BeforeValidator(_comma_separated)]
+DEFAULT_TRANSPORTS: tuple[TransportName, ...] = ("shm",)  # NIXL is opted into: it registers memory per stream
+
+
 # a checkpoint directory or a Hub id `org/name[@revision]`, resolved to a local directory when the
 # settings are built: every service and command sees a directory
 CheckpointPath = Annotated[Path, BeforeValidator(_local_checkpoint)]
@@ -95,6 +108,13 @@ class CommonSettings(BaseSettings):
     redis_prefix: str = Field("moe-serve:", description="Prefix of every Redis key and channel this deployment uses.")
     registry_ttl_s: float = Field(10.0, gt=0, description="Seconds a worker registration lives without heartbeat.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of this process.")
+    transports: Transports = Field(
+        DEFAULT_TRANSPORTS,
+        description="How rows move between the router and workers beside gRPC bytes, in order of preference "
+        "(comma-separated; empty: always bytes). shm: a shared-memory arena (same host). nixl: NIXL one-sided "
+        "transfers of the same arena (any host; needs the nixl package on both ends: pip install 'moe-serve[nixl]'). "
+        "The router offers each one it has; a worker takes the first of its own list that reaches it.",
+    )
     event_loop: EventLoopName = Field(
         "auto", description="Event loop of the service: uvloop (auto, where installed) or the standard asyncio loop."
     )

@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -43,9 +43,10 @@ from moe_serve.runtime.errors import (
     failure_of,
 )
 from moe_serve.runtime.security import INSECURE_INTERNAL, ClusterCredentials
-from moe_serve.runtime.shared_arena import Arena, aligned, new_arena
+from moe_serve.runtime.shared_arena import Arena, aligned
 from moe_serve.runtime.streams import StreamClientPool
 from moe_serve.runtime.telemetry import COMPUTE_STREAM, DELIVERY_STREAM, client_span, inject_context, record_soon
+from moe_serve.runtime.transports import DEFAULT_TRANSPORTS, stream_arena
 from moe_serve.worker_record import WorkerRecord
 from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
@@ -135,6 +136,7 @@ class Dispatcher:
         hints: OffloadHints | None = None,
         shared_memory_bytes: int = 0,
         tracer: Tracer | None = None,
+        transports: Sequence[str] = DEFAULT_TRANSPORTS,
     ) -> None:
         self.registry, self.max_attempts, self.split_min_rows = registry, max_attempts, split_min_rows
         self.tracer = tracer or trace.get_tracer(__name__)
@@ -152,12 +154,12 @@ class Dispatcher:
         self.cross_node_rows: Counter[int] = Counter()
         if metrics is not None:
             metrics.cross_node_rows = self.cross_node_rows  # exported per layer at each scrape
-        # same host: each worker stream offers a shared-memory arena of this size (moe_serve/runtime/shared_arena.py)
+        # each worker stream offers an arena of this size, shared and/or by NIXL (moe_serve/runtime/transports.py)
         self._workers: StreamClientPool[moe_pb2.ComputeRequest, moe_pb2.ComputeResult] = StreamClientPool(
             lambda channel: moe_grpc.ExpertWorkerStub(channel).ComputeStream,
             max_message_bytes,
             credentials,
-            (lambda: new_arena(shared_memory_bytes)) if shared_memory_bytes > 0 else None,
+            (lambda: stream_arena(shared_memory_bytes, transports)) if shared_memory_bytes > 0 else None,
             decode_reply=moe_pb2.ComputeResult.FromString,  # a worker on this host offers a side channel
         )
         self._gateways: StreamClientPool[moe_pb2.Delivery, moe_pb2.DeliveryAck] = StreamClientPool(

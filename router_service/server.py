@@ -75,6 +75,7 @@ class RouterService(Service[RouterSettings]):
             ),
             settings.shared_memory_bytes,
             self.telemetry.tracer,
+            settings.transports,
         )
         self.servicer = RouterServicer(
             planner, self.registry, self.dispatcher, model_name, self.telemetry.tracer, metrics

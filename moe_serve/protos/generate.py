@@ -1,7 +1,7 @@
 """Generate the Python gRPC modules from the `.proto` files in `proto/`.
 
 Run `python -m moe_serve.protos.generate` after editing a `.proto` file; the generated modules
-are checked in and `tests/unit/test_protos.py` fails when they are stale. The KServe v2 protocol
+are checked in and `tests/integration/test_protos.py` fails when they are stale. The KServe v2 protocol
 (`grpc_predict_v2.proto`, `model_config.proto`) goes to the light client distribution
 (`clients/python/moe_serve_client/protos`), which the gateway imports too; the internal protocol
 (`moe_serve.proto`) stays here.
@@ -22,7 +22,9 @@ grpcio-tools that generates it (its protoc writes a runtime check for its own pr
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import re
+import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -65,12 +67,18 @@ def _post_process(text: str, private_pool: bool) -> str:
 
 
 def generate(target: Target, out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
-    """Run protoc on the target's proto files into `out_dir`; return the files written."""
-    from grpc_tools import protoc  # a dev dependency: only needed to regenerate
+    """Run protoc on the target's proto files into `out_dir`; return the files written.
 
-    include = Path(protoc.__file__).resolve().parent / "_proto"
+    protoc runs as a process of its own: grpcio-tools bundles protobuf and abseil builds that crash a
+    process which has loaded NIXL's (moe_serve/runtime/nixl_transport.py), as a test session does."""
+    spec = importlib.util.find_spec("grpc_tools")  # a dev dependency: only needed to regenerate
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("grpcio-tools is not installed (pip install -e '.[test]')")
+    include = Path(spec.submodule_search_locations[0]) / "_proto"
     args = [
-        "protoc",
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
         f"-I{proto_dir}",
         f"-I{include}",
         f"--python_out={out_dir}",
@@ -78,8 +86,9 @@ def generate(target: Target, out_dir: Path, proto_dir: Path = PROTO_DIR) -> list
         f"--grpc_python_out={out_dir}",
         *(str(proto_dir / name) for name in target.proto_files),
     ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed: {' '.join(args)}")
+    finished = subprocess.run(args, capture_output=True, text=True, check=False)
+    if finished.returncode != 0:
+        raise RuntimeError(f"protoc failed: {' '.join(args)}\n{finished.stderr}")
     written = sorted(p for p in out_dir.iterdir() if p.name.endswith(("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")))
     for path in written:
         path.write_text(_post_process(path.read_text(), target.private_pool))

@@ -30,6 +30,7 @@ import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -57,28 +58,61 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGNMENT) * ALIGNMENT
 
 
+class RemoteOffer(Protocol):
+    """Another way for a worker to reach the arena's memory (moe_serve/runtime/transports.py): an
+    engine that moves its regions to and from another host by one-sided transfers."""
+
+    transport: str
+
+    def metadata(self) -> tuple[tuple[str, str | bytes], ...]: ...
+
+    def lend(self) -> None: ...  # a region is out: the worker may transfer to or from it
+
+    def give_back(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Arena:
     """The sender's side: a memfd, its mapping, and a first-fit allocator of aligned regions."""
 
     _ids = itertools.count(random.getrandbits(40) << 16)
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, offer_shared_memory: bool = True) -> None:
         self.size = size
+        self.offer_shared_memory = offer_shared_memory
+        self.remote: RemoteOffer | None = None  # set by transports.new_arena when another engine is on
         self.id = next(Arena._ids)
         self.fd = os.memfd_create("moe-serve-arena", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)  # sparse: pages are backed as they are first written
         self.map: mmap.mmap | None = mmap.mmap(self.fd, size)
         self._free: list[tuple[int, int]] = [(0, size)]  # (offset, length), by offset
         self._used: dict[int, int] = {}
-        self.accepted = False  # the worker mapped it (read from its initial metadata)
+        self.transport = ""  # how the worker reaches it ("shm", "nixl"); "" until it says, or when it declined
         self.retired = False
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        inode = os.fstat(self.fd).st_ino
-        return ((OFFER_KEY, f"{host_identity()}:{os.getpid()}:{self.fd}:{inode}:{self.size}:{self.id}"),)
+    def metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+        offers: tuple[tuple[str, str | bytes], ...] = ()
+        if self.offer_shared_memory:
+            inode = os.fstat(self.fd).st_ino
+            offers = ((OFFER_KEY, f"{host_identity()}:{os.getpid()}:{self.fd}:{inode}:{self.size}:{self.id}"),)
+        return offers + (self.remote.metadata() if self.remote is not None else ())
 
     def opened(self, initial_metadata: Sequence[tuple[str, str | bytes]] | None) -> None:
-        self.accepted = any(key == ACCEPT_KEY and value == "1" for key, value in initial_metadata or ())
+        answer = next((value for key, value in initial_metadata or () if key == ACCEPT_KEY), "0")
+        self.transport = "shm" if answer == "1" else str(answer) if answer != "0" else ""
+        if self.remote is not None and self.transport != self.remote.transport:
+            self.remote.close()  # not taken: the engine's registration is freed now
+            self.remote = None
+
+    @property
+    def accepted(self) -> bool:
+        """The worker reaches this arena's memory, mapped or through a transfer engine."""
+        return self.transport != ""
+
+    @property
+    def _lends_remotely(self) -> bool:
+        return self.remote is not None and self.transport == self.remote.transport
 
     @property
     def usable(self) -> bool:
@@ -96,6 +130,8 @@ class Arena:
                 else:
                     self._free[index] = (offset + wanted, length - wanted)
                 self._used[offset] = wanted
+                if self._lends_remotely:
+                    self.remote.lend()  # type: ignore[union-attr]
                 return offset
         return None
 
@@ -103,6 +139,8 @@ class Arena:
         length = self._used.pop(offset, None)
         if length is None or self.retired:
             return
+        if self._lends_remotely:
+            self.remote.give_back()  # type: ignore[union-attr]
         self._free.append((offset, length))
         self._free.sort()
         merged: list[tuple[int, int]] = []
@@ -128,17 +166,20 @@ class Arena:
         """The stream ended: nothing here is handed out again; the memory goes with the last mapping."""
         self.retired = True
         self._free.clear()
+        if self.remote is not None:  # the engine forgets the memory before it is unmapped
+            self.remote.close()
+            self.remote = None
         with contextlib.suppress(OSError):
             os.close(self.fd)
         self.map = None  # unmapped once the last tensor viewing it goes (see _view)
 
 
-def new_arena(size: int) -> Arena | None:
+def new_arena(size: int, offer_shared_memory: bool = True) -> Arena | None:
     """An arena of `size` bytes, or None where this system has no memfd (rows then go as bytes)."""
     if size <= 0 or not hasattr(os, "memfd_create"):
         return None
     try:
-        return Arena(size)
+        return Arena(size, offer_shared_memory)
     except OSError as error:
         logger.warning("no shared-memory arena (%s): rows to workers go as bytes", error)
         return None
@@ -146,6 +187,9 @@ def new_arena(size: int) -> Arena | None:
 
 class ArenaView:
     """The worker's side: the sender's arena, mapped in this process for one stream."""
+
+    transport = "shm"
+    same_host = True  # the stream's messages may take a Unix socket beside it (local_socket.py)
 
     def __init__(self, arena_id: int, mapping: mmap.mmap) -> None:
         self.id, self.size = arena_id, len(mapping)
@@ -175,21 +219,36 @@ class ArenaView:
 
     def tensor(self, region: moe_pb2.SharedRegion, datatype: str, shape: Sequence[int], what: str) -> torch.Tensor:
         """The tensor a region holds, after checking it lies inside this arena and has the tensor's size."""
-        if region.arena != self.id:
-            raise ServiceUnavailable(f"{what}: arena {region.arena} is not this stream's; resend")
-        dtype = codec.torch_dtype(datatype)
-        expected = codec.element_count(shape) * dtype.itemsize
-        if region.byte_size != expected or any(dim < 0 for dim in shape):
-            raise InvalidInput(f"{what}: region of {region.byte_size} bytes for {datatype} {list(shape)}")
-        if region.offset % ALIGNMENT or region.offset + region.byte_size > self.size:
-            raise InvalidInput(f"{what}: region [{region.offset}, +{region.byte_size}) outside the arena")
+        dtype = checked_region(region, datatype, shape, what, self.id, self.size)
         if self.map is None:
             raise ServiceUnavailable(f"{what}: the stream's shared-memory arena is closed")
         return _view(self.map, region.offset, dtype, shape)
 
+    async def read(self, region: moe_pb2.SharedRegion, datatype: str, shape: Sequence[int], what: str) -> torch.Tensor:
+        return self.tensor(region, datatype, shape, what)  # mapped: the rows are already here
+
+    async def write(self, region: moe_pb2.SharedRegion, values: torch.Tensor, what: str) -> None:
+        self.tensor(region, codec.datatype_name(values.dtype), list(values.shape), what).copy_(values)
+
     def close(self) -> None:
         """The stream ended; a compute still running on a view keeps the mapping until it finishes."""
         self.map = None  # see _view
+
+
+def checked_region(
+    region: moe_pb2.SharedRegion, datatype: str, shape: Sequence[int], what: str, arena_id: int, arena_size: int
+) -> torch.dtype:
+    """The dtype of a region's tensor, once the region is this stream's arena's, lies inside it, starts
+    aligned and has exactly the tensor's size; every transport that reads regions checks them here."""
+    if region.arena != arena_id:
+        raise ServiceUnavailable(f"{what}: arena {region.arena} is not this stream's; resend")
+    dtype = codec.torch_dtype(datatype)
+    expected = codec.element_count(shape) * dtype.itemsize
+    if region.byte_size != expected or any(dim < 0 for dim in shape):
+        raise InvalidInput(f"{what}: region of {region.byte_size} bytes for {datatype} {list(shape)}")
+    if region.offset % ALIGNMENT or region.offset + region.byte_size > arena_size:
+        raise InvalidInput(f"{what}: region [{region.offset}, +{region.byte_size}) outside the arena")
+    return dtype
 
 
 def _view(buffer: mmap.mmap, offset: int, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:

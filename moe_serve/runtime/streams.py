@@ -37,10 +37,10 @@ OpenStream = Callable[[aio.Channel], Any]  # e.g. lambda channel: RouterStub(cha
 
 
 class StreamSession(Protocol):
-    """Something that lives exactly as long as one stream (a shared-memory arena): its metadata
+    """Something that lives exactly as long as one stream (an arena: moe_serve/runtime/transports.py): its metadata
     goes with the stream's opening, it reads the server's initial metadata, it ends with the stream."""
 
-    def metadata(self) -> tuple[tuple[str, str], ...]: ...
+    def metadata(self) -> tuple[tuple[str, str | bytes], ...]: ...  # values of keys ending in -bin are bytes
 
     def opened(self, initial_metadata: Any) -> None: ...
 

@@ -1,4 +1,4 @@
-"""The checked-in gRPC modules are exactly what grpcio-tools generates from proto/."""
+"""The checked-in gRPC modules are exactly what grpcio-tools generates from proto/ (protoc runs as a process)."""
 
 from moe_serve.protos.generate import stale_files
 

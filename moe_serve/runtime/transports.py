@@ -1,0 +1,84 @@
+"""The transport seam of the compute hop: how a batch's rows (and, with the router in the gateway, its
+outputs) move between the sender of ComputeRequests and a worker, chosen once per stream when it opens.
+
+gRPC always carries the control messages (plan, descriptors, completions, errors, deadlines). The rows go:
+- "shm": through a shared-memory arena the worker maps (same host; moe_serve/runtime/shared_arena.py);
+- "nixl": through the same arena, registered with NIXL, which the worker READs and WRITEs by one-sided
+  transfers (any host; moe_serve/runtime/nixl_transport.py; needs the nixl package on both ends);
+- as bytes in the messages, always possible, and the fall-back when a batch does not fit.
+
+The sender offers every transport it has on; the worker takes the first of its own `transports` setting
+that works from where it runs and names it in its initial metadata. Both sides read the same setting
+(MOE_SERVE_TRANSPORTS), so one value configures a stack.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+from moe_serve.config import DEFAULT_TRANSPORTS
+from moe_serve.protos import moe_serve_pb2 as moe_pb2
+from moe_serve.runtime import nixl_transport
+from moe_serve.runtime.shared_arena import ACCEPT_KEY, OFFER_KEY, Arena, ArenaView, new_arena
+
+logger = logging.getLogger(__name__)
+__all__ = ["ACCEPT_KEY", "DEFAULT_TRANSPORTS", "RegionAccess", "attach", "stream_arena"]
+
+
+class RegionAccess(Protocol):
+    """The worker's side of a stream's arena, whatever reaches it."""
+
+    transport: str
+    same_host: bool  # the stream's messages may then take a Unix socket beside it
+
+    async def read(
+        self, region: moe_pb2.SharedRegion, datatype: str, shape: Sequence[int], what: str
+    ) -> torch.Tensor: ...
+
+    async def write(self, region: moe_pb2.SharedRegion, values: torch.Tensor, what: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def stream_arena(size: int, transports: Sequence[str]) -> Arena | None:
+    """The sender's arena for one worker stream, offered by every transport in `transports` that is on
+    here; None when none is (rows then go as bytes)."""
+    if not transports:
+        return None
+    arena = new_arena(size, offer_shared_memory="shm" in transports)
+    if arena is not None and "nixl" in transports:
+        arena.remote = nixl_transport.NixlOffer.register(arena)
+        if arena.remote is None and "shm" not in transports:
+            arena.closed()
+            return None
+    return arena
+
+
+def attach(
+    invocation_metadata: Sequence[tuple[str, str | bytes]] | None, transports: Sequence[str], who: str
+) -> RegionAccess | None:
+    """The first of `transports` that reaches the sender's offered arena from here; None: bytes.
+    Its name goes back in the stream's initial metadata (ACCEPT_KEY)."""
+    metadata = dict(invocation_metadata or ())
+    reasons = []
+    for transport in transports:
+        access: RegionAccess | None = None
+        if transport == "shm" and OFFER_KEY in metadata:
+            access, reason = ArenaView.attach(str(metadata[OFFER_KEY]))
+        elif transport == "nixl" and nixl_transport.OFFER_KEY in metadata:
+            binary = metadata.get(nixl_transport.METADATA_KEY)
+            access, reason = nixl_transport.NixlArenaView.attach(
+                str(metadata[nixl_transport.OFFER_KEY]), binary if isinstance(binary, bytes) else None
+            )
+        else:
+            reason = "not offered"
+        if access is not None:
+            return access
+        reasons.append(f"{transport}: {reason}")
+    if OFFER_KEY in metadata or nixl_transport.OFFER_KEY in metadata:
+        logger.info("%s: rows come as bytes on this stream (%s)", who, "; ".join(reasons))
+    return None
