@@ -153,6 +153,27 @@ def print_internal_auth_report(result: BenchResult, console: Console) -> None:
     console.print(table)
 
 
+def print_transports_report(result: BenchResult, console: Console) -> None:
+    r = result.transports
+    if not r:
+        return
+    table = Table(
+        title=f"the compute hop's rows by transport (thin experts, router in the gateway), alternating rounds; "
+        f"tokens/s at T={r['throughput_tokens']}"
+    )
+    for column in ("transport", "T=1 p50 (ms)", "tokens/s", "vs bytes: p50 / tok/s", "rows arrived by"):
+        table.add_column(column)
+    for name, figures in r["by_transport"].items():
+        table.add_row(
+            name,
+            f"{figures['t1_p50_ms']:.2f}",
+            f"{figures['tokens_per_s']:,.0f}",
+            f"{figures['t1_p50_over_bytes']:.2f}x / {figures['tokens_per_s_over_bytes']:.2f}x",
+            ", ".join(f"{how} {rows:,.0f}" for how, rows in sorted(figures["rows_received_by"].items())),
+        )
+    console.print(table)
+
+
 def print_rayserve_report(result: BenchResult, console: Console) -> None:
     r, ratios = result.rayserve, result.ratios
     if not r:
@@ -358,4 +379,5 @@ def bench_report(result: BenchResult, console: Console) -> None:
     print_replication_report(result, console)
     print_offload_report(result, console)
     print_internal_auth_report(result, console)
+    print_transports_report(result, console)
     print_placement_report(result.placement, console)

@@ -54,7 +54,7 @@ VERIFY_TOKENS = 64
 
 # sections that run with device cuda (auth times gRPC hops alone, on any machine; thin places its
 # workers and the monolithic peer on the GPU as the core run does)
-GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity", "auth", "thin", "placement"})
+GPU_SECTIONS = frozenset({"sweep", "pipelining", "concurrency", "capacity", "auth", "thin", "transports", "placement"})
 # the order run_bench runs the optional sections in (after starting the subjects and the core comparison)
 SECTION_ORDER = (
     "rayserve",
@@ -63,6 +63,7 @@ SECTION_ORDER = (
     "concurrency",
     "capacity",
     "thin",
+    "transports",
     "placement",
     "auth",
     "replication",
@@ -151,6 +152,8 @@ class BenchResult:
     gpu: dict[str, Any] = field(default_factory=dict)
     # what authenticating internal hops costs per message: cluster token against mutual TLS (bench.auth_cost)
     internal_auth: dict[str, Any] = field(default_factory=dict)
+    # the compute hop's rows by shared memory, NIXL transfers and bytes, on thin experts (bench.transports)
+    transports: dict[str, Any] = field(default_factory=dict)
     # expert placement policies on synthetic (and recorded) load matrices (bench.placement)
     placement: dict[str, Any] = field(default_factory=dict)
     # raw T=1 latencies (ms) per subject, for the latency CDF plot
@@ -336,8 +339,11 @@ def stack_metrics_addresses(stack: Stack) -> list[str]:
 SERVED_MODES = {"served": "embedded", "served-service": "service"}
 
 
-def launch_bench_stack(config: BenchConfig, checkpoint_dir: Path, router: str = "embedded") -> Stack:
-    """`moe-serve up` for the bench, every service with a /metrics port (the fast-path figures read them)."""
+def launch_bench_stack(
+    config: BenchConfig, checkpoint_dir: Path, router: str = "embedded", transports: tuple[str, ...] = ("shm",)
+) -> Stack:
+    """`moe-serve up` for the bench, every service with a /metrics port (the fast-path figures read them);
+    `transports`: how its rows reach the workers (moe_serve/runtime/transports.py)."""
     # on a GPU the workers share it: Ray gives each an equal fraction, and each computes on it
     gpus_per_worker = 1.0 / config.workers if config.device == "cuda" else 0.0
     return launch_stack(
@@ -350,6 +356,7 @@ def launch_bench_stack(config: BenchConfig, checkpoint_dir: Path, router: str = 
             log_level="WARNING",
             metrics_port=0,
             router=router,
+            transports=transports,
         ),
         checkpoint_dir,
         worker_actor=ExpertWorkerActor,
@@ -689,12 +696,18 @@ def served_stack_sections(run: BenchRun, stack: Stack) -> None:
 
 
 def thin_if_asked(run: BenchRun) -> None:
-    """The thin section, when config.sections asks for it: on the running Ray, with stacks of its own."""
+    """The thin and transports sections, when config.sections asks for them: on the running Ray, with
+    stacks of their own."""
     if "thin" in run.config.sections:
         run.progress.start("thin")
         from moe_serve.bench.thin import thin_section
 
         run.result.fast_path["thin"] = thin_section(run.config, run.inputs)
+    if "transports" in run.config.sections:
+        run.progress.start("transports")
+        from moe_serve.bench.transports import transports_section
+
+        run.result.transports = transports_section(run.config, run.inputs)
 
 
 def standalone_sections(run: BenchRun) -> None:

@@ -12,6 +12,7 @@ The gRPC stream still carries every control message; only row bytes move through
   agent progress (connection set-up, and the transfers of transports without hardware RMA, such as
   TCP). NIXL's progress thread spins a core, so it is off: the sender's loop progresses the agent every
   PROGRESS_PERIOD_S while any of its regions is lent out, and never otherwise.
+- Small batches (under EAGER_BYTES: decode steps) stay inside the message; a transfer pays off above it.
 - Bounds: a worker's mirror has its stream's arena size, and every region is checked as the same-host
   path checks it before a transfer is made; the sender's allocator keeps lent regions apart.
 - Failures: a transfer that errors or does not finish within TRANSFER_TIMEOUT_S answers UNAVAILABLE (the
@@ -44,6 +45,9 @@ TRANSPORT = "nixl"
 OFFER_KEY = "x-moe-serve-nixl"  # agent name, arena address, size and id
 METADATA_KEY = "x-moe-serve-nixl-bin"  # the sender agent's metadata (binary: a -bin key)
 PROGRESS_PERIOD_S = 0.0005
+# batches under this size go inside the message (eager), larger ones by transfer (rendezvous), as UCX
+# and MPI split them: a decode step's rows cost less as bytes than as a READ and a WRITE
+EAGER_BYTES = 64 << 10
 TRANSFER_TIMEOUT_S = 10.0
 # `pip install nixl` installs a dispatcher package; nixl-cu12 / nixl-cu13 install their builds directly
 _MODULES = ("nixl._api", "nixl_cu12._api", "nixl_cu13._api")
@@ -179,6 +183,7 @@ class NixlOffer:
     """The sender's side of one arena: its memory registered with the process agent, and the offer."""
 
     transport = TRANSPORT
+    eager_bytes = EAGER_BYTES
 
     def __init__(self, agent: NixlAgent, arena: Arena) -> None:
         self.agent, self.arena_id, self.size = agent, arena.id, arena.size

@@ -63,6 +63,7 @@ class RemoteOffer(Protocol):
     engine that moves its regions to and from another host by one-sided transfers."""
 
     transport: str
+    eager_bytes: int  # smaller batches go inside the message: a transfer would cost them more
 
     def metadata(self) -> tuple[tuple[str, str | bytes], ...]: ...
 
@@ -120,7 +121,7 @@ class Arena:
 
     def allocate(self, nbytes: int) -> int | None:
         """Offset of a free region of at least `nbytes`, or None when none is left (send bytes then)."""
-        if self.retired:
+        if self.retired or (self._lends_remotely and nbytes < self.remote.eager_bytes):  # type: ignore[union-attr]
             return None
         wanted = aligned(max(nbytes, 1))
         for index, (offset, length) in enumerate(self._free):

@@ -50,17 +50,26 @@ def test_rows_cross_by_nixl_transfers_exactly_and_a_dead_sender_leaves_workers_s
     try:
         block = reference_blocks(checkpoint, torch.float32)[0]
         channel, stub = kserve_stub(stack.address)
-        with channel:
-            for seed in range(40):
-                hidden = torch.randn(1 + seed % 23 * 7, 64, generator=torch.Generator().manual_seed(seed))
+
+        def served_exactly(tokens: range) -> None:
+            for count in tokens:
+                hidden = torch.randn(count, 64, generator=torch.Generator().manual_seed(count))
                 output = response_tensors(stub.ModelInfer(infer_request(stack.model, hidden), timeout=30))["output"]
                 torch.testing.assert_close(output, reference_forward(block, hidden)[0], rtol=1e-5, atol=1e-5)
-        for worker in stack.workers:
-            counted = rows_by_transport(str(worker.ready["metrics_address"]))
-            # every batch but the stream's first (sent with the offer, before the worker answered it: the
-            # first request is one token, so at most 2 rows) went through NIXL
-            assert counted.get("nixl", 0) > 1000 and counted.get("bytes", 0) <= 2, counted
-            assert counted.get("shm", 0) == 0 and arena_mappings(worker.process.pid) == 0  # never mapped
+
+        def arrived() -> list[dict[str, float]]:
+            return [rows_by_transport(str(worker.ready["metrics_address"])) for worker in stack.workers]
+
+        with channel:
+            served_exactly(range(1, 40, 3))  # decode-sized batches, under NIXL's eager size: inside the message
+            assert all(counted.get("nixl", 0) == 0 and counted["bytes"] > 0 for counted in arrived())
+            served_exactly(range(600, 1000, 40))  # each worker's batch is over 64 KiB (256 B a row): transferred
+            small = [counted["bytes"] for counted in arrived()]
+            served_exactly(range(600, 1000, 40))
+        for counted, before in zip(arrived(), small, strict=True):
+            assert counted["nixl"] > 4000 and counted["bytes"] == before, counted  # every large batch by NIXL
+            assert counted.get("shm", 0) == 0
+        assert all(arena_mappings(worker.process.pid) == 0 for worker in stack.workers)  # never mapped
         sender = stack.gateway if router_mode == "embedded" else stack.router
         sender.process.send_signal(signal.SIGKILL)  # the process whose memory the workers read and write
         sender.process.wait(10)

@@ -37,6 +37,8 @@ class Link:
         sender, worker = agents
         self.arena = Arena(size, offer_shared_memory=False)
         self.arena.remote = NixlOffer.register(self.arena, sender)
+        assert self.arena.remote is not None
+        self.arena.remote.eager_bytes = 0  # these tests transfer small regions too
         offer = dict(self.arena.metadata())
         view, reason = NixlArenaView.attach(str(offer[OFFER_KEY]), offer[METADATA_KEY], worker)  # type: ignore[arg-type]
         assert view is not None, reason
@@ -155,6 +157,21 @@ def test_the_sender_progresses_its_agent_only_while_regions_are_lent(link: Link)
         assert sender._lent == 0 and sender._progress is not None and sender._progress.done()
 
     asyncio.run(scenario())
+
+
+def test_batches_under_the_eager_size_stay_in_the_message_and_larger_ones_are_lent(link: Link) -> None:
+    async def lend() -> None:  # lending starts the sender's progress on its loop
+        link.arena.remote.eager_bytes = nixl_transport.EAGER_BYTES  # type: ignore[union-attr]
+        assert link.arena.allocate(nixl_transport.EAGER_BYTES - 1) is None  # a decode step: rows as bytes
+        offset = link.arena.allocate(nixl_transport.EAGER_BYTES)
+        assert offset is not None
+        link.arena.release(offset)
+
+    asyncio.run(lend())
+    shared = Arena(MIB)  # a mapped arena has no such limit: nothing is transferred
+    shared.opened(((ACCEPT_KEY, "shm"),))
+    assert shared.allocate(1) is not None
+    shared.closed()
 
 
 def test_nixl_offers_that_cannot_be_reached_are_declined_with_the_reason(agents: tuple[NixlAgent, NixlAgent]) -> None:

@@ -102,8 +102,9 @@ def bench(
         typer.Option(
             help="Extra sections, comma-separated: rayserve, sweep, concurrency, capacity, replication, offload, "
             "auth (cluster token against mutual TLS per internal message), thin (served vs the monolithic peer "
-            "with experts of width 8: the data path alone), pipelining, placement (expert placement policies on "
-            "synthetic loads, no stack) ('' for none)."
+            "with experts of width 8: the data path alone), transports (the same thin stack with rows by shared "
+            "memory, NIXL transfers or bytes), pipelining, placement (expert placement policies on synthetic "
+            "loads, no stack) ('' for none)."
         ),
     ] = "rayserve,sweep,concurrency,capacity,replication,offload,auth,thin,placement",
     output_dir: Annotated[Path, typer.Option(help="Where the JSON results and PNG plots go.")] = Path(
