@@ -24,6 +24,7 @@ from moe_serve.runtime.errors import ConfigurationError
 from moe_serve.runtime.grpc_utils import advertised_host
 from moe_serve.runtime.security import ClusterCredentials
 from moe_serve.runtime.service import Service
+from moe_serve.runtime.transports import start_engines
 from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class WorkerService(Service[WorkerSettings]):
         self.prepare()
         self.credentials = credentials = self.load_security(lambda: ClusterCredentials.from_settings(settings))
         checkpoint = Checkpoint(settings.checkpoint)
+        start_engines(settings.transports)  # before serving: a stream's first batch never waits for one
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, checkpoint.spec.dtype)
         store = ExpertStore(

@@ -20,6 +20,7 @@ from moe_serve.runtime.grpc_utils import LIVENESS_SERVICE
 from moe_serve.runtime.security import ClusterCredentials
 from moe_serve.runtime.service import Service
 from moe_serve.runtime.telemetry import Telemetry
+from moe_serve.runtime.transports import start_engines
 from router_service.fanout import Dispatcher
 from router_service.hints import OffloadHints
 from router_service.metrics import RouterMetrics
@@ -58,6 +59,7 @@ class RouterService(Service[RouterSettings]):
         planner = RoutingPlanner(checkpoint, dtype, settings.noisy_gating_std, settings.noisy_gating_seed)
         self.registry = self._make_registry(policy)
         await self.registry.start()
+        start_engines(settings.transports if settings.shared_memory_bytes > 0 else ())
         model_name = settings.model_name or checkpoint.name
         self.telemetry = self._shared_telemetry or self.open_telemetry()
         metrics = RouterMetrics(self.telemetry, model_name, self.registry, keys)

@@ -26,7 +26,7 @@ from moe_serve.runtime import nixl_transport
 from moe_serve.runtime.shared_arena import ACCEPT_KEY, OFFER_KEY, Arena, ArenaView, new_arena
 
 logger = logging.getLogger(__name__)
-__all__ = ["ACCEPT_KEY", "DEFAULT_TRANSPORTS", "RegionAccess", "attach", "stream_arena"]
+__all__ = ["ACCEPT_KEY", "DEFAULT_TRANSPORTS", "RegionAccess", "attach", "start_engines", "stream_arena"]
 
 
 class RegionAccess(Protocol):
@@ -42,6 +42,14 @@ class RegionAccess(Protocol):
     async def write(self, region: moe_pb2.SharedRegion, values: torch.Tensor, what: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+def start_engines(transports: Sequence[str]) -> None:
+    """Start this process's transfer engines now, at service start, not at a stream's first request
+    (a NIXL agent takes 0.05-0.7 s to import and create); one that cannot start is logged, and its
+    transport is then declined or not offered."""
+    if "nixl" in transports:
+        nixl_transport.process_agent()
 
 
 def stream_arena(size: int, transports: Sequence[str]) -> Arena | None:
