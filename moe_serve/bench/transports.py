@@ -10,6 +10,7 @@ stack's workers report how their rows arrived, so every column is checked to be 
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -28,11 +29,12 @@ from moe_serve.runtime.grpc_utils import channel_options
 TRANSPORTS: dict[str, tuple[str, ...]] = {"shm": ("shm",), "nixl": ("nixl",), "bytes": ()}
 
 
-def rows_by_transport(stack: Stack) -> dict[str, float]:
-    """Rows the stack's workers received, per transport (moe_serve_worker_transport_rows_total)."""
+def rows_by_transport(metrics_addresses: Iterable[str]) -> dict[str, float]:
+    """Rows the workers at these /metrics addresses received, per transport, added up
+    (moe_serve_worker_transport_rows_total)."""
     counted: dict[str, float] = {}
-    for record in stack.workers:
-        port = record.metrics_address.rpartition(":")[2]
+    for address in metrics_addresses:
+        port = address.rpartition(":")[2]
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -70,7 +72,10 @@ def transports_section(config: BenchConfig, inputs: dict[int, torch.Tensor]) -> 
             channels.append(grpc.insecure_channel(stack.address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)))
             subjects.append(stack_subject(stack, channels[-1], thin, inputs, name=name))
         measured = measure_interleaved(subjects, thin)
-        arrived = {name: rows_by_transport(stack) for name, stack in stacks.items()}
+        arrived = {
+            name: rows_by_transport(record.metrics_address for record in stack.workers)
+            for name, stack in stacks.items()
+        }
     finally:
         for channel in channels:
             channel.close()

@@ -6,13 +6,12 @@ leaves its workers serving."""
 from __future__ import annotations
 
 import signal
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
+from moe_serve.bench.transports import rows_by_transport
 from tests.helpers import (
     infer_request,
     kserve_stub,
@@ -23,17 +22,6 @@ from tests.helpers import (
     wait_until,
     worker_load,
 )
-
-
-def rows_by_transport(metrics_address: str) -> dict[str, float]:
-    port = metrics_address.rpartition(":")[2]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    return {
-        sample.labels["transport"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "moe_serve_worker_transport_rows_total"
-    }
 
 
 def arena_mappings(pid: int) -> int:
@@ -58,7 +46,7 @@ def test_rows_cross_by_nixl_transfers_exactly_and_a_dead_sender_leaves_workers_s
                 torch.testing.assert_close(output, reference_forward(block, hidden)[0], rtol=1e-5, atol=1e-5)
 
         def arrived() -> list[dict[str, float]]:
-            return [rows_by_transport(str(worker.ready["metrics_address"])) for worker in stack.workers]
+            return [rows_by_transport([str(worker.ready["metrics_address"])]) for worker in stack.workers]
 
         with channel:
             served_exactly(range(1, 40, 3))  # decode-sized batches, under NIXL's eager size: inside the message
