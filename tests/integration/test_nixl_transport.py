@@ -6,8 +6,10 @@ leaves its workers serving."""
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
@@ -64,5 +66,48 @@ def test_rows_cross_by_nixl_transfers_exactly_and_a_dead_sender_leaves_workers_s
         for worker in stack.workers:  # each worker dropped the dead peer's stream and still answers
             wait_until(lambda worker=worker: worker_load(worker.address).inflight_rows == 0, 10, "nothing in flight")
             assert worker.process.poll() is None
+    finally:
+        stack.stop()
+
+
+def test_a_worker_killed_mid_transfer_loses_no_request(checkpoints) -> None:
+    """Two workers hold every expert; one is killed while large batches go to both by NIXL. Its lent
+    regions come back when its stream breaks, and its batches are recomputed on the other, exactly."""
+    checkpoint = checkpoints(torch.float32)
+    workers_args = [["--experts", "0-7", "--metrics-port", "0"], ["--experts", "0-7", "--metrics-port", "0"]]
+    stack = start_process_stack(checkpoint, workers_args, common=("--transports", "nixl"), router_mode="embedded")
+    try:
+        block = reference_blocks(checkpoint, torch.float32)[0]
+        channel, stub = kserve_stub(stack.address)
+        failures: list[str] = []
+        answered = 0
+        stop = threading.Event()
+
+        def load() -> None:
+            nonlocal answered
+            seed = 0
+            while not stop.is_set():
+                seed += 1
+                hidden = torch.randn(700, 64, generator=torch.Generator().manual_seed(seed))
+                try:
+                    output = response_tensors(stub.ModelInfer(infer_request(stack.model, hidden), timeout=30))
+                    if not torch.allclose(output["output"], reference_forward(block, hidden)[0], rtol=1e-5, atol=1e-5):
+                        failures.append(f"wrong answer for seed {seed}")
+                    answered += 1
+                except grpc.RpcError as error:
+                    failures.append(f"{error.code().name}: {error.details()}")
+
+        with channel:
+            thread = threading.Thread(target=load)
+            thread.start()
+            wait_until(lambda: answered >= 5 or failures, 30, "load running")
+            stack.workers[0].process.send_signal(signal.SIGKILL)  # under a continuous load of large batches
+            at_kill = answered
+            wait_until(lambda: answered >= at_kill + 15 or failures, 60, "answers after the kill")
+            stop.set()
+            thread.join(30)
+        assert failures == []
+        survivor = rows_by_transport([str(stack.workers[1].ready["metrics_address"])])
+        assert survivor["nixl"] > 15 * 500, survivor  # the survivor kept taking its batches by NIXL
     finally:
         stack.stop()
