@@ -1,5 +1,5 @@
 """A worker's metrics: compute time per (layer, expert), rows in flight per (layer, expert), bytes sent,
-rows received per transport."""
+rows moved per direction and transport."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ class WorkerMetrics:
         worker_id: str,
         inflight_by_expert: Counter[ExpertKey],
         abandoned: Callable[[], int],
-        rows_by_transport: Counter[str] | None = None,
+        rows_by_transport: Counter[tuple[str, str]] | None = None,
     ) -> None:
         meter, self.labels = telemetry.meter, {"model": model, "worker": worker_id}
         self._meter = meter
@@ -56,11 +56,13 @@ class WorkerMetrics:
             "moe_serve.worker.transport.rows",
             [
                 lambda options: [
-                    Observation(rows, {**self.labels, "transport": name}) for name, rows in by_transport.items()
+                    Observation(rows, {**self.labels, "direction": direction, "transport": name})
+                    for (direction, name), rows in by_transport.items()
                 ]
             ],
             unit="{row}",
-            description="Rows received, by how they reached this worker: bytes, shm (mapped arena), nixl (transfers)",
+            description="Rows received from the router and outputs delivered to the gateway, by how they moved: bytes, "
+            "shm (a mapped arena), nixl (transfers)",
         )
 
     def observe_offload(self, state: Callable[[], dict[str, Any]]) -> None:

@@ -123,6 +123,7 @@ class WorkerService(Service[WorkerSettings]):
             telemetry=self.telemetry,
             credentials=credentials,
             transports=settings.transports,
+            shared_memory_bytes=settings.shared_memory_bytes,
         )
         moe_grpc.add_ExpertWorkerServicer_to_server(self.servicer, server)
         self.add_health(server, [SERVICE_NAME])

@@ -49,7 +49,14 @@ from moe_serve.runtime.telemetry import (
     record_soon,
     rpc_span,
 )
-from moe_serve.runtime.transports import ACCEPT_KEY, DEFAULT_TRANSPORTS, RegionAccess, attach
+from moe_serve.runtime.transports import (
+    ACCEPT_KEY,
+    DEFAULT_TRANSPORTS,
+    RegionAccess,
+    attach,
+    lend_tensor,
+    stream_arena,
+)
 from moe_serve.worker_record import WorkerRecord
 
 logger = logging.getLogger(__name__)
@@ -78,6 +85,7 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         telemetry: Telemetry | None = None,
         credentials: ClusterCredentials = INSECURE_INTERNAL,
         transports: Sequence[str] = DEFAULT_TRANSPORTS,
+        shared_memory_bytes: int = 0,
     ) -> None:
         self.store, self.identity, self.checkpoint_dir = store, identity, checkpoint_dir
         self.transports = tuple(transports)  # the ways rows may reach this worker, best first
@@ -89,8 +97,12 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         # compute runs off the event loop so one matmul never stalls the other calls of this
         # worker; one thread per concurrently computed expert (torch releases the GIL)
         self._executor = ThreadPoolExecutor(max_workers=compute_threads, thread_name_prefix="expert-compute")
+        # each delivery stream offers the gateway an arena for the outputs, as the router offers rows (transports.py)
         self._deliveries: StreamClientPool[moe_pb2.Delivery, moe_pb2.DeliveryAck] = StreamClientPool(
-            lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream, max_message_bytes, credentials
+            lambda channel: moe_grpc.DeliveryServiceStub(channel).DeliveryStream,
+            max_message_bytes,
+            credentials,
+            (lambda: stream_arena(shared_memory_bytes, self.transports)) if shared_memory_bytes > 0 else None,
         )
         self.max_message_bytes = max_message_bytes
         self._side_channels: SideChannelListener | None = None
@@ -99,7 +111,8 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         # moving average of one decode-sized segment's compute time (ms); inf until one was measured
         self._small_segment_ms = float("inf")
         self.abandoned_batches = 0
-        self.rows_by_transport: Counter[str] = Counter()  # "bytes", "shm", "nixl"
+        # (direction, transport): rows received from the router, outputs delivered to the gateway
+        self.rows_by_transport: Counter[tuple[str, str]] = Counter()
         self.metrics = WorkerMetrics(
             self.telemetry,
             checkpoint_dir.name,
@@ -214,12 +227,12 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
     async def _rows(self, request: moe_pb2.ComputeRequest, arena: RegionAccess | None) -> torch.Tensor:
         if not request.HasField("rows_region"):
             rows = codec.from_proto(request.rows, "rows")
-            self.rows_by_transport["bytes"] += rows.shape[0] if rows.dim() else 0
+            self.rows_by_transport["received", "bytes"] += rows.shape[0] if rows.dim() else 0
             return rows
         if arena is None:
             raise ServiceUnavailable("rows in an arena region, but this stream reaches no arena")
         rows = await arena.read(request.rows_region, request.rows.datatype, list(request.rows.shape), "rows")
-        self.rows_by_transport[arena.transport] += rows.shape[0] if rows.dim() else 0
+        self.rows_by_transport["received", arena.transport] += rows.shape[0] if rows.dim() else 0
         return rows
 
     def _validate(
@@ -333,15 +346,26 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
             worker_id=self.identity.worker_id,
             timeout_s=remaining or 0.0,
         )
-        payload = codec.fill_proto(delivery.rows, outputs) + codec.payload_bytes(request.positions)
-        self.metrics.wire("worker_to_gateway", "sent", payload)
+        gateway = self._deliveries.get(request.delivery_address)
+        lent = lend_tensor(gateway.session, outputs)  # the gateway maps or transfers it: no bytes
+        if lent is None:
+            payload = codec.fill_proto(delivery.rows, outputs)
+            self.rows_by_transport["delivered", "bytes"] += outputs.shape[0]
+        else:
+            delivery.rows.datatype, payload = codec.datatype_name(outputs.dtype), 0
+            delivery.rows.shape.extend(outputs.shape)
+            delivery.rows_region.CopyFrom(lent.region)
+            self.rows_by_transport["delivered", lent.arena.transport] += outputs.shape[0]
+        self.metrics.wire("worker_to_gateway", "sent", payload + codec.payload_bytes(request.positions))
         with client_span(self.tracer, DELIVERY_STREAM):
             inject_context(delivery.trace_context)  # the gateway's span continues this one
             try:
-                ack = await self._deliveries.get(request.delivery_address).call(delivery, remaining)
+                ack = await gateway.call(delivery, remaining, release=lent.release if lent is not None else None)
             except ServiceUnavailable as error:
                 message = f"could not deliver to gateway {request.delivery_address}: {error.message}"
                 raise DeliveryFailed(message) from None
+            if lent is not None:  # answered: the gateway has copied the outputs out of the region
+                lent.release()
             if ack.HasField("failure"):
                 raise error_of(ack.failure)  # NOT_FOUND: the gateway has dropped the request
             return ack.rows_accepted

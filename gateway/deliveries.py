@@ -8,6 +8,7 @@ cancelled, expired) through NOT_FOUND, and stop.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import torch
 from grpc import aio
@@ -17,9 +18,10 @@ from moe_serve.layer.combine import CombineBuffer
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.runtime import codec
-from moe_serve.runtime.errors import MoEServeError, RequestNotFound, error_of, failure_of
+from moe_serve.runtime.errors import MoEServeError, RequestNotFound, ServiceUnavailable, error_of, failure_of
 from moe_serve.runtime.streams import serve_stream
 from moe_serve.runtime.telemetry import DELIVERY_STREAM, extract_context, rpc_span
+from moe_serve.runtime.transports import ACCEPT_KEY, DEFAULT_TRANSPORTS, RegionAccess, attach
 
 
 class PendingRequest:
@@ -84,23 +86,43 @@ class PendingRequests:
 
 
 class DeliveryServicer(moe_grpc.DeliveryServiceServicer):
-    """Internal endpoint where workers (and the router, for failures) deliver to this gateway."""
+    """Internal endpoint where workers (and the router, for failures) deliver to this gateway. A worker's
+    stream may offer an arena for its outputs (moe_serve/runtime/transports.py): the gateway maps it
+    (same host) or transfers from it (NIXL) when one of its own `transports` reaches it."""
 
-    def __init__(self, pending: PendingRequests, tracer: Tracer) -> None:
-        self.pending, self.tracer = pending, tracer
+    def __init__(
+        self, pending: PendingRequests, tracer: Tracer, transports: Sequence[str] = DEFAULT_TRANSPORTS
+    ) -> None:
+        self.pending, self.tracer, self.transports = pending, tracer, tuple(transports)
 
     async def DeliveryStream(self, requests: object, context: aio.ServicerContext) -> None:
-        await serve_stream(context, self.deliver, lambda _, error: moe_pb2.DeliveryAck(failure=failure_of(error)))
+        arena = attach(context.invocation_metadata(), self.transports, "gateway deliveries")
+        try:
+            await serve_stream(
+                context,
+                lambda delivery: self.deliver(delivery, arena),
+                lambda _, error: moe_pb2.DeliveryAck(failure=failure_of(error)),
+                initial_metadata=((ACCEPT_KEY, arena.transport if arena is not None else "0"),),
+            )
+        finally:
+            if arena is not None:
+                arena.close()
 
-    async def deliver(self, delivery: moe_pb2.Delivery) -> moe_pb2.DeliveryAck:
+    async def deliver(self, delivery: moe_pb2.Delivery, arena: RegionAccess | None = None) -> moe_pb2.DeliveryAck:
         with rpc_span(self.tracer, DELIVERY_STREAM, SpanKind.SERVER, extract_context(delivery.trace_context)):
-            return self._accept(delivery)
+            pending = self.pending.get(delivery.request_id)
+            if delivery.HasField("failure"):
+                pending.fail(error_of(delivery.failure))
+                return moe_pb2.DeliveryAck()
+            positions = codec.from_proto(delivery.positions, "positions")
+            rows = await self._rows(delivery, arena)
+            # copied into the combine buffer here: the worker may reuse the region once this is answered
+            return moe_pb2.DeliveryAck(rows_accepted=pending.add_rows(positions, rows))
 
-    def _accept(self, delivery: moe_pb2.Delivery) -> moe_pb2.DeliveryAck:
-        pending = self.pending.get(delivery.request_id)
-        if delivery.HasField("failure"):
-            pending.fail(error_of(delivery.failure))
-            return moe_pb2.DeliveryAck()
-        positions = codec.from_proto(delivery.positions, "positions")
-        rows = codec.from_proto(delivery.rows, "rows")
-        return moe_pb2.DeliveryAck(rows_accepted=pending.add_rows(positions, rows))
+    @staticmethod
+    async def _rows(delivery: moe_pb2.Delivery, arena: RegionAccess | None) -> torch.Tensor:
+        if not delivery.HasField("rows_region"):
+            return codec.from_proto(delivery.rows, "rows")
+        if arena is None:
+            raise ServiceUnavailable("outputs in an arena region, but this stream reaches no arena")
+        return await arena.read(delivery.rows_region, delivery.rows.datatype, list(delivery.rows.shape), "rows")

@@ -36,6 +36,7 @@ from moe_serve.runtime.grpc_utils import add_health_and_reflection, advertised_h
 from moe_serve.runtime.security import ClusterCredentials, PublicTLS, open_aio_channel
 from moe_serve.runtime.service import Service
 from moe_serve.runtime.streams import StreamClient
+from moe_serve.runtime.transports import start_engines
 from moe_serve.worker_record import WorkerRecord
 from moe_serve_client.protos import grpc_predict_v2_pb2_grpc as kserve_grpc
 from router_service.server import RouterService
@@ -160,7 +161,8 @@ class GatewayService(Service[GatewaySettings]):
         self.delivery_server, delivery_port = self.create_server(
             self.settings.delivery_port, internal.server_credentials(), internal.server_interceptors()
         )
-        servicer = DeliveryServicer(self.pending, self.telemetry.tracer)
+        start_engines(self.settings.transports)  # before serving: a delivery never waits for one
+        servicer = DeliveryServicer(self.pending, self.telemetry.tracer, self.settings.transports)
         moe_grpc.add_DeliveryServiceServicer_to_server(servicer, self.delivery_server)
         self.delivery_address = f"{host}:{delivery_port}"
 

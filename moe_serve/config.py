@@ -108,12 +108,20 @@ class CommonSettings(BaseSettings):
     redis_prefix: str = Field("moe-serve:", description="Prefix of every Redis key and channel this deployment uses.")
     registry_ttl_s: float = Field(10.0, gt=0, description="Seconds a worker registration lives without heartbeat.")
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads of this process.")
+    shared_memory_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Each stream that carries tensors (router to worker, worker to gateway) offers an arena of this "
+        "many bytes, reached as `transports` says: rows, and outputs, pass through it instead of the messages. A peer "
+        "that reaches it by none declines; a batch that does not fit goes as bytes. 0 = off.",
+    )
     transports: Transports = Field(
         DEFAULT_TRANSPORTS,
-        description="How rows move between the router and workers beside gRPC bytes, in order of preference "
+        description="How rows and outputs move between router, workers and gateway beside gRPC bytes, by preference "
         "(comma-separated; empty: always bytes). shm: a shared-memory arena (same host). nixl: NIXL one-sided "
         "transfers of the same arena (any host; needs the nixl package on both ends: pip install 'moe-serve[nixl]'). "
-        "The router offers each one it has; a worker takes the first of its own list that reaches it.",
+        "The sender of a stream (router, or worker delivering) offers each one it has; the receiver takes the first "
+        "of its own list that reaches it.",
     )
     event_loop: EventLoopName = Field(
         "auto", description="Event loop of the service: uvloop (auto, where installed) or the standard asyncio loop."
@@ -293,13 +301,6 @@ class RouterPolicySettings(BaseModel):
         True,
         description="Hint offloading workers which experts come next (this batch's and the next layer's likely "
         "ones, learnt from consecutive layers of one sequence), so their loads overlap with compute.",
-    )
-    shared_memory_bytes: int = Field(
-        64 * 1024 * 1024,
-        ge=0,
-        description="Same-host zero-copy: each stream to a worker on this host gets a shared-memory arena of this "
-        "many bytes; rows (and, with the router in the gateway, the outputs) pass through it instead of the socket. "
-        "A worker elsewhere declines it; a batch that does not fit goes as bytes. 0 = off.",
     )
 
 

@@ -29,16 +29,16 @@ from moe_serve.runtime.grpc_utils import channel_options
 TRANSPORTS: dict[str, tuple[str, ...]] = {"shm": ("shm",), "nixl": ("nixl",), "bytes": ()}
 
 
-def rows_by_transport(metrics_addresses: Iterable[str]) -> dict[str, float]:
-    """Rows the workers at these /metrics addresses received, per transport, added up
-    (moe_serve_worker_transport_rows_total)."""
+def rows_by_transport(metrics_addresses: Iterable[str], direction: str = "received") -> dict[str, float]:
+    """Rows the workers at these /metrics addresses received from the router (or, direction "delivered",
+    sent to the gateway), per transport, added up (moe_serve_worker_transport_rows_total)."""
     counted: dict[str, float] = {}
     for address in metrics_addresses:
         port = address.rpartition(":")[2]
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == "moe_serve_worker_transport_rows_total":
+                if sample.name == "moe_serve_worker_transport_rows_total" and sample.labels["direction"] == direction:
                     name = sample.labels["transport"]
                     counted[name] = counted.get(name, 0.0) + sample.value
     return counted

@@ -367,7 +367,7 @@ class Failure(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Delivery(_message.Message):
-    __slots__ = ("call_id", "timeout_s", "request_id", "positions", "rows", "worker_id", "failure", "trace_context")
+    __slots__ = ("call_id", "timeout_s", "request_id", "positions", "rows", "worker_id", "failure", "trace_context", "rows_region")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -383,6 +383,7 @@ class Delivery(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_REGION_FIELD_NUMBER: _ClassVar[int]
     call_id: int
     timeout_s: float
     request_id: str
@@ -391,7 +392,8 @@ class Delivery(_message.Message):
     worker_id: str
     failure: Failure
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., worker_id: _Optional[str] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    rows_region: SharedRegion
+    def __init__(self, call_id: _Optional[int] = ..., timeout_s: _Optional[float] = ..., request_id: _Optional[str] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., rows: _Optional[_Union[Tensor, _Mapping]] = ..., worker_id: _Optional[str] = ..., failure: _Optional[_Union[Failure, _Mapping]] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., rows_region: _Optional[_Union[SharedRegion, _Mapping]] = ...) -> None: ...
 
 class DeliveryAck(_message.Message):
     __slots__ = ("call_id", "rows_accepted", "failure")

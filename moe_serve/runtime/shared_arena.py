@@ -1,4 +1,4 @@
-"""Same-host zero-copy on the compute hop: one shared-memory arena per stream to a worker.
+"""Same-host zero-copy: one shared-memory arena per stream that carries tensors (to a worker, to a gateway).
 
 The sender of ComputeRequests (the router; inside the gateway when embedded) creates an anonymous
 memory file (memfd) for each worker stream and offers it in the stream's metadata. A worker on the
@@ -8,6 +8,10 @@ and the message carries only (arena, offset, size). The worker reads them in pla
 answers with its rows (embedded router), writes its outputs into the region's second part. On
 another host, in another container, or where /proc is closed to it, the worker declines and rows
 stay bytes on the stream: decided once per stream, when it opens.
+
+The delivery hop (the router as its own service) works the same way round the other side: a worker
+offers the gateway an arena on its delivery stream and writes its outputs there; the gateway reads
+them in place and copies them into the request's combine buffer before it acknowledges.
 
 Lifetime and safety:
 - The arena lives as long as its stream. A memfd has no name: once both processes have unmapped it

@@ -1,5 +1,7 @@
-"""The transport seam of the compute hop: how a batch's rows (and, with the router in the gateway, its
-outputs) move between the sender of ComputeRequests and a worker, chosen once per stream when it opens.
+"""The transport seam: how tensors move on the streams that carry them, chosen once per stream when it
+opens. On the compute hop the router sends a batch's rows to a worker (and, with the router in the
+gateway, gets its outputs back the same way); on the delivery hop a worker sends its outputs to the
+gateway. The sender of the stream offers an arena; the receiver reaches it or declines.
 
 gRPC always carries the control messages (plan, descriptors, completions, errors, deadlines). The rows go:
 - "shm": through a shared-memory arena the worker maps (same host; moe_serve/runtime/shared_arena.py);
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -26,7 +29,16 @@ from moe_serve.runtime import nixl_transport
 from moe_serve.runtime.shared_arena import ACCEPT_KEY, OFFER_KEY, Arena, ArenaView, new_arena
 
 logger = logging.getLogger(__name__)
-__all__ = ["ACCEPT_KEY", "DEFAULT_TRANSPORTS", "RegionAccess", "attach", "start_engines", "stream_arena"]
+__all__ = [
+    "ACCEPT_KEY",
+    "DEFAULT_TRANSPORTS",
+    "LentTensor",
+    "RegionAccess",
+    "attach",
+    "lend_tensor",
+    "start_engines",
+    "stream_arena",
+]
 
 
 class RegionAccess(Protocol):
@@ -42,6 +54,30 @@ class RegionAccess(Protocol):
     async def write(self, region: moe_pb2.SharedRegion, values: torch.Tensor, what: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class LentTensor:
+    """A tensor copied into a region of a stream's arena, lent to the peer until its answer is read."""
+
+    arena: Arena
+    offset: int
+    region: moe_pb2.SharedRegion
+
+    def release(self) -> None:
+        self.arena.release(self.offset)
+
+
+def lend_tensor(arena: Arena | None, values: torch.Tensor) -> LentTensor | None:
+    """`values` copied into a region of the stream's arena; None when the stream has no usable arena
+    or it has no room (or the batch is under its transport's eager size): then they go as bytes."""
+    if arena is None or not arena.usable:
+        return None
+    offset = arena.allocate(values.nbytes)
+    if offset is None:
+        return None
+    arena.tensor(offset, values.dtype, values.shape).copy_(values)
+    return LentTensor(arena, offset, arena.region(offset, values.nbytes))
 
 
 def start_engines(transports: Sequence[str]) -> None:

@@ -1,5 +1,6 @@
-"""Same-host zero-copy on the compute hop (moe_serve/runtime/shared_arena.py): the allocator, the worker's
-checks of every region, region lifetimes on a real stream, and no memory left behind by a dead peer."""
+"""Same-host zero-copy on the compute and delivery hops (moe_serve/runtime/shared_arena.py): the allocator,
+the receiver's checks of every region, region lifetimes on a real stream, and no memory left behind by a
+dead peer."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 from grpc import aio
 
+from moe_serve.bench.transports import rows_by_transport
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.runtime.errors import InvalidInput, MoEServeError, ServiceUnavailable
 from moe_serve.runtime.shared_arena import ACCEPT_KEY, ALIGNMENT, OFFER_KEY, Arena, ArenaView
@@ -233,5 +235,32 @@ def test_rows_pass_through_shared_memory_exactly_and_a_killed_gateway_leaves_no_
         # the streams broke: each worker unmapped the dead gateway's arena, and the kernel freed it
         wait_until(lambda: all(arena_mappings(pid) == 0 for pid in workers), 10, "workers unmapped the arena")
         assert set(os.listdir("/dev/shm")) == shm_before  # a memfd never had a name to leak
+    finally:
+        stack.stop()
+
+
+def test_outputs_reach_a_separate_gateway_through_the_workers_arenas_and_a_killed_worker_unmaps(checkpoints) -> None:
+    """Router as its own service: each worker offers the gateway an arena on its delivery stream and
+    writes its outputs there; the gateway maps it, reads them in place, and unmaps it when the stream ends."""
+    checkpoint = checkpoints(torch.float32)
+    workers_args = [["--experts", "0-7", "--metrics-port", "0"], ["--experts", "0-7", "--metrics-port", "0"]]
+    stack = start_process_stack(checkpoint, workers_args, router_mode="service")
+    try:
+        block = reference_blocks(checkpoint, torch.float32)[0]
+        channel, stub = kserve_stub(stack.address)
+        with channel:
+            for seed in range(30):
+                hidden = torch.randn(1 + seed * 13, 64, generator=torch.Generator().manual_seed(seed))
+                output = response_tensors(stub.ModelInfer(infer_request(stack.model, hidden), timeout=30))["output"]
+                torch.testing.assert_close(output, reference_forward(block, hidden)[0], rtol=1e-5, atol=1e-5)
+        for worker in stack.workers:
+            delivered = rows_by_transport([str(worker.ready["metrics_address"])], "delivered")
+            # every delivery but each stream's first (sent with the offer, before the gateway answered it)
+            assert delivered["shm"] > 3000 and delivered.get("bytes", 0) <= 64, delivered
+        gateway_pid = stack.gateway.process.pid
+        assert arena_mappings(gateway_pid) == 2  # one per worker's delivery stream
+        stack.workers[0].process.send_signal(signal.SIGKILL)
+        stack.workers[0].process.wait(10)
+        wait_until(lambda: arena_mappings(gateway_pid) == 1, 10, "the gateway unmapped the dead worker's arena")
     finally:
         stack.stop()
