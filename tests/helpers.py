@@ -283,6 +283,48 @@ def wait_until(condition: Callable[[], object], timeout_s: float, what: str, pol
     return time.monotonic() - started
 
 
+class ExactLoad:
+    """One client thread sending requests of `tokens` tokens back to back (`with ExactLoad(...) as load`)
+    and checking every answer against `block`; `answered` counts the exact ones, `failures` says what
+    went wrong (a wrong answer, or a status)."""
+
+    def __init__(
+        self, stub: Any, model: str, block: torch.nn.Module, tokens: int, timeout_s: float = 30, hidden_size: int = 64
+    ) -> None:
+        self.stub, self.model, self.block, self.timeout_s = stub, model, block, timeout_s
+        self.shape = (tokens, hidden_size)
+        self.answered, self.failures = 0, list[str]()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="exact-load")
+
+    def _run(self) -> None:
+        seed = 0
+        while not self._stop.is_set():
+            seed += 1
+            hidden = torch.randn(*self.shape, generator=torch.Generator().manual_seed(seed))
+            try:
+                request = infer_request(self.model, hidden)
+                output = response_tensors(self.stub.ModelInfer(request, timeout=self.timeout_s))["output"]
+                if not torch.allclose(output, reference_forward(self.block, hidden)[0], rtol=1e-5, atol=1e-5):
+                    self.failures.append(f"wrong answer for seed {seed}")
+                self.answered += 1
+            except grpc.RpcError as error:
+                self.failures.append(f"{error.code().name}: {error.details()}")
+
+    def wait_for(self, more: int, timeout_s: float, what: str) -> None:
+        """Until `more` further answers (or a failure)."""
+        target = self.answered + more
+        wait_until(lambda: self.answered >= target or self.failures, timeout_s, what)
+
+    def __enter__(self) -> ExactLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
 BLOCKER_TOKENS = 12288  # on the wide-expert checkpoint: ~2 s of one compute thread
 
 

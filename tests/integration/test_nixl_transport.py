@@ -6,14 +6,13 @@ and a sender that dies leaves its workers serving."""
 from __future__ import annotations
 
 import signal
-import threading
 
-import grpc
 import pytest
 import torch
 
 from moe_serve.bench.transports import rows_by_transport
 from tests.helpers import (
+    ExactLoad,
     infer_request,
     kserve_stub,
     reference_blocks,
@@ -77,34 +76,11 @@ def test_a_worker_killed_mid_transfer_loses_no_request(checkpoints) -> None:
     try:
         block = reference_blocks(checkpoint, torch.float32)[0]
         channel, stub = kserve_stub(stack.address)
-        failures: list[str] = []
-        answered = 0
-        stop = threading.Event()
-
-        def load() -> None:
-            nonlocal answered
-            seed = 0
-            while not stop.is_set():
-                seed += 1
-                hidden = torch.randn(700, 64, generator=torch.Generator().manual_seed(seed))
-                try:
-                    output = response_tensors(stub.ModelInfer(infer_request(stack.model, hidden), timeout=30))
-                    if not torch.allclose(output["output"], reference_forward(block, hidden)[0], rtol=1e-5, atol=1e-5):
-                        failures.append(f"wrong answer for seed {seed}")
-                    answered += 1
-                except grpc.RpcError as error:
-                    failures.append(f"{error.code().name}: {error.details()}")
-
-        with channel:
-            thread = threading.Thread(target=load)
-            thread.start()
-            wait_until(lambda: answered >= 5 or failures, 30, "load running")
+        with channel, ExactLoad(stub, stack.model, block, tokens=700) as load:
+            load.wait_for(5, 30, "load running")
             stack.workers[0].process.send_signal(signal.SIGKILL)  # under a continuous load of large batches
-            at_kill = answered
-            wait_until(lambda: answered >= at_kill + 15 or failures, 60, "answers after the kill")
-            stop.set()
-            thread.join(30)
-        assert failures == []
+            load.wait_for(15, 60, "answers after the kill")
+        assert load.failures == []
         survivor = rows_by_transport([str(stack.workers[1].ready["metrics_address"])])
         assert survivor["nixl"] > 15 * 500, survivor  # the survivor kept taking its batches by NIXL
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from moe_serve.cluster.launcher import embedded_router_of, wait_until_ready
 from moe_serve.cluster.processes import spawn_service_process, start_service_process
 from tests.helpers import (
     ROUTER_MODES,
+    ExactLoad,
     RouterMode,
     infer_request,
     internal_credentials,
@@ -22,7 +22,6 @@ from tests.helpers import (
     reference_blocks,
     reference_forward,
     response_tensors,
-    wait_until,
 )
 from tests.integration.test_topology import start_all
 
@@ -70,36 +69,13 @@ def test_killed_worker_rows_are_recomputed_on_another_replica(checkpoints, route
         model = gateway.wait_ready().ready["model"]
         block = reference_blocks(checkpoint, torch.float32)[0]
         channel, stub = kserve_stub(gateway.address)
-        failures: list[str] = []
-        answered = 0
-        stop = threading.Event()
-
-        def load() -> None:
-            nonlocal answered
-            seed = 0
-            while not stop.is_set():
-                seed += 1
-                hidden = torch.randn(8, 64, generator=torch.Generator().manual_seed(seed))
-                try:
-                    result = response_tensors(stub.ModelInfer(infer_request(model, hidden), timeout=20))
-                    expected = reference_forward(block, hidden)[0]
-                    if not torch.allclose(result["output"], expected, rtol=1e-5, atol=1e-5):
-                        failures.append(f"wrong answer for seed {seed}")
-                    answered += 1
-                except grpc.RpcError as error:
-                    failures.append(f"{error.code().name}: {error.details()}")
-
-        thread = threading.Thread(target=load)
-        thread.start()
-        wait_until(lambda: answered >= 10 or failures, 30, "load running")
-        workers[0].process.send_signal(signal.SIGKILL)  # A dies with requests in flight
-        answered_at_kill = answered
-        # the request in flight at the kill, and then many more, answered (or failed) meanwhile
-        wait_until(lambda: answered >= answered_at_kill + 30 or failures, 30, "answers after A died")
-        stop.set()
-        thread.join(30)
-        assert failures == []
-        assert answered > 20
+        with ExactLoad(stub, model, block, tokens=8, timeout_s=20) as load:
+            load.wait_for(10, 30, "load running")
+            workers[0].process.send_signal(signal.SIGKILL)  # A dies with requests in flight
+            # the request in flight at the kill, and then many more, answered (or failed) meanwhile
+            load.wait_for(30, 30, "answers after A died")
+        assert load.failures == []
+        assert load.answered > 20
 
         # B gone too: experts 0-3 have no live replica left; the request fails fast, naming the expert
         workers[1].process.send_signal(signal.SIGKILL)
