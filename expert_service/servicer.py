@@ -55,6 +55,7 @@ from moe_serve.runtime.transports import (
     RegionAccess,
     attach,
     lend_tensor,
+    received_tensor,
     stream_arena,
 )
 from moe_serve.worker_record import WorkerRecord
@@ -225,14 +226,10 @@ class ExpertWorkerServicer(moe_grpc.ExpertWorkerServicer):
         return result
 
     async def _rows(self, request: moe_pb2.ComputeRequest, arena: RegionAccess | None) -> torch.Tensor:
-        if not request.HasField("rows_region"):
-            rows = codec.from_proto(request.rows, "rows")
-            self.rows_by_transport["received", "bytes"] += rows.shape[0] if rows.dim() else 0
-            return rows
-        if arena is None:
-            raise ServiceUnavailable("rows in an arena region, but this stream reaches no arena")
-        rows = await arena.read(request.rows_region, request.rows.datatype, list(request.rows.shape), "rows")
-        self.rows_by_transport["received", arena.transport] += rows.shape[0] if rows.dim() else 0
+        region = request.rows_region if request.HasField("rows_region") else None
+        rows = await received_tensor(request.rows, region, arena, "rows")
+        transport = "bytes" if region is None or arena is None else arena.transport
+        self.rows_by_transport["received", transport] += rows.shape[0] if rows.dim() else 0
         return rows
 
     def _validate(

@@ -18,10 +18,10 @@ from moe_serve.layer.combine import CombineBuffer
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
 from moe_serve.protos import moe_serve_pb2_grpc as moe_grpc
 from moe_serve.runtime import codec
-from moe_serve.runtime.errors import MoEServeError, RequestNotFound, ServiceUnavailable, error_of, failure_of
+from moe_serve.runtime.errors import MoEServeError, RequestNotFound, error_of, failure_of
 from moe_serve.runtime.streams import serve_stream
 from moe_serve.runtime.telemetry import DELIVERY_STREAM, extract_context, rpc_span
-from moe_serve.runtime.transports import ACCEPT_KEY, DEFAULT_TRANSPORTS, RegionAccess, attach
+from moe_serve.runtime.transports import ACCEPT_KEY, DEFAULT_TRANSPORTS, RegionAccess, attach, received_tensor
 
 
 class PendingRequest:
@@ -115,14 +115,7 @@ class DeliveryServicer(moe_grpc.DeliveryServiceServicer):
                 pending.fail(error_of(delivery.failure))
                 return moe_pb2.DeliveryAck()
             positions = codec.from_proto(delivery.positions, "positions")
-            rows = await self._rows(delivery, arena)
+            region = delivery.rows_region if delivery.HasField("rows_region") else None
+            rows = await received_tensor(delivery.rows, region, arena, "rows")
             # copied into the combine buffer here: the worker may reuse the region once this is answered
             return moe_pb2.DeliveryAck(rows_accepted=pending.add_rows(positions, rows))
-
-    @staticmethod
-    async def _rows(delivery: moe_pb2.Delivery, arena: RegionAccess | None) -> torch.Tensor:
-        if not delivery.HasField("rows_region"):
-            return codec.from_proto(delivery.rows, "rows")
-        if arena is None:
-            raise ServiceUnavailable("outputs in an arena region, but this stream reaches no arena")
-        return await arena.read(delivery.rows_region, delivery.rows.datatype, list(delivery.rows.shape), "rows")

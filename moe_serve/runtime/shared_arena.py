@@ -63,8 +63,8 @@ def aligned(nbytes: int) -> int:
 
 
 class RemoteOffer(Protocol):
-    """Another way for a worker to reach the arena's memory (moe_serve/runtime/transports.py): an
-    engine that moves its regions to and from another host by one-sided transfers."""
+    """Another way for the stream's receiver to reach the arena's memory (moe_serve/runtime/transports.py):
+    an engine that moves its regions to and from another host by one-sided transfers."""
 
     transport: str
     eager_bytes: int  # smaller batches go inside the message: a transfer would cost them more
@@ -86,7 +86,7 @@ class Arena:
     def __init__(self, size: int, offer_shared_memory: bool = True) -> None:
         self.size = size
         self.offer_shared_memory = offer_shared_memory
-        self.remote: RemoteOffer | None = None  # set by transports.new_arena when another engine is on
+        self.remote: RemoteOffer | None = None  # set by transports.stream_arena when another engine is on
         self.id = next(Arena._ids)
         self.fd = os.memfd_create("moe-serve-arena", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, size)  # sparse: pages are backed as they are first written

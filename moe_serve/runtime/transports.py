@@ -25,7 +25,8 @@ import torch
 
 from moe_serve.config import DEFAULT_TRANSPORTS
 from moe_serve.protos import moe_serve_pb2 as moe_pb2
-from moe_serve.runtime import nixl_transport
+from moe_serve.runtime import codec, nixl_transport
+from moe_serve.runtime.errors import ServiceUnavailable
 from moe_serve.runtime.shared_arena import ACCEPT_KEY, OFFER_KEY, Arena, ArenaView, new_arena
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ __all__ = [
     "RegionAccess",
     "attach",
     "lend_tensor",
+    "received_tensor",
     "start_engines",
     "stream_arena",
 ]
@@ -78,6 +80,18 @@ def lend_tensor(arena: Arena | None, values: torch.Tensor) -> LentTensor | None:
         return None
     arena.tensor(offset, values.dtype, values.shape).copy_(values)
     return LentTensor(arena, offset, arena.region(offset, values.nbytes))
+
+
+async def received_tensor(
+    message_tensor: moe_pb2.Tensor, region: moe_pb2.SharedRegion | None, arena: RegionAccess | None, what: str
+) -> torch.Tensor:
+    """A tensor a message carries: its bytes, or, when it names a region of the stream's arena, the
+    region's contents (mapped, or transferred); `message_tensor` gives the datatype and shape either way."""
+    if region is None:
+        return codec.from_proto(message_tensor, what)
+    if arena is None:
+        raise ServiceUnavailable(f"{what} in an arena region, but this stream reaches no arena")
+    return await arena.read(region, message_tensor.datatype, list(message_tensor.shape), what)
 
 
 def start_engines(transports: Sequence[str]) -> None:
